@@ -1,0 +1,5 @@
+"""`python -m heavylift` runs the CLI."""
+
+from .cli import main
+
+main()

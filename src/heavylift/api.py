@@ -1,0 +1,51 @@
+"""`heavylift.plan()`: the planner's front door, from a model name and a GPU description."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from .defaults import DEFAULT_BATCH, DEFAULT_CONTEXT_TOKENS
+from .errors import GpuSpecError, InvalidArgumentError
+from .hardware import Device, parse_bytes, parse_gpu_spec
+from .planner import Plan, Workload, make_plan
+from .quant import ALL, QUANT_CHOICES
+from .sources import resolve_model
+
+
+def resolve_devices(gpus: str | Sequence[Device] | None) -> tuple[Device, ...]:
+    """A --gpus spec, devices already described, or (None) the devices of this machine."""
+    if gpus is None:
+        from .detect import detect_devices
+
+        return tuple(detect_devices())
+    if isinstance(gpus, str):
+        return parse_gpu_spec(gpus)
+    return tuple(gpus)
+
+
+def resolve_quants(quant: str | Sequence[str]) -> tuple[str, ...]:
+    names = QUANT_CHOICES if quant == ALL else ((quant,) if isinstance(quant, str) else tuple(quant))
+    bad = [q for q in names if q not in QUANT_CHOICES]
+    if bad or not names:
+        raise InvalidArgumentError(f"--quant must be {ALL} or one of {', '.join(QUANT_CHOICES)}, not {bad[0] if bad else quant!r}")
+    return names
+
+
+def _reserve_bytes(reserve: int | str) -> int:
+    if not isinstance(reserve, str):
+        return reserve
+    try:
+        return parse_bytes(reserve)
+    except GpuSpecError as e:
+        raise GpuSpecError(f"--reserve: {e}") from None
+
+
+def plan(model: str, gpus: str | Sequence[Device] | None = None, context: int = DEFAULT_CONTEXT_TOKENS,
+         batch: int = DEFAULT_BATCH, quant: str | Sequence[str] = ALL, reserve: int | str = 0,
+         kv_dtype: str = "bf16", allow_offload: bool = False) -> Plan:
+    """Plan `model` on `gpus` for every precision in `quant`, reading only config.json and headers."""
+    work = Workload(context=context, batch=batch, kv_dtype=kv_dtype, reserve_bytes=_reserve_bytes(reserve),
+                    allow_offload=allow_offload)
+    quants = resolve_quants(quant)
+    source = resolve_model(model)
+    return make_plan(model, source.architecture, resolve_devices(gpus), work, quants)

@@ -1,0 +1,1 @@
+"""One module per `heavylift` command: parse options, call the library, render."""

@@ -1,0 +1,45 @@
+"""`heavylift plan MODEL`: whether and how a model fits, before anything is downloaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from ..api import plan as make_plan
+from ..defaults import DEFAULT_BATCH, DEFAULT_CONTEXT_TOKENS
+from ..quant import ALL, QUANT_CHOICES
+from ..report import render
+
+GPUS_HELP = "GPUs to plan for, e.g. 4xA100-80GB, 8xRTX4090, 2xH200, 1xH100,1xA100-40GB, 2x48GB (default: this machine's)"
+
+
+def plan(
+    model: str = typer.Argument(..., help="Local folder, catalog name (see `heavylift catalog`) or hub id."),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help=GPUS_HELP),
+    context: int = typer.Option(DEFAULT_CONTEXT_TOKENS, "--context", help="Tokens per sequence (prompt + output)."),
+    batch: int = typer.Option(DEFAULT_BATCH, "--batch", help="Sequences decoded together."),
+    quant: str = typer.Option(ALL, "--quant", help=f"{ALL} or one of: {', '.join(QUANT_CHOICES)}."),
+    reserve: str = typer.Option("0", "--reserve", help="Headroom to leave free on every device, e.g. 2GiB."),
+    kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="KV cache precision: bf16, fp16, fp8, fp32."),
+    allow_offload: bool = typer.Option(False, "--allow-offload", help="Let layers that do not fit stay in CPU RAM."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw memory against context length into FILE.png."),
+) -> None:
+    """Predict each device's memory for every precision, say whether it fits, and how to make it fit."""
+    result = make_plan(model, gpus=gpus, context=context, batch=batch, quant=quant, reserve=reserve,
+                       kv_dtype=kv_dtype, allow_offload=allow_offload)
+    if plot is not None:
+        from ..plot import plot_memory
+
+        plot_memory(result, plot)
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+        return
+    console = Console(highlight=False)
+    render(result, console)
+    if plot is not None:
+        console.print(f"plot written to {plot}")

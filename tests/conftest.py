@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny configs and checkpoints built on the spot, user paths in a temp dir."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import tempfile
+
+import pytest
+
+# huggingface_hub reads these when first imported: set them before any test imports it.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="heavylift-test-hf-")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# A Llama small enough to count by hand (see test_planner.py for the bytes).
+TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256,
+              "max_position_embeddings": 512, "tie_word_embeddings": False}
+
+# Tiny members of every family heavylift supports, with each family's quirks switched on.
+TINY_FAMILIES = {
+    "llama": dict(TINY_LLAMA),
+    "mistral": {**TINY_LLAMA, "model_type": "mistral", "sliding_window": 32},
+    "mixtral": {**TINY_LLAMA, "model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2": {**TINY_LLAMA, "model_type": "qwen2"},
+    "gemma2": {**TINY_LLAMA, "model_type": "gemma2", "head_dim": 32, "tie_word_embeddings": True,
+               "sliding_window": 16, "query_pre_attn_scalar": 32},
+    "phi3": {**TINY_LLAMA, "model_type": "phi3", "pad_token_id": 0},
+}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """Keep every test's user files in a temp dir."""
+    monkeypatch.setenv("HOME", str(tmp_path_factory.mktemp("home")))
+
+
+def write_config(folder: Path, config: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def save_tiny_checkpoint(folder: Path, family: str, **overrides) -> Path:
+    """A random-weight checkpoint of one family, saved by transformers itself."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = {**TINY_FAMILIES[family], **overrides}
+    cfg = AutoConfig.for_model(**config)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    return folder
