@@ -55,3 +55,32 @@ def save_tiny_checkpoint(folder: Path, family: str, **overrides) -> Path:
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(folder)
     return folder
+
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+TOKENIZER_VOCAB = 300  # byte-level BPE: 256 bytes + 8 specials + merges; models get 320 rows
+
+
+def save_tiny_tokenizer(folder: Path) -> None:
+    """A byte-level BPE with a chat template, trained here on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["hello world", "the quick brown fox jumps over the lazy dog", "how are you today"] * 10
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            pad_token="<pad>", chat_template=CHAT_TEMPLATE).save_pretrained(folder)
+
+
+def save_runnable_checkpoint(folder: Path, family: str) -> Path:
+    """A tiny random-weight checkpoint of `family` with a tokenizer: what `heavylift run` loads."""
+    save_tiny_checkpoint(folder, family, vocab_size=320, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    save_tiny_tokenizer(folder)
+    return folder

@@ -174,6 +174,9 @@ class Family:
     layer: Callable[[str, _Dims, Mapping[str, Any]], list[TensorSpec]]
     tie_default: bool  # the family config class's default for tie_word_embeddings
     moe: bool = False
+    # Whether transformers runs the family's attention through SDPA. Gemma 2's logit softcapping is not
+    # expressible there, so transformers 5 refuses SDPA and the scores are materialized (eager).
+    sdpa: bool = True
 
 
 FAMILIES: Mapping[str, Family] = {
@@ -181,7 +184,7 @@ FAMILIES: Mapping[str, Family] = {
     "mistral": Family(_mistral_layer, tie_default=False),
     "mixtral": Family(_mixtral_layer, tie_default=False, moe=True),
     "qwen2": Family(_qwen2_layer, tie_default=False),
-    "gemma2": Family(_gemma2_layer, tie_default=True),
+    "gemma2": Family(_gemma2_layer, tie_default=True, sdpa=False),
     "phi3": Family(_phi3_layer, tie_default=False),
 }
 

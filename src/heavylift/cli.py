@@ -9,11 +9,13 @@ from rich.console import Console
 
 from .commands import catalog as catalog_cmd
 from .commands import plan as plan_cmd
+from .commands import run as run_cmd
 from .errors import EXIT_USER_ERROR, HeavyliftError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Plan, load and run the largest open LLMs on the GPUs you have.")
 app.command("plan")(plan_cmd.plan)
+app.command("run")(run_cmd.run)
 app.command("catalog")(catalog_cmd.catalog)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from .architecture import Architecture
+from .architecture import FAMILIES, Architecture
 from .defaults import (ACTIVATION_HIDDEN_COPIES, ACTIVATION_INTERMEDIATE_COPIES, LOGITS_BYTES_PER_ENTRY,
                        PREFILL_CHUNK_TOKENS)
 
@@ -21,6 +21,9 @@ ATTENTION_MASK_BYTES_PER_ENTRY = 1
 # activations, scales and a bf16 output. Measured by the seed article's stack on one H100 (4k-token
 # prefill of an 8B model: 1.50 GB int8 / 1.55 GB fp8 over 1.03 GB bf16; 1 copy = 117 MB there).
 SCHEME_EXTRA_INTERMEDIATE_COPIES = {"int8": 4.0, "fp8": 4.5}
+# Eager attention (families SDPA cannot run) materializes the scores of every head: bf16 scores and
+# their float32 softmax (eager_attention_forward in transformers 5).
+EAGER_SCORE_BYTES_PER_ENTRY = 2 + 4
 
 
 def kv_bytes_per_token(arch: Architecture, kv_dtype_bytes: int) -> int:
@@ -52,7 +55,8 @@ def activation_peak_bytes(arch: Architecture, scheme_name: str, context: int, ba
                     + SCHEME_EXTRA_INTERMEDIATE_COPIES.get(scheme_name, 0.0))
     dense = tokens * (ACTIVATION_HIDDEN_COPIES * arch.hidden_size + inter_copies * arch.intermediate_size)
     mask = tokens * context * ATTENTION_MASK_BYTES_PER_ENTRY
-    return int(dense * ACTIVATION_BYTES + mask)
+    scores = 0 if FAMILIES[arch.model_type].sdpa else tokens * arch.num_heads * context * EAGER_SCORE_BYTES_PER_ENTRY
+    return int(dense * ACTIVATION_BYTES + mask + scores)
 
 
 def kv_append_transient_bytes(arch: Architecture, layers: Iterable[int], context: int, batch: int,

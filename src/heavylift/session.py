@@ -1,0 +1,233 @@
+"""`heavylift.load()`: plan, refuse what cannot fit, load by the plan, check reality, stream tokens."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from .api import plan as make_plan
+from .defaults import DEFAULT_CONTEXT_TOKENS, PREFILL_CHUNK_TOKENS as PREFILL_CHUNK
+from .errors import CheckpointError, InvalidArgumentError, ModelNotFoundError, OutOfMemoryError, PlanDoesNotFitError
+from .loader import (Placement, attention_implementation, guard_offload, load_model, module_bytes,
+                     placement_from_plan, real_placement)
+from .planner import Plan, SchemePlan
+from .sampling import Sampling
+from .sources import ModelSource, resolve_model
+
+MEMORY_WARNING_FRACTION = 0.05  # measured memory more than 5% from the plan is reported
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    device: str
+    planned_bytes: int
+    allocated_bytes: int
+    peak_bytes: int
+
+
+@dataclass(frozen=True)
+class Record:
+    """One step of a stream: the new text and tokens, and the running figures."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None  # "stop" (end of sequence), "length" (max tokens), or None while running
+    prompt_tokens: int
+    generated_tokens: int
+    prefill_tok_s: float
+    decode_tok_s: float
+    peak_bytes: dict[str, int] = field(default_factory=dict)
+
+
+def _measure(plan_devices: dict[str, int], model: torch.nn.Module) -> tuple[DeviceMemory, ...]:
+    out = []
+    for dev, planned in plan_devices.items():
+        if dev.startswith("cuda"):
+            i = torch.device(dev).index
+            out.append(DeviceMemory(dev, planned, torch.cuda.memory_allocated(i), torch.cuda.max_memory_allocated(i)))
+        else:  # the CPU: bytes of the tensors the model holds there
+            held = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
+                       if t.device.type == "cpu")
+            out.append(DeviceMemory(dev, planned, held, held))
+    return tuple(out)
+
+
+class Session:
+    """A loaded model with its plan; `stream` yields Records, `generate` returns the last one."""
+
+    def __init__(self, source: ModelSource, plan: Plan, scheme: SchemePlan, placement: Placement, model,
+                 tokenizer, attention: str, offloaded_bytes: dict[str, int]):
+        self.source, self.plan, self.scheme, self.placement = source, plan, scheme, placement
+        self.model, self.tokenizer, self.attention = model, tokenizer, attention
+        self.offloaded_bytes = offloaded_bytes
+        self.device = next(model.parameters()).device
+        self._planned = {}
+        for d in scheme.per_device:
+            if d.layers:
+                dev = placement.modules[f"model.layers.{d.layers.start}"]
+                self._planned[dev] = self._planned.get(dev, 0) + d.total_bytes
+        self.measured = _measure(self._planned, model)
+
+    @property
+    def quant(self) -> str:
+        return self.scheme.quant
+
+    def encode(self, prompt: str | Sequence[dict], system: str | None = None) -> list[int]:
+        tok = self.tokenizer
+        if isinstance(prompt, str) and not getattr(tok, "chat_template", None):
+            return tok(prompt)["input_ids"]
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if system and not any(m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": system}] + messages
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    def _eos_ids(self) -> set[int]:
+        ids = self.model.generation_config.eos_token_id
+        ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def stream(self, prompt: str | Sequence[dict], system: str | None = None, **sampling) -> Iterator[Record]:
+        params = sampling if isinstance(sampling, Sampling) else Sampling(**sampling)
+        ids = self.encode(prompt, system)
+        context = self.plan.context
+        if len(ids) + params.max_new_tokens > context:
+            raise InvalidArgumentError(
+                f"the prompt is {len(ids)} tokens and --max-new-tokens {params.max_new_tokens} would reach "
+                f"{len(ids) + params.max_new_tokens}, beyond --context {context}; raise --context or shorten the prompt")
+        try:
+            yield from self._stream(ids, params)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            raise OutOfMemoryError(
+                f"out of GPU memory at {len(ids)} prompt tokens with --context {context} in {self.quant}; "
+                f"lower --context (to {context // 2}, say), or use a smaller --quant") from None
+
+    @torch.inference_mode()
+    def _stream(self, ids: list[int], params: Sampling) -> Iterator[Record]:
+        from transformers import DynamicCache
+
+        for dev in self._planned:
+            if dev.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats(torch.device(dev).index)
+        model, eos = self.model, self._eos_ids()
+        generator = params.generator(self.device)
+        cache = DynamicCache(config=model.config)
+        prompt = torch.tensor([ids], device=self.device)
+        t0 = time.perf_counter()
+        for start in range(0, prompt.shape[1], PREFILL_CHUNK):  # chunked prefill bounds the activation peak
+            logits = model(input_ids=prompt[:, start:start + PREFILL_CHUNK], cache=cache, use_cache=True,
+                           logits_to_keep=1).logits[:, -1]
+        token = params.choose(logits, generator)
+        self._sync()
+        t1 = time.perf_counter()
+        prefill_rate = len(ids) / max(t1 - t0, 1e-9)
+        out: list[int] = []
+        shown = ""
+        for step in range(params.max_new_tokens):
+            out.append(int(token))
+            finish = "stop" if out[-1] in eos else ("length" if step + 1 == params.max_new_tokens else None)
+            text = self.tokenizer.decode(out, skip_special_tokens=True)
+            piece = "" if text.endswith("\ufffd") and finish is None else text[len(shown):]
+            shown = text if piece or finish else shown
+            decode_rate = (len(out) - 1) / max(time.perf_counter() - t1, 1e-9) if len(out) > 1 else 0.0
+            yield Record(piece, (out[-1],), finish, len(ids), len(out), prefill_rate, decode_rate, self._peaks())
+            if finish:
+                return
+            logits = model(input_ids=token.view(1, 1), cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            token = params.choose(logits, generator)
+
+    def generate(self, prompt: str | Sequence[dict], system: str | None = None, **sampling) -> Record:
+        """The whole generation as one Record: a loop over `stream`."""
+        pieces, ids, last = [], [], None
+        for last in self.stream(prompt, system, **sampling):
+            pieces.append(last.text)
+            ids.extend(last.token_ids)
+        return Record("".join(pieces), tuple(ids), last.finish_reason, last.prompt_tokens, last.generated_tokens,
+                      last.prefill_tok_s, last.decode_tok_s, last.peak_bytes)
+
+    def remeasure(self) -> tuple[DeviceMemory, ...]:
+        self.measured = _measure(self._planned, self.model)
+        return self.measured
+
+    def memory_warnings(self) -> list[str]:
+        out = []
+        for m in self.measured:
+            if m.planned_bytes and abs(m.peak_bytes - m.planned_bytes) > MEMORY_WARNING_FRACTION * m.planned_bytes:
+                out.append(f"{m.device}: measured peak {m.peak_bytes / 1e9:.2f} GB vs planned {m.planned_bytes / 1e9:.2f} GB")
+        return out
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def _peaks(self) -> dict[str, int]:
+        return {d: torch.cuda.max_memory_allocated(torch.device(d).index) for d in self._planned if d.startswith("cuda")}
+
+
+def _checkpoint_folder(source: ModelSource, scheme: SchemePlan, progress: bool):
+    if source.checkpoint is not None:
+        return source.folder
+    if source.origin == "catalog" or source.hub_id is None:
+        raise ModelNotFoundError(f"{source.name} has no weights here; download them first "
+                                 f"(`hf download {source.hub_id}`), or give a local folder")
+    from huggingface_hub import snapshot_download
+
+    try:  # only now, once the plan fits: the weights, the tokenizer, the config
+        return snapshot_download(source.hub_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja",
+                                                                 "*.model", "*.txt"])
+    except Exception as e:  # noqa: BLE001 - every hub failure becomes one line
+        raise ModelNotFoundError(f"cannot download {source.hub_id}: {type(e).__name__}; check the network, "
+                                 "the id, and `hf auth login` for gated models") from None
+
+
+def _tokenizer(folder):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+    except Exception:  # noqa: BLE001 - a missing or broken tokenizer is the user's to fix
+        raise CheckpointError(f"no usable tokenizer in {folder}; copy tokenizer.json and tokenizer_config.json "
+                              "from the original model") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # as the seed article does
+    return tok
+
+
+def load(model: str, quant: str = "auto", gpus=None, context: int = DEFAULT_CONTEXT_TOKENS, batch: int = 1,
+         allow_offload: bool = False, reserve: int | str = 0, progress: bool = False) -> Session:
+    """Plan `model`, stop before any download if it cannot fit, then load it exactly as planned."""
+    from pathlib import Path
+
+    quants = "all" if quant == "auto" else quant
+    plan = make_plan(model, gpus=gpus, context=context, batch=batch, quant=quants, reserve=reserve,
+                     allow_offload=allow_offload)
+    chosen = plan.recommended if quant == "auto" else quant
+    if chosen is None and allow_offload:
+        chosen = next((s.quant for s in reversed(plan.schemes) if s.offload), None)
+    if chosen is None:
+        best = plan.schemes[-1]
+        raise PlanDoesNotFitError(f"{model} does not fit in any precision: {'; '.join(best.advice)}")
+    scheme = plan.scheme(chosen)
+    if not scheme.fits and not scheme.offload:
+        raise PlanDoesNotFitError(f"{model} in {chosen} does not fit: {'; '.join(scheme.advice)}")
+    source = resolve_model(model)
+    folder = Path(_checkpoint_folder(source, scheme, progress))
+    if source.checkpoint is None:
+        source = resolve_model(str(folder))  # check the downloaded headers against the config too
+    placement = placement_from_plan(source.architecture, scheme)
+    attention = attention_implementation(source.architecture)
+    devices = plan.devices
+    native_fp8 = torch.cuda.is_available() and all(d.native_fp8 for d in devices)
+    bf16 = all(d.bf16_supported for d in devices)
+    tokenizer = _tokenizer(folder)
+    loaded = load_model(folder, source.architecture, scheme, placement, native_fp8, bf16, attention)
+    names = list(placement.modules)
+    spilled = guard_offload(placement, real_placement(loaded, names),
+                            {n: module_bytes(loaded, n) for n in names}, allow_offload)
+    return Session(source, plan, scheme, placement, loaded, tokenizer, attention, spilled)

@@ -1,0 +1,151 @@
+"""`heavylift run` and `heavylift.load` on CPU with tiny random checkpoints of every family."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import heavylift
+from heavylift.errors import InvalidArgumentError, OffloadError, PlanDoesNotFitError
+from heavylift.loader import Placement, guard_offload
+
+from conftest import TINY_FAMILIES, save_runnable_checkpoint
+from test_cli_plan import run_cli
+
+GREEDY = dict(max_new_tokens=6, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return {f: save_runnable_checkpoint(root / f, f) for f in TINY_FAMILIES}
+
+
+@pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+def test_every_family_generates_in_bf16_and_nf4_dq(checkpoints, family):
+    for quant in ("bf16", "nf4-dq"):
+        session = heavylift.load(str(checkpoints[family]), quant=quant, context=256)
+        record = session.generate("hello world", **GREEDY)
+        assert record.generated_tokens >= 1 and record.prompt_tokens > 0
+        assert session.quant == quant and session.attention == ("eager" if family == "gemma2" else "sdpa")
+
+
+@pytest.mark.parametrize("quant", ["bf16", "nf4", "nf4-dq", "int8"])
+def test_streaming_equals_generate_for_greedy(checkpoints, quant):
+    session = heavylift.load(str(checkpoints["llama"]), quant=quant, context=256)
+    pieces = [r.text for r in session.stream("the quick brown fox", **GREEDY)]
+    whole = session.generate("the quick brown fox", **GREEDY)
+    assert "".join(pieces) == whole.text
+
+
+def test_chunked_prefill_matches_transformers_generate(checkpoints, monkeypatch):
+    import torch
+
+    import heavylift.session as session_module
+
+    monkeypatch.setattr(session_module, "PREFILL_CHUNK", 3)  # force several prefill chunks
+    session = heavylift.load(str(checkpoints["gemma2"]), quant="bf16", context=256)
+    ids = session.encode("how are you today the quick brown fox jumps")
+    ours = session.generate("how are you today the quick brown fox jumps", max_new_tokens=8, temperature=0)
+    ref = session.model.generate(torch.tensor([ids]), max_new_tokens=len(ours.token_ids), do_sample=False)
+    assert list(ours.token_ids) == ref[0, len(ids):].tolist()
+
+
+def test_moe_experts_really_end_up_4bit_and_8bit(checkpoints):
+    import torch
+
+    from heavylift.experts import stored_expert_dtypes
+
+    s4 = heavylift.load(str(checkpoints["mixtral"]), quant="nf4", context=128)
+    assert stored_expert_dtypes(s4.model) == {torch.uint8}
+    s8 = heavylift.load(str(checkpoints["mixtral"]), quant="int8", context=128)
+    assert stored_expert_dtypes(s8.model) == {torch.int8}
+    assert s4.generate("hello", **GREEDY).generated_tokens >= 1
+    assert s8.generate("hello", **GREEDY).generated_tokens >= 1
+
+
+def test_cli_run_streams_and_summarises(checkpoints, capsys):
+    code, out, err = run_cli(capsys, "run", str(checkpoints["llama"]), "--prompt", "hello world", "--quant", "nf4",
+                             "--max-new-tokens", "5", "--temperature", "0", "--context", "256")
+    assert code == 0
+    assert "prompt tokens" in err and "tok/s" in err and "nf4" in err
+
+
+def test_cli_run_json(checkpoints, capsys):
+    code, out, _ = run_cli(capsys, "run", str(checkpoints["qwen2"]), "--prompt", "hello", "--quant", "int8",
+                           "--max-new-tokens", "4", "--seed", "1", "--context", "256", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert {"text", "prompt_tokens", "generated_tokens", "finish_reason", "prefill_tok_s", "decode_tok_s", "quant",
+            "attention", "device_map", "devices"} <= result.keys()
+    assert result["quant"] == "int8" and result["device_map"]["model.layers.1"] == "cpu"
+    assert all({"planned_bytes", "allocated_bytes", "peak_bytes"} <= d.keys() for d in result["devices"].values())
+
+
+def test_plan_that_cannot_fit_stops_before_loading_and_offload_passes_with_warning(checkpoints, capsys):
+    folder = str(checkpoints["llama"])
+    code, _, err = run_cli(capsys, "run", folder, "--prompt", "hi", "--quant", "bf16", "--gpus", "1x0.0003GB",
+                           "--context", "64")
+    assert code == 2 and "does not fit" in err and len(err.strip().splitlines()) == 1
+    code, out, err = run_cli(capsys, "run", folder, "--prompt", "hi", "--quant", "bf16", "--gpus", "1x0.0003GB",
+                             "--context", "64", "--max-new-tokens", "3", "--allow-offload")
+    assert code == 0 and "offloaded" in err and "tok/s at best" in err
+
+
+def test_guard_counts_bytes_that_left_the_gpu():
+    planned = Placement({"model.layers.0": "cuda:0", "model.layers.1": "cuda:0", "lm_head": "cuda:0"}, frozenset())
+    real = {"model.layers.0": "cuda:0", "model.layers.1": "cpu", "lm_head": "disk"}
+    sizes = {"model.layers.0": 10, "model.layers.1": 2_000_000_000, "lm_head": 500_000_000}
+    with pytest.raises(OffloadError, match="2.00 GB on cpu, 0.50 GB on disk"):
+        guard_offload(planned, real, sizes, allow_offload=False)
+    assert guard_offload(planned, real, sizes, allow_offload=True) == {"cpu": 2_000_000_000, "disk": 500_000_000}
+    on_cpu_machine = Placement({"model.layers.0": "cpu"}, frozenset())
+    assert guard_offload(on_cpu_machine, {"model.layers.0": "cpu"}, sizes, allow_offload=False) == {}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--temperature", "-1"], "--temperature must be between"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--top-k", "-2"], "--top-k must be 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be a positive"),
+    (["--quant", "int4"], "--quant must be auto or one of"),
+    (["--context", "8", "--max-new-tokens", "100"], "beyond --context 8"),
+])
+def test_run_mistakes_are_one_line_exit_2(checkpoints, capsys, args, message):
+    code, _, err = run_cli(capsys, "run", str(checkpoints["llama"]), "--prompt", "hello world", *args)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_missing_tokenizer_and_missing_weights(tmp_path, checkpoints, capsys):
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(checkpoints["llama"], folder)
+    for f in folder.glob("tokenizer*"):
+        f.unlink()
+    (folder / "chat_template.jinja").unlink()
+    code, _, err = run_cli(capsys, "run", str(folder), "--prompt", "hi", "--quant", "bf16")
+    assert code == 2 and "no usable tokenizer" in err
+    code, _, err = run_cli(capsys, "run", "llama3.1-8b", "--prompt", "hi")
+    assert code == 2 and ("no weights here" in err or "does not fit" in err)
+
+
+def test_truncated_shard_is_named_before_loading(tmp_path, checkpoints, capsys):
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(checkpoints["llama"], folder)
+    shard = folder / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    code, _, err = run_cli(capsys, "run", str(folder), "--prompt", "hi")
+    assert code == 2 and "model.safetensors is truncated" in err
+
+
+def test_sampling_is_reproducible_with_a_seed(checkpoints):
+    session = heavylift.load(str(checkpoints["phi3"]), quant="bf16", context=256)
+    a = session.generate("hello", max_new_tokens=6, temperature=1.0, top_p=0.9, top_k=50, seed=7)
+    b = session.generate("hello", max_new_tokens=6, temperature=1.0, top_p=0.9, top_k=50, seed=7)
+    assert a.token_ids == b.token_ids
+    with pytest.raises(InvalidArgumentError):
+        session.generate("hello", temperature=-0.5)
