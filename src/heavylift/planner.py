@@ -120,7 +120,8 @@ class _Layout:
         logits = logits_bytes(arch, work.batch)
         first = self.embedding + (logits if arch.tie_word_embeddings else 0)
         last = self.head + (0 if arch.tie_word_embeddings else logits)
-        fixed = tuple(self.activation(work) + self.overhead(d, work) for d in devices)
+        activation = self.activation(work)
+        fixed = tuple(activation + self.overhead(d, activation) for d in devices)
         capacities = tuple(d.memory_bytes - work.reserve_bytes for d in devices)
         return Costs(per_layer, first, last, fixed), capacities
 
@@ -140,9 +141,11 @@ class _Layout:
         return (activation_peak_bytes(self.arch, self.scheme.name, work.context, work.batch)
                 + kv_append_transient_bytes(self.arch, range(self.arch.num_layers), work.context, work.batch, kvb))
 
-    def overhead(self, device: Device, work: Workload) -> int:
+    @staticmethod
+    def overhead(device: Device, activation: int) -> int:
+        """CUDA context (GPUs only) and allocator slack on the activation peak."""
         context = CUDA_CONTEXT_BYTES if device.kind == "cuda" else 0
-        return context + int(ALLOCATOR_SLACK_FRACTION * self.activation(work))
+        return context + int(ALLOCATOR_SLACK_FRACTION * activation)
 
     def device_plan(self, device: Device, run: range, capacity: int, work: Workload) -> DevicePlan:
         arch, kvb = self.arch, KV_DTYPES[work.kv_dtype]
@@ -153,9 +156,10 @@ class _Layout:
         weights = (sum(self.layer_weights[i] for i in run) + (self.embedding if has_first else 0)
                    + (self.head if has_last else 0))
         holds_logits = has_first if arch.tie_word_embeddings else has_last
-        activation = self.activation(work) + (logits_bytes(arch, work.batch) if holds_logits else 0)
+        peak = self.activation(work)
+        activation = peak + (logits_bytes(arch, work.batch) if holds_logits else 0)
         return DevicePlan(device, run, weights, kv_cache_bytes(arch, run, work.context, work.batch, kvb),
-                          activation, self.overhead(device, work), capacity)
+                          activation, self.overhead(device, peak), capacity)
 
     def plan(self, devices: Sequence[Device], work: Workload) -> SchemePlan:
         split, capacities = self.split(devices, work)

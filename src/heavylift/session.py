@@ -170,7 +170,7 @@ class Session:
         return {d: torch.cuda.max_memory_allocated(torch.device(d).index) for d in self._planned if d.startswith("cuda")}
 
 
-def _checkpoint_folder(source: ModelSource, scheme: SchemePlan, progress: bool):
+def _checkpoint_folder(source: ModelSource):
     if source.checkpoint is not None:
         return source.folder
     if source.origin == "catalog" or source.hub_id is None:
@@ -200,7 +200,7 @@ def _tokenizer(folder):
 
 
 def load(model: str, quant: str = "auto", gpus=None, context: int = DEFAULT_CONTEXT_TOKENS, batch: int = 1,
-         allow_offload: bool = False, reserve: int | str = 0, progress: bool = False) -> Session:
+         allow_offload: bool = False, reserve: int | str = 0) -> Session:
     """Plan `model`, stop before any download if it cannot fit, then load it exactly as planned."""
     from pathlib import Path
 
@@ -217,7 +217,7 @@ def load(model: str, quant: str = "auto", gpus=None, context: int = DEFAULT_CONT
     if not scheme.fits and not scheme.offload:
         raise PlanDoesNotFitError(f"{model} in {chosen} does not fit: {'; '.join(scheme.advice)}")
     source = resolve_model(model)
-    folder = Path(_checkpoint_folder(source, scheme, progress))
+    folder = Path(_checkpoint_folder(source))
     if source.checkpoint is None:
         source = resolve_model(str(folder))  # check the downloaded headers against the config too
     placement = placement_from_plan(source.architecture, scheme)
