@@ -14,6 +14,27 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="heavylift-test-hf-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No GPU here: the engine's Triton kernels run in Triton's CPU interpreter (set before triton is imported).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _interpreter_numpy2_shim() -> None:
+    """Triton 3.6's interpreter turns 1-element arrays into Python ints with int(array), which NumPy 2.4
+    refuses; index them instead. Test-only: the compiled kernels on a GPU never take this path."""
+    try:
+        import triton.runtime.interpreter as interp
+    except ImportError:
+        return
+    original = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patched
+
+
+_interpreter_numpy2_shim()
 
 # A Llama small enough to count by hand (see test_planner.py for the bytes).
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,

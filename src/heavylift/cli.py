@@ -7,6 +7,7 @@ import sys
 import typer
 from rich.console import Console
 
+from .commands import bench as bench_cmd
 from .commands import catalog as catalog_cmd
 from .commands import plan as plan_cmd
 from .commands import run as run_cmd
@@ -17,6 +18,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 app.command("plan")(plan_cmd.plan)
 app.command("run")(run_cmd.run)
 app.command("catalog")(catalog_cmd.catalog)
+app.command("bench")(bench_cmd.bench)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -59,10 +59,12 @@ class Session:
     """A loaded model with its plan; `stream` yields Records, `generate` returns the last one."""
 
     def __init__(self, source: ModelSource, plan: Plan, scheme: SchemePlan, placement: Placement, model,
-                 tokenizer, attention: str, offloaded_bytes: dict[str, int]):
+                 tokenizer, attention: str, offloaded_bytes: dict[str, int], engine=None, engine_note: str = ""):
         self.source, self.plan, self.scheme, self.placement = source, plan, scheme, placement
         self.model, self.tokenizer, self.attention = model, tokenizer, attention
         self.offloaded_bytes = offloaded_bytes
+        self.engine = engine  # the fast engine, or None: transformers runs the model
+        self.engine_note = engine_note  # why transformers runs it, when it does
         self.device = next(model.parameters()).device
         self._planned = {}
         for d in scheme.per_device:
@@ -108,21 +110,30 @@ class Session:
                 f"out of GPU memory at {len(ids)} prompt tokens with --context {context} in {self.quant}; "
                 f"lower --context (to {context // 2}, say), or use a smaller --quant") from None
 
-    @torch.inference_mode()
-    def _stream(self, ids: list[int], params: Sampling) -> Iterator[Record]:
+    def _steps(self, ids: list[int]):
+        """(prefill logits, a function from the last token to the next logits), on the engine or transformers."""
+        if self.engine is not None:
+            return self.engine.prefill(ids), lambda token: self.engine.decode(token.view(1))
         from transformers import DynamicCache
 
-        for dev in self._planned:
-            if dev.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats(torch.device(dev).index)
-        model, eos = self.model, self._eos_ids()
-        generator = params.generator(self.device)
+        model = self.model
         cache = DynamicCache(config=model.config)
         prompt = torch.tensor([ids], device=self.device)
-        t0 = time.perf_counter()
         for start in range(0, prompt.shape[1], PREFILL_CHUNK):  # chunked prefill bounds the activation peak
             logits = model(input_ids=prompt[:, start:start + PREFILL_CHUNK], cache=cache, use_cache=True,
                            logits_to_keep=1).logits[:, -1]
+        return logits, lambda token: model(input_ids=token.view(1, 1), cache=cache, use_cache=True,
+                                           logits_to_keep=1).logits[:, -1]
+
+    @torch.inference_mode()
+    def _stream(self, ids: list[int], params: Sampling) -> Iterator[Record]:
+        for dev in self._planned:
+            if dev.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats(torch.device(dev).index)
+        eos = self._eos_ids()
+        generator = params.generator(self.device)
+        t0 = time.perf_counter()
+        logits, advance = self._steps(ids)
         token = params.choose(logits, generator)
         self._sync()
         t1 = time.perf_counter()
@@ -139,8 +150,7 @@ class Session:
             yield Record(piece, (out[-1],), finish, len(ids), len(out), prefill_rate, decode_rate, self._peaks())
             if finish:
                 return
-            logits = model(input_ids=token.view(1, 1), cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-            token = params.choose(logits, generator)
+            token = params.choose(advance(token), generator)
 
     def generate(self, prompt: str | Sequence[dict], system: str | None = None, **sampling) -> Record:
         """The whole generation as one Record: a loop over `stream`."""
@@ -199,9 +209,12 @@ def _tokenizer(folder):
     return tok
 
 
-def load(model: str, quant: str = "auto", gpus=None, context: int = DEFAULT_CONTEXT_TOKENS, batch: int = 1,
-         allow_offload: bool = False, reserve: int | str = 0) -> Session:
-    """Plan `model`, stop before any download if it cannot fit, then load it exactly as planned."""
+def load_weights(model: str, quant: str = "auto", gpus=None, context: int = DEFAULT_CONTEXT_TOKENS, batch: int = 1,
+                 allow_offload: bool = False, reserve: int | str = 0):
+    """Plan `model`, stop before any download if it cannot fit, then load its weights exactly as planned.
+
+    Returns (source, plan, scheme, placement, model, checkpoint folder, offloaded bytes per device).
+    """
     from pathlib import Path
 
     quants = "all" if quant == "auto" else quant
@@ -225,9 +238,40 @@ def load(model: str, quant: str = "auto", gpus=None, context: int = DEFAULT_CONT
     devices = plan.devices
     native_fp8 = torch.cuda.is_available() and all(d.native_fp8 for d in devices)
     bf16 = all(d.bf16_supported for d in devices)
-    tokenizer = _tokenizer(folder)
     loaded = load_model(folder, source.architecture, scheme, placement, native_fp8, bf16, attention)
     names = list(placement.modules)
     spilled = guard_offload(placement, real_placement(loaded, names),
                             {n: module_bytes(loaded, n) for n in names}, allow_offload)
-    return Session(source, plan, scheme, placement, loaded, tokenizer, attention, spilled)
+    return source, plan, scheme, placement, loaded, folder, attention, spilled
+
+
+def build_engine(loaded, quant: str, context: int, batch: int, engine: str):
+    """(the fast engine or None, the one-line reason when transformers runs the model instead)."""
+    from .engine import ENGINES, FAST, TRANSFORMERS, unsupported_reason
+
+    if engine not in ENGINES:
+        raise InvalidArgumentError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if engine == TRANSFORMERS:
+        return None, "--engine transformers"
+    devices = sorted({p.device for p in loaded.parameters()}, key=str)
+    reason = unsupported_reason(loaded.config, quant, devices)
+    cpu_only = all(d.type == "cpu" for d in devices)
+    if reason is None or (engine == FAST and cpu_only and unsupported_reason(loaded.config, quant, []) is None):
+        from .engine import Engine
+
+        ops = "triton" if reason is None else "torch"  # an explicit --engine fast on the CPU: the reference path
+        return Engine.from_model(loaded, batch=batch, context=context, ops=ops), ""
+    if engine == FAST:
+        raise InvalidArgumentError(f"{reason}; run it with --engine transformers")
+    return None, reason
+
+
+def load(model: str, quant: str = "auto", gpus=None, context: int = DEFAULT_CONTEXT_TOKENS, batch: int = 1,
+         allow_offload: bool = False, reserve: int | str = 0, engine: str = "auto") -> Session:
+    """Plan `model`, stop before any download if it cannot fit, load it exactly as planned, and put the
+    fast engine over it where it runs (`engine="auto"`), else transformers with the reason in `engine_note`."""
+    source, plan, scheme, placement, loaded, folder, attention, spilled = load_weights(
+        model, quant, gpus, context, batch, allow_offload, reserve)
+    tokenizer = _tokenizer(folder)
+    fast, note = build_engine(loaded, scheme.quant, plan.context, batch, engine)
+    return Session(source, plan, scheme, placement, loaded, tokenizer, attention, spilled, fast, note)

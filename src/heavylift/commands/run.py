@@ -68,6 +68,8 @@ def run(
     system: Optional[str] = typer.Option(None, "--system", help="System message for chat templates."),
     allow_offload: bool = typer.Option(False, "--allow-offload", help="Let layers that do not fit stay in CPU RAM."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
+    engine: str = typer.Option("auto", "--engine",
+                               help="auto (the fast engine where it runs, else transformers), fast, or transformers."),
 ) -> None:
     """Load MODEL exactly as planned and stream a continuation of --prompt."""
     import warnings
@@ -84,8 +86,12 @@ def run(
         raise InvalidArgumentError(f"--quant must be auto or one of {', '.join(QUANT_CHOICES)}, not {quant!r}")
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     Sampling(**sampling)  # refuse bad values before loading anything
+    from ..engine import ENGINES
+
+    if engine not in ENGINES:
+        raise InvalidArgumentError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    session = load(model, quant=quant, gpus=gpus, context=context, allow_offload=allow_offload)
+    session = load(model, quant=quant, gpus=gpus, context=context, allow_offload=allow_offload, engine=engine)
     if session.offloaded_bytes:
         where = ", ".join(f"{n / 1e9:.2f} GB on {d}" for d, n in session.offloaded_bytes.items())
         err.print(f"[yellow]warning:[/] {where} offloaded; decode is predicted at "
@@ -94,7 +100,8 @@ def run(
         record = session.generate(prompt, system, **sampling)
         typer.echo(json.dumps(_json(session, record), indent=2))
         return
-    err.print(f"{model}: {session.quant}, attention {session.attention}, "
+    engine_line = "fast engine" if session.engine is not None else f"transformers ({session.engine_note})"
+    err.print(f"{model}: {session.quant}, {engine_line}, attention {session.attention}, "
               f"devices {', '.join(sorted(set(session.placement.modules.values())))}")
     if chat:
         _chat(session, system, sampling, err)
@@ -110,6 +117,7 @@ def _json(session, record) -> dict:
     return {"text": record.text, "prompt_tokens": record.prompt_tokens, "generated_tokens": record.generated_tokens,
             "finish_reason": record.finish_reason, "prefill_tok_s": record.prefill_tok_s,
             "decode_tok_s": record.decode_tok_s, "quant": session.quant, "attention": session.attention,
+            "engine": "fast" if session.engine is not None else "transformers",
             "device_map": dict(session.placement.modules),
             "devices": {m.device: {"planned_bytes": m.planned_bytes, "allocated_bytes": m.allocated_bytes,
                                    "peak_bytes": m.peak_bytes} for m in session.remeasure()}}

@@ -1,0 +1,85 @@
+"""`heavylift bench MODEL`: load, prefill and decode speed per precision, with the roofline."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import InvalidArgumentError
+from .plan import GPUS_HELP
+from ..quant import QUANT_CHOICES
+
+DEFAULT_BENCH_QUANTS = "nf4-dq,fp8,bf16"
+
+
+def bench(
+    model: str = typer.Argument(..., help="Local folder, hub id, or catalog name with weights on disk."),
+    quant: str = typer.Option(DEFAULT_BENCH_QUANTS, "--quant", help="Comma-separated precisions."),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help=GPUS_HELP),
+    compare_reference: bool = typer.Option(False, "--compare-reference",
+                                           help="Also time transformers' generate on the same weights."),
+    as_json: bool = typer.Option(False, "--json", help="Print the records as JSON."),
+) -> None:
+    """Time the fast engine: load s, prefill tok/s, batch-1 and batch-16 decode, % of the bandwidth roofline."""
+    import gc
+
+    import torch
+
+    from ..benchmark import (B1_NEW, B1_PROMPT, B16_NEW, B16_PROMPT, PREFILL_TOKENS, BenchRecord, copy_bandwidth,
+                             engine_decode_tok_s, engine_prefill_tok_s, reference_decode_tok_s)
+    from ..session import build_engine, load_weights
+
+    quants = [q for q in quant.split(",") if q]
+    bad = [q for q in quants if q not in QUANT_CHOICES]
+    if bad or not quants:
+        raise InvalidArgumentError(f"--quant takes precisions from {', '.join(QUANT_CHOICES)}, not {quant!r}")
+    if not torch.cuda.is_available():
+        raise InvalidArgumentError("heavylift bench times GPU decode and found no CUDA GPU here; "
+                                   "run it on the machine that will serve the model")
+    bandwidth = copy_bandwidth()
+    records, err = [], Console(stderr=True)
+    context = PREFILL_TOKENS + B16_PROMPT + B16_NEW
+    import time
+
+    for q in quants:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        *_, loaded, _folder, _attention, _spilled = load_weights(model, q, gpus, context=context, batch=16)
+        torch.cuda.synchronize()
+        load_s = time.perf_counter() - t
+        engine, note = build_engine(loaded, q, context, 16, "auto")
+        if engine is None:
+            err.print(f"{q}: {note}; no fast-engine figures")
+        else:
+            per_token = engine.weight_bytes
+            prefill = engine_prefill_tok_s(engine)
+            gpus_used = len({layer.device for layer in engine.layers})
+            for batch, prompt, new in ((1, B1_PROMPT, B1_NEW), (16, B16_PROMPT, B16_NEW)):
+                rate = engine_decode_tok_s(engine, batch, prompt, new)
+                records.append(BenchRecord(model, "heavylift", q, batch, gpus_used, rate, bandwidth / per_token, prefill,
+                                           load_s, per_token))
+            del engine
+        if compare_reference:
+            per_token = records[-1].bytes_per_token if records else 0
+            for batch, prompt, new in ((1, B1_PROMPT, B1_NEW), (16, B16_PROMPT, B16_NEW)):
+                rate = reference_decode_tok_s(loaded, batch, prompt, new)
+                records.append(BenchRecord(model, "reference", q, batch, 1, rate,
+                                           bandwidth / per_token if per_token else float("nan"), None, load_s, per_token))
+        del loaded
+        gc.collect()
+        torch.cuda.empty_cache()
+    if as_json:
+        typer.echo(json.dumps([r.to_json() for r in records], indent=2))
+        return
+    table = Table(title=f"{model}: decode, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    for col in ("engine", "quant", "batch", "load s", "prefill tok/s", "decode tok/s", "% roofline"):
+        table.add_column(col, justify="right")
+    for r in records:
+        table.add_row(r.engine, r.quant, str(r.batch), f"{r.load_s:.1f}",
+                      f"{r.prefill_tok_s:.0f}" if r.prefill_tok_s else "-", f"{r.decode_tok_s:.1f}",
+                      f"{r.roofline_pct:.1f}" if r.batch == 1 else "-")
+    Console().print(table)

@@ -1,0 +1,336 @@
+"""The fast engine: a Llama-style decoder over the loaded weights, a static KV cache, CUDA-graph decode.
+
+`Engine.from_model` takes a model transformers loaded by the plan (quantized, placed) and keeps
+pointers to its weights; `Engine.from_random` builds the same storage layer by layer straight from
+random bf16 tensors (benchmarks of shapes whose checkpoints would not fit on disk). `prefill` runs
+chunks of a prompt through dense matmuls and SDPA; `decode` runs one token per sequence through the
+GEMV kernels, replaying one captured graph per device segment, with the cache length kept on the GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..defaults import PREFILL_CHUNK_TOKENS
+from .ops import OPS, attention_scratch, decode_splits, dense_linear, dense_parts
+from .weights import DENSE, QWeight, from_linear, quantize
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
+SUPPORTED_ROPE = (None, "default", "llama3", "linear", "yarn")
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    eps: float
+
+
+@dataclass
+class Layer:
+    device: torch.device
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    qkv: tuple[QWeight, ...]
+    o: QWeight
+    gate: QWeight
+    up: QWeight
+    down: QWeight
+    window: int  # sliding window in tokens, 0 for full attention
+    k_cache: torch.Tensor | None = None  # [batch, kv heads, context, head dim]
+    v_cache: torch.Tensor | None = None
+
+
+def unsupported_reason(config, quant: str, devices: Sequence[torch.device]) -> str | None:
+    """Why the fast engine cannot run this model here, or None when it can."""
+    kind = getattr(config, "model_type", "?")
+    if kind not in SUPPORTED_FAMILIES:
+        return f"the fast engine runs {', '.join(SUPPORTED_FAMILIES)} layers, not {kind}"
+    rope = (getattr(config, "rope_scaling", None) or {}).get("rope_type") or \
+        (getattr(config, "rope_parameters", None) or {}).get("rope_type")
+    if rope not in SUPPORTED_ROPE:
+        return f"the fast engine has no {rope} RoPE (its positions change with the length)"
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim & (head_dim - 1) or head_dim > 256:
+        return f"the fast engine's kernels need a power-of-two head size, not {head_dim}"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"the fast engine's MLP is SiLU-gated, not {config.hidden_act}"
+    if quant in ("fp16", "fp32"):
+        return f"the fast engine computes in bf16; {quant} runs on transformers"
+    if any(d.type != "cuda" for d in devices):
+        return "the fast engine needs every layer on a CUDA GPU"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "the fast engine needs Triton (`pip install triton`)"
+    return None
+
+
+def _window(config, index: int) -> int:
+    types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None) or 0
+    if types is not None:
+        return window if types[index] == "sliding_attention" else 0
+    if getattr(config, "model_type", "") == "qwen2" and not getattr(config, "use_sliding_window", False):
+        return 0
+    return window
+
+
+def _shape(config) -> Shape:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return Shape(config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_dim,
+                 config.intermediate_size, config.vocab_size, config.rms_norm_eps)
+
+
+def rope_tables(rotary: torch.nn.Module, context: int, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 cos and sin of every position, first halves only (rotate-half RoPE repeats them), from
+    transformers' own rotary module, so every scaling rule it knows applies."""
+    positions = torch.arange(context, device=device)[None]
+    probe = torch.zeros(1, 1, head_dim, device=device, dtype=torch.bfloat16)
+    cos, sin = rotary(probe, positions)
+    half = head_dim // 2
+    return cos[0, :, :half].contiguous(), sin[0, :, :half].contiguous()
+
+
+class Engine:
+    """Decoder state for up to `batch` sequences of up to `context` tokens."""
+
+    def __init__(self, shape: Shape, layers: list[Layer], embed: torch.Tensor, norm: torch.Tensor,
+                 lm_head: QWeight, rotary: torch.nn.Module, batch: int, context: int, ops: str = "triton"):
+        self.shape, self.layers, self.embed, self.norm, self.lm_head = shape, layers, embed, norm, lm_head
+        self.batch, self.context, self.ops = batch, context, OPS[ops]
+        self.scale = shape.head_dim ** -0.5
+        self.devices = list(dict.fromkeys([embed.device] + [layer.device for layer in layers] + [norm.device]))
+        self.rope = {d: rope_tables(rotary, context, shape.head_dim, d) for d in self.devices}
+        kv_shape = (batch, shape.kv_heads, context, shape.head_dim)
+        for layer in layers:
+            layer.k_cache = torch.zeros(kv_shape, dtype=torch.bfloat16, device=layer.device)
+            layer.v_cache = torch.zeros(kv_shape, dtype=torch.bfloat16, device=layer.device)
+        self.seq_len = {d: torch.zeros(batch, dtype=torch.int32, device=d) for d in self.devices}
+        self.segments = self._segments()
+        self._static: dict[int, dict] = {}
+        self._graphs: dict[int, list] = {}
+
+    # -- building ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_model(cls, model, batch: int, context: int, ops: str = "triton") -> "Engine":
+        """Point at the weights of a loaded Llama-style transformers model; nothing is copied."""
+        config, inner = model.config, model.model
+        layers = []
+        for i, block in enumerate(inner.layers):
+            attn, mlp = block.self_attn, block.mlp
+            layers.append(Layer(block.input_layernorm.weight.device, block.input_layernorm.weight.data,
+                                block.post_attention_layernorm.weight.data,
+                                (from_linear(attn.q_proj), from_linear(attn.k_proj), from_linear(attn.v_proj)),
+                                from_linear(attn.o_proj), from_linear(mlp.gate_proj), from_linear(mlp.up_proj),
+                                from_linear(mlp.down_proj), _window(config, i)))
+        return cls(_shape(config), layers, inner.embed_tokens.weight.data, inner.norm.weight.data,
+                   from_linear(model.lm_head), inner.rotary_emb, batch, context, ops)
+
+    @classmethod
+    def from_random(cls, config, kind: int, device, batch: int, context: int, seed: int = 0,
+                    ops: str = "triton") -> "Engine":
+        """Random bf16 weights (std 0.02) quantized into `kind` storage one matrix at a time, so a model
+        whose bf16 checkpoint would not fit the disk or the GPU is built at its quantized size."""
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        shape = _shape(config)
+        g = torch.Generator(device=device).manual_seed(seed)
+
+        def rand(*size):
+            return (torch.randn(*size, generator=g, device=device, dtype=torch.bfloat16) * 0.02)
+
+        def lin(n, k):
+            return quantize(rand(n, k), kind)
+
+        h, d = shape.hidden, shape.head_dim
+        layers = [Layer(torch.device(device), 1 + rand(h), 1 + rand(h),
+                        (lin(shape.heads * d, h), lin(shape.kv_heads * d, h), lin(shape.kv_heads * d, h)),
+                        lin(h, shape.heads * d), lin(shape.intermediate, h), lin(shape.intermediate, h),
+                        lin(h, shape.intermediate), _window(config, i))
+                  for i in range(config.num_hidden_layers)]
+        rotary = LlamaRotaryEmbedding(config).to(device)
+        return cls(shape, layers, rand(shape.vocab, h), 1 + rand(h), quantize(rand(shape.vocab, h), DENSE), rotary,
+                   batch, context, ops)
+
+    def _segments(self) -> list[tuple[torch.device, list[Layer]]]:
+        """Consecutive layers on one device: each becomes one captured graph."""
+        out: list[tuple[torch.device, list[Layer]]] = []
+        for layer in self.layers:
+            if out and out[-1][0] == layer.device:
+                out[-1][1].append(layer)
+            else:
+                out.append((layer.device, [layer]))
+        return out
+
+    @property
+    def weight_bytes(self) -> int:
+        per_layer = sum(w.nbytes for layer in self.layers for w in (*layer.qkv, layer.o, layer.gate, layer.up,
+                                                                      layer.down))
+        return per_layer + self.lm_head.nbytes
+
+    # -- prefill ----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, ids: Sequence[int], slot: int = 0) -> torch.Tensor:
+        """Run a prompt into `slot` of the cache (replacing what it held); the last position's logits."""
+        if len(ids) > self.context:
+            raise ValueError(f"{len(ids)} tokens exceed the engine's context of {self.context}")
+        tokens = torch.tensor(list(ids), dtype=torch.long, device=self.embed.device)
+        for start in range(0, len(tokens), PREFILL_CHUNK_TOKENS):
+            hidden = self._prefill_chunk(tokens[start:start + PREFILL_CHUNK_TOKENS], start, slot)
+        for d in self.devices:
+            self.seq_len[d][slot] = len(tokens)
+        x = self._norm(hidden[-1:].to(self.norm.device), self.norm)
+        return dense_linear(x, self.lm_head).float()
+
+    def _norm(self, x, weight):
+        return self.ops.rmsnorm(x, weight, self.shape.eps, torch.empty_like(x))
+
+    def _prefill_chunk(self, tokens, start: int, slot: int) -> torch.Tensor:
+        s, t = self.shape, len(tokens)
+        hidden = F.embedding(tokens, self.embed)
+        for layer in self.layers:
+            dev = layer.device
+            hidden = hidden.to(dev)
+            positions = torch.arange(start, start + t, dtype=torch.int32, device=dev)
+            slots = torch.full((t,), slot, dtype=torch.int32, device=dev)
+            x = self._norm(hidden, layer.ln1)
+            qkv = dense_parts(x, layer.qkv)
+            q = torch.empty(t, s.heads, s.head_dim, dtype=torch.bfloat16, device=dev)
+            cos, sin = self.rope[dev]
+            self.ops.rope_cache(qkv, positions, slots, cos, sin, layer.k_cache, layer.v_cache, s.heads, s.kv_heads, q)
+            attn = self._prefill_attention(q, layer, start, positions, slot)
+            hidden = hidden + dense_linear(attn, layer.o)
+            x = self._norm(hidden, layer.ln2)
+            hidden = hidden + dense_linear(F.silu(dense_linear(x, layer.gate)) * dense_linear(x, layer.up), layer.down)
+        return hidden
+
+    def _prefill_attention(self, q, layer: Layer, start: int, positions, slot: int) -> torch.Tensor:
+        """SDPA of a chunk's queries over the cache up to its last token, as transformers runs it: keys
+        repeated per query head; a causal flag on the first chunk, an explicit mask after it."""
+        t, end = q.shape[0], start + q.shape[0]
+        group = self.shape.heads // self.shape.kv_heads
+        k = layer.k_cache[slot:slot + 1, :, :end].repeat_interleave(group, dim=1)
+        v = layer.v_cache[slot:slot + 1, :, :end].repeat_interleave(group, dim=1)
+        q = q.transpose(0, 1)[None]
+        if start == 0 and not (layer.window and end > layer.window):
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            keys = torch.arange(end, device=q.device)
+            allowed = keys[None] <= positions[:, None]
+            if layer.window:
+                allowed &= keys[None] > positions[:, None] - layer.window
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[None, None], scale=self.scale)
+        return y[0].transpose(0, 1).reshape(t, -1)
+
+    # -- decode -----------------------------------------------------------------------------------
+
+    def _buffers(self, batch: int) -> dict:
+        if batch in self._static:
+            return self._static[batch]
+        s = self.shape
+        per_device = {}
+        for dev, _ in self.segments:
+            bf16 = dict(dtype=torch.bfloat16, device=dev)
+            splits = decode_splits(dev, batch, s.kv_heads)
+            per_device[dev] = dict(
+                hidden=torch.zeros(batch, s.hidden, **bf16), hidden2=torch.zeros(batch, s.hidden, **bf16),
+                x=torch.zeros(batch, s.hidden, **bf16),
+                qkv=torch.zeros(batch, (s.heads + 2 * s.kv_heads) * s.head_dim, **bf16),
+                q=torch.zeros(batch, s.heads, s.head_dim, **bf16), attn=torch.zeros(batch, s.heads * s.head_dim, **bf16),
+                act=torch.zeros(batch, s.intermediate, **bf16),
+                slots=torch.arange(batch, dtype=torch.int32, device=dev),
+                scratch=attention_scratch(batch, s.heads, s.head_dim, splits, dev))
+        last = self.norm.device
+        self._static[batch] = dict(
+            tokens=torch.zeros(batch, dtype=torch.long, device=self.embed.device), dev=per_device,
+            final=torch.zeros(batch, s.hidden, dtype=torch.bfloat16, device=last),
+            logits=torch.zeros(batch, s.vocab, dtype=torch.bfloat16, device=last))
+        return self._static[batch]
+
+    def _run_segment(self, index: int, batch: int) -> None:
+        """One device's layers for one token per sequence, reading and writing the static buffers."""
+        s, st = self.shape, self._static[batch]
+        dev, layers = self.segments[index]
+        b = st["dev"][dev]
+        ops, seq_len, (cos, sin) = self.ops, self.seq_len[dev], self.rope[dev]
+        if index == 0:
+            b["hidden"].copy_(F.embedding(st["tokens"], self.embed))
+        for layer in layers:
+            ops.rmsnorm(b["hidden"], layer.ln1, s.eps, b["x"])
+            ops.linear(b["x"], layer.qkv, b["qkv"])
+            ops.rope_cache(b["qkv"], seq_len, b["slots"], cos, sin, layer.k_cache, layer.v_cache, s.heads,
+                           s.kv_heads, b["q"])
+            ops.decode_attention(b["q"], layer.k_cache, layer.v_cache, seq_len, self.scale, layer.window, b["attn"],
+                                 b["scratch"])
+            ops.linear(b["attn"], (layer.o,), b["hidden2"], residual=b["hidden"])
+            ops.rmsnorm(b["hidden2"], layer.ln2, s.eps, b["x"])
+            ops.glu(b["x"], layer.gate, layer.up, b["act"])
+            ops.linear(b["act"], (layer.down,), b["hidden"], residual=b["hidden2"])
+        seq_len[:batch] += 1
+        if index == len(self.segments) - 1:
+            ops.rmsnorm(b["hidden"], self.norm, s.eps, st["final"])
+            if self.lm_head.kind == DENSE:  # cuBLAS streams a bf16 matrix this wide at full bandwidth
+                torch.mm(st["final"], self.lm_head.data.t(), out=st["logits"])
+            else:
+                ops.linear(st["final"], (self.lm_head,), st["logits"])
+
+    def _carry(self, index: int, batch: int) -> None:
+        """Hand the hidden state to the next segment's device."""
+        st = self._static[batch]
+        src = st["dev"][self.segments[index][0]]["hidden"]
+        st["dev"][self.segments[index + 1][0]]["hidden"].copy_(src, non_blocking=True)
+
+    def _capture(self, batch: int) -> list:
+        """Warm every kernel up (autotuning included), then capture each segment as a CUDA graph."""
+        saved = {d: t.clone() for d, t in self.seq_len.items()}
+        side = torch.cuda.Stream(self.devices[0])
+        side.wait_stream(torch.cuda.current_stream(self.devices[0]))
+        with torch.cuda.stream(side):  # warm-up on a side stream, as graph capture wants
+            for i in range(len(self.segments)):  # writes past the live lengths, which the restore hides
+                self._run_segment(i, batch)
+                if i + 1 < len(self.segments):
+                    self._carry(i, batch)
+        torch.cuda.current_stream(self.devices[0]).wait_stream(side)
+        torch.cuda.synchronize()
+        for d, t in saved.items():
+            self.seq_len[d].copy_(t)
+        graphs = []
+        for i, (dev, _) in enumerate(self.segments):
+            torch.cuda.synchronize(dev)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.device(dev), torch.cuda.graph(graph):
+                self._run_segment(i, batch)
+            graphs.append(graph)
+        return graphs
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token to each of the first len(tokens) sequences; their next-token logits (float32)."""
+        batch = tokens.shape[0]
+        st = self._buffers(batch)
+        st["tokens"].copy_(tokens.view(-1))
+        graphs_ok = all(d.type == "cuda" for d in self.devices)
+        if graphs_ok and batch not in self._graphs:
+            self._graphs[batch] = self._capture(batch)
+        for i in range(len(self.segments)):
+            if graphs_ok:
+                self._graphs[batch][i].replay()
+            else:
+                self._run_segment(i, batch)
+            if i + 1 < len(self.segments):
+                self._carry(i, batch)
+        return st["logits"].float()
+
+    def lengths(self) -> list[int]:
+        return self.seq_len[self.segments[0][0]].tolist()

@@ -1,0 +1,215 @@
+"""The decode step's operations, twice: Triton kernels (`TritonOps`) and their pure-torch twins (`TorchOps`).
+
+Both take the same arguments and write into the `out` buffers they are given, so a captured CUDA
+graph replays them in place. `TorchOps` is the reference path: it runs anywhere (CPU included),
+and the tests hold `TritonOps` to it. `dense_linear` is the prefill path for both: whole weights
+dequantized into bf16 (or FP8 tensor-core) matmuls, which beat any GEMV once a chunk has many tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .weights import FP8, NF4, NF4_DQ, QWeight
+
+GEMV_MAX_ROWS = 16  # up to this many tokens a step streams the weights through the GEMV kernels
+ATTENTION_BLOCK = 64  # cache positions per attention tile
+DECODE_SPLITS_TARGET = 2  # attention programs per multiprocessor the split-K pass aims for
+
+
+def _fp8_matmul_ok(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def dense_linear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
+    """x @ W^T (+ bias) for many tokens: FP8 on the FP8 tensor cores where the GPU has them, else bf16."""
+    if w.kind == FP8 and _fp8_matmul_ok(x.device) and w.k % 16 == 0 and w.n % 16 == 0:
+        # Row-wise dynamic activation scaling, as torchao's Float8DynamicActivation does.
+        xs = (x.float().abs().amax(dim=-1, keepdim=True) / 448.0).clamp(min=1e-12)
+        xq = (x.float() / xs).to(torch.float8_e4m3fn)
+        return torch._scaled_mm(xq, w.data.t(), scale_a=xs, scale_b=w.scale.view(1, -1), bias=w.bias,
+                                out_dtype=torch.bfloat16)
+    if w.kind in (NF4, NF4_DQ) and w.block_base == 0 and w.data.is_cuda and w.state is not None:
+        weight = _bnb_dequantize(w)
+    else:
+        weight = w.dequantize(x.dtype)
+    return F.linear(x, weight, w.bias)
+
+
+def _bnb_dequantize(w: QWeight) -> torch.Tensor:
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(w.data.view(-1, 1), w.state)
+
+
+def dense_parts(x: torch.Tensor, parts: Sequence[QWeight]) -> torch.Tensor:
+    return torch.cat([dense_linear(x, p) for p in parts], dim=-1) if len(parts) > 1 else dense_linear(x, parts[0])
+
+
+def decode_splits(device: torch.device, batch: int, kv_heads: int) -> int:
+    """Sequence slices per (sequence, kv head) so the attention pass fills the GPU."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    return max(1, min(64, -(-DECODE_SPLITS_TARGET * sms // (batch * kv_heads))))
+
+
+class TorchOps:
+    """Reference implementations: plain torch, rounding where transformers rounds."""
+
+    name = "torch"
+
+    @staticmethod
+    def rmsnorm(x, weight, eps, out):
+        xf = x.float()
+        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        out.copy_(weight * y)
+        return out
+
+    @staticmethod
+    def linear(x, parts: Sequence[QWeight], out, residual=None):
+        y = dense_parts(x, parts)
+        out.copy_(y if residual is None else residual + y)
+        return out
+
+    @staticmethod
+    def glu(x, gate: QWeight, up: QWeight, out):
+        out.copy_(F.silu(dense_linear(x, gate)) * dense_linear(x, up))
+        return out
+
+    @staticmethod
+    def rope_cache(qkv, positions, slots, cos, sin, k_cache, v_cache, heads, kv_heads, q_out):
+        """RoPE on q and k of `positions`, k and v into `slots` of the cache, q into `q_out`."""
+        tokens, d = qkv.shape[0], k_cache.shape[-1]
+        x = qkv.view(tokens, heads + 2 * kv_heads, d)
+        pos, slots = positions[:tokens].long(), slots[:tokens].long()
+        c = torch.cat([cos[pos], cos[pos]], dim=-1)[:, None].float()
+        s = torch.cat([sin[pos], sin[pos]], dim=-1)[:, None].float()
+        qk = x[:, :heads + kv_heads].float()
+        rotated = torch.cat([-qk[..., d // 2:], qk[..., :d // 2]], dim=-1)
+        qk = (qk * c + rotated * s).to(qkv.dtype)
+        q_out.copy_(qk[:, :heads])
+        k_cache[slots, :, pos] = qk[:, heads:]
+        v_cache[slots, :, pos] = x[:, heads + kv_heads:]
+        return q_out
+
+    @staticmethod
+    def decode_attention(q, k_cache, v_cache, seq_len, scale, window, out, scratch=None):
+        """One new token per sequence (its k and v already cached) against the first seq_len + 1 positions."""
+        b = q.shape[0]
+        length = seq_len[:b].long() + 1
+        positions = torch.arange(k_cache.shape[2], device=q.device)
+        allowed = positions[None] < length[:, None]
+        if window:
+            allowed &= positions[None] >= (length - window)[:, None]
+        y = F.scaled_dot_product_attention(q[:, :, None].float(), k_cache[:b].float(), v_cache[:b].float(),
+                                           attn_mask=allowed[:, None, None], scale=scale, enable_gqa=True)
+        out.copy_(y.reshape(b, -1))
+        return out
+
+
+class TritonOps:
+    """The fast path: each call one kernel launch (attention: two)."""
+
+    name = "triton"
+
+    @staticmethod
+    def rmsnorm(x, weight, eps, out):
+        from . import kernels as K
+        import triton
+
+        rows, h = x.shape
+        K.rmsnorm_kernel[(rows,)](x, weight, out, h, eps, BLOCK=triton.next_power_of_2(h), num_warps=4)
+        return out
+
+    @staticmethod
+    def linear(x, parts: Sequence[QWeight], out, residual=None):
+        m = x.shape[0]
+        if m > GEMV_MAX_ROWS:
+            return TorchOps.linear(x, parts, out, residual)
+        from . import kernels as K
+
+        p = list(parts) + [parts[0]] * (3 - len(parts))
+        sizes = [q.n for q in parts] + [0] * (3 - len(parts))
+        code, code2 = _codes(parts[0])
+        args = []
+        for q, n in zip(p, sizes):
+            args += _weight_args(q) + [q.bias if q.bias is not None else q.data, n]
+        kernel, block_m, fixed = _pick(K, K.linear_gemv, K.linear_gemm, m)
+        grid = lambda meta: (sum(-(-n // meta["BLOCK_N"]) for n in sizes),)  # noqa: E731
+        kernel[grid](x, x.stride(0), out, out.stride(0), residual if residual is not None else out, m, parts[0].k,
+                     *args, code, code2, KIND=parts[0].kind, PARTS=len(parts),
+                     HAS_BIAS=parts[0].bias is not None, HAS_RES=residual is not None, BLOCK_M=block_m, **fixed)
+        return out
+
+    @staticmethod
+    def glu(x, gate: QWeight, up: QWeight, out):
+        m = x.shape[0]
+        if m > GEMV_MAX_ROWS:
+            return TorchOps.glu(x, gate, up, out)
+        from . import kernels as K
+
+        code, code2 = _codes(gate)
+        kernel, block_m, fixed = _pick(K, K.glu_gemv, K.glu_gemm, m)
+        grid = lambda meta: (-(-gate.n // meta["BLOCK_N"]),)  # noqa: E731
+        kernel[grid](x, x.stride(0), out, out.stride(0), m, gate.k, *_weight_args(gate), *_weight_args(up), gate.n,
+                     code, code2, KIND=gate.kind, BLOCK_M=block_m, **fixed)
+        return out
+
+    @staticmethod
+    def rope_cache(qkv, positions, slots, cos, sin, k_cache, v_cache, heads, kv_heads, q_out):
+        from . import kernels as K
+
+        tokens = qkv.shape[0]
+        K.rope_cache_kernel[(tokens, heads + 2 * kv_heads)](
+            qkv, q_out, k_cache, v_cache, positions, slots, cos, sin, heads, kv_heads, k_cache.shape[2], 0,
+            D=k_cache.shape[-1], num_warps=1)
+        return q_out
+
+    @staticmethod
+    def decode_attention(q, k_cache, v_cache, seq_len, scale, window, out, scratch):
+        from . import kernels as K
+        import triton
+
+        b, heads, d = q.shape
+        kv_heads, s_max = k_cache.shape[1], k_cache.shape[2]
+        o_part, m_part, l_part = scratch
+        splits = m_part.shape[-1]
+        group = heads // kv_heads
+        K.decode_attention_kernel[(b * kv_heads, splits)](
+            q, k_cache, v_cache, seq_len, o_part, m_part, l_part, scale, heads, kv_heads, s_max,
+            window or s_max + 1, splits, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
+            BLOCK_S=ATTENTION_BLOCK, D=d, num_warps=4)
+        K.attention_combine_kernel[(b * heads,)](o_part, m_part, l_part, out, splits,
+                                                 BLOCK_SPLITS=triton.next_power_of_2(splits), D=d, num_warps=4)
+        return out
+
+
+def attention_scratch(batch: int, heads: int, head_dim: int, splits: int, device) -> tuple[torch.Tensor, ...]:
+    """Partial outputs, maxima and sums of the split-K attention pass."""
+    return (torch.empty(batch, heads, splits, head_dim, device=device, dtype=torch.float32),
+            torch.empty(batch, heads, splits, device=device, dtype=torch.float32),
+            torch.empty(batch, heads, splits, device=device, dtype=torch.float32))
+
+
+def _pick(K, gemv, gemm, rows: int):
+    """The kernel for `rows` tokens: one row streams through FMAs, up to 16 through the tensor cores."""
+    kind = "gemv" if rows == 1 else "gemm"
+    return (gemv if rows == 1 else gemm), (1 if rows == 1 else GEMV_MAX_ROWS), (K.FIXED[kind] if K.INTERPRET else {})
+
+
+def _codes(w: QWeight):
+    code = w.code if w.code is not None else w.data
+    return code, (w.code2 if w.code2 is not None else code)
+
+
+def _weight_args(w: QWeight) -> list:
+    """data, scale/absmax, absmax2, offset, block_base, in the kernels' order."""
+    scale = w.scale if w.scale is not None else w.data
+    absmax2 = w.absmax2 if w.absmax2 is not None else scale
+    return [w.data, scale, absmax2, w.offset, w.block_base]
+
+
+OPS = {"torch": TorchOps, "triton": TritonOps}
+__all__ = ["OPS", "TorchOps", "TritonOps", "dense_linear", "dense_parts", "attention_scratch", "decode_splits"]
