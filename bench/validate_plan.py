@@ -1,0 +1,601 @@
+"""Prediction truth: heavylift's per-GPU plan against the memory a real run takes, across a matrix of cases.
+
+For each case (model shape, precision, context, batch, GPU count) a random-weight safetensors checkpoint
+of the shape is written once per model; then a fresh child process plans it, loads it through heavylift,
+prefills context - 32 random tokens in heavylift's chunks and decodes 32 greedy steps. Measured per GPU
+is the device's peak as the driver sees it (cudaMemGetInfo: CUDA context, cuBLAS, kernels and every
+block the caching allocator holds), polled every millisecond and checked against the allocator's own
+peaks; `needed_bytes` (peak allocated + what lies outside the allocator) and each phase's figures (load,
+prefill, decode) sit beside it. Each case is also estimated as `accelerate estimate-memory` would
+(weights only) and by the seed article's rule (params x 2 / 1 / 0.5 bytes).
+
+Usage (repository root; the parent never starts CUDA, each case runs in its own child process):
+  python bench/validate_plan.py --list                                   # the matrix, planned for H100s
+  python bench/validate_plan.py [--models llama3.1-8b,qwen2.5-7b] [--gpus 1] [--budget-s 420] [--merge]
+                                [--engine auto]        # heavylift's own engine where it runs, as `run` does
+  python bench/validate_plan.py --merge-files a.json b.json --out bench/results/plan_validation_h100_<date>.json
+  python bench/validate_plan.py --summarize bench/results/plan_validation_h100_<date>.json   # README table
+Results: bench/results/plan_validation_<card>_<date>.json (or --out), rewritten after every case and
+copied to $OUT/ when OUT is set. PYTORCH_CUDA_ALLOC_CONF passes to the children and is recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+K = 1024
+DECODE_STEPS = 32  # greedy steps after the prefill; prompt + steps = the case's context
+WEIGHT_STD = 0.02  # random matrices ~ N(0, 0.02); vectors (norms, biases) are ones
+POLL_PERIOD_S = 0.001  # cudaMemGetInfo sampling period of the measuring thread
+CASE_TIMEOUT_S = 300  # a child still running after this is recorded as an error
+LIST_GPUS = "H100"  # the card --list plans every case for (it needs no GPU)
+DEFAULT_WORK = "/tmp/hl-validate"
+RESULT_MARKER = "VALIDATE_PLAN_RECORD "  # prefixes the child's one JSON line on stdout
+TRANSFORMERS, AUTO = "transformers", "auto"  # heavylift.load(engine=...): what --engine chooses between
+# Layers kept of each catalog shape (None: all), so the largest fit one 80 GB GPU in bf16.
+MODELS = {"llama3.1-8b": None, "mistral-7b": None, "qwen2.5-7b": None, "gemma2-9b": None, "phi3-mini": None,
+          "mixtral-8x7b": 4, "llama3.1-70b": 10}
+SEED_RULE_BYTES_PER_PARAM = {"bf16": 2, "fp8": 1, "int8": 1, "nf4": 0.5, "nf4-dq": 0.5}
+# `accelerate estimate-memory` sizes the model in float32, then divides (commands/estimate.py, gather_data).
+ACCELERATE_DTYPE = {"bf16": "float16", "fp8": "int8", "int8": "int8", "nf4": "int4", "nf4-dq": "int4"}
+ACCELERATE_DIVISOR = {"float32": 1, "float16": 2, "int8": 4, "int4": 8}
+
+# Per model: "quant context batch" cases. Gemma 2 at 32k x 8 holds 51 GB of eager attention scores: its
+# plan fits no 80 GB card, so those two are recorded as planned and not run.
+ONE_GPU = {
+    "llama3.1-8b": "bf16 1k 1, bf16 8k 1, bf16 32k 8, fp8 8k 1, fp8 8k 8, int8 8k 1, nf4 8k 1, nf4-dq 32k 1",
+    "mistral-7b": "bf16 8k 1, bf16 8k 8, fp8 32k 1, int8 8k 1, nf4 1k 8, nf4-dq 8k 1",
+    "qwen2.5-7b": "bf16 1k 8, bf16 32k 1, fp8 1k 1, int8 1k 8, nf4 32k 8, nf4-dq 8k 1",
+    "gemma2-9b": "bf16 8k 1, bf16 32k 1, fp8 8k 8, int8 1k 1, nf4 32k 1, nf4-dq 1k 8, bf16 32k 8, nf4 32k 8",
+    "phi3-mini": "bf16 1k 1, bf16 32k 8, fp8 8k 1, int8 8k 1, nf4 8k 8, nf4-dq 32k 1",
+    "mixtral-8x7b": "bf16 8k 1, bf16 32k 8, fp8 1k 8, int8 8k 1, nf4 32k 1, nf4-dq 8k 8",
+    "llama3.1-70b": "bf16 1k 1, bf16 8k 8, fp8 32k 1, int8 1k 1, nf4 8k 1, nf4-dq 32k 8",
+}
+# Split over two GPUs. At 32k x 8 the KV cache (34 GB for the 8B) is what the split must balance;
+# Gemma 2 there fits only a pair of 141 GB cards.
+TWO_GPU = {
+    "llama3.1-8b": "bf16 8k 1, bf16 32k 8, nf4-dq 32k 1",
+    "llama3.1-70b": "bf16 32k 8, fp8 8k 1",
+    "mixtral-8x7b": "int8 1k 8, nf4 8k 1",
+    "gemma2-9b": "bf16 32k 8",
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    quant: str
+    context: int
+    batch: int
+    gpus: int
+    engine: str = TRANSFORMERS  # heavylift.load's engine: transformers' forward, or "auto" (its own where it runs)
+
+    @property
+    def key(self) -> str:
+        engine = "" if self.engine == TRANSFORMERS else f"/{self.engine}"
+        return f"{self.model}/{self.quant}/{self.context // K}k/b{self.batch}/{self.gpus}gpu{engine}"
+
+
+MATRIX = tuple(Case(model, quant, int(context[:-1]) * K, int(batch), gpus)
+               for gpus, table in ((1, ONE_GPU), (2, TWO_GPU)) for model, cases in table.items()
+               for quant, context, batch in (case.split() for case in cases.split(", ")))
+
+
+def record_key(record: dict) -> str:
+    return Case(**{f.name: record[f.name] for f in fields(Case) if f.name in record}).key
+
+
+# --- Model shapes and random checkpoints ----------------------------------------------------------
+
+def shrink_config(config: dict) -> dict:
+    """The same family and quirks at toy size, for CPU tests: hidden 64, 2 layers, vocab 320."""
+    small = dict(config, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 vocab_size=320)
+    mha = config.get("num_key_value_heads", config["num_attention_heads"]) == config["num_attention_heads"]
+    small["num_key_value_heads"] = 4 if mha else 2
+    if "head_dim" in config:
+        small["head_dim"] = 16
+    if config.get("num_local_experts"):
+        small["num_local_experts"] = 4
+    for key in ("sliding_window", "sliding_window_size"):
+        if isinstance(config.get(key), int):
+            small[key] = min(config[key], 32)
+    for key, fallback in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)):
+        if isinstance(config.get(key), int) and config[key] >= small["vocab_size"]:
+            small[key] = fallback
+    return small
+
+
+def model_config(model: str, shrink: bool = False) -> dict:
+    """The catalog's config.json of `model` with this benchmark's layer count (or shrunk to toy size)."""
+    from heavylift.catalog import require_model
+
+    config = require_model(model).config_dict()
+    if MODELS[model] is not None:
+        config["num_hidden_layers"] = MODELS[model]
+    return shrink_config(config) if shrink else config
+
+
+def _random_like(shape, device, generator):
+    import torch
+
+    if len(shape) == 1:
+        return torch.ones(shape, dtype=torch.bfloat16, device=device)
+    return torch.empty(shape, dtype=torch.bfloat16, device=device).normal_(0, WEIGHT_STD, generator=generator)
+
+
+def build_checkpoint(config: dict, folder: Path, device: str = "cpu") -> Path:
+    """config.json, one safetensors shard per decoder layer (plus one for the rest), index and tokenizer.
+
+    Names and shapes come from transformers' own model on the meta device; its weight-conversion
+    mapping is reverted per shard, as save_pretrained does, so MoE experts are stored per expert the
+    way hub checkpoints and heavylift's inventory name them.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion
+
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from conftest import save_tiny_tokenizer  # a small real tokenizer; the benchmark feeds random ids
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied weights once
+    shards: dict[str, list[str]] = {}
+    for name in shapes:
+        layer = re.match(r"model\.layers\.(\d+)\.", name)
+        shards.setdefault(f"layer{int(layer.group(1)):03d}" if layer else "other", []).append(name)
+    generator = torch.Generator(device=device).manual_seed(0)
+    weight_map, total = {}, 0
+    for n, (shard, names) in enumerate(sorted(shards.items())):
+        tensors = revert_weight_conversion(model, {k: _random_like(shapes[k], device, generator) for k in names})
+        tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+        file = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(tensors, str(folder / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, file))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    save_tiny_tokenizer(folder)
+    (folder / "config.json").write_text(json.dumps(config, indent=1))  # last: a folder with it is complete
+    return folder
+
+
+# --- What others would have said --------------------------------------------------------------------
+
+@functools.cache
+def _accelerate_float32_bytes(config_json: str) -> int:
+    """accelerate's model size in float32: the model create_empty_model builds, through calculate_maximum_sizes."""
+    import torch
+    import transformers
+    from accelerate import init_empty_weights
+    from accelerate.utils import calculate_maximum_sizes
+
+    config = json.loads(config_json)
+    auto_map = config.get("auto_map") or {}
+    constructor = next((getattr(transformers, k) for k in auto_map if k.startswith("AutoModelFor")),
+                       transformers.AutoModel)  # the base model, without lm_head, unless auto_map names one
+    with init_empty_weights():
+        model = constructor.from_config(transformers.AutoConfig.for_model(**config), dtype=torch.float32)
+    return int(calculate_maximum_sizes(model)[0])
+
+
+def estimates(config: dict, quant: str) -> dict:
+    from heavylift.architecture import architecture_from_config
+
+    dtype = ACCELERATE_DTYPE[quant]
+    params = architecture_from_config(config).params
+    return {"params": params, "accelerate_dtype": dtype,
+            "accelerate_estimate_bytes": _accelerate_float32_bytes(json.dumps(config, sort_keys=True))
+            // ACCELERATE_DIVISOR[dtype],
+            "seed_rule_bytes": int(params * SEED_RULE_BYTES_PER_PARAM[quant])}
+
+
+# --- Records ------------------------------------------------------------------------------------------
+
+def gb(n: int | None) -> str:
+    return "—" if n is None else f"{n / 1e9:.2f}"
+
+
+def error_pct(predicted: int | None, measured: int | None) -> float | None:
+    """How far the prediction is from the measurement, in % of the measurement; positive = over."""
+    if not predicted or not measured:
+        return None
+    return round(100 * (predicted - measured) / measured, 2)
+
+
+def phase_figures(polled_peak: int, used_end: int, reserved_end: int, max_reserved: int, max_allocated: int) -> dict:
+    """One device over one phase. What the driver shows beyond the allocator's reserve at the phase's end
+    (CUDA context, cuBLAS, kernels) is added to the allocator's peak reserve, in case polling missed it.
+    `needed_bytes` (peak allocated + that part) leaves out the blocks the allocator caches but could free."""
+    non_allocator = used_end - reserved_end
+    return {"measured_bytes": max(polled_peak, used_end, max_reserved + non_allocator),
+            "needed_bytes": max_allocated + non_allocator, "polled_peak_bytes": polled_peak,
+            "used_end_bytes": used_end, "non_allocator_bytes": non_allocator, "max_memory_reserved": max_reserved,
+            "max_memory_allocated": max_allocated}
+
+
+def device_record(planned: dict, phases: dict[str, dict]) -> dict:
+    """A plan's device next to its phases (load, prefill, decode; or up to an OOM)."""
+    measured = max((p["measured_bytes"] for p in phases.values()), default=None)
+    last = list(phases.values())[-1] if phases else {}
+    return {**planned, "measured_bytes": measured, "error_pct": error_pct(planned["predicted_bytes"], measured),
+            "needed_bytes": max((p["needed_bytes"] for p in phases.values()), default=None),
+            "max_memory_allocated": max((p["max_memory_allocated"] for p in phases.values()), default=None),
+            "max_memory_reserved": max((p["max_memory_reserved"] for p in phases.values()), default=None),
+            "non_allocator_bytes": last.get("non_allocator_bytes"), "phases": phases}
+
+
+def finish_record(record: dict, estimate: dict) -> dict:
+    """Totals over GPUs and every estimator's error against the measured total."""
+    devices = record["devices"]
+    measured = [d.get("measured_bytes") for d in devices]
+    total = sum(measured) if devices and None not in measured else None
+    predicted = sum(d["predicted_bytes"] for d in devices)
+    out = {**record, **estimate, "predicted_bytes": predicted, "measured_bytes": total,
+           "error_pct": error_pct(predicted, total)}
+    out["accelerate_error_pct"] = error_pct(estimate["accelerate_estimate_bytes"], total)
+    out["seed_rule_error_pct"] = error_pct(estimate["seed_rule_bytes"], total)
+    return out
+
+
+def base_record(case: Case, scheme) -> dict:
+    """A case as planned: each device's total, its terms and its layers."""
+    terms = ("weights", "kv_cache", "activation", "overhead")
+    devices = [{"index": d.device.index, "name": d.device.name, "layers": [d.layers.start, d.layers.stop],
+                "predicted_bytes": d.total_bytes, "predicted_terms": {t: getattr(d, f"{t}_bytes") for t in terms}}
+               for d in scheme.per_device]
+    return {**asdict(case), "layers": sum(len(d.layers) for d in scheme.per_device), "load_s": None,
+            "fits_predicted": scheme.fits, "oom": False, "devices": devices}
+
+
+# --- The child: one case in a fresh CUDA context ------------------------------------------------------
+
+class Meter:
+    """Per-GPU memory as the driver sees it, polled by a thread, with the caching allocator's peaks, by phase."""
+
+    def __init__(self, count: int, cuda=None):
+        import torch
+
+        self.cuda, self.count, self.phases = cuda or torch.cuda, count, {}
+        self.start_bytes = [self._used(i) for i in range(count)]  # creates each device's CUDA context
+        self.peaks, self.lock, self.stopped = list(self.start_bytes), threading.Lock(), threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _used(self, i: int) -> int:
+        free, total = self.cuda.mem_get_info(i)
+        return total - free
+
+    def _poll(self) -> None:
+        while not self.stopped.wait(POLL_PERIOD_S):
+            for i in range(self.count):
+                used = self._used(i)
+                with self.lock:
+                    self.peaks[i] = max(self.peaks[i], used)
+
+    def phase(self, name: str) -> None:
+        """Close a phase: its figures per device; peaks start again from now."""
+        for i in range(self.count):
+            self.cuda.synchronize(i)
+        used = [self._used(i) for i in range(self.count)]
+        with self.lock:
+            polled, self.peaks = self.peaks, list(used)
+        self.phases[name] = [phase_figures(polled[i], used[i], self.cuda.memory_reserved(i),
+                                           self.cuda.max_memory_reserved(i), self.cuda.max_memory_allocated(i))
+                             for i in range(self.count)]
+        for i in range(self.count):
+            self.cuda.reset_peak_memory_stats(i)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+    def by_device(self) -> list[dict[str, dict]]:
+        return [{name: figures[i] for name, figures in self.phases.items()} for i in range(self.count)]
+
+
+def drive(session, context: int, batch: int, mark) -> tuple[float, float, int]:
+    """`batch` random prompts of context - DECODE_STEPS tokens prefilled in heavylift's chunks, then
+    DECODE_STEPS greedy steps, so the cache ends holding exactly `context` tokens; on heavylift's engine
+    when the session has one, else through transformers as Session does. `mark(phase)` is called after
+    the prefill and after the decode. Returns the seconds of each and the tokens cached."""
+    import torch
+
+    embed = session.model.get_input_embeddings()
+    ids = torch.randint(0, embed.num_embeddings, (batch, context - DECODE_STEPS),
+                        generator=torch.Generator().manual_seed(0))
+    step = _engine_steps if getattr(session, "engine", None) is not None else _transformers_steps
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        logits, advance, cached = step(session, ids)
+        mark("prefill")
+        t1 = time.perf_counter()
+        for _ in range(DECODE_STEPS):
+            logits = advance(logits.float().argmax(dim=-1, keepdim=True))  # the float32 copy sampling makes
+        mark("decode")
+    return t1 - t0, time.perf_counter() - t1, cached()
+
+
+def _transformers_steps(session, ids):
+    """Session._steps at batch > 1: chunked prefill into a DynamicCache, then one token per sequence a step."""
+    from transformers import DynamicCache
+
+    from heavylift.defaults import PREFILL_CHUNK_TOKENS
+
+    model, device = session.model, session.model.get_input_embeddings().weight.device
+    cache, ids = DynamicCache(config=model.config), ids.to(device)
+    for start in range(0, ids.shape[1], PREFILL_CHUNK_TOKENS):
+        logits = model(input_ids=ids[:, start:start + PREFILL_CHUNK_TOKENS], cache=cache, use_cache=True,
+                       logits_to_keep=1).logits[:, -1]
+    advance = lambda token: model(input_ids=token.to(device), cache=cache, use_cache=True,  # noqa: E731
+                                  logits_to_keep=1).logits[:, -1]
+    return logits, advance, cache.get_seq_length
+
+
+def _engine_steps(session, ids):
+    """The engine's own batching: each prompt prefilled into its slot, then every slot decoded together."""
+    import torch
+
+    engine = session.engine
+    logits = torch.cat([engine.prefill(row.tolist(), slot=slot) for slot, row in enumerate(ids)])
+    return logits, lambda token: engine.decode(token.view(-1)), lambda: engine.lengths()[0]
+
+
+def run_case(case: Case, folder: Path) -> dict:
+    import torch
+
+    from heavylift.api import plan
+    from heavylift.detect import detect_devices
+    from heavylift.errors import OutOfMemoryError
+    from heavylift.session import load
+
+    devices = detect_devices()[:case.gpus]  # NVML / nvidia-smi, before CUDA starts
+    work = dict(context=case.context, batch=case.batch, quant=case.quant)
+    scheme = plan(str(folder), gpus=devices, **work).scheme(case.quant)
+    record = base_record(case, scheme)
+    if not scheme.fits:
+        return {**record, "skipped": "the plan says it does not fit"}
+    meter = Meter(case.gpus)
+    try:
+        t = time.perf_counter()
+        session = load(str(folder), gpus=devices, engine=case.engine, **work)
+        record["load_s"], record["attention"] = round(time.perf_counter() - t, 2), session.attention
+        record["engine_used"] = "fast" if getattr(session, "engine", None) is not None else TRANSFORMERS
+        meter.phase("load")
+        prefill_s, decode_s, cached = drive(session, case.context, case.batch, meter.phase)
+        record.update(prefill_s=round(prefill_s, 2), decode_s=round(decode_s, 2), cache_tokens=cached)
+    except (torch.OutOfMemoryError, OutOfMemoryError) as e:
+        record.update(oom=True, oom_message=str(e).splitlines()[0][:300])
+        meter.phase("oom")
+    finally:
+        meter.stop()
+    for planned, phases, start in zip(record["devices"], meter.by_device(), meter.start_bytes):
+        planned.update(device_record(planned, phases), start_bytes=start)
+    record.update(torch=torch.__version__, alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+    return record
+
+
+# --- The parent: matrix, checkpoints, children, results -----------------------------------------------
+
+def plan_scheme(case: Case, devices):
+    """The plan of one case on these devices, from the config alone (pure: no CUDA, no weights)."""
+    from heavylift.architecture import architecture_from_config
+    from heavylift.planner import Workload, make_plan
+
+    arch = architecture_from_config(model_config(case.model))
+    return make_plan(case.model, arch, devices, Workload(case.context, case.batch), [case.quant]).scheme(case.quant)
+
+
+def card_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100'; 'NVIDIA GeForce RTX 4090' -> 'rtx-4090'."""
+    words = [w for w in re.split(r"[\s_-]+", name.lower()) if w not in ("nvidia", "geforce")]
+    return next((w for w in words if re.fullmatch(r"[a-z]+\d+[a-z]*", w)), "-".join(words[:2]) or "gpu")
+
+
+def child_env(gpus: int) -> dict:
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(gpus))), "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_child(case: Case, folder: Path) -> dict:
+    command = [sys.executable, __file__, "--child", json.dumps(asdict(case)), "--work", str(folder.parent)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=CASE_TIMEOUT_S, env=child_env(case.gpus))
+    except subprocess.TimeoutExpired:
+        return {**asdict(case), "error": f"timed out after {CASE_TIMEOUT_S} s", "devices": []}
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARKER)]
+    if done.returncode or not lines:
+        return {**asdict(case), "error": f"child exited {done.returncode}: {done.stderr[-1500:]}", "devices": []}
+    return json.loads(lines[-1][len(RESULT_MARKER):])
+
+
+def write_results(results: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(results, indent=1)
+    out.write_text(text)
+    if os.environ.get("OUT") and Path(os.environ["OUT"]).resolve() != out.parent.resolve():
+        (Path(os.environ["OUT"]) / out.name).write_text(text)
+
+
+def selected(args) -> list[Case]:
+    """The --models and --gpus cases, grouped by model (one checkpoint at a time), on --engine."""
+    models = args.models.split(",") if args.models else list(MODELS)
+    unknown = set(models) - set(MODELS)
+    if unknown:
+        sys.exit(f"--models: unknown {', '.join(sorted(unknown))}; choose from {', '.join(MODELS)}")
+    cases = [c for c in MATRIX if c.model in models and (args.gpus is None or c.gpus == args.gpus)]
+    return [replace(c, engine=args.engine) for c in sorted(cases, key=lambda c: list(MODELS).index(c.model))]
+
+
+def run_matrix(args) -> None:
+    from heavylift.detect import detect_devices
+
+    devices = [d for d in detect_devices() if d.kind == "cuda"]  # NVML / nvidia-smi: no CUDA context
+    if not devices:
+        sys.exit("no NVIDIA GPU here; only --list, --summarize and --merge-files run without one")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # no context of the parent's can count in a child's measurement
+    today = datetime.date.today().isoformat()
+    out = Path(args.out or HERE / "results" / f"plan_validation_{card_slug(devices[0].name)}_{today}.json")
+    results = {"card": devices[0].name, "date": today, "command": shlex.join(["python", *sys.argv]), "cases": []}
+    if args.merge and out.exists():
+        results = merge([json.loads(out.read_text()), results])
+    done = {record_key(r) for r in results["cases"] if "error" not in r}
+    start, work = time.monotonic(), Path(args.work)
+    todo = [c for c in selected(args) if c.key not in done]
+    for i, case in enumerate(todo):
+        if args.budget_s is not None and time.monotonic() - start > args.budget_s:
+            print(f"budget of {args.budget_s} s spent; not started: {', '.join(c.key for c in todo[i:])}", flush=True)
+            break
+        folder = work / case.model
+        if case.gpus > len(devices):
+            print(f"{case.key}: skipped, needs {case.gpus} GPUs and {len(devices)} are visible", flush=True)
+            continue
+        scheme = plan_scheme(case, devices[:case.gpus])
+        if not scheme.fits:
+            record = {**base_record(case, scheme), "skipped": "the plan says it does not fit"}
+        else:
+            if not (folder / "config.json").exists():
+                t = time.perf_counter()
+                subprocess.run([sys.executable, __file__, "--build", case.model, "--work", str(work)], check=True,
+                               env=child_env(1))
+                print(f"{case.model}: checkpoint written in {time.perf_counter() - t:.0f} s", flush=True)
+            record = run_child(case, folder)
+        if "error" not in record:
+            record = finish_record(record, estimates(model_config(case.model), case.quant))
+        results["cases"] = [r for r in results["cases"] if record_key(r) != case.key] + [record]
+        write_results(results, out)
+        print(f"{case.key}: predicted {gb(record.get('predicted_bytes'))} GB, measured "
+              f"{gb(record.get('measured_bytes'))} GB, error {record.get('error_pct')}% {record.get('skipped', '')}"
+              f"{' OOM' if record.get('oom') else ''}{record.get('error', '')[-300:]}", flush=True)
+        if all(c.model != case.model for c in todo[i + 1:]):
+            shutil.rmtree(folder, ignore_errors=True)  # the GPU machine's disk holds one checkpoint at a time
+    print(f"results: {out}")
+
+
+# --- Merge, list, summarize ---------------------------------------------------------------------------
+
+def merge(documents: list[dict]) -> dict:
+    """One results document from several runs: per case, a measured record beats a planned-only one, which
+    beats an error; among equals the later file wins. Cases in matrix order."""
+    rank = lambda r: 0 if "error" in r else 2 if r.get("measured_bytes") is not None else 1  # noqa: E731
+    best: dict[str, dict] = {}
+    for doc in documents:
+        for record in doc["cases"]:
+            key = record_key(record)
+            if key not in best or rank(record) >= rank(best[key]):
+                best[key] = record
+    order = {c.key: i for i, c in enumerate(MATRIX)}
+    joined = lambda field: " ; ".join(dict.fromkeys(d[field] for d in documents if d.get(field)))  # noqa: E731
+    return {"card": joined("card"), "date": max(d["date"] for d in documents), "command": joined("command"),
+            "cases": sorted(best.values(), key=lambda r: order.get(record_key(r), len(order)))}
+
+
+def list_matrix(spec: str = LIST_GPUS) -> str:
+    from heavylift.hardware import parse_gpu_spec
+
+    rows = [f"{'case':42} {'layers':>6} {'predicted GB per GPU':>22}  fits {spec}"]
+    for case in MATRIX:
+        scheme = plan_scheme(case, parse_gpu_spec(f"{case.gpus}x{spec}"))
+        per_gpu = " + ".join(f"{d.total_bytes / 1e9:.1f}" for d in scheme.per_device)
+        layers = sum(len(d.layers) for d in scheme.per_device)
+        rows.append(f"{case.key:42} {layers:>6} {per_gpu:>22}  {'yes' if scheme.fits else 'NO'}")
+    ones = sum(c.gpus == 1 for c in MATRIX)
+    rows.append(f"{len(MATRIX)} cases: {ones} on one GPU, {len(MATRIX) - ones} on two")
+    return "\n".join(rows)
+
+
+def _cell(devices: list[dict], field: str, with_error: bool = True) -> str:
+    """Per-GPU bytes joined by +, then the plan's error against each: '29.10 + 28.90 (+1.2% / -0.5%)'."""
+    values = [d.get(field) for d in devices]
+    if not devices or None in values:
+        return "—"
+    errors = [error_pct(d["predicted_bytes"], v) for d, v in zip(devices, values)]
+    shown = " / ".join(f"{e:+.1f}%" for e in errors if e is not None)
+    return " + ".join(gb(v) for v in values) + (f" ({shown})" if with_error and shown else "")
+
+
+def summarize(results: dict) -> str:
+    """The README's table: per case the plan against the measured peak, against what the allocator
+    needed of it (peak allocated + the rest of the process), and the two weights-only estimates."""
+    pct = lambda p: "" if p is None else f" ({p:+.1f}%)"  # noqa: E731
+    lines = [f"Plan vs measured on {results['card']} ({results['date']}); error = (estimate − measured) / measured.",
+             "", "| model | quant | context | batch | GPUs | predicted GB | measured GB (error) | max allocated GB "
+             "| needed GB (error) | accelerate GB (error) | seed rule GB (error) | load s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    errors = []
+    for r in results["cases"]:
+        devices = r.get("devices", [])
+        errors += [(abs(d["error_pct"]), record_key(r)) for d in devices if d.get("error_pct") is not None]
+        status = "error" if "error" in r else "does not fit (plan)" if r.get("skipped") else None
+        measured = status or _cell(devices, "measured_bytes") + (" OOM" if r.get("oom") else "")
+        engine = "" if r.get("engine", TRANSFORMERS) == TRANSFORMERS else f" ({r.get('engine_used', r['engine'])})"
+        cells = [r["model"] + engine, r["quant"], f"{r['context'] // K}k", str(r["batch"]), str(r["gpus"]),
+                 _cell(devices, "predicted_bytes", with_error=False), measured,
+                 _cell(devices, "max_memory_allocated", with_error=False), _cell(devices, "needed_bytes"),
+                 gb(r.get("accelerate_estimate_bytes")) + pct(r.get("accelerate_error_pct")),
+                 gb(r.get("seed_rule_bytes")) + pct(r.get("seed_rule_error_pct")),
+                 "—" if r.get("load_s") is None else f"{r['load_s']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if errors:
+        worst, key = max(errors)
+        within = sum(e <= 3 for e, _ in errors)
+        lines += ["", f"Max |error| of the plan over {len(errors)} GPU measurements: {worst:.1f}% ({key}); "
+                      f"{within} of {len(errors)} within 3%."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--list", action="store_true", help="print the matrix and its plan on H100s; no GPU needed")
+    parser.add_argument("--models", help="comma-separated subset of: " + ", ".join(MODELS))
+    parser.add_argument("--gpus", type=int, choices=(1, 2), help="only the cases on this many GPUs")
+    parser.add_argument("--budget-s", type=float, help="start no case after this many seconds")
+    parser.add_argument("--out", help="results file (default bench/results/plan_validation_<card>_<date>.json)")
+    parser.add_argument("--merge", action="store_true", help="add to --out instead of starting it afresh")
+    parser.add_argument("--merge-files", nargs="+", metavar="FILE", help="merge these results files into --out")
+    parser.add_argument("--summarize", metavar="FILE", help="print the markdown table of a results file")
+    parser.add_argument("--engine", choices=(TRANSFORMERS, AUTO), default=TRANSFORMERS,
+                        help="run through transformers (what the plan counts), or heavylift's default engine")
+    parser.add_argument("--work", default=DEFAULT_WORK, help="where checkpoints are written (one at a time)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--build", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        case = Case(**json.loads(args.child))
+        print(RESULT_MARKER + json.dumps(run_case(case, Path(args.work) / case.model)), flush=True)
+    elif args.build:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        build_checkpoint(model_config(args.build), Path(args.work) / args.build, device)
+    elif args.list:
+        print(list_matrix())
+    elif args.summarize:
+        print(summarize(json.loads(Path(args.summarize).read_text())))
+    elif args.merge_files:
+        if not args.out:
+            sys.exit("--merge-files needs --out")
+        write_results(merge([json.loads(Path(f).read_text()) for f in args.merge_files]), Path(args.out))
+    else:
+        run_matrix(args)
+
+
+if __name__ == "__main__":
+    main()
