@@ -41,7 +41,7 @@ def run_seed(modes: list[str], budget_s: int) -> dict:
         return json.load(f)
 
 
-def reference_records(seed: dict) -> list[dict]:
+def seed_records(seed: dict) -> list[dict]:
     out = []
     for mode, quant in SEED_MODES.items():
         r = seed.get(mode)
@@ -95,29 +95,17 @@ def agreement(model, engine, vocab: int, tokens: int = 32) -> dict:
     return dict(tokens=tokens, matching_prefix=same, prefill_logits_rel_diff=first_diff)
 
 
-def heavylift_records(quant: str, bw: float, context: int) -> tuple[list[dict], dict]:
-    from heavylift.benchmark import (B1_NEW, B1_PROMPT, B16_NEW, B16_PROMPT, engine_decode_tok_s,
-                                     engine_prefill_tok_s)
+def heavylift_records(quant: str, bw: float) -> tuple[list[dict], dict]:
+    from heavylift.benchmark import engine_records, timed_load
     from heavylift.engine import Engine
-    from heavylift.session import load_weights
 
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    *_, model, _folder, _attn, _spilled = load_weights(SEED_CKPT, quant, context=context, batch=16)
-    torch.cuda.synchronize()
-    load_s = time.perf_counter() - t
-    engine = Engine.from_model(model, batch=16, context=context)
-    extra = dict(load_s=load_s, agreement=agreement(model, engine, engine.shape.vocab))
+    loaded, load_s = timed_load(SEED_CKPT, quant)
+    engine = Engine.from_model(loaded.model, batch=16, context=loaded.plan.context)
+    extra = dict(load_s=load_s, agreement=agreement(loaded.model, engine, engine.shape.vocab))
     log(quant, "loaded", extra)
-    per_token = engine.weight_bytes
-    common = dict(model="llama3.1-8b-shape", engine="heavylift", quant=quant, gpus=1, roofline_tok_s=bw / per_token,
-                  bytes_per_token=per_token, load_s=load_s)
-    prefill = engine_prefill_tok_s(engine)
-    recs = [dict(common, batch=1, decode_tok_s=engine_decode_tok_s(engine, 1, B1_PROMPT, B1_NEW), prefill_tok_s=prefill),
-            dict(common, batch=16, decode_tok_s=engine_decode_tok_s(engine, 16, B16_PROMPT, B16_NEW),
-                 prefill_tok_s=prefill)]
+    recs = [dict(r.to_json(), model="llama3.1-8b-shape") for r in engine_records(engine, SEED_CKPT, quant, load_s, bw)]
     extra["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
-    del engine, model
+    del engine, loaded
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -156,7 +144,6 @@ def main() -> None:
     parser.add_argument("--seed-modes", default="bf16,nf4,fp8", help="'' skips the reference stack")
     parser.add_argument("--seed-budget-s", type=int, default=200)
     parser.add_argument("--big-layers", type=int, default=80, help="0 skips the 70B shape")
-    parser.add_argument("--context", type=int, default=4352)
     args = parser.parse_args()
     from heavylift.benchmark import copy_bandwidth
 
@@ -171,7 +158,7 @@ def main() -> None:
     if modes:
         seed = run_seed(modes, args.seed_budget_s)
         result["reference_raw"] = seed
-        result["records"] += reference_records(seed)
+        result["records"] += seed_records(seed)
         save()
     bw = copy_bandwidth()
     result["copy_bytes_s"] = bw
@@ -180,7 +167,7 @@ def main() -> None:
     save()
     for quant in args.quants.split(","):
         try:
-            recs, extra = heavylift_records(quant, bw, args.context)
+            recs, extra = heavylift_records(quant, bw)
             result["records"] += recs
             result["checks"][quant] = extra
         except Exception as e:  # noqa: BLE001 - one precision failing must not lose the others' figures

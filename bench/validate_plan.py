@@ -36,6 +36,8 @@ import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from heavylift.engine import AUTO, TRANSFORMERS  # heavylift.load(engine=...): what --engine chooses
+
 HERE = Path(__file__).resolve().parent
 K = 1024
 DECODE_STEPS = 32  # greedy steps after the prefill; prompt + steps = the case's context
@@ -45,7 +47,6 @@ CASE_TIMEOUT_S = 300  # a child still running after this is recorded as an error
 LIST_GPUS = "H100"  # the card --list plans every case for (it needs no GPU)
 DEFAULT_WORK = "/tmp/hl-validate"
 RESULT_MARKER = "VALIDATE_PLAN_RECORD "  # prefixes the child's one JSON line on stdout
-TRANSFORMERS, AUTO = "transformers", "auto"  # heavylift.load(engine=...): what --engine chooses between
 # Layers kept of each catalog shape (None: all), so the largest fit one 80 GB GPU in bf16.
 MODELS = {"llama3.1-8b": None, "mistral-7b": None, "qwen2.5-7b": None, "gemma2-9b": None, "phi3-mini": None,
           "mixtral-8x7b": 4, "llama3.1-70b": 10}
@@ -321,41 +322,15 @@ def drive(session, context: int, batch: int, mark) -> tuple[float, float, int]:
     embed = session.model.get_input_embeddings()
     ids = torch.randint(0, embed.num_embeddings, (batch, context - DECODE_STEPS),
                         generator=torch.Generator().manual_seed(0))
-    step = _engine_steps if getattr(session, "engine", None) is not None else _transformers_steps
     with torch.inference_mode():
         t0 = time.perf_counter()
-        logits, advance, cached = step(session, ids)
+        logits, advance, cached = session.steps(ids)
         mark("prefill")
         t1 = time.perf_counter()
         for _ in range(DECODE_STEPS):
             logits = advance(logits.float().argmax(dim=-1, keepdim=True))  # the float32 copy sampling makes
         mark("decode")
     return t1 - t0, time.perf_counter() - t1, cached()
-
-
-def _transformers_steps(session, ids):
-    """Session._steps at batch > 1: chunked prefill into a DynamicCache, then one token per sequence a step."""
-    from transformers import DynamicCache
-
-    from heavylift.defaults import PREFILL_CHUNK_TOKENS
-
-    model, device = session.model, session.model.get_input_embeddings().weight.device
-    cache, ids = DynamicCache(config=model.config), ids.to(device)
-    for start in range(0, ids.shape[1], PREFILL_CHUNK_TOKENS):
-        logits = model(input_ids=ids[:, start:start + PREFILL_CHUNK_TOKENS], cache=cache, use_cache=True,
-                       logits_to_keep=1).logits[:, -1]
-    advance = lambda token: model(input_ids=token.to(device), cache=cache, use_cache=True,  # noqa: E731
-                                  logits_to_keep=1).logits[:, -1]
-    return logits, advance, cache.get_seq_length
-
-
-def _engine_steps(session, ids):
-    """The engine's own batching: each prompt prefilled into its slot, then every slot decoded together."""
-    import torch
-
-    engine = session.engine
-    logits = torch.cat([engine.prefill(row.tolist(), slot=slot) for slot, row in enumerate(ids)])
-    return logits, lambda token: engine.decode(token.view(-1)), lambda: engine.lengths()[0]
 
 
 def run_case(case: Case, folder: Path) -> dict:
@@ -377,7 +352,7 @@ def run_case(case: Case, folder: Path) -> dict:
         t = time.perf_counter()
         session = load(str(folder), gpus=devices, engine=case.engine, **work)
         record["load_s"], record["attention"] = round(time.perf_counter() - t, 2), session.attention
-        record["engine_used"] = "fast" if getattr(session, "engine", None) is not None else TRANSFORMERS
+        record["engine_used"] = "fast" if session.engine is not None else TRANSFORMERS
         meter.phase("load")
         prefill_s, decode_s, cached = drive(session, case.context, case.batch, meter.phase)
         record.update(prefill_s=round(prefill_s, 2), decode_s=round(decode_s, 2), cache_tokens=cached)

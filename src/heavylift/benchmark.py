@@ -16,6 +16,8 @@ import torch
 B1_PROMPT, B1_NEW = 32, 128  # batch-1 decode: prompt tokens, timed new tokens (as seed_baseline.py)
 B16_PROMPT, B16_NEW = 128, 64  # batch-16 decode
 PREFILL_TOKENS = 4096  # the prefill timing's prompt
+BENCH_CONTEXT = PREFILL_TOKENS + B16_PROMPT + B16_NEW  # the context a benchmark load is planned for
+BENCH_BATCH = 16
 
 
 @dataclass(frozen=True)
@@ -104,3 +106,33 @@ def reference_decode_tok_s(model, batch: int, prompt: int, new: int, seed: int =
 
     run(4)  # warm-up
     return batch * new / (run(new + 1) - run(1))
+
+
+def timed_load(model: str, quant: str, gpus=None):
+    """Load `model` by its plan for the benchmark's context and batch: (Loaded, seconds)."""
+    from .session import load_weights
+
+    _sync()
+    t = time.perf_counter()
+    loaded = load_weights(model, quant, gpus, context=BENCH_CONTEXT, batch=BENCH_BATCH)
+    _sync()
+    return loaded, time.perf_counter() - t
+
+
+def engine_records(engine, model: str, quant: str, load_s: float, bandwidth: float) -> list[BenchRecord]:
+    """The engine's prefill rate and its batch-1 and batch-16 decode rates."""
+    per_token = engine.weight_bytes
+    prefill = engine_prefill_tok_s(engine)
+    gpus = len({layer.device for layer in engine.layers})
+    return [BenchRecord(model, "heavylift", quant, batch, gpus, engine_decode_tok_s(engine, batch, prompt, new),
+                        bandwidth / per_token, prefill, load_s, per_token)
+            for batch, prompt, new in ((1, B1_PROMPT, B1_NEW), (BENCH_BATCH, B16_PROMPT, B16_NEW))]
+
+
+def reference_records(hf_model, model: str, quant: str, load_s: float, bandwidth: float,
+                      per_token: int) -> list[BenchRecord]:
+    """transformers' generate on the same loaded weights, at batch 1 and 16."""
+    gpus = len({p.device for p in hf_model.parameters()})
+    return [BenchRecord(model, "reference", quant, batch, gpus, reference_decode_tok_s(hf_model, batch, prompt, new),
+                        bandwidth / per_token, None, load_s, per_token)
+            for batch, prompt, new in ((1, B1_PROMPT, B1_NEW), (BENCH_BATCH, B16_PROMPT, B16_NEW))]

@@ -110,20 +110,26 @@ class Session:
                 f"out of GPU memory at {len(ids)} prompt tokens with --context {context} in {self.quant}; "
                 f"lower --context (to {context // 2}, say), or use a smaller --quant") from None
 
-    def _steps(self, ids: list[int]):
-        """(prefill logits, a function from the last token to the next logits), on the engine or transformers."""
-        if self.engine is not None:
-            return self.engine.prefill(ids), lambda token: self.engine.decode(token.view(1))
+    def steps(self, prompts: torch.Tensor):
+        """Prefill `prompts` [batch, tokens]: (their last logits [batch, vocab], a function from the next
+        tokens [batch, 1] to the logits after them, a function giving the tokens cached per sequence).
+
+        On the engine each prompt fills its own slot; on transformers, one DynamicCache in chunks.
+        """
+        engine = self.engine
+        if engine is not None:
+            logits = torch.cat([engine.prefill(row.tolist(), slot=slot) for slot, row in enumerate(prompts)])
+            return logits, lambda token: engine.decode(token.view(-1)), lambda: engine.lengths()[0]
         from transformers import DynamicCache
 
-        model = self.model
-        cache = DynamicCache(config=model.config)
-        prompt = torch.tensor([ids], device=self.device)
-        for start in range(0, prompt.shape[1], PREFILL_CHUNK):  # chunked prefill bounds the activation peak
-            logits = model(input_ids=prompt[:, start:start + PREFILL_CHUNK], cache=cache, use_cache=True,
+        model, cache = self.model, DynamicCache(config=self.model.config)
+        prompts = prompts.to(self.device)
+        for start in range(0, prompts.shape[1], PREFILL_CHUNK):  # chunked prefill bounds the activation peak
+            logits = model(input_ids=prompts[:, start:start + PREFILL_CHUNK], cache=cache, use_cache=True,
                            logits_to_keep=1).logits[:, -1]
-        return logits, lambda token: model(input_ids=token.view(1, 1), cache=cache, use_cache=True,
-                                           logits_to_keep=1).logits[:, -1]
+        advance = lambda token: model(input_ids=token.to(self.device), cache=cache, use_cache=True,  # noqa: E731
+                                      logits_to_keep=1).logits[:, -1]
+        return logits, advance, cache.get_seq_length
 
     @torch.inference_mode()
     def _stream(self, ids: list[int], params: Sampling) -> Iterator[Record]:
@@ -133,7 +139,7 @@ class Session:
         eos = self._eos_ids()
         generator = params.generator(self.device)
         t0 = time.perf_counter()
-        logits, advance = self._steps(ids)
+        logits, advance, _ = self.steps(torch.tensor([ids]))
         token = params.choose(logits, generator)
         self._sync()
         t1 = time.perf_counter()
@@ -150,7 +156,7 @@ class Session:
             yield Record(piece, (out[-1],), finish, len(ids), len(out), prefill_rate, decode_rate, self._peaks())
             if finish:
                 return
-            token = params.choose(advance(token), generator)
+            token = params.choose(advance(token.view(1, 1)), generator)
 
     def generate(self, prompt: str | Sequence[dict], system: str | None = None, **sampling) -> Record:
         """The whole generation as one Record: a loop over `stream`."""
@@ -209,12 +215,23 @@ def _tokenizer(folder):
     return tok
 
 
-def load_weights(model: str, quant: str = "auto", gpus=None, context: int = DEFAULT_CONTEXT_TOKENS, batch: int = 1,
-                 allow_offload: bool = False, reserve: int | str = 0):
-    """Plan `model`, stop before any download if it cannot fit, then load its weights exactly as planned.
+@dataclass(frozen=True)
+class Loaded:
+    """A model loaded by its plan, before any engine or tokenizer is put over it."""
 
-    Returns (source, plan, scheme, placement, model, checkpoint folder, offloaded bytes per device).
-    """
+    source: ModelSource
+    plan: Plan
+    scheme: SchemePlan
+    placement: Placement
+    model: torch.nn.Module
+    folder: object  # the checkpoint folder (Path)
+    attention: str
+    offloaded_bytes: dict[str, int]
+
+
+def load_weights(model: str, quant: str = "auto", gpus=None, context: int = DEFAULT_CONTEXT_TOKENS, batch: int = 1,
+                 allow_offload: bool = False, reserve: int | str = 0) -> Loaded:
+    """Plan `model`, stop before any download if it cannot fit, then load its weights exactly as planned."""
     from pathlib import Path
 
     quants = "all" if quant == "auto" else quant
@@ -242,36 +259,44 @@ def load_weights(model: str, quant: str = "auto", gpus=None, context: int = DEFA
     names = list(placement.modules)
     spilled = guard_offload(placement, real_placement(loaded, names),
                             {n: module_bytes(loaded, n) for n in names}, allow_offload)
-    return source, plan, scheme, placement, loaded, folder, attention, spilled
+    return Loaded(source, plan, scheme, placement, loaded, folder, attention, spilled)
 
 
-def build_engine(loaded, quant: str, context: int, batch: int, engine: str):
-    """(the fast engine or None, the one-line reason when transformers runs the model instead)."""
-    from .engine import ENGINES, FAST, TRANSFORMERS, unsupported_reason
+def build_engine(model: torch.nn.Module, quant: str, context: int, batch: int, engine: str):
+    """(the fast engine or None, the one-line reason when transformers runs the model instead).
 
-    if engine not in ENGINES:
-        raise InvalidArgumentError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    `engine` is one of engine.ENGINES: auto takes the engine where its kernels run; fast insists,
+    and on an all-CPU model runs the engine's torch reference path.
+    """
+    from .engine import FAST, TRANSFORMERS, Engine, device_reason, model_reason
+
     if engine == TRANSFORMERS:
         return None, "--engine transformers"
-    devices = sorted({p.device for p in loaded.parameters()}, key=str)
-    reason = unsupported_reason(loaded.config, quant, devices)
-    cpu_only = all(d.type == "cpu" for d in devices)
-    if reason is None or (engine == FAST and cpu_only and unsupported_reason(loaded.config, quant, []) is None):
-        from .engine import Engine
-
-        ops = "triton" if reason is None else "torch"  # an explicit --engine fast on the CPU: the reference path
-        return Engine.from_model(loaded, batch=batch, context=context, ops=ops), ""
+    devices = {p.device for p in model.parameters()}
+    reason = model_reason(model.config, quant)
+    if reason is not None:
+        if engine == FAST:
+            raise InvalidArgumentError(f"{reason}; run it with --engine transformers")
+        return None, reason
+    on_devices = device_reason(devices)
+    if on_devices is None:
+        return Engine.from_model(model, batch=batch, context=context, ops="triton"), ""
+    if engine == FAST and all(d.type == "cpu" for d in devices):
+        return Engine.from_model(model, batch=batch, context=context, ops="torch"), ""
     if engine == FAST:
-        raise InvalidArgumentError(f"{reason}; run it with --engine transformers")
-    return None, reason
+        raise InvalidArgumentError(f"{on_devices}; run it with --engine transformers")
+    return None, on_devices
 
 
 def load(model: str, quant: str = "auto", gpus=None, context: int = DEFAULT_CONTEXT_TOKENS, batch: int = 1,
          allow_offload: bool = False, reserve: int | str = 0, engine: str = "auto") -> Session:
     """Plan `model`, stop before any download if it cannot fit, load it exactly as planned, and put the
     fast engine over it where it runs (`engine="auto"`), else transformers with the reason in `engine_note`."""
-    source, plan, scheme, placement, loaded, folder, attention, spilled = load_weights(
-        model, quant, gpus, context, batch, allow_offload, reserve)
-    tokenizer = _tokenizer(folder)
-    fast, note = build_engine(loaded, scheme.quant, plan.context, batch, engine)
-    return Session(source, plan, scheme, placement, loaded, tokenizer, attention, spilled, fast, note)
+    from .engine import check_engine
+
+    check_engine(engine)
+    w = load_weights(model, quant, gpus, context, batch, allow_offload, reserve)
+    tokenizer = _tokenizer(w.folder)
+    fast, note = build_engine(w.model, w.scheme.quant, w.plan.context, batch, engine)
+    return Session(w.source, w.plan, w.scheme, w.placement, w.model, tokenizer, w.attention, w.offloaded_bytes,
+                   fast, note)

@@ -29,9 +29,8 @@ def bench(
 
     import torch
 
-    from ..benchmark import (B1_NEW, B1_PROMPT, B16_NEW, B16_PROMPT, PREFILL_TOKENS, BenchRecord, copy_bandwidth,
-                             engine_decode_tok_s, engine_prefill_tok_s, reference_decode_tok_s)
-    from ..session import build_engine, load_weights
+    from ..benchmark import BENCH_BATCH, BENCH_CONTEXT, copy_bandwidth, engine_records, reference_records, timed_load
+    from ..session import build_engine
 
     quants = [q for q in quant.split(",") if q]
     bad = [q for q in quants if q not in QUANT_CHOICES]
@@ -42,33 +41,21 @@ def bench(
                                    "run it on the machine that will serve the model")
     bandwidth = copy_bandwidth()
     records, err = [], Console(stderr=True)
-    context = PREFILL_TOKENS + B16_PROMPT + B16_NEW
-    import time
-
     for q in quants:
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        *_, loaded, _folder, _attention, _spilled = load_weights(model, q, gpus, context=context, batch=16)
-        torch.cuda.synchronize()
-        load_s = time.perf_counter() - t
-        engine, note = build_engine(loaded, q, context, 16, "auto")
+        loaded, load_s = timed_load(model, q, gpus)
+        engine, note = build_engine(loaded.model, q, BENCH_CONTEXT, BENCH_BATCH, "auto")
         if engine is None:
             err.print(f"{q}: {note}; no fast-engine figures")
+            per_token = None
         else:
-            per_token = engine.weight_bytes
-            prefill = engine_prefill_tok_s(engine)
-            gpus_used = len({layer.device for layer in engine.layers})
-            for batch, prompt, new in ((1, B1_PROMPT, B1_NEW), (16, B16_PROMPT, B16_NEW)):
-                rate = engine_decode_tok_s(engine, batch, prompt, new)
-                records.append(BenchRecord(model, "heavylift", q, batch, gpus_used, rate, bandwidth / per_token, prefill,
-                                           load_s, per_token))
+            ours = engine_records(engine, model, q, load_s, bandwidth)
+            records += ours
+            per_token = ours[0].bytes_per_token
             del engine
-        if compare_reference:
-            per_token = records[-1].bytes_per_token if records else 0
-            for batch, prompt, new in ((1, B1_PROMPT, B1_NEW), (16, B16_PROMPT, B16_NEW)):
-                rate = reference_decode_tok_s(loaded, batch, prompt, new)
-                records.append(BenchRecord(model, "reference", q, batch, 1, rate,
-                                           bandwidth / per_token if per_token else float("nan"), None, load_s, per_token))
+        if compare_reference and per_token:
+            records += reference_records(loaded.model, model, q, load_s, bandwidth, per_token)
+        elif compare_reference:
+            err.print(f"{q}: no roofline without the engine's byte count; reference not timed")
         del loaded
         gc.collect()
         torch.cuda.empty_cache()

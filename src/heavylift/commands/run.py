@@ -86,10 +86,6 @@ def run(
         raise InvalidArgumentError(f"--quant must be auto or one of {', '.join(QUANT_CHOICES)}, not {quant!r}")
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     Sampling(**sampling)  # refuse bad values before loading anything
-    from ..engine import ENGINES
-
-    if engine not in ENGINES:
-        raise InvalidArgumentError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     session = load(model, quant=quant, gpus=gpus, context=context, allow_offload=allow_offload, engine=engine)
     if session.offloaded_bytes:

@@ -49,8 +49,8 @@ class Layer:
     v_cache: torch.Tensor | None = None
 
 
-def unsupported_reason(config, quant: str, devices: Sequence[torch.device]) -> str | None:
-    """Why the fast engine cannot run this model here, or None when it can."""
+def model_reason(config, quant: str) -> str | None:
+    """Why the fast engine cannot run this model in this precision on any device, or None."""
     kind = getattr(config, "model_type", "?")
     if kind not in SUPPORTED_FAMILIES:
         return f"the fast engine runs {', '.join(SUPPORTED_FAMILIES)} layers, not {kind}"
@@ -65,6 +65,11 @@ def unsupported_reason(config, quant: str, devices: Sequence[torch.device]) -> s
         return f"the fast engine's MLP is SiLU-gated, not {config.hidden_act}"
     if quant in ("fp16", "fp32"):
         return f"the fast engine computes in bf16; {quant} runs on transformers"
+    return None
+
+
+def device_reason(devices: Sequence[torch.device]) -> str | None:
+    """Why the engine's kernels cannot run on these devices (its torch reference path still can), or None."""
     if any(d.type != "cuda" for d in devices):
         return "the fast engine needs every layer on a CUDA GPU"
     try:
@@ -72,6 +77,11 @@ def unsupported_reason(config, quant: str, devices: Sequence[torch.device]) -> s
     except ImportError:
         return "the fast engine needs Triton (`pip install triton`)"
     return None
+
+
+def unsupported_reason(config, quant: str, devices: Sequence[torch.device]) -> str | None:
+    """Why the fast engine cannot run this model here, or None when it can."""
+    return model_reason(config, quant) or device_reason(devices)
 
 
 def _window(config, index: int) -> int:

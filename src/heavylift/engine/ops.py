@@ -8,6 +8,7 @@ dequantized into bf16 (or FP8 tensor-core) matmuls, which beat any GEMV once a c
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -20,6 +21,7 @@ ATTENTION_BLOCK = 64  # cache positions per attention tile
 DECODE_SPLITS_TARGET = 2  # attention programs per multiprocessor the split-K pass aims for
 
 
+@functools.cache
 def _fp8_matmul_ok(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
