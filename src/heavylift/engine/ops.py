@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .weights import FP8, NF4, NF4_DQ, QWeight
+from .weights import FP8, FP8_MAX, NF4, NF4_DQ, QWeight
 
 GEMV_MAX_ROWS = 16  # up to this many tokens a step streams the weights through the GEMV kernels
 ATTENTION_BLOCK = 64  # cache positions per attention tile
@@ -30,7 +30,7 @@ def dense_linear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
     """x @ W^T (+ bias) for many tokens: FP8 on the FP8 tensor cores where the GPU has them, else bf16."""
     if w.kind == FP8 and _fp8_matmul_ok(x.device) and w.k % 16 == 0 and w.n % 16 == 0:
         # Row-wise dynamic activation scaling, as torchao's Float8DynamicActivation does.
-        xs = (x.float().abs().amax(dim=-1, keepdim=True) / 448.0).clamp(min=1e-12)
+        xs = (x.float().abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
         xq = (x.float() / xs).to(torch.float8_e4m3fn)
         return torch._scaled_mm(xq, w.data.t(), scale_a=xs, scale_b=w.scale.view(1, -1), bias=w.bias,
                                 out_dtype=torch.bfloat16)
