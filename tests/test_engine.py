@@ -245,3 +245,21 @@ def test_cli_engine_flag(checkpoints, capsys):
     assert code == 2 and "--engine must be one of auto, fast, transformers" in err and "Traceback" not in err
     code, out, err = run_cli(capsys, "bench", str(checkpoints["llama"]), "--quant", "nf4-dq")
     assert code == 2 and "no CUDA GPU" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_register_lookup_matches_the_code_table_for_every_byte(quant_type):
+    """The PTX lookup (lut.py), run step by step in Python, against bitsandbytes' table for all 256 bytes."""
+    import struct
+
+    import bitsandbytes.functional as bnbf
+
+    from heavylift.engine import lut
+
+    code = bnbf.get_4bit_type(quant_type, device="cpu").tolist()
+    as_f16 = [struct.unpack("<e", struct.pack("<e", v))[0] for v in code]
+    for first in range(0, 256, 4):
+        packed = bytes(range(first, first + 4))
+        want = [as_f16[n] for byte in packed for n in (byte >> 4, byte & 15)]
+        assert lut.emulate(code, int.from_bytes(packed, "little")) == want
+    assert max(abs(a - b) / max(abs(a), 1e-3) for a, b in zip(code, as_f16)) < 2 ** -11

@@ -16,6 +16,7 @@ import os
 import triton
 import triton.language as tl
 
+from .lut import ptx as _lut_ptx
 from .weights import DQ_GROUP as _DQ, FP8 as _FP8, INT8 as _INT8, NF4 as _NF4, NF4_DQ as _NF4_DQ, QBLOCK as _QBLOCK
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -30,11 +31,27 @@ QBLOCK = tl.constexpr(_QBLOCK)
 DQ_GROUP = tl.constexpr(_DQ)
 
 
+def nf4_code() -> list[float]:
+    """bitsandbytes' NF4 table: the 16 values a nibble stands for."""
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.get_4bit_type("nf4", device="cpu").tolist()
+
+
+NF4_LUT_PTX = tl.constexpr(_lut_ptx(nf4_code()))
+
+
 def _gemv_configs():
-    out = []
-    for bn, nb, warps in ((4, 4, 4), (8, 2, 4), (8, 4, 4), (16, 2, 4), (2, 8, 4), (4, 8, 8), (16, 4, 8), (32, 2, 8)):
-        out.append(triton.Config({"BLOCK_N": bn, "NB": nb}, num_warps=warps, num_stages=3))
-    return out
+    # The first eight suit bf16 / FP8 / INT8 rows; the rest are the 4-bit tiles bench/gemv_sweep.py found
+    # fastest on an H100 (two warps, 32 B of packed weights per thread per step).
+    tiles = ((4, 4, 4), (8, 2, 4), (8, 4, 4), (16, 2, 4), (2, 8, 4), (4, 8, 8), (16, 4, 8), (32, 2, 8),
+             (4, 16, 2), (2, 16, 2), (8, 8, 2), (4, 8, 2), (8, 16, 4))
+    return [triton.Config({"BLOCK_N": bn, "NB": nb}, num_warps=warps, num_stages=3) for bn, nb, warps in tiles]
+
+
+def _even_k(args) -> bool:
+    """Whether the K loop covers whole steps of NB blocks (then it needs no block mask)."""
+    return (args["K"] // _QBLOCK) % args["NB"] == 0
 
 
 def _gemm_configs():
@@ -63,42 +80,63 @@ def _load_absmax(abs_ptr, abs2_ptr, code2_ptr, offset, blk_base, rows, blk, nblk
 
 
 @triton.jit
+def _nf4_rows(x_ptr, w_ptr, abs_ptr, abs2_ptr, offset, blk_base, code_ptr, code2_ptr, rows, row_mask, K,
+              KIND: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, EVEN_K: tl.constexpr, LUT: tl.constexpr):
+    """[BLOCK_N] fp32: x (one row) times rows `rows` of a 4-bit weight.
+
+    The tile is [rows, NB blocks, 32 bytes]; each byte holds two weights and meets one int32 of x
+    (the bf16 pair it multiplies), and both are read four to a thread so they share one register
+    layout: no tile passes through shared memory. Pointers advance per step; the code table is looked
+    up in registers (lut.py) where the kernel runs compiled, from memory in the interpreter.
+    """
+    rows64 = rows.to(tl.int64)
+    nblk = K // QBLOCK
+    b = tl.arange(0, NB)
+    offs = tl.max_contiguous(b[None, :, None] * 32 + tl.arange(0, 32)[None, None, :], [1, 1, 4])
+    pw = w_ptr + rows64[:, None, None] * (K // 2) + offs
+    px = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + offs + 0 * rows[:, None, None]
+    idx = blk_base + rows64[:, None] * nblk + b[None, :]
+    acc3 = tl.zeros((BLOCK_N, NB, 32), tl.float32)
+    for kb in range(0, nblk, NB):
+        if EVEN_K:
+            mask2 = row_mask[:, None] & (b >= 0)[None, :]
+        else:
+            mask2 = row_mask[:, None] & (kb + b < nblk)[None, :]
+        packed = tl.load(pw, mask=mask2[:, :, None], other=0)
+        x2 = tl.load(px, mask=mask2[:, :, None], other=0)
+        if KIND == NF4_DQ:
+            q = tl.load(abs_ptr + idx, mask=mask2, other=0)
+            a = tl.load(code2_ptr + q) * tl.load(abs2_ptr + idx // DQ_GROUP, mask=mask2, other=0.0) + offset
+        else:
+            a = tl.load(abs_ptr + idx, mask=mask2, other=0.0)
+        x_even = (x2 << 16).to(tl.float32, bitcast=True)  # little-endian: the even element is the low half
+        x_odd = (x2 & -65536).to(tl.float32, bitcast=True)
+        if LUT:
+            hi, lo = tl.inline_asm_elementwise(NF4_LUT_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [packed],
+                                               dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+        else:
+            hi = tl.load(code_ptr + (packed >> 4))  # the first weight of a byte sits in its high nibble
+            lo = tl.load(code_ptr + (packed & 15))
+        acc3 += (hi * x_even + lo * x_odd) * a[:, :, None]
+        pw += NB * 32
+        px += NB * 32
+        idx += NB
+    return tl.sum(tl.sum(acc3, axis=2), axis=1)
+
+
+@triton.jit
 def _part_rows(x_ptr, x_stride, M, w_ptr, abs_ptr, abs2_ptr, offset, blk_base, bias_ptr, code_ptr, code2_ptr,
                rows, K, KIND: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, NB: tl.constexpr, n_rows):
+               BLOCK_N: tl.constexpr, NB: tl.constexpr, EVEN_K: tl.constexpr, LUT: tl.constexpr, n_rows):
     """[BLOCK_M, BLOCK_N] fp32: x[:M] times rows `rows` of one weight, bias included."""
     row_mask = rows < n_rows
     rows64 = rows.to(tl.int64)
     m = tl.arange(0, BLOCK_M)
     m_mask = m < M
-    if KIND == NF4 or KIND == NF4_DQ:
-        j = tl.arange(0, 32)
-        b = tl.arange(0, NB)
-        nblk = K // QBLOCK
-        acc3 = tl.zeros((BLOCK_N, NB, 32), tl.float32)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for kb in range(0, nblk, NB):
-            blk = kb + b
-            blk_mask = blk < nblk
-            mask2 = row_mask[:, None] & blk_mask[None, :]
-            packed = tl.load(w_ptr + rows64[:, None, None] * (K // 2) + blk[None, :, None] * 32 + j[None, None, :],
-                             mask=mask2[:, :, None], other=0)
-            a = _load_absmax(abs_ptr, abs2_ptr, code2_ptr, offset, blk_base, rows, blk, nblk, mask2, KIND)
-            hi = tl.load(code_ptr + (packed >> 4))  # the first weight of a byte sits in its high nibble
-            lo = tl.load(code_ptr + (packed & 15))
-            xk = blk[:, None] * QBLOCK + 2 * j[None, :]
-            if BLOCK_M == 1:
-                xe = tl.load(x_ptr + xk, mask=blk_mask[:, None], other=0.0).to(tl.float32)
-                xo = tl.load(x_ptr + xk + 1, mask=blk_mask[:, None], other=0.0).to(tl.float32)
-                acc3 += (hi * xe[None, :, :] + lo * xo[None, :, :]) * a[:, :, None]
-            else:  # dequantize the tile once, multiply it with every row of x on the tensor cores
-                w = tl.reshape(tl.join(hi * a[:, :, None], lo * a[:, :, None]), (BLOCK_N, NB * QBLOCK))
-                kk = kb * QBLOCK + tl.arange(0, NB * QBLOCK)
-                xt = tl.load(x_ptr + m[:, None] * x_stride + kk[None, :],
-                             mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
-                acc += _dot(xt, tl.trans(w))
-        if BLOCK_M == 1:
-            acc = tl.sum(tl.sum(acc3, axis=2), axis=1)[None, :]
+    if KIND == NF4 or KIND == NF4_DQ:  # one row of x: the 4-bit path exists for decode only
+        tl.static_assert(BLOCK_M == 1)
+        acc = _nf4_rows(x_ptr, w_ptr, abs_ptr, abs2_ptr, offset, blk_base, code_ptr, code2_ptr, rows, row_mask,
+                        K, KIND, BLOCK_N, NB, EVEN_K, LUT)[None, :]
     else:
         k = tl.arange(0, NB * QBLOCK)
         acc2 = tl.zeros((BLOCK_N, NB * QBLOCK), tl.float32)
@@ -143,7 +181,8 @@ def _linear_kernel(x_ptr, x_stride, out_ptr, out_stride, res_ptr, M, K,
                    w2, a2, s2, o2, g2, b2, n2,
                    code_ptr, code2_ptr,
                    KIND: tl.constexpr, PARTS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
+                   LUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
+                   EVEN_K: tl.constexpr):
     """y[:, parts] = x @ W_p^T (+ bias) (+ residual) for up to three weights side by side (q, k, v)."""
     pid = tl.program_id(0)
     p0 = tl.cdiv(n0, BLOCK_N)
@@ -151,31 +190,31 @@ def _linear_kernel(x_ptr, x_stride, out_ptr, out_stride, res_ptr, M, K,
     if pid < p0:
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _part_rows(x_ptr, x_stride, M, w0, a0, s0, o0, g0, b0, code_ptr, code2_ptr, rows, K, KIND,
-                         HAS_BIAS, BLOCK_M, BLOCK_N, NB, n0)
+                         HAS_BIAS, BLOCK_M, BLOCK_N, NB, EVEN_K, LUT, n0)
         _store_part(out_ptr, out_stride, res_ptr, M, acc, rows, n0, 0, HAS_RES, BLOCK_M)
     elif PARTS > 1 and pid < p0 + p1:
         rows = (pid - p0) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _part_rows(x_ptr, x_stride, M, w1, a1, s1, o1, g1, b1, code_ptr, code2_ptr, rows, K, KIND,
-                         HAS_BIAS, BLOCK_M, BLOCK_N, NB, n1)
+                         HAS_BIAS, BLOCK_M, BLOCK_N, NB, EVEN_K, LUT, n1)
         _store_part(out_ptr, out_stride, res_ptr, M, acc, rows, n1, n0, HAS_RES, BLOCK_M)
     elif PARTS > 2:
         rows = (pid - p0 - p1) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _part_rows(x_ptr, x_stride, M, w2, a2, s2, o2, g2, b2, code_ptr, code2_ptr, rows, K, KIND,
-                         HAS_BIAS, BLOCK_M, BLOCK_N, NB, n2)
+                         HAS_BIAS, BLOCK_M, BLOCK_N, NB, EVEN_K, LUT, n2)
         _store_part(out_ptr, out_stride, res_ptr, M, acc, rows, n2, n0 + n1, HAS_RES, BLOCK_M)
 
 
 @triton.jit
 def _glu_kernel(x_ptr, x_stride, out_ptr, out_stride, M, K,
                 w0, a0, s0, o0, g0, w1, a1, s1, o1, g1, n,
-                code_ptr, code2_ptr, KIND: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
+                code_ptr, code2_ptr, KIND: tl.constexpr, LUT: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, EVEN_K: tl.constexpr):
     """act = silu(x @ gate^T) * (x @ up^T): both projections in one pass, the product in the epilogue."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     g = _part_rows(x_ptr, x_stride, M, w0, a0, s0, o0, g0, w0, code_ptr, code2_ptr, rows, K, KIND,
-                   False, BLOCK_M, BLOCK_N, NB, n)
+                   False, BLOCK_M, BLOCK_N, NB, EVEN_K, LUT, n)
     u = _part_rows(x_ptr, x_stride, M, w1, a1, s1, o1, g1, w1, code_ptr, code2_ptr, rows, K, KIND,
-                   False, BLOCK_M, BLOCK_N, NB, n)
+                   False, BLOCK_M, BLOCK_N, NB, EVEN_K, LUT, n)
     # Rounded as the reference rounds: each projection to bf16, silu in float32 back to bf16, the product.
     g = g.to(tl.bfloat16).to(tl.float32)
     u = u.to(tl.bfloat16).to(tl.float32)
@@ -190,12 +229,13 @@ FIXED = {"gemv": {"BLOCK_N": 4, "NB": 2}, "gemm": {"BLOCK_N": 32, "NB": 1}}
 
 
 def _tuned(configs, key):
-    return (lambda fn: fn) if INTERPRET else triton.autotune(configs=configs, key=key)
+    even = triton.heuristics({"EVEN_K": _even_k})
+    return even if INTERPRET else (lambda fn: triton.autotune(configs=configs, key=key)(even(fn)))
 
 
-linear_gemv = _tuned(_gemv_configs(), ["K", "KIND", "PARTS", "n0", "n1", "n2", "BLOCK_M"])(_linear_kernel)
+linear_gemv = _tuned(_gemv_configs(), ["K", "KIND", "PARTS", "n0", "n1", "n2", "BLOCK_M", "LUT"])(_linear_kernel)
 linear_gemm = _tuned(_gemm_configs(), ["K", "KIND", "PARTS", "n0", "n1", "n2", "BLOCK_M"])(_linear_kernel)
-glu_gemv = _tuned(_gemv_configs(), ["K", "KIND", "n", "BLOCK_M"])(_glu_kernel)
+glu_gemv = _tuned(_gemv_configs(), ["K", "KIND", "n", "BLOCK_M", "LUT"])(_glu_kernel)
 glu_gemm = _tuned(_gemm_configs(), ["K", "KIND", "n", "BLOCK_M"])(_glu_kernel)
 
 

@@ -128,7 +128,7 @@ class TritonOps:
     @staticmethod
     def linear(x, parts: Sequence[QWeight], out, residual=None):
         m = x.shape[0]
-        if m > GEMV_MAX_ROWS:
+        if m > _gemv_rows(parts[0]):
             return TorchOps.linear(x, parts, out, residual)
         from . import kernels as K
 
@@ -141,14 +141,14 @@ class TritonOps:
         kernel, block_m, fixed = _pick(K, K.linear_gemv, K.linear_gemm, m)
         grid = lambda meta: (sum(-(-n // meta["BLOCK_N"]) for n in sizes),)  # noqa: E731
         kernel[grid](x, x.stride(0), out, out.stride(0), residual if residual is not None else out, m, parts[0].k,
-                     *args, code, code2, KIND=parts[0].kind, PARTS=len(parts),
-                     HAS_BIAS=parts[0].bias is not None, HAS_RES=residual is not None, BLOCK_M=block_m, **fixed)
+                     *args, code, code2, KIND=parts[0].kind, PARTS=len(parts), HAS_BIAS=parts[0].bias is not None,
+                     HAS_RES=residual is not None, LUT=_register_lut(K, parts[0]), BLOCK_M=block_m, **fixed)
         return out
 
     @staticmethod
     def glu(x, gate: QWeight, up: QWeight, out):
         m = x.shape[0]
-        if m > GEMV_MAX_ROWS:
+        if m > _gemv_rows(gate):
             return TorchOps.glu(x, gate, up, out)
         from . import kernels as K
 
@@ -156,7 +156,7 @@ class TritonOps:
         kernel, block_m, fixed = _pick(K, K.glu_gemv, K.glu_gemm, m)
         grid = lambda meta: (-(-gate.n // meta["BLOCK_N"]),)  # noqa: E731
         kernel[grid](x, x.stride(0), out, out.stride(0), m, gate.k, *_weight_args(gate), *_weight_args(up), gate.n,
-                     code, code2, KIND=gate.kind, BLOCK_M=block_m, **fixed)
+                     code, code2, KIND=gate.kind, LUT=_register_lut(K, gate), BLOCK_M=block_m, **fixed)
         return out
 
     @staticmethod
@@ -199,6 +199,28 @@ def _pick(K, gemv, gemm, rows: int):
     """The kernel for `rows` tokens: one row streams through FMAs, up to 16 through the tensor cores."""
     kind = "gemv" if rows == 1 else "gemm"
     return (gemv if rows == 1 else gemm), (1 if rows == 1 else GEMV_MAX_ROWS), (K.FIXED[kind] if K.INTERPRET else {})
+
+
+def _gemv_rows(w: QWeight) -> int:
+    """Most tokens a step streams through the weight kernels. 4-bit weights take one: beyond it,
+    bitsandbytes' dequantize and a cuBLAS matmul ran 5x faster than our tensor-core tile on an
+    H100 (bench/results/gemv_sweep_h100_2026-11-26.json)."""
+    return 1 if w.packed else GEMV_MAX_ROWS
+
+
+_NF4_TABLES: dict[tuple[int, torch.device], bool] = {}  # code tensor -> whether it holds the NF4 table
+
+
+def _register_lut(K, w: QWeight) -> bool:
+    """Whether the kernel may look the 4-bit code up in registers: compiled (not the interpreter) and
+    the weight's table is the NF4 one the PTX holds (FP4 reads its table from memory). Read back once
+    per table tensor, so captured decode steps never touch it."""
+    if not w.packed or K.INTERPRET:
+        return False
+    key = (w.code.data_ptr(), w.code.device)
+    if key not in _NF4_TABLES:
+        _NF4_TABLES[key] = w.code.tolist() == K.nf4_code()
+    return _NF4_TABLES[key]
 
 
 def _codes(w: QWeight):

@@ -1,0 +1,121 @@
+"""The 4-bit code-table lookup as register arithmetic: PTX for the kernels, and a model of it for tests.
+
+Why not a table in memory: a load per nibble from a 16-entry table is a gather, which Triton gives the
+worst register layout (one element per thread) and so forces every other tile of the GEMV through
+shared memory each step; on an H100 that held the NF4 GEMV near 0.6 TB/s. `prmt` looks up four
+nibbles at once among eight bytes held in registers, so the table costs no memory traffic at all.
+
+The 16 values are kept as fp16 (11 significant bits; every NF4 and FP4 code value is a normal fp16
+or zero, and the rounding is 2^-12 relative, well under the bf16 rounding of the weight the reference
+dequantizes to). Eight words hold them: the low bytes of entries 0-3, 4-7, 8-11, 12-15, then the high
+bytes. Per four packed bytes (eight nibbles), two `prmt` look up entries 0-7 and 8-15 of each byte
+table, `lop3` keeps per byte the half the nibble's top bit names (its mask comes from `prmt`'s
+sign-replicate mode), and a last `prmt` pairs low and high bytes into fp16 values.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Sequence
+
+MASK32 = 0xFFFFFFFF
+# Selectors of prmt's sign-replicate mode: output byte i = 0xFF where the top bit of nibble i of the
+# packed half is set. Operands (q << 4, q): bit 3 of an even nibble sits at bit 7 of a byte of q << 4,
+# bit 3 of an odd nibble at bit 7 of a byte of q.
+TOP_BIT_SELECT = (0xD9C8, 0xFBEA)  # nibbles of bytes 0-1, of bytes 2-3
+PAIR_SELECT = (0x5140, 0x7362)  # (low table byte, high table byte) of nibbles 0-1, of nibbles 2-3
+SELECT_HIGH = 0xD8  # lop3 truth table of (a & ~c) | (b & c)
+
+
+def _f16_bits(value: float) -> int:
+    return struct.unpack("<H", struct.pack("<e", value))[0]
+
+
+def table_words(code: Sequence[float]) -> tuple[list[int], list[int]]:
+    """The low-byte and high-byte words of the fp16 table, four entries per word."""
+    bits = [_f16_bits(float(v)) for v in code]
+    if len(bits) != 16:
+        raise ValueError(f"a 4-bit code has 16 values, not {len(bits)}")
+    low = [sum((bits[4 * w + i] & 0xFF) << (8 * i) for i in range(4)) for w in range(4)]
+    high = [sum((bits[4 * w + i] >> 8) << (8 * i) for i in range(4)) for w in range(4)]
+    return low, high
+
+
+def program(code: Sequence[float]) -> list[tuple]:
+    """The lookup as (op, destination, operands...) steps; `ptx` renders them, `emulate` runs them.
+
+    Registers: q the four packed bytes; outputs o0-o3 the high nibbles of bytes 0-3 (the first
+    weight of each byte, as bitsandbytes packs), o4-o7 the low nibbles.
+    """
+    low, high = table_words(code)
+    steps = [("mov", f"l{i}", low[i]) for i in range(4)] + [("mov", f"h{i}", high[i]) for i in range(4)]
+    steps.append(("shl", "q4", "q", 4))
+    for half in range(2):
+        steps += [("shr", "c", "q", 16 * half), ("and", "c", "c", 0x7777),
+                  ("prmt", "m", "q4", "q", TOP_BIT_SELECT[half])]
+        for table, dst in (("l", "ls"), ("h", "hs")):
+            steps += [("prmt", "x", f"{table}0", f"{table}1", "c"), ("prmt", "y", f"{table}2", f"{table}3", "c"),
+                      ("lop3", dst, "x", "y", "m", SELECT_HIGH)]
+        for byte in range(2):
+            out = 2 * half + byte
+            steps += [("prmt", "t", "ls", "hs", PAIR_SELECT[byte]), ("f16pair", f"o{out}", f"o{out + 4}", "t")]
+    return steps
+
+
+def ptx(code: Sequence[float]) -> str:
+    """Inline PTX for `tl.inline_asm_elementwise(pack=4)`: $0-$7 the outputs, $8 the packed bytes."""
+    regs = {f"o{i}": f"${i}" for i in range(8)} | {"q": "$8"}
+    name = lambda r: regs.get(r, r) if isinstance(r, str) else f"{r:#x}"  # noqa: E731
+    lines = ["{", ".reg .b32 l0, l1, l2, l3, h0, h1, h2, h3, q4, c, x, y, m, ls, hs, t;", ".reg .b16 lo, hi;"]
+    for op, dst, *src in program(code):
+        if op == "f16pair":  # fp16 pair (low half: the low nibble's value) to two float32
+            lines += [f"mov.b32 {{lo, hi}}, {name(src[1])};", f"cvt.f32.f16 {name(dst)}, hi;",
+                      f"cvt.f32.f16 {name(src[0])}, lo;"]
+        else:
+            lines.append(f"{op}.b32 {name(dst)}, {', '.join(name(s) for s in src)};")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def _prmt(a: int, b: int, select: int) -> int:
+    source = (b << 32 | a).to_bytes(8, "little")
+    out = 0
+    for i in range(4):
+        s = select >> (4 * i) & 0xF
+        byte = source[s & 7]
+        if s & 8:
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << (8 * i)
+    return out
+
+
+def _lop3(a: int, b: int, c: int, lut: int) -> int:
+    out = 0
+    for bit in range(32):
+        index = (a >> bit & 1) << 2 | (b >> bit & 1) << 1 | (c >> bit & 1)
+        out |= (lut >> index & 1) << bit
+    return out
+
+
+def emulate(code: Sequence[float], packed: int) -> list[float]:
+    """The eight values `ptx` produces for four packed bytes, in weight order (byte 0 high nibble first)."""
+    r = {"q": packed & MASK32}
+    val = lambda s: r[s] if isinstance(s, str) else s  # noqa: E731
+    for op, dst, *src in program(code):
+        if op == "mov":
+            r[dst] = src[0]
+        elif op == "shl":
+            r[dst] = val(src[0]) << src[1] & MASK32
+        elif op == "shr":
+            r[dst] = val(src[0]) >> src[1]
+        elif op == "and":
+            r[dst] = val(src[0]) & src[1]
+        elif op == "prmt":
+            r[dst] = _prmt(val(src[0]), val(src[1]), val(src[2]))
+        elif op == "lop3":
+            r[dst] = _lop3(val(src[0]), val(src[1]), val(src[2]), src[3])
+        elif op == "f16pair":
+            pair = val(src[1]).to_bytes(4, "little")
+            r[dst] = struct.unpack("<e", pair[2:])[0]
+            r[src[0]] = struct.unpack("<e", pair[:2])[0]
+    return [v for byte in range(4) for v in (r[f"o{byte}"], r[f"o{byte + 4}"])]
