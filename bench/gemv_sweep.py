@@ -29,13 +29,26 @@ from triton.testing import do_bench
 import bitsandbytes.functional as bnbf
 
 from heavylift.engine import lut, weights as W
-from heavylift.engine.kernels import _dot, _load_absmax
+from heavylift.engine.kernels import DQ_GROUP, NF4_DQ, _dot
 from heavylift.engine.ops import TritonOps, dense_linear
 
 LUT_ASM = tl.constexpr(lut.ptx(bnbf.get_4bit_type("nf4", device="cpu").tolist()))
 SHAPES = {"gate": (14336, 4096), "down": (4096, 14336), "qkv": (6144, 4096), "o": (4096, 4096)}
 TILES = ((4, 8), (8, 4), (2, 16), (8, 8), (4, 16), (16, 4), (16, 8), (8, 16), (32, 4), (16, 16), (32, 8), (1, 32))
 WARPS = (2, 4, 8)
+
+
+@triton.jit
+def _load_absmax(abs_ptr, abs2_ptr, code2_ptr, offset, blk_base, rows, blk, nblk, mask2, KIND: tl.constexpr):
+    """The fp32 absmax of blocks `blk` of `rows` (the engine's loop before v7): stored, or rebuilt from its
+    8-bit double quantization."""
+    idx = blk_base + rows[:, None].to(tl.int64) * nblk + blk[None, :]
+    if KIND == NF4_DQ:
+        q = tl.load(abs_ptr + idx, mask=mask2, other=0)
+        a = tl.load(code2_ptr + q) * tl.load(abs2_ptr + idx // DQ_GROUP, mask=mask2, other=0.0) + offset
+    else:
+        a = tl.load(abs_ptr + idx, mask=mask2, other=0.0)
+    return tl.where(mask2, a, 0.0)
 
 
 @triton.jit

@@ -5,7 +5,8 @@ bandwidth. bitsandbytes' 4-bit path dequantizes to bf16 and calls a matmul, and 
 inference kernel is one launch per linear with Python around it; neither reads the packed nibbles
 once at full bandwidth inside a CUDA graph. These kernels read the bitsandbytes storage as it is
 (packed NF4/FP4 nibbles, 64-element blocks, fp32 absmax or its 8-bit double quantization), FP8
-with a per-row scale, or bf16, and never materialise a bf16 weight.
+with a per-row scale, or bf16, and never materialise a bf16 weight. The NF4 table is looked up in
+registers (lut.py); bench/gemv_sweep.py holds the variants that led to the 4-bit loop as it is.
 
 Each kernel has a pure-torch twin in `ops.py`; tests run both (the Triton side through Triton's
 CPU interpreter) on fresh random inputs against a float64 reference.
@@ -65,18 +66,6 @@ def _dot(a, b):
     if DOT_BF16:
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
     return tl.dot(a.to(tl.float32), b.to(tl.float32))
-
-
-@triton.jit
-def _load_absmax(abs_ptr, abs2_ptr, code2_ptr, offset, blk_base, rows, blk, nblk, mask2, KIND: tl.constexpr):
-    """The fp32 absmax of blocks `blk` of `rows`: stored, or rebuilt from its 8-bit double quantization."""
-    idx = blk_base + rows[:, None].to(tl.int64) * nblk + blk[None, :]
-    if KIND == NF4_DQ:
-        q = tl.load(abs_ptr + idx, mask=mask2, other=0)
-        a = tl.load(code2_ptr + q) * tl.load(abs2_ptr + idx // DQ_GROUP, mask=mask2, other=0.0) + offset
-    else:
-        a = tl.load(abs_ptr + idx, mask=mask2, other=0.0)
-    return tl.where(mask2, a, 0.0)
 
 
 @triton.jit
