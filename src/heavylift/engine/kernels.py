@@ -242,6 +242,12 @@ def rmsnorm_kernel(x_ptr, w_ptr, out_ptr, H, eps, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _bf16(x):
+    """x rounded to bf16 and widened back, to reproduce a bf16 computation step by step."""
+    return x.to(tl.bfloat16).to(tl.float32)
+
+
+@triton.jit
 def rope_cache_kernel(qkv_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr,
                       HQ, HKV, S_MAX, POS_PLUS, D: tl.constexpr):
     """Rotate one head of one token (rotate-half RoPE) and put it in place: q to q_out, k and v into the cache.
@@ -260,8 +266,10 @@ def rope_cache_kernel(qkv_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, slo
     if head < HQ + HKV:
         c = tl.load(cos_ptr + pos.to(tl.int64) * (D // 2) + half).to(tl.float32)
         s = tl.load(sin_ptr + pos.to(tl.int64) * (D // 2) + half).to(tl.float32)
-        y1 = (x1 * c - x2 * s).to(tl.bfloat16)
-        y2 = (x2 * c + x1 * s).to(tl.bfloat16)
+        # Each product and the sum rounded to bf16, as transformers' apply_rotary_pos_emb computes in bf16:
+        # rounding once in float32 instead puts about 1% between the logits of one 8B-shaped layer.
+        y1 = (_bf16(x1 * c) - _bf16(x2 * s)).to(tl.bfloat16)
+        y2 = (_bf16(x2 * c) + _bf16(x1 * s)).to(tl.bfloat16)
         if head < HQ:
             dst = q_out_ptr + (t.to(tl.int64) * HQ + head) * D
         else:

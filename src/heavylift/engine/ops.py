@@ -86,11 +86,11 @@ class TorchOps:
         tokens, d = qkv.shape[0], k_cache.shape[-1]
         x = qkv.view(tokens, heads + 2 * kv_heads, d)
         pos, slots = positions[:tokens].long(), slots[:tokens].long()
-        c = torch.cat([cos[pos], cos[pos]], dim=-1)[:, None].float()
-        s = torch.cat([sin[pos], sin[pos]], dim=-1)[:, None].float()
-        qk = x[:, :heads + kv_heads].float()
+        c = torch.cat([cos[pos], cos[pos]], dim=-1)[:, None]
+        s = torch.cat([sin[pos], sin[pos]], dim=-1)[:, None]
+        qk = x[:, :heads + kv_heads]
         rotated = torch.cat([-qk[..., d // 2:], qk[..., :d // 2]], dim=-1)
-        qk = (qk * c + rotated * s).to(qkv.dtype)
+        qk = qk * c + rotated * s  # in bf16, each product and the sum rounded, as transformers' apply_rotary_pos_emb
         q_out.copy_(qk[:, :heads])
         k_cache[slots, :, pos] = qk[:, heads:]
         v_cache[slots, :, pos] = x[:, heads + kv_heads:]
