@@ -149,3 +149,14 @@ def test_sampling_is_reproducible_with_a_seed(checkpoints):
     assert a.token_ids == b.token_ids
     with pytest.raises(InvalidArgumentError):
         session.generate("hello", temperature=-0.5)
+
+
+def test_transformers_prefill_fills_a_static_cache(checkpoints):
+    import torch
+
+    session = heavylift.load(str(checkpoints["llama"]), quant="bf16", context=64, batch=2, engine="transformers")
+    with torch.inference_mode():
+        logits, advance, cached = session.steps(torch.randint(0, 300, (2, 40)))
+        assert logits.shape == (2, 320) and cached() == 40
+        advance(logits.argmax(dim=-1, keepdim=True))
+    assert cached() == 41 and isinstance(cached(), int)

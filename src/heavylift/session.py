@@ -55,6 +55,20 @@ def _measure(plan_devices: dict[str, int], model: torch.nn.Module) -> tuple[Devi
     return tuple(out)
 
 
+def _start_phase(planned: dict[str, int]) -> None:
+    """Give the allocator's wholly free cached segments back to the driver, and make sure each GPU's cuBLAS
+    workspace exists: both then sit below whatever the next phase allocates, as the plan replays it."""
+    cuda = [torch.device(d) for d in planned if d.startswith("cuda")]
+    if not cuda:
+        return
+    torch.cuda.empty_cache()
+    for device in cuda:
+        a = torch.zeros(16, 16, device=device, dtype=torch.bfloat16)
+        (a @ a).sum()  # cuBLAS allocates this stream's workspace on its first matmul
+    del a
+    torch.cuda.empty_cache()
+
+
 class Session:
     """A loaded model with its plan; `stream` yields Records, `generate` returns the last one."""
 
@@ -114,22 +128,58 @@ class Session:
         """Prefill `prompts` [batch, tokens]: (their last logits [batch, vocab], a function from the next
         tokens [batch, 1] to the logits after them, a function giving the tokens cached per sequence).
 
-        On the engine each prompt fills its own slot; on transformers, one DynamicCache in chunks.
+        Memory runs as the plan replays it (memory.py): the allocator's cached blocks go back to the
+        driver before each prefill phase and before decoding, so each phase starts from the live tensors.
+        On the engine each prompt fills its own slot; on transformers, one preallocated StaticCache in chunks.
         """
+        _start_phase(self._planned)
         engine = self.engine
         if engine is not None:
-            logits = torch.cat([engine.prefill(row.tolist(), slot=slot) for slot, row in enumerate(prompts)])
+            rows = []
+            for slot, row in enumerate(prompts):
+                rows.append(engine.prefill(row.tolist(), slot=slot))
+                _start_phase(self._planned)
+            logits = torch.cat(rows)
+            del rows
             return logits, lambda token: engine.decode(token.view(-1)), lambda: engine.lengths()[0]
-        from transformers import DynamicCache
-
-        model, cache = self.model, DynamicCache(config=self.model.config)
+        model, cache = self.model, self._static_cache(prompts.shape[0])
         prompts = prompts.to(self.device)
         for start in range(0, prompts.shape[1], PREFILL_CHUNK):  # chunked prefill bounds the activation peak
-            logits = model(input_ids=prompts[:, start:start + PREFILL_CHUNK], cache=cache, use_cache=True,
-                           logits_to_keep=1).logits[:, -1]
+            _start_phase(self._planned)
+            piece = prompts[:, start:start + PREFILL_CHUNK]
+            if start + PREFILL_CHUNK < prompts.shape[1]:  # only the last chunk needs logits: skip lm_head
+                model.model(input_ids=piece, cache=cache, use_cache=True)
+            else:
+                logits = model(input_ids=piece, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        del prompts, piece
+        _start_phase(self._planned)
         advance = lambda token: model(input_ids=token.to(self.device), cache=cache, use_cache=True,  # noqa: E731
                                       logits_to_keep=1).logits[:, -1]
-        return logits, advance, cache.get_seq_length
+        return logits, advance, lambda: int(cache.get_seq_length())
+
+    def _static_cache(self, batch: int):
+        """transformers' StaticCache for `batch` sequences of the plan's context, every layer's keys and
+        values allocated now on that layer's device, before any activation.
+
+        Preallocated rather than grown: a DynamicCache concatenates a larger tensor per chunk and leaves the
+        smaller ones cached (29 GB at 32k tokens x 8 on an H100, issue 4). The allocator's
+        expandable_segments setting would only soften that: it is process-wide (PYTORCH_CUDA_ALLOC_CONF
+        before CUDA starts, or a private torch call), so heavylift.load would change every allocation of
+        its caller's process, and freed blocks inside a segment stay reserved all the same. A static cache
+        allocates once, in the shapes the plan counts, as the engine's does. Its price: transformers then
+        attends over all `context` positions (masked) at every decode step.
+        """
+        from transformers import StaticCache
+
+        config = self.model.config.get_text_config(decoder=True)
+        cache = StaticCache(config=self.model.config, max_cache_len=self.plan.context)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dtype = self.model.get_input_embeddings().weight.dtype  # the compute dtype: embeddings stay unquantized
+        for i, layer in enumerate(cache.layers):
+            device = self.placement.modules[f"model.layers.{i}"]
+            empty = torch.zeros((batch, config.num_key_value_heads, 0, head_dim), dtype=dtype, device=device)
+            layer.lazy_initialization(empty, empty)
+        return cache
 
     @torch.inference_mode()
     def _stream(self, ids: list[int], params: Sampling) -> Iterator[Record]:
