@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import replace
 
 import pytest
 
 from heavylift.architecture import architecture_from_config
 from heavylift.catalog import find_model
 from heavylift.defaults import CUDA_CONTEXT_BYTES
-from heavylift.hardware import parse_gpu_spec
+from heavylift.errors import InvalidArgumentError
+from heavylift.hardware import cpu_device, parse_gpu_spec
+from heavylift.memory import FAST, TRANSFORMERS
 from heavylift.placement import Costs, _unit, balance
 from heavylift.planner import Workload, layout, make_plan
 from heavylift.quant import SCHEMES
@@ -44,18 +45,53 @@ def test_tiny_weights_are_byte_exact(tiny, quant):
     assert SCHEMES[quant].weights_bytes(tiny.tensors) == EXPECTED_WEIGHTS[quant]
 
 
-def test_tiny_runtime_terms_are_byte_exact(tiny):
-    # KV: 2 x 2 heads x 16 dims x 2 bytes = 128 bytes per token per layer; x 100 tokens x batch 2 x 2 layers.
-    # Activations for a 100-token chunk x batch 2 = 200 tokens: 200 x (4 x 64 + 3 x 128) x 2 bytes = 256,000,
-    # plus the bool mask 200 x 100 = 20,000, plus one layer's KV again (25,600) while the cache grows.
-    # Logits: 2 sequences x 256 x (2 + 4 bytes) = 3,072. Slack: 5% of 301,600 = 15,080.
-    work = Workload(context=100, batch=2)
-    (gpu,) = parse_gpu_spec("1x48GB")
-    (dev,) = layout(tiny, "bf16").plan([gpu], work).per_device
-    assert (dev.weights_bytes, dev.kv_cache_bytes) == (215_552, 51_200)
-    assert dev.activation_bytes == 256_000 + 20_000 + 25_600 + 3_072
-    assert dev.overhead_bytes == CUDA_CONTEXT_BYTES + 15_080
+def test_tiny_runtime_terms_are_byte_exact_on_the_cpu(tiny):
+    # One 100-token chunk of 2 sequences (200 rows) through transformers with a StaticCache, live bytes (a CPU
+    # has no caching allocator), every tensor rounded to 512 bytes:
+    #   KV: 2 layers x (K, V) x [2 seq, 2 heads, 100, 16] bf16 = 4 x 12,800 = 51,200.
+    #   Held by the forward: embeddings 200 x 64 x 2 = 25,600; positions 100 x 8 = 800 -> 1,024;
+    #   cos and sin [100, 16] bf16 = 3,200 -> 3,584 each: 33,792.
+    #   Peak, layer 1's MLP: its input, the residual and the normed input (3 x 25,600) and gate's SiLU, up
+    #   and their product [200, 128] bf16 (3 x 51,200): 33,792 + 76,800 + 153,600 = 264,192.
+    #   No CUDA context, no cuBLAS workspace: overhead 0.
+    (dev,) = layout(tiny, "bf16").plan([cpu_device(10**9)], Workload(context=100, batch=2)).per_device
+    assert (dev.weights_bytes, dev.kv_cache_bytes, dev.activation_bytes, dev.overhead_bytes) == (215_552, 51_200,
+                                                                                                264_192, 0)
     assert dev.layers == range(0, 2)
+
+
+def test_tiny_runtime_terms_on_a_gpu_count_segments_workspace_and_context(tiny):
+    # On a GPU the transient term is what the caching allocator reserves beyond the persistent tensors:
+    #   persistent: cuBLAS workspace 32 MiB (its own segment; a card of unknown capability gets Hopper's),
+    #   the 4 KV tensors (12,800 each) and the prompt ids 2 x 100 x 8 = 1,600 -> 2,048, in one 2 MiB
+    #   small-pool segment: 33,554,432 + 51,200 + 2,048 = 33,607,680.
+    #   Every transient (all below 1 MiB) fits that segment's rest: reserved = 32 MiB + 2 MiB = 35,651,584,
+    #   transient = 35,651,584 - 33,607,680 = 2,043,904.
+    #   Overhead: the CUDA context plus the workspace and the ids: + 33,556,480.
+    (gpu,) = parse_gpu_spec("1x48GB")
+    (dev,) = layout(tiny, "bf16").plan([gpu], Workload(context=100, batch=2)).per_device
+    assert (dev.kv_cache_bytes, dev.activation_bytes) == (51_200, 2_043_904)
+    assert dev.overhead_bytes == CUDA_CONTEXT_BYTES + 33_556_480
+
+
+def test_the_plan_describes_the_engine_it_is_told_runs(tiny):
+    # heavylift's engine: every layer's cache holds the full context, whatever its window; its RoPE tables
+    # [100, 8] bf16 (1,600 -> 2,048 each) and the per-sequence lengths int32 [2] (512) are its buffers.
+    windowed = architecture_from_config({**TINY_LLAMA, "model_type": "mistral", "sliding_window": 32})
+    cpu = cpu_device(10**9)
+    on_transformers = layout(windowed, "bf16").plan([cpu], Workload(context=100, batch=2)).per_device[0]
+    on_engine = layout(windowed, "bf16").plan([cpu], Workload(context=100, batch=2, engine=FAST)).per_device[0]
+    assert on_transformers.kv_cache_bytes == 4 * 2 * 2 * 32 * 16 * 2  # StaticSlidingWindowLayer: 32 positions
+    assert on_engine.kv_cache_bytes == 4 * 2 * 2 * 100 * 16 * 2
+    assert on_engine.overhead_bytes == 2 * 2_048 + 512
+    with pytest.raises(InvalidArgumentError, match="engine"):
+        Workload(context=100, batch=2, engine="auto")
+
+
+def test_engine_names_are_heavylift_engines():
+    from heavylift import engine
+
+    assert (FAST, TRANSFORMERS) == (engine.FAST, engine.TRANSFORMERS)
 
 
 def test_nf4_dq_rule_matches_bitsandbytes():
@@ -190,8 +226,6 @@ def test_recommendation_prefers_fp8_on_hopper_and_int8_on_ampere():
 
 
 def test_workload_rejects_bad_values():
-    from heavylift.errors import InvalidArgumentError
-
     for bad in ({"context": 0, "batch": 1}, {"context": 10, "batch": -1}, {"context": 10, "batch": 1, "kv_dtype": "x"}):
         with pytest.raises(InvalidArgumentError):
             Workload(**bad)

@@ -18,31 +18,22 @@ DEFAULT_TOP_K = 0  # 0 keeps every token
 DEFAULT_RESERVE_BYTES = 0  # per-device headroom the plan must leave free (--reserve)
 
 # --- Bytes the runtime holds besides weights, KV cache and activations ---------------------
-# CUDA context + cuBLAS workspace + loaded kernels of a torch 2.x process with CUDA's lazy
-# module loading, as NVML sees it on Hopper after the first matmul: about 500-600 MiB. This is
-# the middle of that range; the plan-validation benchmark (bench/validate_plan.py) measures it.
-CUDA_CONTEXT_BYTES = 560 * MiB
+# What a torch process holds outside the caching allocator once it has run a prefill and decode: CUDA
+# context, cuBLAS/cuBLASLt handles, loaded kernel modules. Measured on one H100 (torch 2.11 + CUDA 13,
+# bench/results/plan_validation_h100_2026-11-26.json, non_allocator_bytes after decode): 730,660,864 in
+# every bf16, FP8 and NF4 case on transformers. Other GPUs and drivers differ by tens of MiB.
+CUDA_CONTEXT_BYTES = 730_660_864
+# The same with bitsandbytes' LLM.int8 kernels loaded (its cuBLASLt int8 context): 799,866,880 in both
+# int8 cases of that file, 66 MiB more.
+LLM_INT8_CONTEXT_BYTES = 799_866_880
 # The caching allocator rounds every block up to a multiple of 512 bytes (c10/cuda/
 # CUDACachingAllocator.cpp, kMinBlockSize); weights are counted tensor by tensor with it.
 ALLOCATION_GRANULE_BYTES = 512
-# Fragmentation of the caching allocator during prefill: freed activation blocks that cannot
-# be reused for differently sized ones. 5% of the activation peak, a heuristic to be checked by
-# the plan-validation benchmark.
-ALLOCATOR_SLACK_FRACTION = 0.05
 
-# --- Activation peak of one decoder layer during prefill ----------------------------------
+# --- Prefill --------------------------------------------------------------------------------
 # heavylift's loop prefills the prompt in chunks of this many tokens, which bounds the
 # activation peak whatever the context (mlx-lm and vLLM do the same).
 PREFILL_CHUNK_TOKENS = 2048
-# Live [tokens, hidden] tensors at the layer's peak: residual stream, normed input, attention
-# output and the MLP output being formed (LlamaDecoderLayer.forward in transformers 5).
-ACTIVATION_HIDDEN_COPIES = 4
-# Live [tokens, intermediate] tensors at the MLP peak: act(gate), up and their product
-# (LlamaMLP.forward: down(act(gate(x)) * up(x))). With 4 hidden copies this reproduces the
-# seed article's measured 4k-token prefill peak of an 8B model within 1% (489 MB extra).
-ACTIVATION_INTERMEDIATE_COPIES = 3
-# Last-position logits: the model's dtype (2 bytes) and the float32 copy sampling works on.
-LOGITS_BYTES_PER_ENTRY = 2 + 4
 
 # --- Offload (only with --allow-offload) --------------------------------------------------
 # Weights offloaded to CPU RAM stream over PCIe every token: PCIe 4.0 x16 moves about 25 GB/s

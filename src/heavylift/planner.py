@@ -10,12 +10,13 @@ from functools import cached_property
 from typing import Sequence
 
 from .architecture import Architecture, Role
-from .defaults import ALLOCATOR_SLACK_FRACTION, CUDA_CONTEXT_BYTES, PCIE_BANDWIDTH_BYTES_S
+from .defaults import PCIE_BANDWIDTH_BYTES_S
 from .errors import InvalidArgumentError
 from .hardware import Device
-from .memory import activation_peak_bytes, kv_append_transient_bytes, kv_cache_bytes, logits_bytes
+from .memory import ENGINES, TRANSFORMERS, RuntimeTerms, kv_cache_bytes, runtime_terms
 from .placement import Costs, Split, balance, fill_with_offload, fits_with_margin
 from .quant import KV_DTYPES, SCHEMES, Scheme, fidelity_order
+from .transients import Part
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class Workload:
     kv_dtype: str = "bf16"
     reserve_bytes: int = 0  # headroom left free on every device
     allow_offload: bool = False
+    engine: str = TRANSFORMERS  # the runtime the plan describes: memory.FAST (heavylift's engine) or TRANSFORMERS
 
     def __post_init__(self) -> None:
         for name in ("context", "batch"):
@@ -35,6 +37,8 @@ class Workload:
             raise InvalidArgumentError(f"--kv-dtype must be one of {', '.join(KV_DTYPES)}, not {self.kv_dtype!r}")
         if self.reserve_bytes < 0:
             raise InvalidArgumentError("--reserve must not be negative")
+        if self.engine not in ENGINES:
+            raise InvalidArgumentError(f"the plan's engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
 
 
 @dataclass(frozen=True)
@@ -112,18 +116,35 @@ class _Layout:
         self.embedding = by_role[Role.EMBEDDING]
         self.head = by_role[Role.NORM] + by_role[Role.LM_HEAD]
 
+    def terms(self, device: Device, work: Workload, part: Part, every_layer: bool = False) -> RuntimeTerms:
+        return runtime_terms(self.arch, self.scheme.name, work.engine, work.context, work.batch,
+                             KV_DTYPES[work.kv_dtype], device, part, every_layer)
+
     def costs(self, devices: Sequence[Device], work: Workload) -> tuple[Costs, tuple[int, ...]]:
+        """Bytes per layer (weights + KV), with the embeddings and the head, and each device's fixed cost.
+
+        A device's transients and buffers depend on whether it runs the model's start (embeddings, masks)
+        and end (final norm, logits): device 0 is costed as the start, later devices as the middle, and
+        what running the end adds travels with the last layer. device_plan recounts each device exactly.
+        """
         kvb = KV_DTYPES[work.kv_dtype]
-        arch = self.arch
-        per_layer = tuple(w + kv_cache_bytes(arch, [i], work.context, work.batch, kvb)
+        arch, n = self.arch, self.arch.num_layers
+        per_layer = tuple(w + kv_cache_bytes(arch, [i], work.context, work.batch, kvb, work.engine)
                           for i, w in enumerate(self.layer_weights))
-        logits = logits_bytes(arch, work.batch)
-        first = self.embedding + (logits if arch.tie_word_embeddings else 0)
-        last = self.head + (0 if arch.tie_word_embeddings else logits)
-        activation = self.activation(work)
-        fixed = tuple(activation + self.overhead(d, activation) for d in devices)
+        everything = range(n)
+
+        def fixed(device: Device, first: bool, last: bool) -> int:
+            t = self.terms(device, work, Part(everything, first, last))
+            return t.transient_bytes + t.overhead_bytes
+
+        if len(devices) == 1:
+            device_fixed = (fixed(devices[0], True, True),)
+            end = 0
+        else:
+            device_fixed = tuple(fixed(d, i == 0, False) for i, d in enumerate(devices))
+            end = max(0, fixed(devices[-1], False, True) - fixed(devices[-1], False, False))
         capacities = tuple(d.memory_bytes - work.reserve_bytes for d in devices)
-        return Costs(per_layer, first, last, fixed), capacities
+        return Costs(per_layer, self.embedding, self.head + end, device_fixed), capacities
 
     def fits(self, devices: Sequence[Device], work: Workload) -> bool:
         """Whether some split leaves every device a margin of at least zero (one greedy pass)."""
@@ -136,30 +157,15 @@ class _Layout:
             return fill_with_offload(costs, capacities), capacities
         return balance(costs, capacities), capacities
 
-    def activation(self, work: Workload) -> int:
-        kvb = KV_DTYPES[work.kv_dtype]
-        return (activation_peak_bytes(self.arch, self.scheme.name, work.context, work.batch)
-                + kv_append_transient_bytes(self.arch, range(self.arch.num_layers), work.context, work.batch, kvb))
-
-    @staticmethod
-    def overhead(device: Device, activation: int) -> int:
-        """CUDA context (GPUs only) and allocator slack on the activation peak."""
-        context = CUDA_CONTEXT_BYTES if device.kind == "cuda" else 0
-        return context + int(ALLOCATOR_SLACK_FRACTION * activation)
-
     def device_plan(self, device: Device, run: range, capacity: int, work: Workload) -> DevicePlan:
-        arch, kvb = self.arch, KV_DTYPES[work.kv_dtype]
-        n = arch.num_layers
+        n = self.arch.num_layers
         if not run:
             return DevicePlan(device, run, 0, 0, 0, 0, capacity)
         has_first, has_last = 0 in run, n - 1 in run
         weights = (sum(self.layer_weights[i] for i in run) + (self.embedding if has_first else 0)
                    + (self.head if has_last else 0))
-        holds_logits = has_first if arch.tie_word_embeddings else has_last
-        peak = self.activation(work)
-        activation = peak + (logits_bytes(arch, work.batch) if holds_logits else 0)
-        return DevicePlan(device, run, weights, kv_cache_bytes(arch, run, work.context, work.batch, kvb),
-                          activation, self.overhead(device, peak), capacity)
+        t = self.terms(device, work, Part(run, has_first, has_last), every_layer=True)
+        return DevicePlan(device, run, weights, t.kv_cache_bytes, t.transient_bytes, t.overhead_bytes, capacity)
 
     def plan(self, devices: Sequence[Device], work: Workload) -> SchemePlan:
         split, capacities = self.split(devices, work)

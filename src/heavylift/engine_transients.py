@@ -1,0 +1,150 @@
+"""The fast engine's prefill as allocation programs (engine/model.py Engine.prefill, _prefill_chunk,
+_prefill_attention), Python's reference counting included: each layer's locals live until the next
+layer rebinds them. The Triton kernels it calls allocate nothing (they write into buffers they are
+given); tests/test_transients.py holds these programs to a trace of the engine with such kernels.
+Pure Python: no torch.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from .allocator import Program
+from .architecture import Architecture
+from .matmuls import BF16, FP32, INT32, INT64, dense_linear
+from .transients import Part
+
+
+def _engine_attention(p: Program, arch: Architecture, t: int, start: int, window: int | None) -> list[str]:
+    """Engine._prefill_attention: the cached keys and values up to the chunk's end repeated to every query
+    head, then SDPA, causal on a first chunk, else with a [t, end] bool mask (a window narrows it) that
+    SDPA turns into bf16. Returns its locals, freed when it returns (the output is a view)."""
+    nh, nkv, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
+    end = start + t
+    held = [p.alloc(label, BF16 * nh * end * d) for label in ("k_rep", "v_rep")]  # repeat_interleave
+    if start == 0 and not (window and end > window):
+        out = p.alloc("attn", BF16 * t * nh * d)
+        lse = p.alloc("lse", FP32 * nh * t)
+        p.free(lse)
+        return held + [out]
+    keys = p.alloc("keys", INT64 * end)
+    allowed = p.alloc("allowed", t * end)
+    if window:
+        lo = p.alloc("window_lo", INT32 * t)
+        gt = p.alloc("window_gt", t * end)
+        p.free(lo, gt)
+    fm = p.alloc("mask_bf16", BF16 * t * end)
+    pad = p.alloc("mask_pad", BF16 * t * -(-end // 16) * 16) if end % 16 else None
+    out = p.alloc("attn", BF16 * t * nh * d)
+    p.free(pad, fm)
+    return held + [keys, allowed, out]
+
+
+def _engine_chunk(p: Program, arch: Architecture, quant: str, t: int, start: int, layers: Sequence[int],
+                  part: Part, native_fp8: bool) -> str:
+    """Engine._prefill_chunk for one sequence: each layer's locals (positions, slots, normed input, qkv,
+    q, attention output) live until the next layer rebinds them."""
+    h, i = arch.hidden_size, arch.intermediate_size
+    nh, nkv, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
+    hidden = p.alloc("embed" if part.first else "hidden_in", BF16 * t * h)
+    loc: dict[str, str | None] = dict.fromkeys(("positions", "slots", "x", "qkv", "q", "attn"))
+
+    def rebind(name: str, new: str) -> None:
+        p.free(loc[name])
+        loc[name] = new
+
+    for layer in layers:
+        rebind("positions", p.alloc("positions", INT32 * t))
+        rebind("slots", p.alloc("slots", INT32 * t))
+        rebind("x", p.alloc("normed", BF16 * t * h))
+        parts = [dense_linear(p, quant, t, h, n, native_fp8) for n in (nh * d, nkv * d, nkv * d)]
+        qkv = p.alloc("qkv", BF16 * t * (nh + 2 * nkv) * d)
+        p.free(*reversed(parts))
+        rebind("qkv", qkv)
+        rebind("q", p.alloc("q", BF16 * t * nh * d))
+        attn_locals = _engine_attention(p, arch, t, start, arch.layer_windows[layer])
+        out = attn_locals.pop()
+        p.free(*attn_locals)
+        rebind("attn", out)
+        o = dense_linear(p, quant, t, nh * d, h, native_fp8)
+        new = p.alloc("hidden", BF16 * t * h)
+        p.free(o, hidden)
+        hidden = new
+        rebind("x", p.alloc("normed", BF16 * t * h))
+        g = dense_linear(p, quant, t, h, i, native_fp8)
+        s = p.alloc("silu", BF16 * t * i)
+        p.free(g)
+        u = dense_linear(p, quant, t, h, i, native_fp8)
+        m = p.alloc("silu_up", BF16 * t * i)
+        p.free(s, u)
+        dn = dense_linear(p, quant, t, i, h, native_fp8)
+        p.free(m)
+        new = p.alloc("hidden", BF16 * t * h)
+        p.free(dn, hidden)
+        hidden = new
+    p.free(*loc.values())
+    return hidden
+
+
+def engine_prefill(p: Program, arch: Architecture, quant: str, prompt: int, chunk: int, layers: Sequence[int],
+                   part: Part, native_fp8: bool, cuda: bool) -> str | None:
+    """Engine.prefill of one sequence: its ids copied to the GPU (read in place on a CPU), every chunk (the
+    last hidden state kept until the next replaces it), then on the last device the final norm of the
+    last token and its fp32 logits."""
+    h, v = arch.hidden_size, arch.vocab_size
+    tokens = p.alloc("prompt_ids", INT64 * prompt) if part.first and cuda else None
+    hidden = None
+    for start in range(0, prompt, chunk):
+        new = _engine_chunk(p, arch, quant, min(chunk, prompt - start), start, layers, part, native_fp8)
+        p.free(hidden)
+        hidden = new
+    if not part.last:
+        p.free(tokens, hidden)
+        return None
+    x = p.alloc("normed", BF16 * h)
+    lm = p.alloc("logits", BF16 * v)
+    logits = p.alloc("logits_fp32", FP32 * v)
+    p.free(lm, tokens, hidden, x)
+    return logits
+
+
+# The engine streams weights through its Triton GEMV kernels for up to this many tokens per step (ops.py
+# _gemv_rows): one for 4-bit weights, 16 for the others; beyond, a step runs ops.TorchOps' dequantized
+# matmuls, which allocate.
+ENGINE_GEMV_ROWS = {"nf4": 1, "nf4-dq": 1, "fp4": 1}
+ENGINE_GEMV_ROWS_DEFAULT = 16
+
+
+def decode_uses_kernels(quant: str, batch: int) -> bool:
+    """Whether a decode step of `batch` sequences runs the (autotuned) Triton weight kernels."""
+    return batch <= ENGINE_GEMV_ROWS.get(quant, ENGINE_GEMV_ROWS_DEFAULT)
+
+
+def engine_decode_step(p: Program, arch: Architecture, quant: str, batch: int, layers: Sequence[int], part: Part,
+                       native_fp8: bool) -> None:
+    """Engine._run_segment on one device: the embedding lookup on the first, then per layer nothing when
+    the Triton kernels take the step (they write into the static buffers), else ops.TorchOps' linear and
+    glu (dequantized matmuls, the residual added in a new tensor, copied into the buffers)."""
+    h, i = arch.hidden_size, arch.intermediate_size
+    nh, nkv, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
+    if part.first:
+        p.free(p.alloc("embed", BF16 * batch * h))
+    if decode_uses_kernels(quant, batch):
+        return
+    for _ in layers:
+        parts = [dense_linear(p, quant, batch, h, n, native_fp8) for n in (nh * d, nkv * d, nkv * d)]
+        qkv = p.alloc("qkv", BF16 * batch * (nh + 2 * nkv) * d)
+        p.free(*reversed(parts))
+        p.free(qkv)
+        for k in (nh * d, None):  # o with its residual; then the GLU; then down with its residual
+            if k is None:
+                g = dense_linear(p, quant, batch, h, i, native_fp8)
+                s = p.alloc("silu", BF16 * batch * i)
+                p.free(g)
+                u = dense_linear(p, quant, batch, h, i, native_fp8)
+                m = p.alloc("silu_up", BF16 * batch * i)
+                p.free(s, u, m)
+                k = i
+            y = dense_linear(p, quant, batch, k, h, native_fp8)
+            r = p.alloc("residual", BF16 * batch * h)
+            p.free(r, y)
