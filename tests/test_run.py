@@ -151,6 +151,20 @@ def test_sampling_is_reproducible_with_a_seed(checkpoints):
         session.generate("hello", temperature=-0.5)
 
 
+def test_the_plan_describes_the_runtime_that_runs(checkpoints):
+    from heavylift.memory import FAST, TRANSFORMERS
+
+    folder = str(checkpoints["mistral"])  # a 32-token sliding window: the two runtimes cache differently
+    auto = heavylift.load(folder, quant="bf16", context=256)  # no GPU here: transformers runs, and is planned
+    assert auto.engine is None and auto.plan.workload.engine == TRANSFORMERS
+    fast = heavylift.load(folder, quant="bf16", context=256, engine="fast")
+    assert fast.engine is not None and fast.plan.workload.engine == FAST
+    kv = [s.scheme.per_device[0].kv_cache_bytes for s in (auto, fast)]
+    assert kv == [2 * 2 * 2 * 16 * 2 * 32, 2 * 2 * 2 * 16 * 2 * 256]  # layers x (K, V) x heads x dim x 2 B
+    with pytest.raises(InvalidArgumentError, match="gemma2"):
+        heavylift.load(str(checkpoints["gemma2"]), quant="bf16", context=256, engine="fast")
+
+
 def test_transformers_prefill_fills_a_static_cache(checkpoints):
     import torch
 

@@ -13,6 +13,7 @@ from .defaults import DEFAULT_CONTEXT_TOKENS, PREFILL_CHUNK_TOKENS as PREFILL_CH
 from .errors import CheckpointError, InvalidArgumentError, ModelNotFoundError, OutOfMemoryError, PlanDoesNotFitError
 from .loader import (Placement, attention_implementation, guard_offload, load_model, module_bytes,
                      placement_from_plan, real_placement)
+from .memory import FAST, TRANSFORMERS
 from .planner import Plan, SchemePlan
 from .sampling import Sampling
 from .sources import ModelSource, resolve_model
@@ -280,19 +281,25 @@ class Loaded:
 
 
 def load_weights(model: str, quant: str = "auto", gpus=None, context: int = DEFAULT_CONTEXT_TOKENS, batch: int = 1,
-                 allow_offload: bool = False, reserve: int | str = 0) -> Loaded:
-    """Plan `model`, stop before any download if it cannot fit, then load its weights exactly as planned."""
+                 allow_offload: bool = False, reserve: int | str = 0, engine: str = "auto") -> Loaded:
+    """Plan `model` for the runtime that will run it (`engine`: auto, fast or transformers), stop before
+    any download if it cannot fit, then load its weights exactly as planned."""
     from pathlib import Path
 
     quants = "all" if quant == "auto" else quant
     plan = make_plan(model, gpus=gpus, context=context, batch=batch, quant=quants, reserve=reserve,
                      allow_offload=allow_offload)
+    config = resolve_model(model).config
+    planned = planned_engine(config, "bf16" if quant == "auto" else quant, plan.devices, engine)
+    plan = replan(plan, planned)
     chosen = plan.recommended if quant == "auto" else quant
     if chosen is None and allow_offload:
         chosen = next((s.quant for s in reversed(plan.schemes) if s.offload), None)
     if chosen is None:
         best = plan.schemes[-1]
         raise PlanDoesNotFitError(f"{model} does not fit in any precision: {'; '.join(best.advice)}")
+    runs = planned_engine(config, chosen, plan.devices, engine, offload=bool(plan.scheme(chosen).offload))
+    plan = replan(plan, runs)
     scheme = plan.scheme(chosen)
     if not scheme.fits and not scheme.offload:
         raise PlanDoesNotFitError(f"{model} in {chosen} does not fit: {'; '.join(scheme.advice)}")
@@ -310,6 +317,39 @@ def load_weights(model: str, quant: str = "auto", gpus=None, context: int = DEFA
     spilled = guard_offload(placement, real_placement(loaded, names),
                             {n: module_bytes(loaded, n) for n in names}, allow_offload)
     return Loaded(source, plan, scheme, placement, loaded, folder, attention, spilled)
+
+
+def planned_engine(config, quant: str, devices, engine: str, offload: bool = False) -> str:
+    """The runtime that will run this model (memory.FAST or memory.TRANSFORMERS), decided before loading
+    by the engine's own checks on the config and on the devices the plan's layers will land on, so the
+    plan can describe it. build_engine decides the same after loading."""
+    from transformers import AutoConfig
+
+    from .engine import FAST as FAST_CHOICE, TRANSFORMERS as TRANSFORMERS_CHOICE, device_reason, model_reason
+    from .loader import runtime_device
+
+    if engine == TRANSFORMERS_CHOICE:
+        return TRANSFORMERS
+    where = [torch.device(runtime_device(d.index)) for d in devices] + ([torch.device("cpu")] if offload else [])
+    on_model, on_devices = model_reason(AutoConfig.for_model(**config), quant), device_reason(where)
+    all_cpu = all(d.type == "cpu" for d in where)  # --engine fast runs the engine's torch path there
+    if on_model is None and (on_devices is None or (engine == FAST_CHOICE and all_cpu)):
+        return FAST
+    if engine == FAST_CHOICE:  # before any download, as build_engine would after loading
+        raise InvalidArgumentError(f"{on_model or on_devices}; run it with --engine transformers")
+    return TRANSFORMERS
+
+
+def replan(plan: Plan, engine: str) -> Plan:
+    """The same plan for another runtime (memory.FAST or memory.TRANSFORMERS)."""
+    from dataclasses import replace
+
+    from .planner import make_plan as plan_layout
+
+    if plan.workload.engine == engine:
+        return plan
+    return plan_layout(plan.model, plan.architecture, plan.devices, replace(plan.workload, engine=engine),
+                       [s.quant for s in plan.schemes])
 
 
 def build_engine(model: torch.nn.Module, quant: str, context: int, batch: int, engine: str):
@@ -340,13 +380,15 @@ def build_engine(model: torch.nn.Module, quant: str, context: int, batch: int, e
 
 def load(model: str, quant: str = "auto", gpus=None, context: int = DEFAULT_CONTEXT_TOKENS, batch: int = 1,
          allow_offload: bool = False, reserve: int | str = 0, engine: str = "auto") -> Session:
-    """Plan `model`, stop before any download if it cannot fit, load it exactly as planned, and put the
-    fast engine over it where it runs (`engine="auto"`), else transformers with the reason in `engine_note`."""
+    """Plan `model` for the runtime that will run it, stop before any download if it cannot fit, load it
+    exactly as planned, and put the fast engine over it where it runs (`engine="auto"`), else
+    transformers with the reason in `engine_note`."""
     from .engine import check_engine
 
     check_engine(engine)
-    w = load_weights(model, quant, gpus, context, batch, allow_offload, reserve)
+    w = load_weights(model, quant, gpus, context, batch, allow_offload, reserve, engine)
     tokenizer = _tokenizer(w.folder)
     fast, note = build_engine(w.model, w.scheme.quant, w.plan.context, batch, engine)
-    return Session(w.source, w.plan, w.scheme, w.placement, w.model, tokenizer, w.attention, w.offloaded_bytes,
-                   fast, note)
+    plan = replan(w.plan, FAST if fast is not None else TRANSFORMERS)  # a module that spilled to the CPU
+    return Session(w.source, plan, plan.scheme(w.scheme.quant), w.placement, w.model, tokenizer, w.attention,
+                   w.offloaded_bytes, fast, note)
