@@ -12,11 +12,13 @@ prefill, decode) sit beside it. Each case is also estimated as `accelerate estim
 Usage (repository root; the parent never starts CUDA, each case runs in its own child process):
   python bench/validate_plan.py --list                                   # the matrix, planned for H100s
   python bench/validate_plan.py [--models llama3.1-8b,qwen2.5-7b] [--gpus 1] [--budget-s 420] [--merge]
-                                [--engine auto]        # heavylift's own engine where it runs, as `run` does
+                                [--engine transformers]  # default auto: heavylift's engine where it runs, as `run`
   python bench/validate_plan.py --merge-files a.json b.json --out bench/results/plan_validation_h100_<date>.json
   python bench/validate_plan.py --summarize bench/results/plan_validation_h100_<date>.json   # README table
 Results: bench/results/plan_validation_<card>_<date>.json (or --out), rewritten after every case and
-copied to $OUT/ when OUT is set. PYTORCH_CUDA_ALLOC_CONF passes to the children and is recorded.
+copied to $OUT/ when OUT is set. PYTORCH_CUDA_ALLOC_CONF passes to the children and is recorded. Each
+record names the engine asked for (`engine`), the one the plan described (`engine_planned`) and the one
+that ran (`engine_used`); the plan is made for the one that runs, as heavylift.load makes it.
 """
 
 from __future__ import annotations
@@ -98,6 +100,20 @@ MATRIX = tuple(Case(model, quant, int(context[:-1]) * K, int(batch), gpus)
 
 def record_key(record: dict) -> str:
     return Case(**{f.name: record[f.name] for f in fields(Case) if f.name in record}).key
+
+
+def case_engine(case: Case) -> str:
+    """The runtime a case runs on, as heavylift.load decides it on a GPU machine: heavylift's engine where its
+    checks pass (every layer on a CUDA GPU, Triton installed: true of the GPU kit), else transformers."""
+    from transformers import AutoConfig
+
+    from heavylift.engine import model_reason
+    from heavylift.memory import FAST, TRANSFORMERS as PLAN_TRANSFORMERS
+
+    if case.engine == TRANSFORMERS:
+        return PLAN_TRANSFORMERS
+    reason = model_reason(AutoConfig.for_model(**model_config(case.model)), case.quant)
+    return FAST if reason is None else PLAN_TRANSFORMERS
 
 
 # --- Model shapes and random checkpoints ----------------------------------------------------------
@@ -339,12 +355,14 @@ def run_case(case: Case, folder: Path) -> dict:
     from heavylift.api import plan
     from heavylift.detect import detect_devices
     from heavylift.errors import OutOfMemoryError
-    from heavylift.session import load
+    from heavylift.session import load, planned_engine, replan
 
     devices = detect_devices()[:case.gpus]  # NVML / nvidia-smi, before CUDA starts
     work = dict(context=case.context, batch=case.batch, quant=case.quant)
-    scheme = plan(str(folder), gpus=devices, **work).scheme(case.quant)
-    record = base_record(case, scheme)
+    first = plan(str(folder), gpus=devices, **work)
+    planned = planned_engine(json.loads((folder / "config.json").read_text()), case.quant, first.devices, case.engine)
+    scheme = replan(first, planned).scheme(case.quant)
+    record = {**base_record(case, scheme), "engine_planned": planned}
     if not scheme.fits:
         return {**record, "skipped": "the plan says it does not fit"}
     meter = Meter(case.gpus)
@@ -352,7 +370,11 @@ def run_case(case: Case, folder: Path) -> dict:
         t = time.perf_counter()
         session = load(str(folder), gpus=devices, engine=case.engine, **work)
         record["load_s"], record["attention"] = round(time.perf_counter() - t, 2), session.attention
-        record["engine_used"] = "fast" if session.engine is not None else TRANSFORMERS
+        record["engine_used"] = session.plan.workload.engine
+        if session.plan.workload.engine != planned:  # the run went another way: compare with its plan
+            replanned = base_record(case, session.scheme)
+            record.update(devices=replanned["devices"], fits_predicted=replanned["fits_predicted"],
+                          engine_planned=session.plan.workload.engine, engine_replanned_from=planned)
         meter.phase("load")
         prefill_s, decode_s, cached = drive(session, case.context, case.batch, meter.phase)
         record.update(prefill_s=round(prefill_s, 2), decode_s=round(decode_s, 2), cache_tokens=cached)
@@ -370,12 +392,13 @@ def run_case(case: Case, folder: Path) -> dict:
 # --- The parent: matrix, checkpoints, children, results -----------------------------------------------
 
 def plan_scheme(case: Case, devices):
-    """The plan of one case on these devices, from the config alone (pure: no CUDA, no weights)."""
+    """The plan of one case on these devices for the runtime it runs on, from the config alone (no CUDA, no weights)."""
     from heavylift.architecture import architecture_from_config
     from heavylift.planner import Workload, make_plan
 
     arch = architecture_from_config(model_config(case.model))
-    return make_plan(case.model, arch, devices, Workload(case.context, case.batch), [case.quant]).scheme(case.quant)
+    work = Workload(case.context, case.batch, engine=case_engine(case))
+    return make_plan(case.model, arch, devices, work, [case.quant]).scheme(case.quant)
 
 
 def card_slug(name: str) -> str:
@@ -482,11 +505,11 @@ def merge(documents: list[dict]) -> dict:
             "cases": sorted(best.values(), key=lambda r: order.get(record_key(r), len(order)))}
 
 
-def list_matrix(spec: str = LIST_GPUS) -> str:
+def list_matrix(spec: str = LIST_GPUS, engine: str = AUTO) -> str:
     from heavylift.hardware import parse_gpu_spec
 
     rows = [f"{'case':42} {'layers':>6} {'predicted GB per GPU':>22}  fits {spec}"]
-    for case in MATRIX:
+    for case in (replace(c, engine=engine) for c in MATRIX):
         scheme = plan_scheme(case, parse_gpu_spec(f"{case.gpus}x{spec}"))
         per_gpu = " + ".join(f"{d.total_bytes / 1e9:.1f}" for d in scheme.per_device)
         layers = sum(len(d.layers) for d in scheme.per_device)
@@ -546,8 +569,8 @@ def main() -> None:
     parser.add_argument("--merge", action="store_true", help="add to --out instead of starting it afresh")
     parser.add_argument("--merge-files", nargs="+", metavar="FILE", help="merge these results files into --out")
     parser.add_argument("--summarize", metavar="FILE", help="print the markdown table of a results file")
-    parser.add_argument("--engine", choices=(TRANSFORMERS, AUTO), default=TRANSFORMERS,
-                        help="run through transformers (what the plan counts), or heavylift's default engine")
+    parser.add_argument("--engine", choices=(AUTO, TRANSFORMERS), default=AUTO,
+                        help="auto (as `heavylift run`: heavylift's engine where it runs), or transformers for all")
     parser.add_argument("--work", default=DEFAULT_WORK, help="where checkpoints are written (one at a time)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--build", help=argparse.SUPPRESS)
@@ -561,7 +584,7 @@ def main() -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         build_checkpoint(model_config(args.build), Path(args.work) / args.build, device)
     elif args.list:
-        print(list_matrix())
+        print(list_matrix(engine=args.engine))
     elif args.summarize:
         print(summarize(json.loads(Path(args.summarize).read_text())))
     elif args.merge_files:

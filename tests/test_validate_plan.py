@@ -223,3 +223,19 @@ def test_a_case_the_plan_refuses_is_recorded_as_planned_and_summarized():
     table = vp.summarize({"card": "H100", "date": "2026-11-26", "cases": [record]})
     predicted = vp.gb(scheme.per_device[0].total_bytes)
     assert f"| gemma2-9b | bf16 | 32k | 8 | 1 | {predicted} | does not fit (plan) |" in table
+
+
+def test_cases_run_and_are_planned_on_the_engine_run_would_use():
+    llama, gemma = vp.Case("llama3.1-8b", "nf4", 8192, 1, 1), vp.Case("gemma2-9b", "bf16", 8192, 1, 1)
+    assert vp.case_engine(vp.replace(llama, engine=vp.AUTO)) == "fast"
+    assert vp.case_engine(llama) == "transformers"  # the matrix as listed for --engine transformers
+    assert vp.case_engine(vp.replace(gemma, engine=vp.AUTO)) == "transformers"  # not a family the engine runs
+    assert "/auto" in vp.list_matrix().splitlines()[1]
+
+
+def test_the_default_engine_is_auto(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(vp, "run_matrix", lambda args: seen.update(engine=args.engine))
+    monkeypatch.setattr(sys, "argv", ["validate_plan.py", "--gpus", "1"])
+    vp.main()
+    assert seen == {"engine": vp.AUTO}
