@@ -184,13 +184,15 @@ def replay(program: Program, start: CachingAllocator | None = None) -> Replay:
     A free of a tensor the program never allocated (size 0) is skipped."""
     a = start.fork() if start is not None else CachingAllocator()
     live: dict[str, _Block] = {}
+    malloc, release, pop = a.malloc, a.free, live.pop
     for event in program.events:
-        if event[0] == "alloc":
-            live[event[1]] = a.malloc(event[2])
-        elif event[0] == "free":
-            block = live.pop(event[1], None)
+        kind = event[0]
+        if kind == "alloc":
+            live[event[1]] = malloc(event[2])
+        elif kind == "free":
+            block = pop(event[1], None)
             if block is not None:
-                a.free(block)
+                release(block)
         else:
             a.empty_cache()
     return Replay(a.peak_allocated, a.peak_reserved, a.allocated)

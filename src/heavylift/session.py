@@ -64,7 +64,7 @@ def _start_phase(planned: dict[str, int]) -> None:
         return
     torch.cuda.empty_cache()
     for device in cuda:
-        a = torch.zeros(16, 16, device=device, dtype=torch.bfloat16)
+        a = torch.zeros(16, 16, device=device)  # float32: every GPU multiplies it through cuBLAS
         (a @ a).sum()  # cuBLAS allocates this stream's workspace on its first matmul
     del a
     torch.cuda.empty_cache()
