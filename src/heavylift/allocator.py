@@ -20,7 +20,9 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-MIN_BLOCK_BYTES = 512  # kMinBlockSize: every block is a multiple of this
+from .defaults import ALLOCATION_GRANULE_BYTES
+
+MIN_BLOCK_BYTES = ALLOCATION_GRANULE_BYTES  # kMinBlockSize: every block is a multiple of this
 SMALL_REQUEST_BYTES = 1 << 20  # kSmallSize: requests up to 1 MiB use the small pool
 SMALL_SEGMENT_BYTES = 2 << 20  # kSmallBuffer: the small pool's segment size
 LARGE_SEGMENT_BYTES = 20 << 20  # kLargeBuffer: segment for requests of 1-10 MiB

@@ -30,6 +30,14 @@ LLM_INT8_CONTEXT_BYTES = 799_866_880
 # CUDACachingAllocator.cpp, kMinBlockSize); weights are counted tensor by tensor with it.
 ALLOCATION_GRANULE_BYTES = 512
 
+# LLM.int8 (transformers' BitsAndBytesConfig threshold 6.0) multiplies in bf16 every input column that
+# holds an entry of 6 or more, against those weight columns dequantized in fp32: data-dependent memory.
+# Random-weight checkpoints have such entries in nearly every column of the MLP's down projection
+# (bench/results/plan_validation_h100_2026-11-26.json, int8 cases: 365 MB above a count without them,
+# matched to 0.1% with all of them); trained models in a handful. The plan counts the worst case, every
+# column (for an 8B model about 0.3 GB more than a trained model's run takes).
+LLM_INT8_OUTLIER_COLUMN_FRACTION = 1.0
+
 # --- Prefill --------------------------------------------------------------------------------
 # heavylift's loop prefills the prompt in chunks of this many tokens, which bounds the
 # activation peak whatever the context (mlx-lm and vLLM do the same).

@@ -13,21 +13,17 @@ Pure Python: no torch.
 from __future__ import annotations
 
 from .allocator import Program
+from .defaults import LLM_INT8_OUTLIER_COLUMN_FRACTION
+from .quant import BNB_4BIT_BLOCKSIZE, FLOAT32_BYTES, UNQUANTIZED_BYTES
 
-BF16 = 2  # bytes of a bf16 / fp16 element: activations, KV cache, dequantized weights
-FP32 = 4
+BF16 = UNQUANTIZED_BYTES  # a bf16 / fp16 element: activations, KV cache, dequantized weights
+FP32 = FLOAT32_BYTES
 INT64 = 8
 INT32 = 4
 # bitsandbytes 4-bit matmuls (backends/cuda/ops.py gemm_4bit): up to 4 rows run its fused kernel;
 # beyond, the weight is dequantized to bf16 and multiplied (always past 512 rows; between, a per-GPU
 # heuristic decides, and the plan counts the dequantized copy).
 BNB_4BIT_FUSED_MAX_ROWS = 4
-BNB_4BIT_BLOCK = 64  # weights per absmax
-# LLM.int8 (transformers' BitsAndBytesConfig threshold 6.0) multiplies in bf16 every input column with
-# an entry of 6 or more. Which columns is data: random-weight checkpoints have such entries in nearly
-# every column of the MLP's down projection (bench/results/plan_validation_h100_2026-11-26.json, int8
-# cases: 365 MB above a no-outlier count), trained models in a handful. The plan counts every column.
-LLM_INT8_OUTLIER_COLUMN_FRACTION = 1.0
 
 
 def linear(p: Program, quant: str, rows: int, k: int, n: int, native_fp8: bool = True) -> str:
@@ -38,7 +34,7 @@ def linear(p: Program, quant: str, rows: int, k: int, n: int, native_fp8: bool =
             return p.alloc("linear", BF16 * rows * n)
         extra = []  # _dequant_linear_fallback: absmax (double quant), the bf16 weight, then F.linear
         if quant == "nf4-dq":
-            blocks = n * k // BNB_4BIT_BLOCK
+            blocks = n * k // BNB_4BIT_BLOCKSIZE
             extra += [p.alloc("absmax_dq", FP32 * blocks), p.alloc("absmax", FP32 * blocks)]
         extra.append(p.alloc("weight_dq", BF16 * n * k))
         y = p.alloc("linear", BF16 * rows * n)
@@ -126,7 +122,7 @@ def dense_linear(p: Program, quant: str, rows: int, k: int, n: int, native_fp8: 
     if quant in ("bf16", "fp16"):
         return p.alloc("linear", BF16 * rows * n)
     if quant in ("nf4", "nf4-dq", "fp4"):
-        absmax = p.alloc("absmax", FP32 * (n * k // 64)) if quant == "nf4-dq" else None
+        absmax = p.alloc("absmax", FP32 * (n * k // BNB_4BIT_BLOCKSIZE)) if quant == "nf4-dq" else None
         w = p.alloc("weight_bf16", BF16 * n * k)
         p.free(absmax)
         y = p.alloc("linear", BF16 * rows * n)
@@ -165,7 +161,7 @@ def expert_weights(p: Program, quant: str, numel: int) -> list[str]:
     4-bit dequantize (double quant's absmax first), or the 8-bit rows in fp32 times their scales, cast to
     bf16. Cached until the experts' forward returns; bf16 experts are read in place."""
     if quant in ("nf4", "nf4-dq", "fp4"):
-        tmp = [p.alloc("absmax", FP32 * (numel // BNB_4BIT_BLOCK))] if quant == "nf4-dq" else []
+        tmp = [p.alloc("absmax", FP32 * (numel // BNB_4BIT_BLOCKSIZE))] if quant == "nf4-dq" else []
         w = p.alloc("experts_bf16", BF16 * numel)
         p.free(*tmp)
         return [w]
