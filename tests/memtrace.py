@@ -19,6 +19,14 @@ from torch.utils._pytree import tree_flatten
 from heavylift.allocator import block_size
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
+# Composite ops that inference mode hands to the mode whole, hiding temporaries they allocate on the GPU as
+# on the CPU: softmax(x, dtype=float32) on bf16 converts x to a fp32 copy first (only fp16 on CUDA has a
+# fused kernel; aten SoftMax.cpp), and matmul copies a batched operand that bmm cannot view (Gemma 2's
+# query at batch > 1). Attention's 4-d matmuls only: the others' copies are the size of a few positions.
+DECOMPOSED = {
+    torch.ops.aten.softmax.int: lambda x, dim, dtype=None: dtype is not None and dtype != x.dtype,
+    torch.ops.aten.matmul.default: lambda a, b: a.dim() == 4 and b.dim() == 4,
+}
 
 
 class Trace(TorchDispatchMode):
@@ -57,6 +65,9 @@ class Trace(TorchDispatchMode):
                 self._mark(t)  # inputs are not allocations of this op
         if func is SDPA:
             return self._sdpa(*args, **kwargs)
+        if func in DECOMPOSED and DECOMPOSED[func](*args, **kwargs):
+            with self:  # its composite kernel, back under this mode: each op it runs is traced
+                return func.decompose(*args, **kwargs)
         out = func(*args, **kwargs)
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):

@@ -212,18 +212,26 @@ def _sdpa(p: Program, arch: Architecture, step: Step, kv: int, masked: bool) -> 
 
 def _eager(p: Program, arch: Architecture, step: Step, kv: int) -> tuple[str, str]:
     """Gemma 2's eager_attention_forward: repeated K and V, scores, scaling, logit softcapping (divide,
-    tanh, multiply), the additive mask, fp32 softmax and its bf16 copy (returned, so it lives until the
+    tanh, multiply), the additive mask, fp32 softmax (after a fp32 copy of its input) and its bf16 copy (returned, so it lives until the
     decoder layer returns), the weighted values and their transposed copy."""
     b, c, nh, d = step.batch, step.tokens, arch.num_heads, arch.head_dim
     scores = BF16 * b * nh * c * kv
     reps = [p.alloc("k_rep", BF16 * b * nh * kv * d), p.alloc("v_rep", BF16 * b * nh * kv * d)] \
         if arch.num_heads != arch.num_kv_heads else []
+    # matmul folds [b, heads] into bmm's batch: the query, a transposed view of q_proj's output, copies
+    # unless one of the two is 1.
+    q_copy = p.alloc("q_bmm", BF16 * b * nh * c * d) if b > 1 and c > 1 else None
     w = p.alloc("scores", scores)
+    p.free(q_copy)
     for label in ("scaled", "softcap_div", "softcap_tanh", "softcap_mul", "masked"):
         nxt = p.alloc(label, scores)
         p.free(w)
         w = nxt
+    # softmax(dtype=float32) of bf16 scores converts them to a fp32 copy first, then allocates its fp32
+    # result: aten SoftMax.cpp fuses the conversion only for fp16 on CUDA. Five score-sized units at once.
+    upcast = p.alloc("softmax_in", 2 * scores)
     sm = p.alloc("softmax", 2 * scores)
+    p.free(upcast)
     probs = p.alloc("probs", scores)
     p.free(sm, w)
     out = p.alloc("attn", BF16 * b * nh * c * d)
