@@ -156,17 +156,6 @@ class Program:
             if name is not None:
                 self.events.append(("free", name))
 
-    def fork(self) -> "CachingAllocator":
-        """A copy to replay more on, for a state whose blocks are all allocated for good (persistent
-        tensors): its free blocks, each the tail of a segment behind a block that stays, are copied."""
-        twin = CachingAllocator()
-        twin._top, twin.allocated, twin.reserved = self._top, self.allocated, self.reserved
-        twin.peak_allocated, twin.peak_reserved = self.allocated, self.reserved
-        for small, pool in self._free.items():
-            # The block in front of each tail stays allocated: nothing reads or changes it, so both share it.
-            twin._free[small] = [(size, address, _Block(address, size, small, True, b.prev)) for size, address, b in pool]
-        return twin
-
     def empty_cache(self) -> None:
         self.events.append(("empty",))
 
