@@ -12,7 +12,7 @@ from typing import Sequence
 from .allocator import Program
 from .architecture import Architecture
 from .matmuls import BF16, FP32, INT32, INT64, dense_linear
-from .transients import Part
+from .transients import Part, gated_mlp
 
 
 def _engine_attention(p: Program, arch: Architecture, t: int, start: int, window: int | None) -> list[str]:
@@ -71,14 +71,7 @@ def _engine_chunk(p: Program, arch: Architecture, quant: str, t: int, start: int
         p.free(o, hidden)
         hidden = new
         rebind("x", p.alloc("normed", BF16 * t * h))
-        g = dense_linear(p, quant, t, h, i, native_fp8)
-        s = p.alloc("silu", BF16 * t * i)
-        p.free(g)
-        u = dense_linear(p, quant, t, h, i, native_fp8)
-        m = p.alloc("silu_up", BF16 * t * i)
-        p.free(s, u)
-        dn = dense_linear(p, quant, t, i, h, native_fp8)
-        p.free(m)
+        dn = gated_mlp(p, t, h, i, lambda k, n: dense_linear(p, quant, t, k, n, native_fp8))
         new = p.alloc("hidden", BF16 * t * h)
         p.free(dn, hidden)
         hidden = new

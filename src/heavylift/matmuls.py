@@ -43,7 +43,7 @@ def linear(p: Program, quant: str, rows: int, k: int, n: int, native_fp8: bool =
     if quant == "int8":
         return _llm_int8(p, rows, k, n)
     if quant == "fp8":
-        return _float8(p, rows, k, n) if native_fp8 else _float8_weight_only(p, rows, k, n)
+        return _float8(p, rows, k, n) if native_fp8 else _dequantized_matmul(p, rows, k, n)
     return p.alloc("linear", BF16 * rows * n)
 
 
@@ -104,8 +104,9 @@ def _float8(p: Program, rows: int, k: int, n: int) -> str:
     return y
 
 
-def _float8_weight_only(p: Program, rows: int, k: int, n: int) -> str:
-    """torchao FP8 storage without FP8 tensor cores: the weight dequantized (fp32, scaled, bf16), then matmul."""
+def _dequantized_matmul(p: Program, rows: int, k: int, n: int) -> str:
+    """A weight dequantized in fp32 (cast, scaled) to bf16, then one bf16 matmul: torchao FP8 storage without
+    FP8 tensor cores, and the engine's INT8 (and FP8 without them) prefill."""
     w32 = p.alloc("w_fp32", FP32 * n * k)
     ws = p.alloc("w_scaled", FP32 * n * k)
     p.free(w32)
@@ -114,6 +115,7 @@ def _float8_weight_only(p: Program, rows: int, k: int, n: int) -> str:
     y = p.alloc("linear", BF16 * rows * n)
     p.free(w)
     return y
+
 
 def dense_linear(p: Program, quant: str, rows: int, k: int, n: int, native_fp8: bool) -> str:
     """ops.dense_linear: bf16 weights used as they are; NF4 dequantized by bitsandbytes to bf16 (double
@@ -146,14 +148,7 @@ def dense_linear(p: Program, quant: str, rows: int, k: int, n: int, native_fp8: 
         y = p.alloc("linear", BF16 * rows * n)
         p.free(xq, xs)
         return y
-    w32 = p.alloc("weight_fp32", FP32 * n * k)
-    ws = p.alloc("weight_scaled", FP32 * n * k)
-    p.free(w32)
-    w = p.alloc("weight_bf16", BF16 * n * k)
-    p.free(ws)
-    y = p.alloc("linear", BF16 * rows * n)
-    p.free(w)
-    return y
+    return _dequantized_matmul(p, rows, k, n)
 
 
 def expert_weights(p: Program, quant: str, numel: int) -> list[str]:

@@ -11,7 +11,7 @@ describes the one that runs. Pure: no torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Iterable, Sequence
 
@@ -110,27 +110,10 @@ def simulated_layers(arch: Architecture, layers: range, count: int) -> tuple[int
     return tuple(chosen)
 
 
-@dataclass(frozen=True)
-class _Shape:
-    """The fields of an Architecture the allocation programs read: a cheap cache key."""
-
-    model_type: str
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    num_experts: int
-    experts_per_token: int
-    layer_windows: tuple[int | None, ...]
-
-
-def _shape(arch: Architecture) -> _Shape:
-    return _Shape(arch.model_type, arch.num_layers, arch.hidden_size, arch.intermediate_size, arch.num_heads,
-                  arch.num_kv_heads, arch.head_dim, arch.vocab_size, arch.num_experts, arch.experts_per_token,
-                  tuple(arch.layer_windows))
+def _cache_key(arch: Architecture) -> Architecture:
+    """The architecture without its tensor list, which the allocation programs never read: hashing
+    a 405B model's thousands of tensor specs on every plan would cost more than the replay it saves."""
+    return replace(arch, tensors=())
 
 
 @dataclass(frozen=True)
@@ -150,7 +133,7 @@ def runtime_terms(arch: Architecture, quant: str, engine: str, context: int, bat
     dev = _Device(device.kind == "cuda", tuple(device.compute_capability) if device.compute_capability else None,
                   bool(device.native_fp8))
     count = len(part.layers) if every_layer and engine == FAST else SIMULATED_LAYERS[engine]
-    return _terms(_shape(arch), quant, engine, context, batch, kv_dtype_bytes, dev, part.layers.start,
+    return _terms(_cache_key(arch), quant, engine, context, batch, kv_dtype_bytes, dev, part.layers.start,
                   part.layers.stop, part.first, part.last, count)
 
 
@@ -161,7 +144,7 @@ def _context_bytes(quant: str, engine: str, dev: _Device) -> int:
 
 
 @lru_cache(maxsize=4096)
-def _terms(arch: _Shape, quant: str, engine: str, context: int, batch: int, kvb: int, dev: _Device,
+def _terms(arch: Architecture, quant: str, engine: str, context: int, batch: int, kvb: int, dev: _Device,
            start: int, stop: int, first: bool, last: bool, count: int) -> RuntimeTerms:
     part = Part(range(start, stop), first, last)
     kv = kv_cache_bytes(arch, part.layers, context, batch, kvb, engine)

@@ -315,13 +315,19 @@ def _mlp(p: Program, arch: Architecture, quant: str, rows: int, x: str, native_f
         down = linear(p, quant, rows, i, h, native_fp8)
         p.free(prod, gu)
         return down
-    gate = linear(p, quant, rows, h, i, native_fp8)
+    return gated_mlp(p, rows, h, i, lambda k, n: linear(p, quant, rows, k, n, native_fp8))
+
+
+def gated_mlp(p: Program, rows: int, h: int, i: int, project) -> str:
+    """down(act(gate(x)) * up(x)) with separate projections, `project(k, n)` allocating one of them: the
+    activation outlives the gate, the product the activation and up (transformers' MLPs, the engine's prefill)."""
+    gate = project(h, i)
     act = p.alloc("act", BF16 * rows * i)
     p.free(gate)
-    up = linear(p, quant, rows, h, i, native_fp8)
+    up = project(h, i)
     prod = p.alloc("act_up", BF16 * rows * i)
     p.free(act, up)
-    down = linear(p, quant, rows, i, h, native_fp8)
+    down = project(i, h)
     p.free(prod)
     return down
 
