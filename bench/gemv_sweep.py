@@ -29,7 +29,7 @@ from triton.testing import do_bench
 import bitsandbytes.functional as bnbf
 
 from heavylift.engine import lut, weights as W
-from heavylift.engine.kernels import DQ_GROUP, NF4_DQ, _dot
+from heavylift.engine.kernels import DQ_GROUP, NF4_DQ, _dot, _nf4_rows
 from heavylift.engine.ops import TritonOps, dense_linear
 
 LUT_ASM = tl.constexpr(lut.ptx(bnbf.get_4bit_type("nf4", device="cpu").tolist()))
@@ -147,38 +147,12 @@ def nf4_gemm(x_ptr, w_ptr, abs_ptr, abs2_ptr, code_ptr, code2_ptr, offset, out_p
 
 
 @triton.jit
-def nf4_gemv7(x32_ptr, w_ptr, abs_ptr, abs2_ptr, code_ptr, code2_ptr, offset, out_ptr, N, K,
+def nf4_gemv7(x_ptr, w_ptr, abs_ptr, abs2_ptr, code_ptr, code2_ptr, offset, out_ptr, N, K,
               BLOCK_N: tl.constexpr, NB: tl.constexpr, LUT: tl.constexpr):
-    """v5 with the address arithmetic out of the loop (pointers advanced per step) and no masks
-    (the sweep's shapes divide evenly)."""
+    """v5 with pointers advanced per step and no masks: the engine's own loop (kernels._nf4_rows)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows64 = rows.to(tl.int64)
-    j = tl.arange(0, 32)
-    b = tl.arange(0, NB)
-    nblk = K // 64
-    offs = tl.max_contiguous(b[None, :, None] * 32 + j[None, None, :], [1, 1, 4])
-    pw = w_ptr + rows64[:, None, None] * (K // 2) + offs
-    px = x32_ptr + offs + 0 * rows[:, None, None]
-    idx = rows64[:, None] * nblk + b[None, :]
-    acc3 = tl.zeros((BLOCK_N, NB, 32), tl.float32)
-    for kb in range(0, nblk, NB):
-        packed = tl.load(pw)
-        x32 = tl.load(px)
-        q = tl.load(abs_ptr + idx)
-        a = tl.load(code2_ptr + q) * tl.load(abs2_ptr + (idx >> 8)) + offset
-        xe = (x32 << 16).to(tl.float32, bitcast=True)
-        xo = (x32 & -65536).to(tl.float32, bitcast=True)
-        if LUT:
-            hi, lo = tl.inline_asm_elementwise(LUT_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [packed],
-                                               dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
-        else:
-            hi = tl.load(code_ptr + (packed >> 4))
-            lo = tl.load(code_ptr + (packed & 15))
-        acc3 += (hi * xe + lo * xo) * a[:, :, None]
-        pw += NB * 32
-        px += NB * 32
-        idx += NB
-    acc = tl.sum(tl.sum(acc3, axis=2), axis=1)
+    acc = _nf4_rows(x_ptr, w_ptr, abs_ptr, abs2_ptr, offset, 0, code_ptr, code2_ptr, rows, rows < N, K, NF4_DQ,
+                    BLOCK_N, NB, True, LUT)
     tl.store(out_ptr + rows, acc.to(tl.bfloat16))
 
 
@@ -190,7 +164,7 @@ def run_gemm(w, x, out, bn, warps, stages):
 def run_variant(variant, w, x, out, bn, nb, warps):
     grid = (triton.cdiv(w.n, bn),)
     if variant in (7, 8):
-        return nf4_gemv7[grid](x.view(torch.int32), w.data, w.scale, w.absmax2, w.code, w.code2, w.offset, out, w.n,
+        return nf4_gemv7[grid](x, w.data, w.scale, w.absmax2, w.code, w.code2, w.offset, out, w.n,
                                w.k, BLOCK_N=bn, NB=nb, LUT=variant == 7, num_warps=warps, num_stages=3)
     nf4_gemv[grid](x, x.view(torch.int32), w.data, w.data.view(torch.int32), w.scale, w.absmax2, w.code, w.code2,
                    w.offset, out, w.n, w.k, VARIANT=variant, BLOCK_N=bn, NB=nb, num_warps=warps, num_stages=3)
