@@ -263,3 +263,28 @@ def test_register_lookup_matches_the_code_table_for_every_byte(quant_type):
         want = [as_f16[n] for byte in packed for n in (byte >> 4, byte & 15)]
         assert lut.emulate(code, int.from_bytes(packed, "little")) == want
     assert max(abs(a - b) / max(abs(a), 1e-3) for a, b in zip(code, as_f16)) < 2 ** -11
+
+
+def test_register_lookup_takes_its_table_as_operands_in_the_order_the_kernels_pass_them():
+    """kernels pass lut.words() as eight int32 tensors under pack=4 ($9, $13, ... $37); with those in place of
+    the operands the PTX is the immediate-table program line for line."""
+    import re
+
+    import bitsandbytes.functional as bnbf
+
+    from heavylift.engine import lut
+
+    code = bnbf.get_4bit_type("nf4", device="cpu").tolist()
+    with_operands = lut.ptx(code, table_operands=True)
+    assert not re.search(r"mov\.b32 [lh]\d", with_operands)
+    assert sorted({int(n) for n in re.findall(r"\$(\d+)", with_operands) if int(n) > 8}) == [9 + 4 * j for j in range(8)]
+    for j, name in enumerate([f"l{i}" for i in range(4)] + [f"h{i}" for i in range(4)]):
+        with_operands = re.sub(rf"\${9 + 4 * j}\b", name, with_operands)
+
+    def body(text):
+        return [line for line in text.splitlines() if not line.startswith((".reg", "mov.b32 l", "mov.b32 h"))]
+
+    assert body(with_operands) == body(lut.ptx(code))
+    low, high = lut.table_words(code)
+    assert [w & lut.MASK32 for w in lut.words(code)] == low + high
+    assert all(-2 ** 31 <= w < 2 ** 31 for w in lut.words(code))

@@ -16,6 +16,7 @@ import os
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .lut import ptx as _lut_ptx
 from .weights import DQ_GROUP as _DQ, FP8 as _FP8, INT8 as _INT8, NF4 as _NF4, NF4_DQ as _NF4_DQ, QBLOCK as _QBLOCK
@@ -39,7 +40,30 @@ def nf4_code() -> list[float]:
     return bnbf.get_4bit_type("nf4", device="cpu").tolist()
 
 
-NF4_LUT_PTX = tl.constexpr(_lut_ptx(nf4_code()))
+NF4_LUT_PTX = tl.constexpr(_lut_ptx(nf4_code(), table_operands=True))
+
+
+def _hopper() -> bool:
+    import torch
+
+    if INTERPRET or os.environ.get("HEAVYLIFT_PDL") == "0":  # HEAVYLIFT_PDL=0: plain launches, to compare
+        return False
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(0)[0] >= 9
+
+
+# Programmatic dependent launch (Hopper on): a kernel is launched while its predecessor still runs its last
+# programs, sets itself up, and waits for the predecessor's writes only where it needs them. A decode step is
+# ~300 short kernels; without it each one's ramp-up and tail sit end to end (bench/profile_decode.py).
+PDL = tl.constexpr(_hopper())
+
+
+@triton.jit
+def _pdl_enter():
+    """Let the next kernel start launching, then wait until the previous kernel's writes are visible.
+    Every kernel calls this before its first read of another kernel's output and its first write."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
 
 
 def _gemv_configs():
@@ -69,14 +93,15 @@ def _dot(a, b):
 
 
 @triton.jit
-def _nf4_rows(x_ptr, w_ptr, abs_ptr, abs2_ptr, offset, blk_base, code_ptr, code2_ptr, rows, row_mask, K,
+def _nf4_rows(x_ptr, w_ptr, abs_ptr, abs2_ptr, offset, blk_base, code_ptr, code2_ptr, lut_ptr, rows, row_mask, K,
               KIND: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, EVEN_K: tl.constexpr, LUT: tl.constexpr):
     """[BLOCK_N] fp32: x (one row) times rows `rows` of a 4-bit weight.
 
     The tile is [rows, NB blocks, 32 bytes]; each byte holds two weights and meets one int32 of x
     (the bf16 pair it multiplies), and both are read four to a thread so they share one register
     layout: no tile passes through shared memory. Pointers advance per step; the code table is looked
-    up in registers (lut.py) where the kernel runs compiled, from memory in the interpreter.
+    up in registers (lut.py) where the kernel runs compiled, from memory in the interpreter. The table's
+    eight words (`lut_ptr`) are read once, before the loop, so they stay in registers.
     """
     rows64 = rows.to(tl.int64)
     nblk = K // QBLOCK
@@ -86,6 +111,12 @@ def _nf4_rows(x_ptr, w_ptr, abs_ptr, abs2_ptr, offset, blk_base, code_ptr, code2
     px = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + offs + 0 * rows[:, None, None]
     idx = blk_base + rows64[:, None] * nblk + b[None, :]
     acc3 = tl.zeros((BLOCK_N, NB, 32), tl.float32)
+    if LUT:
+        z = tl.zeros((BLOCK_N, NB, 32), tl.int32)
+        t0, t1, t2, t3 = (z + tl.load(lut_ptr), z + tl.load(lut_ptr + 1), z + tl.load(lut_ptr + 2),
+                          z + tl.load(lut_ptr + 3))
+        t4, t5, t6, t7 = (z + tl.load(lut_ptr + 4), z + tl.load(lut_ptr + 5), z + tl.load(lut_ptr + 6),
+                          z + tl.load(lut_ptr + 7))
     for kb in range(0, nblk, NB):
         if EVEN_K:
             mask2 = row_mask[:, None] & (b >= 0)[None, :]
@@ -101,7 +132,8 @@ def _nf4_rows(x_ptr, w_ptr, abs_ptr, abs2_ptr, offset, blk_base, code_ptr, code2
         x_even = (x2 << 16).to(tl.float32, bitcast=True)  # little-endian: the even element is the low half
         x_odd = (x2 & -65536).to(tl.float32, bitcast=True)
         if LUT:
-            hi, lo = tl.inline_asm_elementwise(NF4_LUT_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [packed],
+            hi, lo = tl.inline_asm_elementwise(NF4_LUT_PTX, "=r,=r,=r,=r,=r,=r,=r,=r" + ",r" * 33,
+                                               [packed, t0, t1, t2, t3, t4, t5, t6, t7],
                                                dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
         else:
             hi = tl.load(code_ptr + (packed >> 4))  # the first weight of a byte sits in its high nibble
@@ -115,7 +147,7 @@ def _nf4_rows(x_ptr, w_ptr, abs_ptr, abs2_ptr, offset, blk_base, code_ptr, code2
 
 @triton.jit
 def _part_rows(x_ptr, x_stride, M, w_ptr, abs_ptr, abs2_ptr, offset, blk_base, bias_ptr, code_ptr, code2_ptr,
-               rows, K, KIND: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+               lut_ptr, rows, K, KIND: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, NB: tl.constexpr, EVEN_K: tl.constexpr, LUT: tl.constexpr, n_rows):
     """[BLOCK_M, BLOCK_N] fp32: x[:M] times rows `rows` of one weight, bias included."""
     row_mask = rows < n_rows
@@ -124,7 +156,7 @@ def _part_rows(x_ptr, x_stride, M, w_ptr, abs_ptr, abs2_ptr, offset, blk_base, b
     m_mask = m < M
     if KIND == NF4 or KIND == NF4_DQ:  # one row of x: the 4-bit path exists for decode only
         tl.static_assert(BLOCK_M == 1)
-        acc = _nf4_rows(x_ptr, w_ptr, abs_ptr, abs2_ptr, offset, blk_base, code_ptr, code2_ptr, rows, row_mask,
+        acc = _nf4_rows(x_ptr, w_ptr, abs_ptr, abs2_ptr, offset, blk_base, code_ptr, code2_ptr, lut_ptr, rows, row_mask,
                         K, KIND, BLOCK_N, NB, EVEN_K, LUT)[None, :]
     else:
         k = tl.arange(0, NB * QBLOCK)
@@ -168,27 +200,28 @@ def _linear_kernel(x_ptr, x_stride, out_ptr, out_stride, res_ptr, M, K,
                    w0, a0, s0, o0, g0, b0, n0,
                    w1, a1, s1, o1, g1, b1, n1,
                    w2, a2, s2, o2, g2, b2, n2,
-                   code_ptr, code2_ptr,
+                   code_ptr, code2_ptr, lut_ptr,
                    KIND: tl.constexpr, PARTS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                    LUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
                    EVEN_K: tl.constexpr):
     """y[:, parts] = x @ W_p^T (+ bias) (+ residual) for up to three weights side by side (q, k, v)."""
+    _pdl_enter()
     pid = tl.program_id(0)
     p0 = tl.cdiv(n0, BLOCK_N)
     p1 = tl.cdiv(n1, BLOCK_N)
     if pid < p0:
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = _part_rows(x_ptr, x_stride, M, w0, a0, s0, o0, g0, b0, code_ptr, code2_ptr, rows, K, KIND,
+        acc = _part_rows(x_ptr, x_stride, M, w0, a0, s0, o0, g0, b0, code_ptr, code2_ptr, lut_ptr, rows, K, KIND,
                          HAS_BIAS, BLOCK_M, BLOCK_N, NB, EVEN_K, LUT, n0)
         _store_part(out_ptr, out_stride, res_ptr, M, acc, rows, n0, 0, HAS_RES, BLOCK_M)
     elif PARTS > 1 and pid < p0 + p1:
         rows = (pid - p0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = _part_rows(x_ptr, x_stride, M, w1, a1, s1, o1, g1, b1, code_ptr, code2_ptr, rows, K, KIND,
+        acc = _part_rows(x_ptr, x_stride, M, w1, a1, s1, o1, g1, b1, code_ptr, code2_ptr, lut_ptr, rows, K, KIND,
                          HAS_BIAS, BLOCK_M, BLOCK_N, NB, EVEN_K, LUT, n1)
         _store_part(out_ptr, out_stride, res_ptr, M, acc, rows, n1, n0, HAS_RES, BLOCK_M)
     elif PARTS > 2:
         rows = (pid - p0 - p1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = _part_rows(x_ptr, x_stride, M, w2, a2, s2, o2, g2, b2, code_ptr, code2_ptr, rows, K, KIND,
+        acc = _part_rows(x_ptr, x_stride, M, w2, a2, s2, o2, g2, b2, code_ptr, code2_ptr, lut_ptr, rows, K, KIND,
                          HAS_BIAS, BLOCK_M, BLOCK_N, NB, EVEN_K, LUT, n2)
         _store_part(out_ptr, out_stride, res_ptr, M, acc, rows, n2, n0 + n1, HAS_RES, BLOCK_M)
 
@@ -196,13 +229,14 @@ def _linear_kernel(x_ptr, x_stride, out_ptr, out_stride, res_ptr, M, K,
 @triton.jit
 def _glu_kernel(x_ptr, x_stride, out_ptr, out_stride, M, K,
                 w0, a0, s0, o0, g0, w1, a1, s1, o1, g1, n,
-                code_ptr, code2_ptr, KIND: tl.constexpr, LUT: tl.constexpr,
+                code_ptr, code2_ptr, lut_ptr, KIND: tl.constexpr, LUT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, EVEN_K: tl.constexpr):
     """act = silu(x @ gate^T) * (x @ up^T): both projections in one pass, the product in the epilogue."""
+    _pdl_enter()
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    g = _part_rows(x_ptr, x_stride, M, w0, a0, s0, o0, g0, w0, code_ptr, code2_ptr, rows, K, KIND,
+    g = _part_rows(x_ptr, x_stride, M, w0, a0, s0, o0, g0, w0, code_ptr, code2_ptr, lut_ptr, rows, K, KIND,
                    False, BLOCK_M, BLOCK_N, NB, EVEN_K, LUT, n)
-    u = _part_rows(x_ptr, x_stride, M, w1, a1, s1, o1, g1, w1, code_ptr, code2_ptr, rows, K, KIND,
+    u = _part_rows(x_ptr, x_stride, M, w1, a1, s1, o1, g1, w1, code_ptr, code2_ptr, lut_ptr, rows, K, KIND,
                    False, BLOCK_M, BLOCK_N, NB, EVEN_K, LUT, n)
     # Rounded as the reference rounds: each projection to bf16, silu in float32 back to bf16, the product.
     g = g.to(tl.bfloat16).to(tl.float32)
@@ -231,6 +265,7 @@ glu_gemm = _tuned(_gemm_configs(), ["K", "KIND", "n", "BLOCK_M"])(_glu_kernel)
 @triton.jit
 def rmsnorm_kernel(x_ptr, w_ptr, out_ptr, H, eps, BLOCK: tl.constexpr):
     """out = bf16(x * rsqrt(mean(x^2) + eps)) * w, one row per program, as LlamaRMSNorm computes it."""
+    _pdl_enter()
     row = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, BLOCK)
     mask = h < H
@@ -255,6 +290,7 @@ def rope_cache_kernel(qkv_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, slo
     Program (token, head): heads [0, HQ) are queries, [HQ, HQ+HKV) keys, the rest values.
     The token's position is pos[token] + POS_PLUS (decode passes the cache length, prefill the positions).
     """
+    _pdl_enter()
     t = tl.program_id(0)
     head = tl.program_id(1)
     half = tl.arange(0, D // 2)
@@ -293,6 +329,7 @@ def decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, len_ptr, o_ptr, m_p
     (o, m, l) for `attention_combine_kernel`. The length is read on the device, so one captured
     graph serves every step.
     """
+    _pdl_enter()
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // HKV
@@ -333,6 +370,7 @@ def decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, len_ptr, o_ptr, m_p
 @triton.jit
 def attention_combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, SPLITS, BLOCK_SPLITS: tl.constexpr, D: tl.constexpr):
     """Second pass: merge the splits of one (sequence, query head) into its bf16 output."""
+    _pdl_enter()
     row = tl.program_id(0).to(tl.int64)
     sp = tl.arange(0, BLOCK_SPLITS)
     sp_mask = sp < SPLITS

@@ -62,12 +62,23 @@ def program(code: Sequence[float]) -> list[tuple]:
     return steps
 
 
-def ptx(code: Sequence[float]) -> str:
-    """Inline PTX for `tl.inline_asm_elementwise(pack=4)`: $0-$7 the outputs, $8 the packed bytes."""
+def ptx(code: Sequence[float], table_operands: bool = False) -> str:
+    """Inline PTX for `tl.inline_asm_elementwise(pack=4)`: $0-$7 the outputs, $8 the packed bytes.
+
+    With `table_operands` the eight table words are inputs, not immediates: eight int32 tensors after the
+    packed bytes, each four operands wide under pack=4 ($9, $13, ... hold them). A kernel that loads them
+    once before its loop keeps them in registers; as immediates, ptxas rebuilt all eight in every lookup
+    (about a sixth of the 4-bit loop's instructions on an H100).
+    """
     regs = {f"o{i}": f"${i}" for i in range(8)} | {"q": "$8"}
+    if table_operands:
+        regs |= {f"{t}{i}": f"${9 + 4 * (4 * k + i)}" for k, t in enumerate("lh") for i in range(4)}
     name = lambda r: regs.get(r, r) if isinstance(r, str) else f"{r:#x}"  # noqa: E731
-    lines = ["{", ".reg .b32 l0, l1, l2, l3, h0, h1, h2, h3, q4, c, x, y, m, ls, hs, t;", ".reg .b16 lo, hi;"]
+    tables = "" if table_operands else "l0, l1, l2, l3, h0, h1, h2, h3, "
+    lines = ["{", f".reg .b32 {tables}q4, c, x, y, m, ls, hs, t;", ".reg .b16 lo, hi;"]
     for op, dst, *src in program(code):
+        if op == "mov" and table_operands:
+            continue
         if op == "f16pair":  # fp16 pair (low half: the low nibble's value) to two float32
             lines += [f"mov.b32 {{lo, hi}}, {name(src[1])};", f"cvt.f32.f16 {name(dst)}, hi;",
                       f"cvt.f32.f16 {name(src[0])}, lo;"]
@@ -75,6 +86,12 @@ def ptx(code: Sequence[float]) -> str:
             lines.append(f"{op}.b32 {name(dst)}, {', '.join(name(s) for s in src)};")
     lines.append("}")
     return "\n".join(lines)
+
+
+def words(code: Sequence[float]) -> list[int]:
+    """The eight table words in the order `ptx(..., table_operands=True)` takes them (signed int32)."""
+    low, high = table_words(code)
+    return [w - (1 << 32) if w >= 1 << 31 else w for w in low + high]
 
 
 def _prmt(a: int, b: int, select: int) -> int:

@@ -122,7 +122,8 @@ class TritonOps:
         import triton
 
         rows, h = x.shape
-        K.rmsnorm_kernel[(rows,)](x, weight, out, h, eps, BLOCK=triton.next_power_of_2(h), num_warps=4)
+        K.rmsnorm_kernel[(rows,)](x, weight, out, h, eps, BLOCK=triton.next_power_of_2(h), num_warps=4,
+                                  **_pdl(K, rows))
         return out
 
     @staticmethod
@@ -141,8 +142,10 @@ class TritonOps:
         kernel, block_m, fixed = _pick(K, K.linear_gemv, K.linear_gemm, m)
         grid = lambda meta: (sum(-(-n // meta["BLOCK_N"]) for n in sizes),)  # noqa: E731
         kernel[grid](x, x.stride(0), out, out.stride(0), residual if residual is not None else out, m, parts[0].k,
-                     *args, code, code2, KIND=parts[0].kind, PARTS=len(parts), HAS_BIAS=parts[0].bias is not None,
-                     HAS_RES=residual is not None, LUT=_register_lut(K, parts[0]), BLOCK_M=block_m, **fixed)
+                     *args, code, code2, _lut_words(K, parts[0]),
+                     KIND=parts[0].kind, PARTS=len(parts), HAS_BIAS=parts[0].bias is not None,
+                     HAS_RES=residual is not None, LUT=_register_lut(K, parts[0]), BLOCK_M=block_m, **fixed,
+                     **_pdl(K, m))
         return out
 
     @staticmethod
@@ -156,7 +159,8 @@ class TritonOps:
         kernel, block_m, fixed = _pick(K, K.glu_gemv, K.glu_gemm, m)
         grid = lambda meta: (-(-gate.n // meta["BLOCK_N"]),)  # noqa: E731
         kernel[grid](x, x.stride(0), out, out.stride(0), m, gate.k, *_weight_args(gate), *_weight_args(up), gate.n,
-                     code, code2, KIND=gate.kind, LUT=_register_lut(K, gate), BLOCK_M=block_m, **fixed)
+                     code, code2, _lut_words(K, gate), KIND=gate.kind, LUT=_register_lut(K, gate), BLOCK_M=block_m,
+                     **fixed, **_pdl(K, m))
         return out
 
     @staticmethod
@@ -166,7 +170,7 @@ class TritonOps:
         tokens = qkv.shape[0]
         K.rope_cache_kernel[(tokens, heads + 2 * kv_heads)](
             qkv, q_out, k_cache, v_cache, positions, slots, cos, sin, heads, kv_heads, k_cache.shape[2], 0,
-            D=k_cache.shape[-1], num_warps=1)
+            D=k_cache.shape[-1], num_warps=1, **_pdl(K, tokens))
         return q_out
 
     @staticmethod
@@ -182,9 +186,10 @@ class TritonOps:
         K.decode_attention_kernel[(b * kv_heads, splits)](
             q, k_cache, v_cache, seq_len, o_part, m_part, l_part, scale, heads, kv_heads, s_max,
             window or s_max + 1, splits, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
-            BLOCK_S=ATTENTION_BLOCK, D=d, num_warps=4)
+            BLOCK_S=ATTENTION_BLOCK, D=d, num_warps=4, **_pdl(K, b))
         K.attention_combine_kernel[(b * heads,)](o_part, m_part, l_part, out, splits,
-                                                 BLOCK_SPLITS=triton.next_power_of_2(splits), D=d, num_warps=4)
+                                                 BLOCK_SPLITS=triton.next_power_of_2(splits), D=d, num_warps=4,
+                                                 **_pdl(K, b))
         return out
 
 
@@ -193,6 +198,14 @@ def attention_scratch(batch: int, heads: int, head_dim: int, splits: int, device
     return (torch.empty(batch, heads, splits, head_dim, device=device, dtype=torch.float32),
             torch.empty(batch, heads, splits, device=device, dtype=torch.float32),
             torch.empty(batch, heads, splits, device=device, dtype=torch.float32))
+
+
+def _pdl(K, rows: int) -> dict:
+    """Launch options: programmatic dependent launch (kernels.PDL) for one-token steps only. On an H100 it
+    took batch-1 NF4-DQ decode from 269 to 281 tok/s, but batch-16 FP8 from 2872 to 1778 and bf16 from
+    2373 to 2096: the tensor-core tiles lose more to the next kernel's early, waiting programs than the
+    short GEMVs gain (bench/profile_decode.py; HEAVYLIFT_PDL=0 turns it off)."""
+    return {"launch_pdl": True} if K.PDL.value and rows == 1 else {}
 
 
 def _pick(K, gemv, gemm, rows: int):
@@ -221,6 +234,21 @@ def _register_lut(K, w: QWeight) -> bool:
     if key not in _NF4_TABLES:
         _NF4_TABLES[key] = w.code.tolist() == K.nf4_code()
     return _NF4_TABLES[key]
+
+
+_LUT_WORDS: dict[torch.device, torch.Tensor] = {}
+
+
+def _lut_words(K, w: QWeight) -> torch.Tensor:
+    """The NF4 table as the eight int32 words the register lookup takes (lut.words), one tensor per
+    device; a stand-in pointer where the kernel looks nothing up in registers."""
+    if not _register_lut(K, w):
+        return _codes(w)[0]
+    if w.data.device not in _LUT_WORDS:
+        from .lut import words
+
+        _LUT_WORDS[w.data.device] = torch.tensor(words(K.nf4_code()), dtype=torch.int32, device=w.data.device)
+    return _LUT_WORDS[w.data.device]
 
 
 def _codes(w: QWeight):
