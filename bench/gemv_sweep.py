@@ -11,6 +11,10 @@ beside variants that each change one thing, over a wide set of tiles:
   v5  bytes and x pairs in one register layout, the lookup in registers (engine/lut.py)
   v6  v5 with the table lookup from memory
   v7  v5 with pointers advanced per step and no masks; v8 the same with the lookup from memory
+  v9-v14   per-thread byte sums before the absmax, runs of 4-32 bytes a thread, prefetch, x broadcast
+  v15, v16 v9 with the words of a block leading the thread order (v16: arithmetic for the lookup)
+  v20-v24  Gluon, layouts by hand: 128-bit loads, x once per thread, no shared memory in the loop
+           (v21: arithmetic for the lookup, v22: prefetch, v23/v24: warps along the row's blocks)
 and, for 16 rows, the production tensor-core kernel against bitsandbytes' dequantize + cuBLAS.
 Every variant but v2 is checked against a float64 reference first.
 Usage (GPU machine, after the kit prelude): python3 bench/gemv_sweep.py --out $OUT/gemv_sweep.json
@@ -30,7 +34,7 @@ import bitsandbytes.functional as bnbf
 
 from heavylift.engine import lut, weights as W
 from heavylift.engine.kernels import DQ_GROUP, NF4_DQ, _dot, _nf4_rows
-from heavylift.engine.ops import TritonOps, dense_linear
+from heavylift.engine.ops import TritonOps, _codes, dense_linear
 
 LUT_ASM = tl.constexpr(lut.ptx(bnbf.get_4bit_type("nf4", device="cpu").tolist()))
 SHAPES = {"gate": (14336, 4096), "down": (4096, 14336), "qkv": (6144, 4096), "o": (4096, 4096)}
@@ -148,27 +152,34 @@ def nf4_gemm(x_ptr, w_ptr, abs_ptr, abs2_ptr, code_ptr, code2_ptr, offset, out_p
 
 
 @triton.jit
-def nf4_gemv7(x_ptr, w_ptr, abs_ptr, abs2_ptr, code_ptr, code2_ptr, lut_ptr, offset, out_ptr, N, K,
+def nf4_gemv7(x_ptr, w_ptr, abs_ptr, abs2_ptr, code_ptr, code2_ptr, offset, out_ptr, N, K,
               BLOCK_N: tl.constexpr, NB: tl.constexpr, LUT: tl.constexpr):
     """v5 with pointers advanced per step and no masks: the engine's own loop (kernels._nf4_rows)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = _nf4_rows(x_ptr, w_ptr, abs_ptr, abs2_ptr, offset, 0, code_ptr, code2_ptr, lut_ptr, rows, rows < N, K, NF4_DQ,
+    acc = _nf4_rows(x_ptr, w_ptr, abs_ptr, abs2_ptr, offset, 0, code_ptr, code2_ptr, rows, rows < N, K, NF4_DQ,
                     BLOCK_N, NB, True, LUT)
     tl.store(out_ptr + rows, acc.to(tl.bfloat16))
 
 
 @triton.jit
-def _step9(packed, x2, a, VARIANT: tl.constexpr):
-    """[BLOCK_N, NB, 8] fp32: one step's products, the four bytes of a thread summed before the absmax."""
+def _products(packed, x2, ARITH: tl.constexpr):
+    """Per byte, first weight * even x + second weight * odd x; ARITH puts arithmetic in place of the lookup
+    (wrong values: the ceiling of a loop without it)."""
     xe = (x2 << 16).to(tl.float32, bitcast=True)
     xo = (x2 & -65536).to(tl.float32, bitcast=True)
-    if VARIANT == 10:  # arithmetic in place of the lookup (wrong values): the ceiling of this loop
+    if ARITH:
         hi = (packed >> 4).to(tl.float32) * 0.125 - 0.9
         lo = (packed & 15).to(tl.float32) * 0.125 - 0.9
     else:
         hi, lo = tl.inline_asm_elementwise(LUT_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [packed],
                                            dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
-    return tl.sum(hi * xe + lo * xo, axis=3) * a[:, :, None]
+    return hi * xe + lo * xo
+
+
+@triton.jit
+def _step9(packed, x2, a, VARIANT: tl.constexpr):
+    """[BLOCK_N, NB, 32 // RUN] fp32: one step's products, a thread's bytes summed before the absmax."""
+    return tl.sum(_products(packed, x2, VARIANT == 10), axis=3) * a[:, :, None]
 
 
 @triton.jit
@@ -229,15 +240,7 @@ def nf4_gemv9(x_ptr, w_ptr, abs_ptr, abs2_ptr, code2_ptr, offset, out_ptr, N, K,
 @triton.jit
 def _step15(packed, x2, a, VARIANT: tl.constexpr):
     """[8, NB, BLOCK_N] fp32: one step's products, a thread's four bytes summed before the absmax."""
-    xe = (x2 << 16).to(tl.float32, bitcast=True)
-    xo = (x2 & -65536).to(tl.float32, bitcast=True)
-    if VARIANT == 16:  # arithmetic in place of the lookup (wrong values): the ceiling of this loop
-        hi = (packed >> 4).to(tl.float32) * 0.125 - 0.9
-        lo = (packed & 15).to(tl.float32) * 0.125 - 0.9
-    else:
-        hi, lo = tl.inline_asm_elementwise(LUT_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [packed],
-                                           dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
-    return tl.sum(hi * xe + lo * xo, axis=3) * a[None, :, :]
+    return tl.sum(_products(packed, x2, VARIANT == 16), axis=3) * a[None, :, :]
 
 
 @triton.jit
@@ -355,7 +358,8 @@ def nf4_gemv20(x_ptr, w_ptr, abs_ptr, abs2_ptr, code2_ptr, offset, out_ptr, N, K
 
 # variant: (body, prefetch, xb, run)
 V9 = {9: (9, 0, 0, 4), 91: (9, 1, 0, 4), 92: (9, 0, 1, 4), 93: (9, 1, 1, 4), 10: (10, 1, 1, 4),
-      11: (9, 0, 0, 16), 111: (9, 1, 0, 16), 112: (9, 0, 1, 16), 12: (10, 0, 0, 16), 13: (9, 0, 0, 8), 14: (9, 0, 0, 32)}
+      11: (9, 0, 0, 16), 111: (9, 1, 0, 16), 112: (9, 0, 1, 16), 12: (10, 0, 0, 16), 13: (9, 0, 0, 8),
+      14: (9, 0, 0, 32)}
 
 
 def run_gemm(w, x, out, bn, warps, stages):
@@ -387,9 +391,8 @@ def run_variant(variant, w, x, out, bn, nb, warps):
         return nf4_gemv9[grid](x, w.data, w.scale, w.absmax2, w.code2, w.offset, out, w.n, w.k, BLOCK_N=bn, NB=nb,
                                VARIANT=body, PREFETCH=prefetch, XB=xb, RUN=run, num_warps=warps, num_stages=1)
     if variant in (7, 8):
-        words = torch.tensor(lut.words(bnbf.get_4bit_type("nf4", device="cpu").tolist()), dtype=torch.int32,
-                             device=w.data.device)
-        return nf4_gemv7[grid](x, w.data, w.scale, w.absmax2, w.code, w.code2, words, w.offset, out, w.n,
+        code = _codes(w, variant == 7)[0]  # the table as the register lookup's words (v7) or as floats (v8)
+        return nf4_gemv7[grid](x, w.data, w.scale, w.absmax2, code, w.code2, w.offset, out, w.n,
                                w.k, BLOCK_N=bn, NB=nb, LUT=variant == 7, num_warps=warps, num_stages=3)
     nf4_gemv[grid](x, x.view(torch.int32), w.data, w.data.view(torch.int32), w.scale, w.absmax2, w.code, w.code2,
                    w.offset, out, w.n, w.k, VARIANT=variant, BLOCK_N=bn, NB=nb, num_warps=warps, num_stages=3)

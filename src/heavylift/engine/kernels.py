@@ -43,7 +43,7 @@ def nf4_code() -> list[float]:
 NF4_LUT_PTX = tl.constexpr(_lut_ptx(nf4_code(), table_operands=True))
 
 
-def _hopper() -> bool:
+def _pdl_enabled() -> bool:
     import torch
 
     if INTERPRET or os.environ.get("HEAVYLIFT_PDL") == "0":  # HEAVYLIFT_PDL=0: plain launches, to compare
@@ -54,7 +54,7 @@ def _hopper() -> bool:
 # Programmatic dependent launch (Hopper on): a kernel is launched while its predecessor still runs its last
 # programs, sets itself up, and waits for the predecessor's writes only where it needs them. A decode step is
 # ~300 short kernels; without it each one's ramp-up and tail sit end to end (bench/profile_decode.py).
-PDL = tl.constexpr(_hopper())
+PDL = tl.constexpr(_pdl_enabled())
 
 
 @triton.jit
@@ -93,15 +93,16 @@ def _dot(a, b):
 
 
 @triton.jit
-def _nf4_rows(x_ptr, w_ptr, abs_ptr, abs2_ptr, offset, blk_base, code_ptr, code2_ptr, lut_ptr, rows, row_mask, K,
+def _nf4_rows(x_ptr, w_ptr, abs_ptr, abs2_ptr, offset, blk_base, code_ptr, code2_ptr, rows, row_mask, K,
               KIND: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, EVEN_K: tl.constexpr, LUT: tl.constexpr):
     """[BLOCK_N] fp32: x (one row) times rows `rows` of a 4-bit weight.
 
     The tile is [rows, NB blocks, 32 bytes]; each byte holds two weights and meets one int32 of x
     (the bf16 pair it multiplies), and both are read four to a thread so they share one register
     layout: no tile passes through shared memory. Pointers advance per step; the code table is looked
-    up in registers (lut.py) where the kernel runs compiled, from memory in the interpreter. The table's
-    eight words (`lut_ptr`) are read once, before the loop, so they stay in registers.
+    up in registers (lut.py) where the kernel runs compiled, from memory in the interpreter. With LUT,
+    `code_ptr` holds the table as the lookup's eight int32 words (lut.words), not its 16 floats; they are
+    read once, before the loop, so they stay in registers.
     """
     rows64 = rows.to(tl.int64)
     nblk = K // QBLOCK
@@ -113,10 +114,10 @@ def _nf4_rows(x_ptr, w_ptr, abs_ptr, abs2_ptr, offset, blk_base, code_ptr, code2
     acc3 = tl.zeros((BLOCK_N, NB, 32), tl.float32)
     if LUT:
         z = tl.zeros((BLOCK_N, NB, 32), tl.int32)
-        t0, t1, t2, t3 = (z + tl.load(lut_ptr), z + tl.load(lut_ptr + 1), z + tl.load(lut_ptr + 2),
-                          z + tl.load(lut_ptr + 3))
-        t4, t5, t6, t7 = (z + tl.load(lut_ptr + 4), z + tl.load(lut_ptr + 5), z + tl.load(lut_ptr + 6),
-                          z + tl.load(lut_ptr + 7))
+        t0, t1, t2, t3 = (z + tl.load(code_ptr), z + tl.load(code_ptr + 1), z + tl.load(code_ptr + 2),
+                          z + tl.load(code_ptr + 3))
+        t4, t5, t6, t7 = (z + tl.load(code_ptr + 4), z + tl.load(code_ptr + 5), z + tl.load(code_ptr + 6),
+                          z + tl.load(code_ptr + 7))
     for kb in range(0, nblk, NB):
         if EVEN_K:
             mask2 = row_mask[:, None] & (b >= 0)[None, :]
@@ -147,7 +148,7 @@ def _nf4_rows(x_ptr, w_ptr, abs_ptr, abs2_ptr, offset, blk_base, code_ptr, code2
 
 @triton.jit
 def _part_rows(x_ptr, x_stride, M, w_ptr, abs_ptr, abs2_ptr, offset, blk_base, bias_ptr, code_ptr, code2_ptr,
-               lut_ptr, rows, K, KIND: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+               rows, K, KIND: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, NB: tl.constexpr, EVEN_K: tl.constexpr, LUT: tl.constexpr, n_rows):
     """[BLOCK_M, BLOCK_N] fp32: x[:M] times rows `rows` of one weight, bias included."""
     row_mask = rows < n_rows
@@ -156,7 +157,7 @@ def _part_rows(x_ptr, x_stride, M, w_ptr, abs_ptr, abs2_ptr, offset, blk_base, b
     m_mask = m < M
     if KIND == NF4 or KIND == NF4_DQ:  # one row of x: the 4-bit path exists for decode only
         tl.static_assert(BLOCK_M == 1)
-        acc = _nf4_rows(x_ptr, w_ptr, abs_ptr, abs2_ptr, offset, blk_base, code_ptr, code2_ptr, lut_ptr, rows, row_mask,
+        acc = _nf4_rows(x_ptr, w_ptr, abs_ptr, abs2_ptr, offset, blk_base, code_ptr, code2_ptr, rows, row_mask,
                         K, KIND, BLOCK_N, NB, EVEN_K, LUT)[None, :]
     else:
         k = tl.arange(0, NB * QBLOCK)
@@ -200,7 +201,7 @@ def _linear_kernel(x_ptr, x_stride, out_ptr, out_stride, res_ptr, M, K,
                    w0, a0, s0, o0, g0, b0, n0,
                    w1, a1, s1, o1, g1, b1, n1,
                    w2, a2, s2, o2, g2, b2, n2,
-                   code_ptr, code2_ptr, lut_ptr,
+                   code_ptr, code2_ptr,
                    KIND: tl.constexpr, PARTS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                    LUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
                    EVEN_K: tl.constexpr):
@@ -211,17 +212,17 @@ def _linear_kernel(x_ptr, x_stride, out_ptr, out_stride, res_ptr, M, K,
     p1 = tl.cdiv(n1, BLOCK_N)
     if pid < p0:
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = _part_rows(x_ptr, x_stride, M, w0, a0, s0, o0, g0, b0, code_ptr, code2_ptr, lut_ptr, rows, K, KIND,
+        acc = _part_rows(x_ptr, x_stride, M, w0, a0, s0, o0, g0, b0, code_ptr, code2_ptr, rows, K, KIND,
                          HAS_BIAS, BLOCK_M, BLOCK_N, NB, EVEN_K, LUT, n0)
         _store_part(out_ptr, out_stride, res_ptr, M, acc, rows, n0, 0, HAS_RES, BLOCK_M)
     elif PARTS > 1 and pid < p0 + p1:
         rows = (pid - p0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = _part_rows(x_ptr, x_stride, M, w1, a1, s1, o1, g1, b1, code_ptr, code2_ptr, lut_ptr, rows, K, KIND,
+        acc = _part_rows(x_ptr, x_stride, M, w1, a1, s1, o1, g1, b1, code_ptr, code2_ptr, rows, K, KIND,
                          HAS_BIAS, BLOCK_M, BLOCK_N, NB, EVEN_K, LUT, n1)
         _store_part(out_ptr, out_stride, res_ptr, M, acc, rows, n1, n0, HAS_RES, BLOCK_M)
     elif PARTS > 2:
         rows = (pid - p0 - p1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = _part_rows(x_ptr, x_stride, M, w2, a2, s2, o2, g2, b2, code_ptr, code2_ptr, lut_ptr, rows, K, KIND,
+        acc = _part_rows(x_ptr, x_stride, M, w2, a2, s2, o2, g2, b2, code_ptr, code2_ptr, rows, K, KIND,
                          HAS_BIAS, BLOCK_M, BLOCK_N, NB, EVEN_K, LUT, n2)
         _store_part(out_ptr, out_stride, res_ptr, M, acc, rows, n2, n0 + n1, HAS_RES, BLOCK_M)
 
@@ -229,14 +230,14 @@ def _linear_kernel(x_ptr, x_stride, out_ptr, out_stride, res_ptr, M, K,
 @triton.jit
 def _glu_kernel(x_ptr, x_stride, out_ptr, out_stride, M, K,
                 w0, a0, s0, o0, g0, w1, a1, s1, o1, g1, n,
-                code_ptr, code2_ptr, lut_ptr, KIND: tl.constexpr, LUT: tl.constexpr,
+                code_ptr, code2_ptr, KIND: tl.constexpr, LUT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, EVEN_K: tl.constexpr):
     """act = silu(x @ gate^T) * (x @ up^T): both projections in one pass, the product in the epilogue."""
     _pdl_enter()
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    g = _part_rows(x_ptr, x_stride, M, w0, a0, s0, o0, g0, w0, code_ptr, code2_ptr, lut_ptr, rows, K, KIND,
+    g = _part_rows(x_ptr, x_stride, M, w0, a0, s0, o0, g0, w0, code_ptr, code2_ptr, rows, K, KIND,
                    False, BLOCK_M, BLOCK_N, NB, EVEN_K, LUT, n)
-    u = _part_rows(x_ptr, x_stride, M, w1, a1, s1, o1, g1, w1, code_ptr, code2_ptr, lut_ptr, rows, K, KIND,
+    u = _part_rows(x_ptr, x_stride, M, w1, a1, s1, o1, g1, w1, code_ptr, code2_ptr, rows, K, KIND,
                    False, BLOCK_M, BLOCK_N, NB, EVEN_K, LUT, n)
     # Rounded as the reference rounds: each projection to bf16, silu in float32 back to bf16, the product.
     g = g.to(tl.bfloat16).to(tl.float32)

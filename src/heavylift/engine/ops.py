@@ -135,17 +135,16 @@ class TritonOps:
 
         p = list(parts) + [parts[0]] * (3 - len(parts))
         sizes = [q.n for q in parts] + [0] * (3 - len(parts))
-        code, code2 = _codes(parts[0])
+        lut = _register_lut(K, parts[0])
+        code, code2 = _codes(parts[0], lut)
         args = []
         for q, n in zip(p, sizes):
             args += _weight_args(q) + [q.bias if q.bias is not None else q.data, n]
         kernel, block_m, fixed = _pick(K, K.linear_gemv, K.linear_gemm, m)
         grid = lambda meta: (sum(-(-n // meta["BLOCK_N"]) for n in sizes),)  # noqa: E731
         kernel[grid](x, x.stride(0), out, out.stride(0), residual if residual is not None else out, m, parts[0].k,
-                     *args, code, code2, _lut_words(K, parts[0]),
-                     KIND=parts[0].kind, PARTS=len(parts), HAS_BIAS=parts[0].bias is not None,
-                     HAS_RES=residual is not None, LUT=_register_lut(K, parts[0]), BLOCK_M=block_m, **fixed,
-                     **_pdl(K, m))
+                     *args, code, code2, KIND=parts[0].kind, PARTS=len(parts), HAS_BIAS=parts[0].bias is not None,
+                     HAS_RES=residual is not None, LUT=lut, BLOCK_M=block_m, **fixed, **_pdl(K, m))
         return out
 
     @staticmethod
@@ -155,12 +154,12 @@ class TritonOps:
             return TorchOps.glu(x, gate, up, out)
         from . import kernels as K
 
-        code, code2 = _codes(gate)
+        lut = _register_lut(K, gate)
+        code, code2 = _codes(gate, lut)
         kernel, block_m, fixed = _pick(K, K.glu_gemv, K.glu_gemm, m)
         grid = lambda meta: (-(-gate.n // meta["BLOCK_N"]),)  # noqa: E731
         kernel[grid](x, x.stride(0), out, out.stride(0), m, gate.k, *_weight_args(gate), *_weight_args(up), gate.n,
-                     code, code2, _lut_words(K, gate), KIND=gate.kind, LUT=_register_lut(K, gate), BLOCK_M=block_m,
-                     **fixed, **_pdl(K, m))
+                     code, code2, KIND=gate.kind, LUT=lut, BLOCK_M=block_m, **fixed, **_pdl(K, m))
         return out
 
     @staticmethod
@@ -236,23 +235,21 @@ def _register_lut(K, w: QWeight) -> bool:
     return _NF4_TABLES[key]
 
 
-_LUT_WORDS: dict[torch.device, torch.Tensor] = {}
+_LUT_WORDS: dict[torch.device, torch.Tensor] = {}  # device -> the NF4 table as lut.words, int32
 
 
-def _lut_words(K, w: QWeight) -> torch.Tensor:
-    """The NF4 table as the eight int32 words the register lookup takes (lut.words), one tensor per
-    device; a stand-in pointer where the kernel looks nothing up in registers."""
-    if not _register_lut(K, w):
-        return _codes(w)[0]
-    if w.data.device not in _LUT_WORDS:
-        from .lut import words
+def _codes(w: QWeight, lut: bool):
+    """The kernels' code_ptr and code2_ptr: the 4-bit table (as the register lookup's eight words where
+    `lut`) and the double quantization's table, or stand-in pointers where the weight has none."""
+    if lut:
+        if w.data.device not in _LUT_WORDS:
+            from . import kernels as K
+            from .lut import words
 
-        _LUT_WORDS[w.data.device] = torch.tensor(words(K.nf4_code()), dtype=torch.int32, device=w.data.device)
-    return _LUT_WORDS[w.data.device]
-
-
-def _codes(w: QWeight):
-    code = w.code if w.code is not None else w.data
+            _LUT_WORDS[w.data.device] = torch.tensor(words(K.nf4_code()), dtype=torch.int32, device=w.data.device)
+        code = _LUT_WORDS[w.data.device]
+    else:
+        code = w.code if w.code is not None else w.data
     return code, (w.code2 if w.code2 is not None else code)
 
 
