@@ -145,10 +145,10 @@ def main() -> None:
     parser.add_argument("--seed-budget-s", type=int, default=200)
     parser.add_argument("--big-layers", type=int, default=80, help="0 skips the 70B shape")
     args = parser.parse_args()
-    from heavylift.benchmark import copy_bandwidth
+    from heavylift.benchmark import command_line, copy_bandwidth
 
     result = dict(card=torch.cuda.get_device_name(0), date=datetime.date.today().isoformat(),
-                  command="python3 " + " ".join(sys.argv), records=[], checks={})
+                  command=command_line(), records=[], checks={})
 
     def save():
         with open(args.out, "w") as f:

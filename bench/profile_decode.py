@@ -77,13 +77,14 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import LlamaConfig
 
+    from heavylift.benchmark import command_line
     from heavylift.catalog import find_model
     from heavylift.engine import Engine
     from heavylift.engine import weights as W
 
     kinds = {"nf4-dq": W.NF4_DQ, "nf4": W.NF4, "fp8": W.FP8, "bf16": W.DENSE}
     result = dict(card=torch.cuda.get_device_name(0), date=datetime.date.today().isoformat(),
-                  command="python3 " + " ".join(sys.argv), steps={}, gemv_scaling={})
+                  command=command_line(), steps={}, gemv_scaling={})
     config = LlamaConfig(**{k: v for k, v in find_model("llama3.1-8b").config_dict().items() if k != "_heavylift"})
     for quant in args.quants.split(","):
         engine = Engine.from_random(config, kinds[quant], "cuda", batch=1, context=1024)

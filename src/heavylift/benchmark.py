@@ -136,3 +136,14 @@ def reference_records(hf_model, model: str, quant: str, load_s: float, bandwidth
     return [BenchRecord(model, "reference", quant, batch, gpus, reference_decode_tok_s(hf_model, batch, prompt, new),
                         bandwidth / per_token, None, load_s, per_token)
             for batch, prompt, new in ((1, B1_PROMPT, B1_NEW), (BENCH_BATCH, B16_PROMPT, B16_NEW))]
+
+
+def command_line() -> str:
+    """This process's command as a user would retype it, heavylift's environment switches included
+    (HEAVYLIFT_PDL=0 and the like change what a benchmark measures)."""
+    import os
+    import shlex
+    import sys
+
+    env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("HEAVYLIFT_")]
+    return shlex.join([*env, "python3", *sys.argv])

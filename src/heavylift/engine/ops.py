@@ -200,10 +200,11 @@ def attention_scratch(batch: int, heads: int, head_dim: int, splits: int, device
 
 
 def _pdl(K, rows: int) -> dict:
-    """Launch options: programmatic dependent launch (kernels.PDL) for one-token steps only. On an H100 it
-    took batch-1 NF4-DQ decode from 269 to 281 tok/s, but batch-16 FP8 from 2872 to 1778 and bf16 from
-    2373 to 2096: the tensor-core tiles lose more to the next kernel's early, waiting programs than the
-    short GEMVs gain (bench/profile_decode.py; HEAVYLIFT_PDL=0 turns it off)."""
+    """Launch options: programmatic dependent launch (kernels.PDL) for one-token steps only. On an H100,
+    batch 1, it took NF4-DQ from 266.9 to 277.0 tok/s and FP8 from 279.9 to 290.5 (bf16 174.3 -> 170.7);
+    on for batch 16 too it cost FP8 2858 -> 1792 and bf16 2366 -> 2099: the tensor-core tiles lose more
+    to the next kernel's early, waiting programs than the short GEMVs gain (bench/results/decode_h100_
+    2026-11-26{,_pdl-off,_pdl-every-batch}.json; HEAVYLIFT_PDL=0 turns it off)."""
     return {"launch_pdl": True} if K.PDL.value and rows == 1 else {}
 
 
