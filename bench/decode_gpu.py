@@ -58,8 +58,12 @@ def seed_records(seed: dict) -> list[dict]:
 
 def check_kernels() -> list[dict]:
     """Every weight layout, one and sixteen rows, fresh random inputs, poisoned outputs, float64 reference."""
+    from dataclasses import replace
+
+    import torch.nn.functional as F
+
     from heavylift.engine import weights as W
-    from heavylift.engine.ops import TritonOps
+    from heavylift.engine.ops import TritonOps, planes
 
     out = []
     for kind in (W.DENSE, W.FP8, W.NF4, W.NF4_DQ):
@@ -73,6 +77,26 @@ def check_kernels() -> list[dict]:
                 err = ((y.double() - ref).norm() / ref.norm()).item()
                 out.append(dict(kind=W.KIND_NAMES[kind], rows=rows, n=n, k=k, rel_err=err,
                                 all_written=bool(torch.isfinite(y).all())))
+    for kind in (W.NF4, W.NF4_DQ):  # one token through gemv4: x's planes in, three parts + bias + residual,
+        for k in (4096, 3584):      # a K that ends mid-step, and the GLU writing its own planes
+            parts = [replace(W.quantize(torch.randn(n, k, device="cuda") * 0.02, kind),
+                             bias=torch.randn(n, device="cuda").bfloat16()) for n in (4096, 1024, 1024)]
+            x = torch.randn(1, k, device="cuda").bfloat16()
+            res = torch.randn(1, 6144, device="cuda").bfloat16()
+            y = torch.full((1, 6144), float("nan"), device="cuda", dtype=torch.bfloat16)
+            TritonOps.linear(x, parts, y, residual=res, x16=planes(x))
+            ref = torch.cat([x.double() @ p.dequantize(torch.float64).T + p.bias.double() for p in parts], -1)
+            ref += res.double()
+            gate, up = (W.quantize(torch.randn(14336, k, device="cuda") * 0.02, kind) for _ in range(2))
+            act = torch.full((1, 14336), float("nan"), device="cuda", dtype=torch.bfloat16)
+            act16 = torch.full((7168,), -1, device="cuda", dtype=torch.int32)
+            TritonOps.glu(x, gate, up, act, x16=planes(x), out16=act16)
+            g, u = (x.double() @ w.dequantize(torch.float64).T for w in (gate, up))
+            out.append(dict(kind=W.KIND_NAMES[kind], rows=1, k=k, path="gemv4 planes, qkv + bias + residual; glu",
+                            rel_err=((y.double() - ref).norm() / ref.norm()).item(),
+                            glu_rel_err=((act.double() - F.silu(g) * u).norm() / (F.silu(g) * u).norm()).item(),
+                            all_written=bool(torch.isfinite(y).all() and torch.isfinite(act).all()),
+                            glu_planes_exact=bool(torch.equal(act16, planes(act)))))
     return out
 
 

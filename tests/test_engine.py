@@ -288,3 +288,63 @@ def test_register_lookup_takes_its_table_as_operands_in_the_order_the_kernels_pa
     low, high = lut.table_words(code)
     assert [w & lut.MASK32 for w in lut.words(code)] == low + high
     assert all(-2 ** 31 <= w < 2 ** 31 for w in lut.words(code))
+
+
+def test_fused_lookup_and_fp16_dot_matches_the_products_for_every_byte():
+    """lut.dot_program (gemv4's inner step), run step by step in Python: every byte value in every position of
+    a packed word, against the exact sum of its eight products; the error is fp16 rounding, a few 2^-11 of the
+    products' magnitude, and each weight meets its own x (first weight, high nibble, with the even element)."""
+    import random
+    import struct
+
+    from heavylift.engine import lut
+    from heavylift.engine.kernels import nf4_code
+
+    code = nf4_code()
+    f16 = lambda v: struct.unpack("<e", struct.pack("<e", v))[0]  # noqa: E731
+    bits = lambda v: struct.unpack("<H", struct.pack("<e", v))[0]  # noqa: E731
+    rng = random.Random(3)
+    for first in range(0, 256, 4):
+        packed = bytes((first + i * 67) % 256 for i in range(4))
+        xs = [f16(rng.uniform(-4, 4)) for _ in range(8)]
+        pairs = [bits(xs[2 * i]) | bits(xs[2 * i + 1]) << 16 for i in range(4)]
+        products = [f16(code[b >> 4]) * xs[2 * i] for i, b in enumerate(packed)] + \
+                   [f16(code[b & 15]) * xs[2 * i + 1] for i, b in enumerate(packed)]
+        got = lut.emulate_dot(code, int.from_bytes(packed, "little"), pairs)
+        assert abs(got - sum(products)) <= 4 * 2 ** -11 * sum(abs(p) for p in products) + 1e-7
+
+
+def test_planes_put_each_pair_where_gemv4_reads_it():
+    from heavylift.engine.kernels import X16_SCALE
+    from heavylift.engine.ops import planes
+
+    k = 64
+    y = torch.randn(1, k).bfloat16()
+    words = planes(y)
+    halves = words.view(torch.float16).view(4, k // 8, 2)  # [plane j, word g, element of the pair]
+    for j in range(4):
+        for g in range(k // 8):
+            for e in range(2):
+                assert halves[j, g, e].item() == pytest.approx(y[0, 8 * g + 2 * j + e].item() * X16_SCALE, rel=2 ** -10)
+
+
+def test_producers_write_the_planes_of_what_they_write():
+    """rmsnorm and the attention's last pass write one token's fp16 planes beside it (Triton's interpreter),
+    exactly as ops.planes makes them from the bf16 output; TorchOps does the same for the GLU."""
+    from heavylift.engine.ops import planes
+
+    x, w = torch.randn(1, 96).bfloat16(), torch.randn(96).bfloat16()
+    out16 = torch.full((48,), -1, dtype=torch.int32)
+    out = TritonOps.rmsnorm(x, w, 1e-5, poisoned(1, 96), out16)
+    assert torch.equal(out16, planes(out))
+    b, heads, kv_heads, d, s_max = 1, 8, 2, 32, 40
+    k, v = torch.randn(b, kv_heads, s_max, d).bfloat16(), torch.randn(b, kv_heads, s_max, d).bfloat16()
+    q, seq_len = torch.randn(b, heads, d).bfloat16(), torch.tensor([17], dtype=torch.int32)
+    attn16 = torch.full((heads * d // 2,), -1, dtype=torch.int32)
+    got = TritonOps.decode_attention(q, k, v, seq_len, d ** -0.5, 0, poisoned(b, heads * d),
+                                     attention_scratch(b, heads, d, 4, "cpu"), attn16)
+    assert torch.equal(attn16, planes(got))
+    gate, up = (W.quantize(torch.randn(64, 96) * 0.05, W.NF4_DQ) for _ in range(2))
+    act16 = torch.full((32,), -1, dtype=torch.int32)
+    act = TorchOps.glu(x, gate, up, poisoned(1, 64), out16=act16)
+    assert torch.equal(act16, planes(act))

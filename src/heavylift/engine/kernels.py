@@ -41,6 +41,10 @@ def nf4_code() -> list[float]:
 
 
 NF4_LUT_PTX = tl.constexpr(_lut_ptx(nf4_code(), table_operands=True))
+# One-token 4-bit GEMVs (gemv4.py) read x as fp16 "planes", scaled by this power of two so that fp16 partial
+# sums cannot overflow; the kernels producing their inputs (rmsnorm, attention, the GLU) write them.
+X16_SCALE = 2.0 ** -6
+XS = tl.constexpr(X16_SCALE)
 
 
 def _pdl_enabled() -> bool:
@@ -264,8 +268,21 @@ glu_gemm = _tuned(_gemm_configs(), ["K", "KIND", "n", "BLOCK_M"])(_glu_kernel)
 
 
 @triton.jit
-def rmsnorm_kernel(x_ptr, w_ptr, out_ptr, H, eps, BLOCK: tl.constexpr):
-    """out = bf16(x * rsqrt(mean(x^2) + eps)) * w, one row per program, as LlamaRMSNorm computes it."""
+def plane_index(e, K):
+    """Where element e of a K-vector sits in its fp16 planes (gemv4.plane_index, in fp16 units)."""
+    return (((e // 2) % 4) * (K // 8) + e // 8) * 2 + e % 2
+
+
+@triton.jit
+def _store_planes(out16_ptr, y, e, K, mask):
+    """y (bf16 values as float32) into the planes of one token's K-vector, scaled by X16_SCALE."""
+    tl.store(out16_ptr + plane_index(e, K), (y * XS).to(tl.float16), mask=mask)
+
+
+@triton.jit
+def rmsnorm_kernel(x_ptr, w_ptr, out_ptr, out16_ptr, H, eps, BLOCK: tl.constexpr, OUT16: tl.constexpr):
+    """out = bf16(x * rsqrt(mean(x^2) + eps)) * w, one row per program, as LlamaRMSNorm computes it;
+    with OUT16 (one row) its fp16 planes too."""
     _pdl_enter()
     row = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, BLOCK)
@@ -274,7 +291,10 @@ def rmsnorm_kernel(x_ptr, w_ptr, out_ptr, H, eps, BLOCK: tl.constexpr):
     var = tl.sum(x * x, axis=0) / H
     y = (x * tl.rsqrt(var + eps)).to(tl.bfloat16).to(tl.float32)
     w = tl.load(w_ptr + h, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * H + h, (y * w).to(tl.bfloat16), mask=mask)
+    out = (y * w).to(tl.bfloat16)
+    tl.store(out_ptr + row * H + h, out, mask=mask)
+    if OUT16:
+        _store_planes(out16_ptr, out.to(tl.float32), h, H, mask)
 
 
 @triton.jit
@@ -369,8 +389,10 @@ def decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, len_ptr, o_ptr, m_p
 
 
 @triton.jit
-def attention_combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, SPLITS, BLOCK_SPLITS: tl.constexpr, D: tl.constexpr):
-    """Second pass: merge the splits of one (sequence, query head) into its bf16 output."""
+def attention_combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, out16_ptr, SPLITS, K, BLOCK_SPLITS: tl.constexpr,
+                             D: tl.constexpr, OUT16: tl.constexpr):
+    """Second pass: merge the splits of one (sequence, query head) into its bf16 output; with OUT16 (one
+    sequence, K = heads * D) the fp16 planes of the whole attention output too."""
     _pdl_enter()
     row = tl.program_id(0).to(tl.int64)
     sp = tl.arange(0, BLOCK_SPLITS)
@@ -381,5 +403,7 @@ def attention_combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, SPLITS, BLOCK_SPLITS:
     w = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)
     d = tl.arange(0, D)
     o = tl.load(o_ptr + (row * SPLITS + sp)[:, None] * D + d[None, :], mask=sp_mask[:, None], other=0.0)
-    out = tl.sum(o * w[:, None], axis=0) / tl.sum(l * w, axis=0)
-    tl.store(out_ptr + row * D + d, out.to(tl.bfloat16))
+    out = (tl.sum(o * w[:, None], axis=0) / tl.sum(l * w, axis=0)).to(tl.bfloat16)
+    tl.store(out_ptr + row * D + d, out)
+    if OUT16:
+        _store_planes(out16_ptr, out.to(tl.float32), row * D + d, K, d >= 0)

@@ -24,6 +24,8 @@ MASK32 = 0xFFFFFFFF
 # bit 3 of an odd nibble at bit 7 of a byte of q.
 TOP_BIT_SELECT = (0xD9C8, 0xFBEA)  # nibbles of bytes 0-1, of bytes 2-3
 PAIR_SELECT = (0x5140, 0x7362)  # (low table byte, high table byte) of nibbles 0-1, of nibbles 2-3
+# The same pairs in x's order: low half the high nibble (a byte's first weight, x's even element).
+PAIR_SELECT_X = (0x4051, 0x6273)
 SELECT_HIGH = 0xD8  # lop3 truth table of (a & ~c) | (b & c)
 
 
@@ -60,6 +62,47 @@ def program(code: Sequence[float]) -> list[tuple]:
             out = 2 * half + byte
             steps += [("prmt", "t", "ls", "hs", PAIR_SELECT[byte]), ("f16pair", f"o{out}", f"o{out + 4}", "t")]
     return steps
+
+
+def dot_program(code: Sequence[float]) -> list[tuple]:
+    """The lookup fused with its multiply: four packed bytes against the fp16 pairs of x they meet.
+
+    Registers: q the four packed bytes, x0-x3 per byte the fp16 pair (even, odd element) of x, l0-l3 and
+    h0-h3 the table words; s the float32 sum of the eight products. Each byte's looked-up pair meets its
+    x pair in one fp16x2 fused multiply-add, and the two halves of the sum are added once at the end:
+    a third of the instructions of looking up into float32 and multiplying there (lut.program).
+    """
+    steps = [("shl", "q4", "q", 4)]
+    for half in range(2):
+        steps += [("shr", "c", "q", 16 * half), ("and", "c", "c", 0x7777),
+                  ("prmt", "m", "q4", "q", TOP_BIT_SELECT[half])]
+        for table, dst in (("l", "ls"), ("h", "hs")):
+            steps += [("prmt", "x", f"{table}0", f"{table}1", "c"), ("prmt", "y", f"{table}2", f"{table}3", "c"),
+                      ("lop3", dst, "x", "y", "m", SELECT_HIGH)]
+        for byte in range(2):
+            first = half == 0 and byte == 0
+            steps += [("prmt", "t", "ls", "hs", PAIR_SELECT_X[byte]),
+                      ("hfma", "acc", "t", f"x{2 * half + byte}", None if first else "acc")]
+    return steps + [("hsum", "s", "acc")]
+
+
+def dot_ptx(code: Sequence[float]) -> str:
+    """Inline PTX of `dot_program` for `inline_asm_elementwise(pack=1)`: $0 the float32 sum, $1 the packed
+    word, $2-$5 the x pairs, $6-$13 the table words (lut.words)."""
+    regs = {"s": "$0", "q": "$1"} | {f"x{i}": f"${2 + i}" for i in range(4)}
+    regs |= {f"{t}{i}": f"${6 + 4 * k + i}" for k, t in enumerate("lh") for i in range(4)}
+    name = lambda r: regs.get(r, r) if isinstance(r, str) else f"{r:#x}"  # noqa: E731
+    lines = ["{", ".reg .b32 q4, c, x, y, m, ls, hs, t, acc;", ".reg .b16 lo, hi, sh;"]
+    for op, dst, *src in dot_program(code):
+        if op == "hfma":
+            a, b, c = name(src[0]), name(src[1]), src[2]
+            lines.append(f"mul.rn.f16x2 {dst}, {a}, {b};" if c is None else f"fma.rn.f16x2 {dst}, {a}, {b}, {c};")
+        elif op == "hsum":  # the two fp16 halves added in fp16, widened once
+            lines += [f"mov.b32 {{lo, hi}}, {name(src[0])};", "add.rn.f16 sh, lo, hi;", f"cvt.f32.f16 {name(dst)}, sh;"]
+        else:
+            lines.append(f"{op}.b32 {name(dst)}, {', '.join(name(s) for s in src)};")
+    lines.append("}")
+    return "\n".join(lines)
 
 
 def ptx(code: Sequence[float], table_operands: bool = False) -> str:
@@ -114,25 +157,67 @@ def _lop3(a: int, b: int, c: int, lut: int) -> int:
     return out
 
 
+def _f16(bits: int) -> float:
+    return struct.unpack("<e", (bits & 0xFFFF).to_bytes(2, "little"))[0]
+
+
+def _f16_bits_rn(value: float) -> int:
+    """value rounded once to fp16 (nearest, ties to even), as the fp16 FMA and add round."""
+    return _f16_bits(value)  # struct's 'e' packing rounds to nearest even
+
+
+def _hfma(a: int, b: int, c: int | None) -> int:
+    """fma.rn.f16x2 (mul.rn.f16x2 when c is None): per half, a * b + c exact, then rounded once."""
+    out = 0
+    for half in range(2):
+        sh = 16 * half
+        v = _f16(a >> sh) * _f16(b >> sh) + (0.0 if c is None else _f16(c >> sh))  # exact in float64
+        out |= _f16_bits_rn(v) << sh
+    return out
+
+
+def emulate_dot(code: Sequence[float], packed: int, x_pairs: Sequence[int]) -> float:
+    """The float32 value `dot_ptx` computes for four packed bytes and the fp16 pair bits of x they meet."""
+    low, high = table_words(code)
+    r = {"q": packed & MASK32} | {f"x{i}": x_pairs[i] & MASK32 for i in range(4)}
+    r |= {f"l{i}": low[i] for i in range(4)} | {f"h{i}": high[i] for i in range(4)}
+    for op, dst, *src in dot_program(code):
+        if op == "hfma":
+            r[dst] = _hfma(r[src[0]], r[src[1]], None if src[2] is None else r[src[2]])
+        elif op == "hsum":
+            pair = r[src[0]]
+            r[dst] = _f16(_f16_bits_rn(_f16(pair) + _f16(pair >> 16)))
+        else:
+            _step(r, op, dst, src)
+    return r["s"]
+
+
+def _step(r: dict, op: str, dst: str, src: list) -> None:
+    val = lambda s: r[s] if isinstance(s, str) else s  # noqa: E731
+    if op == "mov":
+        r[dst] = src[0]
+    elif op == "shl":
+        r[dst] = val(src[0]) << src[1] & MASK32
+    elif op == "shr":
+        r[dst] = val(src[0]) >> src[1]
+    elif op == "and":
+        r[dst] = val(src[0]) & src[1]
+    elif op == "prmt":
+        r[dst] = _prmt(val(src[0]), val(src[1]), val(src[2]))
+    elif op == "lop3":
+        r[dst] = _lop3(val(src[0]), val(src[1]), val(src[2]), src[3])
+    else:
+        raise ValueError(f"no such step: {op}")
+
+
 def emulate(code: Sequence[float], packed: int) -> list[float]:
     """The eight values `ptx` produces for four packed bytes, in weight order (byte 0 high nibble first)."""
     r = {"q": packed & MASK32}
-    val = lambda s: r[s] if isinstance(s, str) else s  # noqa: E731
     for op, dst, *src in program(code):
-        if op == "mov":
-            r[dst] = src[0]
-        elif op == "shl":
-            r[dst] = val(src[0]) << src[1] & MASK32
-        elif op == "shr":
-            r[dst] = val(src[0]) >> src[1]
-        elif op == "and":
-            r[dst] = val(src[0]) & src[1]
-        elif op == "prmt":
-            r[dst] = _prmt(val(src[0]), val(src[1]), val(src[2]))
-        elif op == "lop3":
-            r[dst] = _lop3(val(src[0]), val(src[1]), val(src[2]), src[3])
-        elif op == "f16pair":
-            pair = val(src[1]).to_bytes(4, "little")
+        if op == "f16pair":
+            pair = r[src[1]].to_bytes(4, "little")
             r[dst] = struct.unpack("<e", pair[2:])[0]
             r[src[0]] = struct.unpack("<e", pair[:2])[0]
+        else:
+            _step(r, op, dst, src)
     return [v for byte in range(4) for v in (r[f"o{byte}"], r[f"o{byte + 4}"])]

@@ -261,6 +261,10 @@ class Engine:
                 act=torch.zeros(batch, s.intermediate, **bf16),
                 slots=torch.arange(batch, dtype=torch.int32, device=dev),
                 scratch=attention_scratch(batch, s.heads, s.head_dim, splits, dev))
+            # The fp16 planes of each 4-bit GEMV's input (ops.planes), written by the kernel that makes it.
+            wants = batch == 1 and all(self.ops.wants_planes(layer.gate) for layer in self.layers if layer.device == dev)
+            for name, size in (("x16", s.hidden), ("attn16", s.heads * s.head_dim), ("act16", s.intermediate)):
+                per_device[dev][name] = torch.zeros(size // 2, dtype=torch.int32, device=dev) if wants else None
         last = self.norm.device
         self._static[batch] = dict(
             tokens=torch.zeros(batch, dtype=torch.long, device=self.embed.device), dev=per_device,
@@ -277,16 +281,16 @@ class Engine:
         if index == 0:
             b["hidden"].copy_(F.embedding(st["tokens"], self.embed))
         for layer in layers:
-            ops.rmsnorm(b["hidden"], layer.ln1, s.eps, b["x"])
-            ops.linear(b["x"], layer.qkv, b["qkv"])
+            ops.rmsnorm(b["hidden"], layer.ln1, s.eps, b["x"], b["x16"])
+            ops.linear(b["x"], layer.qkv, b["qkv"], x16=b["x16"])
             ops.rope_cache(b["qkv"], seq_len, b["slots"], cos, sin, layer.k_cache, layer.v_cache, s.heads,
                            s.kv_heads, b["q"])
             ops.decode_attention(b["q"], layer.k_cache, layer.v_cache, seq_len, self.scale, layer.window, b["attn"],
-                                 b["scratch"])
-            ops.linear(b["attn"], (layer.o,), b["hidden2"], residual=b["hidden"])
-            ops.rmsnorm(b["hidden2"], layer.ln2, s.eps, b["x"])
-            ops.glu(b["x"], layer.gate, layer.up, b["act"])
-            ops.linear(b["act"], (layer.down,), b["hidden"], residual=b["hidden2"])
+                                 b["scratch"], b["attn16"])
+            ops.linear(b["attn"], (layer.o,), b["hidden2"], residual=b["hidden"], x16=b["attn16"])
+            ops.rmsnorm(b["hidden2"], layer.ln2, s.eps, b["x"], b["x16"])
+            ops.glu(b["x"], layer.gate, layer.up, b["act"], b["x16"], b["act16"])
+            ops.linear(b["act"], (layer.down,), b["hidden"], residual=b["hidden2"], x16=b["act16"])
         seq_len[:batch] += 1
         if index == len(self.segments) - 1:
             ops.rmsnorm(b["hidden"], self.norm, s.eps, st["final"])

@@ -9,6 +9,7 @@ dequantized into bf16 (or FP8 tensor-core) matmuls, which beat any GEMV once a c
 from __future__ import annotations
 
 import functools
+import os
 from typing import Sequence
 
 import torch
@@ -47,6 +48,16 @@ def _bnb_dequantize(w: QWeight) -> torch.Tensor:
     return bnbf.dequantize_4bit(w.data.view(-1, 1), w.state)
 
 
+def planes(y: torch.Tensor, out16: torch.Tensor | None = None) -> torch.Tensor:
+    """One token's bf16 vector as the fp16 planes gemv4 reads (kernels.plane_index): int32 [K / 2], plane j
+    holding per group of eight elements the pair 2j, 2j + 1, each value times kernels.X16_SCALE."""
+    from .kernels import X16_SCALE
+
+    k = y.numel()
+    words = (y.reshape(-1).float() * X16_SCALE).half().view(torch.int32).view(k // 8, 4).t().reshape(-1)
+    return words if out16 is None else out16.copy_(words)
+
+
 def dense_parts(x: torch.Tensor, parts: Sequence[QWeight]) -> torch.Tensor:
     return torch.cat([dense_linear(x, p) for p in parts], dim=-1) if len(parts) > 1 else dense_linear(x, parts[0])
 
@@ -63,21 +74,32 @@ class TorchOps:
     name = "torch"
 
     @staticmethod
-    def rmsnorm(x, weight, eps, out):
+    def wants_planes(w: QWeight) -> bool:
+        """Whether one-token steps through w should be handed x's fp16 planes (`planes`) as well."""
+        return False
+
+    @staticmethod
+    def rmsnorm(x, weight, eps, out, out16=None):
+        """out16, where given (one row): out's fp16 planes (`planes`) for the 4-bit GEMVs that read it."""
         xf = x.float()
         y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
         out.copy_(weight * y)
+        if out16 is not None:
+            planes(out, out16)
         return out
 
     @staticmethod
-    def linear(x, parts: Sequence[QWeight], out, residual=None):
+    def linear(x, parts: Sequence[QWeight], out, residual=None, x16=None):
+        """x16: x's planes where the producer wrote them (only the fast 4-bit path reads them)."""
         y = dense_parts(x, parts)
         out.copy_(y if residual is None else residual + y)
         return out
 
     @staticmethod
-    def glu(x, gate: QWeight, up: QWeight, out):
+    def glu(x, gate: QWeight, up: QWeight, out, x16=None, out16=None):
         out.copy_(F.silu(dense_linear(x, gate)) * dense_linear(x, up))
+        if out16 is not None:
+            planes(out, out16)
         return out
 
     @staticmethod
@@ -97,7 +119,7 @@ class TorchOps:
         return q_out
 
     @staticmethod
-    def decode_attention(q, k_cache, v_cache, seq_len, scale, window, out, scratch=None):
+    def decode_attention(q, k_cache, v_cache, seq_len, scale, window, out, scratch=None, out16=None):
         """One new token per sequence (its k and v already cached) against the first seq_len + 1 positions."""
         b = q.shape[0]
         length = seq_len[:b].long() + 1
@@ -108,6 +130,8 @@ class TorchOps:
         y = F.scaled_dot_product_attention(q[:, :, None].float(), k_cache[:b].float(), v_cache[:b].float(),
                                            attn_mask=allowed[:, None, None], scale=scale, enable_gqa=True)
         out.copy_(y.reshape(b, -1))
+        if out16 is not None:
+            planes(out, out16)
         return out
 
 
@@ -117,17 +141,24 @@ class TritonOps:
     name = "triton"
 
     @staticmethod
-    def rmsnorm(x, weight, eps, out):
+    def wants_planes(w: QWeight) -> bool:
+        from . import kernels as K
+
+        return _register_lut(K, w) and w.data.is_cuda and _fp16_dot(w.data)
+
+    @staticmethod
+    def rmsnorm(x, weight, eps, out, out16=None):
         from . import kernels as K
         import triton
 
         rows, h = x.shape
-        K.rmsnorm_kernel[(rows,)](x, weight, out, h, eps, BLOCK=triton.next_power_of_2(h), num_warps=4,
+        K.rmsnorm_kernel[(rows,)](x, weight, out, _halves(out16, out), h, eps,
+                                  BLOCK=triton.next_power_of_2(h), OUT16=out16 is not None, num_warps=4,
                                   **_pdl(K, rows))
         return out
 
     @staticmethod
-    def linear(x, parts: Sequence[QWeight], out, residual=None):
+    def linear(x, parts: Sequence[QWeight], out, residual=None, x16=None):
         m = x.shape[0]
         if m > _gemv_rows(parts[0]):
             return TorchOps.linear(x, parts, out, residual)
@@ -140,6 +171,15 @@ class TritonOps:
         args = []
         for q, n in zip(p, sizes):
             args += _weight_args(q) + [q.bias if q.bias is not None else q.data, n]
+        if lut and m == 1 and _fp16_dot(x):
+            from . import gemv4 as G
+
+            grid = lambda meta: (sum(-(-n // (meta["RPT"] * meta["WARPS"])) for n in sizes),)  # noqa: E731
+            G.linear4[grid](x if x16 is None else x16, out, residual if residual is not None else out, parts[0].k,
+                            code, code2, 0, *args, KIND=parts[0].kind, PARTS=len(parts),
+                            HAS_BIAS=parts[0].bias is not None, HAS_RES=residual is not None, X16=x16 is not None,
+                            **_pdl(K, m))
+            return out
         kernel, block_m, fixed = _pick(K, K.linear_gemv, K.linear_gemm, m)
         grid = lambda meta: (sum(-(-n // meta["BLOCK_N"]) for n in sizes),)  # noqa: E731
         kernel[grid](x, x.stride(0), out, out.stride(0), residual if residual is not None else out, m, parts[0].k,
@@ -148,18 +188,28 @@ class TritonOps:
         return out
 
     @staticmethod
-    def glu(x, gate: QWeight, up: QWeight, out):
+    def glu(x, gate: QWeight, up: QWeight, out, x16=None, out16=None):
         m = x.shape[0]
         if m > _gemv_rows(gate):
-            return TorchOps.glu(x, gate, up, out)
+            return TorchOps.glu(x, gate, up, out, out16=out16)
         from . import kernels as K
 
         lut = _register_lut(K, gate)
         code, code2 = _codes(gate, lut)
+        if lut and m == 1 and _fp16_dot(x):
+            from . import gemv4 as G
+
+            grid = lambda meta: (-(-gate.n // (meta["RPT"] * meta["WARPS"])),)  # noqa: E731
+            G.glu4[grid](x if x16 is None else x16, out, _halves(out16, out),
+                         gate.k, code, code2, 0, *_weight_args(gate), *_weight_args(up), gate.n, KIND=gate.kind,
+                         X16=x16 is not None, OUT16=out16 is not None, **_pdl(K, m))
+            return out
         kernel, block_m, fixed = _pick(K, K.glu_gemv, K.glu_gemm, m)
         grid = lambda meta: (-(-gate.n // meta["BLOCK_N"]),)  # noqa: E731
         kernel[grid](x, x.stride(0), out, out.stride(0), m, gate.k, *_weight_args(gate), *_weight_args(up), gate.n,
                      code, code2, KIND=gate.kind, LUT=lut, BLOCK_M=block_m, **fixed, **_pdl(K, m))
+        if out16 is not None:
+            planes(out, out16)
         return out
 
     @staticmethod
@@ -173,7 +223,7 @@ class TritonOps:
         return q_out
 
     @staticmethod
-    def decode_attention(q, k_cache, v_cache, seq_len, scale, window, out, scratch):
+    def decode_attention(q, k_cache, v_cache, seq_len, scale, window, out, scratch, out16=None):
         from . import kernels as K
         import triton
 
@@ -186,9 +236,9 @@ class TritonOps:
             q, k_cache, v_cache, seq_len, o_part, m_part, l_part, scale, heads, kv_heads, s_max,
             window or s_max + 1, splits, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
             BLOCK_S=ATTENTION_BLOCK, D=d, num_warps=4, **_pdl(K, b))
-        K.attention_combine_kernel[(b * heads,)](o_part, m_part, l_part, out, splits,
-                                                 BLOCK_SPLITS=triton.next_power_of_2(splits), D=d, num_warps=4,
-                                                 **_pdl(K, b))
+        K.attention_combine_kernel[(b * heads,)](o_part, m_part, l_part, out, _halves(out16, out),
+                                                 splits, heads * d, BLOCK_SPLITS=triton.next_power_of_2(splits), D=d,
+                                                 OUT16=out16 is not None, num_warps=4, **_pdl(K, b))
         return out
 
 
@@ -199,6 +249,11 @@ def attention_scratch(batch: int, heads: int, head_dim: int, splits: int, device
             torch.empty(batch, heads, splits, device=device, dtype=torch.float32))
 
 
+def _halves(out16: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
+    """A planes buffer as the fp16 pointer its writers store through (stand_in where there is none)."""
+    return stand_in if out16 is None else out16.view(torch.float16)
+
+
 def _pdl(K, rows: int) -> dict:
     """Launch options: programmatic dependent launch (kernels.PDL) for one-token steps only. On an H100,
     batch 1, it took NF4-DQ from 266.9 to 277.0 tok/s and FP8 from 279.9 to 290.5 (bf16 174.3 -> 170.7);
@@ -206,6 +261,20 @@ def _pdl(K, rows: int) -> dict:
     to the next kernel's early, waiting programs than the short GEMVs gain (bench/results/decode_h100_
     2026-11-26{,_pdl-off,_pdl-every-batch}.json; HEAVYLIFT_PDL=0 turns it off)."""
     return {"launch_pdl": True} if K.PDL.value and rows == 1 else {}
+
+
+def _fp16_dot(x: torch.Tensor) -> bool:
+    """Whether one token's 4-bit GEMVs take gemv4's fp16x2 kernels (Gluon, compiled for Hopper). On an H100,
+    x's planes in, against kernels._nf4_rows: the 8B GLU 1.33x, qkv 1.15x, the 70B shapes' gate 1.41x and
+    down 1.36x faster, the 8B o and down projections no faster (bench/results/gemv4_probe_h100_2026-11-26.json).
+    HEAVYLIFT_GEMV4=0 keeps the Triton kernels, to compare."""
+    return (os.environ.get("HEAVYLIFT_GEMV4") != "0" and x.is_cuda and x.is_contiguous()
+            and _capability(x.device) >= (9, 0))
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 def _pick(K, gemv, gemm, rows: int):
@@ -262,4 +331,4 @@ def _weight_args(w: QWeight) -> list:
 
 
 OPS = {"torch": TorchOps, "triton": TritonOps}
-__all__ = ["OPS", "TorchOps", "TritonOps", "dense_linear", "dense_parts", "attention_scratch", "decode_splits"]
+__all__ = ["OPS", "TorchOps", "TritonOps", "dense_linear", "dense_parts", "attention_scratch", "decode_splits", "planes"]
