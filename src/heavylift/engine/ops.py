@@ -265,8 +265,8 @@ def _pdl(K, rows: int) -> dict:
 
 def _fp16_dot(x: torch.Tensor) -> bool:
     """Whether one token's 4-bit GEMVs take gemv4's fp16x2 kernels (Gluon, compiled for Hopper). On an H100,
-    x's planes in, against kernels._nf4_rows: the 8B GLU 1.33x, qkv 1.15x, the 70B shapes' gate 1.41x and
-    down 1.36x faster, the 8B o and down projections no faster (bench/results/gemv4_probe_h100_2026-11-26.json).
+    x's planes in, against kernels._nf4_rows in CUDA graphs: the 8B GLU 1.28x, qkv 1.15x, o 1.09x, down 1.04x,
+    the 70B shapes' gate 1.42x and down 1.36x (bench/results/gemv4_probe_h100_2026-11-26.json).
     HEAVYLIFT_GEMV4=0 keeps the Triton kernels, to compare."""
     return (os.environ.get("HEAVYLIFT_GEMV4") != "0" and x.is_cuda and x.is_contiguous()
             and _capability(x.device) >= (9, 0))
