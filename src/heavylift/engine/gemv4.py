@@ -22,9 +22,9 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from .kernels import PDL, X16_SCALE, nf4_code
+from .kernels import PDL, nf4_code
 from .lut import dot_ptx
-from .weights import NF4 as _NF4, NF4_DQ as _NF4_DQ
+from .weights import NF4 as _NF4, NF4_DQ as _NF4_DQ, X16_SCALE
 
 NF4 = gl.constexpr(_NF4)
 NF4_DQ = gl.constexpr(_NF4_DQ)
@@ -32,6 +32,13 @@ DOT = gl.constexpr(dot_ptx(nf4_code()))
 XSCALE = gl.constexpr(X16_SCALE)  # x is multiplied by this before it becomes fp16; the result by its inverse
 NB = gl.constexpr(16)  # 64-blocks per step: a warp's 16 lanes along them, two lanes (halves of 16 bytes) each
 STEP = 16 * 64  # weights per row per step
+
+
+@gluon.constexpr_function
+def tile_layout(rpt, warps):
+    """The step tile [rows, 16 blocks, 2 halves, 4 words, 4 bytes]: a thread holds 16 contiguous bytes of a
+    block for each of its rpt rows, lanes run along the blocks, warps along the rows."""
+    return gl.BlockedLayout([rpt, 1, 1, 4, 4], [1, 16, 2, 1, 1], [warps, 1, 1, 1, 1], [4, 3, 2, 1, 0])
 
 
 @gluon.jit
@@ -116,7 +123,7 @@ def _dot_rows(x_ptr, w_ptr, abs_ptr, abs2_ptr, code2_ptr, offset, blk_base, rows
               KIND: gl.constexpr, RPT: gl.constexpr, WARPS: gl.constexpr, EVEN_K: gl.constexpr, X16: gl.constexpr):
     """[RPT * WARPS] fp32 (rows' layout): x times rows `rows` (clamped in range) of one 4-bit weight. x is
     bf16 [K], or with X16 its planes (`planes`): no conversion here, 128-bit loads straight into place."""
-    L5: gl.constexpr = gl.BlockedLayout([RPT, 1, 1, 4, 4], [1, 16, 2, 1, 1], [WARPS, 1, 1, 1, 1], [4, 3, 2, 1, 0])
+    L5: gl.constexpr = tile_layout(RPT, WARPS)
     Q: gl.constexpr = gl.SliceLayout(4, L5)  # [rows, blocks, halves, words]
     S3: gl.constexpr = gl.SliceLayout(3, Q)
     A: gl.constexpr = gl.SliceLayout(2, S3)  # [rows, blocks]
@@ -176,7 +183,7 @@ def _dot_rows(x_ptr, w_ptr, abs_ptr, abs2_ptr, code2_ptr, offset, blk_base, rows
 
 @gluon.jit
 def _rows(pid, RPT: gl.constexpr, WARPS: gl.constexpr):
-    L5: gl.constexpr = gl.BlockedLayout([RPT, 1, 1, 4, 4], [1, 16, 2, 1, 1], [WARPS, 1, 1, 1, 1], [4, 3, 2, 1, 0])
+    L5: gl.constexpr = tile_layout(RPT, WARPS)
     R: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, L5))))
     return pid * (RPT * WARPS) + gl.arange(0, RPT * WARPS, layout=R)
 
@@ -204,7 +211,7 @@ def linear4_kernel(x_ptr, out_ptr, res_ptr, K, words_ptr, code2_ptr, zero,
                    RPT: gl.constexpr, WARPS: gl.constexpr, EVEN_K: gl.constexpr, X16: gl.constexpr):
     """y[parts] = x @ W_p^T (+ bias) (+ residual) for one token, up to three weights side by side (q, k, v)."""
     _pdl_enter()
-    L5: gl.constexpr = gl.BlockedLayout([RPT, 1, 1, 4, 4], [1, 16, 2, 1, 1], [WARPS, 1, 1, 1, 1], [4, 3, 2, 1, 0])
+    L5: gl.constexpr = tile_layout(RPT, WARPS)
     t = _table(words_ptr, zero, L5)
     BN: gl.constexpr = RPT * WARPS
     pid = gl.program_id(0)
@@ -228,7 +235,7 @@ def glu4_kernel(x_ptr, out_ptr, out16_ptr, K, words_ptr, code2_ptr, zero, w0, a0
     """act = silu(x @ gate^T) * (x @ up^T) for one token, rounded as the reference rounds; with OUT16 its
     planes too, for the down projection."""
     _pdl_enter()
-    L5: gl.constexpr = gl.BlockedLayout([RPT, 1, 1, 4, 4], [1, 16, 2, 1, 1], [WARPS, 1, 1, 1, 1], [4, 3, 2, 1, 0])
+    L5: gl.constexpr = tile_layout(RPT, WARPS)
     t = _table(words_ptr, zero, L5)
     rows = _rows(gl.program_id(0), RPT, WARPS)
     keep = rows < n

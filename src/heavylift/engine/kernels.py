@@ -20,6 +20,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .lut import ptx as _lut_ptx
 from .weights import DQ_GROUP as _DQ, FP8 as _FP8, INT8 as _INT8, NF4 as _NF4, NF4_DQ as _NF4_DQ, QBLOCK as _QBLOCK
+from .weights import X16_SCALE as _X16_SCALE
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Triton's CPU interpreter multiplies bf16 dot operands as raw bits; it gets float32 ones instead.
@@ -41,10 +42,7 @@ def nf4_code() -> list[float]:
 
 
 NF4_LUT_PTX = tl.constexpr(_lut_ptx(nf4_code(), table_operands=True))
-# One-token 4-bit GEMVs (gemv4.py) read x as fp16 "planes", scaled by this power of two so that fp16 partial
-# sums cannot overflow; the kernels producing their inputs (rmsnorm, attention, the GLU) write them.
-X16_SCALE = 2.0 ** -6
-XS = tl.constexpr(X16_SCALE)
+XS = tl.constexpr(_X16_SCALE)
 
 
 def _pdl_enabled() -> bool:

@@ -53,14 +53,20 @@ def program(code: Sequence[float]) -> list[tuple]:
     steps = [("mov", f"l{i}", low[i]) for i in range(4)] + [("mov", f"h{i}", high[i]) for i in range(4)]
     steps.append(("shl", "q4", "q", 4))
     for half in range(2):
-        steps += [("shr", "c", "q", 16 * half), ("and", "c", "c", 0x7777),
-                  ("prmt", "m", "q4", "q", TOP_BIT_SELECT[half])]
-        for table, dst in (("l", "ls"), ("h", "hs")):
-            steps += [("prmt", "x", f"{table}0", f"{table}1", "c"), ("prmt", "y", f"{table}2", f"{table}3", "c"),
-                      ("lop3", dst, "x", "y", "m", SELECT_HIGH)]
+        steps += _lookup_half(half)
         for byte in range(2):
             out = 2 * half + byte
             steps += [("prmt", "t", "ls", "hs", PAIR_SELECT[byte]), ("f16pair", f"o{out}", f"o{out + 4}", "t")]
+    return steps
+
+
+def _lookup_half(half: int) -> list[tuple]:
+    """Steps that look the four nibbles of bytes 2 half, 2 half + 1 up: their table entries' low bytes in
+    ls and high bytes in hs (q4 = q << 4 already set)."""
+    steps = [("shr", "c", "q", 16 * half), ("and", "c", "c", 0x7777), ("prmt", "m", "q4", "q", TOP_BIT_SELECT[half])]
+    for table, dst in (("l", "ls"), ("h", "hs")):
+        steps += [("prmt", "x", f"{table}0", f"{table}1", "c"), ("prmt", "y", f"{table}2", f"{table}3", "c"),
+                  ("lop3", dst, "x", "y", "m", SELECT_HIGH)]
     return steps
 
 
@@ -74,11 +80,7 @@ def dot_program(code: Sequence[float]) -> list[tuple]:
     """
     steps = [("shl", "q4", "q", 4)]
     for half in range(2):
-        steps += [("shr", "c", "q", 16 * half), ("and", "c", "c", 0x7777),
-                  ("prmt", "m", "q4", "q", TOP_BIT_SELECT[half])]
-        for table, dst in (("l", "ls"), ("h", "hs")):
-            steps += [("prmt", "x", f"{table}0", f"{table}1", "c"), ("prmt", "y", f"{table}2", f"{table}3", "c"),
-                      ("lop3", dst, "x", "y", "m", SELECT_HIGH)]
+        steps += _lookup_half(half)
         for byte in range(2):
             first = half == 0 and byte == 0
             steps += [("prmt", "t", "ls", "hs", PAIR_SELECT_X[byte]),
@@ -91,10 +93,18 @@ def dot_ptx(code: Sequence[float]) -> str:
     word, $2-$5 the x pairs, $6-$13 the table words (lut.words)."""
     regs = {"s": "$0", "q": "$1"} | {f"x{i}": f"${2 + i}" for i in range(4)}
     regs |= {f"{t}{i}": f"${6 + 4 * k + i}" for k, t in enumerate("lh") for i in range(4)}
+    return _render(dot_program(code), regs, ["q4, c, x, y, m, ls, hs, t, acc", "lo, hi, sh"])
+
+
+def _render(steps: list[tuple], regs: dict, scratch: list[str]) -> str:
+    """PTX of a step list: `regs` names the operands ($n), `scratch` the b32 and b16 registers it declares."""
     name = lambda r: regs.get(r, r) if isinstance(r, str) else f"{r:#x}"  # noqa: E731
-    lines = ["{", ".reg .b32 q4, c, x, y, m, ls, hs, t, acc;", ".reg .b16 lo, hi, sh;"]
-    for op, dst, *src in dot_program(code):
-        if op == "hfma":
+    lines = ["{", f".reg .b32 {scratch[0]};", f".reg .b16 {scratch[1]};"]
+    for op, dst, *src in steps:
+        if op == "f16pair":  # fp16 pair (low half: the low nibble's value) to two float32
+            lines += [f"mov.b32 {{lo, hi}}, {name(src[1])};", f"cvt.f32.f16 {name(dst)}, hi;",
+                      f"cvt.f32.f16 {name(src[0])}, lo;"]
+        elif op == "hfma":
             a, b, c = name(src[0]), name(src[1]), src[2]
             lines.append(f"mul.rn.f16x2 {dst}, {a}, {b};" if c is None else f"fma.rn.f16x2 {dst}, {a}, {b}, {c};")
         elif op == "hsum":  # the two fp16 halves added in fp16, widened once
@@ -116,19 +126,9 @@ def ptx(code: Sequence[float], table_operands: bool = False) -> str:
     regs = {f"o{i}": f"${i}" for i in range(8)} | {"q": "$8"}
     if table_operands:
         regs |= {f"{t}{i}": f"${9 + 4 * (4 * k + i)}" for k, t in enumerate("lh") for i in range(4)}
-    name = lambda r: regs.get(r, r) if isinstance(r, str) else f"{r:#x}"  # noqa: E731
     tables = "" if table_operands else "l0, l1, l2, l3, h0, h1, h2, h3, "
-    lines = ["{", f".reg .b32 {tables}q4, c, x, y, m, ls, hs, t;", ".reg .b16 lo, hi;"]
-    for op, dst, *src in program(code):
-        if op == "mov" and table_operands:
-            continue
-        if op == "f16pair":  # fp16 pair (low half: the low nibble's value) to two float32
-            lines += [f"mov.b32 {{lo, hi}}, {name(src[1])};", f"cvt.f32.f16 {name(dst)}, hi;",
-                      f"cvt.f32.f16 {name(src[0])}, lo;"]
-        else:
-            lines.append(f"{op}.b32 {name(dst)}, {', '.join(name(s) for s in src)};")
-    lines.append("}")
-    return "\n".join(lines)
+    steps = [st for st in program(code) if not (table_operands and st[0] == "mov")]
+    return _render(steps, regs, [f"{tables}q4, c, x, y, m, ls, hs, t", "lo, hi"])
 
 
 def words(code: Sequence[float]) -> list[int]:
@@ -161,18 +161,13 @@ def _f16(bits: int) -> float:
     return struct.unpack("<e", (bits & 0xFFFF).to_bytes(2, "little"))[0]
 
 
-def _f16_bits_rn(value: float) -> int:
-    """value rounded once to fp16 (nearest, ties to even), as the fp16 FMA and add round."""
-    return _f16_bits(value)  # struct's 'e' packing rounds to nearest even
-
-
 def _hfma(a: int, b: int, c: int | None) -> int:
     """fma.rn.f16x2 (mul.rn.f16x2 when c is None): per half, a * b + c exact, then rounded once."""
     out = 0
     for half in range(2):
         sh = 16 * half
         v = _f16(a >> sh) * _f16(b >> sh) + (0.0 if c is None else _f16(c >> sh))  # exact in float64
-        out |= _f16_bits_rn(v) << sh
+        out |= _f16_bits(v) << sh  # struct's 'e' rounds to nearest even, as the FMA
     return out
 
 
@@ -186,7 +181,7 @@ def emulate_dot(code: Sequence[float], packed: int, x_pairs: Sequence[int]) -> f
             r[dst] = _hfma(r[src[0]], r[src[1]], None if src[2] is None else r[src[2]])
         elif op == "hsum":
             pair = r[src[0]]
-            r[dst] = _f16(_f16_bits_rn(_f16(pair) + _f16(pair >> 16)))
+            r[dst] = _f16(_f16_bits(_f16(pair) + _f16(pair >> 16)))
         else:
             _step(r, op, dst, src)
     return r["s"]

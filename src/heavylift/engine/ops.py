@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .weights import FP8, FP8_MAX, NF4, NF4_DQ, QWeight
+from .weights import FP8, FP8_MAX, NF4, NF4_DQ, X16_SCALE, QWeight
 
 GEMV_MAX_ROWS = 16  # up to this many tokens a step streams the weights through the GEMV kernels
 ATTENTION_BLOCK = 64  # cache positions per attention tile
@@ -50,9 +50,7 @@ def _bnb_dequantize(w: QWeight) -> torch.Tensor:
 
 def planes(y: torch.Tensor, out16: torch.Tensor | None = None) -> torch.Tensor:
     """One token's bf16 vector as the fp16 planes gemv4 reads (kernels.plane_index): int32 [K / 2], plane j
-    holding per group of eight elements the pair 2j, 2j + 1, each value times kernels.X16_SCALE."""
-    from .kernels import X16_SCALE
-
+    holding per group of eight elements the pair 2j, 2j + 1, each value times X16_SCALE."""
     k = y.numel()
     words = (y.reshape(-1).float() * X16_SCALE).half().view(torch.int32).view(k // 8, 4).t().reshape(-1)
     return words if out16 is None else out16.copy_(words)

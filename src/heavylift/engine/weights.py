@@ -18,6 +18,9 @@ QBLOCK = 64  # bitsandbytes' 4-bit block: 64 weights share one absmax
 DQ_GROUP = 256  # its double quantization: 256 absmax share one fp32 scale and the offset
 FP8_MAX = 448.0  # largest float8_e4m3fn
 INT8_MAX = 127.0  # LLM.int8 scales rows to [-127, 127]
+# One-token 4-bit GEMVs (gemv4.py) read x as fp16 "planes" (ops.planes), scaled by this power of two so that
+# fp16 partial sums cannot overflow; the kernels producing their inputs (rmsnorm, attention, the GLU) write them.
+X16_SCALE = 2.0 ** -6
 KIND_NAMES = {DENSE: "bf16", FP8: "fp8", NF4: "nf4", NF4_DQ: "nf4-dq", INT8: "int8"}
 
 
