@@ -314,6 +314,31 @@ def test_fused_lookup_and_fp16_dot_matches_the_products_for_every_byte():
         assert abs(got - sum(products)) <= 4 * 2 ** -11 * sum(abs(p) for p in products) + 1e-7
 
 
+def test_shared_memory_lookup_gives_the_register_lookups_bits_for_every_byte_and_lane():
+    """lut.smem_dot_program (one table load per byte, addressed by a single prmt) against lut.dot_program:
+    the same pairs meet the same x in the same order, so every lane's sum is the same float, bit for bit;
+    and each prmt address lands in the lane's own column of the entry the byte names."""
+    import random
+    import struct
+
+    from heavylift.engine import lut
+    from heavylift.engine.kernels import nf4_code
+
+    code = nf4_code()
+    bits = lambda v: struct.unpack("<H", struct.pack("<e", v))[0]  # noqa: E731
+    rng = random.Random(5)
+    for first in range(256):
+        packed = bytes((first + i * 89) % 256 for i in range(4))
+        word = int.from_bytes(packed, "little")
+        pairs = [bits(rng.uniform(-4, 4)) | bits(rng.uniform(-4, 4)) << 16 for _ in range(4)]
+        lane = rng.randrange(32)
+        assert lut.emulate_dot(code, word, pairs, smem=True, lane=lane) == lut.emulate_dot(code, word, pairs)
+        for j, select in enumerate(lut.ADDRESS_SELECT):
+            assert lut._prmt(word, 4 * lane, select) == 256 * packed[j] + 4 * lane
+    assert lut.pair_words(code)[0x4F] & 0xFFFF == bits(code[4]) and lut.pair_words(code)[0x4F] >> 16 & 0xFFFF == \
+        bits(code[15])
+
+
 def test_planes_put_each_pair_where_gemv4_reads_it():
     from heavylift.engine.ops import planes
     from heavylift.engine.weights import X16_SCALE

@@ -88,6 +88,46 @@ def dot_program(code: Sequence[float]) -> list[tuple]:
     return steps + [("hsum", "s", "acc")]
 
 
+def pair_words(code: Sequence[float]) -> list[int]:
+    """The byte table of `smem_dot_program`: entry b the fp16 pair a packed byte b stands for, in x's order
+    (low half the high nibble's value, the byte's first weight), as signed int32."""
+    bits = [_f16_bits(float(v)) for v in code]
+    if len(bits) != 16:
+        raise ValueError(f"a 4-bit code has 16 values, not {len(bits)}")
+    pairs = [bits[b >> 4] | bits[b & 15] << 16 for b in range(256)]
+    return [w - (1 << 32) if w >= 1 << 31 else w for w in pairs]
+
+
+# prmt selectors building a byte table address from byte j of q: output byte 0 the lane's column (byte 0 of
+# the second operand, lane * 4), byte 1 byte j of q, bytes 2-3 zero (the second operand's byte 1).
+ADDRESS_SELECT = tuple(0x5504 | j << 4 for j in range(4))
+
+
+def smem_dot_program() -> list[tuple]:
+    """`dot_program` with the lookup in shared memory: one load per packed byte from a 256-entry table of
+    fp16 pairs (pair_words) instead of eight register operations per two bytes, so about three
+    instructions a byte (prmt, ld.shared, fp16x2 FMA) where the register lookup spends seven.
+
+    The table sits at byte offset 256 b + 4 lane for entry b: a copy per lane, each in its own bank, so
+    the 32 lanes' loads never conflict, and one prmt turns a packed byte into its address. Registers: q,
+    x0-x3 and s as in dot_program; `lane` = 4 x lane id. The products and their order are dot_program's,
+    so the two give the same bits.
+    """
+    steps = []
+    for byte in range(4):
+        steps += [("prmt", "a", "q", "lane", ADDRESS_SELECT[byte]), ("lds", "t", "a"),
+                  ("hfma", "acc", "t", f"x{byte}", None if byte == 0 else "acc")]
+    return steps + [("hsum", "s", "acc")]
+
+
+def smem_dot_ptx() -> str:
+    """Inline PTX of `smem_dot_program` for `inline_asm_elementwise(pack=1)`: $0 the float32 sum, $1 the
+    packed word, $2-$5 the x pairs, $6 the lane's column (4 x lane id); the table at the start of the
+    kernel's shared memory (`global_smem`, where Triton puts its first allocation)."""
+    regs = {"s": "$0", "q": "$1", "lane": "$6"} | {f"x{i}": f"${2 + i}" for i in range(4)}
+    return _render([("mov", "base", "global_smem")] + smem_dot_program(), regs, ["a, t, acc, base", "lo, hi, sh"])
+
+
 def dot_ptx(code: Sequence[float]) -> str:
     """Inline PTX of `dot_program` for `inline_asm_elementwise(pack=1)`: $0 the float32 sum, $1 the packed
     word, $2-$5 the x pairs, $6-$13 the table words (lut.words)."""
@@ -107,6 +147,8 @@ def _render(steps: list[tuple], regs: dict, scratch: list[str]) -> str:
         elif op == "hfma":
             a, b, c = name(src[0]), name(src[1]), src[2]
             lines.append(f"mul.rn.f16x2 {dst}, {a}, {b};" if c is None else f"fma.rn.f16x2 {dst}, {a}, {b}, {c};")
+        elif op == "lds":
+            lines += [f"add.u32 {name(src[0])}, {name(src[0])}, base;", f"ld.shared.b32 {name(dst)}, [{name(src[0])}];"]
         elif op == "hsum":  # the two fp16 halves added in fp16, widened once
             lines += [f"mov.b32 {{lo, hi}}, {name(src[0])};", "add.rn.f16 sh, lo, hi;", f"cvt.f32.f16 {name(dst)}, sh;"]
         else:
@@ -171,13 +213,20 @@ def _hfma(a: int, b: int, c: int | None) -> int:
     return out
 
 
-def emulate_dot(code: Sequence[float], packed: int, x_pairs: Sequence[int]) -> float:
-    """The float32 value `dot_ptx` computes for four packed bytes and the fp16 pair bits of x they meet."""
+def emulate_dot(code: Sequence[float], packed: int, x_pairs: Sequence[int], smem: bool = False,
+                lane: int = 0) -> float:
+    """The float32 value `dot_ptx` (`smem_dot_ptx` with `smem`, as lane `lane`) computes for four packed
+    bytes and the fp16 pair bits of x they meet."""
     low, high = table_words(code)
-    r = {"q": packed & MASK32} | {f"x{i}": x_pairs[i] & MASK32 for i in range(4)}
+    r = {"q": packed & MASK32, "lane": 4 * lane} | {f"x{i}": x_pairs[i] & MASK32 for i in range(4)}
     r |= {f"l{i}": low[i] for i in range(4)} | {f"h{i}": high[i] for i in range(4)}
-    for op, dst, *src in dot_program(code):
-        if op == "hfma":
+    table = {}
+    if smem:  # shared memory as smem_dot_program lays it out: entry b's copy for lane l at 256 b + 4 l
+        table = {256 * b + 4 * col: w & MASK32 for b, w in enumerate(pair_words(code)) for col in range(32)}
+    for op, dst, *src in (smem_dot_program() if smem else dot_program(code)):
+        if op == "lds":
+            r[dst] = table[r[src[0]]]
+        elif op == "hfma":
             r[dst] = _hfma(r[src[0]], r[src[1]], None if src[2] is None else r[src[2]])
         elif op == "hsum":
             pair = r[src[0]]

@@ -174,7 +174,7 @@ class TritonOps:
 
             grid = lambda meta: (sum(-(-n // (meta["RPT"] * meta["WARPS"])) for n in sizes),)  # noqa: E731
             G.linear4[grid](x if x16 is None else x16, out, residual if residual is not None else out, parts[0].k,
-                            code, code2, 0, *args, KIND=parts[0].kind, PARTS=len(parts),
+                            code, _pair_words(x.device), code2, 0, *args, KIND=parts[0].kind, PARTS=len(parts),
                             HAS_BIAS=parts[0].bias is not None, HAS_RES=residual is not None, X16=x16 is not None,
                             **_pdl(K, m))
             return out
@@ -199,8 +199,8 @@ class TritonOps:
 
             grid = lambda meta: (-(-gate.n // (meta["RPT"] * meta["WARPS"])),)  # noqa: E731
             G.glu4[grid](x if x16 is None else x16, out, _halves(out16, out),
-                         gate.k, code, code2, 0, *_weight_args(gate), *_weight_args(up), gate.n, KIND=gate.kind,
-                         X16=x16 is not None, OUT16=out16 is not None, **_pdl(K, m))
+                         gate.k, code, _pair_words(x.device), code2, 0, *_weight_args(gate), *_weight_args(up), gate.n,
+                         KIND=gate.kind, X16=x16 is not None, OUT16=out16 is not None, **_pdl(K, m))
             return out
         kernel, block_m, fixed = _pick(K, K.glu_gemv, K.glu_gemm, m)
         grid = lambda meta: (-(-gate.n // meta["BLOCK_N"]),)  # noqa: E731
@@ -319,6 +319,19 @@ def _codes(w: QWeight, lut: bool):
     else:
         code = w.code if w.code is not None else w.data
     return code, (w.code2 if w.code2 is not None else code)
+
+
+_PAIR_WORDS: dict[torch.device, torch.Tensor] = {}  # device -> the NF4 byte table, lut.pair_words, int32
+
+
+def _pair_words(device: torch.device) -> torch.Tensor:
+    """The byte table gemv4's shared-memory lookup copies in (NF4 only: _register_lut holds for its weights)."""
+    if device not in _PAIR_WORDS:
+        from . import kernels as K
+        from .lut import pair_words
+
+        _PAIR_WORDS[device] = torch.tensor(pair_words(K.nf4_code()), dtype=torch.int32, device=device)
+    return _PAIR_WORDS[device]
 
 
 def _weight_args(w: QWeight) -> list:
