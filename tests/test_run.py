@@ -65,6 +65,45 @@ def test_moe_experts_really_end_up_4bit_and_8bit(checkpoints):
     assert s8.generate("hello", **GREEDY).generated_tokens >= 1
 
 
+@pytest.mark.parametrize("quant", ["nf4-dq", "int8"])
+def test_moe_experts_are_quantized_as_they_load_not_after(tmp_path, monkeypatch, quant):
+    """transformers sets the fused expert tensors one layer at a time; each is quantized before the next
+    layer's arrive (at most the newest two unquantized at once, against every layer's before), and the
+    model computes exactly what quantizing them all after loading computed."""
+    import contextlib
+
+    import torch
+
+    import heavylift.experts as experts
+    from conftest import save_tiny_checkpoint, save_tiny_tokenizer
+
+    folder = save_tiny_checkpoint(tmp_path / "moe", "mixtral", num_hidden_layers=4, vocab_size=320, bos_token_id=1,
+                                  eos_token_id=2, pad_token_id=0)
+    save_tiny_tokenizer(folder)
+    arrived: list[tuple[torch.nn.Module, str]] = []
+    most = 0
+
+    def spy(module, name, param):
+        nonlocal most
+        if name in experts.EXPERT_PARAMS and param is not None and param.dtype == torch.bfloat16 and \
+                param.device.type != "meta":
+            arrived.append((module, name))
+            most = max(most, sum(n in experts._expert_names(m) for m, n in arrived))
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(spy)
+    try:
+        streamed = heavylift.load(str(folder), quant=quant, context=64)
+    finally:
+        handle.remove()
+    assert len(arrived) == 8 and most <= 2
+    assert not any(experts._expert_names(m) for m in streamed.model.modules())
+    monkeypatch.setattr(experts, "quantized_on_arrival", lambda quant: contextlib.nullcontext())
+    after = heavylift.load(str(folder), quant=quant, context=64)
+    ids = torch.tensor([[1, 5, 9, 30, 2]])
+    with torch.no_grad():
+        assert torch.equal(streamed.model(ids).logits, after.model(ids).logits)
+
+
 def test_cli_run_streams_and_summarises(checkpoints, capsys):
     code, out, err = run_cli(capsys, "run", str(checkpoints["llama"]), "--prompt", "hello world", "--quant", "nf4",
                              "--max-new-tokens", "5", "--temperature", "0", "--context", "256")

@@ -42,6 +42,9 @@ LLM_INT8_OUTLIER_COLUMN_FRACTION = 1.0
 # heavylift's loop prefills the prompt in chunks of this many tokens, which bounds the
 # activation peak whatever the context (mlx-lm and vLLM do the same).
 PREFILL_CHUNK_TOKENS = 2048
+# MoE experts quantized to 8 bits while they load (experts._quantize_rows) go through float32 this many
+# elements at a time (64 MB), not a whole fused tensor at once (Mixtral's gate_up_proj: 3.8 GB).
+EXPERT_ROW_CHUNK_ELEMENTS = 1 << 24
 
 # --- Offload (only with --allow-offload) --------------------------------------------------
 # Weights offloaded to CPU RAM stream over PCIe every token: PCIe 4.0 x16 moves about 25 GB/s

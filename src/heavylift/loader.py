@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -93,16 +95,46 @@ def attention_implementation(arch: Architecture) -> str:
     return "sdpa" if FAMILIES[arch.model_type].sdpa else "eager"
 
 
+@contextmanager
+def _moe_loading(arch: Architecture, quant: str):
+    """An MoE checkpoint loads one tensor at a time (transformers' HF_DEACTIVATE_ASYNC_LOAD; a quantized load
+    always does), each fused expert tensor quantized as it arrives, and without transformers' allocator
+    warm-up: that reserves up front what it expects the weights to take, counting the fused experts at
+    bf16 because its quantizers skip them (for Mixtral 8x7B in NF4, 87 GB for a 24 GB model). The load's
+    peak is then one layer's experts in bf16 beyond the weights (transients.expert_load)."""
+    if not arch.num_experts:
+        yield
+        return
+    import transformers.modeling_utils as hf_modeling
+
+    from .experts import quantized_on_arrival
+
+    before = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
+    warmup = hf_modeling.caching_allocator_warmup
+    os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
+    hf_modeling.caching_allocator_warmup = lambda *args, **kwargs: None
+    try:
+        with quantized_on_arrival(quant):
+            yield
+    finally:
+        hf_modeling.caching_allocator_warmup = warmup
+        if before is None:
+            os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
+        else:
+            os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = before
+
+
 def load_model(folder: Path, arch: Architecture, scheme: SchemePlan, placement: Placement, native_fp8: bool,
                bf16: bool, attention: str):
-    """from_pretrained with the plan's quantization and explicit device map, then the MoE experts."""
+    """from_pretrained with the plan's quantization and explicit device map; the MoE experts quantized as they
+    arrive (experts.quantized_on_arrival), so the load never holds more than one fused tensor unquantized."""
     from transformers import AutoModelForCausalLM
 
     from .experts import quantize_experts
 
     dtype = torch.float16 if scheme.quant == "fp16" else compute_dtype(bf16)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _moe_loading(arch, scheme.quant):
             warnings.simplefilter("ignore")
             model, info = AutoModelForCausalLM.from_pretrained(
                 folder, dtype=dtype, device_map=dict(placement.modules), attn_implementation=attention,

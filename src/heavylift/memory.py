@@ -20,7 +20,7 @@ from .architecture import Architecture
 from .defaults import CUDA_CONTEXT_BYTES, LLM_INT8_CONTEXT_BYTES, MiB, PREFILL_CHUNK_TOKENS
 from .engine_transients import decode_uses_kernels, engine_decode_step, engine_prefill
 from .matmuls import BF16, FP32, INT32, INT64
-from .transients import Part, Step, sliding_kv, transformers_forward
+from .transients import Part, Step, expert_load, sliding_kv, transformers_forward
 
 # The two runtimes a plan can describe (heavylift.engine's --engine values, without "auto": the session
 # resolves auto to one of these before planning; tests/test_planner.py holds them to heavylift.engine's).
@@ -153,12 +153,27 @@ def _terms(arch: Architecture, quant: str, engine: str, context: int, batch: int
     build = _engine_phases if engine == FAST else _transformers_phases
     tensors, phases = build(arch, quant, context, batch, kvb, dev, part, simulated_layers(arch, part.layers, count))
     persistent = sum(block_size(n) for _, n in tensors if n > 0)
+    load, kept = _load_phase(arch, quant, stop - start)
     if dev.cuda:
         state = persistent_state(n for _, n in tensors)
         reserved = max(replay(p, state).peak_reserved + other_pools for p, other_pools in phases)
+        reserved = max(reserved, replay(load).peak_reserved - kept)
     else:
         reserved = persistent + max(peak_live(p) for p, _ in phases)
+        reserved = max(reserved, peak_live(load) - kept)
     return RuntimeTerms(kv, max(0, reserved - persistent), persistent - kv, _context_bytes(quant, engine, dev))
+
+
+def _load_phase(arch: Architecture, quant: str, layers: int) -> tuple[Program, int]:
+    """What loading adds to the weights before anything else is allocated: each MoE layer's experts arriving
+    and being quantized in turn (transients.expert_load), so the allocator model sees how the quantized
+    storage splits the cached bf16 blocks; and the bytes of what they keep, counted as weights already.
+    Nothing for a dense model, whose tensors arrive in place."""
+    p, kept = Program(), 0
+    if arch.num_experts:
+        for _ in range(layers):
+            kept += expert_load(p, arch, quant)
+    return p, kept
 
 
 def _kv_tensors(arch: Architecture, layers: Sequence[int], context: int, batch: int, kvb: int, engine: str

@@ -15,7 +15,8 @@ from typing import Sequence
 
 from .allocator import Program
 from .architecture import FAMILIES, Architecture
-from .matmuls import BF16, FP32, INT32, INT64, expert_weights, linear
+from .defaults import EXPERT_ROW_CHUNK_ELEMENTS
+from .matmuls import BF16, BNB_4BIT_BLOCKSIZE, FP32, INT32, INT64, expert_weights, linear
 
 # Scaled-dot-product attention with a mask runs PyTorch's memory-efficient kernel, which wants the
 # mask's last dimension a multiple of 16 (sdp_utils preprocess_mask) and pads a copy when it is not.
@@ -374,6 +375,61 @@ def _moe(p: Program, arch: Architecture, quant: str, rows: int, native_fp8: bool
     p.free(ids, perm, sel, sw, hi, hist, offs, down, wo2, inv, total, *cached)
     p.free(logits, top_v, top_i)
     return out
+
+
+def expert_load(p: Program, arch: Architecture, quant: str) -> int:
+    """One MoE layer's experts arriving through from_pretrained, which loads them one at a time (always for a
+    quantized load; heavylift turns the thread pool off for bf16 MoE loads too): each expert's checkpoint
+    tensors, their stacks (MergeModulelist) and gate and up concatenated (Concatenate; core_model_loading.py),
+    the fused tensor set in its module and quantized when the next one arrives (experts.quantized_on_arrival).
+    What the layer keeps is left allocated (later layers' tensors fit around it, as on the GPU); returns its
+    bytes, which the plan counts as weights."""
+    h, i, e = arch.hidden_size, arch.intermediate_size, arch.num_experts
+    gates = [p.alloc("w1", BF16 * i * h) for _ in range(e)]
+    ups = [p.alloc("w3", BF16 * i * h) for _ in range(e)]
+    stacked = p.alloc("stack", BF16 * e * i * h)
+    p.free(*gates)
+    stacked_up = p.alloc("stack", BF16 * e * i * h)
+    p.free(*ups)
+    gate_up = p.alloc("gate_up_proj", BF16 * e * 2 * i * h)
+    p.free(stacked, stacked_up)
+    downs = [p.alloc("w2", BF16 * h * i) for _ in range(e)]
+    down = p.alloc("down_proj", BF16 * e * h * i)
+    p.free(*downs)
+    return _quantize_expert(p, quant, gate_up, e * 2 * i, h) + _quantize_expert(p, quant, down, e * h, i)
+
+
+def _quantize_expert(p: Program, quant: str, source: str, rows: int, cols: int) -> int:
+    """experts._quantize_one on one fused tensor: bitsandbytes' quantize_4bit (double quantization's absmax
+    shifted by its mean and quantized blockwise), or experts._quantize_rows a chunk at a time; the bf16
+    source freed once the quantized parameter replaces it. Returns the bytes the parameter keeps."""
+    n = rows * cols
+    if quant in ("nf4", "nf4-dq", "fp4"):
+        kept = [n // 2]
+        p.alloc("packed", n // 2)
+        absmax = p.alloc("absmax", FP32 * (n // BNB_4BIT_BLOCKSIZE))
+        if quant == "nf4-dq":
+            shifted = p.alloc("absmax_shifted", FP32 * (n // BNB_4BIT_BLOCKSIZE))
+            kept += [n // BNB_4BIT_BLOCKSIZE, FP32 * -(-n // BNB_4BIT_BLOCKSIZE // 256)]
+            p.alloc("absmax_u8", kept[1])
+            p.alloc("absmax2", kept[2])
+            p.free(shifted, absmax)
+        else:
+            kept.append(FP32 * (n // BNB_4BIT_BLOCKSIZE))
+    elif quant in ("int8", "fp8"):
+        kept = [n, FP32 * rows]
+        p.alloc("q", n)
+        p.alloc("scale", FP32 * rows)
+        chunk = min(rows, max(1, EXPERT_ROW_CHUNK_ELEMENTS // cols)) * cols
+        f = p.alloc("rows_fp32", FP32 * chunk)
+        a = p.alloc("rows_abs", FP32 * chunk)
+        p.free(a)
+        q8 = p.alloc("rows_8bit", chunk)
+        p.free(q8, f)
+    else:
+        return BF16 * n  # kept as loaded
+    p.free(source)
+    return sum(kept)
 
 
 def _decoder_layer(p: Program, arch: Architecture, quant: str, step: Step, layer: int, h: str, masks: dict,
