@@ -153,27 +153,27 @@ def _terms(arch: Architecture, quant: str, engine: str, context: int, batch: int
     build = _engine_phases if engine == FAST else _transformers_phases
     tensors, phases = build(arch, quant, context, batch, kvb, dev, part, simulated_layers(arch, part.layers, count))
     persistent = sum(block_size(n) for _, n in tensors if n > 0)
-    load, kept = _load_phase(arch, quant, stop - start)
     if dev.cuda:
         state = persistent_state(n for _, n in tensors)
         reserved = max(replay(p, state).peak_reserved + other_pools for p, other_pools in phases)
-        reserved = max(reserved, replay(load).peak_reserved - kept)
     else:
         reserved = persistent + max(peak_live(p) for p, _ in phases)
-        reserved = max(reserved, peak_live(load) - kept)
+    reserved = max(reserved, _load_transient(arch, quant, stop - start, dev.cuda))
     return RuntimeTerms(kv, max(0, reserved - persistent), persistent - kv, _context_bytes(quant, engine, dev))
 
 
-def _load_phase(arch: Architecture, quant: str, layers: int) -> tuple[Program, int]:
-    """What loading adds to the weights before anything else is allocated: each MoE layer's experts arriving
-    and being quantized in turn (transients.expert_load), so the allocator model sees how the quantized
-    storage splits the cached bf16 blocks; and the bytes of what they keep, counted as weights already.
-    Nothing for a dense model, whose tensors arrive in place."""
+@lru_cache(maxsize=256)
+def _load_transient(arch: Architecture, quant: str, layers: int, cuda: bool) -> int:
+    """What loading `layers` layers adds to their weights before anything else is allocated: each MoE
+    layer's experts arriving and being quantized in turn (transients.expert_load), so the allocator model
+    sees how the quantized storage splits the cached bf16 blocks, less what they keep (counted as weights).
+    Nothing for a dense model, whose tensors arrive in place. It depends on neither context nor batch."""
+    if not arch.num_experts:
+        return 0
     p, kept = Program(), 0
-    if arch.num_experts:
-        for _ in range(layers):
-            kept += expert_load(p, arch, quant)
-    return p, kept
+    for _ in range(layers):
+        kept += expert_load(p, arch, quant)
+    return (replay(p).peak_reserved if cuda else peak_live(p)) - kept
 
 
 def _kv_tensors(arch: Architecture, layers: Sequence[int], context: int, batch: int, kvb: int, engine: str

@@ -105,22 +105,20 @@ def _x_pairs(px, mask, XS: gl.constexpr, L5: gl.constexpr, EVEN_K: gl.constexpr)
 
 
 @gluon.jit
+def _lane_id(L5: gl.constexpr):
+    """The thread's lane in its warp, as a [1, 1, 1, 1] tensor of the step tile's word layout."""
+    one = gl.full([1, 1, 1, 1], 0, gl.int32, layout=gl.SliceLayout(4, L5))
+    return gl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [one], dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
 def _table(words_ptr, zero, L5: gl.constexpr):
     """The lookup's eight table words, one register each per thread. Read through an address ptxas cannot
     prove warp-uniform (lane id times a runtime zero): uniform values it keeps in uniform registers and
     copies back before every prmt, a seventh of the loop."""
-    one = gl.full([1, 1, 1, 1], 0, gl.int32, layout=gl.SliceLayout(4, L5))
-    lane = gl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [one], dtype=gl.int32, is_pure=True, pack=1)
-    p = words_ptr + lane * zero
+    p = words_ptr + _lane_id(L5) * zero
     return (gl.load(p), gl.load(p + 1), gl.load(p + 2), gl.load(p + 3), gl.load(p + 4), gl.load(p + 5),
             gl.load(p + 6), gl.load(p + 7))
-
-
-@gluon.jit
-def _lane_column(L5: gl.constexpr):
-    """4 x lane id: the lane's column of the shared-memory byte table (lut.smem_dot_program)."""
-    one = gl.full([1, 1, 1, 1], 0, gl.int32, layout=gl.SliceLayout(4, L5))
-    return gl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [one], dtype=gl.int32, is_pure=True, pack=1) * 4
 
 
 @gluon.jit
@@ -247,7 +245,7 @@ def _part(x_ptr, out_ptr, res_ptr, code2_ptr, w, a, s, o, g, bias_ptr, n, col0, 
 def _lookup_operands(words_ptr, zero, L5: gl.constexpr, SMEM: gl.constexpr):
     """What _word_dots takes besides the weights and x: the lane's table column, or the register table."""
     if SMEM:
-        t = (_lane_column(L5),)
+        t = (_lane_id(L5) * 4,)  # the lane's column of the byte table, in bytes (lut.smem_dot_program)
     else:
         t = _table(words_ptr, zero, L5)
     return t

@@ -16,7 +16,7 @@ sign-replicate mode), and a last `prmt` pairs low and high bytes into fp16 value
 from __future__ import annotations
 
 import struct
-from typing import Sequence
+from typing import Iterable, Sequence
 
 MASK32 = 0xFFFFFFFF
 # Selectors of prmt's sign-replicate mode: output byte i = 0xFF where the top bit of nibble i of the
@@ -33,11 +33,22 @@ def _f16_bits(value: float) -> int:
     return struct.unpack("<H", struct.pack("<e", value))[0]
 
 
-def table_words(code: Sequence[float]) -> tuple[list[int], list[int]]:
-    """The low-byte and high-byte words of the fp16 table, four entries per word."""
+def _code_bits(code: Sequence[float]) -> list[int]:
+    """The 16 code values as fp16 bit patterns."""
     bits = [_f16_bits(float(v)) for v in code]
     if len(bits) != 16:
         raise ValueError(f"a 4-bit code has 16 values, not {len(bits)}")
+    return bits
+
+
+def _signed(words: Iterable[int]) -> list[int]:
+    """32-bit words as the signed int32 values a torch.int32 tensor holds."""
+    return [w - (1 << 32) if w >= 1 << 31 else w for w in words]
+
+
+def table_words(code: Sequence[float]) -> tuple[list[int], list[int]]:
+    """The low-byte and high-byte words of the fp16 table, four entries per word."""
+    bits = _code_bits(code)
     low = [sum((bits[4 * w + i] & 0xFF) << (8 * i) for i in range(4)) for w in range(4)]
     high = [sum((bits[4 * w + i] >> 8) << (8 * i) for i in range(4)) for w in range(4)]
     return low, high
@@ -91,11 +102,8 @@ def dot_program(code: Sequence[float]) -> list[tuple]:
 def pair_words(code: Sequence[float]) -> list[int]:
     """The byte table of `smem_dot_program`: entry b the fp16 pair a packed byte b stands for, in x's order
     (low half the high nibble's value, the byte's first weight), as signed int32."""
-    bits = [_f16_bits(float(v)) for v in code]
-    if len(bits) != 16:
-        raise ValueError(f"a 4-bit code has 16 values, not {len(bits)}")
-    pairs = [bits[b >> 4] | bits[b & 15] << 16 for b in range(256)]
-    return [w - (1 << 32) if w >= 1 << 31 else w for w in pairs]
+    bits = _code_bits(code)
+    return _signed(bits[b >> 4] | bits[b & 15] << 16 for b in range(256))
 
 
 # prmt selectors building a byte table address from byte j of q: output byte 0 the lane's column (byte 0 of
@@ -176,7 +184,7 @@ def ptx(code: Sequence[float], table_operands: bool = False) -> str:
 def words(code: Sequence[float]) -> list[int]:
     """The eight table words in the order `ptx(..., table_operands=True)` takes them (signed int32)."""
     low, high = table_words(code)
-    return [w - (1 << 32) if w >= 1 << 31 else w for w in low + high]
+    return _signed(low + high)
 
 
 def _prmt(a: int, b: int, select: int) -> int:

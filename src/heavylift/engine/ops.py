@@ -174,9 +174,9 @@ class TritonOps:
 
             grid = lambda meta: (sum(-(-n // (meta["RPT"] * meta["WARPS"])) for n in sizes),)  # noqa: E731
             G.linear4[grid](x if x16 is None else x16, out, residual if residual is not None else out, parts[0].k,
-                            code, _pair_words(x.device), code2, 0, *args, KIND=parts[0].kind, PARTS=len(parts),
-                            HAS_BIAS=parts[0].bias is not None, HAS_RES=residual is not None, X16=x16 is not None,
-                            **_pdl(K, m))
+                            code, _nf4_lookup("pair_words", x.device), code2, 0, *args, KIND=parts[0].kind,
+                            PARTS=len(parts), HAS_BIAS=parts[0].bias is not None, HAS_RES=residual is not None,
+                            X16=x16 is not None, **_pdl(K, m))
             return out
         kernel, block_m, fixed = _pick(K, K.linear_gemv, K.linear_gemm, m)
         grid = lambda meta: (sum(-(-n // meta["BLOCK_N"]) for n in sizes),)  # noqa: E731
@@ -199,8 +199,9 @@ class TritonOps:
 
             grid = lambda meta: (-(-gate.n // (meta["RPT"] * meta["WARPS"])),)  # noqa: E731
             G.glu4[grid](x if x16 is None else x16, out, _halves(out16, out),
-                         gate.k, code, _pair_words(x.device), code2, 0, *_weight_args(gate), *_weight_args(up), gate.n,
-                         KIND=gate.kind, X16=x16 is not None, OUT16=out16 is not None, **_pdl(K, m))
+                         gate.k, code, _nf4_lookup("pair_words", x.device), code2, 0, *_weight_args(gate),
+                         *_weight_args(up), gate.n, KIND=gate.kind, X16=x16 is not None, OUT16=out16 is not None,
+                         **_pdl(K, m))
             return out
         kernel, block_m, fixed = _pick(K, K.glu_gemv, K.glu_gemm, m)
         grid = lambda meta: (-(-gate.n // meta["BLOCK_N"]),)  # noqa: E731
@@ -303,35 +304,29 @@ def _register_lut(K, w: QWeight) -> bool:
     return _NF4_TABLES[key]
 
 
-_LUT_WORDS: dict[torch.device, torch.Tensor] = {}  # device -> the NF4 table as lut.words, int32
+_NF4_LOOKUPS: dict[tuple[str, torch.device], torch.Tensor] = {}  # (lut builder, device) -> int32 table
+
+
+def _nf4_lookup(builder: str, device: torch.device) -> torch.Tensor:
+    """The NF4 code as one of the 4-bit kernels' lookup tables, built once per device by lut.`builder`:
+    `words` (the register lookup's eight words) or `pair_words` (gemv4's shared-memory byte table)."""
+    key = (builder, device)
+    if key not in _NF4_LOOKUPS:
+        from . import kernels as K
+        from . import lut
+
+        _NF4_LOOKUPS[key] = torch.tensor(getattr(lut, builder)(K.nf4_code()), dtype=torch.int32, device=device)
+    return _NF4_LOOKUPS[key]
 
 
 def _codes(w: QWeight, lut: bool):
     """The kernels' code_ptr and code2_ptr: the 4-bit table (as the register lookup's eight words where
     `lut`) and the double quantization's table, or stand-in pointers where the weight has none."""
     if lut:
-        if w.data.device not in _LUT_WORDS:
-            from . import kernels as K
-            from .lut import words
-
-            _LUT_WORDS[w.data.device] = torch.tensor(words(K.nf4_code()), dtype=torch.int32, device=w.data.device)
-        code = _LUT_WORDS[w.data.device]
+        code = _nf4_lookup("words", w.data.device)
     else:
         code = w.code if w.code is not None else w.data
     return code, (w.code2 if w.code2 is not None else code)
-
-
-_PAIR_WORDS: dict[torch.device, torch.Tensor] = {}  # device -> the NF4 byte table, lut.pair_words, int32
-
-
-def _pair_words(device: torch.device) -> torch.Tensor:
-    """The byte table gemv4's shared-memory lookup copies in (NF4 only: _register_lut holds for its weights)."""
-    if device not in _PAIR_WORDS:
-        from . import kernels as K
-        from .lut import pair_words
-
-        _PAIR_WORDS[device] = torch.tensor(pair_words(K.nf4_code()), dtype=torch.int32, device=device)
-    return _PAIR_WORDS[device]
 
 
 def _weight_args(w: QWeight) -> list:
