@@ -17,6 +17,7 @@ from heavylift.architecture import architecture_from_config
 from heavylift.catalog import find_model
 from heavylift.hardware import parse_gpu_spec
 from heavylift.memory import TRANSFORMERS, FAST, _kv_tensors, engine_prefill, runtime_terms
+from heavylift.quant import FP8
 from heavylift.transients import Part, Step, linear, transformers_forward
 
 from conftest import save_tiny_checkpoint, save_tiny_tokenizer
@@ -183,3 +184,64 @@ def test_engine_decode_pools_hold_benchmark_buffer_workspaces_and_dequantized_we
     memory.engine_decode_step(step, shape, "nf4", 8, layers, part, True)
     graph = replay(step).peak_reserved
     assert graph >= 112 * MiB and phases[1][1] == 2 * (graph + 32 * MiB)
+
+
+# --- Loading -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model", ["llama3.1-8b", "qwen2.5-7b", "gemma2-9b", "phi3-mini"])
+def test_the_load_keeps_exactly_the_weights_the_plan_counts(model):
+    import heavylift.memory as memory
+    from heavylift.allocator import block_size, live_sizes
+    from heavylift.quant import SCHEMES
+    from heavylift.transients import dense_load
+
+    arch = architecture_from_config(find_model(model).config_dict())
+    order = memory._load_order(arch, Part(range(arch.num_layers), True, True))
+    for quant in ("bf16", "fp8", "int8", "nf4", "nf4-dq", "fp4"):
+        p = Program()
+        dense_load(p, quant, order.before + order.layer * arch.num_layers + order.after)
+        kept = sum(block_size(n) for n in live_sizes(p))
+        assert kept == SCHEMES[quant].weights_bytes(arch.tensors), quant
+
+
+def test_the_load_order_is_transformers_order():
+    from transformers.core_model_loading import dot_natural_key
+
+    from heavylift.transients import natural_key
+
+    arch = architecture_from_config(find_model("qwen2.5-7b").config_dict())
+    names = [t.name for t in arch.tensors] + ["model.layers.2.mlp.experts.10.w1", "model.layers.2.mlp.experts.9.w1"]
+    assert sorted(names, key=natural_key) == sorted(names, key=dot_natural_key)
+
+
+def test_quantizing_on_load_holds_the_bf16_weight_and_the_quantizers_temporaries():
+    from heavylift.transients import Loaded, dense_load
+
+    def sizes(quant: str) -> list[int]:
+        p = Program()
+        dense_load(p, quant, [Loaded(64 * 128, 64, True)])  # a [64, 128] weight
+        return _sizes(p)
+
+    # The warm-up counts the weight at 1 byte per element for FP8 and LLM.int8, half a byte for 4-bit.
+    # torchao FP8: bf16 16,384; |w| 16,384, row maxima and scales (64 x 2, 2, 4 -> 512 each); w in fp32,
+    # scaled, clamped (3 x 32,768); float8 8,192.
+    assert sizes("fp8") == [8192, 16384, 16384, 128, 128, 256, 32768, 32768, 32768, 8192]
+    # LLM.int8: bf16; an fp16 copy; the row scales (256) and the int8 rows.
+    assert sizes("int8") == [8192, 16384, 16384, 256, 8192]
+    # NF4 with double quantization: bf16; 128 fp32 absmax, the packed nibbles, the code book; the offset, the
+    # shifted absmax, a code-book copy, the nested absmax, the absmax bytes and the kept code book.
+    assert sizes("nf4-dq") == [4096, 16384, 512, 4096, 64, 4, 512, 1024, 4, 128, 1024]
+
+
+def test_a_dense_plan_holds_what_the_load_leaves_cached():
+    # Loading quantizes each weight through fp32 copies that later weights cannot fill exactly: the plan's
+    # reserve is at least what the load reserved beyond the weights.
+    import heavylift.memory as memory
+
+    arch = architecture_from_config(find_model("qwen2.5-7b").config_dict())
+    (gpu,) = parse_gpu_spec("1xH100")
+    part = Part(range(arch.num_layers), True, True)
+    loaded, weights = memory._loaded("fp8", memory._load_order(arch, part), arch.num_layers)
+    assert weights == FP8.weights_bytes(arch.tensors) and loaded.peak_reserved > weights
+    terms = runtime_terms(arch, "fp8", FAST, 1024, 1, 2, gpu, part, every_layer=True)
+    assert terms.kv_cache_bytes + terms.transient_bytes + terms.buffer_bytes >= loaded.peak_reserved - weights

@@ -52,6 +52,11 @@ class _Block:
         self.address, self.size, self.small, self.free, self.prev, self.next = address, size, small, free, prev, nxt
 
 
+# What a forked free block sees beside it where the original had an allocated block: never free, so never
+# merged; the links the copy writes into it are never read.
+_HELD = _Block(-1, 0, False, False)
+
+
 class CachingAllocator:
     """One device's allocator on one stream: allocated and reserved bytes, and their peaks."""
 
@@ -115,14 +120,15 @@ class CachingAllocator:
         self._insert(block)
 
     def fork(self) -> "CachingAllocator":
-        """A copy to replay more on, for a state whose blocks are all allocated for good (persistent
-        tensors): its free blocks, each the tail of a segment behind a block that stays, are copied."""
+        """A copy to replay more on, for a state whose live blocks all stay allocated (persistent tensors):
+        its free blocks are copied, each bounded by a stand-in (_HELD) where an allocated neighbour bounds
+        it, so the copy splits, merges and empties segments as the original would, without touching it."""
         twin = CachingAllocator()
         twin._top, twin.allocated, twin.reserved = self._top, self.allocated, self.reserved
         twin.peak_allocated, twin.peak_reserved = self.allocated, self.reserved
         for small, pool in self._free.items():
-            # The block in front of each tail stays allocated: nothing reads or changes it, so both share it.
-            twin._free[small] = [(size, address, _Block(address, size, small, True, b.prev)) for size, address, b in pool]
+            twin._free[small] = [(size, address, _Block(address, size, small, True, b.prev and _HELD, b.next and _HELD))
+                                 for size, address, b in pool]
         return twin
 
     def empty_cache(self) -> None:
@@ -170,9 +176,10 @@ class Replay:
     allocated: int  # live at the end
 
 
-def replay(program: Program, start: CachingAllocator | None = None) -> Replay:
-    """Run a program through a fresh allocator, or a fork of `start` (persistent tensors already in place).
-    A free of a tensor the program never allocated (size 0) is skipped."""
+def run(program: Program, start: CachingAllocator | None = None) -> CachingAllocator:
+    """Run a program through a fresh allocator, or a fork of `start` (persistent tensors already in place),
+    and return it: what the program leaves allocated stays, for good. A free of a tensor the program never
+    allocated (size 0) is skipped."""
     a = start.fork() if start is not None else CachingAllocator()
     live: dict[str, _Block] = {}
     malloc, release, pop = a.malloc, a.free, live.pop
@@ -186,6 +193,12 @@ def replay(program: Program, start: CachingAllocator | None = None) -> Replay:
                 release(block)
         else:
             a.empty_cache()
+    return a
+
+
+def replay(program: Program, start: CachingAllocator | None = None) -> Replay:
+    """The peaks and end of a program run as `run` does."""
+    a = run(program, start)
     return Replay(a.peak_allocated, a.peak_reserved, a.allocated)
 
 
@@ -210,3 +223,14 @@ def peak_live(program: Program) -> int:
         elif event[0] == "free" and event[1] in live:
             now -= live.pop(event[1])
     return peak
+
+
+def live_sizes(program: Program) -> list[int]:
+    """The sizes of the tensors a program leaves allocated, in the order it allocated them."""
+    live: dict[str, int] = {}
+    for event in program.events:
+        if event[0] == "alloc":
+            live[event[1]] = event[2]
+        elif event[0] == "free":
+            live.pop(event[1], None)
+    return list(live.values())

@@ -85,9 +85,10 @@ def _llm_int8(p: Program, rows: int, k: int, n: int) -> str:
     return y
 
 
-def _float8(p: Program, rows: int, k: int, n: int) -> str:
-    """torchao Float8Tensor linear, per-row dynamic activation scale (_choose_scale_float8 and
-    _quantize_affine_float8, in fp32), then torch._scaled_mm to bf16."""
+def float8_rows(p: Program, rows: int, k: int) -> tuple[str, str]:
+    """torchao's Float8Tensor.from_hp, per row (_choose_scale_float8 and _quantize_affine_float8): |x| and
+    its row maxima in the input's bf16, the fp32 scale, then x in fp32, scaled and clamped before the cast
+    to float8. Returns (the float8 rows, their fp32 scales); the temporaries are freed."""
     absx = p.alloc("abs", BF16 * rows * k)
     amax = p.alloc("amax", BF16 * rows)
     p.free(absx)
@@ -99,6 +100,13 @@ def _float8(p: Program, rows: int, k: int, n: int) -> str:
     xc = p.alloc("x_clamped", FP32 * rows * k)
     q8 = p.alloc("x_fp8", rows * k)
     p.free(x32, xs, xc)
+    return q8, scale
+
+
+def _float8(p: Program, rows: int, k: int, n: int) -> str:
+    """torchao Float8Tensor linear: a per-row dynamic activation scale (float8_rows), then torch._scaled_mm
+    to bf16."""
+    q8, scale = float8_rows(p, rows, k)
     y = p.alloc("linear", BF16 * rows * n)
     p.free(q8, scale)
     return y

@@ -3,9 +3,11 @@ caching allocator reserves for everything transient.
 
 The transient part is not a formula: the run's allocation programs (transients.py: transformers'
 forward with a static cache, or heavylift's engine) are replayed through the caching-allocator model
-(allocator.py), phase by phase as heavylift.Session runs them (session.py calls empty_cache() before
-each transformers prefill chunk, between the engine's sequences and before decoding, so every phase
-starts from the persistent tensors alone). Which engine runs is an input (`Workload.engine`): the plan
+(allocator.py), phase by phase as heavylift.Session runs them (session.py calls empty_cache() before each
+transformers prefill chunk, between the engine's sequences and before decoding), from the state the load
+leaves: a dense checkpoint's from_pretrained (transients.dense_load) puts the weights among cached blocks
+of transformers' allocator warm-up and of the quantizers' temporaries, which later phases reuse or cannot.
+Which engine runs is an input (`Workload.engine`): the plan
 describes the one that runs. Pure: no torch.
 """
 
@@ -15,12 +17,12 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Iterable, Sequence
 
-from .allocator import Program, block_size, peak_live, persistent_state, replay
-from .architecture import Architecture
+from .allocator import CachingAllocator, Program, block_size, live_sizes, peak_live, persistent_state, replay, run
+from .architecture import QUANTIZABLE_ROLES, Architecture, TensorSpec
 from .defaults import CUDA_CONTEXT_BYTES, LLM_INT8_CONTEXT_BYTES, MiB, PREFILL_CHUNK_TOKENS
 from .engine_transients import decode_uses_kernels, engine_decode_step, engine_prefill
 from .matmuls import BF16, FP32, INT32, INT64
-from .transients import Part, Step, expert_load, sliding_kv, transformers_forward
+from .transients import Loaded, Part, Step, dense_load, expert_load, natural_key, sliding_kv, transformers_forward
 
 # The two runtimes a plan can describe (heavylift.engine's --engine values, without "auto": the session
 # resolves auto to one of these before planning; tests/test_planner.py holds them to heavylift.engine's).
@@ -134,7 +136,7 @@ def runtime_terms(arch: Architecture, quant: str, engine: str, context: int, bat
                   bool(device.native_fp8))
     count = len(part.layers) if every_layer and engine == FAST else SIMULATED_LAYERS[engine]
     return _terms(_cache_key(arch), quant, engine, context, batch, kv_dtype_bytes, dev, part.layers.start,
-                  part.layers.stop, part.first, part.last, count)
+                  part.layers.stop, part.first, part.last, count, _load_order(arch, part))
 
 
 def _context_bytes(quant: str, engine: str, dev: _Device) -> int:
@@ -143,9 +145,46 @@ def _context_bytes(quant: str, engine: str, dev: _Device) -> int:
     return LLM_INT8_CONTEXT_BYTES if quant == "int8" and engine == TRANSFORMERS else CUDA_CONTEXT_BYTES
 
 
+@dataclass(frozen=True)
+class _LoadOrder:
+    """A device's checkpoint tensors in the order from_pretrained loads them: the ones before its layers
+    (lm_head, then the embedding), one layer's (every decoder layer of a supported family has the same), and
+    the ones after (the final norm)."""
+
+    before: tuple[Loaded, ...]
+    layer: tuple[Loaded, ...]
+    after: tuple[Loaded, ...]
+
+
+def _load_order(arch: Architecture, part: Part) -> _LoadOrder | None:
+    if arch.num_experts or not part.layers:
+        return None  # MoE experts load through their own program (_load_transient)
+
+    def loaded(tensors) -> tuple[Loaded, ...]:
+        ordered = sorted(tensors, key=lambda t: natural_key(t.name))
+        return tuple(Loaded(t.numel, t.numel // t.shape[-1], t.role in QUANTIZABLE_ROLES) for t in ordered)
+
+    wanted = {"model.embed_tokens.weight": part.first, "model.norm.weight": part.last, "lm_head.weight": part.last}
+    globals_ = [t for t in arch.global_tensors() if wanted.get(t.name, False)]
+    layer = part.layers.start
+    return _LoadOrder(loaded(t for t in globals_ if t.name != "model.norm.weight"),
+                      loaded(arch.layer_tensors(layer)),
+                      loaded(t for t in globals_ if t.name == "model.norm.weight"))
+
+
+@lru_cache(maxsize=256)
+def _loaded(quant: str, order: _LoadOrder, layers: int) -> tuple[CachingAllocator, int]:
+    """The allocator of a device once from_pretrained has loaded its `layers` layers (transients.dense_load):
+    the weights allocated, the warm-up segment and the quantizers' temporaries cached around them; and the
+    weights' bytes (which the allocator's count can exceed: a block it does not split is handed out whole)."""
+    p = Program()
+    dense_load(p, quant, order.before + order.layer * layers + order.after)
+    return run(p), sum(block_size(n) for n in live_sizes(p))
+
+
 @lru_cache(maxsize=4096)
 def _terms(arch: Architecture, quant: str, engine: str, context: int, batch: int, kvb: int, dev: _Device,
-           start: int, stop: int, first: bool, last: bool, count: int) -> RuntimeTerms:
+           start: int, stop: int, first: bool, last: bool, count: int, order: _LoadOrder | None) -> RuntimeTerms:
     part = Part(range(start, stop), first, last)
     kv = kv_cache_bytes(arch, part.layers, context, batch, kvb, engine)
     if not part.layers:
@@ -153,13 +192,44 @@ def _terms(arch: Architecture, quant: str, engine: str, context: int, batch: int
     build = _engine_phases if engine == FAST else _transformers_phases
     tensors, phases = build(arch, quant, context, batch, kvb, dev, part, simulated_layers(arch, part.layers, count))
     persistent = sum(block_size(n) for _, n in tensors if n > 0)
+    context_bytes = _context_bytes(quant, engine, dev)
+    if dev.cuda and order is not None:
+        # A dense model's runtime starts where its load left the allocator (_after_load); its reserve is the
+        # most the device held at any point, weights included, less the weights.
+        loaded, weights = _loaded(quant, order, stop - start)
+        state = _after_load(loaded, tensors, engine)
+        held = max(loaded.peak_reserved, state.peak_reserved,
+                   *(replay(p, state).peak_reserved + other_pools for p, other_pools in phases))
+        reserved = held - weights
+        return RuntimeTerms(kv, max(0, reserved - persistent), persistent - kv, context_bytes)
     if dev.cuda:
         state = persistent_state(n for _, n in tensors)
         reserved = max(replay(p, state).peak_reserved + other_pools for p, other_pools in phases)
     else:
         reserved = persistent + max(peak_live(p) for p, _ in phases)
     reserved = max(reserved, _load_transient(arch, quant, stop - start, dev.cuda))
-    return RuntimeTerms(kv, max(0, reserved - persistent), persistent - kv, _context_bytes(quant, engine, dev))
+    return RuntimeTerms(kv, max(0, reserved - persistent), persistent - kv, context_bytes)
+
+
+def _after_load(loaded: CachingAllocator, tensors: list[tuple[str, int]], engine: str) -> CachingAllocator:
+    """The allocator when the first phase starts: the engine allocates its tables and KV cache right after
+    loading, into what the load left cached; then Session's _start_phase gives wholly free segments back,
+    makes the cuBLAS workspace and empties the cache again (transformers allocates its StaticCache and the
+    prompt's ids only after that)."""
+    p = Program()
+    runtime = [(label, n) for label, n in tensors if label != "cublas_workspace"]
+    workspace = [n for label, n in tensors if label == "cublas_workspace"]
+    if engine == FAST:
+        for label, n in runtime:
+            p.alloc(label, n)
+    p.empty_cache()
+    for n in workspace:
+        p.alloc("cublas_workspace", n)
+    p.empty_cache()
+    if engine != FAST:
+        for label, n in runtime:
+            p.alloc(label, n)
+    return run(p, loaded)
 
 
 @lru_cache(maxsize=256)
