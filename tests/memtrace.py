@@ -4,8 +4,9 @@
 caching allocator's 512-byte blocks), and its death, seen through a weakref on the storage, a free.
 0-dim tensors (scalars, 512 bytes each) are left out, as the programs leave them out. Views and
 in-place ops allocate nothing. Scaled-dot-product attention is replaced by what its CUDA kernels
-allocate (transients.py `_sdpa`): with a mask, the bool mask converted to the query's dtype (padded to
-16 keys) and the output; without one, flash attention's output and its fp32 log-sum-exp.
+allocate (transients.py `_sdpa`): with a mask, a bool mask converted to the query's dtype, a copy padded
+to 16 keys (or made contiguous where its rows are not 16-aligned) and the output; without one, flash
+attention's output and its fp32 log-sum-exp.
 """
 
 from __future__ import annotations
@@ -81,14 +82,19 @@ class Trace(TorchDispatchMode):
             self._track(out, "sdpa out")
             self._free(self._alloc(4 * b * h * length, "flash lse"))
             return out
-        where = self._alloc(attn_mask.numel() * q.element_size(), "sdpa mask")
+        # convert_boolean_attn_mask: a bool mask becomes an additive one of the query's dtype; preprocess_mask
+        # then pads a copy to 16 keys, or copies a mask whose rows do not start 16 elements apart.
+        where = self._alloc(attn_mask.numel() * q.element_size(), "sdpa mask") if attn_mask.dtype == torch.bool \
+            else None
         kv = attn_mask.shape[-1]
-        pad = self._alloc(attn_mask.numel() // kv * -(-kv // 16) * 16 * q.element_size(), "pad") if kv % 16 else None
+        aligned = where is not None or all(stride % 16 == 0 for stride in attn_mask.stride()[:-1])
+        pad = self._alloc(attn_mask.numel() // kv * -(-kv // 16) * 16 * q.element_size(), "pad") if kv % 16 else \
+            None if aligned else self._alloc(attn_mask.numel() * q.element_size(), "contiguous mask")
         out = torch.empty(b, length, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
         self._track(out, "sdpa out")
-        if pad is not None:
-            self._free(pad)
-        self._free(where)
+        for key in (pad, where):
+            if key is not None:
+                self._free(key)
         return out
 
 

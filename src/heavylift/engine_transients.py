@@ -15,29 +15,44 @@ from .matmuls import BF16, FP32, INT32, INT64, dense_linear
 from .transients import Part, gated_mlp
 
 
+# The memory-efficient attention kernel reads a mask whose rows start 16 elements apart as it is
+# (engine/model.py MASK_ALIGNMENT); one whose length is not a multiple of 16 it pads in a copy.
+MASK_ALIGNMENT = 16
+
+
+def _prefill_scratch(p: Program, arch: Architecture, prompt: int, chunk: int, layers: Sequence[int]) -> list[str]:
+    """Engine._prefill_scratch on one device: the repeated keys and values at the prompt's length, and where
+    a chunk needs a mask, the key positions, the bf16 mask and its bool form (two with a sliding window)."""
+    nh, d = arch.num_heads, arch.head_dim
+    held = [p.alloc("k_rep", BF16 * nh * prompt * d), p.alloc("v_rep", BF16 * nh * prompt * d)]
+    first = min(prompt, chunk)
+    windows = {arch.layer_windows[i] for i in layers}
+    if prompt > first or any(w and w < first for w in windows):
+        width = -(-prompt // MASK_ALIGNMENT) * MASK_ALIGNMENT
+        held += [p.alloc("key_positions", INT32 * prompt), p.alloc("mask", BF16 * first * width),
+                 p.alloc("masked", first * width)]
+        if any(windows):
+            held.append(p.alloc("outside", first * width))
+    return held
+
+
 def _engine_attention(p: Program, arch: Architecture, t: int, start: int, window: int | None) -> list[str]:
-    """Engine._prefill_attention: the cached keys and values up to the chunk's end repeated to every query
-    head, then SDPA, causal on a first chunk, else with a [t, end] bool mask (a window narrows it) that
-    SDPA turns into bf16. Returns its locals, freed when it returns (the output is a view)."""
-    nh, nkv, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
+    """Engine._prefill_attention: the keys and values repeated into the scratch, then SDPA, causal on a first
+    chunk, else with the scratch's mask (a window's bound computed per query); SDPA pads a copy of a mask
+    whose length is not 16-aligned. Returns its locals, freed when it returns (the output is a view)."""
+    nh, d = arch.num_heads, arch.head_dim
     end = start + t
-    held = [p.alloc(label, BF16 * nh * end * d) for label in ("k_rep", "v_rep")]  # repeat_interleave
     if start == 0 and not (window and end > window):
         out = p.alloc("attn", BF16 * t * nh * d)
         lse = p.alloc("lse", FP32 * nh * t)
         p.free(lse)
-        return held + [out]
-    keys = p.alloc("keys", INT64 * end)
-    allowed = p.alloc("allowed", t * end)
+        return [out]
     if window:
-        lo = p.alloc("window_lo", INT32 * t)
-        gt = p.alloc("window_gt", t * end)
-        p.free(lo, gt)
-    fm = p.alloc("mask_bf16", BF16 * t * end)
-    pad = p.alloc("mask_pad", BF16 * t * -(-end // 16) * 16) if end % 16 else None
+        p.free(p.alloc("window_lo", INT32 * t))
+    pad = p.alloc("mask_pad", BF16 * t * -(-end // MASK_ALIGNMENT) * MASK_ALIGNMENT) if end % MASK_ALIGNMENT else None
     out = p.alloc("attn", BF16 * t * nh * d)
-    p.free(pad, fm)
-    return held + [keys, allowed, out]
+    p.free(pad)
+    return [out]
 
 
 def _engine_chunk(p: Program, arch: Architecture, quant: str, t: int, start: int, layers: Sequence[int],
@@ -86,18 +101,19 @@ def engine_prefill(p: Program, arch: Architecture, quant: str, prompt: int, chun
     last token and its fp32 logits."""
     h, v = arch.hidden_size, arch.vocab_size
     tokens = p.alloc("prompt_ids", INT64 * prompt) if part.first and cuda else None
+    scratch = _prefill_scratch(p, arch, prompt, chunk, part.layers)
     hidden = None
     for start in range(0, prompt, chunk):
         new = _engine_chunk(p, arch, quant, min(chunk, prompt - start), start, layers, part, native_fp8)
         p.free(hidden)
         hidden = new
     if not part.last:
-        p.free(tokens, hidden)
+        p.free(tokens, *scratch, hidden)
         return None
     x = p.alloc("normed", BF16 * h)
     lm = p.alloc("logits", BF16 * v)
     logits = p.alloc("logits_fp32", FP32 * v)
-    p.free(lm, tokens, hidden, x)
+    p.free(lm, tokens, *scratch, hidden, x)
     return logits
 
 

@@ -19,6 +19,22 @@ from ..defaults import PREFILL_CHUNK_TOKENS
 from .ops import OPS, attention_scratch, decode_splits, dense_linear, dense_parts
 from .weights import DENSE, QWeight, from_linear, quantize
 
+# The memory-efficient attention kernel reads a mask whose rows start 16 elements apart as it is; PyTorch
+# copies any other (attention.cpp preprocess_mask).
+MASK_ALIGNMENT = 16
+
+
+@dataclass
+class PrefillScratch:
+    """One prompt's prefill buffers on one device (Engine._prefill_scratch)."""
+
+    keys: torch.Tensor  # [heads, prompt, head_dim] bf16: the cache's keys repeated per query head
+    values: torch.Tensor
+    positions: torch.Tensor | None = None  # [prompt] int32: 0, 1, ... (key positions)
+    mask: torch.Tensor | None = None  # [chunk, prompt rounded up to 16] bf16: 0 or -inf
+    masked: torch.Tensor | None = None  # the same in bool: True where a key is hidden
+    outside: torch.Tensor | None = None  # bool: keys beyond a sliding window
+
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE = (None, "default", "llama3", "linear", "yarn")
 
@@ -196,8 +212,9 @@ class Engine:
         if len(ids) > self.context:
             raise ValueError(f"{len(ids)} tokens exceed the engine's context of {self.context}")
         tokens = torch.tensor(list(ids), dtype=torch.long, device=self.embed.device)
+        scratch = {d: self._prefill_scratch(len(tokens), d) for d, _ in self.segments}
         for start in range(0, len(tokens), PREFILL_CHUNK_TOKENS):
-            hidden = self._prefill_chunk(tokens[start:start + PREFILL_CHUNK_TOKENS], start, slot)
+            hidden = self._prefill_chunk(tokens[start:start + PREFILL_CHUNK_TOKENS], start, slot, scratch)
         for d in self.devices:
             self.seq_len[d][slot] = len(tokens)
         x = self._norm(hidden[-1:].to(self.norm.device), self.norm)
@@ -206,7 +223,27 @@ class Engine:
     def _norm(self, x, weight):
         return self.ops.rmsnorm(x, weight, self.shape.eps, torch.empty_like(x))
 
-    def _prefill_chunk(self, tokens, start: int, slot: int) -> torch.Tensor:
+    def _prefill_scratch(self, prompt: int, dev) -> "PrefillScratch":
+        """One prompt's attention buffers on one device, at the prompt's full length: the keys and values
+        repeated per query head and the chunks' masks are views of them, so a long prompt's chunks reuse
+        one allocation instead of each taking a larger one (which the allocator would keep cached: 4 GB of
+        an 8B model's 32k-token prefill). Masks only where a chunk needs one (a later chunk, or a window
+        shorter than the first)."""
+        s = self.shape
+        first = min(prompt, PREFILL_CHUNK_TOKENS)
+        windows = {layer.window for layer in self.layers if layer.device == dev}
+        masked = prompt > first or any(w and w < first for w in windows)
+        width = -(-prompt // MASK_ALIGNMENT) * MASK_ALIGNMENT
+        bf16 = dict(dtype=torch.bfloat16, device=dev)
+        keys, values = (torch.empty(s.heads, prompt, s.head_dim, **bf16) for _ in range(2))
+        if not masked:
+            return PrefillScratch(keys, values)
+        flags = dict(dtype=torch.bool, device=dev)
+        return PrefillScratch(keys, values, torch.arange(prompt, dtype=torch.int32, device=dev),
+                              torch.empty(first, width, **bf16), torch.empty(first, width, **flags),
+                              torch.empty(first, width, **flags) if any(windows) else None)
+
+    def _prefill_chunk(self, tokens, start: int, slot: int, scratch: dict) -> torch.Tensor:
         s, t = self.shape, len(tokens)
         hidden = F.embedding(tokens, self.embed)
         for layer in self.layers:
@@ -219,28 +256,35 @@ class Engine:
             q = torch.empty(t, s.heads, s.head_dim, dtype=torch.bfloat16, device=dev)
             cos, sin = self.rope[dev]
             self.ops.rope_cache(qkv, positions, slots, cos, sin, layer.k_cache, layer.v_cache, s.heads, s.kv_heads, q)
-            attn = self._prefill_attention(q, layer, start, positions, slot)
+            attn = self._prefill_attention(q, layer, start, positions, slot, scratch[dev])
             hidden = hidden + dense_linear(attn, layer.o)
             x = self._norm(hidden, layer.ln2)
             hidden = hidden + dense_linear(F.silu(dense_linear(x, layer.gate)) * dense_linear(x, layer.up), layer.down)
         return hidden
 
-    def _prefill_attention(self, q, layer: Layer, start: int, positions, slot: int) -> torch.Tensor:
+    def _prefill_attention(self, q, layer: Layer, start: int, positions, slot: int,
+                           scratch: "PrefillScratch") -> torch.Tensor:
         """SDPA of a chunk's queries over the cache up to its last token, as transformers runs it: keys
-        repeated per query head; a causal flag on the first chunk, an explicit mask after it."""
-        t, end = q.shape[0], start + q.shape[0]
-        group = self.shape.heads // self.shape.kv_heads
-        k = layer.k_cache[slot:slot + 1, :, :end].repeat_interleave(group, dim=1)
-        v = layer.v_cache[slot:slot + 1, :, :end].repeat_interleave(group, dim=1)
+        repeated per query head (into the prompt's scratch); a causal flag on the first chunk, an additive
+        bf16 mask after it, built in place in the scratch (its rows 16-aligned, as the memory-efficient
+        kernel reads them without a copy)."""
+        s, t = self.shape, q.shape[0]
+        end, group = start + t, self.shape.heads // self.shape.kv_heads
+        k, v = scratch.keys[:, :end], scratch.values[:, :end]
+        for rep, cache in ((k, layer.k_cache), (v, layer.v_cache)):
+            source = cache[slot, :, :end]
+            rep.view(s.kv_heads, group, end, s.head_dim).copy_(source[:, None].expand(-1, group, -1, -1))
         q = q.transpose(0, 1)[None]
         if start == 0 and not (layer.window and end > layer.window):
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            y = F.scaled_dot_product_attention(q, k[None], v[None], is_causal=True, scale=self.scale)
         else:
-            keys = torch.arange(end, device=q.device)
-            allowed = keys[None] <= positions[:, None]
+            keys, masked = scratch.positions[None, :end], scratch.masked[:t, :end]
+            torch.gt(keys, positions[:, None], out=masked)  # a later key
             if layer.window:
-                allowed &= keys[None] > positions[:, None] - layer.window
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[None, None], scale=self.scale)
+                torch.le(keys, (positions - layer.window)[:, None], out=scratch.outside[:t, :end])
+                masked.logical_or_(scratch.outside[:t, :end])
+            mask = scratch.mask[:t, :end].zero_().masked_fill_(masked, float("-inf"))
+            y = F.scaled_dot_product_attention(q, k[None], v[None], attn_mask=mask[None, None], scale=self.scale)
         return y[0].transpose(0, 1).reshape(t, -1)
 
     # -- decode -----------------------------------------------------------------------------------
