@@ -282,6 +282,28 @@ def base_record(case: Case, scheme) -> dict:
             "fits_predicted": scheme.fits, "oom": False, "devices": devices}
 
 
+def replan(results: dict, command: str) -> dict:
+    """A results document with every case planned again by the planner as it is now, next to the same
+    measurements: a planner change is checked against the GPU runs without running them again. The document
+    says so (`replanned_command`), and each case keeps the figures it was planned with (`planned_at_run`)."""
+    from heavylift.hardware import device_from_model, find_gpu
+
+    card = find_gpu(results["card"].split(" ; ")[0])
+    cases = []
+    for record in results["cases"]:
+        case = Case(**{f.name: record[f.name] for f in fields(Case) if f.name in record})
+        fresh = base_record(case, plan_scheme(case, [device_from_model(card, i) for i in range(case.gpus)]))
+        devices = [{**old, "predicted_bytes": new["predicted_bytes"], "predicted_terms": new["predicted_terms"],
+                    "error_pct": error_pct(new["predicted_bytes"], old.get("measured_bytes"))}
+                   for old, new in zip(record["devices"], fresh["devices"])] if record["devices"] else fresh["devices"]
+        at_run = record.get("planned_at_run") or {"predicted_bytes": record.get("predicted_bytes"),
+                                                  "error_pct": record.get("error_pct")}
+        updated = {**record, "devices": devices, "fits_predicted": fresh["fits_predicted"], "planned_at_run": at_run}
+        cases.append(updated if "error" in record else finish_record(updated, estimates(model_config(case.model),
+                                                                                        case.quant)))
+    return {**results, "replanned_command": command, "cases": cases}
+
+
 # --- The child: one case in a fresh CUDA context ------------------------------------------------------
 
 class Meter:
@@ -499,10 +521,12 @@ def merge(documents: list[dict]) -> dict:
             key = record_key(record)
             if key not in best or rank(record) >= rank(best[key]):
                 best[key] = record
-    order = {c.key: i for i, c in enumerate(MATRIX)}
+    order = {replace(c, engine=TRANSFORMERS).key: i for i, c in enumerate(MATRIX)}
+    position = lambda r: order.get(replace(Case(**{f.name: r[f.name] for f in fields(Case) if f.name in r}),  # noqa: E731
+                                           engine=TRANSFORMERS).key, len(order))
     joined = lambda field: " ; ".join(dict.fromkeys(d[field] for d in documents if d.get(field)))  # noqa: E731
     return {"card": joined("card"), "date": max(d["date"] for d in documents), "command": joined("command"),
-            "cases": sorted(best.values(), key=lambda r: order.get(record_key(r), len(order)))}
+            "cases": sorted(best.values(), key=position)}
 
 
 def list_matrix(spec: str = LIST_GPUS, engine: str = AUTO) -> str:
@@ -533,8 +557,10 @@ def summarize(results: dict) -> str:
     """The README's table: per case the plan against the measured peak, against what the allocator
     needed of it (peak allocated + the rest of the process), and the two weights-only estimates."""
     pct = lambda p: "" if p is None else f" ({p:+.1f}%)"  # noqa: E731
-    lines = [f"Plan vs measured on {results['card']} ({results['date']}); error = (estimate − measured) / measured.",
-             "", "| model | quant | context | batch | GPUs | predicted GB | measured GB (error) | max allocated GB "
+    again = " Plans made again by the planner as it is now (`replanned_command`)." if results.get("replanned_command") \
+        else ""
+    lines = [f"Plan vs measured on {results['card']} ({results['date']}); error = (estimate − measured) / measured."
+             + again, "", "| model | quant | context | batch | GPUs | predicted GB | measured GB (error) | max allocated GB "
              "| needed GB (error) | accelerate GB (error) | seed rule GB (error) | load s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     errors = []
@@ -569,6 +595,8 @@ def main() -> None:
     parser.add_argument("--merge", action="store_true", help="add to --out instead of starting it afresh")
     parser.add_argument("--merge-files", nargs="+", metavar="FILE", help="merge these results files into --out")
     parser.add_argument("--summarize", metavar="FILE", help="print the markdown table of a results file")
+    parser.add_argument("--replan", metavar="FILE",
+                        help="plan every case of a results file again with the current planner (into --out)")
     parser.add_argument("--engine", choices=(AUTO, TRANSFORMERS), default=AUTO,
                         help="auto (as `heavylift run`: heavylift's engine where it runs), or transformers for all")
     parser.add_argument("--work", default=DEFAULT_WORK, help="where checkpoints are written (one at a time)")
@@ -587,6 +615,11 @@ def main() -> None:
         print(list_matrix(engine=args.engine))
     elif args.summarize:
         print(summarize(json.loads(Path(args.summarize).read_text())))
+    elif args.replan:
+        if not args.out:
+            sys.exit("--replan needs --out")
+        write_results(replan(json.loads(Path(args.replan).read_text()), shlex.join(["python", *sys.argv])),
+                      Path(args.out))
     elif args.merge_files:
         if not args.out:
             sys.exit("--merge-files needs --out")

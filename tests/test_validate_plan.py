@@ -239,3 +239,18 @@ def test_the_default_engine_is_auto(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["validate_plan.py", "--gpus", "1"])
     vp.main()
     assert seen == {"engine": vp.AUTO}
+
+
+def test_replan_puts_the_current_plan_beside_the_same_measurements():
+    case = vp.replace(vp.Case("qwen2.5-7b", "fp8", 1024, 1, 1), engine=vp.AUTO)
+    scheme = _plan_on(case)
+    stale = vp.finish_record({**vp.base_record(case, scheme), "devices": [
+        {**vp.base_record(case, scheme)["devices"][0], "predicted_bytes": 1000, "measured_bytes": 2000,
+         "error_pct": -50.0}]}, vp.estimates(vp.model_config(case.model), case.quant))
+    results = {"card": "NVIDIA H100 80GB HBM3", "date": "2026-11-26", "command": "run", "cases": [stale]}
+    (again,) = vp.replan(results, "replan")["cases"]
+    device = again["devices"][0]
+    assert device["measured_bytes"] == 2000 and device["predicted_bytes"] == scheme.per_device[0].total_bytes
+    assert device["error_pct"] == vp.error_pct(scheme.per_device[0].total_bytes, 2000)
+    assert again["planned_at_run"] == {"predicted_bytes": 1000, "error_pct": -50.0}
+    assert vp.replan({**results, "cases": [again]}, "again")["cases"][0]["planned_at_run"]["predicted_bytes"] == 1000

@@ -22,7 +22,8 @@ from .architecture import QUANTIZABLE_ROLES, Architecture, TensorSpec
 from .defaults import CUDA_CONTEXT_BYTES, LLM_INT8_CONTEXT_BYTES, MiB, PREFILL_CHUNK_TOKENS
 from .engine_transients import decode_uses_kernels, engine_decode_step, engine_prefill
 from .matmuls import BF16, FP32, INT32, INT64
-from .transients import Loaded, Part, Step, dense_load, expert_load, natural_key, sliding_kv, transformers_forward
+from .transients import (Loaded, Part, Step, dense_load, expert_load, load_tensors, natural_key, sliding_kv,
+                         transformers_forward)
 
 # The two runtimes a plan can describe (heavylift.engine's --engine values, without "auto": the session
 # resolves auto to one of these before planning; tests/test_planner.py holds them to heavylift.engine's).
@@ -139,6 +140,12 @@ def runtime_terms(arch: Architecture, quant: str, engine: str, context: int, bat
                   part.layers.stop, part.first, part.last, count, _load_order(arch, part))
 
 
+def clear_caches() -> None:
+    """Forget every replayed program: the next plan computes its terms from scratch (bench/plan_speed.py)."""
+    for cached in (_terms, _loaded, _load_transient):
+        cached.cache_clear()
+
+
 def _context_bytes(quant: str, engine: str, dev: _Device) -> int:
     if not dev.cuda:
         return 0
@@ -149,16 +156,18 @@ def _context_bytes(quant: str, engine: str, dev: _Device) -> int:
 class _LoadOrder:
     """A device's checkpoint tensors in the order from_pretrained loads them: the ones before its layers
     (lm_head, then the embedding), one layer's (every decoder layer of a supported family has the same), and
-    the ones after (the final norm)."""
+    the ones after (the final norm). An MoE model's (`experts`: its shape) load each layer's experts first,
+    through their own program (transients.expert_load), without the allocator warm-up (loader._moe_loading)."""
 
     before: tuple[Loaded, ...]
     layer: tuple[Loaded, ...]
     after: tuple[Loaded, ...]
+    experts: Architecture | None = None
 
 
 def _load_order(arch: Architecture, part: Part) -> _LoadOrder | None:
-    if arch.num_experts or not part.layers:
-        return None  # MoE experts load through their own program (_load_transient)
+    if not part.layers:
+        return None
 
     def loaded(tensors) -> tuple[Loaded, ...]:
         ordered = sorted(tensors, key=lambda t: natural_key(t.name))
@@ -166,19 +175,26 @@ def _load_order(arch: Architecture, part: Part) -> _LoadOrder | None:
 
     wanted = {"model.embed_tokens.weight": part.first, "model.norm.weight": part.last, "lm_head.weight": part.last}
     globals_ = [t for t in arch.global_tensors() if wanted.get(t.name, False)]
-    layer = part.layers.start
-    return _LoadOrder(loaded(t for t in globals_ if t.name != "model.norm.weight"),
-                      loaded(arch.layer_tensors(layer)),
-                      loaded(t for t in globals_ if t.name == "model.norm.weight"))
+    layer = [t for t in arch.layer_tensors(part.layers.start) if t.fused_into is None]
+    return _LoadOrder(loaded(t for t in globals_ if t.name != "model.norm.weight"), loaded(layer),
+                      loaded(t for t in globals_ if t.name == "model.norm.weight"),
+                      _cache_key(arch) if arch.num_experts else None)
 
 
 @lru_cache(maxsize=256)
 def _loaded(quant: str, order: _LoadOrder, layers: int) -> tuple[CachingAllocator, int]:
-    """The allocator of a device once from_pretrained has loaded its `layers` layers (transients.dense_load):
-    the weights allocated, the warm-up segment and the quantizers' temporaries cached around them; and the
+    """The allocator of a device once from_pretrained has loaded its `layers` layers (transients.dense_load,
+    expert_load): the weights allocated, the warm-up segment and the temporaries cached around them; and the
     weights' bytes (which the allocator's count can exceed: a block it does not split is handed out whole)."""
     p = Program()
-    dense_load(p, quant, order.before + order.layer * layers + order.after)
+    if order.experts is None:
+        dense_load(p, quant, order.before + order.layer * layers + order.after)
+    else:
+        load_tensors(p, quant, order.before)
+        for _ in range(layers):
+            expert_load(p, order.experts, quant)
+            load_tensors(p, quant, order.layer)
+        load_tensors(p, quant, order.after)
     return run(p), sum(block_size(n) for n in live_sizes(p))
 
 
@@ -194,8 +210,8 @@ def _terms(arch: Architecture, quant: str, engine: str, context: int, batch: int
     persistent = sum(block_size(n) for _, n in tensors if n > 0)
     context_bytes = _context_bytes(quant, engine, dev)
     if dev.cuda and order is not None:
-        # A dense model's runtime starts where its load left the allocator (_after_load); its reserve is the
-        # most the device held at any point, weights included, less the weights.
+        # The runtime starts where the load left the allocator (_after_load); its reserve is the most the
+        # device held at any point, weights included, less the weights.
         loaded, weights = _loaded(quant, order, stop - start)
         state = _after_load(loaded, tensors, engine)
         held = max(loaded.peak_reserved, state.peak_reserved,

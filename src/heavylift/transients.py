@@ -565,20 +565,29 @@ def natural_key(name: str) -> list[tuple]:
     return parts
 
 
-def dense_load(p: Program, quant: str, tensors: Sequence[Loaded]) -> None:
-    """from_pretrained of a dense model's tensors on one device, in load order (transformers 5.24
-    core_model_loading): the allocator warm-up, then one tensor at a time (a load that quantizes is always
-    sequential; a bf16 load's threads only reorder tensors that all stay), each copied to the GPU in bf16,
-    a linear weight then quantized (_quantize_on_load) and its bf16 copy freed. What stays is what
-    quant.Scheme counts as weights."""
+def allocator_warmup(p: Program, quant: str, tensors: Sequence[Loaded]) -> None:
+    """transformers' caching_allocator_warmup: the weights' expected size allocated as one fp16 tensor and freed."""
     per_quantized = WARMUP_ELEMENT_BYTES.get(quant, BF16)
     warmup = sum(t.numel * (per_quantized if t.quantized else BF16) for t in tensors)
     p.free(p.alloc("warmup", int(warmup // 2) * 2))  # torch.empty(byte_count // 2, dtype=float16)
+
+
+def load_tensors(p: Program, quant: str, tensors: Sequence[Loaded]) -> None:
+    """from_pretrained's loop over checkpoint tensors, in load order (transformers 5.24 core_model_loading), one
+    at a time (a load that quantizes is always sequential; a bf16 load's threads only reorder tensors that all
+    stay): each copied to the GPU in bf16, a linear weight then quantized (_quantize_on_load) and its bf16
+    copy freed. What stays is what quant.Scheme counts as weights."""
     for t in tensors:
         w = p.alloc("bf16", BF16 * t.numel)
         if t.quantized and quant in WARMUP_ELEMENT_BYTES:
             _quantize_on_load(p, quant, t.numel, t.rows)
             p.free(w)
+
+
+def dense_load(p: Program, quant: str, tensors: Sequence[Loaded]) -> None:
+    """from_pretrained of a dense model's tensors on one device: the allocator warm-up, then the tensors."""
+    allocator_warmup(p, quant, tensors)
+    load_tensors(p, quant, tensors)
 
 
 def _quantize_on_load(p: Program, quant: str, numel: int, rows: int) -> None:
