@@ -78,6 +78,8 @@ BAD_INPUTS = [
     (["plan", "llama3.1-8b", "--quant", "int3"], "--quant must be all or one of"),
     (["plan", "llama3.1-8b", "--reserve", "lots"], "reserve"),
     (["plan", "llama3.1-8b", "--kv-dtype", "int2"], "--kv-dtype must be one of"),
+    (["plan", "llama3.1-8b", "--engine", "turbo"], "--engine must be one of"),
+    (["plan", "gemma2-9b", "--gpus", "1xH100", "--engine", "fast"], "run it with --engine transformers"),
 ]
 
 
@@ -105,3 +107,30 @@ def test_installed_command_end_to_end(tmp_path):
     good = subprocess.run([sys.executable, "-m", "heavylift", "plan", "qwen2.5-72b", "--gpus", "2xH200", "--json"],
                           capture_output=True, text=True)
     assert good.returncode == 0 and json.loads(good.stdout)["recommended"]
+
+
+def test_the_plan_describes_the_runtime_run_would_use(capsys):
+    # heavylift's engine runs Llama in every precision but fp16 on a CUDA GPU; Gemma 2 runs on transformers.
+    code, out, _ = run_cli(capsys, "plan", "llama3.1-8b", "--gpus", "1xH100", "--json")
+    engines = {s["quant"]: s["engine"] for s in json.loads(out)["schemes"]}
+    assert code == 0 and engines.pop("fp16") == "transformers" and set(engines.values()) == {"fast"}
+    code, out, _ = run_cli(capsys, "plan", "gemma2-9b", "--gpus", "1xH100", "--json")
+    assert {s["engine"] for s in json.loads(out)["schemes"]} == {"transformers"}
+    code, out, _ = run_cli(capsys, "plan", "llama3.1-8b", "--gpus", "1xH100", "--engine", "transformers", "--json")
+    assert {s["engine"] for s in json.loads(out)["schemes"]} == {"transformers"}
+    code, out, _ = run_cli(capsys, "plan", "llama3.1-8b", "--gpus", "1xH100", "--quant", "nf4")
+    assert code == 0 and "planned for heavylift's engine" in out
+
+
+def test_a_plan_for_the_engine_is_the_engines_plan():
+    import heavylift
+    from heavylift.architecture import architecture_from_config
+    from heavylift.catalog import find_model
+    from heavylift.hardware import parse_gpu_spec
+    from heavylift.memory import FAST
+    from heavylift.planner import Workload, make_plan
+
+    planned = heavylift.plan("mistral-7b", gpus="1xH100", context=32768, quant="nf4-dq").scheme("nf4-dq")
+    arch = architecture_from_config(find_model("mistral-7b").config_dict())
+    direct = make_plan("mistral-7b", arch, parse_gpu_spec("1xH100"), Workload(32768, 1, engine=FAST), ["nf4-dq"])
+    assert planned.engine == FAST and planned.per_device == direct.scheme("nf4-dq").per_device

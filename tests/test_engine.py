@@ -373,3 +373,17 @@ def test_producers_write_the_planes_of_what_they_write():
     act16 = torch.full((32,), -1, dtype=torch.int32)
     act = TorchOps.glu(x, gate, up, poisoned(1, 64), out16=act16)
     assert torch.equal(act16, planes(act))
+
+
+@pytest.mark.parametrize("model", ["llama3.1-8b", "mistral-7b", "qwen2.5-7b", "gemma2-9b", "phi3-mini", "mixtral-8x7b"])
+def test_the_planner_and_the_engine_agree_on_what_the_engine_runs(model):
+    # The planner decides from config.json (runtimes.model_reason); the engine from transformers' config object.
+    from transformers import AutoConfig
+
+    from heavylift import runtimes
+    from heavylift.catalog import find_model
+    from heavylift.engine import model_reason
+
+    config = find_model(model).config_dict()
+    for quant in ("bf16", "fp16", "fp8", "nf4-dq"):
+        assert runtimes.model_reason(config, quant) == model_reason(AutoConfig.for_model(**config), quant)

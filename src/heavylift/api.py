@@ -9,6 +9,7 @@ from .errors import GpuSpecError, InvalidArgumentError
 from .hardware import Device, parse_bytes, parse_gpu_spec
 from .planner import Plan, Workload, make_plan
 from .quant import ALL, QUANT_CHOICES
+from .runtimes import AUTO, check_choice, described_devices_reason, planned_runtime
 from .sources import resolve_model
 
 
@@ -42,10 +43,16 @@ def _reserve_bytes(reserve: int | str) -> int:
 
 def plan(model: str, gpus: str | Sequence[Device] | None = None, context: int = DEFAULT_CONTEXT_TOKENS,
          batch: int = DEFAULT_BATCH, quant: str | Sequence[str] = ALL, reserve: int | str = 0,
-         kv_dtype: str = "bf16", allow_offload: bool = False) -> Plan:
-    """Plan `model` on `gpus` for every precision in `quant`, reading only config.json and headers."""
+         kv_dtype: str = "bf16", allow_offload: bool = False, engine: str = AUTO) -> Plan:
+    """Plan `model` on `gpus` for every precision in `quant`, reading only config.json and headers, each
+    for the runtime `heavylift run --engine ENGINE` would run it on (runtimes.planned_runtime)."""
+    check_choice(engine)
     work = Workload(context=context, batch=batch, kv_dtype=kv_dtype, reserve_bytes=_reserve_bytes(reserve),
                     allow_offload=allow_offload)
     quants = resolve_quants(quant)
     source = resolve_model(model)
-    return make_plan(model, source.architecture, resolve_devices(gpus), work, quants)
+    devices = resolve_devices(gpus)
+    kinds = [d.kind for d in devices]
+    engines = {q: planned_runtime(source.config, q, engine, described_devices_reason(kinds),
+                                  all(k == "cpu" for k in kinds)) for q in quants}
+    return make_plan(model, source.architecture, devices, work, quants, engines)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from .architecture import Architecture, Role
 from .defaults import PCIE_BANDWIDTH_BYTES_S
@@ -67,6 +67,7 @@ class SchemePlan:
     offload: DevicePlan | None  # layers left in CPU RAM, only with allow_offload
     decode_tok_s_upper_bound: float
     advice: tuple[str, ...] = ()
+    engine: str = TRANSFORMERS  # the runtime these figures describe: memory.FAST or TRANSFORMERS
 
     @property
     def fits(self) -> bool:
@@ -232,15 +233,20 @@ def layout(arch: Architecture, quant: str) -> _Layout:
 
 
 def make_plan(model: str, arch: Architecture, devices: Sequence[Device], work: Workload,
-              quants: Sequence[str]) -> Plan:
-    """Plan every requested scheme, attach advice, and pick the most faithful scheme that fits."""
+              quants: Sequence[str], engines: Mapping[str, str] | None = None) -> Plan:
+    """Plan every requested scheme, attach advice, and pick the most faithful scheme that fits. `engines`
+    gives a scheme's runtime where it differs from the workload's (runtimes.planned_runtime per precision)."""
     from .advice import advise  # advice re-plans variations of this plan
 
     devices = tuple(devices)
     layouts = {q: layout(arch, q) for q in quants}
-    plans = {q: lay.plan(devices, work) for q, lay in layouts.items()}
+    works = {q: replace(work, engine=(engines or {}).get(q, work.engine)) for q in quants}
+    plans = {q: replace(lay.plan(devices, works[q]), engine=works[q].engine) for q, lay in layouts.items()}
     native_fp8 = all(d.native_fp8 for d in devices)
     order = fidelity_order(native_fp8, all(d.bf16_supported for d in devices))
     fitting = [q for q in order if q in plans and plans[q].fits and not plans[q].offload]
-    schemes = tuple(replace(plans[q], advice=advise(layouts[q], plans, devices, work, order)) for q in quants)
+    schemes = tuple(replace(plans[q], advice=advise(layouts[q], plans, devices, works[q], order)) for q in quants)
+    runtimes = {w.engine for w in works.values()}
+    if len(runtimes) == 1:  # the plan's workload names the runtime when every scheme has the same
+        work = replace(work, engine=runtimes.pop())
     return Plan(model, arch, devices, work, schemes, fitting[0] if fitting else None)

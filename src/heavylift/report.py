@@ -24,12 +24,17 @@ def _device_json(d: DevicePlan) -> dict[str, Any]:
             "total_bytes": d.total_bytes, "free_bytes": d.free_bytes}
 
 
+# How the report names the runtime a plan describes (memory.FAST, memory.TRANSFORMERS).
+RUNTIME_NAMES = {"fast": "heavylift's engine", "transformers": "transformers' forward"}
+
+
 def _scheme_json(s: SchemePlan) -> dict[str, Any]:
     return {"quant": s.quant, "weights_bytes": s.weights_bytes, "kv_cache_bytes": s.kv_cache_bytes,
             "activation_bytes": s.activation_bytes, "overhead_bytes": s.overhead_bytes,
             "total_bytes": s.total_bytes, "fits": s.fits, "offload_bytes": s.offload_bytes,
             "per_device": [_device_json(d) for d in s.per_device],
-            "decode_tok_s_upper_bound": round(s.decode_tok_s_upper_bound, 2), "advice": list(s.advice)}
+            "decode_tok_s_upper_bound": round(s.decode_tok_s_upper_bound, 2), "advice": list(s.advice),
+            "engine": s.engine}
 
 
 def plan_to_json(plan: Plan) -> dict[str, Any]:
@@ -68,6 +73,11 @@ def render(plan: Plan, console: Console) -> None:
         table.add_row(name, gb(s.weights_bytes), gb(s.kv_cache_bytes), gb(s.activation_bytes), gb(s.overhead_bytes),
                       gb(s.total_bytes), fits, gb(s.tightest.free_bytes), f"{s.decode_tok_s_upper_bound:,.1f}")
     console.print(table)
+    runtimes: dict[str, list[str]] = {}
+    for s in plan.schemes:
+        runtimes.setdefault(s.engine, []).append(s.quant)
+    console.print("planned for " + "; ".join(f"{RUNTIME_NAMES.get(e, e)}" + (f" ({', '.join(q)})" if len(runtimes) > 1
+                                                                        else "") for e, q in runtimes.items()))
     shown = plan.scheme(plan.recommended) if plan.recommended else plan.schemes[0]
     if len(plan.devices) > 1 or shown.offload:
         _render_devices(shown, console)

@@ -15,6 +15,7 @@ from .loader import (Placement, attention_implementation, guard_offload, load_mo
                      placement_from_plan, real_placement)
 from .memory import FAST, TRANSFORMERS
 from .planner import Plan, SchemePlan
+from .runtimes import planned_runtime
 from .sampling import Sampling
 from .sources import ModelSource, resolve_model
 
@@ -321,23 +322,13 @@ def load_weights(model: str, quant: str = "auto", gpus=None, context: int = DEFA
 
 def planned_engine(config, quant: str, devices, engine: str, offload: bool = False) -> str:
     """The runtime that will run this model (memory.FAST or memory.TRANSFORMERS), decided before loading
-    by the engine's own checks on the config and on the devices the plan's layers will land on, so the
-    plan can describe it. build_engine decides the same after loading."""
-    from transformers import AutoConfig
-
-    from .engine import FAST as FAST_CHOICE, TRANSFORMERS as TRANSFORMERS_CHOICE, device_reason, model_reason
+    by the planner's rules (runtimes.planned_runtime) on the devices the plan's layers will really land on
+    here, so the plan can describe it. build_engine decides the same after loading."""
+    from .engine import device_reason
     from .loader import runtime_device
 
-    if engine == TRANSFORMERS_CHOICE:
-        return TRANSFORMERS
     where = [torch.device(runtime_device(d.index)) for d in devices] + ([torch.device("cpu")] if offload else [])
-    on_model, on_devices = model_reason(AutoConfig.for_model(**config), quant), device_reason(where)
-    all_cpu = all(d.type == "cpu" for d in where)  # --engine fast runs the engine's torch path there
-    if on_model is None and (on_devices is None or (engine == FAST_CHOICE and all_cpu)):
-        return FAST
-    if engine == FAST_CHOICE:  # before any download, as build_engine would after loading
-        raise InvalidArgumentError(f"{on_model or on_devices}; run it with --engine transformers")
-    return TRANSFORMERS
+    return planned_runtime(config, quant, engine, device_reason(where), all(d.type == "cpu" for d in where))
 
 
 def replan(plan: Plan, engine: str) -> Plan:

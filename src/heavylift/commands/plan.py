@@ -13,6 +13,7 @@ from ..api import plan as make_plan
 from ..defaults import DEFAULT_BATCH, DEFAULT_CONTEXT_TOKENS
 from ..quant import ALL, QUANT_CHOICES
 from ..report import render
+from ..runtimes import AUTO
 
 GPUS_HELP = "GPUs to plan for, e.g. 4xA100-80GB, 8xRTX4090, 2xH200, 1xH100,1xA100-40GB, 2x48GB (default: this machine's)"
 
@@ -28,10 +29,12 @@ def plan(
     allow_offload: bool = typer.Option(False, "--allow-offload", help="Let layers that do not fit stay in CPU RAM."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw memory against context length into FILE.png."),
+    engine: str = typer.Option(AUTO, "--engine", help="Plan for the runtime `heavylift run --engine` uses: auto "
+                               "(heavylift's engine where it runs the model, else transformers), fast or transformers."),
 ) -> None:
     """Predict each device's memory for every precision, say whether it fits, and how to make it fit."""
     result = make_plan(model, gpus=gpus, context=context, batch=batch, quant=quant, reserve=reserve,
-                       kv_dtype=kv_dtype, allow_offload=allow_offload)
+                       kv_dtype=kv_dtype, allow_offload=allow_offload, engine=engine)
     if plot is not None:
         from ..plot import plot_memory
 

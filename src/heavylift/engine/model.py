@@ -10,11 +10,12 @@ GEMV kernels, replaying one captured graph per device segment, with the cache le
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .. import runtimes
 from ..defaults import PREFILL_CHUNK_TOKENS
 from .ops import OPS, attention_scratch, decode_splits, dense_linear, dense_parts
 from .weights import DENSE, QWeight, from_linear, quantize
@@ -35,8 +36,6 @@ class PrefillScratch:
     masked: torch.Tensor | None = None  # the same in bool: True where a key is hidden
     outside: torch.Tensor | None = None  # bool: keys beyond a sliding window
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
-SUPPORTED_ROPE = (None, "default", "llama3", "linear", "yarn")
 
 
 @dataclass(frozen=True)
@@ -66,28 +65,15 @@ class Layer:
 
 
 def model_reason(config, quant: str) -> str | None:
-    """Why the fast engine cannot run this model in this precision on any device, or None."""
-    kind = getattr(config, "model_type", "?")
-    if kind not in SUPPORTED_FAMILIES:
-        return f"the fast engine runs {', '.join(SUPPORTED_FAMILIES)} layers, not {kind}"
-    rope = (getattr(config, "rope_scaling", None) or {}).get("rope_type") or \
-        (getattr(config, "rope_parameters", None) or {}).get("rope_type")
-    if rope not in SUPPORTED_ROPE:
-        return f"the fast engine has no {rope} RoPE (its positions change with the length)"
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if head_dim & (head_dim - 1) or head_dim > 256:
-        return f"the fast engine's kernels need a power-of-two head size, not {head_dim}"
-    if getattr(config, "hidden_act", "silu") != "silu":
-        return f"the fast engine's MLP is SiLU-gated, not {config.hidden_act}"
-    if quant in ("fp16", "fp32"):
-        return f"the fast engine computes in bf16; {quant} runs on transformers"
-    return None
+    """Why the fast engine cannot run this model (a config.json mapping or a transformers config) in this
+    precision on any device, or None (runtimes.model_reason: the planner's rules)."""
+    return runtimes.model_reason(config if isinstance(config, Mapping) else config.to_dict(), quant)
 
 
 def device_reason(devices: Sequence[torch.device]) -> str | None:
     """Why the engine's kernels cannot run on these devices (its torch reference path still can), or None."""
     if any(d.type != "cuda" for d in devices):
-        return "the fast engine needs every layer on a CUDA GPU"
+        return runtimes.GPU_REASON
     try:
         import triton  # noqa: F401
     except ImportError:
