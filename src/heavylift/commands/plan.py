@@ -29,8 +29,9 @@ def plan(
     allow_offload: bool = typer.Option(False, "--allow-offload", help="Let layers that do not fit stay in CPU RAM."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw memory against context length into FILE.png."),
-    engine: str = typer.Option(AUTO, "--engine", help="Plan for the runtime `heavylift run --engine` uses: auto "
-                               "(heavylift's engine where it runs the model, else transformers), fast or transformers."),
+    engine: str = typer.Option(AUTO, "--engine", help="Plan for the runtime `heavylift run --engine` uses: "
+                               "auto (heavylift's engine where it runs the model, else transformers), fast or "
+                               "transformers."),
 ) -> None:
     """Predict each device's memory for every precision, say whether it fits, and how to make it fit."""
     result = make_plan(model, gpus=gpus, context=context, batch=batch, quant=quant, reserve=reserve,
