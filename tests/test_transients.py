@@ -190,13 +190,12 @@ def test_engine_decode_pools_hold_benchmark_buffer_workspaces_and_dequantized_we
 
 @pytest.mark.parametrize("model", ["llama3.1-8b", "qwen2.5-7b", "gemma2-9b", "phi3-mini"])
 def test_the_load_keeps_exactly_the_weights_the_plan_counts(model):
-    import heavylift.memory as memory
     from heavylift.allocator import block_size, live_sizes
     from heavylift.quant import SCHEMES
-    from heavylift.transients import dense_load
+    from heavylift.load_programs import dense_load, load_order
 
     arch = architecture_from_config(find_model(model).config_dict())
-    order = memory._load_order(arch, Part(range(arch.num_layers), True, True))
+    order = load_order(arch, Part(range(arch.num_layers), True, True))
     for quant in ("bf16", "fp8", "int8", "nf4", "nf4-dq", "fp4"):
         p = Program()
         dense_load(p, quant, order.before + order.layer * arch.num_layers + order.after)
@@ -207,7 +206,7 @@ def test_the_load_keeps_exactly_the_weights_the_plan_counts(model):
 def test_the_load_order_is_transformers_order():
     from transformers.core_model_loading import dot_natural_key
 
-    from heavylift.transients import natural_key
+    from heavylift.load_programs import natural_key
 
     arch = architecture_from_config(find_model("qwen2.5-7b").config_dict())
     names = [t.name for t in arch.tensors] + ["model.layers.2.mlp.experts.10.w1", "model.layers.2.mlp.experts.9.w1"]
@@ -215,7 +214,7 @@ def test_the_load_order_is_transformers_order():
 
 
 def test_quantizing_on_load_holds_the_bf16_weight_and_the_quantizers_temporaries():
-    from heavylift.transients import Loaded, dense_load
+    from heavylift.load_programs import Loaded, dense_load
 
     def sizes(quant: str) -> list[int]:
         p = Program()
@@ -236,12 +235,12 @@ def test_quantizing_on_load_holds_the_bf16_weight_and_the_quantizers_temporaries
 def test_a_dense_plan_holds_what_the_load_leaves_cached():
     # Loading quantizes each weight through fp32 copies that later weights cannot fill exactly: the plan's
     # reserve is at least what the load reserved beyond the weights.
-    import heavylift.memory as memory
+    from heavylift.load_programs import load_order, loaded_state
 
     arch = architecture_from_config(find_model("qwen2.5-7b").config_dict())
     (gpu,) = parse_gpu_spec("1xH100")
     part = Part(range(arch.num_layers), True, True)
-    loaded, weights = memory._loaded("fp8", memory._load_order(arch, part), arch.num_layers)
+    loaded, weights = loaded_state("fp8", load_order(arch, part), arch.num_layers)
     assert weights == FP8.weights_bytes(arch.tensors) and loaded.peak_reserved > weights
     terms = runtime_terms(arch, "fp8", FAST, 1024, 1, 2, gpu, part, every_layer=True)
     assert terms.kv_cache_bytes + terms.transient_bytes + terms.buffer_bytes >= loaded.peak_reserved - weights

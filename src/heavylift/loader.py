@@ -101,7 +101,7 @@ def _moe_loading(arch: Architecture, quant: str):
     always does), each fused expert tensor quantized as it arrives, and without transformers' allocator
     warm-up: that reserves up front what it expects the weights to take, counting the fused experts at
     bf16 because its quantizers skip them (for Mixtral 8x7B in NF4, 87 GB for a 24 GB model). The load's
-    peak is then one layer's experts in bf16 beyond the weights (transients.expert_load)."""
+    peak is then one layer's experts in bf16 beyond the weights (load_programs.expert_load)."""
     if not arch.num_experts:
         yield
         return

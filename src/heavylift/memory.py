@@ -5,7 +5,7 @@ The transient part is not a formula: the run's allocation programs (transients.p
 forward with a static cache, or heavylift's engine) are replayed through the caching-allocator model
 (allocator.py), phase by phase as heavylift.Session runs them (session.py calls empty_cache() before each
 transformers prefill chunk, between the engine's sequences and before decoding), from the state the load
-leaves: a dense checkpoint's from_pretrained (transients.dense_load) puts the weights among cached blocks
+leaves: from_pretrained (load_programs.py) puts the weights among cached blocks
 of transformers' allocator warm-up and of the quantizers' temporaries, which later phases reuse or cannot.
 Which engine runs is an input (`Workload.engine`): the plan
 describes the one that runs. Pure: no torch.
@@ -17,13 +17,13 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Iterable, Sequence
 
-from .allocator import CachingAllocator, Program, block_size, live_sizes, peak_live, persistent_state, replay, run
-from .architecture import QUANTIZABLE_ROLES, Architecture, TensorSpec
+from .allocator import CachingAllocator, Program, block_size, peak_live, persistent_state, replay, run
+from .architecture import Architecture
 from .defaults import CUDA_CONTEXT_BYTES, LLM_INT8_CONTEXT_BYTES, MiB, PREFILL_CHUNK_TOKENS
 from .engine_transients import decode_uses_kernels, engine_decode_step, engine_prefill
+from .load_programs import LoadOrder, expert_load, load_order, loaded_state
 from .matmuls import BF16, FP32, INT32, INT64
-from .transients import (Loaded, Part, Step, dense_load, expert_load, load_tensors, natural_key, sliding_kv,
-                         transformers_forward)
+from .transients import Part, Step, sliding_kv, transformers_forward
 
 # The two runtimes a plan can describe (heavylift.engine's --engine values, without "auto": the session
 # resolves auto to one of these before planning; tests/test_planner.py holds them to heavylift.engine's).
@@ -137,12 +137,12 @@ def runtime_terms(arch: Architecture, quant: str, engine: str, context: int, bat
                   bool(device.native_fp8))
     count = len(part.layers) if every_layer and engine == FAST else SIMULATED_LAYERS[engine]
     return _terms(_cache_key(arch), quant, engine, context, batch, kv_dtype_bytes, dev, part.layers.start,
-                  part.layers.stop, part.first, part.last, count, _load_order(arch, part))
+                  part.layers.stop, part.first, part.last, count, load_order(arch, part))
 
 
 def clear_caches() -> None:
     """Forget every replayed program: the next plan computes its terms from scratch (bench/plan_speed.py)."""
-    for cached in (_terms, _loaded, _load_transient):
+    for cached in (_terms, loaded_state, _load_transient):
         cached.cache_clear()
 
 
@@ -152,55 +152,9 @@ def _context_bytes(quant: str, engine: str, dev: _Device) -> int:
     return LLM_INT8_CONTEXT_BYTES if quant == "int8" and engine == TRANSFORMERS else CUDA_CONTEXT_BYTES
 
 
-@dataclass(frozen=True)
-class _LoadOrder:
-    """A device's checkpoint tensors in the order from_pretrained loads them: the ones before its layers
-    (lm_head, then the embedding), one layer's (every decoder layer of a supported family has the same), and
-    the ones after (the final norm). An MoE model's (`experts`: its shape) load each layer's experts first,
-    through their own program (transients.expert_load), without the allocator warm-up (loader._moe_loading)."""
-
-    before: tuple[Loaded, ...]
-    layer: tuple[Loaded, ...]
-    after: tuple[Loaded, ...]
-    experts: Architecture | None = None
-
-
-def _load_order(arch: Architecture, part: Part) -> _LoadOrder | None:
-    if not part.layers:
-        return None
-
-    def loaded(tensors) -> tuple[Loaded, ...]:
-        ordered = sorted(tensors, key=lambda t: natural_key(t.name))
-        return tuple(Loaded(t.numel, t.numel // t.shape[-1], t.role in QUANTIZABLE_ROLES) for t in ordered)
-
-    wanted = {"model.embed_tokens.weight": part.first, "model.norm.weight": part.last, "lm_head.weight": part.last}
-    globals_ = [t for t in arch.global_tensors() if wanted.get(t.name, False)]
-    layer = [t for t in arch.layer_tensors(part.layers.start) if t.fused_into is None]
-    return _LoadOrder(loaded(t for t in globals_ if t.name != "model.norm.weight"), loaded(layer),
-                      loaded(t for t in globals_ if t.name == "model.norm.weight"),
-                      _cache_key(arch) if arch.num_experts else None)
-
-
-@lru_cache(maxsize=256)
-def _loaded(quant: str, order: _LoadOrder, layers: int) -> tuple[CachingAllocator, int]:
-    """The allocator of a device once from_pretrained has loaded its `layers` layers (transients.dense_load,
-    expert_load): the weights allocated, the warm-up segment and the temporaries cached around them; and the
-    weights' bytes (which the allocator's count can exceed: a block it does not split is handed out whole)."""
-    p = Program()
-    if order.experts is None:
-        dense_load(p, quant, order.before + order.layer * layers + order.after)
-    else:
-        load_tensors(p, quant, order.before)
-        for _ in range(layers):
-            expert_load(p, order.experts, quant)
-            load_tensors(p, quant, order.layer)
-        load_tensors(p, quant, order.after)
-    return run(p), sum(block_size(n) for n in live_sizes(p))
-
-
 @lru_cache(maxsize=4096)
 def _terms(arch: Architecture, quant: str, engine: str, context: int, batch: int, kvb: int, dev: _Device,
-           start: int, stop: int, first: bool, last: bool, count: int, order: _LoadOrder | None) -> RuntimeTerms:
+           start: int, stop: int, first: bool, last: bool, count: int, order: LoadOrder | None) -> RuntimeTerms:
     part = Part(range(start, stop), first, last)
     kv = kv_cache_bytes(arch, part.layers, context, batch, kvb, engine)
     if not part.layers:
@@ -212,7 +166,7 @@ def _terms(arch: Architecture, quant: str, engine: str, context: int, batch: int
     if dev.cuda and order is not None:
         # The runtime starts where the load left the allocator (_after_load); its reserve is the most the
         # device held at any point, weights included, less the weights.
-        loaded, weights = _loaded(quant, order, stop - start)
+        loaded, weights = loaded_state(quant, order, stop - start)
         state = _after_load(loaded, tensors, engine)
         held = max(loaded.peak_reserved, state.peak_reserved,
                    *(replay(p, state).peak_reserved + other_pools for p, other_pools in phases))
@@ -251,7 +205,7 @@ def _after_load(loaded: CachingAllocator, tensors: list[tuple[str, int]], engine
 @lru_cache(maxsize=256)
 def _load_transient(arch: Architecture, quant: str, layers: int, cuda: bool) -> int:
     """What loading `layers` layers adds to their weights before anything else is allocated: each MoE
-    layer's experts arriving and being quantized in turn (transients.expert_load), so the allocator model
+    layer's experts arriving and being quantized in turn (load_programs.expert_load), so the allocator model
     sees how the quantized storage splits the cached bf16 blocks, less what they keep (counted as weights).
     Nothing for a dense model, whose tensors arrive in place. It depends on neither context nor batch."""
     if not arch.num_experts:

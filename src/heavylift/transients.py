@@ -15,9 +15,7 @@ from typing import Sequence
 
 from .allocator import Program
 from .architecture import FAMILIES, Architecture
-from .defaults import EXPERT_ROW_CHUNK_ELEMENTS
-from .matmuls import BF16, BNB_4BIT_BLOCKSIZE, FP32, INT32, INT64, expert_weights, float8_rows, linear
-from .quant import BNB_4BIT_CODE_ENTRIES, BNB_NESTED_BLOCKSIZE, BNB_NESTED_CODE_ENTRIES
+from .matmuls import BF16, FP32, INT32, INT64, expert_weights, linear
 
 # Scaled-dot-product attention with a mask runs PyTorch's memory-efficient kernel, which wants the
 # mask's last dimension a multiple of 16 (sdp_utils preprocess_mask) and pads a copy when it is not.
@@ -378,61 +376,6 @@ def _moe(p: Program, arch: Architecture, quant: str, rows: int, native_fp8: bool
     return out
 
 
-def expert_load(p: Program, arch: Architecture, quant: str) -> int:
-    """One MoE layer's experts arriving through from_pretrained, which loads them one at a time (always for a
-    quantized load; heavylift turns the thread pool off for bf16 MoE loads too): each expert's checkpoint
-    tensors, their stacks (MergeModulelist) and gate and up concatenated (Concatenate; core_model_loading.py),
-    the fused tensor set in its module and quantized when the next one arrives (experts.quantized_on_arrival).
-    What the layer keeps is left allocated (later layers' tensors fit around it, as on the GPU); returns its
-    bytes, which the plan counts as weights."""
-    h, i, e = arch.hidden_size, arch.intermediate_size, arch.num_experts
-    gates = [p.alloc("w1", BF16 * i * h) for _ in range(e)]
-    ups = [p.alloc("w3", BF16 * i * h) for _ in range(e)]
-    stacked = p.alloc("stack", BF16 * e * i * h)
-    p.free(*gates)
-    stacked_up = p.alloc("stack", BF16 * e * i * h)
-    p.free(*ups)
-    gate_up = p.alloc("gate_up_proj", BF16 * e * 2 * i * h)
-    p.free(stacked, stacked_up)
-    downs = [p.alloc("w2", BF16 * h * i) for _ in range(e)]
-    down = p.alloc("down_proj", BF16 * e * h * i)
-    p.free(*downs)
-    return _quantize_expert(p, quant, gate_up, e * 2 * i, h) + _quantize_expert(p, quant, down, e * h, i)
-
-
-def _quantize_expert(p: Program, quant: str, source: str, rows: int, cols: int) -> int:
-    """experts._quantize_one on one fused tensor: bitsandbytes' quantize_4bit (double quantization's absmax
-    shifted by its mean and quantized blockwise), or experts._quantize_rows a chunk at a time; the bf16
-    source freed once the quantized parameter replaces it. Returns the bytes the parameter keeps."""
-    n = rows * cols
-    if quant in ("nf4", "nf4-dq", "fp4"):
-        kept = [n // 2]
-        p.alloc("packed", n // 2)
-        absmax = p.alloc("absmax", FP32 * (n // BNB_4BIT_BLOCKSIZE))
-        if quant == "nf4-dq":
-            shifted = p.alloc("absmax_shifted", FP32 * (n // BNB_4BIT_BLOCKSIZE))
-            kept += [n // BNB_4BIT_BLOCKSIZE, FP32 * -(-n // BNB_4BIT_BLOCKSIZE // 256)]
-            p.alloc("absmax_u8", kept[1])
-            p.alloc("absmax2", kept[2])
-            p.free(shifted, absmax)
-        else:
-            kept.append(FP32 * (n // BNB_4BIT_BLOCKSIZE))
-    elif quant in ("int8", "fp8"):
-        kept = [n, FP32 * rows]
-        p.alloc("q", n)
-        p.alloc("scale", FP32 * rows)
-        chunk = min(rows, max(1, EXPERT_ROW_CHUNK_ELEMENTS // cols)) * cols
-        f = p.alloc("rows_fp32", FP32 * chunk)
-        a = p.alloc("rows_abs", FP32 * chunk)
-        p.free(a)
-        q8 = p.alloc("rows_8bit", chunk)
-        p.free(q8, f)
-    else:
-        return BF16 * n  # kept as loaded
-    p.free(source)
-    return sum(kept)
-
-
 def _decoder_layer(p: Program, arch: Architecture, quant: str, step: Step, layer: int, h: str, masks: dict,
                    native_fp8: bool) -> str:
     """One decoder layer: norms, attention, residual adds, MLP (or MoE); returns its output."""
@@ -531,89 +474,3 @@ def _mask_size_only(arch: Architecture, step: Step, window: int | None) -> int:
     if name is None:
         return 0
     return next(e[2] for e in probe.events if e[0] == "alloc" and e[1] == name)
-
-
-# --- Loading a dense checkpoint -----------------------------------------------------------------------
-
-# transformers sizes the weights before loading them (modeling_utils.caching_allocator_warmup, from
-# get_total_byte_count): a weight it quantizes on load at its quantizer's quantized_element_size (bitsandbytes
-# 4-bit 0.5 bytes, LLM.int8 and torchao FP8 1), every other tensor at its bf16 size. It allocates that much at
-# once and frees it, so the weights then fill one cached segment.
-WARMUP_ELEMENT_BYTES = {"nf4": 0.5, "nf4-dq": 0.5, "fp4": 0.5, "int8": 1, "fp8": 1}
-
-
-@dataclass(frozen=True)
-class Loaded:
-    """One checkpoint tensor as from_pretrained brings it in: `numel` bf16 elements in `rows` output rows,
-    quantized on arrival or kept as they are."""
-
-    numel: int
-    rows: int
-    quantized: bool
-
-
-def natural_key(name: str) -> list[tuple]:
-    """The order transformers loads checkpoint tensors in (core_model_loading.dot_natural_key): dotted parts
-    compared in turn, numbers numerically and before words, a word's trailing digits as a number."""
-    parts: list[tuple] = []
-    for part in name.split("."):
-        if part.isdigit():
-            parts.append((0, int(part)))
-            continue
-        word = part.rstrip("0123456789")
-        parts.append((1, word, int(part[len(word):])) if word != part else (1, word))
-    return parts
-
-
-def allocator_warmup(p: Program, quant: str, tensors: Sequence[Loaded]) -> None:
-    """transformers' caching_allocator_warmup: the weights' expected size allocated as one fp16 tensor and freed."""
-    per_quantized = WARMUP_ELEMENT_BYTES.get(quant, BF16)
-    warmup = sum(t.numel * (per_quantized if t.quantized else BF16) for t in tensors)
-    p.free(p.alloc("warmup", int(warmup // 2) * 2))  # torch.empty(byte_count // 2, dtype=float16)
-
-
-def load_tensors(p: Program, quant: str, tensors: Sequence[Loaded]) -> None:
-    """from_pretrained's loop over checkpoint tensors, in load order (transformers 5.24 core_model_loading), one
-    at a time (a load that quantizes is always sequential; a bf16 load's threads only reorder tensors that all
-    stay): each copied to the GPU in bf16, a linear weight then quantized (_quantize_on_load) and its bf16
-    copy freed. What stays is what quant.Scheme counts as weights."""
-    for t in tensors:
-        w = p.alloc("bf16", BF16 * t.numel)
-        if t.quantized and quant in WARMUP_ELEMENT_BYTES:
-            _quantize_on_load(p, quant, t.numel, t.rows)
-            p.free(w)
-
-
-def dense_load(p: Program, quant: str, tensors: Sequence[Loaded]) -> None:
-    """from_pretrained of a dense model's tensors on one device: the allocator warm-up, then the tensors."""
-    allocator_warmup(p, quant, tensors)
-    load_tensors(p, quant, tensors)
-
-
-def _quantize_on_load(p: Program, quant: str, numel: int, rows: int) -> None:
-    """The quantizer's op on one arrived bf16 weight, its results kept: torchao's Float8Tensor.from_hp;
-    Int8Params._quantize (an fp16 copy, then int8_vectorwise_quant's row scales and int8 rows); bitsandbytes'
-    quantize_4bit (absmax, packed nibbles, the code book; with double quantization the absmax shifted by its
-    mean and quantize_blockwise'd, with the dynamic code book copied to the GPU twice)."""
-    if quant == "fp8":
-        float8_rows(p, rows, numel // rows)
-        return
-    if quant == "int8":
-        f16 = p.alloc("weight_fp16", BF16 * numel)
-        p.alloc("SCB", FP32 * rows)
-        p.alloc("CB", numel)
-        p.free(f16)
-        return
-    blocks = -(-numel // BNB_4BIT_BLOCKSIZE)
-    absmax = p.alloc("absmax", FP32 * blocks)
-    p.alloc("packed", -(-numel // 2))
-    p.alloc("code", FP32 * BNB_4BIT_CODE_ENTRIES)
-    if quant != "nf4-dq":
-        return
-    p.alloc("offset", FP32)
-    shifted = p.alloc("absmax_shifted", FP32 * blocks)
-    code = p.alloc("code2_tmp", FP32 * BNB_NESTED_CODE_ENTRIES)
-    p.alloc("absmax2", FP32 * -(-blocks // BNB_NESTED_BLOCKSIZE))
-    p.alloc("absmax_u8", blocks)
-    p.alloc("code2", FP32 * BNB_NESTED_CODE_ENTRIES)
-    p.free(code, shifted, absmax)
