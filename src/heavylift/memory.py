@@ -204,10 +204,10 @@ def _after_load(loaded: CachingAllocator, tensors: list[tuple[str, int]], engine
 
 @lru_cache(maxsize=256)
 def _load_transient(arch: Architecture, quant: str, layers: int, cuda: bool) -> int:
-    """What loading `layers` layers adds to their weights before anything else is allocated: each MoE
-    layer's experts arriving and being quantized in turn (load_programs.expert_load), so the allocator model
-    sees how the quantized storage splits the cached bf16 blocks, less what they keep (counted as weights).
-    Nothing for a dense model, whose tensors arrive in place. It depends on neither context nor batch."""
+    """A plan without the load's allocator state (a CPU's, where no caching allocator keeps blocks): what
+    loading `layers` layers holds beyond their weights at its peak, each MoE layer's experts arriving and
+    being quantized in turn (load_programs.expert_load). Nothing for a dense model, whose tensors go to RAM
+    and are quantized one at a time. It depends on neither context nor batch."""
     if not arch.num_experts:
         return 0
     p, kept = Program(), 0
