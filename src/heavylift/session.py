@@ -289,7 +289,7 @@ def load_weights(model: str, quant: str = "auto", gpus=None, context: int = DEFA
 
     quants = "all" if quant == "auto" else quant
     plan = make_plan(model, gpus=gpus, context=context, batch=batch, quant=quants, reserve=reserve,
-                     allow_offload=allow_offload)
+                     allow_offload=allow_offload, engine=engine)
     config = resolve_model(model).config
     planned = planned_engine(config, "bf16" if quant == "auto" else quant, plan.devices, engine)
     plan = replan(plan, planned)
