@@ -213,3 +213,39 @@ def test_transformers_prefill_fills_a_static_cache(checkpoints):
         assert logits.shape == (2, 320) and cached() == 40
         advance(logits.argmax(dim=-1, keepdim=True))
     assert cached() == 41 and isinstance(cached(), int)
+
+
+def test_fp8_loads_a_block_of_rows_at_a_time_into_torchaos_own_storage(checkpoints, monkeypatch):
+    # Without FP8 tensor cores the loader stores weights with torchao's Float8WeightOnlyConfig; heavylift feeds
+    # it 16 rows at a time here (float8_load.py). Every weight must hold exactly what one whole-tensor call
+    # stores, and the model must generate.
+    import torch
+    from safetensors.torch import load_file
+    from torchao.quantization import Float8WeightOnlyConfig
+    from torchao.quantization.quantize_.workflows.float8.float8_tensor import Float8Tensor
+
+    import heavylift.float8_load as float8_load
+    from heavylift.float8_load import FP8_ROW_MULTIPLE
+    from heavylift.quant import scheme
+
+    calls = []
+    transform = float8_load._QUANTIZE_CONFIG_HANDLER[Float8WeightOnlyConfig]
+    monkeypatch.setattr(float8_load, "LOAD_ROW_CHUNK_ELEMENTS", 64 * FP8_ROW_MULTIPLE)
+    monkeypatch.setitem(float8_load._QUANTIZE_CONFIG_HANDLER, Float8WeightOnlyConfig,
+                        lambda m, c, **kw: calls.append(m.weight.shape[0]) or transform(m, c, **kw))
+    session = heavylift.load(str(checkpoints["llama"]), quant="fp8", context=256, engine="transformers")
+    assert calls and max(calls) == FP8_ROW_MULTIPLE  # every weight went in pieces of 16 rows
+    monkeypatch.undo()
+    saved = {}
+    for f in sorted(checkpoints["llama"].glob("*.safetensors")):
+        saved.update(load_file(f))
+    quantized = {n: m for n, m in session.model.named_modules() if isinstance(getattr(m, "weight", None), Float8Tensor)}
+    assert len(quantized) == 7 * session.model.config.num_hidden_layers
+    for name, module in quantized.items():
+        whole = torch.nn.Linear(*reversed(module.weight.shape), bias=False, dtype=torch.bfloat16)
+        whole.weight.data.copy_(saved[f"{name}.weight"])
+        transform(whole, Float8WeightOnlyConfig())
+        assert torch.equal(module.weight.qdata.view(torch.uint8), whole.weight.qdata.view(torch.uint8)), name
+        assert torch.equal(module.weight.scale, whole.weight.scale), name
+    assert session.scheme.weights_bytes == scheme("fp8").weights_bytes(session.plan.architecture.tensors)
+    assert session.generate("the quick brown fox", **GREEDY).text is not None

@@ -244,3 +244,19 @@ def test_a_dense_plan_holds_what_the_load_leaves_cached():
     assert weights == FP8.weights_bytes(arch.tensors) and loaded.peak_reserved > weights
     terms = runtime_terms(arch, "fp8", FAST, 1024, 1, 2, gpu, part, every_layer=True)
     assert terms.kv_cache_bytes + terms.transient_bytes + terms.buffer_bytes >= loaded.peak_reserved - weights
+
+
+def test_fp8_weights_quantize_on_load_a_block_of_rows_at_a_time(monkeypatch):
+    import heavylift.load_programs as load_programs
+    from heavylift.load_programs import Loaded, dense_load
+
+    monkeypatch.setattr(load_programs, "LOAD_ROW_CHUNK_ELEMENTS", 16 * 128)
+    p = Program()
+    dense_load(p, "fp8", [Loaded(64 * 128, 64, True)])  # a [64, 128] weight in 4 pieces of 16 rows
+    # Each piece through from_hp: |w| 4,096; row maxima and scales in bf16 (32 each) and fp32 (64); fp32 copies
+    # 3 x 8,192; float8 2,048. The first is followed by the whole weight's float8 storage and fp32 scales.
+    piece = [4096, 32, 32, 64, 8192, 8192, 8192, 2048]
+    assert _sizes(p) == [8192, 16384] + piece + [8192, 256] + piece * 3
+    # Most at once, in a later piece: the bf16 weight, the whole storage and scales (256 -> 512), the piece's
+    # fp32 scales (512), its three fp32 copies and its float8 rows.
+    assert peak_live(p) == 16384 + 8192 + 512 + 512 + 3 * 8192 + 2048

@@ -45,6 +45,11 @@ PREFILL_CHUNK_TOKENS = 2048
 # MoE experts quantized to 8 bits while they load (experts._quantize_rows) go through float32 this many
 # elements at a time (64 MB), not a whole fused tensor at once (Mixtral's gate_up_proj: 3.8 GB).
 EXPERT_ROW_CHUNK_ELEMENTS = 1 << 24
+# Dense weights quantized to FP8 while they load (float8_load.py) go through torchao this many elements at a
+# time: its float32 copies of a chunk take 3 x 16 MB instead of 3 x 3.5 GB for a 405B MLP weight. Smaller
+# pieces fragment less: by the planner's replay, the load reserve beyond the weights of Qwen2.5-7B is 1.30 GB
+# whole, 1.38 GB at 1 << 24 and 0.21 GB at 1 << 22; of 16 layers of Llama-3.1-405B 15.7, 2.6 and 2.6 GB.
+LOAD_ROW_CHUNK_ELEMENTS = 1 << 22
 
 # --- Offload (only with --allow-offload) --------------------------------------------------
 # Weights offloaded to CPU RAM stream over PCIe every token: PCIe 4.0 x16 moves about 25 GB/s

@@ -14,10 +14,12 @@ from typing import Sequence
 
 from .allocator import CachingAllocator, Program, block_size, live_sizes, run
 from .architecture import QUANTIZABLE_ROLES, Architecture
-from .defaults import EXPERT_ROW_CHUNK_ELEMENTS
+from .defaults import EXPERT_ROW_CHUNK_ELEMENTS, LOAD_ROW_CHUNK_ELEMENTS
 from .matmuls import BF16, BNB_4BIT_BLOCKSIZE, FP32, float8_rows
 from .quant import BNB_4BIT_CODE_ENTRIES, BNB_NESTED_BLOCKSIZE, BNB_NESTED_CODE_ENTRIES
 from .transients import Part
+
+FP8_ROW_MULTIPLE = 16  # float8_load.FP8_ROW_MULTIPLE: rows per piece are a multiple of it
 
 # transformers sizes the weights before loading them (modeling_utils.caching_allocator_warmup, from
 # get_total_byte_count): a weight it quantizes on load at its quantizer's quantized_element_size (bitsandbytes
@@ -75,12 +77,23 @@ def dense_load(p: Program, quant: str, tensors: Sequence[Loaded]) -> None:
 
 
 def _quantize_on_load(p: Program, quant: str, numel: int, rows: int) -> None:
-    """The quantizer's op on one arrived bf16 weight, its results kept: torchao's Float8Tensor.from_hp;
+    """The quantizer's op on one arrived bf16 weight, its results kept: torchao's Float8Tensor.from_hp, on
+    blocks of rows into the whole weight's storage (float8_load.py);
     Int8Params._quantize (an fp16 copy, then int8_vectorwise_quant's row scales and int8 rows); bitsandbytes'
     quantize_4bit (absmax, packed nibbles, the code book; with double quantization the absmax shifted by its
     mean and quantize_blockwise'd, with the dynamic code book copied to the GPU twice)."""
-    if quant == "fp8":
-        float8_rows(p, rows, numel // rows)
+    if quant == "fp8":  # float8_load: torchao's from_hp on a block of rows at a time
+        k = numel // rows
+        step = max(1, LOAD_ROW_CHUNK_ELEMENTS // k // FP8_ROW_MULTIPLE) * FP8_ROW_MULTIPLE
+        if step >= rows or rows % FP8_ROW_MULTIPLE:
+            float8_rows(p, rows, k)
+            return
+        for start in range(0, rows, step):
+            piece = float8_rows(p, min(step, rows - start), k)
+            if start == 0:
+                p.alloc("qdata", numel)
+                p.alloc("scale", FP32 * rows)
+            p.free(*piece)
         return
     if quant == "int8":
         f16 = p.alloc("weight_fp16", BF16 * numel)

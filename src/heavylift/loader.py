@@ -75,11 +75,13 @@ def quantization_config(quant: str, dtype: torch.dtype, native_fp8: bool, cpu_of
     if quant == "fp8":
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow
 
+        from .float8_load import RowChunkedFloat8WeightConfig
+
         # Real FP8 matmuls need compute capability 8.9+; elsewhere the weights are stored in FP8
-        # and dequantized on use (same bytes, as the plan counts them).
+        # and dequantized on use (same bytes, as the plan counts them). Quantized a block of rows at a time.
         config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()) if native_fp8 \
             else Float8WeightOnlyConfig()
-        return TorchAoConfig(config)
+        return TorchAoConfig(RowChunkedFloat8WeightConfig(config))
     raise ValueError(quant)
 
 
@@ -133,11 +135,14 @@ def load_model(folder: Path, arch: Architecture, scheme: SchemePlan, placement: 
     from .experts import quantize_experts
 
     dtype = torch.float16 if scheme.quant == "fp16" else compute_dtype(bf16)
+    # A model wholly in CPU RAM goes as one entry: transformers' torchao integration takes a map with several
+    # entries and "cpu" among them for CPU offload, and moves each such layer to a GPU to quantize it.
+    device_map = {"": CPU} if set(placement.modules.values()) == {CPU} else dict(placement.modules)
     try:
         with warnings.catch_warnings(), _moe_loading(arch, scheme.quant):
             warnings.simplefilter("ignore")
             model, info = AutoModelForCausalLM.from_pretrained(
-                folder, dtype=dtype, device_map=dict(placement.modules), attn_implementation=attention,
+                folder, dtype=dtype, device_map=device_map, attn_implementation=attention,
                 quantization_config=quantization_config(scheme.quant, dtype, native_fp8,
                                                         cpu_offload=bool(placement.offloaded) and torch.cuda.is_available()),
                 output_loading_info=True)
