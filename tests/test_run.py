@@ -225,7 +225,7 @@ def test_fp8_loads_a_block_of_rows_at_a_time_into_torchaos_own_storage(checkpoin
     from torchao.quantization.quantize_.workflows.float8.float8_tensor import Float8Tensor
 
     import heavylift.float8_load as float8_load
-    from heavylift.float8_load import FP8_ROW_MULTIPLE
+    from heavylift.defaults import FP8_ROW_MULTIPLE
     from heavylift.quant import scheme
 
     calls = []

@@ -50,6 +50,9 @@ EXPERT_ROW_CHUNK_ELEMENTS = 1 << 24
 # pieces fragment less: by the planner's replay, the load reserve beyond the weights of Qwen2.5-7B is 1.30 GB
 # whole, 1.38 GB at 1 << 24 and 0.21 GB at 1 << 22; of 16 layers of Llama-3.1-405B 15.7, 2.6 and 2.6 GB.
 LOAD_ROW_CHUNK_ELEMENTS = 1 << 22
+# torchao leaves a weight unquantized unless both its sides divide by 16 (_fp8_mm_compat): pieces of a weight
+# quantized on load hold a multiple of this many rows.
+FP8_ROW_MULTIPLE = 16
 
 # --- Offload (only with --allow-offload) --------------------------------------------------
 # Weights offloaded to CPU RAM stream over PCIe every token: PCIe 4.0 x16 moves about 25 GB/s

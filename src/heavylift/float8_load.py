@@ -16,9 +16,7 @@ from torchao.core.config import AOBaseConfig
 from torchao.quantization.quantize_.workflows.float8.float8_tensor import Float8Tensor
 from torchao.quantization.transform_module import _QUANTIZE_CONFIG_HANDLER, register_quantize_module_handler
 
-from .defaults import LOAD_ROW_CHUNK_ELEMENTS
-
-FP8_ROW_MULTIPLE = 16  # torchao's FP8 matmuls want both sides of a weight divisible by 16
+from .defaults import FP8_ROW_MULTIPLE, LOAD_ROW_CHUNK_ELEMENTS
 
 
 @dataclass
@@ -35,7 +33,6 @@ def _transform(module: torch.nn.Module, config: RowChunkedFloat8WeightConfig, *,
     transform = _QUANTIZE_CONFIG_HANDLER[type(config.base)]
     weight = getattr(module, parameter_name)
     rows, k = weight.shape
-    # Pieces of a multiple of 16 rows: torchao leaves a weight whose sides are not unquantized (_fp8_mm_compat).
     step = max(1, LOAD_ROW_CHUNK_ELEMENTS // k // FP8_ROW_MULTIPLE) * FP8_ROW_MULTIPLE
     if step >= rows or rows % FP8_ROW_MULTIPLE:
         return transform(module, config.base, parameter_name=parameter_name)

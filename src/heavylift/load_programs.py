@@ -14,12 +14,10 @@ from typing import Sequence
 
 from .allocator import CachingAllocator, Program, block_size, live_sizes, run
 from .architecture import QUANTIZABLE_ROLES, Architecture
-from .defaults import EXPERT_ROW_CHUNK_ELEMENTS, LOAD_ROW_CHUNK_ELEMENTS
+from .defaults import EXPERT_ROW_CHUNK_ELEMENTS, FP8_ROW_MULTIPLE, LOAD_ROW_CHUNK_ELEMENTS
 from .matmuls import BF16, BNB_4BIT_BLOCKSIZE, FP32, float8_rows
 from .quant import BNB_4BIT_CODE_ENTRIES, BNB_NESTED_BLOCKSIZE, BNB_NESTED_CODE_ENTRIES
 from .transients import Part
-
-FP8_ROW_MULTIPLE = 16  # float8_load.FP8_ROW_MULTIPLE: rows per piece are a multiple of it
 
 # transformers sizes the weights before loading them (modeling_utils.caching_allocator_warmup, from
 # get_total_byte_count): a weight it quantizes on load at its quantizer's quantized_element_size (bitsandbytes
