@@ -54,6 +54,11 @@ LOAD_ROW_CHUNK_ELEMENTS = 1 << 22
 # quantized on load hold a multiple of this many rows.
 FP8_ROW_MULTIPLE = 16
 
+# Scaled-dot-product attention with a mask runs PyTorch's memory-efficient kernel, which reads the mask as it
+# is when its length and its row strides are multiples of this many elements, and otherwise pads or copies it
+# (attention.cpp preprocess_mask). The engine's prefill masks have rows this many elements apart.
+SDPA_MASK_ALIGNMENT = 16
+
 # --- Offload (only with --allow-offload) --------------------------------------------------
 # Weights offloaded to CPU RAM stream over PCIe every token: PCIe 4.0 x16 moves about 25 GB/s
 # in practice (32 GB/s on paper).

@@ -11,13 +11,9 @@ from typing import Sequence
 
 from .allocator import Program
 from .architecture import Architecture
+from .defaults import SDPA_MASK_ALIGNMENT
 from .matmuls import BF16, FP32, INT32, INT64, dense_linear
 from .transients import Part, gated_mlp
-
-
-# The memory-efficient attention kernel reads a mask whose rows start 16 elements apart as it is
-# (engine/model.py MASK_ALIGNMENT); one whose length is not a multiple of 16 it pads in a copy.
-MASK_ALIGNMENT = 16
 
 
 def _prefill_scratch(p: Program, arch: Architecture, prompt: int, chunk: int, layers: Sequence[int]) -> list[str]:
@@ -28,7 +24,7 @@ def _prefill_scratch(p: Program, arch: Architecture, prompt: int, chunk: int, la
     first = min(prompt, chunk)
     windows = {arch.layer_windows[i] for i in layers}
     if prompt > first or any(w and w < first for w in windows):
-        width = -(-prompt // MASK_ALIGNMENT) * MASK_ALIGNMENT
+        width = -(-prompt // SDPA_MASK_ALIGNMENT) * SDPA_MASK_ALIGNMENT
         held += [p.alloc("key_positions", INT32 * prompt), p.alloc("mask", BF16 * first * width),
                  p.alloc("masked", first * width)]
         if any(windows):
@@ -49,7 +45,8 @@ def _engine_attention(p: Program, arch: Architecture, t: int, start: int, window
         return [out]
     if window:
         p.free(p.alloc("window_lo", INT32 * t))
-    pad = p.alloc("mask_pad", BF16 * t * -(-end // MASK_ALIGNMENT) * MASK_ALIGNMENT) if end % MASK_ALIGNMENT else None
+    padded = -(-end // SDPA_MASK_ALIGNMENT) * SDPA_MASK_ALIGNMENT
+    pad = p.alloc("mask_pad", BF16 * t * padded) if padded != end else None
     out = p.alloc("attn", BF16 * t * nh * d)
     p.free(pad)
     return [out]

@@ -78,8 +78,7 @@ def _quantize_on_load(p: Program, quant: str, numel: int, rows: int) -> None:
     """The quantizer's op on one arrived bf16 weight, its results kept: torchao's Float8Tensor.from_hp, on
     blocks of rows into the whole weight's storage (float8_load.py);
     Int8Params._quantize (an fp16 copy, then int8_vectorwise_quant's row scales and int8 rows); bitsandbytes'
-    quantize_4bit (absmax, packed nibbles, the code book; with double quantization the absmax shifted by its
-    mean and quantize_blockwise'd, with the dynamic code book copied to the GPU twice)."""
+    quantize_4bit (_quantize_4bit)."""
     if quant == "fp8":  # float8_load: torchao's from_hp on a block of rows at a time
         k = numel // rows
         step = max(1, LOAD_ROW_CHUNK_ELEMENTS // k // FP8_ROW_MULTIPLE) * FP8_ROW_MULTIPLE
@@ -99,6 +98,13 @@ def _quantize_on_load(p: Program, quant: str, numel: int, rows: int) -> None:
         p.alloc("CB", numel)
         p.free(f16)
         return
+    _quantize_4bit(p, quant, numel)
+
+
+def _quantize_4bit(p: Program, quant: str, numel: int) -> None:
+    """bitsandbytes' quantize_4bit, its results kept: the absmax, the packed nibbles, the code book; with
+    double quantization the absmax shifted by its mean and quantize_blockwise'd, the dynamic code book copied
+    to the GPU twice."""
     blocks = -(-numel // BNB_4BIT_BLOCKSIZE)
     absmax = p.alloc("absmax", FP32 * blocks)
     p.alloc("packed", -(-numel // 2))
@@ -114,13 +120,12 @@ def _quantize_on_load(p: Program, quant: str, numel: int, rows: int) -> None:
     p.free(code, shifted, absmax)
 
 
-def expert_load(p: Program, arch: Architecture, quant: str) -> int:
+def expert_load(p: Program, arch: Architecture, quant: str) -> None:
     """One MoE layer's experts arriving through from_pretrained, which loads them one at a time (always for a
     quantized load; heavylift turns the thread pool off for bf16 MoE loads too): each expert's checkpoint
     tensors, their stacks (MergeModulelist) and gate and up concatenated (Concatenate; core_model_loading.py),
     the fused tensor set in its module and quantized when the next one arrives (experts.quantized_on_arrival).
-    What the layer keeps is left allocated (later layers' tensors fit around it, as on the GPU); returns its
-    bytes, which the plan counts as weights."""
+    What the layer keeps is left allocated (later layers' tensors fit around it, as on the GPU)."""
     h, i, e = arch.hidden_size, arch.intermediate_size, arch.num_experts
     gates = [p.alloc("w1", BF16 * i * h) for _ in range(e)]
     ups = [p.alloc("w3", BF16 * i * h) for _ in range(e)]
@@ -133,28 +138,17 @@ def expert_load(p: Program, arch: Architecture, quant: str) -> int:
     downs = [p.alloc("w2", BF16 * h * i) for _ in range(e)]
     down = p.alloc("down_proj", BF16 * e * h * i)
     p.free(*downs)
-    return _quantize_expert(p, quant, gate_up, e * 2 * i, h) + _quantize_expert(p, quant, down, e * h, i)
+    _quantize_expert(p, quant, gate_up, e * 2 * i, h)
+    _quantize_expert(p, quant, down, e * h, i)
 
 
-def _quantize_expert(p: Program, quant: str, source: str, rows: int, cols: int) -> int:
-    """experts._quantize_one on one fused tensor: bitsandbytes' quantize_4bit (double quantization's absmax
-    shifted by its mean and quantized blockwise), or experts._quantize_rows a chunk at a time; the bf16
-    source freed once the quantized parameter replaces it. Returns the bytes the parameter keeps."""
+def _quantize_expert(p: Program, quant: str, source: str, rows: int, cols: int) -> None:
+    """experts._quantize_one on one fused tensor: bitsandbytes' quantize_4bit (_quantize_4bit), or
+    experts._quantize_rows a chunk at a time; the bf16 source freed once the quantized parameter replaces it."""
     n = rows * cols
     if quant in ("nf4", "nf4-dq", "fp4"):
-        kept = [n // 2]
-        p.alloc("packed", n // 2)
-        absmax = p.alloc("absmax", FP32 * (n // BNB_4BIT_BLOCKSIZE))
-        if quant == "nf4-dq":
-            shifted = p.alloc("absmax_shifted", FP32 * (n // BNB_4BIT_BLOCKSIZE))
-            kept += [n // BNB_4BIT_BLOCKSIZE, FP32 * -(-n // BNB_4BIT_BLOCKSIZE // 256)]
-            p.alloc("absmax_u8", kept[1])
-            p.alloc("absmax2", kept[2])
-            p.free(shifted, absmax)
-        else:
-            kept.append(FP32 * (n // BNB_4BIT_BLOCKSIZE))
+        _quantize_4bit(p, quant, n)
     elif quant in ("int8", "fp8"):
-        kept = [n, FP32 * rows]
         p.alloc("q", n)
         p.alloc("scale", FP32 * rows)
         chunk = min(rows, max(1, EXPERT_ROW_CHUNK_ELEMENTS // cols)) * cols
@@ -164,9 +158,8 @@ def _quantize_expert(p: Program, quant: str, source: str, rows: int, cols: int) 
         q8 = p.alloc("rows_8bit", chunk)
         p.free(q8, f)
     else:
-        return BF16 * n  # kept as loaded
+        return  # bf16: kept as loaded
     p.free(source)
-    return sum(kept)
 
 
 # --- A device's load ---------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Iterable, Sequence
 
-from .allocator import CachingAllocator, Program, block_size, peak_live, persistent_state, replay, run
+from .allocator import CachingAllocator, Program, block_size, live_sizes, peak_live, replay, run
 from .architecture import Architecture
 from .defaults import CUDA_CONTEXT_BYTES, LLM_INT8_CONTEXT_BYTES, MiB, PREFILL_CHUNK_TOKENS
 from .engine_transients import decode_uses_kernels, engine_decode_step, engine_prefill
@@ -142,7 +142,7 @@ def runtime_terms(arch: Architecture, quant: str, engine: str, context: int, bat
 
 def clear_caches() -> None:
     """Forget every replayed program: the next plan computes its terms from scratch (bench/plan_speed.py)."""
-    for cached in (_terms, loaded_state, _load_transient):
+    for cached in (_terms, loaded_state, _cpu_load_peak):
         cached.cache_clear()
 
 
@@ -162,8 +162,7 @@ def _terms(arch: Architecture, quant: str, engine: str, context: int, batch: int
     build = _engine_phases if engine == FAST else _transformers_phases
     tensors, phases = build(arch, quant, context, batch, kvb, dev, part, simulated_layers(arch, part.layers, count))
     persistent = sum(block_size(n) for _, n in tensors if n > 0)
-    context_bytes = _context_bytes(quant, engine, dev)
-    if dev.cuda and order is not None:
+    if dev.cuda:
         # The runtime starts where the load left the allocator (_after_load); its reserve is the most the
         # device held at any point, weights included, less the weights.
         loaded, weights = loaded_state(quant, order, stop - start)
@@ -171,14 +170,9 @@ def _terms(arch: Architecture, quant: str, engine: str, context: int, batch: int
         held = max(loaded.peak_reserved, state.peak_reserved,
                    *(replay(p, state).peak_reserved + other_pools for p, other_pools in phases))
         reserved = held - weights
-        return RuntimeTerms(kv, max(0, reserved - persistent), persistent - kv, context_bytes)
-    if dev.cuda:
-        state = persistent_state(n for _, n in tensors)
-        reserved = max(replay(p, state).peak_reserved + other_pools for p, other_pools in phases)
     else:
-        reserved = persistent + max(peak_live(p) for p, _ in phases)
-    reserved = max(reserved, _load_transient(arch, quant, stop - start, dev.cuda))
-    return RuntimeTerms(kv, max(0, reserved - persistent), persistent - kv, context_bytes)
+        reserved = max(persistent + max(peak_live(p) for p, _ in phases), _cpu_load_peak(arch, quant, stop - start))
+    return RuntimeTerms(kv, max(0, reserved - persistent), persistent - kv, _context_bytes(quant, engine, dev))
 
 
 def _after_load(loaded: CachingAllocator, tensors: list[tuple[str, int]], engine: str) -> CachingAllocator:
@@ -203,17 +197,16 @@ def _after_load(loaded: CachingAllocator, tensors: list[tuple[str, int]], engine
 
 
 @lru_cache(maxsize=256)
-def _load_transient(arch: Architecture, quant: str, layers: int, cuda: bool) -> int:
-    """A plan without the load's allocator state (a CPU's, where no caching allocator keeps blocks): what
-    loading `layers` layers holds beyond their weights at its peak, each MoE layer's experts arriving and
-    being quantized in turn (load_programs.expert_load). Nothing for a dense model, whose tensors go to RAM
-    and are quantized one at a time. It depends on neither context nor batch."""
+def _cpu_load_peak(arch: Architecture, quant: str, layers: int) -> int:
+    """On a CPU (no caching allocator keeps blocks), what loading `layers` layers holds beyond their weights
+    at its peak: each MoE layer's experts arriving and being quantized in turn (load_programs.expert_load).
+    Nothing for a dense model, whose tensors go to RAM and are quantized one at a time."""
     if not arch.num_experts:
         return 0
-    p, kept = Program(), 0
+    p = Program()
     for _ in range(layers):
-        kept += expert_load(p, arch, quant)
-    return (replay(p).peak_reserved if cuda else peak_live(p)) - kept
+        expert_load(p, arch, quant)
+    return peak_live(p) - sum(live_sizes(p))
 
 
 def _kv_tensors(arch: Architecture, layers: Sequence[int], context: int, batch: int, kvb: int, engine: str

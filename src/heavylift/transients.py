@@ -15,11 +15,8 @@ from typing import Sequence
 
 from .allocator import Program
 from .architecture import FAMILIES, Architecture
+from .defaults import SDPA_MASK_ALIGNMENT
 from .matmuls import BF16, FP32, INT32, INT64, expert_weights, linear
-
-# Scaled-dot-product attention with a mask runs PyTorch's memory-efficient kernel, which wants the
-# mask's last dimension a multiple of 16 (sdp_utils preprocess_mask) and pads a copy when it is not.
-SDPA_MASK_ALIGNMENT = 16
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import runtimes
-from ..defaults import PREFILL_CHUNK_TOKENS
+from ..defaults import PREFILL_CHUNK_TOKENS, SDPA_MASK_ALIGNMENT
 from .ops import OPS, attention_scratch, decode_splits, dense_linear, dense_parts
 from .weights import DENSE, QWeight, from_linear, quantize
-
-# The memory-efficient attention kernel reads a mask whose rows start 16 elements apart as it is; PyTorch
-# copies any other (attention.cpp preprocess_mask).
-MASK_ALIGNMENT = 16
 
 
 @dataclass
@@ -219,7 +215,7 @@ class Engine:
         first = min(prompt, PREFILL_CHUNK_TOKENS)
         windows = {layer.window for layer in self.layers if layer.device == dev}
         masked = prompt > first or any(w and w < first for w in windows)
-        width = -(-prompt // MASK_ALIGNMENT) * MASK_ALIGNMENT
+        width = -(-prompt // SDPA_MASK_ALIGNMENT) * SDPA_MASK_ALIGNMENT
         bf16 = dict(dtype=torch.bfloat16, device=dev)
         keys, values = (torch.empty(s.heads, prompt, s.head_dim, **bf16) for _ in range(2))
         if not masked:
