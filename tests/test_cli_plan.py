@@ -120,6 +120,12 @@ def test_the_plan_describes_the_runtime_run_would_use(capsys):
     assert {s["engine"] for s in json.loads(out)["schemes"]} == {"transformers"}
     code, out, _ = run_cli(capsys, "plan", "llama3.1-8b", "--gpus", "1xH100", "--quant", "nf4")
     assert code == 0 and "planned for heavylift's engine" in out
+    # --engine fast over every precision: fp16, which the engine cannot run, is planned as run would run it.
+    code, out, _ = run_cli(capsys, "plan", "llama3.1-8b", "--gpus", "1xH100", "--engine", "fast", "--json")
+    engines = {s["quant"]: s["engine"] for s in json.loads(out)["schemes"]}
+    assert code == 0 and engines.pop("fp16") == "transformers" and set(engines.values()) == {"fast"}
+    code, _, err = run_cli(capsys, "plan", "llama3.1-8b", "--gpus", "1xH100", "--engine", "fast", "--quant", "fp16")
+    assert code == 2 and "run it with --engine transformers" in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_plan_for_the_engine_is_the_engines_plan():

@@ -7,6 +7,7 @@ from typing import Sequence
 from .defaults import DEFAULT_BATCH, DEFAULT_CONTEXT_TOKENS
 from .errors import GpuSpecError, InvalidArgumentError
 from .hardware import Device, parse_bytes, parse_gpu_spec
+from .memory import TRANSFORMERS
 from .planner import Plan, Workload, make_plan
 from .quant import ALL, QUANT_CHOICES
 from .runtimes import AUTO, check_choice, described_devices_reason, planned_runtime
@@ -52,7 +53,21 @@ def plan(model: str, gpus: str | Sequence[Device] | None = None, context: int = 
     quants = resolve_quants(quant)
     source = resolve_model(model)
     devices = resolve_devices(gpus)
-    kinds = [d.kind for d in devices]
-    engines = {q: planned_runtime(source.config, q, engine, described_devices_reason(kinds),
-                                  all(k == "cpu" for k in kinds)) for q in quants}
-    return make_plan(model, source.architecture, devices, work, quants, engines)
+    return make_plan(model, source.architecture, devices, work, quants,
+                     _runtimes(source.config, quants, engine, [d.kind for d in devices]))
+
+
+def _runtimes(config, quants: Sequence[str], engine: str, kinds: Sequence[str]) -> dict[str, str]:
+    """Each precision's runtime. --engine fast is refused (one line) only where no precision asked for can run
+    on the engine; among several, one it cannot run (fp16) is planned on transformers, as auto would."""
+    reason, all_cpu = described_devices_reason(kinds), all(k == "cpu" for k in kinds)
+    engines, refusals = {}, []
+    for q in quants:
+        try:
+            engines[q] = planned_runtime(config, q, engine, reason, all_cpu)
+        except InvalidArgumentError as e:
+            refusals.append(e)
+            engines[q] = TRANSFORMERS
+    if refusals and len(refusals) == len(quants):
+        raise refusals[0]
+    return engines
