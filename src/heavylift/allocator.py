@@ -225,6 +225,14 @@ def peak_live(program: Program) -> int:
     return peak
 
 
+def replayed_rounds(rounds: list) -> list:
+    """Of rounds that each allocate the same tensors and free them again (a long weight quantized a piece at
+    a time, a long prompt prefilled a chunk at a time), the ones worth replaying: every full round after the
+    second allocates what the second did on the blocks it freed, changing neither the peaks nor what stays
+    cached, so the first two and the last stand for them all. Up to four rounds are all replayed."""
+    return rounds if len(rounds) <= 4 else rounds[:2] + rounds[-1:]
+
+
 def live_sizes(program: Program) -> list[int]:
     """The sizes of the tensors a program leaves allocated, in the order it allocated them."""
     live: dict[str, int] = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .allocator import Program
+from .allocator import Program, replayed_rounds
 from .architecture import Architecture
 from .defaults import SDPA_MASK_ALIGNMENT
 from .matmuls import BF16, FP32, INT32, INT64, dense_linear
@@ -100,7 +100,8 @@ def engine_prefill(p: Program, arch: Architecture, quant: str, prompt: int, chun
     tokens = p.alloc("prompt_ids", INT64 * prompt) if part.first and cuda else None
     scratch = _prefill_scratch(p, arch, prompt, chunk, part.layers)
     hidden = None
-    for start in range(0, prompt, chunk):
+    # Whatever grows with the position lives in the scratch: the chunks repeat (64 in a 128k-token prompt).
+    for start in replayed_rounds(list(range(0, prompt, chunk))):
         new = _engine_chunk(p, arch, quant, min(chunk, prompt - start), start, layers, part, native_fp8)
         p.free(hidden)
         hidden = new

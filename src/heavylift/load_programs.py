@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Sequence
 
-from .allocator import CachingAllocator, Program, block_size, live_sizes, run
+from .allocator import CachingAllocator, Program, block_size, live_sizes, replayed_rounds, run
 from .architecture import QUANTIZABLE_ROLES, Architecture
 from .defaults import EXPERT_ROW_CHUNK_ELEMENTS, FP8_ROW_MULTIPLE, LOAD_ROW_CHUNK_ELEMENTS
 from .matmuls import BF16, BNB_4BIT_BLOCKSIZE, FP32, float8_rows
@@ -85,9 +85,10 @@ def _quantize_on_load(p: Program, quant: str, numel: int, rows: int) -> None:
         if step >= rows or rows % FP8_ROW_MULTIPLE:
             float8_rows(p, rows, k)
             return
-        for start in range(0, rows, step):
-            piece = float8_rows(p, min(step, rows - start), k)
-            if start == 0:
+        pieces = [min(step, rows - start) for start in range(0, rows, step)]
+        for i, size in enumerate(replayed_rounds(pieces)):  # 208 in a 405B MLP weight
+            piece = float8_rows(p, size, k)
+            if i == 0:
                 p.alloc("qdata", numel)
                 p.alloc("scale", FP32 * rows)
             p.free(*piece)
