@@ -177,7 +177,8 @@ class _Layout:
                           bandwidth_bytes_s=PCIE_BANDWIDTH_BYTES_S)
             offload = self.device_plan(cpu, split.offloaded, 0, work)
             offload = replace(offload, activation_bytes=0, overhead_bytes=0)
-        return SchemePlan(self.scheme.name, per_device, offload, self.decode_upper_bound(per_device, offload, work))
+        return SchemePlan(self.scheme.name, per_device, offload, self.decode_upper_bound(per_device, offload, work),
+                          engine=work.engine)
 
     def decode_upper_bound(self, per_device: Sequence[DevicePlan], offload: DevicePlan | None,
                            work: Workload) -> float:
@@ -241,7 +242,7 @@ def make_plan(model: str, arch: Architecture, devices: Sequence[Device], work: W
     devices = tuple(devices)
     layouts = {q: layout(arch, q) for q in quants}
     works = {q: replace(work, engine=(engines or {}).get(q, work.engine)) for q in quants}
-    plans = {q: replace(lay.plan(devices, works[q]), engine=works[q].engine) for q, lay in layouts.items()}
+    plans = {q: lay.plan(devices, works[q]) for q, lay in layouts.items()}
     native_fp8 = all(d.native_fp8 for d in devices)
     order = fidelity_order(native_fp8, all(d.bf16_supported for d in devices))
     fitting = [q for q in order if q in plans and plans[q].fits and not plans[q].offload]

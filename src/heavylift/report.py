@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .hardware import Device
+from .memory import FAST, TRANSFORMERS
 from .planner import DevicePlan, Plan, SchemePlan
 
 
@@ -24,8 +25,8 @@ def _device_json(d: DevicePlan) -> dict[str, Any]:
             "total_bytes": d.total_bytes, "free_bytes": d.free_bytes}
 
 
-# How the report names the runtime a plan describes (memory.FAST, memory.TRANSFORMERS).
-RUNTIME_NAMES = {"fast": "heavylift's engine", "transformers": "transformers' forward"}
+# How the report names the runtime a plan describes.
+RUNTIME_NAMES = {FAST: "heavylift's engine", TRANSFORMERS: "transformers' forward"}
 
 
 def _scheme_json(s: SchemePlan) -> dict[str, Any]:
@@ -75,9 +76,11 @@ def render(plan: Plan, console: Console) -> None:
     console.print(table)
     runtimes: dict[str, list[str]] = {}
     for s in plan.schemes:
-        runtimes.setdefault(s.engine, []).append(s.quant)
-    console.print("planned for " + "; ".join(f"{RUNTIME_NAMES.get(e, e)}" + (f" ({', '.join(q)})" if len(runtimes) > 1
-                                                                        else "") for e, q in runtimes.items()))
+        runtimes.setdefault(RUNTIME_NAMES[s.engine], []).append(s.quant)
+    if len(runtimes) == 1:
+        console.print(f"planned for {next(iter(runtimes))}")
+    else:
+        console.print("planned for " + "; ".join(f"{name} ({', '.join(qs)})" for name, qs in runtimes.items()))
     shown = plan.scheme(plan.recommended) if plan.recommended else plan.schemes[0]
     if len(plan.devices) > 1 or shown.offload:
         _render_devices(shown, console)

@@ -33,7 +33,6 @@ class PrefillScratch:
     outside: torch.Tensor | None = None  # bool: keys beyond a sliding window
 
 
-
 @dataclass(frozen=True)
 class Shape:
     hidden: int
@@ -205,7 +204,7 @@ class Engine:
     def _norm(self, x, weight):
         return self.ops.rmsnorm(x, weight, self.shape.eps, torch.empty_like(x))
 
-    def _prefill_scratch(self, prompt: int, dev) -> "PrefillScratch":
+    def _prefill_scratch(self, prompt: int, dev) -> PrefillScratch:
         """One prompt's attention buffers on one device, at the prompt's full length: the keys and values
         repeated per query head and the chunks' masks are views of them, so a long prompt's chunks reuse
         one allocation instead of each taking a larger one (which the allocator would keep cached: 4 GB of
@@ -245,7 +244,7 @@ class Engine:
         return hidden
 
     def _prefill_attention(self, q, layer: Layer, start: int, positions, slot: int,
-                           scratch: "PrefillScratch") -> torch.Tensor:
+                           scratch: PrefillScratch) -> torch.Tensor:
         """SDPA of a chunk's queries over the cache up to its last token, as transformers runs it: keys
         repeated per query head (into the prompt's scratch); a causal flag on the first chunk, an additive
         bf16 mask after it, built in place in the scratch (its rows 16-aligned, as the memory-efficient
