@@ -70,6 +70,9 @@ def test_nf4_storage_is_bitsandbytes_own():
 
 
 def test_rmsnorm_rope_and_cache_writes_agree():
+    # Seeded: two bf16 roundings of a rotation by random (unnormalised) tables differ by up to 8.4e-3 in
+    # 1 of 300 draws, so the draw must not depend on which tests ran before.
+    torch.manual_seed(0)
     x, w = torch.randn(5, 96).bfloat16(), torch.randn(96).bfloat16()
     ref = (x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5)) * w.double()
     assert rel_err(TritonOps.rmsnorm(x, w, 1e-5, poisoned(5, 96)), ref) < 8e-3
