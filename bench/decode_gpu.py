@@ -120,7 +120,7 @@ def agreement(model, engine, vocab: int, tokens: int = 32) -> dict:
 
 
 def heavylift_records(quant: str, bw: float) -> tuple[list[dict], dict]:
-    from heavylift.benchmark import engine_records, timed_load
+    from heavylift.runtime.benchmark import engine_records, timed_load
     from heavylift.engine import Engine
 
     loaded, load_s = timed_load(SEED_CKPT, quant)
@@ -140,8 +140,8 @@ def big_record(bw: float, layers: int) -> dict:
     """A Llama-3.1-70B shape in NF4-DQ, quantized layer by layer from random weights on the GPU."""
     from transformers import LlamaConfig
 
-    from heavylift.benchmark import B1_NEW, B1_PROMPT, engine_decode_tok_s
-    from heavylift.catalog import find_model
+    from heavylift.runtime.benchmark import B1_NEW, B1_PROMPT, engine_decode_tok_s
+    from heavylift.model.catalog import find_model
     from heavylift.engine import Engine
     from heavylift.engine.weights import NF4_DQ
 
@@ -169,7 +169,7 @@ def main() -> None:
     parser.add_argument("--seed-budget-s", type=int, default=200)
     parser.add_argument("--big-layers", type=int, default=80, help="0 skips the 70B shape")
     args = parser.parse_args()
-    from heavylift.benchmark import command_line, copy_bandwidth
+    from heavylift.runtime.benchmark import command_line, copy_bandwidth
 
     result = dict(card=torch.cuda.get_device_name(0), date=datetime.date.today().isoformat(),
                   command=command_line(), records=[], checks={})

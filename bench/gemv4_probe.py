@@ -7,7 +7,7 @@ autotuned pick (what the engine runs).
 Usage (GPU machine, after the kit prelude): python3 bench/gemv4_probe.py $OUT/gemv4_probe.json"""
 import dataclasses, json, os, sys, time, datetime
 import torch
-from heavylift.benchmark import command_line
+from heavylift.runtime.benchmark import command_line
 from heavylift.engine import weights as W
 from heavylift.engine import gemv4 as G
 from heavylift.engine.ops import TritonOps, planes

@@ -17,7 +17,7 @@ import sys
 import time
 
 import heavylift
-from heavylift.memory import clear_caches
+from heavylift.planner.memory import clear_caches
 
 
 def main() -> None:

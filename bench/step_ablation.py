@@ -61,8 +61,8 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import LlamaConfig
 
-    from heavylift.benchmark import command_line
-    from heavylift.catalog import find_model
+    from heavylift.runtime.benchmark import command_line
+    from heavylift.model.catalog import find_model
     from heavylift.engine import Engine
     from heavylift.engine import weights as W
 

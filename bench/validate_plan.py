@@ -108,7 +108,7 @@ def case_engine(case: Case) -> str:
     from transformers import AutoConfig
 
     from heavylift.engine import model_reason
-    from heavylift.memory import FAST, TRANSFORMERS as PLAN_TRANSFORMERS
+    from heavylift.planner.memory import FAST, TRANSFORMERS as PLAN_TRANSFORMERS
 
     if case.engine == TRANSFORMERS:
         return PLAN_TRANSFORMERS
@@ -139,7 +139,7 @@ def shrink_config(config: dict) -> dict:
 
 def model_config(model: str, shrink: bool = False) -> dict:
     """The catalog's config.json of `model` with this benchmark's layer count (or shrunk to toy size)."""
-    from heavylift.catalog import require_model
+    from heavylift.model.catalog import require_model
 
     config = require_model(model).config_dict()
     if MODELS[model] is not None:
@@ -214,7 +214,7 @@ def _accelerate_float32_bytes(config_json: str) -> int:
 
 
 def estimates(config: dict, quant: str) -> dict:
-    from heavylift.architecture import architecture_from_config
+    from heavylift.model.architecture import architecture_from_config
 
     dtype = ACCELERATE_DTYPE[quant]
     params = architecture_from_config(config).params
@@ -286,7 +286,7 @@ def replan(results: dict, command: str) -> dict:
     """A results document with every case planned again by the planner as it is now, next to the same
     measurements: a planner change is checked against the GPU runs without running them again. The document
     says so (`replanned_command`), and each case keeps the figures it was planned with (`planned_at_run`)."""
-    from heavylift.hardware import device_from_model, find_gpu
+    from heavylift.hardware.gpus import device_from_model, find_gpu
 
     card = find_gpu(results["card"].split(" ; ")[0])
     cases = []
@@ -375,9 +375,9 @@ def run_case(case: Case, folder: Path) -> dict:
     import torch
 
     from heavylift.api import plan
-    from heavylift.detect import detect_devices
+    from heavylift.hardware.detect import detect_devices
     from heavylift.errors import OutOfMemoryError
-    from heavylift.session import load, planned_engine, replan
+    from heavylift.runtime.session import load, planned_engine, replan
 
     devices = detect_devices()[:case.gpus]  # NVML / nvidia-smi, before CUDA starts
     work = dict(context=case.context, batch=case.batch, quant=case.quant)
@@ -415,8 +415,8 @@ def run_case(case: Case, folder: Path) -> dict:
 
 def plan_scheme(case: Case, devices):
     """The plan of one case on these devices for the runtime it runs on, from the config alone (no CUDA, no weights)."""
-    from heavylift.architecture import architecture_from_config
-    from heavylift.planner import Workload, make_plan
+    from heavylift.model.architecture import architecture_from_config
+    from heavylift.planner.plan import Workload, make_plan
 
     arch = architecture_from_config(model_config(case.model))
     work = Workload(case.context, case.batch, engine=case_engine(case))
@@ -465,7 +465,7 @@ def selected(args) -> list[Case]:
 
 
 def run_matrix(args) -> None:
-    from heavylift.detect import detect_devices
+    from heavylift.hardware.detect import detect_devices
 
     devices = [d for d in detect_devices() if d.kind == "cuda"]  # NVML / nvidia-smi: no CUDA context
     if not devices:
@@ -530,7 +530,7 @@ def merge(documents: list[dict]) -> dict:
 
 
 def list_matrix(spec: str = LIST_GPUS, engine: str = AUTO) -> str:
-    from heavylift.hardware import parse_gpu_spec
+    from heavylift.hardware.gpus import parse_gpu_spec
 
     rows = [f"{'case':42} {'layers':>6} {'predicted GB per GPU':>22}  fits {spec}"]
     for case in (replace(c, engine=engine) for c in MATRIX):

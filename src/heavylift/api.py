@@ -6,18 +6,18 @@ from typing import Sequence
 
 from .defaults import DEFAULT_BATCH, DEFAULT_CONTEXT_TOKENS
 from .errors import GpuSpecError, InvalidArgumentError
-from .hardware import Device, parse_bytes, parse_gpu_spec
-from .memory import TRANSFORMERS
-from .planner import Plan, Workload, make_plan
-from .quant import ALL, QUANT_CHOICES
-from .runtimes import AUTO, check_choice, described_devices_reason, planned_runtime
-from .sources import resolve_model
+from .hardware.gpus import Device, parse_bytes, parse_gpu_spec
+from .planner.memory import TRANSFORMERS
+from .planner.plan import Plan, Workload, make_plan
+from .schemes import ALL, QUANT_CHOICES
+from .planner.runtimes import AUTO, check_choice, described_devices_reason, planned_runtime
+from .model.source import resolve_model
 
 
 def resolve_devices(gpus: str | Sequence[Device] | None) -> tuple[Device, ...]:
     """A --gpus spec, devices already described, or (None) the devices of this machine."""
     if gpus is None:
-        from .detect import detect_devices
+        from .hardware.detect import detect_devices
 
         return tuple(detect_devices())
     if isinstance(gpus, str):

@@ -9,9 +9,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..errors import InvalidArgumentError
+from heavylift.errors import InvalidArgumentError
 from .plan import GPUS_HELP
-from ..quant import QUANT_CHOICES
+from heavylift.schemes import QUANT_CHOICES
 
 DEFAULT_BENCH_QUANTS = "nf4-dq,fp8,bf16"
 
@@ -29,8 +29,8 @@ def bench(
 
     import torch
 
-    from ..benchmark import BENCH_BATCH, BENCH_CONTEXT, copy_bandwidth, engine_records, reference_records, timed_load
-    from ..session import build_engine
+    from heavylift.runtime.benchmark import BENCH_BATCH, BENCH_CONTEXT, copy_bandwidth, engine_records, reference_records, timed_load
+    from heavylift.runtime.session import build_engine
 
     quants = [q for q in quant.split(",") if q]
     bad = [q for q in quants if q not in QUANT_CHOICES]

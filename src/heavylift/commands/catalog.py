@@ -6,8 +6,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..catalog import catalog_entries
-from ..hardware import gpu_catalog
+from heavylift.model.catalog import catalog_entries
+from heavylift.hardware.gpus import gpu_catalog
 
 
 def catalog(gpus: bool = typer.Option(False, "--gpus", help="List the GPU catalog instead of models.")) -> None:

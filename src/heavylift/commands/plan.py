@@ -9,11 +9,11 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from ..api import plan as make_plan
-from ..defaults import DEFAULT_BATCH, DEFAULT_CONTEXT_TOKENS
-from ..quant import ALL, QUANT_CHOICES
-from ..report import render
-from ..runtimes import AUTO
+from heavylift.api import plan as make_plan
+from heavylift.defaults import DEFAULT_BATCH, DEFAULT_CONTEXT_TOKENS
+from heavylift.schemes import ALL, QUANT_CHOICES
+from heavylift.report.table import render
+from heavylift.planner.runtimes import AUTO
 
 GPUS_HELP = "GPUs to plan for, e.g. 4xA100-80GB, 8xRTX4090, 2xH200, 1xH100,1xA100-40GB, 2x48GB (default: this machine's)"
 
@@ -37,7 +37,7 @@ def plan(
     result = make_plan(model, gpus=gpus, context=context, batch=batch, quant=quant, reserve=reserve,
                        kv_dtype=kv_dtype, allow_offload=allow_offload, engine=engine)
     if plot is not None:
-        from ..plot import plot_memory
+        from heavylift.report.plot import plot_memory
 
         plot_memory(result, plot)
     if as_json:

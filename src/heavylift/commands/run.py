@@ -9,9 +9,9 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from ..defaults import DEFAULT_CONTEXT_TOKENS, DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P
-from ..errors import InvalidArgumentError
-from ..quant import QUANT_CHOICES
+from heavylift.defaults import DEFAULT_CONTEXT_TOKENS, DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P
+from heavylift.errors import InvalidArgumentError
+from heavylift.schemes import QUANT_CHOICES
 from .plan import GPUS_HELP
 
 
@@ -74,8 +74,8 @@ def run(
     """Load MODEL exactly as planned and stream a continuation of --prompt."""
     import warnings
 
-    from ..sampling import Sampling
-    from ..session import load
+    from heavylift.runtime.sampling import Sampling
+    from heavylift.runtime.session import load
 
     # bitsandbytes' LLM.int8 warns on every matmul that it casts bf16 inputs to fp16: expected, not news.
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")

@@ -15,8 +15,8 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from .. import runtimes
-from ..defaults import PREFILL_CHUNK_TOKENS, SDPA_MASK_ALIGNMENT
+from heavylift.planner import runtimes
+from heavylift.defaults import PREFILL_CHUNK_TOKENS, SDPA_MASK_ALIGNMENT
 from .ops import OPS, attention_scratch, decode_splits, dense_linear, dense_parts
 from .weights import DENSE, QWeight, from_linear, quantize
 

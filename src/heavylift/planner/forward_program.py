@@ -1,0 +1,473 @@
+"""transformers' forward as an allocation program: what each step of it allocates and frees, in order.
+
+Each function mirrors one piece of the code that runs (named in its docstring; transformers 5.24 and
+torch SDPA on CUDA) and appends to an allocator `Program` what it allocates, in the order it allocates
+and frees it, Python's reference counting included (a local lives until it is rebound or its function
+returns). tests/planner/test_programs.py holds these programs to a trace of the real forward on the CPU, event
+by event, for every family; what happens inside CUDA kernels (SDPA's mask conversion, flash attention's
+log-sum-exp) is written from their source. Matmuls come from matmul_programs.py. Pure Python: no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .allocator import Program
+from heavylift.model.architecture import FAMILIES, Architecture
+from heavylift.defaults import SDPA_MASK_ALIGNMENT
+from .matmul_programs import BF16, FP32, INT32, INT64, expert_weights, linear
+
+
+@dataclass(frozen=True)
+class Step:
+    """One forward call: `batch` sequences of `tokens` new tokens after `start` cached ones."""
+
+    batch: int
+    tokens: int
+    start: int
+    context: int  # the static cache's length: the plan's context
+
+    @property
+    def rows(self) -> int:
+        return self.batch * self.tokens
+
+
+def _ceil(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+# --- transformers' forward ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Part:
+    """The layers one device runs and whether it also runs the model's start (embeddings, masks, RoPE
+    tables) and end (final norm, lm_head)."""
+
+    layers: range
+    first: bool
+    last: bool
+
+
+def _rms_norm(p: Program, family: str, rows: int, hidden: int) -> str:
+    """LlamaRMSNorm (fp32 copy, its square, mean, rsqrt, product, bf16 cast, weight) or Gemma2RMSNorm
+    (the same in fp32, then (1 + weight) in fp32 and a cast back)."""
+    f = p.alloc("norm_fp32", FP32 * rows * hidden)
+    sq = p.alloc("norm_pow", FP32 * rows * hidden)
+    mean = p.alloc("norm_mean", FP32 * rows)
+    p.free(sq)
+    eps = p.alloc("norm_eps", FP32 * rows)
+    if family == "gemma2":
+        p.free(mean)
+        r = p.alloc("norm_rsqrt", FP32 * rows)
+        p.free(eps)
+        y = p.alloc("norm_y", FP32 * rows * hidden)
+        p.free(r, f)
+        w1 = p.alloc("norm_w", FP32 * hidden)
+        w2 = p.alloc("norm_1w", FP32 * hidden)
+        p.free(w1)
+        z = p.alloc("norm_z", FP32 * rows * hidden)
+        p.free(w2, y)
+        out = p.alloc("normed", BF16 * rows * hidden)
+        p.free(z)
+        return out
+    r = p.alloc("norm_rsqrt", FP32 * rows)
+    p.free(eps)
+    y = p.alloc("norm_y", FP32 * rows * hidden)
+    p.free(r, f)
+    x0 = p.alloc("norm_bf16", BF16 * rows * hidden)
+    out = p.alloc("normed", BF16 * rows * hidden)
+    p.free(x0, y, mean)
+    return out
+
+
+def _rope(p: Program, nbytes: int, phi3: bool) -> str:
+    """apply_rotary_pos_emb on one of q, k: x*cos + rotate_half(x)*sin (Phi-3 then concatenates the
+    rotated part with the pass-through part, which is empty at its full rotary)."""
+    a = p.alloc("rope_cos", nbytes)
+    neg = p.alloc("rope_neg", nbytes // 2)
+    half = p.alloc("rope_half", nbytes)
+    p.free(neg)
+    s = p.alloc("rope_sin", nbytes)
+    p.free(half)
+    out = p.alloc("rope", nbytes)
+    p.free(a, s)
+    if phi3:
+        cat = p.alloc("rope_cat", nbytes)
+        p.free(out)
+        out = cat
+    return out
+
+
+def sliding_kv(window: int, step: Step) -> int:
+    """Keys a StaticSlidingWindowLayer of `window` (at most the context) attends to in this step (get_mask_sizes)."""
+    w = min(window, step.context)
+    if step.start >= w:
+        return w - 1 + step.tokens
+    if step.start + step.tokens > w:
+        return step.start + step.tokens
+    return w
+
+
+def _mask(p: Program, arch: Architecture, step: Step, window: int | None) -> str | None:
+    """create_causal_mask / create_sliding_window_causal_mask (masking_utils.sdpa_mask, non-vmap): a
+    [1, 1, tokens, kv] bool, or for eager attention (Gemma 2) its bf16 additive form per sequence.
+    SDPA skips the full mask on the first chunk (is_causal) but never on a decode step of a static cache."""
+    eager = not FAMILIES[arch.model_type].sdpa
+    c, b = step.tokens, step.batch
+    kv = step.context if window is None else sliding_kv(window, step)
+    if not eager and c > 1:
+        if window is not None and kv >= window:
+            pass
+        elif kv == c or step.start == 0:
+            return None
+    bar = p.alloc("mask_b", INT64 * b)
+    har = p.alloc("mask_h", INT64)
+    q0 = p.alloc("mask_q", INT64 * c)
+    qa = p.alloc("mask_q", INT64 * c)
+    p.free(q0)
+    k0 = p.alloc("mask_kv", INT64 * kv)
+    ka = p.alloc("mask_kv", INT64 * kv)
+    p.free(k0)
+    if window is None:
+        m = p.alloc("mask", c * kv)
+    else:
+        sub = p.alloc("mask_sub", INT64 * c)
+        gt = p.alloc("mask_gt", c * kv)
+        p.free(sub)
+        a1 = p.alloc("mask_and", c * kv)
+        p.free(gt)
+        le = p.alloc("mask_le", c * kv)
+        m = p.alloc("mask", c * kv)
+        p.free(le, a1)
+    p.free(bar, har, qa, ka)
+    if eager:
+        f = p.alloc("mask_additive", BF16 * b * c * kv)
+        p.free(m)
+        m = f
+    return m
+
+
+def _rotary(p: Program, arch: Architecture, tokens: int) -> tuple[str, str]:
+    """LlamaRotaryEmbedding.forward: cos and sin [1, tokens, head_dim] in bf16, computed in fp32."""
+    c, d = tokens, arch.head_dim
+    pf = p.alloc("rope_pos", FP32 * c)
+    fr = p.alloc("rope_freqs", FP32 * c * d // 2)
+    p.free(pf)
+    emb = p.alloc("rope_emb", FP32 * c * d)
+    c0 = p.alloc("rope_cos", FP32 * c * d)
+    c1 = p.alloc("rope_cos", FP32 * c * d)
+    p.free(c0)
+    s0 = p.alloc("rope_sin", FP32 * c * d)
+    s1 = p.alloc("rope_sin", FP32 * c * d)
+    p.free(s0)
+    cos = p.alloc("cos", BF16 * c * d)
+    sin = p.alloc("sin", BF16 * c * d)
+    p.free(fr, emb, c1, s1)
+    return cos, sin
+
+
+def _mask_windows(arch: Architecture) -> list[int | None]:
+    """The masks a model builds per forward, in order: None for the full-attention one, a window for the sliding one."""
+    windows = [w for w in arch.layer_windows if w]
+    window = windows[0] if windows else None
+    kind = arch.model_type
+    if kind in ("gemma2", "qwen2"):
+        full = kind == "gemma2" or any(w is None for w in arch.layer_windows)
+        return ([None] if full else []) + ([window] if window else [])
+    if kind == "llama":
+        return [None]
+    return [window]  # mistral, mixtral, phi3: one mask, sliding when the config has a window
+
+
+def _sdpa(p: Program, arch: Architecture, step: Step, kv: int, masked: bool) -> str:
+    """sdpa_attention_forward + torch SDPA on CUDA: with a mask, K and V repeated to every query head
+    (repeat_kv; a decode step packs the query heads instead), the bool mask turned into a bf16 one per
+    sequence (convert_boolean_attn_mask) and padded to 16 keys, then the memory-efficient kernel; without
+    one (a first chunk), flash attention with grouped KV heads and its fp32 log-sum-exp."""
+    b, c, nh, d = step.batch, step.tokens, arch.num_heads, arch.head_dim
+    out_bytes = BF16 * b * nh * c * d
+    if not masked:
+        out = p.alloc("attn", out_bytes)
+        lse = p.alloc("lse", FP32 * b * nh * c)
+        p.free(lse)
+        return out
+    reps = []
+    if arch.num_heads != arch.num_kv_heads and c > 1:
+        reps = [p.alloc("k_rep", BF16 * b * nh * kv * d), p.alloc("v_rep", BF16 * b * nh * kv * d)]
+    fm = p.alloc("mask_bf16", BF16 * b * c * kv)
+    pad = p.alloc("mask_pad", BF16 * b * c * _ceil(kv, SDPA_MASK_ALIGNMENT)) if kv % SDPA_MASK_ALIGNMENT else None
+    out = p.alloc("attn", out_bytes)
+    p.free(pad, fm)
+    if c == 1 and arch.num_heads != arch.num_kv_heads:  # packed heads come back strided: reshape copies
+        flat = p.alloc("attn", out_bytes)
+        p.free(out)
+        out = flat
+    p.free(*reps)
+    return out
+
+
+def _eager(p: Program, arch: Architecture, step: Step, kv: int) -> tuple[str, str]:
+    """Gemma 2's eager_attention_forward: repeated K and V, scores, scaling, logit softcapping (divide,
+    tanh, multiply), the additive mask, fp32 softmax (after a fp32 copy of its input) and its bf16 copy (returned, so it lives until the
+    decoder layer returns), the weighted values and their transposed copy."""
+    b, c, nh, d = step.batch, step.tokens, arch.num_heads, arch.head_dim
+    scores = BF16 * b * nh * c * kv
+    reps = [p.alloc("k_rep", BF16 * b * nh * kv * d), p.alloc("v_rep", BF16 * b * nh * kv * d)] \
+        if arch.num_heads != arch.num_kv_heads else []
+    # matmul folds [b, heads] into bmm's batch: the query, a transposed view of q_proj's output, copies
+    # unless one of the two is 1.
+    q_copy = p.alloc("q_bmm", BF16 * b * nh * c * d) if b > 1 and c > 1 else None
+    w = p.alloc("scores", scores)
+    p.free(q_copy)
+    for label in ("scaled", "softcap_div", "softcap_tanh", "softcap_mul", "masked"):
+        nxt = p.alloc(label, scores)
+        p.free(w)
+        w = nxt
+    # softmax(dtype=float32) of bf16 scores converts them to a fp32 copy first, then allocates its fp32
+    # result: aten SoftMax.cpp fuses the conversion only for fp16 on CUDA. Five score-sized units at once.
+    upcast = p.alloc("softmax_in", 2 * scores)
+    sm = p.alloc("softmax", 2 * scores)
+    p.free(upcast)
+    probs = p.alloc("probs", scores)
+    p.free(sm, w)
+    out = p.alloc("attn", BF16 * b * nh * c * d)
+    if c > 1:  # transpose(1, 2).contiguous() copies unless the token dimension is 1
+        av, out = out, p.alloc("attn_t", BF16 * b * nh * c * d)
+        p.free(av)
+    p.free(*reps)
+    return out, probs
+
+
+def _cache_update(p: Program, arch: Architecture, step: Step, window: int | None, k: str, v: str | None
+                  ) -> tuple[int, list[str]]:
+    """StaticLayer / StaticSlidingWindowLayer.update: (keys attended to, tensors that live until the
+    attention returns). The new keys and values go into the preallocated cache (index_copy_) or, for a
+    sliding layer past its window, into a concatenation with the cached window."""
+    b, c, nkv, d = step.batch, step.tokens, arch.num_kv_heads, arch.head_dim
+    kv_new = []
+    if window is None or step.start + c <= min(window, step.context):
+        ar = p.alloc("cache_pos", INT64 * c)
+        pos = p.alloc("cache_pos", INT64 * c)
+        p.free(ar, pos)
+        kv = step.context if window is None else min(window, step.context)
+    else:
+        kv = sliding_kv(window, step)
+        w = min(window, step.context)
+        if step.start >= w and c == 1:  # decode past the window: roll by one, write, copy back
+            roll = [p.alloc("cache_roll", BF16 * b * nkv * w * d), p.alloc("cache_roll", BF16 * b * nkv * w * d)]
+            p.free(*roll)
+            kv = w
+        elif step.start == 0:  # the first chunk already exceeds the window: attend to it as it is
+            return kv, [k] + ([v] if v else [])
+        else:
+            kv_new = [p.alloc("keys", BF16 * b * nkv * kv * d), p.alloc("values", BF16 * b * nkv * kv * d)]
+    p.free(k, v)
+    return kv, kv_new
+
+
+def _attention(p: Program, arch: Architecture, quant: str, step: Step, layer: int, x: str,
+               masks: dict, native_fp8: bool) -> tuple[str, str | None]:
+    """The self-attention module of a decoder layer: (o_proj output, attention weights kept by the caller)."""
+    b, c, rows, h = step.batch, step.tokens, step.rows, arch.hidden_size
+    nh, nkv, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
+    phi3 = arch.model_type == "phi3"
+    window = arch.layer_windows[layer]
+    qkv = None
+    if phi3:
+        qkv = linear(p, quant, rows, h, (nh + 2 * nkv) * d, native_fp8)
+        q = _rope(p, BF16 * rows * nh * d, True)
+        k = _rope(p, BF16 * rows * nkv * d, True)
+        v = None  # a view of qkv
+    else:
+        q0 = linear(p, quant, rows, h, nh * d, native_fp8)
+        k0 = linear(p, quant, rows, h, nkv * d, native_fp8)
+        v = linear(p, quant, rows, h, nkv * d, native_fp8)
+        q = _rope(p, BF16 * rows * nh * d, False)
+        k = _rope(p, BF16 * rows * nkv * d, False)
+        p.free(q0, k0)
+    kv, kept = _cache_update(p, arch, step, window, k, v)
+    mask = masks.get(window)
+    weights = None
+    if FAMILIES[arch.model_type].sdpa:
+        out = _sdpa(p, arch, step, kv, mask is not None)
+    else:
+        out, weights = _eager(p, arch, step, kv)
+    o = linear(p, quant, rows, nh * d, h, native_fp8)
+    if qkv is not None and kept and kept[0] == k:  # Phi-3's values are still a view of qkv: it goes last
+        p.free(out, q, *kept, qkv)
+    else:
+        p.free(out, qkv, q, *kept)
+    return o, weights
+
+
+def _mlp(p: Program, arch: Architecture, quant: str, rows: int, x: str, native_fp8: bool) -> str:
+    """LlamaMLP down(act(gate(x)) * up(x)) (Gemma 2 with GELU), or Phi-3's fused gate_up split in two."""
+    h, i = arch.hidden_size, arch.intermediate_size
+    if arch.model_type == "phi3":
+        gu = linear(p, quant, rows, h, 2 * i, native_fp8)
+        act = p.alloc("act", BF16 * rows * i)
+        prod = p.alloc("act_up", BF16 * rows * i)
+        p.free(act)
+        down = linear(p, quant, rows, i, h, native_fp8)
+        p.free(prod, gu)
+        return down
+    return gated_mlp(p, rows, h, i, lambda k, n: linear(p, quant, rows, k, n, native_fp8))
+
+
+def gated_mlp(p: Program, rows: int, h: int, i: int, project) -> str:
+    """down(act(gate(x)) * up(x)) with separate projections, `project(k, n)` allocating one of them: the
+    activation outlives the gate, the product the activation and up (transformers' MLPs, the engine's prefill)."""
+    gate = project(h, i)
+    act = p.alloc("act", BF16 * rows * i)
+    p.free(gate)
+    up = project(h, i)
+    prod = p.alloc("act_up", BF16 * rows * i)
+    p.free(act, up)
+    down = project(i, h)
+    p.free(prod)
+    return down
+
+
+def _moe(p: Program, arch: Architecture, quant: str, rows: int, native_fp8: bool) -> str:
+    """MixtralSparseMoeBlock: the router (bf16 logits, fp32 softmax, top-k), then transformers' default
+    grouped_mm experts (moe.py grouped_mm_experts_forward): tokens sorted by expert and gathered, one
+    grouped matmul for gate_up and one for down, fp32 routing weights, the sum over the top-k."""
+    h, i, e, k = arch.hidden_size, arch.intermediate_size, arch.num_experts, arch.experts_per_token
+    s = rows * k
+    logits = p.alloc("router", BF16 * rows * e)
+    f = p.alloc("router_fp32", FP32 * rows * e)
+    sm = p.alloc("router_softmax", FP32 * rows * e)
+    p.free(f)
+    top_v = p.alloc("topk", FP32 * rows * k)
+    top_i = p.alloc("topk", INT64 * rows * k)
+    tot = p.alloc("topk_sum", FP32 * rows)
+    p.free(tot, sm)
+    ids = p.alloc("sorted", INT64 * s)
+    perm = p.alloc("perm", INT64 * s)
+    tok = p.alloc("token", INT64 * s)
+    sel = p.alloc("gathered", BF16 * s * h)
+    p.free(tok)
+    sw = p.alloc("weights", FP32 * s)
+    hi = p.alloc("hist_in", INT32 * s)
+    hist = p.alloc("hist", INT32 * e)
+    offs = p.alloc("offsets", INT32 * e)
+    cached = expert_weights(p, quant, e * 2 * i * h)
+    gu = p.alloc("gate_up", BF16 * s * 2 * i)
+    act = p.alloc("act", BF16 * s * i)
+    prod = p.alloc("act_up", BF16 * s * i)
+    p.free(act, gu)
+    cached += expert_weights(p, quant, e * h * i)
+    down = p.alloc("down", BF16 * s * h)
+    p.free(prod)
+    wo = p.alloc("weighted", FP32 * s * h)
+    inv = p.alloc("inv_perm", INT64 * s)
+    ar = p.alloc("arange", INT64 * s)
+    p.free(ar)
+    wo2 = p.alloc("weighted", FP32 * s * h)
+    p.free(wo)
+    total = p.alloc("sum", FP32 * rows * h)
+    out = p.alloc("moe", BF16 * rows * h)
+    p.free(ids, perm, sel, sw, hi, hist, offs, down, wo2, inv, total, *cached)
+    p.free(logits, top_v, top_i)
+    return out
+
+
+def _decoder_layer(p: Program, arch: Architecture, quant: str, step: Step, layer: int, h: str, masks: dict,
+                   native_fp8: bool) -> str:
+    """One decoder layer: norms, attention, residual adds, MLP (or MoE); returns its output."""
+    fam, rows, hid = arch.model_type, step.rows, arch.hidden_size
+    x = _rms_norm(p, fam, rows, hid)
+    o, weights = _attention(p, arch, quant, step, layer, x, masks, native_fp8)
+    p.free(x)
+    if fam == "gemma2":
+        o2 = _rms_norm(p, fam, rows, hid)
+        p.free(o)
+        h1 = p.alloc("hidden", BF16 * rows * hid)
+        p.free(o2)
+        x2 = _rms_norm(p, fam, rows, hid)
+        m = _mlp(p, arch, quant, rows, x2, native_fp8)
+        p.free(x2)
+        m2 = _rms_norm(p, fam, rows, hid)
+        p.free(m)
+        h2 = p.alloc("hidden", BF16 * rows * hid)
+        p.free(m2, h1, weights)
+        return h2
+    h1 = p.alloc("hidden", BF16 * rows * hid)
+    p.free(o)
+    x2 = _rms_norm(p, fam, rows, hid)
+    m = _moe(p, arch, quant, rows, native_fp8) if arch.num_experts else _mlp(p, arch, quant, rows, x2, native_fp8)
+    p.free(x2)
+    h2 = p.alloc("hidden", BF16 * rows * hid)
+    p.free(m, h1)
+    return h2
+
+
+def transformers_forward(p: Program, arch: Architecture, quant: str, step: Step, part: Part, layers: Sequence[int],
+                         logits: bool, native_fp8: bool = True) -> str | None:
+    """One forward of the model (or of the layers one device runs) with a StaticCache, as
+    LlamaForCausalLM.forward and its siblings run it: embeddings, positions, masks and RoPE tables on the
+    first device; `layers` (the ones simulated: a run repeats the same pattern per layer); final norm and
+    (if `logits`) lm_head on the last token. On a later device, accelerate's hooks copy the hidden state
+    once and the masks, positions and RoPE tables for every layer. Returns the logits' tensor name."""
+    b, c, rows, hid = step.batch, step.tokens, step.rows, arch.hidden_size
+    mask_windows = _mask_windows(arch)
+    shared: list[str] = []
+    if part.first:
+        if arch.model_type == "gemma2":  # embeddings times sqrt(hidden)
+            e0 = p.alloc("embed", BF16 * rows * hid)
+            h = p.alloc("embed_scaled", BF16 * rows * hid)
+            p.free(e0)
+        else:
+            h = p.alloc("embed", BF16 * rows * hid)
+        pa = p.alloc("positions", INT64 * c)
+        pos = p.alloc("positions", INT64 * c)
+        p.free(pa)
+        masks = {w: _mask(p, arch, step, w) for w in mask_windows}
+        cos, sin = _rotary(p, arch, c)
+        held = [m for m in masks.values() if m]
+        # What the model's forward frees as it returns, in the order its frame clears them: Qwen2 and Gemma 2
+        # keep their masks in a dict and the embeddings and positions in mask_kwargs; the (cos, sin)
+        # tuple frees backwards.
+        shared = (held + [h, pos] if arch.model_type in ("qwen2", "gemma2") else [pos, h] + held) + [sin, cos]
+    else:
+        h = p.alloc("hidden_in", BF16 * rows * hid)
+        masks = {w: _mask_size_only(arch, step, w) for w in mask_windows}
+    inputs = h
+    for layer in layers:
+        copies = []
+        if not part.first:  # AlignDevicesHook.pre_forward: send_to_device(args, kwargs)
+            copies = [p.alloc("mask_copy", n) for n in masks.values() if n] + [
+                p.alloc("cos_copy", BF16 * c * arch.head_dim), p.alloc("sin_copy", BF16 * c * arch.head_dim),
+                p.alloc("positions_copy", INT64 * c)]
+            layer_masks = {w: ("mask_copy" if n else None) for w, n in masks.items()}
+        else:
+            layer_masks = masks
+        out = _decoder_layer(p, arch, quant, step, layer, h, layer_masks, native_fp8)
+        p.free(*copies)
+        if h != inputs or not part.first:
+            p.free(h)
+        h = out
+    if not part.last:
+        return None
+    xf = _rms_norm(p, arch.model_type, rows, hid)
+    p.free(h, *shared)
+    result = None
+    if logits:
+        result = p.alloc("logits", BF16 * b * arch.vocab_size)
+        if arch.model_type == "gemma2":  # final logit softcapping: divide, tanh, multiply
+            for label in ("logits_div", "logits_tanh", "logits_cap"):
+                nxt = p.alloc(label, BF16 * b * arch.vocab_size)
+                p.free(result)
+                result = nxt
+    p.free(xf)
+    return result
+
+
+def _mask_size_only(arch: Architecture, step: Step, window: int | None) -> int:
+    """Bytes of a mask another device built, as a later device receives it (0 when skipped)."""
+    probe = Program()
+    name = _mask(probe, arch, step, window)
+    if name is None:
+        return 0
+    return next(e[2] for e in probe.events if e[0] == "alloc" and e[1] == name)

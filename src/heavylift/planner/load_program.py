@@ -1,0 +1,211 @@
+"""from_pretrained as allocation programs: the order a checkpoint's tensors load in, transformers' allocator
+warm-up, what each quantizer allocates to quantize a weight on arrival, an MoE layer's experts stacked and
+quantized; and the caching-allocator state a device's load leaves, which the runtime's phases start from
+(memory.py). Written from transformers 5.24 (core_model_loading, modeling_utils.caching_allocator_warmup),
+bitsandbytes 0.50 and torchao 0.18; the replayed load peaks match an H100's to the megabyte
+(bench/results/plan_validation_h100_2026-11-26.json, phases.load). Pure Python: no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import Sequence
+
+from .allocator import CachingAllocator, Program, block_size, live_sizes, replayed_rounds, run
+from heavylift.model.architecture import QUANTIZABLE_ROLES, Architecture
+from heavylift.defaults import EXPERT_ROW_CHUNK_ELEMENTS, FP8_ROW_MULTIPLE, LOAD_ROW_CHUNK_ELEMENTS
+from .matmul_programs import BF16, BNB_4BIT_BLOCKSIZE, FP32, float8_rows
+from heavylift.schemes import BNB_4BIT_CODE_ENTRIES, BNB_NESTED_BLOCKSIZE, BNB_NESTED_CODE_ENTRIES
+from .forward_program import Part
+
+# transformers sizes the weights before loading them (modeling_utils.caching_allocator_warmup, from
+# get_total_byte_count): a weight it quantizes on load at its quantizer's quantized_element_size (bitsandbytes
+# 4-bit 0.5 bytes, LLM.int8 and torchao FP8 1), every other tensor at its bf16 size. It allocates that much at
+# once and frees it, so the weights then fill one cached segment.
+WARMUP_ELEMENT_BYTES = {"nf4": 0.5, "nf4-dq": 0.5, "fp4": 0.5, "int8": 1, "fp8": 1}
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """One checkpoint tensor as from_pretrained brings it in: `numel` bf16 elements in `rows` output rows,
+    quantized on arrival or kept as they are."""
+
+    numel: int
+    rows: int
+    quantized: bool
+
+
+def natural_key(name: str) -> list[tuple]:
+    """The order transformers loads checkpoint tensors in (core_model_loading.dot_natural_key): dotted parts
+    compared in turn, numbers numerically and before words, a word's trailing digits as a number."""
+    parts: list[tuple] = []
+    for part in name.split("."):
+        if part.isdigit():
+            parts.append((0, int(part)))
+            continue
+        word = part.rstrip("0123456789")
+        parts.append((1, word, int(part[len(word):])) if word != part else (1, word))
+    return parts
+
+
+def allocator_warmup(p: Program, quant: str, tensors: Sequence[Loaded]) -> None:
+    """transformers' caching_allocator_warmup: the weights' expected size allocated as one fp16 tensor and freed."""
+    per_quantized = WARMUP_ELEMENT_BYTES.get(quant, BF16)
+    warmup = sum(t.numel * (per_quantized if t.quantized else BF16) for t in tensors)
+    p.free(p.alloc("warmup", int(warmup // 2) * 2))  # torch.empty(byte_count // 2, dtype=float16)
+
+
+def load_tensors(p: Program, quant: str, tensors: Sequence[Loaded]) -> None:
+    """from_pretrained's loop over checkpoint tensors, in load order (transformers 5.24 core_model_loading), one
+    at a time (a load that quantizes is always sequential; a bf16 load's threads only reorder tensors that all
+    stay): each copied to the GPU in bf16, a linear weight then quantized (_quantize_on_load) and its bf16
+    copy freed. What stays is what quant.Scheme counts as weights."""
+    for t in tensors:
+        w = p.alloc("bf16", BF16 * t.numel)
+        if t.quantized and quant in WARMUP_ELEMENT_BYTES:
+            _quantize_on_load(p, quant, t.numel, t.rows)
+            p.free(w)
+
+
+def dense_load(p: Program, quant: str, tensors: Sequence[Loaded]) -> None:
+    """from_pretrained of a dense model's tensors on one device: the allocator warm-up, then the tensors."""
+    allocator_warmup(p, quant, tensors)
+    load_tensors(p, quant, tensors)
+
+
+def _quantize_on_load(p: Program, quant: str, numel: int, rows: int) -> None:
+    """The quantizer's op on one arrived bf16 weight, its results kept: torchao's Float8Tensor.from_hp, on
+    blocks of rows into the whole weight's storage (float8_load.py);
+    Int8Params._quantize (an fp16 copy, then int8_vectorwise_quant's row scales and int8 rows); bitsandbytes'
+    quantize_4bit (_quantize_4bit)."""
+    if quant == "fp8":  # float8_load: torchao's from_hp on a block of rows at a time
+        k = numel // rows
+        step = max(1, LOAD_ROW_CHUNK_ELEMENTS // k // FP8_ROW_MULTIPLE) * FP8_ROW_MULTIPLE
+        if step >= rows or rows % FP8_ROW_MULTIPLE:
+            float8_rows(p, rows, k)
+            return
+        pieces = [min(step, rows - start) for start in range(0, rows, step)]
+        for i, size in enumerate(replayed_rounds(pieces)):  # 208 in a 405B MLP weight
+            piece = float8_rows(p, size, k)
+            if i == 0:
+                p.alloc("qdata", numel)
+                p.alloc("scale", FP32 * rows)
+            p.free(*piece)
+        return
+    if quant == "int8":
+        f16 = p.alloc("weight_fp16", BF16 * numel)
+        p.alloc("SCB", FP32 * rows)
+        p.alloc("CB", numel)
+        p.free(f16)
+        return
+    _quantize_4bit(p, quant, numel)
+
+
+def _quantize_4bit(p: Program, quant: str, numel: int) -> None:
+    """bitsandbytes' quantize_4bit, its results kept: the absmax, the packed nibbles, the code book; with
+    double quantization the absmax shifted by its mean and quantize_blockwise'd, the dynamic code book copied
+    to the GPU twice."""
+    blocks = -(-numel // BNB_4BIT_BLOCKSIZE)
+    absmax = p.alloc("absmax", FP32 * blocks)
+    p.alloc("packed", -(-numel // 2))
+    p.alloc("code", FP32 * BNB_4BIT_CODE_ENTRIES)
+    if quant != "nf4-dq":
+        return
+    p.alloc("offset", FP32)
+    shifted = p.alloc("absmax_shifted", FP32 * blocks)
+    code = p.alloc("code2_tmp", FP32 * BNB_NESTED_CODE_ENTRIES)
+    p.alloc("absmax2", FP32 * -(-blocks // BNB_NESTED_BLOCKSIZE))
+    p.alloc("absmax_u8", blocks)
+    p.alloc("code2", FP32 * BNB_NESTED_CODE_ENTRIES)
+    p.free(code, shifted, absmax)
+
+
+def expert_load(p: Program, arch: Architecture, quant: str) -> None:
+    """One MoE layer's experts arriving through from_pretrained, which loads them one at a time (always for a
+    quantized load; heavylift turns the thread pool off for bf16 MoE loads too): each expert's checkpoint
+    tensors, their stacks (MergeModulelist) and gate and up concatenated (Concatenate; core_model_loading.py),
+    the fused tensor set in its module and quantized when the next one arrives (experts.quantized_on_arrival).
+    What the layer keeps is left allocated (later layers' tensors fit around it, as on the GPU)."""
+    h, i, e = arch.hidden_size, arch.intermediate_size, arch.num_experts
+    gates = [p.alloc("w1", BF16 * i * h) for _ in range(e)]
+    ups = [p.alloc("w3", BF16 * i * h) for _ in range(e)]
+    stacked = p.alloc("stack", BF16 * e * i * h)
+    p.free(*gates)
+    stacked_up = p.alloc("stack", BF16 * e * i * h)
+    p.free(*ups)
+    gate_up = p.alloc("gate_up_proj", BF16 * e * 2 * i * h)
+    p.free(stacked, stacked_up)
+    downs = [p.alloc("w2", BF16 * h * i) for _ in range(e)]
+    down = p.alloc("down_proj", BF16 * e * h * i)
+    p.free(*downs)
+    _quantize_expert(p, quant, gate_up, e * 2 * i, h)
+    _quantize_expert(p, quant, down, e * h, i)
+
+
+def _quantize_expert(p: Program, quant: str, source: str, rows: int, cols: int) -> None:
+    """experts._quantize_one on one fused tensor: bitsandbytes' quantize_4bit (_quantize_4bit), or
+    experts._quantize_rows a chunk at a time; the bf16 source freed once the quantized parameter replaces it."""
+    n = rows * cols
+    if quant in ("nf4", "nf4-dq", "fp4"):
+        _quantize_4bit(p, quant, n)
+    elif quant in ("int8", "fp8"):
+        p.alloc("q", n)
+        p.alloc("scale", FP32 * rows)
+        chunk = min(rows, max(1, EXPERT_ROW_CHUNK_ELEMENTS // cols)) * cols
+        f = p.alloc("rows_fp32", FP32 * chunk)
+        a = p.alloc("rows_abs", FP32 * chunk)
+        p.free(a)
+        q8 = p.alloc("rows_8bit", chunk)
+        p.free(q8, f)
+    else:
+        return  # bf16: kept as loaded
+    p.free(source)
+
+
+# --- A device's load ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoadOrder:
+    """A device's checkpoint tensors in the order from_pretrained loads them: the ones before its layers
+    (lm_head, then the embedding), one layer's (every decoder layer of a supported family has the same), and
+    the ones after (the final norm). An MoE model's (`experts`: its shape) load each layer's experts first,
+    through their own program (expert_load), without the allocator warm-up (loader._moe_loading)."""
+
+    before: tuple[Loaded, ...]
+    layer: tuple[Loaded, ...]
+    after: tuple[Loaded, ...]
+    experts: Architecture | None = None
+
+
+def load_order(arch: Architecture, part: Part) -> LoadOrder | None:
+    if not part.layers:
+        return None
+
+    def loaded(tensors) -> tuple[Loaded, ...]:
+        ordered = sorted(tensors, key=lambda t: natural_key(t.name))
+        return tuple(Loaded(t.numel, t.numel // t.shape[-1], t.role in QUANTIZABLE_ROLES) for t in ordered)
+
+    wanted = {"model.embed_tokens.weight": part.first, "model.norm.weight": part.last, "lm_head.weight": part.last}
+    globals_ = [t for t in arch.global_tensors() if wanted.get(t.name, False)]
+    layer = [t for t in arch.layer_tensors(part.layers.start) if t.fused_into is None]
+    return LoadOrder(loaded(t for t in globals_ if t.name != "model.norm.weight"), loaded(layer),
+                      loaded(t for t in globals_ if t.name == "model.norm.weight"),
+                      replace(arch, tensors=()) if arch.num_experts else None)
+
+
+@lru_cache(maxsize=256)
+def loaded_state(quant: str, order: LoadOrder, layers: int) -> tuple[CachingAllocator, int]:
+    """The allocator of a device once from_pretrained has loaded its `layers` layers (dense_load,
+    expert_load): the weights allocated, the warm-up segment and the temporaries cached around them; and the
+    weights' bytes (which the allocator's count can exceed: a block it does not split is handed out whole)."""
+    p = Program()
+    if order.experts is None:
+        dense_load(p, quant, order.before + order.layer * layers + order.after)
+    else:
+        load_tensors(p, quant, order.before)
+        for _ in range(layers):
+            expert_load(p, order.experts, quant)
+            load_tensors(p, quant, order.layer)
+        load_tensors(p, quant, order.after)
+    return run(p), sum(block_size(n) for n in live_sizes(p))

@@ -1,0 +1,178 @@
+"""What one matmul allocates, by weight storage and runtime: a piece of the allocation programs.
+
+`linear` is a decoder layer's nn.Linear as transformers runs it after heavylift's loader (bitsandbytes'
+Linear4bit / Linear8bitLt, torchao's Float8Tensor, plain bf16); `dense_linear` is the engine's prefill
+matmul (engine/ops.py); `expert_weights` is a fused MoE expert parameter read through heavylift's
+parametrizations (experts.py). Each appends to a `Program` what the code allocates and frees, in order;
+the output stays for the caller. Written from the libraries' source (transformers 5.24, bitsandbytes
+0.50, torchao 0.18); replayed over the 8B shape's forward they give the allocated peaks measured on an
+H100 for FP8, LLM.int8 and NF4-DQ to 0.1% (bench/results/plan_validation_h100_2026-11-26.json).
+Pure Python: no torch.
+"""
+
+from __future__ import annotations
+
+from .allocator import Program
+from heavylift.defaults import LLM_INT8_OUTLIER_COLUMN_FRACTION
+from heavylift.schemes import BNB_4BIT_BLOCKSIZE, FLOAT32_BYTES, UNQUANTIZED_BYTES
+
+BF16 = UNQUANTIZED_BYTES  # a bf16 / fp16 element: activations, KV cache, dequantized weights
+FP32 = FLOAT32_BYTES
+INT64 = 8
+INT32 = 4
+# bitsandbytes 4-bit matmuls (backends/cuda/ops.py gemm_4bit): up to 4 rows run its fused kernel;
+# beyond, the weight is dequantized to bf16 and multiplied (always past 512 rows; between, a per-GPU
+# heuristic decides, and the plan counts the dequantized copy).
+BNB_4BIT_FUSED_MAX_ROWS = 4
+
+
+def linear(p: Program, quant: str, rows: int, k: int, n: int, native_fp8: bool = True) -> str:
+    """y = x W^T for `rows` rows through the loaded layer of scheme `quant` (nn.Linear, bitsandbytes'
+    Linear4bit / Linear8bitLt, torchao's Float8Tensor); returns y, leaving x untouched."""
+    if quant in ("nf4", "nf4-dq", "fp4"):
+        if rows <= BNB_4BIT_FUSED_MAX_ROWS:
+            return p.alloc("linear", BF16 * rows * n)
+        extra = []  # _dequant_linear_fallback: absmax (double quant), the bf16 weight, then F.linear
+        if quant == "nf4-dq":
+            blocks = n * k // BNB_4BIT_BLOCKSIZE
+            extra += [p.alloc("absmax_dq", FP32 * blocks), p.alloc("absmax", FP32 * blocks)]
+        extra.append(p.alloc("weight_dq", BF16 * n * k))
+        y = p.alloc("linear", BF16 * rows * n)
+        p.free(*reversed(extra))
+        return y
+    if quant == "int8":
+        return _llm_int8(p, rows, k, n)
+    if quant == "fp8":
+        return _float8(p, rows, k, n) if native_fp8 else _dequantized_matmul(p, rows, k, n)
+    return p.alloc("linear", BF16 * rows * n)
+
+
+def _llm_int8(p: Program, rows: int, k: int, n: int) -> str:
+    """MatMul8bitLt.forward: an fp16 copy of x quantized row-wise to int8 while its outlier columns are
+    found, those columns multiplied in bf16 against dequantized weight columns (int8_mixed_scaled_mm),
+    the int8 product in int32, dequantized to fp16 and then bf16."""
+    a16 = p.alloc("x_fp16", BF16 * rows * k)
+    stats = p.alloc("row_stats", FP32 * rows)
+    ca = p.alloc("x_int8", rows * k)
+    absx = p.alloc("abs", BF16 * rows * k)
+    over = p.alloc("outliers", rows * k)
+    p.free(absx)
+    cols = int(k * LLM_INT8_OUTLIER_COLUMN_FRACTION)
+    idx = None
+    if cols:
+        any_cols = p.alloc("any_cols", k)
+        idx = p.alloc("outlier_cols", INT64 * cols)
+        p.free(any_cols)
+    p.free(over, a16)
+    sub_a = sub_b = None
+    if cols:  # A[:, cols] in bf16; CB[:, cols] * stats / 127 in fp32, then bf16
+        sub_a = p.alloc("sub_a", BF16 * rows * cols)
+        cb = p.alloc("cb_cols", n * cols)
+        d1 = p.alloc("dequant", FP32 * n * cols)
+        d2 = p.alloc("dequant", FP32 * n * cols)
+        p.free(d1, cb)
+        sub_b = p.alloc("sub_b", BF16 * n * cols)
+        p.free(d2)
+    i32 = p.alloc("int32", INT32 * rows * n)
+    f16 = p.alloc("fp16", BF16 * rows * n)
+    y = p.alloc("linear", BF16 * rows * n)
+    p.free(f16, i32)
+    if cols:
+        y2 = p.alloc("linear", BF16 * rows * n)  # output.addmm(subA, subB)
+        p.free(y, sub_b)
+        y = y2
+    p.free(sub_a, ca, stats, idx)
+    return y
+
+
+def float8_rows(p: Program, rows: int, k: int) -> tuple[str, str]:
+    """torchao's Float8Tensor.from_hp, per row (_choose_scale_float8 and _quantize_affine_float8): |x| and
+    its row maxima in the input's bf16, the fp32 scale, then x in fp32, scaled and clamped before the cast
+    to float8. Returns (the float8 rows, their fp32 scales); the temporaries are freed."""
+    absx = p.alloc("abs", BF16 * rows * k)
+    amax = p.alloc("amax", BF16 * rows)
+    p.free(absx)
+    div = p.alloc("scale", BF16 * rows)
+    scale = p.alloc("scale_fp32", FP32 * rows)
+    p.free(amax, div)
+    x32 = p.alloc("x_fp32", FP32 * rows * k)
+    xs = p.alloc("x_scaled", FP32 * rows * k)
+    xc = p.alloc("x_clamped", FP32 * rows * k)
+    q8 = p.alloc("x_fp8", rows * k)
+    p.free(x32, xs, xc)
+    return q8, scale
+
+
+def _float8(p: Program, rows: int, k: int, n: int) -> str:
+    """torchao Float8Tensor linear: a per-row dynamic activation scale (float8_rows), then torch._scaled_mm
+    to bf16."""
+    q8, scale = float8_rows(p, rows, k)
+    y = p.alloc("linear", BF16 * rows * n)
+    p.free(q8, scale)
+    return y
+
+
+def _dequantized_matmul(p: Program, rows: int, k: int, n: int) -> str:
+    """A weight dequantized in fp32 (cast, scaled) to bf16, then one bf16 matmul: torchao FP8 storage without
+    FP8 tensor cores, and the engine's INT8 (and FP8 without them) prefill."""
+    w32 = p.alloc("w_fp32", FP32 * n * k)
+    ws = p.alloc("w_scaled", FP32 * n * k)
+    p.free(w32)
+    w = p.alloc("w_bf16", BF16 * n * k)
+    p.free(ws)
+    y = p.alloc("linear", BF16 * rows * n)
+    p.free(w)
+    return y
+
+
+def dense_linear(p: Program, quant: str, rows: int, k: int, n: int, native_fp8: bool) -> str:
+    """ops.dense_linear: bf16 weights used as they are; NF4 dequantized by bitsandbytes to bf16 (double
+    quant's absmax first); FP8 rows scaled per token to FP8 in fp32 and multiplied on the FP8 tensor
+    cores (torch._scaled_mm); INT8, and FP8 without FP8 tensor cores, dequantized in fp32 to bf16."""
+    if quant in ("bf16", "fp16"):
+        return p.alloc("linear", BF16 * rows * n)
+    if quant in ("nf4", "nf4-dq", "fp4"):
+        absmax = p.alloc("absmax", FP32 * (n * k // BNB_4BIT_BLOCKSIZE)) if quant == "nf4-dq" else None
+        w = p.alloc("weight_bf16", BF16 * n * k)
+        p.free(absmax)
+        y = p.alloc("linear", BF16 * rows * n)
+        p.free(w)
+        return y
+    if quant == "fp8" and native_fp8 and k % 16 == 0 and n % 16 == 0:
+        xf = p.alloc("x_fp32", FP32 * rows * k)
+        ab = p.alloc("abs", FP32 * rows * k)
+        p.free(xf)
+        amax = p.alloc("amax", FP32 * rows)
+        p.free(ab)
+        div = p.alloc("scale", FP32 * rows)
+        p.free(amax)
+        xs = p.alloc("scale", FP32 * rows)
+        p.free(div)
+        xf = p.alloc("x_fp32", FP32 * rows * k)
+        xd = p.alloc("x_scaled", FP32 * rows * k)
+        p.free(xf)
+        xq = p.alloc("x_fp8", rows * k)
+        p.free(xd)
+        y = p.alloc("linear", BF16 * rows * n)
+        p.free(xq, xs)
+        return y
+    return _dequantized_matmul(p, rows, k, n)
+
+
+def expert_weights(p: Program, quant: str, numel: int) -> list[str]:
+    """One fused expert parameter read through heavylift's parametrization (experts.py): bitsandbytes'
+    4-bit dequantize (double quant's absmax first), or the 8-bit rows in fp32 times their scales, cast to
+    bf16. Cached until the experts' forward returns; bf16 experts are read in place."""
+    if quant in ("nf4", "nf4-dq", "fp4"):
+        tmp = [p.alloc("absmax", FP32 * (numel // BNB_4BIT_BLOCKSIZE))] if quant == "nf4-dq" else []
+        w = p.alloc("experts_bf16", BF16 * numel)
+        p.free(*tmp)
+        return [w]
+    if quant in ("int8", "fp8"):
+        f = p.alloc("experts_fp32", FP32 * numel)
+        s = p.alloc("experts_scaled", FP32 * numel)
+        p.free(f)
+        w = p.alloc("experts_bf16", BF16 * numel)
+        p.free(s)
+        return [w]
+    return []

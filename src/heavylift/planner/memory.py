@@ -1,0 +1,320 @@
+"""Memory a run needs besides its weights, per device: KV cache, fixed runtime buffers, and what the
+caching allocator reserves for everything transient.
+
+The transient part is not a formula: the run's allocation programs (forward_program.py: transformers'
+forward with a static cache, or heavylift's engine) are replayed through the caching-allocator model
+(allocator.py), phase by phase as heavylift.Session runs them (session.py calls empty_cache() before each
+transformers prefill chunk, between the engine's sequences and before decoding), from the state the load
+leaves: from_pretrained (load_program.py) puts the weights among cached blocks
+of transformers' allocator warm-up and of the quantizers' temporaries, which later phases reuse or cannot.
+Which engine runs is an input (`Workload.engine`): the plan
+describes the one that runs. Pure: no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import Iterable, Sequence
+
+from .allocator import CachingAllocator, Program, block_size, live_sizes, peak_live, replay, run
+from heavylift.model.architecture import Architecture
+from heavylift.defaults import CUDA_CONTEXT_BYTES, LLM_INT8_CONTEXT_BYTES, MiB, PREFILL_CHUNK_TOKENS
+from .engine_program import decode_uses_kernels, engine_decode_step, engine_prefill
+from .load_program import LoadOrder, expert_load, load_order, loaded_state
+from .matmul_programs import BF16, FP32, INT32, INT64
+from .forward_program import Part, Step, sliding_kv, transformers_forward
+
+# The two runtimes a plan can describe (heavylift.engine's --engine values, without "auto": the session
+# resolves auto to one of these before planning; tests/planner/test_planner.py holds them to heavylift.engine's).
+FAST, TRANSFORMERS = "fast", "transformers"
+ENGINES = (FAST, TRANSFORMERS)
+
+# cuBLAS takes a workspace from the caching allocator for every stream it runs on, kept for the
+# process's life: 32 MiB on compute capability 9.0 (":4096:8"), else 8 MiB + 128 KiB (":4096:2:16:8";
+# torch CublasHandlePool.cpp, getChosenWorkspaceSize). cuBLASLt shares it. Measured on the H100 runs of
+# bench/results/plan_validation_h100_2026-11-26.json: the allocated peak is the tensors plus 32 MiB.
+CUBLAS_WORKSPACE_HOPPER_BYTES = 32 * MiB
+CUBLAS_WORKSPACE_BYTES = 8 * MiB + 128 * 1024
+HOPPER = (9, 0)
+# Decoder layers replayed per forward. On transformers every layer of a device repeats one allocation
+# pattern and the allocator's blocks settle within the first two (Gemma 2's alternating windows included):
+# two give the reserve of every layer in all 98 device-cases of bench/validate_plan.py's matrix. The engine
+# keeps each chunk's blocks for the next, so its reserve can move with the layer count (up to 1.6% of its
+# transient bytes in that matrix with four): a device's own plan replays all its layers; the searches for
+# a split or for advice replay four.
+SIMULATED_LAYERS = {TRANSFORMERS: 2, FAST: 4}
+# Sampling a token (sampling.py Sampling.choose at temperature > 0): the logits in fp32, divided by the
+# temperature, and their softmax; two fp32 [batch, vocab] copies live at once.
+SAMPLING_FP32_COPIES = 2
+
+# --- The fast engine's fixed buffers (engine/model.py, engine/ops.py) ---------------------------------
+# Split-K attention of a decode step: partial outputs and maxima per split; ops.decode_splits caps the
+# splits at 64 (fewer on GPUs with fewer multiprocessors, which the GPU catalog does not record).
+ENGINE_DECODE_SPLITS_MAX = 64
+# The first decode step autotunes the Triton GEMV kernels on a side stream; triton.testing.do_bench
+# clears the L2 cache with a 256 MiB buffer (backends/nvidia/driver.py get_empty_cache_for_benchmark),
+# which the allocator keeps cached for that stream afterwards. The captured graph keeps a private pool
+# for what the step allocates, the warm-up's side stream its own; cuBLAS takes a workspace in each.
+TRITON_BENCH_BUFFER_BYTES = 256 * MiB
+
+
+@dataclass(frozen=True)
+class RuntimeTerms:
+    """One device's memory besides its weights."""
+
+    kv_cache_bytes: int
+    transient_bytes: int  # what the allocator reserves beyond the KV cache and buffers at the run's peak
+    buffer_bytes: int  # fixed allocations: cuBLAS workspaces, the engine's tables, decode buffers, pools
+    context_bytes: int  # outside the allocator: CUDA context, cuBLAS handles, loaded kernels
+
+    @property
+    def overhead_bytes(self) -> int:
+        return self.buffer_bytes + self.context_bytes
+
+
+def kv_bytes_per_token(arch: Architecture, kv_dtype_bytes: int) -> int:
+    """Keys and values of one token in one layer."""
+    return 2 * arch.num_kv_heads * arch.head_dim * kv_dtype_bytes
+
+
+def kv_cache_bytes(arch: Architecture, layers: Iterable[int], context: int, batch: int, kv_dtype_bytes: int,
+                   engine: str = TRANSFORMERS) -> int:
+    """The static KV cache of these layers for `batch` sequences of `context` tokens.
+
+    transformers' StaticCache gives a sliding-window layer min(window, context) positions
+    (StaticSlidingWindowLayer); the engine gives every layer the full context.
+    """
+    per_token = kv_bytes_per_token(arch, kv_dtype_bytes)
+    if engine == FAST:
+        return sum(per_token * context * batch for _ in layers)
+    return sum(per_token * min(context, arch.layer_windows[i] or context) * batch for i in layers)
+
+
+def prefill_chunk(context: int) -> int:
+    """Tokens of one prefill step: heavylift prefills long prompts in chunks."""
+    return min(context, PREFILL_CHUNK_TOKENS)
+
+
+def cublas_workspace_bytes(compute_capability: tuple[int, int] | None) -> int:
+    """A device's cuBLAS workspace per stream; a card of unknown capability gets Hopper's larger one."""
+    return CUBLAS_WORKSPACE_BYTES if compute_capability and tuple(compute_capability) != HOPPER \
+        else CUBLAS_WORKSPACE_HOPPER_BYTES
+
+
+def simulated_layers(arch: Architecture, layers: range, count: int) -> tuple[int, ...]:
+    """The layers of a device replayed per forward: its first `count`, plus one of each window beyond them."""
+    chosen = list(layers[:count])
+    seen = {arch.layer_windows[i] for i in chosen}
+    for i in layers[count:]:
+        if arch.layer_windows[i] not in seen:
+            chosen.append(i)
+            seen.add(arch.layer_windows[i])
+    return tuple(chosen)
+
+
+def _cache_key(arch: Architecture) -> Architecture:
+    """The architecture without its tensor list, which the allocation programs never read: hashing
+    a 405B model's thousands of tensor specs on every plan would cost more than the replay it saves."""
+    return replace(arch, tensors=())
+
+
+@dataclass(frozen=True)
+class _Device:
+    """What of a device the runtime terms depend on."""
+
+    cuda: bool
+    compute_capability: tuple[int, int] | None
+    native_fp8: bool
+
+
+def runtime_terms(arch: Architecture, quant: str, engine: str, context: int, batch: int, kv_dtype_bytes: int,
+                  device, part: Part, every_layer: bool = False) -> RuntimeTerms:
+    """KV cache, transients, buffers and context of one device (a hardware.Device) running `part` of the
+    model in scheme `quant` on `engine`; `every_layer` replays all its layers where the engine's reserve
+    depends on them (a device's final plan)."""
+    dev = _Device(device.kind == "cuda", tuple(device.compute_capability) if device.compute_capability else None,
+                  bool(device.native_fp8))
+    count = len(part.layers) if every_layer and engine == FAST else SIMULATED_LAYERS[engine]
+    return _terms(_cache_key(arch), quant, engine, context, batch, kv_dtype_bytes, dev, part.layers.start,
+                  part.layers.stop, part.first, part.last, count, load_order(arch, part))
+
+
+def clear_caches() -> None:
+    """Forget every replayed program: the next plan computes its terms from scratch (bench/plan_speed.py)."""
+    for cached in (_terms, loaded_state, _cpu_load_peak):
+        cached.cache_clear()
+
+
+def _context_bytes(quant: str, engine: str, dev: _Device) -> int:
+    if not dev.cuda:
+        return 0
+    return LLM_INT8_CONTEXT_BYTES if quant == "int8" and engine == TRANSFORMERS else CUDA_CONTEXT_BYTES
+
+
+@lru_cache(maxsize=4096)
+def _terms(arch: Architecture, quant: str, engine: str, context: int, batch: int, kvb: int, dev: _Device,
+           start: int, stop: int, first: bool, last: bool, count: int, order: LoadOrder | None) -> RuntimeTerms:
+    part = Part(range(start, stop), first, last)
+    kv = kv_cache_bytes(arch, part.layers, context, batch, kvb, engine)
+    if not part.layers:
+        return RuntimeTerms(0, 0, 0, 0)
+    build = _engine_phases if engine == FAST else _transformers_phases
+    tensors, phases = build(arch, quant, context, batch, kvb, dev, part, simulated_layers(arch, part.layers, count))
+    persistent = sum(block_size(n) for _, n in tensors if n > 0)
+    if dev.cuda:
+        # The runtime starts where the load left the allocator (_after_load); its reserve is the most the
+        # device held at any point, weights included, less the weights.
+        loaded, weights = loaded_state(quant, order, stop - start)
+        state = _after_load(loaded, tensors, engine)
+        held = max(loaded.peak_reserved, state.peak_reserved,
+                   *(replay(p, state).peak_reserved + other_pools for p, other_pools in phases))
+        reserved = held - weights
+    else:
+        reserved = max(persistent + max(peak_live(p) for p, _ in phases), _cpu_load_peak(arch, quant, stop - start))
+    return RuntimeTerms(kv, max(0, reserved - persistent), persistent - kv, _context_bytes(quant, engine, dev))
+
+
+def _after_load(loaded: CachingAllocator, tensors: list[tuple[str, int]], engine: str) -> CachingAllocator:
+    """The allocator when the first phase starts: the engine allocates its tables and KV cache right after
+    loading, into what the load left cached; then Session's _start_phase gives wholly free segments back,
+    makes the cuBLAS workspace and empties the cache again (transformers allocates its StaticCache and the
+    prompt's ids only after that)."""
+    p = Program()
+    runtime = [(label, n) for label, n in tensors if label != "cublas_workspace"]
+    workspace = [n for label, n in tensors if label == "cublas_workspace"]
+    if engine == FAST:
+        for label, n in runtime:
+            p.alloc(label, n)
+    p.empty_cache()
+    for n in workspace:
+        p.alloc("cublas_workspace", n)
+    p.empty_cache()
+    if engine != FAST:
+        for label, n in runtime:
+            p.alloc(label, n)
+    return run(p, loaded)
+
+
+@lru_cache(maxsize=256)
+def _cpu_load_peak(arch: Architecture, quant: str, layers: int) -> int:
+    """On a CPU (no caching allocator keeps blocks), what loading `layers` layers holds beyond their weights
+    at its peak: each MoE layer's experts arriving and being quantized in turn (load_program.expert_load).
+    Nothing for a dense model, whose tensors go to RAM and are quantized one at a time."""
+    if not arch.num_experts:
+        return 0
+    p = Program()
+    for _ in range(layers):
+        expert_load(p, arch, quant)
+    return peak_live(p) - sum(live_sizes(p))
+
+
+def _kv_tensors(arch: Architecture, layers: Sequence[int], context: int, batch: int, kvb: int, engine: str
+                ) -> list[tuple[str, int]]:
+    per = arch.num_kv_heads * arch.head_dim * kvb * batch
+    out = []
+    for i in layers:
+        positions = context if engine == FAST else min(context, arch.layer_windows[i] or context)
+        out += [("keys", per * positions), ("values", per * positions)]
+    return out
+
+
+def _sampling(p: Program, batch: int, vocab: int) -> None:
+    """Sampling.choose on the last logits: fp32 copies, then the token ids."""
+    copies = [p.alloc("sample", FP32 * batch * vocab) for _ in range(SAMPLING_FP32_COPIES)]
+    tok = p.alloc("token", INT64 * batch)
+    p.free(*copies)
+    p.free(tok)
+
+
+# --- transformers -------------------------------------------------------------------------------------
+
+def _transformers_phases(arch: Architecture, quant: str, context: int, batch: int, kvb: int, dev: _Device,
+                         part: Part, layers: Sequence[int]) -> tuple[list[tuple[str, int]], list[tuple[Program, int]]]:
+    """Session.steps on transformers: (the tensors it keeps: cuBLAS workspace, the StaticCache, the prompt
+    ids; the phases after them, each after empty_cache(): every kind of prefill chunk, then a decode step).
+    A middle chunk like the last one, which adds only the logits, is left to the last."""
+    persistent = ([("cublas_workspace", cublas_workspace_bytes(dev.compute_capability))] if dev.cuda else []) \
+        + _kv_tensors(arch, part.layers, context, batch, kvb, TRANSFORMERS) \
+        + ([("prompt_ids", INT64 * batch * context)] if part.first and dev.cuda else [])
+    kinds: dict[tuple, Step] = {}
+    chunk = prefill_chunk(context)
+    windows = sorted({w for w in arch.layer_windows if w})
+    for start in range(0, context, chunk):
+        step = Step(batch, min(chunk, context - start), start, context)
+        last = start + chunk >= context
+        kinds.setdefault((step.tokens, start == 0, last, tuple(sliding_kv(w, step) for w in windows)), step)
+    kinds = {k: v for k, v in kinds.items() if k[2] or k[1] or (k[0], False, True, k[3]) not in kinds}
+    phases = []
+    for (_, _, last, _), step in kinds.items():
+        p = Program()
+        transformers_forward(p, arch, quant, step, part, layers, logits=last, native_fp8=dev.native_fp8)
+        phases.append((p, 0))
+    p = Program()
+    previous = p.alloc("logits", BF16 * batch * arch.vocab_size) if part.last else None
+    if part.last:
+        _sampling(p, batch, arch.vocab_size)
+    transformers_forward(p, arch, quant, Step(batch, 1, context - 1, context), part, layers, logits=True,
+                         native_fp8=dev.native_fp8)
+    p.free(previous)
+    phases.append((p, 0))
+    return persistent, phases
+
+
+# --- heavylift's engine -------------------------------------------------------------------------------
+
+def _engine_phases(arch: Architecture, quant: str, context: int, batch: int, kvb: int, dev: _Device,
+                   part: Part, layers: Sequence[int]) -> tuple[list[tuple[str, int]], list[tuple[Program, int]]]:
+    """Session.steps on the engine: (the tensors it keeps: RoPE tables, the static KV cache, the cuBLAS
+    workspace; its phases: one sequence's prefill, every chunk of it (the engine caches its blocks between
+    them), after the earlier sequences' logits; then, after empty_cache(), the decode buffers and a step,
+    with what the warm-up side stream and the captured graph keep in their own pools)."""
+    h, nh, nkv, d, v = arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.vocab_size
+    workspace = cublas_workspace_bytes(dev.compute_capability) if dev.cuda else 0
+    # weights.from_linear shares every weight's storage but divides LLM.int8's row scales by 127: a new
+    # fp32 scale per output row of each linear.
+    scales = [("int8_scale", FP32 * n) for _ in part.layers for n in (nh * d, nkv * d, nkv * d, h,
+              arch.intermediate_size, arch.intermediate_size, h)] if quant == "int8" else []
+    persistent = scales + [("rope_cos", BF16 * context * d // 2), ("rope_sin", BF16 * context * d // 2)] \
+        + _kv_tensors(arch, part.layers, context, batch, kvb, FAST) + [("seq_len", INT32 * batch)] \
+        + ([("cublas_workspace", workspace)] if dev.cuda else [])
+    p = Program()
+    if part.last:
+        for _ in range(batch - 1):
+            p.alloc("slot_logits", FP32 * v)
+    engine_prefill(p, arch, quant, context, prefill_chunk(context), layers, part, dev.native_fp8, dev.cuda)
+    if part.last:
+        p.alloc("logits_cat", FP32 * batch * v)
+    prefill = p
+    splits = ENGINE_DECODE_SPLITS_MAX
+    buffers = [("hidden", BF16 * batch * h)] * 3 + [
+        ("qkv", BF16 * batch * (nh + 2 * nkv) * d), ("q", BF16 * batch * nh * d), ("attn", BF16 * batch * nh * d),
+        ("act", BF16 * batch * arch.intermediate_size), ("slots", INT32 * batch),
+        ("o_part", FP32 * batch * nh * splits * d), ("m_part", FP32 * batch * nh * splits),
+        ("l_part", FP32 * batch * nh * splits)]
+    if part.first:
+        buffers.append(("tokens", INT64 * batch))
+    if part.last:
+        buffers += [("final", BF16 * batch * h), ("logits", BF16 * batch * v)]
+    p = Program()
+    previous = p.alloc("logits", FP32 * batch * v) if part.last else None
+    if part.last:
+        _sampling(p, batch, v)
+    for label, n in buffers:  # Engine._buffers, on the first decode step
+        p.alloc(label, n)
+    step = Program()
+    engine_decode_step(step, arch, quant, batch, layers, part, dev.native_fp8)
+    cublas = part.last or not decode_uses_kernels(quant, batch)  # lm_head's torch.mm, TorchOps' F.linear
+    if not part.first:  # the warm-up runs here on the default stream (its side stream is the first device's)
+        p.extend(step)
+    if part.last:
+        p.alloc("logits", FP32 * batch * v)  # st["logits"].float()
+        p.free(previous)
+    decode = p
+    pools = 0  # what the first decode step leaves in pools of its own, which the default stream never reuses
+    if dev.cuda:
+        graph = replay(step).peak_reserved + (workspace if cublas else 0)  # the captured graph's private pool
+        pools += graph
+        if part.first:  # the warm-up's side stream, where Triton autotunes with its L2-flush buffer
+            pools += graph + (TRITON_BENCH_BUFFER_BYTES if decode_uses_kernels(quant, batch) else 0)
+    return persistent, [(prefill, 0), (decode, pools)]

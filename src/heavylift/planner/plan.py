@@ -1,0 +1,253 @@
+"""The memory plan: for each precision, what every device holds, whether it fits, and how fast it can decode.
+
+Pure: an Architecture and a tuple of Devices in, frozen dataclasses out. No torch, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import cached_property
+from typing import Mapping, Sequence
+
+from heavylift.model.architecture import Architecture, Role
+from heavylift.defaults import PCIE_BANDWIDTH_BYTES_S
+from heavylift.errors import InvalidArgumentError
+from heavylift.hardware.gpus import Device
+from .memory import ENGINES, TRANSFORMERS, RuntimeTerms, kv_cache_bytes, runtime_terms
+from .placement import Costs, Split, balance, fill_with_offload, fits_with_margin
+from heavylift.schemes import KV_DTYPES, SCHEMES, Scheme, fidelity_order
+from .forward_program import Part
+
+
+@dataclass(frozen=True)
+class Workload:
+    context: int  # tokens per sequence: prompt + generation
+    batch: int
+    kv_dtype: str = "bf16"
+    reserve_bytes: int = 0  # headroom left free on every device
+    allow_offload: bool = False
+    engine: str = TRANSFORMERS  # the runtime the plan describes: memory.FAST (heavylift's engine) or TRANSFORMERS
+
+    def __post_init__(self) -> None:
+        for name in ("context", "batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise InvalidArgumentError(f"--{name} must be a positive whole number, not {value!r}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise InvalidArgumentError(f"--kv-dtype must be one of {', '.join(KV_DTYPES)}, not {self.kv_dtype!r}")
+        if self.reserve_bytes < 0:
+            raise InvalidArgumentError("--reserve must not be negative")
+        if self.engine not in ENGINES:
+            raise InvalidArgumentError(f"the plan's engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    device: Device
+    layers: range  # decoder layers held; empty when the device is unused
+    weights_bytes: int
+    kv_cache_bytes: int
+    activation_bytes: int
+    overhead_bytes: int
+    capacity_bytes: int  # memory the plan may fill: the device's memory less the reserve
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes + self.activation_bytes + self.overhead_bytes
+
+    @property
+    def free_bytes(self) -> int:
+        return self.capacity_bytes - self.total_bytes
+
+
+@dataclass(frozen=True)
+class SchemePlan:
+    quant: str
+    per_device: tuple[DevicePlan, ...]
+    offload: DevicePlan | None  # layers left in CPU RAM, only with allow_offload
+    decode_tok_s_upper_bound: float
+    advice: tuple[str, ...] = ()
+    engine: str = TRANSFORMERS  # the runtime these figures describe: memory.FAST or TRANSFORMERS
+
+    @property
+    def fits(self) -> bool:
+        return all(d.free_bytes >= 0 for d in self.per_device)
+
+    @property
+    def offload_bytes(self) -> int:
+        return self.offload.weights_bytes + self.offload.kv_cache_bytes if self.offload else 0
+
+    def _sum(self, field: str) -> int:
+        parts = self.per_device + ((self.offload,) if self.offload else ())
+        return sum(getattr(d, field) for d in parts)
+
+    @property
+    def weights_bytes(self) -> int:
+        return self._sum("weights_bytes")
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self._sum("kv_cache_bytes")
+
+    @property
+    def activation_bytes(self) -> int:
+        return self._sum("activation_bytes")
+
+    @property
+    def overhead_bytes(self) -> int:
+        return self._sum("overhead_bytes")
+
+    @property
+    def total_bytes(self) -> int:
+        return self._sum("total_bytes")
+
+    @property
+    def tightest(self) -> DevicePlan:
+        used = [d for d in self.per_device if d.layers] or list(self.per_device)
+        return min(used, key=lambda d: d.free_bytes)
+
+
+class _Layout:
+    """Byte counts of one architecture under one scheme, computed once and reused by every search."""
+
+    def __init__(self, arch: Architecture, scheme: Scheme):
+        self.arch, self.scheme = arch, scheme
+        self.layer_weights = tuple(scheme.weights_bytes(arch.layer_tensors(i)) for i in range(arch.num_layers))
+        by_role = {r: scheme.weights_bytes(t for t in arch.global_tensors() if t.role == r) for r in Role}
+        self.embedding = by_role[Role.EMBEDDING]
+        self.head = by_role[Role.NORM] + by_role[Role.LM_HEAD]
+
+    def terms(self, device: Device, work: Workload, part: Part, every_layer: bool = False) -> RuntimeTerms:
+        return runtime_terms(self.arch, self.scheme.name, work.engine, work.context, work.batch,
+                             KV_DTYPES[work.kv_dtype], device, part, every_layer)
+
+    def costs(self, devices: Sequence[Device], work: Workload) -> tuple[Costs, tuple[int, ...]]:
+        """Bytes per layer (weights + KV), with the embeddings and the head, and each device's fixed cost.
+
+        A device's transients and buffers depend on whether it runs the model's start (embeddings, masks)
+        and end (final norm, logits): device 0 is costed as the start, later devices as the middle, and
+        what running the end adds travels with the last layer. device_plan recounts each device exactly.
+        """
+        kvb = KV_DTYPES[work.kv_dtype]
+        arch, n = self.arch, self.arch.num_layers
+        per_layer = tuple(w + kv_cache_bytes(arch, [i], work.context, work.batch, kvb, work.engine)
+                          for i, w in enumerate(self.layer_weights))
+        everything = range(n)
+
+        def fixed(device: Device, first: bool, last: bool) -> int:
+            t = self.terms(device, work, Part(everything, first, last))
+            return t.transient_bytes + t.overhead_bytes
+
+        if len(devices) == 1:
+            device_fixed = (fixed(devices[0], True, True),)
+            end = 0
+        else:
+            device_fixed = tuple(fixed(d, i == 0, False) for i, d in enumerate(devices))
+            end = max(0, fixed(devices[-1], False, True) - fixed(devices[-1], False, False))
+        capacities = tuple(d.memory_bytes - work.reserve_bytes for d in devices)
+        return Costs(per_layer, self.embedding, self.head + end, device_fixed), capacities
+
+    def fits(self, devices: Sequence[Device], work: Workload) -> bool:
+        """Whether some split leaves every device a margin of at least zero (one greedy pass)."""
+        costs, capacities = self.costs(devices, work)
+        return fits_with_margin(costs, capacities, 0)
+
+    def split(self, devices: Sequence[Device], work: Workload) -> tuple[Split, tuple[int, ...]]:
+        costs, capacities = self.costs(devices, work)
+        if work.allow_offload and not fits_with_margin(costs, capacities, 0):
+            return fill_with_offload(costs, capacities), capacities
+        return balance(costs, capacities), capacities
+
+    def device_plan(self, device: Device, run: range, capacity: int, work: Workload) -> DevicePlan:
+        n = self.arch.num_layers
+        if not run:
+            return DevicePlan(device, run, 0, 0, 0, 0, capacity)
+        has_first, has_last = 0 in run, n - 1 in run
+        weights = (sum(self.layer_weights[i] for i in run) + (self.embedding if has_first else 0)
+                   + (self.head if has_last else 0))
+        t = self.terms(device, work, Part(run, has_first, has_last), every_layer=True)
+        return DevicePlan(device, run, weights, t.kv_cache_bytes, t.transient_bytes, t.overhead_bytes, capacity)
+
+    def plan(self, devices: Sequence[Device], work: Workload) -> SchemePlan:
+        split, capacities = self.split(devices, work)
+        per_device = tuple(self.device_plan(d, r, c, work) for d, r, c in zip(devices, split.layers, capacities))
+        offload = None
+        if split.offloaded:
+            cpu = replace(devices[0], index=-1, name="cpu (offload)", kind="cpu",
+                          bandwidth_bytes_s=PCIE_BANDWIDTH_BYTES_S)
+            offload = self.device_plan(cpu, split.offloaded, 0, work)
+            offload = replace(offload, activation_bytes=0, overhead_bytes=0)
+        return SchemePlan(self.scheme.name, per_device, offload, self.decode_upper_bound(per_device, offload, work),
+                          engine=work.engine)
+
+    def decode_upper_bound(self, per_device: Sequence[DevicePlan], offload: DevicePlan | None,
+                           work: Workload) -> float:
+        """Batch-1 tokens/s if every byte read per token moved at full bandwidth: each device reads its
+        weights (a single row of an untied embedding table) and one sequence's KV cache at full context;
+        offloaded layers cross PCIe every token."""
+        seconds = 0.0
+        for d in per_device + ((offload,) if offload else ()):
+            if not d.layers:
+                continue
+            read = d.weights_bytes + d.kv_cache_bytes // work.batch
+            if 0 in d.layers and not self.arch.tie_word_embeddings:
+                read -= self.embedding
+            seconds += read / d.device.bandwidth_bytes_s
+        return 1.0 / seconds if seconds else 0.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    architecture: Architecture
+    devices: tuple[Device, ...]
+    workload: Workload
+    schemes: tuple[SchemePlan, ...]
+    recommended: str | None
+
+    @property
+    def context(self) -> int:
+        return self.workload.context
+
+    @property
+    def batch(self) -> int:
+        return self.workload.batch
+
+    def scheme(self, quant: str) -> SchemePlan:
+        for s in self.schemes:
+            if s.quant == quant:
+                return s
+        raise KeyError(quant)
+
+    @cached_property
+    def _json(self) -> dict:
+        from heavylift.report.table import plan_to_json  # the JSON contract lives in one module
+
+        return plan_to_json(self)
+
+    def to_json(self) -> dict:
+        return self._json
+
+
+def layout(arch: Architecture, quant: str) -> _Layout:
+    return _Layout(arch, SCHEMES[quant])
+
+
+def make_plan(model: str, arch: Architecture, devices: Sequence[Device], work: Workload,
+              quants: Sequence[str], engines: Mapping[str, str] | None = None) -> Plan:
+    """Plan every requested scheme, attach advice, and pick the most faithful scheme that fits. `engines`
+    gives a scheme's runtime where it differs from the workload's (runtimes.planned_runtime per precision)."""
+    from .advice import advise  # advice re-plans variations of this plan
+
+    devices = tuple(devices)
+    layouts = {q: layout(arch, q) for q in quants}
+    works = {q: replace(work, engine=(engines or {}).get(q, work.engine)) for q in quants}
+    plans = {q: lay.plan(devices, works[q]) for q, lay in layouts.items()}
+    native_fp8 = all(d.native_fp8 for d in devices)
+    order = fidelity_order(native_fp8, all(d.bf16_supported for d in devices))
+    fitting = [q for q in order if q in plans and plans[q].fits and not plans[q].offload]
+    schemes = tuple(replace(plans[q], advice=advise(layouts[q], plans, devices, works[q], order)) for q in quants)
+    runtimes = {w.engine for w in works.values()}
+    if len(runtimes) == 1:  # the plan's workload names the runtime when every scheme has the same
+        work = replace(work, engine=runtimes.pop())
+    return Plan(model, arch, devices, work, schemes, fitting[0] if fitting else None)

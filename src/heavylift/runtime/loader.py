@@ -1,0 +1,206 @@
+"""Load a checkpoint exactly as a plan says: its precision, its device map, nothing on CPU or disk by surprise."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from heavylift.model.architecture import Architecture
+from heavylift.errors import CheckpointError, OffloadError
+from heavylift.planner.plan import SchemePlan
+
+CPU, DISK = "cpu", "disk"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where each top-level module goes: a torch device string ('cuda:0', 'cpu')."""
+
+    modules: Mapping[str, str]
+    offloaded: frozenset[str]  # modules the plan itself leaves in CPU RAM (--allow-offload)
+
+
+def runtime_device(index: int) -> str:
+    """The torch device that executes plan device `index`: its GPU, or the CPU on a machine without one."""
+    return f"cuda:{index}" if torch.cuda.is_available() and index < torch.cuda.device_count() else CPU
+
+
+def placement_from_plan(arch: Architecture, scheme: SchemePlan) -> Placement:
+    """One device-map entry per module, so transformers' prefix matching cannot mix up layer 1 and 10."""
+    modules: dict[str, str] = {}
+    owner = {}
+    for d in scheme.per_device:
+        for i in d.layers:
+            owner[i] = runtime_device(d.device.index)
+    offloaded = set()
+    if scheme.offload:
+        for i in scheme.offload.layers:
+            owner[i] = CPU
+            offloaded.add(f"model.layers.{i}")
+    first, last = owner[0], owner[arch.num_layers - 1]
+    modules["model.embed_tokens"] = first
+    modules["model.rotary_emb"] = first
+    modules.update({f"model.layers.{i}": owner[i] for i in range(arch.num_layers)})
+    modules["model.norm"] = last
+    modules["lm_head"] = first if arch.tie_word_embeddings else last
+    return Placement(modules, frozenset(offloaded))
+
+
+def compute_dtype(devices_bf16: bool) -> torch.dtype:
+    return torch.bfloat16 if devices_bf16 else torch.float16
+
+
+def quantization_config(quant: str, dtype: torch.dtype, native_fp8: bool, cpu_offload: bool = False) -> Any:
+    """The transformers quantization config that stores weights as the plan counted them.
+
+    cpu_offload: the plan leaves layers in CPU RAM (--allow-offload); bitsandbytes then keeps those
+    layers unquantized there, which is the only offload transformers allows for it.
+    """
+    from transformers import BitsAndBytesConfig, TorchAoConfig
+
+    if quant in ("bf16", "fp16"):
+        return None
+    if quant in ("nf4", "nf4-dq", "fp4"):
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4" if quant == "fp4" else "nf4",
+                                  bnb_4bit_use_double_quant=quant == "nf4-dq", bnb_4bit_compute_dtype=dtype,
+                                  llm_int8_enable_fp32_cpu_offload=cpu_offload)
+    if quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=cpu_offload)
+    if quant == "fp8":
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow
+
+        from .float8_load import RowChunkedFloat8WeightConfig
+
+        # Real FP8 matmuls need compute capability 8.9+; elsewhere the weights are stored in FP8
+        # and dequantized on use (same bytes, as the plan counts them). Quantized a block of rows at a time.
+        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()) if native_fp8 \
+            else Float8WeightOnlyConfig()
+        return TorchAoConfig(RowChunkedFloat8WeightConfig(config))
+    raise ValueError(quant)
+
+
+def attention_implementation(arch: Architecture) -> str:
+    """FlashAttention 2 when installed on a GPU of compute capability 8.0+, else PyTorch SDPA (eager for
+    families SDPA cannot run)."""
+    from transformers.utils import is_flash_attn_2_available
+
+    from heavylift.model.architecture import FAMILIES
+
+    if torch.cuda.is_available() and torch.cuda.get_device_capability(0)[0] >= 8 and is_flash_attn_2_available():
+        return "flash_attention_2"
+    return "sdpa" if FAMILIES[arch.model_type].sdpa else "eager"
+
+
+@contextmanager
+def _moe_loading(arch: Architecture, quant: str):
+    """An MoE checkpoint loads one tensor at a time (transformers' HF_DEACTIVATE_ASYNC_LOAD; a quantized load
+    always does), each fused expert tensor quantized as it arrives, and without transformers' allocator
+    warm-up: that reserves up front what it expects the weights to take, counting the fused experts at
+    bf16 because its quantizers skip them (for Mixtral 8x7B in NF4, 87 GB for a 24 GB model). The load's
+    peak is then one layer's experts in bf16 beyond the weights (load_program.expert_load)."""
+    if not arch.num_experts:
+        yield
+        return
+    import transformers.modeling_utils as hf_modeling
+
+    from .experts import quantized_on_arrival
+
+    before = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
+    warmup = hf_modeling.caching_allocator_warmup
+    os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
+    hf_modeling.caching_allocator_warmup = lambda *args, **kwargs: None
+    try:
+        with quantized_on_arrival(quant):
+            yield
+    finally:
+        hf_modeling.caching_allocator_warmup = warmup
+        if before is None:
+            os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
+        else:
+            os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = before
+
+
+def load_model(folder: Path, arch: Architecture, scheme: SchemePlan, placement: Placement, native_fp8: bool,
+               bf16: bool, attention: str):
+    """from_pretrained with the plan's quantization and explicit device map; the MoE experts quantized as they
+    arrive (experts.quantized_on_arrival), so the load never holds more than one fused tensor unquantized."""
+    from transformers import AutoModelForCausalLM
+
+    from .experts import quantize_experts
+
+    dtype = torch.float16 if scheme.quant == "fp16" else compute_dtype(bf16)
+    # A model wholly in CPU RAM goes as one entry: transformers' torchao integration takes a map with several
+    # entries and "cpu" among them for CPU offload, and moves each such layer to a GPU to quantize it.
+    device_map = {"": CPU} if set(placement.modules.values()) == {CPU} else dict(placement.modules)
+    try:
+        with warnings.catch_warnings(), _moe_loading(arch, scheme.quant):
+            warnings.simplefilter("ignore")
+            model, info = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=dtype, device_map=device_map, attn_implementation=attention,
+                quantization_config=quantization_config(scheme.quant, dtype, native_fp8,
+                                                        cpu_offload=bool(placement.offloaded) and torch.cuda.is_available()),
+                output_loading_info=True)
+    except (OSError, RuntimeError, ValueError) as e:
+        name = type(e).__name__
+        if "SafetensorError" in name or "safetensors" in str(e).lower() or "header" in str(e).lower():
+            raise CheckpointError(f"a weights file in {folder} is corrupt ({str(e).splitlines()[0][:160]}); "
+                                  "delete the shards and download them again") from None
+        if "size mismatch" in str(e) or "shape" in str(e):
+            raise CheckpointError(f"the weights in {folder} do not match its config.json "
+                                  f"({str(e).splitlines()[0][:160]}); download both from the same revision") from None
+        raise
+    missing = info.get("missing_keys") or []
+    if missing:
+        raise CheckpointError(f"{folder} lacks {len(missing)} tensors the model needs (first: {sorted(missing)[0]}); "
+                              "finish or repeat the download")
+    if arch.num_experts:
+        quantize_experts(model, scheme.quant)
+    model.eval()
+    return model
+
+
+def module_bytes(model: torch.nn.Module, name: str) -> int:
+    module = model.get_submodule(name)
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def real_placement(model: torch.nn.Module, names: list[str]) -> dict[str, str]:
+    """Where each module's tensors really are, from accelerate's map or from the tensors themselves."""
+    hf_map = getattr(model, "hf_device_map", None) or {}
+    out = {}
+    for name in names:
+        if name in hf_map and str(hf_map[name]) in (CPU, DISK):
+            out[name] = str(hf_map[name])
+            continue
+        module = model.get_submodule(name)
+        devices = {t.device for t in list(module.parameters()) + list(module.buffers())}
+        kinds = {"disk" if d.type == "meta" else str(d) for d in devices}
+        out[name] = sorted(kinds)[0] if kinds else CPU
+    return out
+
+
+def guard_offload(planned: Placement, real: Mapping[str, str], sizes: Mapping[str, int],
+                  allow_offload: bool) -> dict[str, int]:
+    """Bytes per device ('cpu', 'disk') of modules that sit off the GPU the plan gave them.
+
+    Raises OffloadError unless allow_offload. Modules the plan put on the CPU (no GPU here, or
+    --allow-offload) are the plan, not an offload, unless the plan itself offloaded them.
+    """
+    spilled: dict[str, int] = {}
+    for name, device in real.items():
+        want = planned.modules.get(name, CPU)
+        if device in (CPU, DISK) and (want != device or name in planned.offloaded):
+            if want == CPU and name not in planned.offloaded:
+                continue
+            spilled[device] = spilled.get(device, 0) + sizes.get(name, 0)
+    if spilled and not allow_offload:
+        where = ", ".join(f"{n / 1e9:.2f} GB on {d}" for d, n in spilled.items())
+        raise OffloadError(f"the model loaded with {where} instead of the GPUs the plan chose; "
+                           "free GPU memory, lower --context, use a smaller --quant, or pass --allow-offload")
+    return spilled

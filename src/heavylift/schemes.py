@@ -1,0 +1,112 @@
+"""Quantization schemes and the exact bytes each one stores for a tensor.
+
+The storage rules are those of the libraries the loader uses, component by component, so the
+plan's weight bytes equal what the GPU allocator hands out:
+- bitsandbytes 4-bit (NF4, FP4): two weights per byte; one absmax per block of 64 weights
+  (float32), plus the 16-entry float32 code book each quantized tensor carries. With double
+  quantization the absmax values are themselves quantized to one byte each, in blocks of 256 with
+  a float32 absmax per block, a float32 offset and a 256-entry float32 code book.
+  (bitsandbytes.functional.quantize_4bit / QuantState, 0.50.)
+- LLM.int8: one int8 per weight and one float32 scale per output row (`SCB`).
+- FP8 (torchao, per-row scaling): one float8 per weight and one float32 scale per output row.
+Embeddings, lm_head, norms, biases and MoE routers stay in bf16 under every scheme: this is what
+transformers' bitsandbytes and torchao integrations leave unconverted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import ceil
+from typing import Iterable
+
+from .model.architecture import QUANTIZABLE_ROLES, TensorSpec
+from .defaults import ALLOCATION_GRANULE_BYTES
+
+BNB_4BIT_BLOCKSIZE = 64  # weights per absmax (bitsandbytes' default for 4-bit)
+BNB_NESTED_BLOCKSIZE = 256  # absmax values per nested float32 absmax (double quantization)
+BNB_4BIT_CODE_ENTRIES = 16  # float32 code book of NF4 / FP4
+BNB_NESTED_CODE_ENTRIES = 256  # float32 dynamic-map code book of the nested 8-bit absmax
+FLOAT32_BYTES = 4
+UNQUANTIZED_BYTES = 2  # bf16 / fp16
+
+
+def _allocated(nbytes: int) -> int:
+    """Bytes the CUDA caching allocator hands out for a tensor of `nbytes`."""
+    return max(ALLOCATION_GRANULE_BYTES, ceil(nbytes / ALLOCATION_GRANULE_BYTES) * ALLOCATION_GRANULE_BYTES)
+
+
+def _components_bf16(numel: int, rows: int) -> tuple[int, ...]:
+    return (numel * UNQUANTIZED_BYTES,)
+
+
+def _components_rowwise8(numel: int, rows: int) -> tuple[int, ...]:
+    return (numel, rows * FLOAT32_BYTES)
+
+
+def _components_4bit(numel: int, rows: int) -> tuple[int, ...]:
+    blocks = ceil(numel / BNB_4BIT_BLOCKSIZE)
+    return (ceil(numel / 2), blocks * FLOAT32_BYTES, BNB_4BIT_CODE_ENTRIES * FLOAT32_BYTES)
+
+
+def _components_4bit_dq(numel: int, rows: int) -> tuple[int, ...]:
+    blocks = ceil(numel / BNB_4BIT_BLOCKSIZE)
+    return (ceil(numel / 2), blocks, ceil(blocks / BNB_NESTED_BLOCKSIZE) * FLOAT32_BYTES,
+            FLOAT32_BYTES, BNB_4BIT_CODE_ENTRIES * FLOAT32_BYTES, BNB_NESTED_CODE_ENTRIES * FLOAT32_BYTES)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    label: str
+    bits_per_weight: float  # nominal, for display
+    _components: object  # (numel, rows) -> bytes of each tensor the scheme stores
+
+    def stored_bytes(self, numel: int, rows: int, quantized: bool = True) -> int:
+        """Allocated bytes of one stored parameter of `numel` weights in `rows` output rows."""
+        parts = self._components(numel, rows) if quantized else _components_bf16(numel, rows)
+        return sum(_allocated(b) for b in parts)
+
+    def weights_bytes(self, tensors: Iterable[TensorSpec]) -> int:
+        """Allocated bytes of these tensors once loaded, fused MoE experts stored as one parameter."""
+        total, fused = 0, {}
+        for t in tensors:
+            quantized = t.role in QUANTIZABLE_ROLES
+            rows = t.numel // t.shape[-1]
+            if t.fused_into is not None:
+                numel, r, q = fused.get(t.fused_into, (0, 0, quantized))
+                fused[t.fused_into] = (numel + t.numel, r + rows, q)
+            else:
+                total += self.stored_bytes(t.numel, rows, quantized)
+        return total + sum(self.stored_bytes(n, r, q) for n, r, q in fused.values())
+
+
+BF16 = Scheme("bf16", "BF16", 16, _components_bf16)
+FP16 = Scheme("fp16", "FP16", 16, _components_bf16)
+FP8 = Scheme("fp8", "FP8 (torchao, per-row scales)", 8, _components_rowwise8)
+INT8 = Scheme("int8", "INT8 (LLM.int8, bitsandbytes)", 8, _components_rowwise8)
+NF4 = Scheme("nf4", "NF4 (bitsandbytes)", 4, _components_4bit)
+NF4_DQ = Scheme("nf4-dq", "NF4 + double quant (bitsandbytes)", 4, _components_4bit_dq)
+FP4 = Scheme("fp4", "FP4 (bitsandbytes)", 4, _components_4bit)
+
+SCHEMES = {s.name: s for s in (BF16, FP16, FP8, INT8, NF4, NF4_DQ, FP4)}
+QUANT_CHOICES = tuple(SCHEMES)
+ALL = "all"
+
+# KV-cache element sizes for --kv-dtype, in bytes.
+KV_DTYPES = {"bf16": 2, "fp16": 2, "fp8": 1, "fp32": 4}
+
+
+def scheme(name: str) -> Scheme:
+    return SCHEMES[name]
+
+
+def fidelity_order(native_fp8: bool, bf16_supported: bool) -> tuple[str, ...]:
+    """Schemes from most to least faithful to the BF16 weights, for the recommendation.
+
+    FP8 ranks above LLM.int8 on GPUs with native FP8 (the seed article's advice: same fidelity,
+    real FP8 matmuls); elsewhere FP8 runs weight-only and LLM.int8 keeps its outliers exactly.
+    FP16 replaces BF16 where the GPU has no BF16 (before compute capability 8.0).
+    """
+    full = "bf16" if bf16_supported else "fp16"
+    eight = ("fp8", "int8") if native_fp8 else ("int8", "fp8")
+    return (full, *eight, "nf4", "nf4-dq", "fp4")

@@ -1,0 +1,122 @@
+"""Record what torch code allocates and frees, in order, on the CPU: the truth the planner's programs answer to.
+
+`Trace` is a TorchDispatchMode: every storage an op creates is an allocation (its size rounded to the
+caching allocator's 512-byte blocks), and its death, seen through a weakref on the storage, a free.
+0-dim tensors (scalars, 512 bytes each) are left out, as the programs leave them out. Views and
+in-place ops allocate nothing. Scaled-dot-product attention is replaced by what its CUDA kernels
+allocate (forward_program.py `_sdpa`): with a mask, a bool mask converted to the query's dtype, a copy padded
+to 16 keys (or made contiguous where its rows are not 16-aligned) and the output; without one, flash
+attention's output and its fp32 log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from heavylift.planner.allocator import block_size
+
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+# Composite ops that inference mode hands to the mode whole, hiding temporaries they allocate on the GPU as
+# on the CPU: softmax(x, dtype=float32) on bf16 converts x to a fp32 copy first (only fp16 on CUDA has a
+# fused kernel; aten SoftMax.cpp), and matmul copies a batched operand that bmm cannot view (Gemma 2's
+# query at batch > 1). Attention's 4-d matmuls only: the others' copies are the size of a few positions.
+DECOMPOSED = {
+    torch.ops.aten.softmax.int: lambda x, dim, dtype=None: dtype is not None and dtype != x.dtype,
+    torch.ops.aten.matmul.default: lambda a, b: a.dim() == 4 and b.dim() == 4,
+}
+
+
+class Trace(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.events: list[tuple] = []  # ("alloc", key, bytes, label) / ("free", key)
+        self._next = 0
+
+    def _alloc(self, nbytes: int, label: str) -> int:
+        key = self._next
+        self._next += 1
+        self.events.append(("alloc", key, block_size(nbytes), label))
+        return key
+
+    def _free(self, key: int) -> None:
+        self.events.append(("free", key))
+
+    @staticmethod
+    def _mark(t: torch.Tensor) -> bool:
+        """Mark a tensor's storage seen; True if it was new."""
+        s = t.untyped_storage()
+        if getattr(s, "_heavylift_seen", False):
+            return False
+        s._heavylift_seen = True
+        return True
+
+    def _track(self, t: torch.Tensor, label: str) -> None:
+        if self._mark(t) and t.dim() > 0 and t.untyped_storage().nbytes():
+            key = self._alloc(t.untyped_storage().nbytes(), label)
+            weakref.finalize(t.untyped_storage(), self._free, key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for t in tree_flatten((args, kwargs))[0]:
+            if isinstance(t, torch.Tensor):
+                self._mark(t)  # inputs are not allocations of this op
+        if func is SDPA:
+            return self._sdpa(*args, **kwargs)
+        if func in DECOMPOSED and DECOMPOSED[func](*args, **kwargs):
+            with self:  # its composite kernel, back under this mode: each op it runs is traced
+                return func.decompose(*args, **kwargs)
+        out = func(*args, **kwargs)
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._track(t, f"{func} {tuple(t.shape)} {t.dtype}")
+        return out
+
+    def _sdpa(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        b, h, length, d = q.shape
+        if attn_mask is None:
+            out = torch.empty(b, length, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
+            self._track(out, "sdpa out")
+            self._free(self._alloc(4 * b * h * length, "flash lse"))
+            return out
+        # convert_boolean_attn_mask: a bool mask becomes an additive one of the query's dtype; preprocess_mask
+        # then pads a copy to 16 keys, or copies a mask whose rows do not start 16 elements apart.
+        where = self._alloc(attn_mask.numel() * q.element_size(), "sdpa mask") if attn_mask.dtype == torch.bool \
+            else None
+        kv = attn_mask.shape[-1]
+        aligned = where is not None or all(stride % 16 == 0 for stride in attn_mask.stride()[:-1])
+        pad = self._alloc(attn_mask.numel() // kv * -(-kv // 16) * 16 * q.element_size(), "pad") if kv % 16 else \
+            None if aligned else self._alloc(attn_mask.numel() * q.element_size(), "contiguous mask")
+        out = torch.empty(b, length, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
+        self._track(out, "sdpa out")
+        for key in (pad, where):
+            if key is not None:
+                self._free(key)
+        return out
+
+
+def canonical(events) -> list[tuple]:
+    """Events as ("alloc", bytes) and ("free", which allocation by order), names and labels dropped."""
+    order: dict = {}
+    out = []
+    for e in events:
+        if e[0] == "alloc":
+            order[e[1]] = len(order)
+            out.append(("alloc", block_size(e[2])))
+        elif e[0] == "free" and e[1] in order:
+            out.append(("free", order[e[1]]))
+        elif e[0] == "empty":
+            continue
+    return out
+
+
+def first_difference(a: list, b: list, labels: list | None = None, context: int = 6) -> str:
+    """Where two canonical sequences part, with a few events around it, for a readable failure."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            lo = max(0, i - context)
+            return f"event {i}: planned {a[lo:i + context]} vs traced {b[lo:i + context]}"
+    return f"lengths {len(a)} vs {len(b)}; tails planned {a[len(b):][:context]} traced {b[len(a):][:context]}"

@@ -1,0 +1,262 @@
+"""The planner's allocation programs against what the code they model allocates, event by event.
+
+transformers' forward (every family, sliding windows included) and heavylift's engine prefill run here
+on the CPU under memtrace.Trace; the programs in heavylift.planner.forward_program and heavylift.planner.memory must list the
+same allocations, of the same sizes, freed in the same order. The quantized matmuls, which only run on a
+GPU, are checked tensor by tensor against the arithmetic of their source.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import heavylift
+from heavylift.planner.allocator import Program, peak_live
+from heavylift.model.architecture import architecture_from_config
+from heavylift.model.catalog import find_model
+from heavylift.hardware.gpus import parse_gpu_spec
+from heavylift.planner.memory import TRANSFORMERS, FAST, _kv_tensors, engine_prefill, runtime_terms
+from heavylift.schemes import FP8
+from heavylift.planner.forward_program import Part, Step, linear, transformers_forward
+
+from conftest import save_tiny_checkpoint, save_tiny_tokenizer
+from memtrace import Trace, canonical, first_difference
+
+CONTEXT, BATCH, CHUNK, PROMPT = 48, 2, 16, 40  # prompt in chunks of 16, 16 and 8, then one decode step
+MiB = 1 << 20
+
+
+def _session(tmp_path, family: str, engine: str, **config):
+    folder = tmp_path / family
+    save_tiny_checkpoint(folder, family, vocab_size=320, bos_token_id=1, eos_token_id=2, pad_token_id=0, **config)
+    save_tiny_tokenizer(folder)
+    return heavylift.load(str(folder), quant="bf16", context=CONTEXT, batch=BATCH, engine=engine)
+
+
+@pytest.mark.parametrize("family, config", [
+    ("llama", {}),
+    ("mistral", {"sliding_window": 8}),  # the first chunk already exceeds the window
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 24, "max_window_layers": 1}),
+    ("mixtral", {}),
+    ("phi3", {"sliding_window": 12}),
+    ("gemma2", {}),  # eager attention, softcapping, alternating 16-token windows
+])
+def test_transformers_programs_match_the_forward(tmp_path, monkeypatch, family, config):
+    import heavylift.runtime.session as session_module
+
+    monkeypatch.setattr(session_module, "PREFILL_CHUNK", CHUNK)
+    session = _session(tmp_path, family, "transformers", **config)
+    ids = torch.randint(0, 300, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
+    trace = Trace()
+    with torch.inference_mode():
+        with trace:
+            logits, advance, cached = session.steps(ids)
+        token = logits.argmax(dim=-1, keepdim=True)
+        with trace:
+            after = advance(token)  # noqa: F841 - kept alive, as the program keeps it
+    assert cached() == PROMPT + 1
+
+    arch = session.plan.architecture
+    every = range(arch.num_layers)
+    part = Part(every, first=True, last=True)
+    program = Program()
+    for label, nbytes in _kv_tensors(arch, every, CONTEXT, BATCH, 2, TRANSFORMERS):
+        program.alloc(label, nbytes)
+    for start in range(0, PROMPT, CHUNK):
+        step = Step(BATCH, min(CHUNK, PROMPT - start), start, CONTEXT)
+        transformers_forward(program, arch, "bf16", step, part, every, logits=start + CHUNK >= PROMPT)
+    transformers_forward(program, arch, "bf16", Step(BATCH, 1, PROMPT, CONTEXT), part, every, logits=True)
+    planned, traced = canonical(program.events), canonical(trace.events)
+    assert planned == traced, first_difference(planned, traced)
+
+
+class TritonLikeOps:
+    """What the engine's Triton kernels allocate during prefill: nothing; they write into their out buffers."""
+
+    name = "triton-like"
+
+    @staticmethod
+    def rmsnorm(x, weight, eps, out):
+        return out
+
+    @staticmethod
+    def rope_cache(qkv, positions, slots, cos, sin, k_cache, v_cache, heads, kv_heads, q_out):
+        return q_out
+
+
+@pytest.mark.parametrize("family, config", [("llama", {}), ("mistral", {"sliding_window": 12}), ("qwen2", {})])
+def test_engine_prefill_program_matches_the_engine(tmp_path, monkeypatch, family, config):
+    monkeypatch.setattr("heavylift.engine.model.PREFILL_CHUNK_TOKENS", CHUNK)
+    session = _session(tmp_path, family, "fast", **config)
+    session.engine.ops = TritonLikeOps
+    ids = torch.randint(0, 300, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
+    trace = Trace()
+    with torch.inference_mode(), trace:
+        steps = session.steps(ids)  # noqa: F841 - its logits stay alive, as the program keeps them
+
+    arch = session.plan.architecture
+    program = Program()
+    part = Part(range(arch.num_layers), first=True, last=True)
+    rows = [engine_prefill(program, arch, "bf16", PROMPT, CHUNK, range(arch.num_layers), part, native_fp8=True,
+                           cuda=False) for _ in range(BATCH)]
+    program.alloc("logits", 4 * BATCH * arch.vocab_size)  # torch.cat of the rows
+    program.free(*reversed(rows))  # the list of rows dies backwards
+    planned, traced = canonical(program.events), canonical(trace.events)
+    assert planned == traced, first_difference(planned, traced)
+
+
+def _sizes(program: Program) -> list[int]:
+    return [e[2] for e in program.events if e[0] == "alloc"]
+
+
+def test_bitsandbytes_4bit_dequantizes_beyond_four_rows():
+    # x [8, 64] @ W^T, W [32, 64] in NF4 with double quant: 2048 weights = 32 blocks of 64.
+    # absmax dequantized (fp32, 128 B -> 512) and offset (512), the bf16 weight 32 x 64 x 2 = 4096,
+    # y [8, 32] bf16 = 512: live at once 5632.
+    p = Program()
+    linear(p, "nf4-dq", 8, 64, 32)
+    assert _sizes(p) == [128, 128, 4096, 512] and peak_live(p) == 5632
+    p = Program()
+    linear(p, "nf4", 4, 64, 32)  # up to 4 rows: bitsandbytes' fused kernel, only the output
+    assert _sizes(p) == [256]
+
+
+def test_llm_int8_counts_its_outlier_decomposition():
+    # x [8, 64] @ W^T, W [32, 64] int8: fp16 copy 1024, row stats 32, int8 x 512, |x| 1024, outlier map 512,
+    # columns with outliers (all 64 counted): any 64, indices 512; A[:, cols] 1024, CB[:, cols] 2048,
+    # dequantized twice in fp32 8192 + 8192, bf16 4096; int32 product 1024, fp16 512, bf16 512, + addmm 512.
+    # Most at once: stats, int8 x, indices (512 each) + A[:, cols] 1024 + CB[:, cols] 2048 + 2 x 8192 = 20,992.
+    p = Program()
+    linear(p, "int8", 8, 64, 32)
+    assert _sizes(p) == [1024, 32, 512, 1024, 512, 64, 512, 1024, 2048, 8192, 8192, 4096, 1024, 512, 512, 512]
+    assert peak_live(p) == 20_992
+
+
+def test_torchao_fp8_quantizes_activations_in_fp32():
+    # |x| bf16 1024, row max 16, scale 16, fp32 scale 32; x in fp32, scaled, clamped (3 x 2048), fp8 512;
+    # y 512. Most at once: fp32 scale (512) + 3 x 2048 + fp8 512 = 7168.
+    p = Program()
+    linear(p, "fp8", 8, 64, 32)
+    assert _sizes(p) == [1024, 16, 16, 32, 2048, 2048, 2048, 512, 512] and peak_live(p) == 7168
+    p = Program()
+    linear(p, "fp8", 8, 64, 32, native_fp8=False)  # FP8 storage without FP8 tensor cores: weight dequantized
+    assert _sizes(p) == [8192, 8192, 4096, 512]
+
+
+@pytest.mark.parametrize("model, context, batch, quant", [("llama3.1-8b", 32768, 8, "bf16"),
+                                                           ("gemma2-9b", 8192, 1, "nf4"),
+                                                           ("mixtral-8x7b", 8192, 1, "int8")])
+def test_two_simulated_layers_give_every_layers_reserve_on_transformers(model, context, batch, quant):
+    import heavylift.planner.memory as memory
+
+    arch = architecture_from_config(find_model(model).config_dict())
+    (gpu,) = parse_gpu_spec("1xH100")
+    part = Part(range(arch.num_layers), True, True)
+    quick = runtime_terms(arch, quant, TRANSFORMERS, context, batch, 2, gpu, part)
+    memory._terms.cache_clear()
+    saved = dict(memory.SIMULATED_LAYERS)
+    try:
+        memory.SIMULATED_LAYERS[TRANSFORMERS] = arch.num_layers
+        assert runtime_terms(arch, quant, TRANSFORMERS, context, batch, 2, gpu, part) == quick
+    finally:
+        memory.SIMULATED_LAYERS.update(saved)
+        memory._terms.cache_clear()
+
+
+def test_engine_decode_pools_hold_benchmark_buffer_workspaces_and_dequantized_weights():
+    import heavylift.planner.memory as memory
+    from heavylift.planner.allocator import replay
+
+    arch = architecture_from_config(find_model("llama3.1-8b").config_dict())
+    dev = memory._Device(True, (9, 0), True)
+    part = Part(range(arch.num_layers), True, True)
+    shape, layers = memory._cache_key(arch), (0, 1, 2, 3)
+    # bf16, one sequence: the Triton kernels take the step and allocate nothing; the graph's pool and the
+    # warm-up's side stream each hold the embedding lookup's 2 MiB small segment and a 32 MiB cuBLAS
+    # workspace (lm_head's torch.mm), and the side stream Triton's 256 MiB L2-flush buffer.
+    _, phases = memory._engine_phases(shape, "bf16", 1024, 1, 2, dev, part, layers)
+    assert phases[1][1] == 2 * (2 + 32) * MiB + 256 * MiB
+    # NF4 for 8 sequences: 4-bit weights go through TorchOps' dequantized matmuls (the gate's bf16 copy is
+    # 14336 x 4096 x 2 bytes = 112 MiB) in both pools, and no Triton kernel is autotuned.
+    _, phases = memory._engine_phases(shape, "nf4", 1024, 8, 2, dev, part, layers)
+    step = Program()
+    memory.engine_decode_step(step, shape, "nf4", 8, layers, part, True)
+    graph = replay(step).peak_reserved
+    assert graph >= 112 * MiB and phases[1][1] == 2 * (graph + 32 * MiB)
+
+
+# --- Loading -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model", ["llama3.1-8b", "qwen2.5-7b", "gemma2-9b", "phi3-mini"])
+def test_the_load_keeps_exactly_the_weights_the_plan_counts(model):
+    from heavylift.planner.allocator import block_size, live_sizes
+    from heavylift.schemes import SCHEMES
+    from heavylift.planner.load_program import dense_load, load_order
+
+    arch = architecture_from_config(find_model(model).config_dict())
+    order = load_order(arch, Part(range(arch.num_layers), True, True))
+    for quant in ("bf16", "fp8", "int8", "nf4", "nf4-dq", "fp4"):
+        p = Program()
+        dense_load(p, quant, order.before + order.layer * arch.num_layers + order.after)
+        kept = sum(block_size(n) for n in live_sizes(p))
+        assert kept == SCHEMES[quant].weights_bytes(arch.tensors), quant
+
+
+def test_the_load_order_is_transformers_order():
+    from transformers.core_model_loading import dot_natural_key
+
+    from heavylift.planner.load_program import natural_key
+
+    arch = architecture_from_config(find_model("qwen2.5-7b").config_dict())
+    names = [t.name for t in arch.tensors] + ["model.layers.2.mlp.experts.10.w1", "model.layers.2.mlp.experts.9.w1"]
+    assert sorted(names, key=natural_key) == sorted(names, key=dot_natural_key)
+
+
+def test_quantizing_on_load_holds_the_bf16_weight_and_the_quantizers_temporaries():
+    from heavylift.planner.load_program import Loaded, dense_load
+
+    def sizes(quant: str) -> list[int]:
+        p = Program()
+        dense_load(p, quant, [Loaded(64 * 128, 64, True)])  # a [64, 128] weight
+        return _sizes(p)
+
+    # The warm-up counts the weight at 1 byte per element for FP8 and LLM.int8, half a byte for 4-bit.
+    # torchao FP8: bf16 16,384; |w| 16,384, row maxima and scales (64 x 2, 2, 4 -> 512 each); w in fp32,
+    # scaled, clamped (3 x 32,768); float8 8,192.
+    assert sizes("fp8") == [8192, 16384, 16384, 128, 128, 256, 32768, 32768, 32768, 8192]
+    # LLM.int8: bf16; an fp16 copy; the row scales (256) and the int8 rows.
+    assert sizes("int8") == [8192, 16384, 16384, 256, 8192]
+    # NF4 with double quantization: bf16; 128 fp32 absmax, the packed nibbles, the code book; the offset, the
+    # shifted absmax, a code-book copy, the nested absmax, the absmax bytes and the kept code book.
+    assert sizes("nf4-dq") == [4096, 16384, 512, 4096, 64, 4, 512, 1024, 4, 128, 1024]
+
+
+def test_a_dense_plan_holds_what_the_load_leaves_cached():
+    # Loading quantizes each weight through fp32 copies that later weights cannot fill exactly: the plan's
+    # reserve is at least what the load reserved beyond the weights.
+    from heavylift.planner.load_program import load_order, loaded_state
+
+    arch = architecture_from_config(find_model("qwen2.5-7b").config_dict())
+    (gpu,) = parse_gpu_spec("1xH100")
+    part = Part(range(arch.num_layers), True, True)
+    loaded, weights = loaded_state("fp8", load_order(arch, part), arch.num_layers)
+    assert weights == FP8.weights_bytes(arch.tensors) and loaded.peak_reserved > weights
+    terms = runtime_terms(arch, "fp8", FAST, 1024, 1, 2, gpu, part, every_layer=True)
+    assert terms.kv_cache_bytes + terms.transient_bytes + terms.buffer_bytes >= loaded.peak_reserved - weights
+
+
+def test_fp8_weights_quantize_on_load_a_block_of_rows_at_a_time(monkeypatch):
+    import heavylift.planner.load_program as load_programs
+    from heavylift.planner.load_program import Loaded, dense_load
+
+    monkeypatch.setattr(load_programs, "LOAD_ROW_CHUNK_ELEMENTS", 16 * 128)
+    p = Program()
+    dense_load(p, "fp8", [Loaded(64 * 128, 64, True)])  # a [64, 128] weight in 4 pieces of 16 rows
+    # Each piece through from_hp: |w| 4,096; row maxima and scales in bf16 (32 each) and fp32 (64); fp32 copies
+    # 3 x 8,192; float8 2,048. The first is followed by the whole weight's float8 storage and fp32 scales.
+    piece = [4096, 32, 32, 64, 8192, 8192, 8192, 2048]
+    assert _sizes(p) == [8192, 16384] + piece + [8192, 256] + piece * 3
+    # Most at once, in a later piece: the bf16 weight, the whole storage and scales (256 -> 512), the piece's
+    # fp32 scales (512), its three fp32 copies and its float8 rows.
+    assert peak_live(p) == 16384 + 8192 + 512 + 512 + 3 * 8192 + 2048

@@ -1,0 +1,251 @@
+"""`heavylift run` and `heavylift.load` on CPU with tiny random checkpoints of every family."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import heavylift
+from heavylift.errors import InvalidArgumentError, OffloadError, PlanDoesNotFitError
+from heavylift.runtime.loader import Placement, guard_offload
+
+from conftest import TINY_FAMILIES, save_runnable_checkpoint
+from test_cli_plan import run_cli
+
+GREEDY = dict(max_new_tokens=6, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return {f: save_runnable_checkpoint(root / f, f) for f in TINY_FAMILIES}
+
+
+@pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+def test_every_family_generates_in_bf16_and_nf4_dq(checkpoints, family):
+    for quant in ("bf16", "nf4-dq"):
+        session = heavylift.load(str(checkpoints[family]), quant=quant, context=256)
+        record = session.generate("hello world", **GREEDY)
+        assert record.generated_tokens >= 1 and record.prompt_tokens > 0
+        assert session.quant == quant and session.attention == ("eager" if family == "gemma2" else "sdpa")
+
+
+@pytest.mark.parametrize("quant", ["bf16", "nf4", "nf4-dq", "int8"])
+def test_streaming_equals_generate_for_greedy(checkpoints, quant):
+    session = heavylift.load(str(checkpoints["llama"]), quant=quant, context=256)
+    pieces = [r.text for r in session.stream("the quick brown fox", **GREEDY)]
+    whole = session.generate("the quick brown fox", **GREEDY)
+    assert "".join(pieces) == whole.text
+
+
+def test_chunked_prefill_matches_transformers_generate(checkpoints, monkeypatch):
+    import torch
+
+    import heavylift.runtime.session as session_module
+
+    monkeypatch.setattr(session_module, "PREFILL_CHUNK", 3)  # force several prefill chunks
+    session = heavylift.load(str(checkpoints["gemma2"]), quant="bf16", context=256)
+    ids = session.encode("how are you today the quick brown fox jumps")
+    ours = session.generate("how are you today the quick brown fox jumps", max_new_tokens=8, temperature=0)
+    ref = session.model.generate(torch.tensor([ids]), max_new_tokens=len(ours.token_ids), do_sample=False)
+    assert list(ours.token_ids) == ref[0, len(ids):].tolist()
+
+
+def test_moe_experts_really_end_up_4bit_and_8bit(checkpoints):
+    import torch
+
+    from heavylift.runtime.experts import stored_expert_dtypes
+
+    s4 = heavylift.load(str(checkpoints["mixtral"]), quant="nf4", context=128)
+    assert stored_expert_dtypes(s4.model) == {torch.uint8}
+    s8 = heavylift.load(str(checkpoints["mixtral"]), quant="int8", context=128)
+    assert stored_expert_dtypes(s8.model) == {torch.int8}
+    assert s4.generate("hello", **GREEDY).generated_tokens >= 1
+    assert s8.generate("hello", **GREEDY).generated_tokens >= 1
+
+
+@pytest.mark.parametrize("quant", ["nf4-dq", "int8"])
+def test_moe_experts_are_quantized_as_they_load_not_after(tmp_path, monkeypatch, quant):
+    """transformers sets the fused expert tensors one layer at a time; each is quantized before the next
+    layer's arrive (at most the newest two unquantized at once, against every layer's before), and the
+    model computes exactly what quantizing them all after loading computed."""
+    import contextlib
+
+    import torch
+
+    import heavylift.runtime.experts as experts
+    from conftest import save_tiny_checkpoint, save_tiny_tokenizer
+
+    folder = save_tiny_checkpoint(tmp_path / "moe", "mixtral", num_hidden_layers=4, vocab_size=320, bos_token_id=1,
+                                  eos_token_id=2, pad_token_id=0)
+    save_tiny_tokenizer(folder)
+    arrived: list[tuple[torch.nn.Module, str]] = []
+    most = 0
+
+    def spy(module, name, param):
+        nonlocal most
+        if name in experts.EXPERT_PARAMS and param is not None and param.dtype == torch.bfloat16 and \
+                param.device.type != "meta":
+            arrived.append((module, name))
+            most = max(most, sum(n in experts._expert_names(m) for m, n in arrived))
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(spy)
+    try:
+        streamed = heavylift.load(str(folder), quant=quant, context=64)
+    finally:
+        handle.remove()
+    assert len(arrived) == 8 and most <= 2
+    assert not any(experts._expert_names(m) for m in streamed.model.modules())
+    monkeypatch.setattr(experts, "quantized_on_arrival", lambda quant: contextlib.nullcontext())
+    after = heavylift.load(str(folder), quant=quant, context=64)
+    ids = torch.tensor([[1, 5, 9, 30, 2]])
+    with torch.no_grad():
+        assert torch.equal(streamed.model(ids).logits, after.model(ids).logits)
+
+
+def test_cli_run_streams_and_summarises(checkpoints, capsys):
+    code, out, err = run_cli(capsys, "run", str(checkpoints["llama"]), "--prompt", "hello world", "--quant", "nf4",
+                             "--max-new-tokens", "5", "--temperature", "0", "--context", "256")
+    assert code == 0
+    assert "prompt tokens" in err and "tok/s" in err and "nf4" in err
+
+
+def test_cli_run_json(checkpoints, capsys):
+    code, out, _ = run_cli(capsys, "run", str(checkpoints["qwen2"]), "--prompt", "hello", "--quant", "int8",
+                           "--max-new-tokens", "4", "--seed", "1", "--context", "256", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert {"text", "prompt_tokens", "generated_tokens", "finish_reason", "prefill_tok_s", "decode_tok_s", "quant",
+            "attention", "device_map", "devices"} <= result.keys()
+    assert result["quant"] == "int8" and result["device_map"]["model.layers.1"] == "cpu"
+    assert all({"planned_bytes", "allocated_bytes", "peak_bytes"} <= d.keys() for d in result["devices"].values())
+
+
+def test_plan_that_cannot_fit_stops_before_loading_and_offload_passes_with_warning(checkpoints, capsys):
+    folder = str(checkpoints["llama"])
+    code, _, err = run_cli(capsys, "run", folder, "--prompt", "hi", "--quant", "bf16", "--gpus", "1x0.0003GB",
+                           "--context", "64")
+    assert code == 2 and "does not fit" in err and len(err.strip().splitlines()) == 1
+    code, out, err = run_cli(capsys, "run", folder, "--prompt", "hi", "--quant", "bf16", "--gpus", "1x0.0003GB",
+                             "--context", "64", "--max-new-tokens", "3", "--allow-offload")
+    assert code == 0 and "offloaded" in err and "tok/s at best" in err
+
+
+def test_guard_counts_bytes_that_left_the_gpu():
+    planned = Placement({"model.layers.0": "cuda:0", "model.layers.1": "cuda:0", "lm_head": "cuda:0"}, frozenset())
+    real = {"model.layers.0": "cuda:0", "model.layers.1": "cpu", "lm_head": "disk"}
+    sizes = {"model.layers.0": 10, "model.layers.1": 2_000_000_000, "lm_head": 500_000_000}
+    with pytest.raises(OffloadError, match="2.00 GB on cpu, 0.50 GB on disk"):
+        guard_offload(planned, real, sizes, allow_offload=False)
+    assert guard_offload(planned, real, sizes, allow_offload=True) == {"cpu": 2_000_000_000, "disk": 500_000_000}
+    on_cpu_machine = Placement({"model.layers.0": "cpu"}, frozenset())
+    assert guard_offload(on_cpu_machine, {"model.layers.0": "cpu"}, sizes, allow_offload=False) == {}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--temperature", "-1"], "--temperature must be between"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--top-k", "-2"], "--top-k must be 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be a positive"),
+    (["--quant", "int4"], "--quant must be auto or one of"),
+    (["--context", "8", "--max-new-tokens", "100"], "beyond --context 8"),
+])
+def test_run_mistakes_are_one_line_exit_2(checkpoints, capsys, args, message):
+    code, _, err = run_cli(capsys, "run", str(checkpoints["llama"]), "--prompt", "hello world", *args)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_missing_tokenizer_and_missing_weights(tmp_path, checkpoints, capsys):
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(checkpoints["llama"], folder)
+    for f in folder.glob("tokenizer*"):
+        f.unlink()
+    (folder / "chat_template.jinja").unlink()
+    code, _, err = run_cli(capsys, "run", str(folder), "--prompt", "hi", "--quant", "bf16")
+    assert code == 2 and "no usable tokenizer" in err
+    code, _, err = run_cli(capsys, "run", "llama3.1-8b", "--prompt", "hi")
+    assert code == 2 and ("no weights here" in err or "does not fit" in err)
+
+
+def test_truncated_shard_is_named_before_loading(tmp_path, checkpoints, capsys):
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(checkpoints["llama"], folder)
+    shard = folder / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    code, _, err = run_cli(capsys, "run", str(folder), "--prompt", "hi")
+    assert code == 2 and "model.safetensors is truncated" in err
+
+
+def test_sampling_is_reproducible_with_a_seed(checkpoints):
+    session = heavylift.load(str(checkpoints["phi3"]), quant="bf16", context=256)
+    a = session.generate("hello", max_new_tokens=6, temperature=1.0, top_p=0.9, top_k=50, seed=7)
+    b = session.generate("hello", max_new_tokens=6, temperature=1.0, top_p=0.9, top_k=50, seed=7)
+    assert a.token_ids == b.token_ids
+    with pytest.raises(InvalidArgumentError):
+        session.generate("hello", temperature=-0.5)
+
+
+def test_the_plan_describes_the_runtime_that_runs(checkpoints):
+    from heavylift.planner.memory import FAST, TRANSFORMERS
+
+    folder = str(checkpoints["mistral"])  # a 32-token sliding window: the two runtimes cache differently
+    auto = heavylift.load(folder, quant="bf16", context=256)  # no GPU here: transformers runs, and is planned
+    assert auto.engine is None and auto.plan.workload.engine == TRANSFORMERS
+    fast = heavylift.load(folder, quant="bf16", context=256, engine="fast")
+    assert fast.engine is not None and fast.plan.workload.engine == FAST
+    kv = [s.scheme.per_device[0].kv_cache_bytes for s in (auto, fast)]
+    assert kv == [2 * 2 * 2 * 16 * 2 * 32, 2 * 2 * 2 * 16 * 2 * 256]  # layers x (K, V) x heads x dim x 2 B
+    with pytest.raises(InvalidArgumentError, match="gemma2"):
+        heavylift.load(str(checkpoints["gemma2"]), quant="bf16", context=256, engine="fast")
+
+
+def test_transformers_prefill_fills_a_static_cache(checkpoints):
+    import torch
+
+    session = heavylift.load(str(checkpoints["llama"]), quant="bf16", context=64, batch=2, engine="transformers")
+    with torch.inference_mode():
+        logits, advance, cached = session.steps(torch.randint(0, 300, (2, 40)))
+        assert logits.shape == (2, 320) and cached() == 40
+        advance(logits.argmax(dim=-1, keepdim=True))
+    assert cached() == 41 and isinstance(cached(), int)
+
+
+def test_fp8_loads_a_block_of_rows_at_a_time_into_torchaos_own_storage(checkpoints, monkeypatch):
+    # Without FP8 tensor cores the loader stores weights with torchao's Float8WeightOnlyConfig; heavylift feeds
+    # it 16 rows at a time here (float8_load.py). Every weight must hold exactly what one whole-tensor call
+    # stores, and the model must generate.
+    import torch
+    from safetensors.torch import load_file
+    from torchao.quantization import Float8WeightOnlyConfig
+    from torchao.quantization.quantize_.workflows.float8.float8_tensor import Float8Tensor
+
+    import heavylift.runtime.float8_load as float8_load
+    from heavylift.defaults import FP8_ROW_MULTIPLE
+    from heavylift.schemes import scheme
+
+    calls = []
+    transform = float8_load._QUANTIZE_CONFIG_HANDLER[Float8WeightOnlyConfig]
+    monkeypatch.setattr(float8_load, "LOAD_ROW_CHUNK_ELEMENTS", 64 * FP8_ROW_MULTIPLE)
+    monkeypatch.setitem(float8_load._QUANTIZE_CONFIG_HANDLER, Float8WeightOnlyConfig,
+                        lambda m, c, **kw: calls.append(m.weight.shape[0]) or transform(m, c, **kw))
+    session = heavylift.load(str(checkpoints["llama"]), quant="fp8", context=256, engine="transformers")
+    assert calls and max(calls) == FP8_ROW_MULTIPLE  # every weight went in pieces of 16 rows
+    monkeypatch.undo()
+    saved = {}
+    for f in sorted(checkpoints["llama"].glob("*.safetensors")):
+        saved.update(load_file(f))
+    quantized = {n: m for n, m in session.model.named_modules() if isinstance(getattr(m, "weight", None), Float8Tensor)}
+    assert len(quantized) == 7 * session.model.config.num_hidden_layers
+    for name, module in quantized.items():
+        whole = torch.nn.Linear(*reversed(module.weight.shape), bias=False, dtype=torch.bfloat16)
+        whole.weight.data.copy_(saved[f"{name}.weight"])
+        transform(whole, Float8WeightOnlyConfig())
+        assert torch.equal(module.weight.qdata.view(torch.uint8), whole.weight.qdata.view(torch.uint8)), name
+        assert torch.equal(module.weight.scale, whole.weight.scale), name
+    assert session.scheme.weights_bytes == scheme("fp8").weights_bytes(session.plan.architecture.tensors)
+    assert session.generate("the quick brown fox", **GREEDY).text is not None
