@@ -38,7 +38,7 @@ import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from heavylift.engine import AUTO, TRANSFORMERS  # heavylift.load(engine=...): what --engine chooses
+from heavylift.planner.runtimes import AUTO, TRANSFORMERS  # heavylift.load(engine=...): what --engine chooses
 
 HERE = Path(__file__).resolve().parent
 K = 1024

@@ -59,6 +59,13 @@ FP8_ROW_MULTIPLE = 16
 # (attention.cpp preprocess_mask). The engine's prefill masks have rows this many elements apart.
 SDPA_MASK_ALIGNMENT = 16
 
+# --- The engine's decode attention ------------------------------------------------------------
+# Split-K attention of a decode step: each (sequence, kv head) is cut into slices so that about this many
+# attention programs run per multiprocessor, and never more than DECODE_SPLITS_MAX slices (the planner
+# sizes the partial outputs for the most).
+DECODE_SPLITS_TARGET = 2
+DECODE_SPLITS_MAX = 64
+
 # --- Offload (only with --allow-offload) --------------------------------------------------
 # Weights offloaded to CPU RAM stream over PCIe every token: PCIe 4.0 x16 moves about 25 GB/s
 # in practice (32 GB/s on paper).

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from math import ceil
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .model.architecture import QUANTIZABLE_ROLES, TensorSpec
 from .defaults import ALLOCATION_GRANULE_BYTES
@@ -26,8 +26,19 @@ BNB_4BIT_BLOCKSIZE = 64  # weights per absmax (bitsandbytes' default for 4-bit)
 BNB_NESTED_BLOCKSIZE = 256  # absmax values per nested float32 absmax (double quantization)
 BNB_4BIT_CODE_ENTRIES = 16  # float32 code book of NF4 / FP4
 BNB_NESTED_CODE_ENTRIES = 256  # float32 dynamic-map code book of the nested 8-bit absmax
+FP8_E4M3_MAX = 448.0  # largest float8_e4m3fn: FP8 rows are scaled to [-448, 448]
+INT8_ROW_MAX = 127.0  # LLM.int8 scales rows to [-127, 127]
 FLOAT32_BYTES = 4
 UNQUANTIZED_BYTES = 2  # bf16 / fp16
+
+# How a scheme stores a quantized weight (Scheme.storage).
+DENSE = "dense"  # bf16 / fp16 as loaded
+ROWWISE8 = "rowwise8"  # one byte per weight and one float32 scale per output row (LLM.int8, torchao FP8)
+BNB_4BIT = "bnb-4bit"  # bitsandbytes' packed 4-bit codes and blockwise absmax
+# The heavylift engine streams weights through its Triton GEMV kernels for up to this many tokens a step;
+# 4-bit weights for one (its 4-bit kernels decode one row of x); beyond, a step runs dequantized matmuls.
+ENGINE_GEMV_MAX_ROWS = 16
+ENGINE_GEMV_MAX_ROWS_4BIT = 1
 
 
 def _allocated(nbytes: int) -> int:
@@ -56,14 +67,40 @@ def _components_4bit_dq(numel: int, rows: int) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class Scheme:
+    """One precision: how it stores a weight, which library loads it, which runtimes run it.
+
+    Every module asks its scheme instead of testing names: `SCHEMES[quant].four_bit`, not a tuple of names."""
+
     name: str
     label: str
     bits_per_weight: float  # nominal, for display
-    _components: object  # (numel, rows) -> bytes of each tensor the scheme stores
+    storage: str  # DENSE, ROWWISE8 or BNB_4BIT
+    components: Callable[[int, int], tuple[int, ...]]  # (numel, rows) -> bytes of each tensor stored
+    code: str | None = None  # BNB_4BIT: bitsandbytes' quant_type ("nf4" or "fp4"); ROWWISE8: "int8" or "fp8"
+    double_quant: bool = False  # BNB_4BIT: the absmax values are quantized to 8 bits in blocks of 256
+    row_max: float | None = None  # ROWWISE8: the value a row's largest magnitude is scaled to
+    engine_runs: bool = True  # heavylift's engine computes in bf16; fp16 runs on transformers
+
+    @property
+    def four_bit(self) -> bool:
+        return self.storage == BNB_4BIT
+
+    @property
+    def rowwise8(self) -> bool:
+        return self.storage == ROWWISE8
+
+    @property
+    def quantized(self) -> bool:
+        return self.storage != DENSE
+
+    @property
+    def engine_gemv_max_rows(self) -> int:
+        """Tokens per step the engine streams these weights through its GEMV kernels."""
+        return ENGINE_GEMV_MAX_ROWS_4BIT if self.four_bit else ENGINE_GEMV_MAX_ROWS
 
     def stored_bytes(self, numel: int, rows: int, quantized: bool = True) -> int:
         """Allocated bytes of one stored parameter of `numel` weights in `rows` output rows."""
-        parts = self._components(numel, rows) if quantized else _components_bf16(numel, rows)
+        parts = self.components(numel, rows) if quantized else _components_bf16(numel, rows)
         return sum(_allocated(b) for b in parts)
 
     def weights_bytes(self, tensors: Iterable[TensorSpec]) -> int:
@@ -80,15 +117,18 @@ class Scheme:
         return total + sum(self.stored_bytes(n, r, q) for n, r, q in fused.values())
 
 
-BF16 = Scheme("bf16", "BF16", 16, _components_bf16)
-FP16 = Scheme("fp16", "FP16", 16, _components_bf16)
-FP8 = Scheme("fp8", "FP8 (torchao, per-row scales)", 8, _components_rowwise8)
-INT8 = Scheme("int8", "INT8 (LLM.int8, bitsandbytes)", 8, _components_rowwise8)
-NF4 = Scheme("nf4", "NF4 (bitsandbytes)", 4, _components_4bit)
-NF4_DQ = Scheme("nf4-dq", "NF4 + double quant (bitsandbytes)", 4, _components_4bit_dq)
-FP4 = Scheme("fp4", "FP4 (bitsandbytes)", 4, _components_4bit)
-
-SCHEMES = {s.name: s for s in (BF16, FP16, FP8, INT8, NF4, NF4_DQ, FP4)}
+SCHEMES = {s.name: s for s in (
+    Scheme("bf16", "BF16", 16, DENSE, _components_bf16),
+    Scheme("fp16", "FP16", 16, DENSE, _components_bf16, engine_runs=False),
+    Scheme("fp8", "FP8 (torchao, per-row scales)", 8, ROWWISE8, _components_rowwise8, code="fp8",
+           row_max=FP8_E4M3_MAX),
+    Scheme("int8", "INT8 (LLM.int8, bitsandbytes)", 8, ROWWISE8, _components_rowwise8, code="int8",
+           row_max=INT8_ROW_MAX),
+    Scheme("nf4", "NF4 (bitsandbytes)", 4, BNB_4BIT, _components_4bit, code="nf4"),
+    Scheme("nf4-dq", "NF4 + double quant (bitsandbytes)", 4, BNB_4BIT, _components_4bit_dq, code="nf4",
+           double_quant=True),
+    Scheme("fp4", "FP4 (bitsandbytes)", 4, BNB_4BIT, _components_4bit, code="fp4"),
+)}
 QUANT_CHOICES = tuple(SCHEMES)
 ALL = "all"
 
@@ -109,4 +149,4 @@ def fidelity_order(native_fp8: bool, bf16_supported: bool) -> tuple[str, ...]:
     """
     full = "bf16" if bf16_supported else "fp16"
     eight = ("fp8", "int8") if native_fp8 else ("int8", "fp8")
-    return (full, *eight, "nf4", "nf4-dq", "fp4")
+    return (full, *eight, *(name for name, s in SCHEMES.items() if s.four_bit))

@@ -89,21 +89,14 @@ def test_the_plan_describes_the_engine_it_is_told_runs(tiny):
         Workload(context=100, batch=2, engine="auto")
 
 
-def test_engine_names_are_heavylift_engines():
-    from heavylift import engine
-
-    assert (FAST, TRANSFORMERS) == (engine.FAST, engine.TRANSFORMERS)
-
-
 def test_nf4_dq_rule_matches_bitsandbytes():
     """The storage rule equals the tensors bitsandbytes really creates (before allocator rounding)."""
     torch = pytest.importorskip("torch")
     bnb = pytest.importorskip("bitsandbytes")
-    from heavylift.schemes import _components_4bit, _components_4bit_dq
 
     for shape in [(256, 512), (96, 64), (1000, 64)]:
         w = torch.randn(*shape, dtype=torch.bfloat16)
-        for dq, rule in ((False, _components_4bit), (True, _components_4bit_dq)):
+        for dq, rule in ((False, SCHEMES["nf4"].components), (True, SCHEMES["nf4-dq"].components)):
             p = bnb.nn.Params4bit(w.clone(), requires_grad=False, compress_statistics=dq, quant_type="nf4")
             p = p._quantize("cpu")
             qs = p.quant_state
@@ -117,11 +110,10 @@ def test_nf4_dq_rule_matches_bitsandbytes():
 def test_int8_rule_matches_bitsandbytes():
     torch = pytest.importorskip("torch")
     bnb = pytest.importorskip("bitsandbytes")
-    from heavylift.schemes import _components_rowwise8
 
     w = torch.randn(96, 64, dtype=torch.bfloat16)
     p = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)._quantize("cpu")
-    assert sorted([p.data.nbytes, p.SCB.nbytes]) == sorted(_components_rowwise8(96 * 64, 96))
+    assert sorted([p.data.nbytes, p.SCB.nbytes]) == sorted(SCHEMES["int8"].components(96 * 64, 96))
 
 
 @pytest.mark.parametrize("name, params", [("llama3.1-8b", 8_030_261_248), ("llama3.1-70b", 70_553_706_496),
@@ -239,3 +231,15 @@ def test_planner_imports_without_torch():
     code = ("import sys, heavylift, heavylift.planner.plan, heavylift.planner.advice, heavylift.api; "
             "heavylift.plan('llama3.1-8b', gpus='1xH100'); assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_scheme_says_how_it_stores_and_runs():
+    """The scheme records are what modules ask; their answers for the seven precisions, written out."""
+    four_bit = {name for name, s in SCHEMES.items() if s.four_bit}
+    rowwise = {name: s.row_max for name, s in SCHEMES.items() if s.rowwise8}
+    assert four_bit == {"nf4", "nf4-dq", "fp4"}
+    assert rowwise == {"fp8": 448.0, "int8": 127.0}
+    assert [name for name, s in SCHEMES.items() if s.double_quant] == ["nf4-dq"]
+    assert [name for name, s in SCHEMES.items() if not s.engine_runs] == ["fp16"]
+    assert {s.engine_gemv_max_rows for name, s in SCHEMES.items() if name in four_bit} == {1}
+    assert {s.engine_gemv_max_rows for name, s in SCHEMES.items() if name not in four_bit} == {16}

@@ -17,7 +17,7 @@ from heavylift.model.architecture import architecture_from_config
 from heavylift.model.catalog import find_model
 from heavylift.hardware.gpus import parse_gpu_spec
 from heavylift.planner.memory import TRANSFORMERS, FAST, _kv_tensors, engine_prefill, runtime_terms
-from heavylift.schemes import FP8
+from heavylift.schemes import SCHEMES
 from heavylift.planner.forward_program import Part, Step, linear, transformers_forward
 
 from conftest import save_tiny_checkpoint, save_tiny_tokenizer
@@ -241,7 +241,7 @@ def test_a_dense_plan_holds_what_the_load_leaves_cached():
     (gpu,) = parse_gpu_spec("1xH100")
     part = Part(range(arch.num_layers), True, True)
     loaded, weights = loaded_state("fp8", load_order(arch, part), arch.num_layers)
-    assert weights == FP8.weights_bytes(arch.tensors) and loaded.peak_reserved > weights
+    assert weights == SCHEMES["fp8"].weights_bytes(arch.tensors) and loaded.peak_reserved > weights
     terms = runtime_terms(arch, "fp8", FAST, 1024, 1, 2, gpu, part, every_layer=True)
     assert terms.kv_cache_bytes + terms.transient_bytes + terms.buffer_bytes >= loaded.peak_reserved - weights
 

@@ -15,11 +15,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from heavylift.defaults import DECODE_SPLITS_MAX, DECODE_SPLITS_TARGET
+from heavylift.schemes import ENGINE_GEMV_MAX_ROWS, ENGINE_GEMV_MAX_ROWS_4BIT
+
 from .weights import FP8, FP8_MAX, NF4, NF4_DQ, X16_SCALE, QWeight
 
-GEMV_MAX_ROWS = 16  # up to this many tokens a step streams the weights through the GEMV kernels
 ATTENTION_BLOCK = 64  # cache positions per attention tile
-DECODE_SPLITS_TARGET = 2  # attention programs per multiprocessor the split-K pass aims for
 
 
 @functools.cache
@@ -63,7 +64,7 @@ def dense_parts(x: torch.Tensor, parts: Sequence[QWeight]) -> torch.Tensor:
 def decode_splits(device: torch.device, batch: int, kv_heads: int) -> int:
     """Sequence slices per (sequence, kv head) so the attention pass fills the GPU."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    return max(1, min(64, -(-DECODE_SPLITS_TARGET * sms // (batch * kv_heads))))
+    return max(1, min(DECODE_SPLITS_MAX, -(-DECODE_SPLITS_TARGET * sms // (batch * kv_heads))))
 
 
 class TorchOps:
@@ -279,14 +280,14 @@ def _capability(device: torch.device) -> tuple[int, int]:
 def _pick(K, gemv, gemm, rows: int):
     """The kernel for `rows` tokens: one row streams through FMAs, up to 16 through the tensor cores."""
     kind = "gemv" if rows == 1 else "gemm"
-    return (gemv if rows == 1 else gemm), (1 if rows == 1 else GEMV_MAX_ROWS), (K.FIXED[kind] if K.INTERPRET else {})
+    return (gemv if rows == 1 else gemm), (1 if rows == 1 else ENGINE_GEMV_MAX_ROWS), (K.FIXED[kind] if K.INTERPRET else {})
 
 
 def _gemv_rows(w: QWeight) -> int:
-    """Most tokens a step streams through the weight kernels. 4-bit weights take one: beyond it,
-    bitsandbytes' dequantize and a cuBLAS matmul ran 5x faster than our tensor-core tile on an
-    H100 (bench/results/gemv_sweep_h100_2026-11-26.json)."""
-    return 1 if w.packed else GEMV_MAX_ROWS
+    """Most tokens a step streams through the weight kernels (the scheme's engine_gemv_max_rows). 4-bit
+    weights take one: beyond it, bitsandbytes' dequantize and a cuBLAS matmul run about 5x faster than the
+    engine's tensor-core tile on an H100 (bench/gemv_sweep.py)."""
+    return ENGINE_GEMV_MAX_ROWS_4BIT if w.packed else ENGINE_GEMV_MAX_ROWS
 
 
 _NF4_TABLES: dict[tuple[int, torch.device], bool] = {}  # code tensor -> whether it holds the NF4 table

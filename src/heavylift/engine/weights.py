@@ -13,11 +13,13 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from heavylift.schemes import BNB_4BIT_BLOCKSIZE, BNB_NESTED_BLOCKSIZE, FP8_E4M3_MAX, INT8_ROW_MAX
+
 DENSE, FP8, NF4, NF4_DQ, INT8 = 0, 1, 2, 3, 4  # storage layouts; FP8 and INT8 share the row-scaled path
-QBLOCK = 64  # bitsandbytes' 4-bit block: 64 weights share one absmax
-DQ_GROUP = 256  # its double quantization: 256 absmax share one fp32 scale and the offset
-FP8_MAX = 448.0  # largest float8_e4m3fn
-INT8_MAX = 127.0  # LLM.int8 scales rows to [-127, 127]
+QBLOCK = BNB_4BIT_BLOCKSIZE  # bitsandbytes' 4-bit block: 64 weights share one absmax
+DQ_GROUP = BNB_NESTED_BLOCKSIZE  # its double quantization: 256 absmax share one fp32 scale and the offset
+FP8_MAX = FP8_E4M3_MAX
+INT8_MAX = INT8_ROW_MAX
 # One-token 4-bit GEMVs (gemv4.py) read x as fp16 "planes" (ops.planes), scaled by this power of two so that
 # fp16 partial sums cannot overflow; the kernels producing their inputs (rmsnorm, attention, the GLU) write them.
 X16_SCALE = 2.0 ** -6

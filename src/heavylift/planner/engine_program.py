@@ -14,6 +14,7 @@ from heavylift.model.architecture import Architecture
 from heavylift.defaults import SDPA_MASK_ALIGNMENT
 from .matmul_programs import BF16, FP32, INT32, INT64, dense_linear
 from .forward_program import Part, gated_mlp
+from heavylift.schemes import SCHEMES
 
 
 def _prefill_scratch(p: Program, arch: Architecture, prompt: int, chunk: int, layers: Sequence[int]) -> list[str]:
@@ -115,16 +116,9 @@ def engine_prefill(p: Program, arch: Architecture, quant: str, prompt: int, chun
     return logits
 
 
-# The engine streams weights through its Triton GEMV kernels for up to this many tokens per step (ops.py
-# _gemv_rows): one for 4-bit weights, 16 for the others; beyond, a step runs ops.TorchOps' dequantized
-# matmuls, which allocate.
-ENGINE_GEMV_ROWS = {"nf4": 1, "nf4-dq": 1, "fp4": 1}
-ENGINE_GEMV_ROWS_DEFAULT = 16
-
-
 def decode_uses_kernels(quant: str, batch: int) -> bool:
     """Whether a decode step of `batch` sequences runs the (autotuned) Triton weight kernels."""
-    return batch <= ENGINE_GEMV_ROWS.get(quant, ENGINE_GEMV_ROWS_DEFAULT)
+    return batch <= SCHEMES[quant].engine_gemv_max_rows
 
 
 def engine_decode_step(p: Program, arch: Architecture, quant: str, batch: int, layers: Sequence[int], part: Part,

@@ -16,14 +16,13 @@ from .allocator import CachingAllocator, Program, block_size, live_sizes, replay
 from heavylift.model.architecture import QUANTIZABLE_ROLES, Architecture
 from heavylift.defaults import EXPERT_ROW_CHUNK_ELEMENTS, FP8_ROW_MULTIPLE, LOAD_ROW_CHUNK_ELEMENTS
 from .matmul_programs import BF16, BNB_4BIT_BLOCKSIZE, FP32, float8_rows
-from heavylift.schemes import BNB_4BIT_CODE_ENTRIES, BNB_NESTED_BLOCKSIZE, BNB_NESTED_CODE_ENTRIES
+from heavylift.schemes import BNB_4BIT_CODE_ENTRIES, BNB_NESTED_BLOCKSIZE, BNB_NESTED_CODE_ENTRIES, SCHEMES
 from .forward_program import Part
 
 # transformers sizes the weights before loading them (modeling_utils.caching_allocator_warmup, from
 # get_total_byte_count): a weight it quantizes on load at its quantizer's quantized_element_size (bitsandbytes
-# 4-bit 0.5 bytes, LLM.int8 and torchao FP8 1), every other tensor at its bf16 size. It allocates that much at
-# once and frees it, so the weights then fill one cached segment.
-WARMUP_ELEMENT_BYTES = {"nf4": 0.5, "nf4-dq": 0.5, "fp4": 0.5, "int8": 1, "fp8": 1}
+# 4-bit 0.5 bytes, LLM.int8 and torchao FP8 1: the scheme's nominal bits), every other tensor at its bf16 size.
+# It allocates that much at once and frees it, so the weights then fill one cached segment.
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,8 @@ def natural_key(name: str) -> list[tuple]:
 
 def allocator_warmup(p: Program, quant: str, tensors: Sequence[Loaded]) -> None:
     """transformers' caching_allocator_warmup: the weights' expected size allocated as one fp16 tensor and freed."""
-    per_quantized = WARMUP_ELEMENT_BYTES.get(quant, BF16)
+    scheme = SCHEMES[quant]
+    per_quantized = scheme.bits_per_weight / 8 if scheme.quantized else BF16
     warmup = sum(t.numel * (per_quantized if t.quantized else BF16) for t in tensors)
     p.free(p.alloc("warmup", int(warmup // 2) * 2))  # torch.empty(byte_count // 2, dtype=float16)
 
@@ -63,7 +63,7 @@ def load_tensors(p: Program, quant: str, tensors: Sequence[Loaded]) -> None:
     copy freed. What stays is what quant.Scheme counts as weights."""
     for t in tensors:
         w = p.alloc("bf16", BF16 * t.numel)
-        if t.quantized and quant in WARMUP_ELEMENT_BYTES:
+        if t.quantized and SCHEMES[quant].quantized:
             _quantize_on_load(p, quant, t.numel, t.rows)
             p.free(w)
 
@@ -147,9 +147,10 @@ def _quantize_expert(p: Program, quant: str, source: str, rows: int, cols: int) 
     """experts._quantize_one on one fused tensor: bitsandbytes' quantize_4bit (_quantize_4bit), or
     experts._quantize_rows a chunk at a time; the bf16 source freed once the quantized parameter replaces it."""
     n = rows * cols
-    if quant in ("nf4", "nf4-dq", "fp4"):
+    scheme = SCHEMES[quant]
+    if scheme.four_bit:
         _quantize_4bit(p, quant, n)
-    elif quant in ("int8", "fp8"):
+    elif scheme.rowwise8:
         p.alloc("q", n)
         p.alloc("scale", FP32 * rows)
         chunk = min(rows, max(1, EXPERT_ROW_CHUNK_ELEMENTS // cols)) * cols

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .allocator import Program
 from heavylift.defaults import LLM_INT8_OUTLIER_COLUMN_FRACTION
-from heavylift.schemes import BNB_4BIT_BLOCKSIZE, FLOAT32_BYTES, UNQUANTIZED_BYTES
+from heavylift.schemes import BNB_4BIT_BLOCKSIZE, FLOAT32_BYTES, SCHEMES, UNQUANTIZED_BYTES
 
 BF16 = UNQUANTIZED_BYTES  # a bf16 / fp16 element: activations, KV cache, dequantized weights
 FP32 = FLOAT32_BYTES
@@ -29,11 +29,12 @@ BNB_4BIT_FUSED_MAX_ROWS = 4
 def linear(p: Program, quant: str, rows: int, k: int, n: int, native_fp8: bool = True) -> str:
     """y = x W^T for `rows` rows through the loaded layer of scheme `quant` (nn.Linear, bitsandbytes'
     Linear4bit / Linear8bitLt, torchao's Float8Tensor); returns y, leaving x untouched."""
-    if quant in ("nf4", "nf4-dq", "fp4"):
+    scheme = SCHEMES[quant]
+    if scheme.four_bit:
         if rows <= BNB_4BIT_FUSED_MAX_ROWS:
             return p.alloc("linear", BF16 * rows * n)
         extra = []  # _dequant_linear_fallback: absmax (double quant), the bf16 weight, then F.linear
-        if quant == "nf4-dq":
+        if scheme.double_quant:
             blocks = n * k // BNB_4BIT_BLOCKSIZE
             extra += [p.alloc("absmax_dq", FP32 * blocks), p.alloc("absmax", FP32 * blocks)]
         extra.append(p.alloc("weight_dq", BF16 * n * k))
@@ -129,10 +130,11 @@ def dense_linear(p: Program, quant: str, rows: int, k: int, n: int, native_fp8: 
     """ops.dense_linear: bf16 weights used as they are; NF4 dequantized by bitsandbytes to bf16 (double
     quant's absmax first); FP8 rows scaled per token to FP8 in fp32 and multiplied on the FP8 tensor
     cores (torch._scaled_mm); INT8, and FP8 without FP8 tensor cores, dequantized in fp32 to bf16."""
-    if quant in ("bf16", "fp16"):
+    scheme = SCHEMES[quant]
+    if not scheme.quantized:
         return p.alloc("linear", BF16 * rows * n)
-    if quant in ("nf4", "nf4-dq", "fp4"):
-        absmax = p.alloc("absmax", FP32 * (n * k // BNB_4BIT_BLOCKSIZE)) if quant == "nf4-dq" else None
+    if scheme.four_bit:
+        absmax = p.alloc("absmax", FP32 * (n * k // BNB_4BIT_BLOCKSIZE)) if scheme.double_quant else None
         w = p.alloc("weight_bf16", BF16 * n * k)
         p.free(absmax)
         y = p.alloc("linear", BF16 * rows * n)
@@ -163,12 +165,13 @@ def expert_weights(p: Program, quant: str, numel: int) -> list[str]:
     """One fused expert parameter read through heavylift's parametrization (experts.py): bitsandbytes'
     4-bit dequantize (double quant's absmax first), or the 8-bit rows in fp32 times their scales, cast to
     bf16. Cached until the experts' forward returns; bf16 experts are read in place."""
-    if quant in ("nf4", "nf4-dq", "fp4"):
-        tmp = [p.alloc("absmax", FP32 * (numel // BNB_4BIT_BLOCKSIZE))] if quant == "nf4-dq" else []
+    scheme = SCHEMES[quant]
+    if scheme.four_bit:
+        tmp = [p.alloc("absmax", FP32 * (numel // BNB_4BIT_BLOCKSIZE))] if scheme.double_quant else []
         w = p.alloc("experts_bf16", BF16 * numel)
         p.free(*tmp)
         return [w]
-    if quant in ("int8", "fp8"):
+    if scheme.rowwise8:
         f = p.alloc("experts_fp32", FP32 * numel)
         s = p.alloc("experts_scaled", FP32 * numel)
         p.free(f)

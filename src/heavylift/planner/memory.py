@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 
 from .allocator import CachingAllocator, Program, block_size, live_sizes, peak_live, replay, run
 from heavylift.model.architecture import Architecture
-from heavylift.defaults import CUDA_CONTEXT_BYTES, LLM_INT8_CONTEXT_BYTES, MiB, PREFILL_CHUNK_TOKENS
+from heavylift.defaults import CUDA_CONTEXT_BYTES, DECODE_SPLITS_MAX, LLM_INT8_CONTEXT_BYTES, MiB, PREFILL_CHUNK_TOKENS
 from .engine_program import decode_uses_kernels, engine_decode_step, engine_prefill
 from .load_program import LoadOrder, expert_load, load_order, loaded_state
 from .matmul_programs import BF16, FP32, INT32, INT64
@@ -49,9 +49,6 @@ SIMULATED_LAYERS = {TRANSFORMERS: 2, FAST: 4}
 SAMPLING_FP32_COPIES = 2
 
 # --- The fast engine's fixed buffers (engine/model.py, engine/ops.py) ---------------------------------
-# Split-K attention of a decode step: partial outputs and maxima per split; ops.decode_splits caps the
-# splits at 64 (fewer on GPUs with fewer multiprocessors, which the GPU catalog does not record).
-ENGINE_DECODE_SPLITS_MAX = 64
 # The first decode step autotunes the Triton GEMV kernels on a side stream; triton.testing.do_bench
 # clears the L2 cache with a 256 MiB buffer (backends/nvidia/driver.py get_empty_cache_for_benchmark),
 # which the allocator keeps cached for that stream afterwards. The captured graph keeps a private pool
@@ -286,7 +283,7 @@ def _engine_phases(arch: Architecture, quant: str, context: int, batch: int, kvb
     if part.last:
         p.alloc("logits_cat", FP32 * batch * v)
     prefill = p
-    splits = ENGINE_DECODE_SPLITS_MAX
+    splits = DECODE_SPLITS_MAX
     buffers = [("hidden", BF16 * batch * h)] * 3 + [
         ("qkv", BF16 * batch * (nh + 2 * nkv) * d), ("q", BF16 * batch * nh * d), ("attn", BF16 * batch * nh * d),
         ("act", BF16 * batch * arch.intermediate_size), ("slots", INT32 * batch),

@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from heavylift.errors import InvalidArgumentError
-from .memory import FAST, TRANSFORMERS
+from .memory import FAST, TRANSFORMERS  # the runtimes a plan describes; --engine adds AUTO
+from heavylift.schemes import SCHEMES
 
 AUTO = "auto"  # --engine: heavylift's engine where it runs, else transformers
 CHOICES = (AUTO, FAST, TRANSFORMERS)
@@ -43,7 +44,7 @@ def model_reason(config: Mapping[str, Any], quant: str) -> str | None:
     act = config.get("hidden_act") or "silu"  # the supported families' default
     if act != "silu":
         return f"the fast engine's MLP is SiLU-gated, not {act}"
-    if quant in ("fp16", "fp32"):
+    if not SCHEMES[quant].engine_runs:
         return f"the fast engine computes in bf16; {quant} runs on transformers"
     return None
 

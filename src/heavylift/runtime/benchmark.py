@@ -109,7 +109,7 @@ def reference_decode_tok_s(model, batch: int, prompt: int, new: int, seed: int =
 
 
 def timed_load(model: str, quant: str, gpus=None):
-    """Load `model` by its plan for the benchmark's context and batch: (Loaded, seconds)."""
+    """Load `model` by its plan for the benchmark's context and batch: (LoadedWeights, seconds)."""
     from .session import load_weights
 
     _sync()

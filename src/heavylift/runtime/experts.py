@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from heavylift.defaults import EXPERT_ROW_CHUNK_ELEMENTS
+from heavylift.schemes import BNB_4BIT_BLOCKSIZE, SCHEMES
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 INT8_MAX = 127.0
@@ -77,15 +78,16 @@ def _expert_names(module: nn.Module) -> list[str]:
 
 def _quantize_one(module: nn.Module, name: str, quant: str) -> bool:
     """Rewrite one fused expert parameter for `quant`; False where the scheme keeps it as it is."""
-    if quant in ("nf4", "nf4-dq", "fp4"):
+    scheme = SCHEMES[quant]
+    if scheme.four_bit:
         from bitsandbytes.nn.parametrize import replace_parameter_4bit
 
-        replace_parameter_4bit(module, name, compress_statistics=quant == "nf4-dq",
-                               quant_type="fp4" if quant == "fp4" else "nf4", blocksize=64)
-    elif quant in ("int8", "fp8"):
+        replace_parameter_4bit(module, name, compress_statistics=scheme.double_quant, quant_type=scheme.code,
+                               blocksize=BNB_4BIT_BLOCKSIZE)
+    elif scheme.rowwise8:
         w = module._parameters[name]
         dtype = w.dtype
-        q, scale = _quantize_rows(w, torch.int8 if quant == "int8" else torch.float8_e4m3fn)
+        q, scale = _quantize_rows(w, torch.int8 if scheme.code == "int8" else torch.float8_e4m3fn)
         del w
         setattr(module, name, nn.Parameter(q, requires_grad=False))
         parametrize.register_parametrization(module, name, RowwiseDequant(scale, dtype), unsafe=True)

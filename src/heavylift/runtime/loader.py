@@ -14,6 +14,7 @@ import torch
 from heavylift.model.architecture import Architecture
 from heavylift.errors import CheckpointError, OffloadError
 from heavylift.planner.plan import SchemePlan
+from heavylift.schemes import SCHEMES
 
 CPU, DISK = "cpu", "disk"
 
@@ -64,15 +65,16 @@ def quantization_config(quant: str, dtype: torch.dtype, native_fp8: bool, cpu_of
     """
     from transformers import BitsAndBytesConfig, TorchAoConfig
 
-    if quant in ("bf16", "fp16"):
+    scheme = SCHEMES[quant]
+    if not scheme.quantized:
         return None
-    if quant in ("nf4", "nf4-dq", "fp4"):
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4" if quant == "fp4" else "nf4",
-                                  bnb_4bit_use_double_quant=quant == "nf4-dq", bnb_4bit_compute_dtype=dtype,
+    if scheme.four_bit:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=scheme.code,
+                                  bnb_4bit_use_double_quant=scheme.double_quant, bnb_4bit_compute_dtype=dtype,
                                   llm_int8_enable_fp32_cpu_offload=cpu_offload)
-    if quant == "int8":
+    if scheme.code == "int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=cpu_offload)
-    if quant == "fp8":
+    if scheme.code == "fp8":
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow
 
         from .float8_load import RowChunkedFloat8WeightConfig

@@ -15,7 +15,7 @@ from .loader import (Placement, attention_implementation, guard_offload, load_mo
                      placement_from_plan, real_placement)
 from heavylift.planner.memory import FAST, TRANSFORMERS
 from heavylift.planner.plan import Plan, SchemePlan
-from heavylift.planner.runtimes import planned_runtime
+from heavylift.planner.runtimes import check_choice, planned_runtime
 from .sampling import Sampling
 from heavylift.model.source import ModelSource, resolve_model
 
@@ -268,7 +268,7 @@ def _tokenizer(folder):
 
 
 @dataclass(frozen=True)
-class Loaded:
+class LoadedWeights:
     """A model loaded by its plan, before any engine or tokenizer is put over it."""
 
     source: ModelSource
@@ -282,7 +282,7 @@ class Loaded:
 
 
 def load_weights(model: str, quant: str = "auto", gpus=None, context: int = DEFAULT_CONTEXT_TOKENS, batch: int = 1,
-                 allow_offload: bool = False, reserve: int | str = 0, engine: str = "auto") -> Loaded:
+                 allow_offload: bool = False, reserve: int | str = 0, engine: str = "auto") -> LoadedWeights:
     """Plan `model` for the runtime that will run it (`engine`: auto, fast or transformers), stop before
     any download if it cannot fit, then load its weights exactly as planned."""
     from pathlib import Path
@@ -317,7 +317,7 @@ def load_weights(model: str, quant: str = "auto", gpus=None, context: int = DEFA
     names = list(placement.modules)
     spilled = guard_offload(placement, real_placement(loaded, names),
                             {n: module_bytes(loaded, n) for n in names}, allow_offload)
-    return Loaded(source, plan, scheme, placement, loaded, folder, attention, spilled)
+    return LoadedWeights(source, plan, scheme, placement, loaded, folder, attention, spilled)
 
 
 def planned_engine(config, quant: str, devices, engine: str, offload: bool = False) -> str:
@@ -346,10 +346,10 @@ def replan(plan: Plan, engine: str) -> Plan:
 def build_engine(model: torch.nn.Module, quant: str, context: int, batch: int, engine: str):
     """(the fast engine or None, the one-line reason when transformers runs the model instead).
 
-    `engine` is one of engine.ENGINES: auto takes the engine where its kernels run; fast insists,
+    `engine` is one of planner.runtimes.CHOICES: auto takes the engine where its kernels run; fast insists,
     and on an all-CPU model runs the engine's torch reference path.
     """
-    from heavylift.engine import FAST, TRANSFORMERS, Engine, device_reason, model_reason
+    from heavylift.engine import Engine, device_reason, model_reason
 
     if engine == TRANSFORMERS:
         return None, "--engine transformers"
@@ -374,9 +374,7 @@ def load(model: str, quant: str = "auto", gpus=None, context: int = DEFAULT_CONT
     """Plan `model` for the runtime that will run it, stop before any download if it cannot fit, load it
     exactly as planned, and put the fast engine over it where it runs (`engine="auto"`), else
     transformers with the reason in `engine_note`."""
-    from heavylift.engine import check_engine
-
-    check_engine(engine)
+    check_choice(engine)
     w = load_weights(model, quant, gpus, context, batch, allow_offload, reserve, engine)
     tokenizer = _tokenizer(w.folder)
     fast, note = build_engine(w.model, w.scheme.quant, w.plan.context, batch, engine)
