@@ -12,8 +12,7 @@ scaled by X16_SCALE so the fp16 partial sums of eight products cannot overflow (
 small values keep 2^-25 absolute precision. Each step a thread reads 16 contiguous bytes of a block
 per row (one 128-bit load), the matching 32 x values (four 128-bit loads, shared by its RPT rows), and
 the absmax of the step after, so loads of step i+1 are in flight while step i multiplies.
-bench/gemv4_probe.py times every tile and both lookups against the Triton kernels
-(bench/results/gemv4_probe_h100_2026-11-26.json).
+bench/gemv4_probe.py times every tile and both lookups against the Triton kernels.
 
 Gluon has no CPU interpreter: the tests check the lookup program bit by bit (lut.emulate_dot) and the
 kernels run on GPUs only, checked by bench/decode_gpu.py against a float64 reference.
@@ -317,7 +316,7 @@ def _configs():
 # The one tile the engine runs: the shared-memory table, two rows a thread, eight warps. On an H100, in CUDA
 # graphs over weights that do not fit L2, it was the fastest of _configs() for every 8B and 70B shape but
 # the 70B down projection (+8%: 512 programs of 64 KB fill 1.3 waves), e.g. down 17.3 us against the register
-# lookup's best 21.3, GLU 29.5 against 32.2 (bench/results/gemv4_probe_h100_2026-11-26.json). Triton's
+# lookup's best 21.3, GLU 29.5 against 32.2 (bench/gemv4_probe.py). Triton's
 # autotuner is not used: timing kernels alone (do_bench) charged the table fill that PDL hides in a decode
 # step, and it picked tiles up to 28% slower there (down: 22.1 us).
 TILE = triton.Config({"RPT": 2, "WARPS": 8, "SMEM": True}, num_warps=8)

@@ -255,19 +255,17 @@ def _halves(out16: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
 
 
 def _pdl(K, rows: int) -> dict:
-    """Launch options: programmatic dependent launch (kernels.PDL) for one-token steps only. On an H100,
-    batch 1, it took NF4-DQ from 266.9 to 277.0 tok/s and FP8 from 279.9 to 290.5 (bf16 174.3 -> 170.7);
-    on for batch 16 too it cost FP8 2858 -> 1792 and bf16 2366 -> 2099: the tensor-core tiles lose more
-    to the next kernel's early, waiting programs than the short GEMVs gain (bench/results/decode_h100_
-    2026-11-26{,_pdl-off,_pdl-every-batch}.json; HEAVYLIFT_PDL=0 turns it off)."""
+    """Launch options: programmatic dependent launch (kernels.PDL) for one-token steps only. It lets a short
+    GEMV start while the previous kernel drains, which one-token steps gain from; at batch 16 the tensor-core
+    tiles lose more to the next kernel's early, waiting programs than they gain (docs/engine.md; bench/
+    decode_gpu.py measures both with HEAVYLIFT_PDL=0 turning it off)."""
     return {"launch_pdl": True} if K.PDL.value and rows == 1 else {}
 
 
 def _fp16_dot(x: torch.Tensor) -> bool:
-    """Whether one token's 4-bit GEMVs take gemv4's fp16x2 kernels (Gluon, compiled for Hopper). On an H100,
-    x's planes in, against kernels._nf4_rows in CUDA graphs: the 8B GLU 1.28x, qkv 1.15x, o 1.09x, down 1.04x,
-    the 70B shapes' gate 1.42x and down 1.36x (bench/results/gemv4_probe_h100_2026-11-26.json).
-    HEAVYLIFT_GEMV4=0 keeps the Triton kernels, to compare."""
+    """Whether one token's 4-bit GEMVs take gemv4's fp16x2 kernels (Gluon, compiled for Hopper), which beat
+    kernels._nf4_rows on every 8B and 70B decode shape (bench/gemv4_probe.py). HEAVYLIFT_GEMV4=0 keeps the
+    Triton kernels, to compare."""
     return (os.environ.get("HEAVYLIFT_GEMV4") != "0" and x.is_cuda and x.is_contiguous()
             and _capability(x.device) >= (9, 0))
 
