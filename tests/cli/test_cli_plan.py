@@ -8,19 +8,7 @@ import sys
 
 import pytest
 
-from heavylift.cli import main
-
-from conftest import TINY_LLAMA, write_config
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from conftest import TINY_LLAMA, run_cli, write_config
 
 
 def test_plan_table_for_catalog_model(capsys):

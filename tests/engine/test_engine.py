@@ -14,7 +14,9 @@ from heavylift.engine.ops import TorchOps, TritonOps, attention_scratch
 from heavylift.errors import InvalidArgumentError
 
 from conftest import TINY_FAMILIES, save_runnable_checkpoint
-from test_cli_plan import run_cli
+from conftest import run_cli
+
+pytestmark = pytest.mark.interpreter  # every test here runs the engine's kernels or its model on the CPU
 
 KINDS = [W.DENSE, W.FP8, W.INT8, W.NF4, W.NF4_DQ]
 OPS = [TorchOps, TritonOps]

@@ -11,7 +11,7 @@ from heavylift.errors import InvalidArgumentError, OffloadError, PlanDoesNotFitE
 from heavylift.runtime.loader import Placement, guard_offload
 
 from conftest import TINY_FAMILIES, save_runnable_checkpoint
-from test_cli_plan import run_cli
+from conftest import run_cli
 
 GREEDY = dict(max_new_tokens=6, temperature=0)
 
