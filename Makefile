@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(PINS) 2>&1 | grep -v "is ignored" || true
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[run,plot,test]" 2>&1 | grep -v "is ignored" || true
-	$(PY) -c "import heavylift, torch, transformers, bitsandbytes" 
+	$(PY) -c "from heavylift import quiet; quiet.third_party(verbose=False); import torch, transformers, bitsandbytes, torchao"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -70,13 +70,14 @@ def test_mixed_spec_keeps_order_and_indices():
     assert devices[1].compute_capability == (8, 0) and devices[1].bf16_supported
 
 
-@pytest.mark.parametrize("spec", ["2x48GB", "2x48GiB", "2x48G", "2 x 48 gb"])
-def test_generic_size_is_gib(spec):
+@pytest.mark.parametrize("spec, name, size", [("2x48GB", "48GB GPU", 48 * 10**9), ("2 x 48 gb", "48GB GPU", 48 * 10**9),
+                                              ("2x48GiB", "48GiB GPU", 48 * GiB), ("2x48G", "48GiB GPU", 48 * GiB)])
+def test_generic_size_reads_gb_as_decimal_and_gib_as_binary(spec, name, size):
     devices = parse_gpu_spec(spec)
     assert [d.index for d in devices] == [0, 1]
     card = devices[0]
-    assert card.name == "48GB GPU" and card.kind == "cuda"
-    assert card.memory_bytes == card.total_bytes == 48 * GiB
+    assert card.name == name and card.kind == "cuda"
+    assert card.memory_bytes == card.total_bytes == size
     assert card.bandwidth_bytes_s == GENERIC_GPU_BANDWIDTH_BYTES_S
     assert not card.native_fp8 and card.bf16_supported and card.compute_capability is None
 

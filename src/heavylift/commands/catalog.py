@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from heavylift.model.catalog import catalog_entries
 from heavylift.hardware.gpus import gpu_catalog
+from heavylift.report.table import console as report_console, memory_label
 
 
 def catalog(gpus: bool = typer.Option(False, "--gpus", help="List the GPU catalog instead of models.")) -> None:
     """List the models (or GPUs) heavylift knows without a download."""
-    console = Console(highlight=False)
+    console = report_console()
     if gpus:
-        table = Table("GPU", "aliases", "memory GB", "bandwidth GB/s", "BF16 TFLOP/s", "FP8")
+        table = Table("GPU", "aliases", "memory", "bandwidth GB/s", "BF16 TFLOP/s", "FP8")
         for g in gpu_catalog():
-            table.add_row(g.key, ", ".join(g.aliases), f"{g.memory_bytes * g.usable_memory_fraction / 1e9:.1f}",
+            table.add_row(g.key, ", ".join(g.aliases), memory_label(int(g.memory_bytes * g.usable_memory_fraction)),
                           f"{g.bandwidth_bytes_s / 1e9:,.0f}", f"{g.bf16_tflops or 0:,.0f}",
                           "yes" if g.native_fp8 else "no")
     else:

@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
 from heavylift.api import plan as make_plan
 from heavylift.defaults import DEFAULT_BATCH, DEFAULT_CONTEXT_TOKENS
+from heavylift.errors import InvalidArgumentError
+from heavylift.planner.plan import Plan
 from heavylift.schemes import ALL, QUANT_CHOICES
-from heavylift.report.table import render
+from heavylift.report.table import console as report_console, memory_label, render
 from heavylift.planner.runtimes import AUTO
 
 GPUS_HELP = "GPUs to plan for, e.g. 4xA100-80GB, 8xRTX4090, 2xH200, 1xH100,1xA100-40GB, 2x48GB (default: this machine's)"
@@ -24,7 +25,8 @@ def plan(
     context: int = typer.Option(DEFAULT_CONTEXT_TOKENS, "--context", help="Tokens per sequence (prompt + output)."),
     batch: int = typer.Option(DEFAULT_BATCH, "--batch", help="Sequences decoded together."),
     quant: str = typer.Option(ALL, "--quant", help=f"{ALL} or one of: {', '.join(QUANT_CHOICES)}."),
-    reserve: str = typer.Option("0", "--reserve", help="Headroom to leave free on every device, e.g. 2GiB."),
+    reserve: str = typer.Option("0", "--reserve", help="Headroom to leave free on every device, e.g. 2GiB "
+                                "(GiB = 2^30 bytes, GB = 10^9)."),
     kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="KV cache precision: bf16, fp16, fp8, fp32."),
     allow_offload: bool = typer.Option(False, "--allow-offload", help="Let layers that do not fit stay in CPU RAM."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
@@ -36,6 +38,7 @@ def plan(
     """Predict each device's memory for every precision, say whether it fits, and how to make it fit."""
     result = make_plan(model, gpus=gpus, context=context, batch=batch, quant=quant, reserve=reserve,
                        kv_dtype=kv_dtype, allow_offload=allow_offload, engine=engine)
+    _check_reserve(result, reserve)
     if plot is not None:
         from heavylift.report.plot import plot_memory
 
@@ -43,7 +46,17 @@ def plan(
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=2))
         return
-    console = Console(highlight=False)
+    console = report_console()
     render(result, console)
     if plot is not None:
         console.print(f"plot written to {plot}")
+
+
+def _check_reserve(result: Plan, reserve: str) -> None:
+    """A reserve that takes a device's whole memory leaves nothing to plan on: refuse it."""
+    reserve_bytes = result.workload.reserve_bytes
+    for device in result.devices:
+        if reserve_bytes >= device.memory_bytes:
+            raise InvalidArgumentError(
+                f"--reserve {reserve} leaves nothing to plan on: {device.name} (#{device.index}) has "
+                f"{memory_label(device.memory_bytes)}; reserve less than that")

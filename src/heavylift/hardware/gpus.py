@@ -50,8 +50,10 @@ SUGGESTION_CUTOFF = 0.6
 
 # One --gpus item: an optional count with "x" or "×", then a card name or size.
 _ITEM = re.compile(r"(?:(-?\d+)\s*[x×]\s*)?(.*\S)", re.IGNORECASE | re.DOTALL)
-# A generic card's size. "48GB" means 48 GiB here: cards are sold as "48GB" for 48 GiB of memory.
-_CARD_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:gib|gb|g)", re.IGNORECASE)
+# A generic card's size, in the units --reserve takes: "48GB" is 48 x 10^9 bytes, "48GiB" and "48G" 48 x 2^30.
+_CARD_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(gib|gb|g)", re.IGNORECASE)
+# How a generic card's name spells its unit.
+_CARD_UNIT_NAMES = {"gib": "GiB", "g": "GiB", "gb": "GB"}
 # A --reserve size: a number and an optional unit.
 _SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)", re.IGNORECASE)
 # Bare letters are binary (as `free -g` and `ls -h` mean them); "GB" is decimal, "GiB" binary.
@@ -218,10 +220,10 @@ def _parse_card(spec: str, card: str) -> Device:
     """One card of an item: a generic size such as 48GB, or a catalog name."""
     size = _CARD_SIZE.fullmatch(card)
     if size is not None:
-        gib = Decimal(size.group(1))
-        if gib <= 0:
+        amount, unit = Decimal(size.group(1)), size.group(2).lower()
+        if amount <= 0:
             raise _spec_error(spec, f"a card of {card!r} has no memory to fill")
-        return generic_device(f"{gib}GB GPU", int(gib * GiB))
+        return generic_device(f"{amount}{_CARD_UNIT_NAMES[unit]} GPU", int(amount * _BYTE_UNITS[unit]))
     model = lookup_gpu(card)
     if model is None:
         close = closest_gpu_keys(card)

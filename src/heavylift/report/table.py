@@ -7,6 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from heavylift.defaults import GiB
 from heavylift.hardware.gpus import Device
 from heavylift.planner.memory import FAST, TRANSFORMERS
 from heavylift.planner.plan import DevicePlan, Plan, SchemePlan
@@ -49,23 +50,68 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
             "recommended": plan.recommended}
 
 
+# Columns when output goes to a file or a pipe: wide enough that no table or line is ever broken mid-entry
+# (rich would otherwise assume 80).
+PIPED_WIDTH = 10_000
+# The report's tables count in GB (10^9 bytes), as the advice does; a device's memory is also shown in
+# GiB (2^30), the unit its name uses: an "80GB" H100 holds 79.2 GiB, 85.0 GB.
+TABLE_UNIT = "GB"
+# What the planner's activation_bytes hold: everything the caching allocator keeps beyond weights, KV cache
+# and buffers at the run's peak - blocks the load leaves cached as well as each step's scratch.
+TRANSIENT_COLUMN = "transient"
+
+
+def console(stderr: bool = False) -> Console:
+    """A console for the report: the terminal's width on a terminal, unbroken lines anywhere else."""
+    out = Console(stderr=stderr, highlight=False, soft_wrap=True)
+    return out if out.is_terminal else Console(stderr=stderr, highlight=False, soft_wrap=True, width=PIPED_WIDTH)
+
+
 def gb(nbytes: float) -> str:
     return f"{nbytes / 1e9:,.1f}"
+
+
+def memory_label(nbytes: int) -> str:
+    """A device's memory in its name's unit and in the tables': "79.2 GiB = 85.0 GB"."""
+    return f"{nbytes / GiB:,.1f} GiB = {gb(nbytes)} {TABLE_UNIT}"
 
 
 def _layers(d: DevicePlan) -> str:
     return f"{d.layers.start}-{d.layers.stop - 1}" if d.layers else "-"
 
 
+def _same_card(a: Device, b: Device) -> bool:
+    return (a.name, a.memory_bytes, a.total_bytes) == (b.name, b.memory_bytes, b.total_bytes)
+
+
+def devices_line(devices: tuple[Device, ...]) -> str:
+    """The devices, neighbours of one card told once: "8 x H100-80GB (#0-#7), 79.2 GiB = 85.0 GB each"."""
+    groups: list[list[Device]] = []
+    for d in devices:
+        if groups and _same_card(groups[-1][-1], d):
+            groups[-1].append(d)
+        else:
+            groups.append([d])
+    parts = []
+    for group in groups:
+        first, last = group[0], group[-1]
+        which = f"{first.name} (#{first.index})" if len(group) == 1 else \
+            f"{len(group)} x {first.name} (#{first.index}-#{last.index})"
+        memory = memory_label(first.memory_bytes)
+        if first.memory_bytes != first.total_bytes:  # Apple's GPU share, or what a busy GPU has free
+            memory += f" usable of {first.total_bytes / GiB:,.1f} GiB"
+        parts.append(f"{which}, {memory}" + (" each" if len(group) > 1 else ""))
+    return "; ".join(parts)
+
+
 def render(plan: Plan, console: Console) -> None:
     arch, work = plan.architecture, plan.workload
-    devices = ", ".join(f"#{d.index} {d.name} {gb(d.memory_bytes)} GB" for d in plan.devices)
     console.print(f"[bold]{plan.model}[/] ({arch.model_type}, {arch.params:,} parameters, {arch.num_layers} layers)")
     console.print(f"context {work.context:,} tokens x batch {work.batch}, KV cache {work.kv_dtype}"
-                  + (f", {gb(work.reserve_bytes)} GB reserved per device" if work.reserve_bytes else ""))
-    console.print(f"devices: {devices}")
-    table = Table(title="Memory per precision (GB)", title_justify="left")
-    for col in ("quant", "weights", "KV", "activ.", "overh.", "total", "fits", "min free", "tok/s ≤"):
+                  + (f", {gb(work.reserve_bytes)} {TABLE_UNIT} reserved per device" if work.reserve_bytes else ""))
+    console.print(f"devices: {devices_line(plan.devices)}")
+    table = Table(title=f"Memory per precision ({TABLE_UNIT} = 10^9 bytes)", title_justify="left")
+    for col in ("quant", "weights", "KV", TRANSIENT_COLUMN, "overh.", "total", "fits", "min free", "tok/s ≤"):
         table.add_column(col, justify="left" if col in ("quant", "fits") else "right", no_wrap=True)
     for s in plan.schemes:
         fits = "[green]yes[/]" if s.fits and not s.offload else (
@@ -95,8 +141,8 @@ def render(plan: Plan, console: Console) -> None:
 
 
 def _render_devices(s: SchemePlan, console: Console) -> None:
-    table = Table(title=f"Split for {s.quant} (GB)", title_justify="left")
-    for col in ("device", "layers", "weights", "KV", "activ.", "overh.", "total", "free"):
+    table = Table(title=f"Split for {s.quant} ({TABLE_UNIT})", title_justify="left")
+    for col in ("device", "layers", "weights", "KV", TRANSIENT_COLUMN, "overh.", "total", "free"):
         table.add_column(col, justify="left" if col in ("device", "layers") else "right", no_wrap=True)
     for d in s.per_device + ((s.offload,) if s.offload else ()):
         free = "" if d.device.kind == "cpu" and s.offload is d else gb(d.free_bytes)
