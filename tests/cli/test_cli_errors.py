@@ -9,7 +9,7 @@ import pytest
 
 from heavylift.errors import InvalidArgumentError
 
-from test_cli_plan import run_cli
+from conftest import run_cli
 
 USAGE_ERRORS = [
     (["plan", "llama3.1-8b", "--gpu", "8xH100"],

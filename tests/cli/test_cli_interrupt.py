@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from test_cli_plan import run_cli
+from conftest import run_cli
 
 WAIT_S = 60  # at most this long for the command to reach the slow import, then for it to exit
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import heavylift
 from heavylift.report.plot import fill_curves
 
-from test_cli_plan import run_cli
+from conftest import run_cli
 
 
 def _line(out: str, start: str) -> str:
