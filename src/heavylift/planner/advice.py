@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import Callable, Mapping, Sequence
 
 from heavylift.hardware.gpus import Device
-from .plan import SchemePlan, Workload, _Layout
+from .plan import Layout, SchemePlan, Workload
 
 MAX_GPUS_ADVISED = 64  # the largest GPU count the advice searches
 
@@ -32,22 +32,22 @@ def _largest(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
     return lo
 
 
-def longest_context(lay: _Layout, devices: Sequence[Device], work: Workload, limit: int) -> int:
+def longest_context(lay: Layout, devices: Sequence[Device], work: Workload, limit: int) -> int:
     return _largest(1, limit, lambda c: lay.fits(devices, replace(work, context=c)))
 
 
-def largest_batch(lay: _Layout, devices: Sequence[Device], work: Workload, limit: int) -> int:
+def largest_batch(lay: Layout, devices: Sequence[Device], work: Workload, limit: int) -> int:
     return _largest(1, limit, lambda b: lay.fits(devices, replace(work, batch=b)))
 
 
-def fewest_gpus(lay: _Layout, device: Device, work: Workload) -> int | None:
+def fewest_gpus(lay: Layout, device: Device, work: Workload) -> int | None:
     for n in range(1, MAX_GPUS_ADVISED + 1):
         if lay.fits([replace(device, index=i) for i in range(n)], work):
             return n
     return None
 
 
-def _headroom(lay: _Layout, plan: SchemePlan, devices: Sequence[Device], work: Workload) -> list[str]:
+def _headroom(lay: Layout, plan: SchemePlan, devices: Sequence[Device], work: Workload) -> list[str]:
     tight = plan.tightest
     out = [f"fits: {gb(tight.free_bytes)} left on the fullest device ({tight.device.name}, #{tight.device.index})"]
     limit = lay.arch.max_position_embeddings
@@ -59,7 +59,7 @@ def _headroom(lay: _Layout, plan: SchemePlan, devices: Sequence[Device], work: W
     return out
 
 
-def advise(lay: _Layout, plans: Mapping[str, SchemePlan], devices: Sequence[Device], work: Workload,
+def advise(lay: Layout, plans: Mapping[str, SchemePlan], devices: Sequence[Device], work: Workload,
            order: Sequence[str]) -> tuple[str, ...]:
     quant = lay.scheme.name
     plan = plans[quant]

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Mapping, Sequence
+from typing import Sequence
 
 from heavylift.model.architecture import Architecture, Role
 from heavylift.defaults import PCIE_BANDWIDTH_BYTES_S
 from heavylift.errors import InvalidArgumentError
 from heavylift.hardware.gpus import Device
 from .memory import ENGINES, TRANSFORMERS, RuntimeTerms, kv_cache_bytes, runtime_terms
+from .contract import plan_to_json
 from .placement import Costs, Split, balance, fill_with_offload, fits_with_margin
-from heavylift.schemes import KV_DTYPES, SCHEMES, Scheme, fidelity_order
+from heavylift.schemes import KV_DTYPES, SCHEMES, Scheme
 from .forward_program import Part
 
 
@@ -107,7 +108,7 @@ class SchemePlan:
         return min(used, key=lambda d: d.free_bytes)
 
 
-class _Layout:
+class Layout:
     """Byte counts of one architecture under one scheme, computed once and reused by every search."""
 
     def __init__(self, arch: Architecture, scheme: Scheme):
@@ -221,33 +222,13 @@ class Plan:
 
     @cached_property
     def _json(self) -> dict:
-        from heavylift.report.table import plan_to_json  # the JSON contract lives in one module
-
         return plan_to_json(self)
 
     def to_json(self) -> dict:
+        """The plan as `heavylift plan --json` prints it (contract.py)."""
         return self._json
 
 
-def layout(arch: Architecture, quant: str) -> _Layout:
-    return _Layout(arch, SCHEMES[quant])
-
-
-def make_plan(model: str, arch: Architecture, devices: Sequence[Device], work: Workload,
-              quants: Sequence[str], engines: Mapping[str, str] | None = None) -> Plan:
-    """Plan every requested scheme, attach advice, and pick the most faithful scheme that fits. `engines`
-    gives a scheme's runtime where it differs from the workload's (runtimes.planned_runtime per precision)."""
-    from .advice import advise  # advice re-plans variations of this plan
-
-    devices = tuple(devices)
-    layouts = {q: layout(arch, q) for q in quants}
-    works = {q: replace(work, engine=(engines or {}).get(q, work.engine)) for q in quants}
-    plans = {q: lay.plan(devices, works[q]) for q, lay in layouts.items()}
-    native_fp8 = all(d.native_fp8 for d in devices)
-    order = fidelity_order(native_fp8, all(d.bf16_supported for d in devices))
-    fitting = [q for q in order if q in plans and plans[q].fits and not plans[q].offload]
-    schemes = tuple(replace(plans[q], advice=advise(layouts[q], plans, devices, works[q], order)) for q in quants)
-    runtimes = {w.engine for w in works.values()}
-    if len(runtimes) == 1:  # the plan's workload names the runtime when every scheme has the same
-        work = replace(work, engine=runtimes.pop())
-    return Plan(model, arch, devices, work, schemes, fitting[0] if fitting else None)
+def layout(arch: Architecture, quant: str) -> Layout:
+    """The Layout of `arch` in the precision named `quant`."""
+    return Layout(arch, SCHEMES[quant])
