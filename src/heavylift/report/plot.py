@@ -24,8 +24,8 @@ def plot_memory(plan: Plan, path: Path) -> None:
     contexts = sorted({c for c in CONTEXT_STEPS if c <= limit} | {plan.context})
     fig, ax = plt.subplots(figsize=(8, 5))
     for s in plan.schemes:
-        lay = layout(plan.architecture, s.quant)
-        peaks = [max(d.total_bytes for d in lay.plan(plan.devices, replace(plan.workload, context=c)).per_device)
+        lay, work = layout(plan.architecture, s.quant), replace(plan.workload, engine=s.engine)
+        peaks = [max(d.total_bytes for d in lay.plan(plan.devices, replace(work, context=c)).per_device)
                  for c in contexts]
         ax.plot(contexts, [p / 1e9 for p in peaks], marker="o", label=s.quant)
     for cap in sorted({d.memory_bytes - plan.workload.reserve_bytes for d in plan.devices}):
