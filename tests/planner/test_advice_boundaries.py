@@ -11,7 +11,7 @@ import pytest
 
 import heavylift
 from heavylift.hardware.gpus import parse_gpu_spec
-from heavylift.planner.advice import next_context
+from heavylift.planner.advice import gpu_spec_item, next_context
 from heavylift.planner.plan import Layout, SchemePlan, Workload, layout
 
 GPUS = re.compile(r"use --gpus (\d+)x(\S+): ")
@@ -79,3 +79,10 @@ def test_every_advised_value_fits_and_the_next_does_not(case):
         work = replace(plan.workload, engine=s.engine)
         wrong += _check(layout(plan.architecture, s.quant), s, plan.devices, work)
     assert not wrong
+
+
+@pytest.mark.parametrize("spec", ["1xH100", "2x48GB", "1x23.5GB", "1x0.0003GB", "1x0.5GiB", "1x7.123456789GB"])
+def test_advice_names_each_card_as_gpus_reads_it_back(spec):
+    card = parse_gpu_spec(spec)[0]
+    again = parse_gpu_spec(f"3x{gpu_spec_item(card)}")
+    assert [d.memory_bytes for d in again] == [card.memory_bytes] * 3 and again[0].name == card.name

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import replace
-from decimal import ROUND_DOWN, Decimal
+from decimal import ROUND_UP, Decimal
 from typing import Callable, Mapping, Sequence
 
 from heavylift.defaults import ADVICE_CONTEXT_STEP_TOKENS, GiB
 from heavylift.hardware.gpus import MAX_GPU_COUNT, Device, lookup_gpu, parse_gpu_spec
 from .plan import Layout, SchemePlan, Workload
 
-# A card the catalog lacks is advised by its memory in GiB, rounded down to this (--gpus 4x23.5GB).
-GPU_SIZE_QUANTUM_GIB = Decimal("0.01")
+# A card the catalog lacks is advised by its memory in GiB (--gpus 4x23.5GB) with at most this many decimals:
+# ten resolve a single byte (a GiB is 1.07e9 bytes).
+GPU_SIZE_MAX_DECIMALS = 10
 
 
 def gb(nbytes: float) -> str:
@@ -38,12 +39,17 @@ def next_context(context: int, ceiling: int) -> int:
 
 
 def gpu_spec_item(device: Device) -> str:
-    """How --gpus names a card like `device`: its catalog key, or else its memory size ("48GB")."""
+    """How --gpus names a card like `device`: its catalog key, or else its memory size in GiB ("48GB"), the
+    shortest decimal that --gpus reads back as the same number of bytes."""
     model = lookup_gpu(device.name)
     if model is not None:
         return model.key
-    gib = (Decimal(device.memory_bytes) / GiB).quantize(GPU_SIZE_QUANTUM_GIB, rounding=ROUND_DOWN).normalize()
-    return f"{gib:f}GB"
+    exact = Decimal(device.memory_bytes) / GiB
+    for places in range(GPU_SIZE_MAX_DECIMALS + 1):
+        gib = exact.quantize(Decimal(1).scaleb(-places), rounding=ROUND_UP)
+        if int(gib * GiB) == device.memory_bytes:
+            break
+    return f"{gib.normalize():f}GB"
 
 
 class _Margins:
