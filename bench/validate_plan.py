@@ -416,7 +416,8 @@ def run_case(case: Case, folder: Path) -> dict:
 def plan_scheme(case: Case, devices):
     """The plan of one case on these devices for the runtime it runs on, from the config alone (no CUDA, no weights)."""
     from heavylift.model.architecture import architecture_from_config
-    from heavylift.planner.plan import Workload, make_plan
+    from heavylift.planner.make import make_plan
+    from heavylift.planner.plan import Workload
 
     arch = architecture_from_config(model_config(case.model))
     work = Workload(case.context, case.batch, engine=case_engine(case))

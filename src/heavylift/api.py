@@ -8,7 +8,8 @@ from .defaults import DEFAULT_BATCH, DEFAULT_CONTEXT_TOKENS
 from .errors import GpuSpecError, InvalidArgumentError
 from .hardware.gpus import Device, parse_bytes, parse_gpu_spec
 from .planner.memory import TRANSFORMERS
-from .planner.plan import Plan, Workload, make_plan
+from .planner.make import make_plan
+from .planner.plan import Plan, Workload
 from .schemes import ALL, QUANT_CHOICES
 from .planner.runtimes import AUTO, check_choice, described_devices_reason, planned_runtime
 from .model.source import resolve_model

@@ -6,6 +6,7 @@ The planner and the runtime read these; nothing else writes numbers like them.
 from __future__ import annotations
 
 GiB = 1024**3
+GB = 10**9
 MiB = 1024**2
 
 # --- What a user gets without flags -------------------------------------------------------
@@ -75,5 +76,9 @@ PCIE_BANDWIDTH_BYTES_S = 25e9
 CPU_MEMORY_BANDWIDTH_BYTES_S = 50e9
 
 # --- Verdicts -----------------------------------------------------------------------------
-# Contexts the advice and the plot try when searching for the longest that fits, in tokens.
+# Contexts the plot draws each precision's memory at, in tokens.
 CONTEXT_STEPS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+# The contexts advice names ("use --context", "room for --context") are multiples of this many tokens, or the
+# context asked for or the model's maximum: a round number to type, at most this many tokens short of the
+# exact longest, and a search over 512 steps instead of 131,072 tokens.
+ADVICE_CONTEXT_STEP_TOKENS = 256

@@ -122,7 +122,8 @@ def test_a_plan_for_the_engine_is_the_engines_plan():
     from heavylift.model.catalog import find_model
     from heavylift.hardware.gpus import parse_gpu_spec
     from heavylift.planner.memory import FAST
-    from heavylift.planner.plan import Workload, make_plan
+    from heavylift.planner.make import make_plan
+    from heavylift.planner.plan import Workload
 
     planned = heavylift.plan("mistral-7b", gpus="1xH100", context=32768, quant="nf4-dq").scheme("nf4-dq")
     arch = architecture_from_config(find_model("mistral-7b").config_dict())

@@ -13,7 +13,8 @@ from heavylift.errors import InvalidArgumentError
 from heavylift.hardware.gpus import cpu_device, parse_gpu_spec
 from heavylift.planner.memory import FAST, TRANSFORMERS
 from heavylift.planner.placement import Costs, _unit, balance
-from heavylift.planner.plan import Workload, layout, make_plan
+from heavylift.planner.make import make_plan
+from heavylift.planner.plan import Workload, layout
 from heavylift.schemes import SCHEMES
 
 from conftest import TINY_LLAMA
@@ -228,7 +229,8 @@ def test_planner_imports_without_torch():
     import subprocess
     import sys
 
-    code = ("import sys, heavylift, heavylift.planner.plan, heavylift.planner.advice, heavylift.api; "
+    code = ("import sys, heavylift, heavylift.planner.plan, heavylift.planner.make, heavylift.planner.advice, "
+            "heavylift.planner.contract, heavylift.api; "
             "heavylift.plan('llama3.1-8b', gpus='1xH100'); assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -14,7 +14,7 @@ from decimal import Decimal
 from functools import lru_cache
 from importlib import resources
 
-from heavylift.defaults import CPU_MEMORY_BANDWIDTH_BYTES_S, GiB, MiB
+from heavylift.defaults import CPU_MEMORY_BANDWIDTH_BYTES_S, GB, GiB, MiB
 from heavylift.errors import GpuSpecError
 
 __all__ = ["Device", "GpuModel", "cpu_device", "find_gpu", "gpu_catalog", "lookup_gpu",
@@ -61,7 +61,7 @@ _BYTE_UNITS = {
     "": 1, "b": 1,
     "k": 1024, "kib": 1024, "kb": 10**3,
     "m": MiB, "mib": MiB, "mb": 10**6,
-    "g": GiB, "gib": GiB, "gb": 10**9,
+    "g": GiB, "gib": GiB, "gb": GB,
     "t": 1024 * GiB, "tib": 1024 * GiB, "tb": 10**12,
 }
 

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Mapping, Sequence
+from typing import Sequence
 
 from heavylift.model.architecture import Architecture, Role
 from heavylift.defaults import PCIE_BANDWIDTH_BYTES_S
 from heavylift.errors import InvalidArgumentError
 from heavylift.hardware.gpus import Device
 from .memory import ENGINES, TRANSFORMERS, RuntimeTerms, kv_cache_bytes, runtime_terms
-from .placement import Costs, Split, balance, fill_with_offload, fits_with_margin
-from heavylift.schemes import KV_DTYPES, SCHEMES, Scheme, fidelity_order
+from .contract import plan_to_json
+from .placement import Costs, Split, balance, fill_with_offload
+from heavylift.schemes import KV_DTYPES, SCHEMES, Scheme
 from .forward_program import Part
 
 
@@ -107,7 +108,7 @@ class SchemePlan:
         return min(used, key=lambda d: d.free_bytes)
 
 
-class _Layout:
+class Layout:
     """Byte counts of one architecture under one scheme, computed once and reused by every search."""
 
     def __init__(self, arch: Architecture, scheme: Scheme):
@@ -116,6 +117,10 @@ class _Layout:
         by_role = {r: scheme.weights_bytes(t for t in arch.global_tensors() if t.role == r) for r in Role}
         self.embedding = by_role[Role.EMBEDDING]
         self.head = by_role[Role.NORM] + by_role[Role.LM_HEAD]
+        self.weights_bytes = sum(self.layer_weights) + self.embedding + self.head
+
+    def kv_cache_bytes(self, layers: range, work: Workload) -> int:
+        return kv_cache_bytes(self.arch, layers, work.context, work.batch, KV_DTYPES[work.kv_dtype], work.engine)
 
     def terms(self, device: Device, work: Workload, part: Part, every_layer: bool = False) -> RuntimeTerms:
         return runtime_terms(self.arch, self.scheme.name, work.engine, work.context, work.batch,
@@ -147,16 +152,38 @@ class _Layout:
         capacities = tuple(d.memory_bytes - work.reserve_bytes for d in devices)
         return Costs(per_layer, self.embedding, self.head + end, device_fixed), capacities
 
-    def fits(self, devices: Sequence[Device], work: Workload) -> bool:
-        """Whether some split leaves every device a margin of at least zero (one greedy pass)."""
-        costs, capacities = self.costs(devices, work)
-        return fits_with_margin(costs, capacities, 0)
+    def margin(self, devices: Sequence[Device], work: Workload) -> int:
+        """The fit test of a plan without offload, exactly as SchemePlan.fits counts it: the fewest bytes any
+        device keeps free once its run of the balanced split is counted by device_plan. Negative when the
+        plan does not fit; then some device is at least that many bytes over, and the count stops early: at
+        the first device over, or before placing anything when the weights and KV cache alone exceed every
+        device's capacity together (by the mean shortfall per device)."""
+        capacities = tuple(d.memory_bytes - work.reserve_bytes for d in devices)
+        short = sum(capacities) - self.weights_bytes - self.kv_cache_bytes(range(self.arch.num_layers), work)
+        if short < 0:
+            return short // len(devices)
+        costs, _ = self.costs(devices, work)
+        return self._least_free(devices, balance(costs, capacities).layers, capacities, work)
+
+    def _least_free(self, devices: Sequence[Device], runs: Sequence[range], capacities: Sequence[int],
+                    work: Workload) -> int:
+        """The fewest bytes free on any device holding these runs, or the first shortfall found."""
+        least = None
+        for device, run, capacity in zip(devices, runs, capacities):
+            free = self.device_plan(device, run, capacity, work).free_bytes
+            if free < 0:
+                return free
+            least = free if least is None else min(least, free)
+        return least
 
     def split(self, devices: Sequence[Device], work: Workload) -> tuple[Split, tuple[int, ...]]:
+        """The balanced split; with offload allowed and that split over on some device, the devices filled
+        in order and the rest left in CPU RAM."""
         costs, capacities = self.costs(devices, work)
-        if work.allow_offload and not fits_with_margin(costs, capacities, 0):
+        balanced = balance(costs, capacities)
+        if work.allow_offload and self._least_free(devices, balanced.layers, capacities, work) < 0:
             return fill_with_offload(costs, capacities), capacities
-        return balance(costs, capacities), capacities
+        return balanced, capacities
 
     def device_plan(self, device: Device, run: range, capacity: int, work: Workload) -> DevicePlan:
         n = self.arch.num_layers
@@ -221,33 +248,13 @@ class Plan:
 
     @cached_property
     def _json(self) -> dict:
-        from heavylift.report.table import plan_to_json  # the JSON contract lives in one module
-
         return plan_to_json(self)
 
     def to_json(self) -> dict:
+        """The plan as `heavylift plan --json` prints it (contract.py)."""
         return self._json
 
 
-def layout(arch: Architecture, quant: str) -> _Layout:
-    return _Layout(arch, SCHEMES[quant])
-
-
-def make_plan(model: str, arch: Architecture, devices: Sequence[Device], work: Workload,
-              quants: Sequence[str], engines: Mapping[str, str] | None = None) -> Plan:
-    """Plan every requested scheme, attach advice, and pick the most faithful scheme that fits. `engines`
-    gives a scheme's runtime where it differs from the workload's (runtimes.planned_runtime per precision)."""
-    from .advice import advise  # advice re-plans variations of this plan
-
-    devices = tuple(devices)
-    layouts = {q: layout(arch, q) for q in quants}
-    works = {q: replace(work, engine=(engines or {}).get(q, work.engine)) for q in quants}
-    plans = {q: lay.plan(devices, works[q]) for q, lay in layouts.items()}
-    native_fp8 = all(d.native_fp8 for d in devices)
-    order = fidelity_order(native_fp8, all(d.bf16_supported for d in devices))
-    fitting = [q for q in order if q in plans and plans[q].fits and not plans[q].offload]
-    schemes = tuple(replace(plans[q], advice=advise(layouts[q], plans, devices, works[q], order)) for q in quants)
-    runtimes = {w.engine for w in works.values()}
-    if len(runtimes) == 1:  # the plan's workload names the runtime when every scheme has the same
-        work = replace(work, engine=runtimes.pop())
-    return Plan(model, arch, devices, work, schemes, fitting[0] if fitting else None)
+def layout(arch: Architecture, quant: str) -> Layout:
+    """The Layout of `arch` in the precision named `quant`."""
+    return Layout(arch, SCHEMES[quant])

@@ -1,53 +1,19 @@
-"""How a plan is shown: the JSON contract other tools rely on, and the table a person reads."""
+"""How a plan is shown to a person: its tables and advice (the JSON contract is planner/contract.py)."""
 
 from __future__ import annotations
-
-from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from heavylift.defaults import GiB
 from heavylift.hardware.gpus import Device
+from heavylift.planner.contract import device_id
 from heavylift.planner.memory import FAST, TRANSFORMERS
 from heavylift.planner.plan import DevicePlan, Plan, SchemePlan
 
 
-def device_id(device: Device) -> str:
-    """The torch-style name of a device in plans and device maps: cuda:0, mps, cpu."""
-    return f"cuda:{device.index}" if device.kind == "cuda" else device.kind
-
-
-def _device_json(d: DevicePlan) -> dict[str, Any]:
-    return {"device": device_id(d.device), "name": d.device.name,
-            "layers": [d.layers.start, d.layers.stop - 1] if d.layers else [],
-            "weights_bytes": d.weights_bytes, "kv_cache_bytes": d.kv_cache_bytes,
-            "activation_bytes": d.activation_bytes, "overhead_bytes": d.overhead_bytes,
-            "total_bytes": d.total_bytes, "free_bytes": d.free_bytes}
-
-
 # How the report names the runtime a plan describes.
 RUNTIME_NAMES = {FAST: "heavylift's engine", TRANSFORMERS: "transformers' forward"}
-
-
-def _scheme_json(s: SchemePlan) -> dict[str, Any]:
-    return {"quant": s.quant, "weights_bytes": s.weights_bytes, "kv_cache_bytes": s.kv_cache_bytes,
-            "activation_bytes": s.activation_bytes, "overhead_bytes": s.overhead_bytes,
-            "total_bytes": s.total_bytes, "fits": s.fits, "offload_bytes": s.offload_bytes,
-            "per_device": [_device_json(d) for d in s.per_device],
-            "decode_tok_s_upper_bound": round(s.decode_tok_s_upper_bound, 2), "advice": list(s.advice),
-            "engine": s.engine}
-
-
-def plan_to_json(plan: Plan) -> dict[str, Any]:
-    arch, work = plan.architecture, plan.workload
-    return {"model": plan.model, "model_type": arch.model_type, "params": arch.params,
-            "context": work.context, "batch": work.batch, "kv_dtype": work.kv_dtype,
-            "reserve_bytes": work.reserve_bytes,
-            "devices": [{"index": d.index, "name": d.name, "kind": d.kind,
-                         "capacity_bytes": d.memory_bytes - work.reserve_bytes} for d in plan.devices],
-            "schemes": [_scheme_json(s) for s in plan.schemes],
-            "recommended": plan.recommended}
 
 
 # Columns when output goes to a file or a pipe: wide enough that no table or line is ever broken mid-entry

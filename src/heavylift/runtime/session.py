@@ -335,7 +335,7 @@ def replan(plan: Plan, engine: str) -> Plan:
     """The same plan for another runtime (memory.FAST or memory.TRANSFORMERS)."""
     from dataclasses import replace
 
-    from heavylift.planner.plan import make_plan as plan_layout
+    from heavylift.planner.make import make_plan as plan_layout
 
     if plan.workload.engine == engine:
         return plan

@@ -1,0 +1,48 @@
+"""The plan's JSON contract: the field names and values other tools read from `heavylift plan --json`.
+
+Pure: plain dicts of a plan's records. It reads a plan.Plan, plan.SchemePlan and plan.DevicePlan by their
+fields without importing them, because Plan.to_json() calls it from that module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from heavylift.hardware.gpus import Device
+
+
+def device_id(device: Device) -> str:
+    """The torch-style name of a device in plans and device maps: cuda:0, mps, cpu."""
+    return f"cuda:{device.index}" if device.kind == "cuda" else device.kind
+
+
+def device_plan_to_json(d: Any) -> dict[str, Any]:
+    """One plan.DevicePlan."""
+    return {"device": device_id(d.device), "name": d.device.name,
+            "layers": [d.layers.start, d.layers.stop - 1] if d.layers else [],
+            "weights_bytes": d.weights_bytes, "kv_cache_bytes": d.kv_cache_bytes,
+            "activation_bytes": d.activation_bytes, "overhead_bytes": d.overhead_bytes,
+            "total_bytes": d.total_bytes, "free_bytes": d.free_bytes}
+
+
+def scheme_plan_to_json(s: Any) -> dict[str, Any]:
+    """One plan.SchemePlan: its totals, its devices, its advice and the runtime it describes."""
+    return {"quant": s.quant, "weights_bytes": s.weights_bytes, "kv_cache_bytes": s.kv_cache_bytes,
+            "activation_bytes": s.activation_bytes, "overhead_bytes": s.overhead_bytes,
+            "total_bytes": s.total_bytes, "fits": s.fits, "offload_bytes": s.offload_bytes,
+            "per_device": [device_plan_to_json(d) for d in s.per_device],
+            "decode_tok_s_upper_bound": round(s.decode_tok_s_upper_bound, 2), "advice": list(s.advice),
+            "engine": s.engine}
+
+
+def plan_to_json(plan: Any) -> dict[str, Any]:
+    """A whole plan.Plan: the model, the workload, the devices with the capacity the plan may fill, and every
+    precision's plan."""
+    arch, work = plan.architecture, plan.workload
+    return {"model": plan.model, "model_type": arch.model_type, "params": arch.params,
+            "context": work.context, "batch": work.batch, "kv_dtype": work.kv_dtype,
+            "reserve_bytes": work.reserve_bytes,
+            "devices": [{"index": d.index, "name": d.name, "kind": d.kind,
+                         "capacity_bytes": d.memory_bytes - work.reserve_bytes} for d in plan.devices],
+            "schemes": [scheme_plan_to_json(s) for s in plan.schemes],
+            "recommended": plan.recommended}
