@@ -29,8 +29,8 @@ def bench(
 
     import torch
 
-    from heavylift.runtime.benchmark import BENCH_BATCH, BENCH_CONTEXT, copy_bandwidth, engine_records, reference_records, timed_load
-    from heavylift.runtime.session import build_engine
+    from heavylift.runtime.benchmark import copy_bandwidth, engine_records, reference_records, timed_load
+    from heavylift.runtime.prepared import build_engine
 
     quants = [q for q in quant.split(",") if q]
     bad = [q for q in quants if q not in QUANT_CHOICES]
@@ -43,9 +43,9 @@ def bench(
     records, err = [], Console(stderr=True)
     for q in quants:
         loaded, load_s = timed_load(model, q, gpus)
-        engine, note = build_engine(loaded.model, q, BENCH_CONTEXT, BENCH_BATCH, "auto")
+        engine = build_engine(loaded)
         if engine is None:
-            err.print(f"{q}: {note}; no fast-engine figures")
+            err.print(f"{q}: {loaded.runtime.reason}; no fast-engine figures")
             per_token = None
         else:
             ours = engine_records(engine, model, q, load_s, bandwidth)
