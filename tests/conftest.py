@@ -105,3 +105,16 @@ def save_runnable_checkpoint(folder: Path, family: str) -> Path:
     save_tiny_checkpoint(folder, family, vocab_size=320, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     save_tiny_tokenizer(folder)
     return folder
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """`heavylift ARGS` in this process: (exit code, stdout, stderr)."""
+    from heavylift.cli import main
+
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err
