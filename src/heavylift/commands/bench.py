@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from heavylift.errors import InvalidArgumentError
-from .plan import GPUS_HELP
+from .run import RUN_GPUS_HELP
 from heavylift.schemes import QUANT_CHOICES
 
 DEFAULT_BENCH_QUANTS = "nf4-dq,fp8,bf16"
@@ -19,7 +19,7 @@ DEFAULT_BENCH_QUANTS = "nf4-dq,fp8,bf16"
 def bench(
     model: str = typer.Argument(..., help="Local folder, hub id, or catalog name with weights on disk."),
     quant: str = typer.Option(DEFAULT_BENCH_QUANTS, "--quant", help="Comma-separated precisions."),
-    gpus: Optional[str] = typer.Option(None, "--gpus", help=GPUS_HELP),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help=RUN_GPUS_HELP),
     compare_reference: bool = typer.Option(False, "--compare-reference",
                                            help="Also time transformers' generate on the same weights."),
     as_json: bool = typer.Option(False, "--json", help="Print the records as JSON."),

@@ -18,7 +18,6 @@ from rich.markup import escape
 from heavylift.defaults import DEFAULT_CONTEXT_TOKENS, DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P
 from heavylift.errors import HeavyliftError, InvalidArgumentError
 from heavylift.schemes import QUANT_CHOICES
-from .plan import GPUS_HELP
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C
 INTERRUPTED = "interrupted"  # the finish_reason of a generation stopped by Ctrl-C, and the notice

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from heavylift.errors import CheckpointError, ModelNotFoundError, OffloadError
+from heavylift.hardware.gpus import KIND_CUDA
 from heavylift.model.checkpoint import check_against, checkpoint_files, read_checkpoint
 from heavylift.model.source import ModelSource
 from heavylift.planner.memory import FAST
@@ -121,12 +122,12 @@ class Prepared:
 
     def _check_runtime(self, real: dict[str, str]) -> None:
         """The runtime decided again on the devices the weights really landed on: the plan's, or an error."""
-        kinds = sorted({"cuda" if where.startswith("cuda") else where for where in real.values()})
+        kinds = sorted({KIND_CUDA if where.startswith(KIND_CUDA) else where for where in real.values()})
         found = choose_runtime(self.source.config, self.scheme.quant, self.engine, kinds,
                                kernels_reason(self.plan.devices))
-        if found.name != self.runtime.name:
-            raise OffloadError(f"the weights landed off the plan's GPUs, where {found.reason}, but the plan is "
-                               f"for heavylift's engine; free GPU memory, or pass --engine transformers")
+        if found.name != self.runtime.name:  # the engine's plan, and layers spilled off its GPUs
+            raise OffloadError(f"the weights landed off the plan's GPUs ({found.reason}), and the plan is for "
+                               "heavylift's engine; free GPU memory, or pass --engine transformers")
 
     def load(self) -> Session:
         """The tokenizer (first: a missing one is said before any weight is read), the weights, and the

@@ -30,7 +30,9 @@ class Record:
 
     text: str
     token_ids: tuple[int, ...]
-    finish_reason: str | None  # "stop" (end of sequence), "length" (max tokens), or None while running
+    # "stop" (end of sequence), "length" (max tokens), None while running; `heavylift run --json` reports a
+    # generation Ctrl-C stopped as "interrupted"
+    finish_reason: str | None
     prompt_tokens: int
     generated_tokens: int
     prefill_tok_s: float
@@ -101,7 +103,7 @@ def encode(tokenizer, prompt: str | Sequence[dict], system: str | None = None, r
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
-        raise InvalidArgumentError("the prompt is no tokens at all; give --prompt some text")
+        raise InvalidArgumentError("the prompt encodes to no tokens; give --prompt some text")
     return ids
 
 
@@ -114,7 +116,7 @@ def check_length(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
 
 
 class Session:
-    """A loaded model with its plan; `stream` yields Records, `generate` returns the last one."""
+    """A loaded model with its plan; `stream` yields a Record per token, `generate` joins them into one."""
 
     def __init__(self, weights, tokenizer, engine=None):
         self.source, self.plan, self.scheme = weights.source, weights.plan, weights.scheme
