@@ -529,3 +529,17 @@ def test_weights_that_land_off_the_plan_are_an_error_not_a_new_plan(checkpoints,
     with pytest.raises(InvalidArgumentError, match="needs every layer on a CUDA GPU; run it with --engine transformers"):
         heavylift.load(str(checkpoints["llama"]), quant="bf16", context=64, engine="fast", allow_offload=True)
     assert counted == {"resolve": 1, "decide": 1, "plan": 1}
+
+
+def test_out_of_memory_while_loading_is_one_line(checkpoints, capsys, monkeypatch):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", out_of_memory)
+    code, out, err = run_cli(capsys, "run", str(checkpoints["llama"]), "--prompt", "hi", "--quant", "nf4", "--raw")
+    assert (code, out) == (2, "") and err == ("error: out of GPU memory loading the weights in nf4, which the plan "
+                                              "fits: another process may hold GPU memory (free it), or lower "
+                                              "--context or use a smaller --quant\n")

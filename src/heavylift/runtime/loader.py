@@ -151,8 +151,6 @@ def load_model(folder: Path, arch: Architecture, scheme: SchemePlan, placement: 
                 quantization_config=quantization_config(scheme.quant, dtype, native_fp8,
                                                         cpu_offload=bool(placement.offloaded) and torch.cuda.is_available()),
                 output_loading_info=True)
-            if arch.num_experts:
-                quantize_experts(model, scheme.quant)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         raise OutOfMemoryError(f"out of GPU memory loading the weights in {scheme.quant}, which the plan fits: "
@@ -171,6 +169,8 @@ def load_model(folder: Path, arch: Architecture, scheme: SchemePlan, placement: 
     if missing:
         raise CheckpointError(f"{folder} lacks {len(missing)} tensors the model needs (first: {sorted(missing)[0]}); "
                               "finish or repeat the download")
+    if arch.num_experts:
+        quantize_experts(model, scheme.quant)
     model.eval()
     return model
 
