@@ -35,7 +35,7 @@ def _check_arguments(prompt: str | None, chat: bool, raw: bool) -> None:
         raise InvalidArgumentError("--raw sends one prompt as it is, but --chat needs the chat template; drop one")
 
 
-def _check_prompt(prepared, model: str, prompt: str | None, system: str | None, chat: bool, raw: bool,
+def _check_prompt(prepared, prompt: str | None, system: str | None, chat: bool, raw: bool,
                   max_new_tokens: int) -> int:
     """Load the tokenizer and check the prompt against it and the plan's context, before any weight loads:
     the prompt's token count."""
@@ -43,7 +43,7 @@ def _check_prompt(prepared, model: str, prompt: str | None, system: str | None, 
 
     tokenizer = prepared.tokenizer
     if chat and not getattr(tokenizer, "chat_template", None):
-        raise InvalidArgumentError(f"--chat needs a chat template, and {model}'s tokenizer has none; "
+        raise InvalidArgumentError(f"--chat needs a chat template, and {prepared.source.name}'s tokenizer has none; "
                                    "continue a text with --prompt instead")
     if prompt is None:
         return 0
@@ -163,7 +163,7 @@ def _run(err: Console, model: str, prompt, quant: str, gpus, context: int, chat:
     _check_arguments(prompt, chat, raw)
     Sampling(**sampling)  # refuse bad values before loading anything
     prepared = prepare(model, quant=quant, gpus=gpus, context=context, allow_offload=allow_offload, engine=engine)
-    prompt_tokens = _check_prompt(prepared, model, prompt, system, chat, raw, sampling["max_new_tokens"])
+    prompt_tokens = _check_prompt(prepared, prompt, system, chat, raw, sampling["max_new_tokens"])
     if prompt is not None and not chat and wraps_in_template(prepared.tokenizer, prompt, raw):
         err.print(f"[dim]{WRAPPED_NOTE}[/]")
     session = prepared.load()
