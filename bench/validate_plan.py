@@ -374,16 +374,14 @@ def drive(session, context: int, batch: int, mark) -> tuple[float, float, int]:
 def run_case(case: Case, folder: Path) -> dict:
     import torch
 
-    from heavylift.api import plan
+    from heavylift.api import load, plan
     from heavylift.hardware.detect import detect_devices
     from heavylift.errors import OutOfMemoryError
-    from heavylift.runtime.session import load, planned_engine, replan
 
     devices = detect_devices()[:case.gpus]  # NVML / nvidia-smi, before CUDA starts
     work = dict(context=case.context, batch=case.batch, quant=case.quant)
-    first = plan(str(folder), gpus=devices, **work)
-    planned = planned_engine(json.loads((folder / "config.json").read_text()), case.quant, first.devices, case.engine)
-    scheme = replan(first, planned).scheme(case.quant)
+    scheme = plan(str(folder), gpus=devices, engine=case.engine, **work).scheme(case.quant)
+    planned = scheme.engine
     record = {**base_record(case, scheme), "engine_planned": planned}
     if not scheme.fits:
         return {**record, "skipped": "the plan says it does not fit"}
@@ -392,11 +390,11 @@ def run_case(case: Case, folder: Path) -> dict:
         t = time.perf_counter()
         session = load(str(folder), gpus=devices, engine=case.engine, **work)
         record["load_s"], record["attention"] = round(time.perf_counter() - t, 2), session.attention
-        record["engine_used"] = session.plan.workload.engine
-        if session.plan.workload.engine != planned:  # the run went another way: compare with its plan
+        record["engine_used"] = session.scheme.engine
+        if session.scheme.engine != planned:  # the run went another way: compare with its plan
             replanned = base_record(case, session.scheme)
             record.update(devices=replanned["devices"], fits_predicted=replanned["fits_predicted"],
-                          engine_planned=session.plan.workload.engine, engine_replanned_from=planned)
+                          engine_planned=session.scheme.engine, engine_replanned_from=planned)
         meter.phase("load")
         prefill_s, decode_s, cached = drive(session, case.context, case.batch, meter.phase)
         record.update(prefill_s=round(prefill_s, 2), decode_s=round(decode_s, 2), cache_tokens=cached)

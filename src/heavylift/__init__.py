@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from .api import plan
+from .api import load, plan  # load imports torch only when called (needs `pip install 'heavylift[run]'`)
 from .errors import HeavyliftError
 from .planner.plan import Plan
 
-__all__ = ["plan", "load", "Plan", "HeavyliftError"]
+__all__ = ["plan", "load", "Plan", "Session", "HeavyliftError"]
 __version__ = "0.1.0"
 
 
-def load(model: str, **options):
-    """Load `model` exactly as planned and return a Session (needs `pip install 'heavylift[run]'`)."""
-    from .runtime.session import load as _load  # torch is imported only here
+def __getattr__(name: str):
+    """`heavylift.Session`, the type `load` returns, imported (with torch) only when asked for."""
+    if name == "Session":
+        from .runtime.session import Session
 
-    return _load(model, **options)
+        return Session
+    raise AttributeError(f"module 'heavylift' has no attribute {name!r}")

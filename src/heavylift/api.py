@@ -1,18 +1,25 @@
-"""`heavylift.plan()`: the planner's front door, from a model name and a GPU description."""
+"""The front doors: `heavylift.plan()` for any described GPUs, `heavylift.load()` for this machine.
+
+Both take one path: resolve the model once, take the devices, decide each precision's runtime once
+(runtimes.plan_runtimes) and plan once for it. load() then loads by that plan and never plans again.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 from .defaults import DEFAULT_BATCH, DEFAULT_CONTEXT_TOKENS
-from .errors import GpuSpecError, InvalidArgumentError
+from .errors import GpuSpecError, InvalidArgumentError, PlanDoesNotFitError
 from .hardware.gpus import Device, parse_bytes, parse_gpu_spec
-from .planner.memory import TRANSFORMERS
+from .model.source import ModelSource, resolve_model
 from .planner.make import make_plan
-from .planner.plan import Plan, Workload
+from .planner.memory import FAST
+from .planner.plan import Plan, SchemePlan, Workload
+from .planner.runtimes import AUTO, Runtime, check_choice, plan_runtimes
 from .schemes import ALL, QUANT_CHOICES
-from .planner.runtimes import AUTO, check_choice, described_devices_reason, planned_runtime
-from .model.source import resolve_model
+
+BEST = "auto"  # --quant for load and run: the most faithful precision the plan fits
 
 
 def resolve_devices(gpus: str | Sequence[Device] | None) -> tuple[Device, ...]:
@@ -43,32 +50,82 @@ def _reserve_bytes(reserve: int | str) -> int:
         raise GpuSpecError(f"--reserve: {e}") from None
 
 
-def plan(model: str, gpus: str | Sequence[Device] | None = None, context: int = DEFAULT_CONTEXT_TOKENS,
-         batch: int = DEFAULT_BATCH, quant: str | Sequence[str] = ALL, reserve: int | str = 0,
-         kv_dtype: str = "bf16", allow_offload: bool = False, engine: str = AUTO) -> Plan:
-    """Plan `model` on `gpus` for every precision in `quant`, reading only config.json and headers, each
-    for the runtime `heavylift run --engine ENGINE` would run it on (runtimes.planned_runtime)."""
+@dataclass(frozen=True)
+class Planned:
+    """A model resolved once and planned once, with the runtime decided for each precision."""
+
+    source: ModelSource
+    plan: Plan
+    runtimes: Mapping[str, Runtime]
+
+
+def _front_door(model: str, gpus, here: bool, context: int, batch: int, quant, reserve, kv_dtype: str,
+                allow_offload: bool, engine: str) -> Planned:
+    """Check the arguments, resolve the model, take the devices (`here`: this machine's, which --gpus only
+    narrows; else the described ones), decide the runtimes, plan."""
     check_choice(engine)
     work = Workload(context=context, batch=batch, kv_dtype=kv_dtype, reserve_bytes=_reserve_bytes(reserve),
                     allow_offload=allow_offload)
     quants = resolve_quants(quant)
     source = resolve_model(model)
-    devices = resolve_devices(gpus)
-    return make_plan(model, source.architecture, devices, work, quants,
-                     _runtimes(source.config, quants, engine, [d.kind for d in devices]))
+    kernels = None  # described devices: a CUDA GPU is taken to run the engine's kernels
+    if here:
+        from .runtime.devices import kernels_reason, machine_devices
+
+        devices = machine_devices(gpus)
+        kernels = kernels_reason(devices)
+    else:
+        devices = resolve_devices(gpus)
+    runtimes = plan_runtimes(source.config, source.architecture, devices, work, quants, engine, kernels)
+    plan = make_plan(model, source.architecture, devices, work, quants, {q: r.name for q, r in runtimes.items()})
+    return Planned(source, plan, runtimes)
 
 
-def _runtimes(config, quants: Sequence[str], engine: str, kinds: Sequence[str]) -> dict[str, str]:
-    """Each precision's runtime. --engine fast is refused (one line) only where no precision asked for can run
-    on the engine; among several, one it cannot run (fp16) is planned on transformers, as auto would."""
-    reason, all_cpu = described_devices_reason(kinds), all(k == "cpu" for k in kinds)
-    engines, refusals = {}, []
-    for q in quants:
-        try:
-            engines[q] = planned_runtime(config, q, engine, reason, all_cpu)
-        except InvalidArgumentError as e:
-            refusals.append(e)
-            engines[q] = TRANSFORMERS
-    if refusals and len(refusals) == len(quants):
-        raise refusals[0]
-    return engines
+def plan(model: str, gpus: str | Sequence[Device] | None = None, context: int = DEFAULT_CONTEXT_TOKENS,
+         batch: int = DEFAULT_BATCH, quant: str | Sequence[str] = ALL, reserve: int | str = 0,
+         kv_dtype: str = "bf16", allow_offload: bool = False, engine: str = AUTO) -> Plan:
+    """Plan `model` on `gpus` for every precision in `quant`, reading only config.json and headers, each
+    for the runtime `heavylift run --engine ENGINE` would run it on (runtimes.plan_runtimes)."""
+    return _front_door(model, gpus, False, context, batch, quant, reserve, kv_dtype, allow_offload, engine).plan
+
+
+def _pick(plan: Plan, quant: str, allow_offload: bool) -> SchemePlan:
+    """The scheme to load: `quant`, or (BEST) the plan's recommendation, else with --allow-offload the
+    smallest that offloads; PlanDoesNotFitError with the plan's advice where it cannot fit."""
+    chosen = plan.recommended if quant == BEST else quant
+    if chosen is None and allow_offload:
+        chosen = next((s.quant for s in reversed(plan.schemes) if s.offload), None)
+    if chosen is None:
+        raise PlanDoesNotFitError(f"{plan.model} does not fit in any precision: {'; '.join(plan.schemes[-1].advice)}")
+    scheme = plan.scheme(chosen)
+    if not scheme.fits and not scheme.offload:
+        raise PlanDoesNotFitError(f"{plan.model} in {chosen} does not fit: {'; '.join(scheme.advice)}")
+    return scheme
+
+
+def prepare(model: str, quant: str = BEST, gpus: str | Sequence[Device] | None = None,
+            context: int = DEFAULT_CONTEXT_TOKENS, batch: int = 1, allow_offload: bool = False,
+            reserve: int | str = 0, engine: str = AUTO):
+    """Plan `model` on this machine for the runtime that will run it and pick the precision, reading only
+    config.json and headers: a runtime.prepared.Prepared, whose tokenizer and then weights load next.
+    Refuses (one line) what cannot fit, before any download."""
+    if quant != BEST and quant not in QUANT_CHOICES:
+        raise InvalidArgumentError(f"--quant must be {BEST} or one of {', '.join(QUANT_CHOICES)}, not {quant!r}")
+    planned = _front_door(model, gpus, True, context, batch, ALL if quant == BEST else quant, reserve, "bf16",
+                          allow_offload, engine)
+    scheme = _pick(planned.plan, quant, allow_offload)
+    runtime = planned.runtimes[scheme.quant]
+    if engine == FAST and runtime.name != FAST:  # among several precisions, the one picked is refused
+        raise InvalidArgumentError(runtime.reason)
+    from .runtime.prepared import Prepared
+
+    return Prepared(planned.source, planned.plan, scheme, runtime, engine)
+
+
+def load(model: str, quant: str = BEST, gpus: str | Sequence[Device] | None = None,
+         context: int = DEFAULT_CONTEXT_TOKENS, batch: int = 1, allow_offload: bool = False,
+         reserve: int | str = 0, engine: str = AUTO):
+    """Plan `model` on this machine for the runtime that will run it, stop before any download if it cannot
+    fit, load it exactly as planned, and put the fast engine over it where it runs (`engine="auto"`), else
+    transformers with the reason in `engine_note`: a runtime.session.Session (needs heavylift[run])."""
+    return prepare(model, quant, gpus, context, batch, allow_offload, reserve, engine).load()

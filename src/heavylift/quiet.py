@@ -13,7 +13,7 @@ redirects stderr, so heavylift's own lines and real errors still show. Where eac
   when first imported (a level set on the logger beforehand is overwritten).
 - PyTorch's C++ log lines (glog-style, from libtorch): TORCH_CPP_LOG_LEVEL, read when libtorch loads.
 - Python warnings raised inside these libraries: a warnings filter on their modules.
-- transformers' "Loading weights" bars: its tqdm, decided per load; see weight_loading().
+- transformers' "Loading weights" bar: runtime/progress.py replaces it with heavylift's own for each load.
 
 Environment variables a user set keep their value: they are only filled in where absent.
 """
@@ -23,8 +23,6 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from contextlib import contextmanager
-from typing import Iterator
 
 # Loggers whose warnings are routine on a working install; errors still pass.
 QUIET_LOGGERS = ("torchao", "bitsandbytes", "torch.utils._pytree")
@@ -36,14 +34,9 @@ QUIET_ENVIRONMENT = {
 # Python warnings attributed to modules of these packages.
 QUIET_WARNING_MODULES = r"(torch|torchao|bitsandbytes|transformers|accelerate|triton)(\.|$)"
 
-_quiet = False  # whether the CLI asked for quiet; read by weight_loading()
-
-
 def third_party(verbose: bool) -> None:
     """Silence the libraries' routine warnings and bars, unless `verbose`. The CLI calls this once, before
     any command runs, so every command (and everything it imports) inherits it."""
-    global _quiet
-    _quiet = not verbose
     if verbose:
         return
     for name, value in QUIET_ENVIRONMENT.items():
@@ -51,26 +44,3 @@ def third_party(verbose: bool) -> None:
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=QUIET_WARNING_MODULES)
-
-
-def _without_bar(factory, args, kwargs):
-    return factory(*args, **{**kwargs, "disable": True})
-
-
-@contextmanager
-def weight_loading() -> Iterator[None]:
-    """Around from_pretrained: transformers' per-load progress bars off when the CLI runs quiet.
-
-    transformers decides each bar through a hook (transformers.utils.logging.set_tqdm_hook); the hub's
-    download bars are left alone, since a download of many GB needs its progress shown.
-    """
-    if not _quiet:
-        yield
-        return
-    from transformers.utils import logging as transformers_logging
-
-    previous = transformers_logging.set_tqdm_hook(_without_bar)
-    try:
-        yield
-    finally:
-        transformers_logging.set_tqdm_hook(previous)

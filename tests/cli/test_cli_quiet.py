@@ -46,14 +46,6 @@ def test_verbose_is_a_global_option():
     assert _heavylift("--verbose", "catalog").returncode == 0
 
 
-def test_weight_loading_bars_are_off_while_quiet():
-    bar = ("from transformers.utils.logging import tqdm\n"
-           "with quiet.weight_loading():\n    print(tqdm(range(3)).disable, end=' ')\n"
-           "print(tqdm(range(3)).disable)")
-    assert _python(f"from heavylift import quiet; quiet.third_party(verbose=False)\n{bar}").stdout == "True False\n"
-    assert _python(f"from heavylift import quiet; quiet.third_party(verbose=True)\n{bar}").stdout == "False False\n"
-
-
 def test_run_shows_only_heavylifts_lines(tmp_path):
     # LLM.int8 on the CPU: bitsandbytes warns on every matmul, torchao and torch on import.
     folder = save_runnable_checkpoint(tmp_path / "llama", "llama")
@@ -61,8 +53,8 @@ def test_run_shows_only_heavylifts_lines(tmp_path):
             "--max-new-tokens", "2", "--temperature", "0")
     quiet, loud = _heavylift(*args), _heavylift("-v", *args)
     assert quiet.returncode == 0 and loud.returncode == 0
-    assert "MatMul8bitLt" in loud.stderr and "Failed to load" in loud.stderr
-    # transformers' "Loading weights" bar goes once the loader runs from_pretrained in quiet.weight_loading()
-    lines = [line for line in quiet.stderr.splitlines() if line and not line.startswith("Loading weights")]
+    assert "Failed to load" in loud.stderr  # -v shows the libraries' import chatter
+    lines = [line for line in quiet.stderr.splitlines() if line]
     assert [line for line in lines if any(n in line for n in NOISE)] == []
-    assert lines[0].startswith(f"{folder}: int8, transformers") and "2 generated" in lines[1]
+    assert lines[0] == "prompt wrapped in the model's chat template; --raw to send it as is"
+    assert lines[1].startswith(f"{folder}: int8, transformers") and "2 generated" in lines[2] and len(lines) == 3

@@ -7,11 +7,10 @@ import json
 import pytest
 
 import heavylift
-from heavylift.errors import InvalidArgumentError, OffloadError, PlanDoesNotFitError
+from heavylift.errors import InvalidArgumentError, OffloadError
 from heavylift.runtime.loader import Placement, guard_offload
 
-from conftest import TINY_FAMILIES, save_runnable_checkpoint
-from conftest import run_cli
+from conftest import TINY_FAMILIES, run_cli, save_runnable_checkpoint
 
 GREEDY = dict(max_new_tokens=6, temperature=0)
 
@@ -111,7 +110,7 @@ def test_cli_run_streams_and_summarises(checkpoints, capsys):
     assert "prompt tokens" in err and "tok/s" in err and "nf4" in err
 
 
-def test_cli_run_json(checkpoints, capsys):
+def test_cli_run_json(checkpoints, capsys, caplog):
     code, out, _ = run_cli(capsys, "run", str(checkpoints["qwen2"]), "--prompt", "hello", "--quant", "int8",
                            "--max-new-tokens", "4", "--seed", "1", "--context", "256", "--json")
     assert code == 0
@@ -119,16 +118,27 @@ def test_cli_run_json(checkpoints, capsys):
     assert {"text", "prompt_tokens", "generated_tokens", "finish_reason", "prefill_tok_s", "decode_tok_s", "quant",
             "attention", "device_map", "devices"} <= result.keys()
     assert result["quant"] == "int8" and result["device_map"]["model.layers.1"] == "cpu"
+    # bitsandbytes logs a cast on every int8 matmul of a bf16 model; heavylift drops it (loader.expected_int8_casts)
+    assert not [r for r in caplog.records if "MatMul8bitLt" in r.getMessage()]
     assert all({"planned_bytes", "allocated_bytes", "peak_bytes"} <= d.keys() for d in result["devices"].values())
 
 
-def test_plan_that_cannot_fit_stops_before_loading_and_offload_passes_with_warning(checkpoints, capsys):
+@pytest.fixture
+def tiny_machine(monkeypatch):
+    """This machine as a CPU with 0.3 MB of RAM: too small for any tiny checkpoint."""
+    import heavylift.hardware.detect as detect
+    from heavylift.hardware.gpus import cpu_device
+
+    monkeypatch.setattr(detect, "detect_devices", lambda: (cpu_device(300_000),))
+
+
+def test_plan_that_cannot_fit_stops_before_loading_and_offload_passes_with_warning(checkpoints, capsys,
+                                                                                      tiny_machine):
     folder = str(checkpoints["llama"])
-    code, _, err = run_cli(capsys, "run", folder, "--prompt", "hi", "--quant", "bf16", "--gpus", "1x0.0003GB",
-                           "--context", "64")
+    code, _, err = run_cli(capsys, "run", folder, "--prompt", "hi", "--quant", "bf16", "--context", "64")
     assert code == 2 and "does not fit" in err and len(err.strip().splitlines()) == 1
-    code, out, err = run_cli(capsys, "run", folder, "--prompt", "hi", "--quant", "bf16", "--gpus", "1x0.0003GB",
-                             "--context", "64", "--max-new-tokens", "3", "--allow-offload")
+    code, out, err = run_cli(capsys, "run", folder, "--prompt", "hi", "--quant", "bf16", "--context", "64",
+                             "--max-new-tokens", "3", "--allow-offload")
     assert code == 0 and "offloaded" in err and "tok/s at best" in err
 
 
@@ -249,3 +259,288 @@ def test_fp8_loads_a_block_of_rows_at_a_time_into_torchaos_own_storage(checkpoin
         assert torch.equal(module.weight.scale, whole.weight.scale), name
     assert session.scheme.weights_bytes == scheme("fp8").weights_bytes(session.plan.architecture.tensors)
     assert session.generate("the quick brown fox", **GREEDY).text is not None
+
+
+# --- One resolution, one runtime decision, one plan -------------------------------------------------------
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Calls of resolve_model, plan_runtimes and make_plan, wherever heavylift calls them from."""
+    import heavylift.api as api
+    import heavylift.model.source as source
+    import heavylift.planner.make as planner
+    import heavylift.planner.runtimes as runtimes
+
+    counts = {"resolve": 0, "decide": 0, "plan": 0}
+
+    def counting(key, function):
+        def wrapped(*args, **kwargs):
+            counts[key] += 1
+            return function(*args, **kwargs)
+        return wrapped
+
+    for module, name, key in ((source, "resolve_model", "resolve"), (api, "resolve_model", "resolve"),
+                              (runtimes, "plan_runtimes", "decide"), (api, "plan_runtimes", "decide"),
+                              (planner, "make_plan", "plan"), (api, "make_plan", "plan")):
+        monkeypatch.setattr(module, name, counting(key, getattr(module, name)))
+    return counts
+
+
+@pytest.mark.parametrize("options", [dict(), dict(quant="nf4-dq", engine="fast"), dict(quant="int8"),
+                                     dict(engine="transformers")], ids=["auto", "nf4-dq-fast", "int8", "hf"])
+def test_load_resolves_the_model_once_decides_once_and_plans_once(checkpoints, counted, options):
+    session = heavylift.load(str(checkpoints["llama"]), context=128, **options)
+    assert counted == {"resolve": 1, "decide": 1, "plan": 1}
+    assert session.generate("hello", **GREEDY).generated_tokens >= 1
+    assert counted == {"resolve": 1, "decide": 1, "plan": 1}
+
+
+def test_an_offloading_load_is_planned_once_for_transformers(checkpoints, counted, tiny_machine):
+    from heavylift.planner.memory import TRANSFORMERS
+
+    session = heavylift.load(str(checkpoints["llama"]), quant="bf16", context=64, allow_offload=True)
+    assert counted == {"resolve": 1, "decide": 1, "plan": 1}
+    assert session.scheme.offload is not None and session.scheme.engine == TRANSFORMERS
+
+
+def test_plan_resolves_once_and_plans_once(counted):
+    heavylift.plan("llama3.1-8b", gpus="1xH100")
+    assert counted == {"resolve": 1, "decide": 1, "plan": 1}
+
+
+# --- Cheap checks before any weight loads -----------------------------------------------------------------
+
+
+@pytest.fixture
+def no_weights_load(monkeypatch):
+    """The loader refuses to run: a test passing with it shows the weights were never read."""
+    import heavylift.runtime.loader as loader
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(loader, "load_model", refuse)
+
+
+@pytest.fixture(scope="module")
+def variants(checkpoints, tmp_path_factory):
+    """The llama checkpoint without its tokenizer, and without its chat template."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("variants")
+    folders = {}
+    for name, drop in (("no-tokenizer", ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")),
+                       ("no-template", ("chat_template.jinja",))):
+        folders[name] = root / name
+        shutil.copytree(checkpoints["llama"], folders[name])
+        for f in drop:
+            (folders[name] / f).unlink()
+    return {**folders, "llama": checkpoints["llama"]}
+
+
+LONG_PROMPT = "the quick brown fox jumps over the lazy dog " * 8
+
+
+@pytest.mark.parametrize("folder, args, message", [
+    ("no-tokenizer", ["--prompt", "hi"], "no usable tokenizer in"),
+    ("llama", ["--prompt", LONG_PROMPT, "--context", "32", "--max-new-tokens", "1"], "beyond --context 32"),
+    ("llama", ["--prompt", "hi", "--context", "16", "--max-new-tokens", "100"], "beyond --context 16"),
+    ("no-template", ["--chat"], "--chat needs a chat template, and "),
+    ("no-template", ["--prompt", "hi", "--system", "be brief"], "--system goes into the chat template, which this "
+                                                                  "tokenizer lacks"),
+    ("llama", ["--prompt", "hi", "--raw", "--system", "be brief"], "--raw skips; drop one of them"),
+    ("llama", ["--prompt", "hi", "--raw", "--chat"], "--raw sends one prompt as it is, but --chat needs"),
+    ("llama", ["--prompt", ""], "--prompt is empty; give the text to continue"),
+    ("llama", ["--prompt", "hi", "--gpus", "8xH100"], "--gpus 8xH100 describes devices this machine lacks (it has "
+                                                      "no GPU torch can use, only the CPU)"),
+    ("llama", ["--prompt", "hi", "--gpus", "1x40GB"], "--gpus 1x40GB describes devices this machine lacks"),
+    ("llama", ["--prompt", "hi", "--quant", "fp16", "--engine", "fast"], "fp16 runs on transformers; run it with "
+                                                                          "--engine transformers"),
+], ids=["tokenizer", "long-prompt", "long-output", "chat-template", "system", "raw-system", "raw-chat", "empty",
+        "gpus", "gpus-size", "engine"])
+def test_run_refuses_in_one_line_before_any_weight_loads(variants, capsys, no_weights_load, folder, args, message):
+    code, out, err = run_cli(capsys, "run", str(variants[folder]), *args)
+    assert (code, out) == (2, "")
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_prompt_is_wrapped_in_the_chat_template_unless_raw(variants, capsys):
+    args = ["--prompt", "hello world", "--max-new-tokens", "2", "--temperature", "0", "--context", "64", "--json"]
+    code, out, err = run_cli(capsys, "run", str(variants["llama"]), *args)
+    assert code == 0 and err.splitlines() == ["prompt wrapped in the model's chat template; --raw to send it as is"]
+    wrapped = json.loads(out)["prompt_tokens"]
+    code, out, err = run_cli(capsys, "run", str(variants["llama"]), *args, "--raw")
+    assert code == 0 and err == ""
+    # raw: the text's own tokens; wrapped, with "<s><|user|>" before and "<|end|><|assistant|>" after
+    assert wrapped == json.loads(out)["prompt_tokens"] + 4
+    code, out, err = run_cli(capsys, "run", str(variants["no-template"]), *args)
+    assert code == 0 and err == "" and json.loads(out)["prompt_tokens"] == wrapped - 4
+
+
+def test_chat_takes_the_prompt_as_its_first_turn(variants, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("/exit\n"))
+    code, out, err = run_cli(capsys, "run", str(variants["llama"]), "--chat", "--prompt", "hello", "--context",
+                             "64", "--max-new-tokens", "3", "--temperature", "0")
+    assert code == 0 and "chat: /reset" in err
+    assert len(out.splitlines()) == 2 and out.endswith("\n>>> ")  # one reply, then the prompt /exit answered
+
+
+# --- Run defects: the CPU's memory, Ctrl-C, out of memory ---------------------------------------------------
+
+
+def test_a_cpu_run_compares_no_peak_it_cannot_measure(checkpoints, capsys):
+    code, _, err = run_cli(capsys, "run", str(checkpoints["llama"]), "--prompt", "hi", "--max-new-tokens", "2",
+                           "--context", "64", "--quant", "bf16")
+    assert code == 0 and "plan vs measured" not in err and "peak" not in err
+    code, out, _ = run_cli(capsys, "run", str(checkpoints["llama"]), "--prompt", "hi", "--max-new-tokens", "2",
+                           "--context", "64", "--quant", "bf16", "--json")
+    (cpu,) = json.loads(out)["devices"].values()
+    assert cpu["peak_bytes"] is None and cpu["allocated_bytes"] > 0
+
+
+@pytest.fixture
+def ctrl_c_at_third_token(monkeypatch):
+    from heavylift.runtime.sampling import Sampling
+
+    choose, calls = Sampling.choose, []
+
+    def interrupted(self, logits, generator):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return choose(self, logits, generator)
+
+    monkeypatch.setattr(Sampling, "choose", interrupted)
+
+
+def test_ctrl_c_while_streaming_exits_130_with_a_visible_notice(checkpoints, capsys, ctrl_c_at_third_token):
+    code, out, err = run_cli(capsys, "run", str(checkpoints["llama"]), "--prompt", "hi", "--max-new-tokens", "8",
+                             "--temperature", "0", "--context", "64", "--raw")
+    assert code == 130 and out.endswith("\n")  # the line of text is ended before the notice
+    assert err.splitlines()[-1] == "interrupted"
+
+
+def test_ctrl_c_during_json_prints_what_was_generated(checkpoints, capsys, ctrl_c_at_third_token):
+    code, out, err = run_cli(capsys, "run", str(checkpoints["llama"]), "--prompt", "hi", "--max-new-tokens", "8",
+                             "--temperature", "0", "--context", "64", "--json")
+    result = json.loads(out)
+    assert code == 130 and err.splitlines()[-1] == "interrupted"
+    assert (result["finish_reason"], result["generated_tokens"], result["prompt_tokens"]) == ("interrupted", 2, 6)
+
+
+def test_out_of_memory_while_generating_names_the_knobs(checkpoints, capsys, monkeypatch):
+    import re
+
+    import torch
+    import typer
+
+    from heavylift.cli import app
+    from heavylift.runtime.session import Session
+
+    steps = Session.steps
+
+    def out_of_memory_at_decode(self, prompts):
+        logits, _, cached = steps(self, prompts)
+
+        def advance(token):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return logits, advance, cached
+
+    monkeypatch.setattr(Session, "steps", out_of_memory_at_decode)
+    code, out, err = run_cli(capsys, "run", str(checkpoints["llama"]), "--prompt", "hi", "--max-new-tokens", "8",
+                             "--context", "256", "--quant", "nf4")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 3  # note, header, error
+    assert err.splitlines()[-1] == ("error: out of GPU memory at 6 prompt tokens with --context 256 in nf4; lower "
+                                    "--context (to 128, say), or use a smaller --quant")
+    run_options = {o for p in typer.main.get_command(app).commands["run"].params for o in p.opts}
+    assert set(re.findall(r"--[a-z-]+", err.splitlines()[-1])) == {"--context", "--quant"} <= run_options
+
+
+# --- What run prints on stderr: heavylift's own lines, and its progress bar on a terminal only -------------
+
+
+@pytest.fixture(scope="module")
+def run_as_a_user_would(checkpoints):
+    """`heavylift run` in its own process, stderr a pipe (not a terminal), nothing filtered."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder = str(checkpoints["llama"])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(heavylift.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "heavylift", "run", folder, "--prompt", "hi", "--max-new-tokens",
+                           "4", "--temperature", "0"], capture_output=True, text=True, env=env)
+    return folder, done
+
+
+def _heavylift_lines(folder: str) -> list[str]:
+    import re
+
+    return [re.escape("prompt wrapped in the model's chat template; --raw to send it as is"),
+            re.escape(f"{folder}: bf16, transformers (the fast engine needs every layer on a CUDA GPU), attention "
+                      "sdpa, devices cpu"),
+            r"6 prompt tokens, prefill [\d.]+ tok/s, 4 generated at [\d.]+ tok/s"]
+
+
+def test_run_in_its_own_process_prints_heavylifts_lines_and_no_progress(run_as_a_user_would):
+    import re
+
+    folder, done = run_as_a_user_would
+    assert done.returncode == 0 and len(done.stdout.splitlines()) == 1
+    ours = [line for line in done.stderr.splitlines() if any(re.fullmatch(p, line) for p in _heavylift_lines(folder))]
+    assert len(ours) == 3 and "Loading weights" not in done.stderr and "tensors" not in done.stderr
+
+
+def test_run_in_its_own_process_prints_only_heavylifts_lines(run_as_a_user_would):
+    import re
+
+    folder, done = run_as_a_user_would
+    lines = done.stderr.splitlines()
+    assert len(lines) == 3 and all(re.fullmatch(p, line) for p, line in zip(_heavylift_lines(folder), lines)), \
+        done.stderr
+
+
+def test_loading_on_a_terminal_shows_one_progress_bar(checkpoints, monkeypatch):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    heavylift.load(str(checkpoints["llama"]), quant="nf4", context=64)
+    shown = terminal.getvalue()
+    # 2 layers x 9 tensors, the embeddings, the final norm, the head: each counted once it is placed
+    assert "loading 1 shard in nf4" in shown and "21/21" in shown and "Loading weights" not in shown
+
+
+def test_weights_that_land_off_the_plan_are_an_error_not_a_new_plan(checkpoints, counted, monkeypatch):
+    import heavylift.runtime.loader as loader
+
+    landed = loader.real_placement
+    monkeypatch.setattr(loader, "real_placement", lambda model, names: {**landed(model, names),
+                                                                         "model.layers.1": "disk"})
+    with pytest.raises(InvalidArgumentError, match="needs every layer on a CUDA GPU; run it with --engine transformers"):
+        heavylift.load(str(checkpoints["llama"]), quant="bf16", context=64, engine="fast", allow_offload=True)
+    assert counted == {"resolve": 1, "decide": 1, "plan": 1}
+
+
+def test_out_of_memory_while_loading_is_one_line(checkpoints, capsys, monkeypatch):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", out_of_memory)
+    code, out, err = run_cli(capsys, "run", str(checkpoints["llama"]), "--prompt", "hi", "--quant", "nf4", "--raw")
+    assert (code, out) == (2, "") and err == ("error: out of GPU memory loading the weights in nf4, which the plan "
+                                              "fits: another process may hold GPU memory (free it), or lower "
+                                              "--context or use a smaller --quant\n")

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from heavylift.errors import InvalidArgumentError
-from .plan import GPUS_HELP
+from .run import RUN_GPUS_HELP
 from heavylift.schemes import QUANT_CHOICES
 
 DEFAULT_BENCH_QUANTS = "nf4-dq,fp8,bf16"
@@ -19,7 +19,7 @@ DEFAULT_BENCH_QUANTS = "nf4-dq,fp8,bf16"
 def bench(
     model: str = typer.Argument(..., help="Local folder, hub id, or catalog name with weights on disk."),
     quant: str = typer.Option(DEFAULT_BENCH_QUANTS, "--quant", help="Comma-separated precisions."),
-    gpus: Optional[str] = typer.Option(None, "--gpus", help=GPUS_HELP),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help=RUN_GPUS_HELP),
     compare_reference: bool = typer.Option(False, "--compare-reference",
                                            help="Also time transformers' generate on the same weights."),
     as_json: bool = typer.Option(False, "--json", help="Print the records as JSON."),
@@ -29,8 +29,8 @@ def bench(
 
     import torch
 
-    from heavylift.runtime.benchmark import BENCH_BATCH, BENCH_CONTEXT, copy_bandwidth, engine_records, reference_records, timed_load
-    from heavylift.runtime.session import build_engine
+    from heavylift.runtime.benchmark import copy_bandwidth, engine_records, reference_records, timed_load
+    from heavylift.runtime.prepared import build_engine
 
     quants = [q for q in quant.split(",") if q]
     bad = [q for q in quants if q not in QUANT_CHOICES]
@@ -43,9 +43,9 @@ def bench(
     records, err = [], Console(stderr=True)
     for q in quants:
         loaded, load_s = timed_load(model, q, gpus)
-        engine, note = build_engine(loaded.model, q, BENCH_CONTEXT, BENCH_BATCH, "auto")
+        engine = build_engine(loaded)
         if engine is None:
-            err.print(f"{q}: {note}; no fast-engine figures")
+            err.print(f"{q}: {loaded.runtime.reason}; no fast-engine figures")
             per_token = None
         else:
             ours = engine_records(engine, model, q, load_s, bandwidth)

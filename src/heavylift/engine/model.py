@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from heavylift.hardware.gpus import KIND_CUDA
 from heavylift.planner import runtimes
 from heavylift.defaults import PREFILL_CHUNK_TOKENS, SDPA_MASK_ALIGNMENT
 from .ops import OPS, attention_scratch, decode_splits, dense_linear, dense_parts
@@ -59,16 +60,17 @@ class Layer:
     v_cache: torch.Tensor | None = None
 
 
+def _config_dict(config) -> Mapping:
+    return config if isinstance(config, Mapping) else config.to_dict()
+
+
 def model_reason(config, quant: str) -> str | None:
     """Why the fast engine cannot run this model (a config.json mapping or a transformers config) in this
     precision on any device, or None (runtimes.model_reason: the planner's rules)."""
-    return runtimes.model_reason(config if isinstance(config, Mapping) else config.to_dict(), quant)
+    return runtimes.model_reason(_config_dict(config), quant)
 
 
-def device_reason(devices: Sequence[torch.device]) -> str | None:
-    """Why the engine's kernels cannot run on these devices (its torch reference path still can), or None."""
-    if any(d.type != "cuda" for d in devices):
-        return runtimes.GPU_REASON
+def _triton_reason() -> str | None:
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -76,9 +78,19 @@ def device_reason(devices: Sequence[torch.device]) -> str | None:
     return None
 
 
+def device_reason(devices: Sequence[torch.device]) -> str | None:
+    """Why the engine's kernels cannot run on these torch devices in this process (its torch reference path
+    still can), or None: runtimes.devices_reason, told whether Triton imports here."""
+    kinds = [d.type for d in devices]
+    return runtimes.devices_reason(kinds, _triton_reason() if all(k == KIND_CUDA for k in kinds) else None)
+
+
 def unsupported_reason(config, quant: str, devices: Sequence[torch.device]) -> str | None:
-    """Why the fast engine cannot run this model here, or None when it can."""
-    return model_reason(config, quant) or device_reason(devices)
+    """Why `heavylift run --engine auto` would run this model on transformers on these devices, or None
+    when the engine runs it (runtimes.choose_runtime, the one decision)."""
+    runtime = runtimes.choose_runtime(_config_dict(config), quant, runtimes.AUTO, [d.type for d in devices],
+                                      device_reason(devices))
+    return runtime.reason or None
 
 
 def _window(config, index: int) -> int:

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .loader import expected_int8_casts
+
 B1_PROMPT, B1_NEW = 32, 128  # batch-1 decode: prompt tokens, timed new tokens (as seed_baseline.py)
 B16_PROMPT, B16_NEW = 128, 64  # batch-16 decode
 PREFILL_TOKENS = 4096  # the prefill timing's prompt
@@ -100,7 +102,8 @@ def reference_decode_tok_s(model, batch: int, prompt: int, new: int, seed: int =
     def run(n):
         _sync()
         t = time.perf_counter()
-        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        with expected_int8_casts():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
         _sync()
         return time.perf_counter() - t
 
@@ -109,12 +112,13 @@ def reference_decode_tok_s(model, batch: int, prompt: int, new: int, seed: int =
 
 
 def timed_load(model: str, quant: str, gpus=None):
-    """Load `model` by its plan for the benchmark's context and batch: (LoadedWeights, seconds)."""
-    from .session import load_weights
+    """Plan `model` on this machine for the benchmark's context and batch and load its weights by that plan:
+    (prepared.LoadedWeights, seconds, planning included)."""
+    from heavylift.api import prepare
 
     _sync()
     t = time.perf_counter()
-    loaded = load_weights(model, quant, gpus, context=BENCH_CONTEXT, batch=BENCH_BATCH)
+    loaded = prepare(model, quant, gpus, context=BENCH_CONTEXT, batch=BENCH_BATCH).load_weights()
     _sync()
     return loaded, time.perf_counter() - t
 

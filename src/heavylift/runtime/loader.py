@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from contextlib import contextmanager
@@ -12,11 +13,17 @@ from typing import Any, Mapping
 import torch
 
 from heavylift.model.architecture import Architecture
-from heavylift.errors import CheckpointError, OffloadError
+from heavylift.errors import CheckpointError, OffloadError, OutOfMemoryError
 from heavylift.planner.plan import SchemePlan
 from heavylift.schemes import SCHEMES
+from .devices import runtime_device
+from .progress import load_progress
 
 CPU, DISK = "cpu", "disk"
+# bitsandbytes' LLM.int8 logs this on every matmul whose input is not fp16 (logging, not warnings: no
+# warnings filter reaches it): the plan computes in bf16, so the cast is expected and said once per matmul.
+INT8_CAST_LOGGER = "bitsandbytes.autograd._functions"
+INT8_CAST_MESSAGE = "MatMul8bitLt: inputs will be cast"
 
 
 @dataclass(frozen=True)
@@ -25,11 +32,6 @@ class Placement:
 
     modules: Mapping[str, str]
     offloaded: frozenset[str]  # modules the plan itself leaves in CPU RAM (--allow-offload)
-
-
-def runtime_device(index: int) -> str:
-    """The torch device that executes plan device `index`: its GPU, or the CPU on a machine without one."""
-    return f"cuda:{index}" if torch.cuda.is_available() and index < torch.cuda.device_count() else CPU
 
 
 def placement_from_plan(arch: Architecture, scheme: SchemePlan) -> Placement:
@@ -129,9 +131,10 @@ def _moe_loading(arch: Architecture, quant: str):
 
 
 def load_model(folder: Path, arch: Architecture, scheme: SchemePlan, placement: Placement, native_fp8: bool,
-               bf16: bool, attention: str):
-    """from_pretrained with the plan's quantization and explicit device map; the MoE experts quantized as they
-    arrive (experts.quantized_on_arrival), so the load never holds more than one fused tensor unquantized."""
+               bf16: bool, attention: str, label: str):
+    """from_pretrained with the plan's quantization and explicit device map, under heavylift's progress bar
+    (`label`); the MoE experts quantized as they arrive (experts.quantized_on_arrival), so the load never
+    holds more than one fused tensor unquantized."""
     from transformers import AutoModelForCausalLM
 
     from .experts import quantize_experts
@@ -141,13 +144,18 @@ def load_model(folder: Path, arch: Architecture, scheme: SchemePlan, placement: 
     # entries and "cpu" among them for CPU offload, and moves each such layer to a GPU to quantize it.
     device_map = {"": CPU} if set(placement.modules.values()) == {CPU} else dict(placement.modules)
     try:
-        with warnings.catch_warnings(), _moe_loading(arch, scheme.quant):
+        with warnings.catch_warnings(), _moe_loading(arch, scheme.quant), load_progress(label):
             warnings.simplefilter("ignore")
             model, info = AutoModelForCausalLM.from_pretrained(
                 folder, dtype=dtype, device_map=device_map, attn_implementation=attention,
                 quantization_config=quantization_config(scheme.quant, dtype, native_fp8,
                                                         cpu_offload=bool(placement.offloaded) and torch.cuda.is_available()),
                 output_loading_info=True)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        raise OutOfMemoryError(f"out of GPU memory loading the weights in {scheme.quant}, which the plan fits: "
+                               "another process may hold GPU memory (free it), or lower --context or use a "
+                               "smaller --quant") from None
     except (OSError, RuntimeError, ValueError) as e:
         name = type(e).__name__
         if "SafetensorError" in name or "safetensors" in str(e).lower() or "header" in str(e).lower():
@@ -165,6 +173,22 @@ def load_model(folder: Path, arch: Architecture, scheme: SchemePlan, placement: 
         quantize_experts(model, scheme.quant)
     model.eval()
     return model
+
+
+class _ExpectedInt8Cast(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(INT8_CAST_MESSAGE)
+
+
+@contextmanager
+def expected_int8_casts():
+    """Drop bitsandbytes' per-matmul int8 cast message while the body runs transformers' forward."""
+    logger, quiet = logging.getLogger(INT8_CAST_LOGGER), _ExpectedInt8Cast()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def module_bytes(model: torch.nn.Module, name: str) -> int:
