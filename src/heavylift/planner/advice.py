@@ -24,7 +24,8 @@ GPU_SIZE_MAX_DECIMALS = 10
 
 
 def gb(nbytes: float) -> str:
-    return f"{nbytes / 1e9:.1f} GB"
+    """A size in an advice line, with its unit."""
+    return f"{nbytes / GB:.1f} GB"
 
 
 def context_grid(above: int, up_to: int) -> list[int]:

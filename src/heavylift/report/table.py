@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from heavylift.defaults import GiB
+from heavylift.defaults import GB, GiB
 from heavylift.hardware.gpus import Device
 from heavylift.planner.contract import device_id
 from heavylift.planner.memory import FAST, TRANSFORMERS
@@ -33,13 +33,14 @@ def console(stderr: bool = False) -> Console:
     return out if out.is_terminal else Console(stderr=stderr, highlight=False, soft_wrap=True, width=PIPED_WIDTH)
 
 
-def gb(nbytes: float) -> str:
-    return f"{nbytes / 1e9:,.1f}"
+def cell(nbytes: float) -> str:
+    """A table cell in the table's unit (GB), without the unit: the column title carries it."""
+    return f"{nbytes / GB:,.1f}"
 
 
 def memory_label(nbytes: int) -> str:
     """A device's memory in its name's unit and in the tables': "79.2 GiB = 85.0 GB"."""
-    return f"{nbytes / GiB:,.1f} GiB = {gb(nbytes)} {TABLE_UNIT}"
+    return f"{nbytes / GiB:,.1f} GiB = {cell(nbytes)} {TABLE_UNIT}"
 
 
 def _layers(d: DevicePlan) -> str:
@@ -74,7 +75,7 @@ def render(plan: Plan, console: Console) -> None:
     arch, work = plan.architecture, plan.workload
     console.print(f"[bold]{plan.model}[/] ({arch.model_type}, {arch.params:,} parameters, {arch.num_layers} layers)")
     console.print(f"context {work.context:,} tokens x batch {work.batch}, KV cache {work.kv_dtype}"
-                  + (f", {gb(work.reserve_bytes)} {TABLE_UNIT} reserved per device" if work.reserve_bytes else ""))
+                  + (f", {cell(work.reserve_bytes)} {TABLE_UNIT} reserved per device" if work.reserve_bytes else ""))
     console.print(f"devices: {devices_line(plan.devices)}")
     table = Table(title=f"Memory per precision ({TABLE_UNIT} = 10^9 bytes)", title_justify="left")
     for col in ("quant", "weights", "KV", TRANSIENT_COLUMN, "overh.", "total", "fits", "min free", "tok/s ≤"):
@@ -83,8 +84,8 @@ def render(plan: Plan, console: Console) -> None:
         fits = "[green]yes[/]" if s.fits and not s.offload else (
             "[yellow]offload[/]" if s.offload else "[red]no[/]")
         name = f"[bold]{s.quant}[/] ★" if s.quant == plan.recommended else s.quant
-        table.add_row(name, gb(s.weights_bytes), gb(s.kv_cache_bytes), gb(s.activation_bytes), gb(s.overhead_bytes),
-                      gb(s.total_bytes), fits, gb(s.tightest.free_bytes), f"{s.decode_tok_s_upper_bound:,.1f}")
+        table.add_row(name, cell(s.weights_bytes), cell(s.kv_cache_bytes), cell(s.activation_bytes), cell(s.overhead_bytes),
+                      cell(s.total_bytes), fits, cell(s.tightest.free_bytes), f"{s.decode_tok_s_upper_bound:,.1f}")
     console.print(table)
     runtimes: dict[str, list[str]] = {}
     for s in plan.schemes:
@@ -111,7 +112,7 @@ def _render_devices(s: SchemePlan, console: Console) -> None:
     for col in ("device", "layers", "weights", "KV", TRANSIENT_COLUMN, "overh.", "total", "free"):
         table.add_column(col, justify="left" if col in ("device", "layers") else "right", no_wrap=True)
     for d in s.per_device + ((s.offload,) if s.offload else ()):
-        free = "" if d.device.kind == "cpu" and s.offload is d else gb(d.free_bytes)
-        table.add_row(device_id(d.device), _layers(d), gb(d.weights_bytes),
-                      gb(d.kv_cache_bytes), gb(d.activation_bytes), gb(d.overhead_bytes), gb(d.total_bytes), free)
+        free = "" if d.device.kind == "cpu" and s.offload is d else cell(d.free_bytes)
+        table.add_row(device_id(d.device), _layers(d), cell(d.weights_bytes),
+                      cell(d.kv_cache_bytes), cell(d.activation_bytes), cell(d.overhead_bytes), cell(d.total_bytes), free)
     console.print(table)
