@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # Versions match the GPU kit (../shared/gpu/kit.sh) so CPU and GPU runs exercise the same libraries.
 PINS := torch==2.13.0 transformers==5.24.0 accelerate==1.15.0 bitsandbytes==0.50.2 torchao==0.18.0
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-fast venv clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# Everything but the engine's Triton-interpreter tests (marked `interpreter`): a few minutes less.
+test-fast: venv
+	$(PY) -m pytest -q -m "not interpreter"
 
 clean:
 	rm -rf $(VENV)
