@@ -17,7 +17,8 @@ from heavylift.planner.memory import FAST, TRANSFORMERS
 from heavylift.planner.plan import Plan, SchemePlan
 from heavylift.planner.runtimes import planned_runtime
 from .sampling import Sampling
-from heavylift.model.source import ModelSource, resolve_model
+from heavylift.model.architecture import head_dim_of
+from heavylift.model.source import ModelSource, no_weights_error, resolve_model
 
 MEMORY_WARNING_FRACTION = 0.05  # measured memory more than 5% from the plan is reported
 
@@ -175,7 +176,7 @@ class Session:
 
         config = self.model.config.get_text_config(decoder=True)
         cache = StaticCache(config=self.model.config, max_cache_len=self.plan.context)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = head_dim_of(config.to_dict())
         dtype = self.model.get_input_embeddings().weight.dtype  # the compute dtype: embeddings stay unquantized
         for i, layer in enumerate(cache.layers):
             device = self.placement.modules[f"model.layers.{i}"]
@@ -242,8 +243,7 @@ def _checkpoint_folder(source: ModelSource):
     if source.checkpoint is not None:
         return source.folder
     if source.origin == "catalog" or source.hub_id is None:
-        raise ModelNotFoundError(f"{source.name} has no weights here; download them first "
-                                 f"(`hf download {source.hub_id}`), or give a local folder")
+        raise no_weights_error(source)
     from huggingface_hub import snapshot_download
 
     try:  # only now, once the plan fits: the weights, the tokenizer, the config
