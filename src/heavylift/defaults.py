@@ -31,7 +31,10 @@ MAX_VOCAB_SIZE = 2**24  # tokens; the largest released vocabularies hold about 2
 MAX_EXPERTS = 4096  # MoE experts per layer; released models have at most 512 (Qwen3-Next)
 # Tensors in a model's inventory (layers x experts is what makes them many): the largest released MoE
 # checkpoints hold under 100,000 (Kimi K2: 60 MoE layers x 384 experts x 3 projections).
-MAX_TENSORS = 2**20
+MAX_TENSORS = 2**18
+# Parameters of a model: the largest released hold about 10^12 (Kimi K2: 1.04 x 10^12). The bounds above
+# each allow far more in product; this one keeps a plan's work, which grows with the weights, to seconds.
+MAX_PARAMETERS = 10**14
 # Tokens per sequence (--context, and a config's max_position_embeddings): the longest released window is
 # Llama 4 Scout's 10,485,760 tokens.
 MAX_CONTEXT_TOKENS = 2**24

@@ -14,7 +14,7 @@ from math import prod
 from typing import Any, Callable, Mapping
 
 from heavylift.defaults import (MAX_ATTENTION_HEADS, MAX_CONTEXT_TOKENS, MAX_EXPERTS, MAX_HEAD_DIM, MAX_HIDDEN_SIZE,
-                                MAX_INTERMEDIATE_SIZE, MAX_LAYERS, MAX_TENSORS, MAX_VOCAB_SIZE)
+                                MAX_INTERMEDIATE_SIZE, MAX_LAYERS, MAX_PARAMETERS, MAX_TENSORS, MAX_VOCAB_SIZE)
 from heavylift.errors import ConfigError, UnsupportedArchitectureError
 
 
@@ -335,6 +335,10 @@ def architecture_from_config(config: Mapping[str, Any], where: str = CONFIG_NAME
     tensors.append(TensorSpec("model.norm.weight", (hidden,), Role.NORM, None))
     if not tied:
         tensors.append(TensorSpec("lm_head.weight", (vocab, hidden), Role.LM_HEAD, None))
+    params = sum(t.numel for t in tensors)
+    if params > MAX_PARAMETERS:
+        raise ConfigError(f"{where} describes {params:,} parameters, more than the {MAX_PARAMETERS:,} heavylift "
+                          "plans; check num_hidden_layers, hidden_size, intermediate_size and vocab_size")
     return Architecture(
         model_type=config["model_type"], num_layers=n_layers, hidden_size=hidden, intermediate_size=inter,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=vocab,
