@@ -2,6 +2,10 @@
 
 Tensor names follow the checkpoints on the hub (`model.layers.0.self_attn.q_proj.weight`), so the
 inventory can be compared name by name with the safetensors headers of a real checkpoint.
+
+The one place config.json's fields are checked (type and the bounds in defaults.py) and the head size and
+sliding windows are derived (head_dim_of, layer_windows_of): the planner reads them from config.json, the
+loader and the engine from a transformers config's to_dict(), so both derive them alike.
 """
 
 from __future__ import annotations
@@ -85,7 +89,7 @@ class Architecture:
         return {layer: tuple(ts) for layer, ts in groups.items()}
 
 
-CONFIG_NAME = "config.json"  # how messages name the file when the caller does not say which
+CONFIG_FILE = "config.json"  # the file a model's fields come from; messages name it when the caller gives no path
 _NEEDED = object()  # the default of a field a model cannot do without
 
 
@@ -237,7 +241,7 @@ def supported_model_types() -> tuple[str, ...]:
     return tuple(FAMILIES)
 
 
-def family_of(config: Mapping[str, Any], where: str = CONFIG_NAME) -> Family:
+def family_of(config: Mapping[str, Any], where: str = CONFIG_FILE) -> Family:
     """The family config.json's model_type names; ConfigError or UnsupportedArchitectureError otherwise."""
     model_type = config.get("model_type")
     if model_type is None:
@@ -248,7 +252,7 @@ def family_of(config: Mapping[str, Any], where: str = CONFIG_NAME) -> Family:
     return FAMILIES[model_type]
 
 
-def head_dim_of(config: Mapping[str, Any], where: str = CONFIG_NAME) -> int:
+def head_dim_of(config: Mapping[str, Any], where: str = CONFIG_FILE) -> int:
     """Channels per attention head, as transformers derives them: config.json's head_dim, else the family's
     default, else hidden_size / num_attention_heads, which must then divide evenly."""
     explicit = _integer(config, "head_dim", where, MAX_HEAD_DIM, default=family_of(config, where).head_dim_default)
@@ -262,7 +266,7 @@ def head_dim_of(config: Mapping[str, Any], where: str = CONFIG_NAME) -> int:
     return hidden // heads
 
 
-def layer_windows_of(config: Mapping[str, Any], where: str = CONFIG_NAME) -> tuple[int | None, ...]:
+def layer_windows_of(config: Mapping[str, Any], where: str = CONFIG_FILE) -> tuple[int | None, ...]:
     """Per layer, the sliding window of keys and values it keeps in tokens, or None for full attention, as
     transformers' cache does.
 
@@ -304,7 +308,7 @@ def _layers(family: Family, dims: _Dims, n_layers: int, config: Mapping[str, Any
     return [t for i in range(n_layers) for t in family.layer(f"model.layers.{i}", replace(dims, layer=i), config)]
 
 
-def architecture_from_config(config: Mapping[str, Any], where: str = CONFIG_NAME) -> Architecture:
+def architecture_from_config(config: Mapping[str, Any], where: str = CONFIG_FILE) -> Architecture:
     """Describe the model a config.json defines; `where` names the file in ConfigError and
     UnsupportedArchitectureError messages."""
     if not isinstance(config, Mapping):

@@ -10,12 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .architecture import Architecture, architecture_from_config
+from .architecture import CONFIG_FILE, Architecture, architecture_from_config
 from .catalog import closest_models, find_model
 from heavylift.errors import ConfigError, HeavyliftError, ModelNotFoundError
 from .checkpoint import Checkpoint, check_against, from_hub_metadata, read_checkpoint
 
-CONFIG_FILE = "config.json"
 # Seconds before a hub request is given up. The hub answers a HEAD request in well under a second; one that
 # keeps quiet this long is unreachable for planning, which reads a few kilobytes.
 HUB_TIMEOUT_S = 5
