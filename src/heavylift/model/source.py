@@ -97,8 +97,9 @@ def _hub_error(hub_id: str, error: Exception) -> HeavyliftError:
     if isinstance(error, hub.HFValidationError):
         return ModelNotFoundError(f"'{hub_id}' is not a folder, a catalog name or a valid hub id{hint}")
     if isinstance(error, hub.HfHubHTTPError):
-        return ModelNotFoundError(f"the hub refused '{hub_id}' ({error.response.status_code}); "
-                                  "check the id, and HF_TOKEN for a private model")
+        code = getattr(error.response, "status_code", "an error")
+        return ModelNotFoundError(f"the hub answered {code} for '{hub_id}'{hint}; check the id (and HF_TOKEN for "
+                                  "a private model), or try again later")
     return ModelNotFoundError(f"could not reach the hub at {constants.ENDPOINT} for '{hub_id}' "
                               f"({type(error).__name__}){hint}; pass a local folder or a catalog name, or set "
                               "HF_HUB_OFFLINE=1 to plan from the hub cache (HF_TOKEN for gated models)")
@@ -106,17 +107,17 @@ def _hub_error(hub_id: str, error: Exception) -> HeavyliftError:
 
 def _config_from_hub(hub_id: str) -> tuple[Path, bool]:
     """The folder of `hub_id`'s config.json, and whether the hub answered. One request tells whether it
-    answers, so no answer fails in HUB_TIMEOUT_S, quietly, instead of after huggingface_hub's retries (five,
-    a minute of backoff, each logged); the hub cache serves a model downloaded before, as with the hub."""
+    answers, so no answer fails in HUB_TIMEOUT_S, quietly, instead of after hf_hub_download's retries (five,
+    23 s of backoff, each logged); the hub cache then serves a model downloaded before."""
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
     if not constants.HF_HUB_OFFLINE:
         try:
             get_hf_file_metadata(hf_hub_url(hub_id, CONFIG_FILE), timeout=HUB_TIMEOUT_S)
-        except (HfHubHTTPError, HFValidationError) as e:  # the hub answered no
+        except (HfHubHTTPError, HFValidationError) as e:  # the hub said no, or the id cannot be one
             raise _hub_error(hub_id, e) from None
-        except Exception as e:  # no answer: a network error of the HTTP client huggingface_hub uses
+        except Exception as e:  # no answer: a network error of huggingface_hub's HTTP client, named in the line
             cached = cached_snapshot(hub_id)
             if cached is None:
                 raise _hub_error(hub_id, e) from None
