@@ -18,6 +18,29 @@ DEFAULT_TOP_P = 1.0  # nucleus mass; 1.0 keeps every token
 DEFAULT_TOP_K = 0  # 0 keeps every token
 DEFAULT_RESERVE_BYTES = 0  # per-device headroom the plan must leave free (--reserve)
 
+# --- Bounds on what a user or a config.json may ask for -------------------------------------
+# Each sits many times above every released model, so only a typo or a corrupt file meets it; past it,
+# heavylift refuses in one line instead of building an inventory or a plan that exhausts memory or time.
+MAX_LAYERS = 4096  # decoder layers; the deepest released LLMs have under 200 (Llama 3.1 405B: 126)
+# Model width (hidden_size), and the attention width num_attention_heads x head_dim: the widest released
+# LLMs are 16,384-18,432 wide (Llama 3.1 405B, Nemotron-4 340B).
+MAX_HIDDEN_SIZE = 2**20
+MAX_INTERMEDIATE_SIZE = 2**22  # MLP width; the widest released is 73,728 (Nemotron-4 340B)
+MAX_ATTENTION_HEADS = 4096  # query or key/value heads per layer; Llama 3.1 405B has 128
+MAX_HEAD_DIM = 4096  # channels per head; released models use 64-256 (Gemma 2: 256)
+MAX_VOCAB_SIZE = 2**24  # tokens; the largest released vocabularies hold about 256,000 (Gemma 2)
+MAX_EXPERTS = 4096  # MoE experts per layer; released models have at most 512 (Qwen3-Next)
+# Tensors in a model's inventory (layers x experts is what makes them many): the largest released MoE
+# checkpoints hold under 100,000 (Kimi K2: 60 MoE layers x 384 experts x 3 projections).
+MAX_TENSORS = 2**18
+# Parameters of a model: the largest released hold about 10^12 (Kimi K2: 1.04 x 10^12). The bounds above
+# each allow far more in product; this one keeps a plan's work, which grows with the weights, to seconds.
+MAX_PARAMETERS = 10**14
+# Tokens per sequence (--context, and a config's max_position_embeddings): the longest released window is
+# Llama 4 Scout's 10,485,760 tokens.
+MAX_CONTEXT_TOKENS = 2**24
+MAX_BATCH = 2**16  # sequences decoded together; serving stacks batch a few hundred (vLLM's default: 256)
+
 # --- Bytes the runtime holds besides weights, KV cache and activations ---------------------
 # What a torch process holds outside the caching allocator once it has run a prefill and decode: CUDA
 # context, cuBLAS/cuBLASLt handles, loaded kernel modules. Measured on one H100 (torch 2.11 + CUDA 13,

@@ -24,9 +24,9 @@ def test_devices_show_their_memory_in_gib_and_in_the_tables_gb(capsys):
 
 def test_a_generic_card_reads_gb_as_decimal_and_gib_as_binary(capsys):
     _, out, _ = run_cli(capsys, "plan", "llama3.1-8b", "--gpus", "2x48GB")
-    assert _line(out, "devices:") == "devices: 2 x 48GB GPU (#0-#1), 44.7 GiB = 48.0 GB each"
+    assert _line(out, "devices:") == "devices: 2 x 48GB (#0-#1), 44.7 GiB = 48.0 GB each"
     _, out, _ = run_cli(capsys, "plan", "llama3.1-8b", "--gpus", "2x48GiB", "--reserve", "2GB")
-    assert _line(out, "devices:") == "devices: 2 x 48GiB GPU (#0-#1), 48.0 GiB = 51.5 GB each"
+    assert _line(out, "devices:") == "devices: 2 x 48GiB (#0-#1), 48.0 GiB = 51.5 GB each"
     assert _line(out, "context").endswith(", 2.0 GB reserved per device")
 
 

@@ -70,16 +70,35 @@ def test_mixed_spec_keeps_order_and_indices():
     assert devices[1].compute_capability == (8, 0) and devices[1].bf16_supported
 
 
-@pytest.mark.parametrize("spec, name, size", [("2x48GB", "48GB GPU", 48 * 10**9), ("2 x 48 gb", "48GB GPU", 48 * 10**9),
-                                              ("2x48GiB", "48GiB GPU", 48 * GiB), ("2x48G", "48GiB GPU", 48 * GiB)])
-def test_generic_size_reads_gb_as_decimal_and_gib_as_binary(spec, name, size):
+@pytest.mark.parametrize(("spec", "name", "memory"), [
+    ("2x48GB", "48GB", 48_000_000_000),  # GB is 10^9 bytes, as in --reserve
+    ("2 x 48 gb", "48GB", 48_000_000_000),
+    ("2x48GiB", "48GiB", 48 * GiB),
+    ("2x48G", "48GiB", 48 * GiB),  # a bare G is binary, as in --reserve
+    ("2x1.5TB", "1.5TB", 1_500_000_000_000),
+    ("2x49140MiB", "49140MiB", 49_140 * MiB),
+])
+def test_generic_card_sizes_read_as_reserve_sizes(spec, name, memory):
     devices = parse_gpu_spec(spec)
     assert [d.index for d in devices] == [0, 1]
     card = devices[0]
     assert card.name == name and card.kind == "cuda"
-    assert card.memory_bytes == card.total_bytes == size
+    assert card.memory_bytes == card.total_bytes == memory == parse_bytes(spec.split("x", 1)[1])
     assert card.bandwidth_bytes_s == GENERIC_GPU_BANDWIDTH_BYTES_S
     assert not card.native_fp8 and card.bf16_supported and card.compute_capability is None
+
+
+@pytest.mark.parametrize("spec", ["2x48GB", "1x24GiB", "3x1.5TB", "1x0.5GB", "2x16G"])
+def test_a_generic_card_name_parses_back_to_the_same_card(spec):
+    card = parse_gpu_spec(spec)[0]
+    again = parse_gpu_spec(f"3x{card.name}")[0]  # as advice prints it: "use --gpus 3x48GB"
+    assert (again.name, again.memory_bytes) == (card.name, card.memory_bytes)
+
+
+def test_catalog_names_with_sizes_are_cards_not_sizes():
+    """The GPU catalog's memory figures come from data/gpus.json, untouched by the size grammar."""
+    assert parse_gpu_spec("1xA100-40GB")[0].memory_bytes == A100_40_BYTES
+    assert parse_gpu_spec("1x4090")[0].name == "RTX-4090"  # a bare number is a model number
 
 
 def test_apple_spec_uses_the_metal_share_of_unified_memory():
@@ -91,7 +110,7 @@ def test_apple_spec_uses_the_metal_share_of_unified_memory():
 
 @pytest.mark.parametrize(
     "spec", ["", "   ", "0xH100", "3xFoo", "x", "4xH100,,", "-1xH100", "65xH100", "40xH100,25xL4",
-             "2x0GB", "4x"],
+             "2x0GB", "2x0.1B", "4x", "2x48XB"],
 )
 def test_bad_specs_show_the_grammar_on_one_line(spec):
     with pytest.raises(GpuSpecError) as caught:

@@ -66,7 +66,8 @@ def test_user_files_are_never_modified(tmp_path):
     ('{"model_type": "llama", "hidden_size": 64', ConfigError, "malformed or truncated"),
     ("[1, 2]", ConfigError, "JSON object"),
     ('{"model_type": "llama"}', ConfigError, "hidden_size"),
-    ('{"model_type": "llama", "hidden_size": -4, "num_hidden_layers": 2}', ConfigError, "positive integer"),
+    ('{"model_type": "llama", "hidden_size": -4, "num_hidden_layers": 2}', ConfigError,
+     "'hidden_size' is -4; it must be an integer from 1 to 1,048,576"),
     ('{"model_type": "bert", "hidden_size": 8}', UnsupportedArchitectureError, "llama, mistral, mixtral"),
 ])
 def test_bad_config_json(tmp_path, text, error, match):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from heavylift.hardware.gpus import KIND_CUDA
+from heavylift.model.architecture import head_dim_of, layer_windows_of
 from heavylift.planner import runtimes
 from heavylift.defaults import PREFILL_CHUNK_TOKENS, SDPA_MASK_ALIGNMENT
 from .ops import OPS, attention_scratch, decode_splits, dense_linear, dense_parts
@@ -94,17 +95,11 @@ def unsupported_reason(config, quant: str, devices: Sequence[torch.device]) -> s
 
 
 def _window(config, index: int) -> int:
-    types = getattr(config, "layer_types", None)
-    window = getattr(config, "sliding_window", None) or 0
-    if types is not None:
-        return window if types[index] == "sliding_attention" else 0
-    if getattr(config, "model_type", "") == "qwen2" and not getattr(config, "use_sliding_window", False):
-        return 0
-    return window
+    return layer_windows_of(config.to_dict())[index] or 0
 
 
 def _shape(config) -> Shape:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = head_dim_of(config.to_dict())
     return Shape(config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_dim,
                  config.intermediate_size, config.vocab_size, config.rms_norm_eps)
 

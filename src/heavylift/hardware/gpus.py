@@ -50,19 +50,16 @@ SUGGESTION_CUTOFF = 0.6
 
 # One --gpus item: an optional count with "x" or "×", then a card name or size.
 _ITEM = re.compile(r"(?:(-?\d+)\s*[x×]\s*)?(.*\S)", re.IGNORECASE | re.DOTALL)
-# A generic card's size, in the units --reserve takes: "48GB" is 48 x 10^9 bytes, "48GiB" and "48G" 48 x 2^30.
-_CARD_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(gib|gb|g)", re.IGNORECASE)
-# How a generic card's name spells its unit.
-_CARD_UNIT_NAMES = {"gib": "GiB", "g": "GiB", "gb": "GB"}
-# A --reserve size: a number and an optional unit.
+# A size, in --reserve and as a generic --gpus card: a number and a unit (a card's unit is not optional).
 _SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)", re.IGNORECASE)
-# Bare letters are binary (as `free -g` and `ls -h` mean them); "GB" is decimal, "GiB" binary.
+# One rule for both: "GB" is decimal (10^9), "GiB" binary (2^30), bare letters binary (as `free -g` and
+# `ls -h` mean them). Each unit with the spelling a generic card's name uses, so the name parses back.
 _BYTE_UNITS = {
-    "": 1, "b": 1,
-    "k": 1024, "kib": 1024, "kb": 10**3,
-    "m": MiB, "mib": MiB, "mb": 10**6,
-    "g": GiB, "gib": GiB, "gb": GB,
-    "t": 1024 * GiB, "tib": 1024 * GiB, "tb": 10**12,
+    "": (1, ""), "b": (1, "B"),
+    "k": (1024, "KiB"), "kib": (1024, "KiB"), "kb": (10**3, "KB"),
+    "m": (MiB, "MiB"), "mib": (MiB, "MiB"), "mb": (10**6, "MB"),
+    "g": (GiB, "GiB"), "gib": (GiB, "GiB"), "gb": (GB, "GB"),
+    "t": (1024 * GiB, "TiB"), "tib": (1024 * GiB, "TiB"), "tb": (10**12, "TB"),
 }
 
 
@@ -169,7 +166,7 @@ def find_gpu(name: str) -> GpuModel:
     hint = f"did you mean {' or '.join(close)}?" if close else f"known cards: {_known_cards()}"
     raise GpuSpecError(
         f"no GPU named {name!r} in heavylift's catalog ({hint}); "
-        "for another card give its memory size instead, e.g. --gpus 2x48GB"
+        "for another card give its memory size instead, e.g. --gpus 2x48GiB (or 2x48GB: 48 x 10^9 bytes)"
     )
 
 
@@ -216,14 +213,21 @@ def _spec_error(spec: str, problem: str) -> GpuSpecError:
     )
 
 
+def _sized(text: str) -> tuple[Decimal, int, str] | None:
+    """A number and a unit ("48GB", "1.5 gib"): the number, the unit's bytes and its spelling; else None."""
+    found = _SIZE.fullmatch(text.strip())
+    unit = _BYTE_UNITS.get(found.group(2).lower()) if found is not None else None
+    return (Decimal(found.group(1)), *unit) if unit is not None else None
+
+
 def _parse_card(spec: str, card: str) -> Device:
-    """One card of an item: a generic size such as 48GB, or a catalog name."""
-    size = _CARD_SIZE.fullmatch(card)
-    if size is not None:
-        amount, unit = Decimal(size.group(1)), size.group(2).lower()
-        if amount <= 0:
+    """One card of an item: a generic size such as 48GB or 48GiB, or a catalog name."""
+    size = _sized(card)
+    if size is not None and size[2]:  # a bare number is a card's model number ("4090"), not a size
+        number, unit, spelling = size
+        if number * unit < 1:
             raise _spec_error(spec, f"a card of {card!r} has no memory to fill")
-        return generic_device(f"{amount}{_CARD_UNIT_NAMES[unit]} GPU", int(amount * _BYTE_UNITS[unit]))
+        return generic_device(f"{number}{spelling}", int(number * unit))
     model = lookup_gpu(card)
     if model is None:
         close = closest_gpu_keys(card)
@@ -259,11 +263,10 @@ def parse_bytes(text: str) -> int:
     """A size such as "2GiB", "2GB" (2e9), "512MiB", "1.5G" (GiB) or "1048576" (bytes)."""
     if text.strip().startswith("-"):
         raise GpuSpecError(f"cannot read size {text!r}: it is negative; use {SIZE_EXAMPLES}")
-    found = _SIZE.fullmatch(text.strip())
-    unit = _BYTE_UNITS.get(found.group(2).lower()) if found is not None else None
-    if found is None or unit is None:
+    size = _sized(text)
+    if size is None:
         raise GpuSpecError(f"cannot read size {text!r}: expected {SIZE_EXAMPLES}")
-    value = Decimal(found.group(1)) * unit
-    if unit == 1 and value != value.to_integral_value():
+    value = size[0] * size[1]
+    if size[1] == 1 and value != value.to_integral_value():
         raise GpuSpecError(f"cannot read size {text!r}: bytes come whole; use {SIZE_EXAMPLES}")
     return int(value.to_integral_value())

@@ -2,15 +2,23 @@
 
 Tensor names follow the checkpoints on the hub (`model.layers.0.self_attn.q_proj.weight`), so the
 inventory can be compared name by name with the safetensors headers of a real checkpoint.
+
+The one place config.json's fields are checked (type and the bounds in defaults.py) and the head size and
+sliding windows are derived (head_dim_of, layer_windows_of): the planner reads them from config.json, the
+loader and the engine from a transformers config's to_dict(), so both derive them alike.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, replace
 from enum import Enum
+from functools import cached_property
 from math import prod
 from typing import Any, Callable, Mapping
 
+from heavylift.defaults import (MAX_ATTENTION_HEADS, MAX_CONTEXT_TOKENS, MAX_EXPERTS, MAX_HEAD_DIM, MAX_HIDDEN_SIZE,
+                                MAX_INTERMEDIATE_SIZE, MAX_LAYERS, MAX_PARAMETERS, MAX_TENSORS, MAX_VOCAB_SIZE)
 from heavylift.errors import ConfigError, UnsupportedArchitectureError
 
 
@@ -67,19 +75,53 @@ class Architecture:
         return sum(t.numel for t in self.tensors)
 
     def layer_tensors(self, layer: int) -> tuple[TensorSpec, ...]:
-        return tuple(t for t in self.tensors if t.layer == layer)
+        return self._by_layer.get(layer, ())
 
     def global_tensors(self) -> tuple[TensorSpec, ...]:
-        return tuple(t for t in self.tensors if t.layer is None)
+        return self._by_layer.get(None, ())
+
+    @cached_property
+    def _by_layer(self) -> dict[int | None, tuple[TensorSpec, ...]]:
+        """The tensors grouped by layer once, in inventory order: the planner asks for every layer's many times."""
+        groups: dict[int | None, list[TensorSpec]] = {}
+        for t in self.tensors:
+            groups.setdefault(t.layer, []).append(t)
+        return {layer: tuple(ts) for layer, ts in groups.items()}
 
 
-def _get(config: Mapping[str, Any], key: str, default: Any = ..., kind: type = int) -> Any:
-    value = config.get(key, default)
-    if value is ...:
-        raise ConfigError(f"config.json has no '{key}', which a {config.get('model_type')} model needs; "
-                          "re-download config.json or fix the field")
-    if kind is int and value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-        raise ConfigError(f"config.json field '{key}' must be a positive integer, not {value!r}")
+CONFIG_FILE = "config.json"  # the file a model's fields come from; messages name it when the caller gives no path
+_NEEDED = object()  # the default of a field a model cannot do without
+
+
+def _shown(value: Any) -> str:
+    """A value as config.json spells it: null, true, "2", 2.0."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _integer(config: Mapping[str, Any], key: str, where: str, high: int, low: int = 1,
+             default: Any = _NEEDED) -> Any:
+    """config[key], a whole number from `low` to `high`; absent or null gives `default` where there is one."""
+    value = config.get(key)
+    if value is None and default is not _NEEDED:
+        return default
+    if key not in config:
+        raise ConfigError(f"{where} has no '{key}', which a {config.get('model_type')} model needs; "
+                          "copy it from the model's published config.json")
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{where}: '{key}' is {_shown(value)}; it must be an integer from {low:,} to {high:,}")
+    return value
+
+
+def _flag(config: Mapping[str, Any], key: str, where: str, default: bool) -> bool:
+    """config[key], true or false; absent or null gives `default`."""
+    value = config.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: '{key}' is {_shown(value)}; it must be true or false")
     return value
 
 
@@ -177,83 +219,133 @@ class Family:
     # Whether transformers runs the family's attention through SDPA. Gemma 2's logit softcapping is not
     # expressible there, so transformers 5 refuses SDPA and the scores are materialized (eager).
     sdpa: bool = True
+    # The family config class's defaults where config.json has no such key (transformers 5.24): head_dim
+    # (None: hidden_size / num_attention_heads) and sliding_window (None: full attention).
+    head_dim_default: int | None = None
+    window_default: int | None = None
 
 
 FAMILIES: Mapping[str, Family] = {
     "llama": Family(_llama_layer, tie_default=False),
-    "mistral": Family(_mistral_layer, tie_default=False),
+    "mistral": Family(_mistral_layer, tie_default=False, window_default=4096),
     "mixtral": Family(_mixtral_layer, tie_default=False, moe=True),
-    "qwen2": Family(_qwen2_layer, tie_default=False),
-    "gemma2": Family(_gemma2_layer, tie_default=True, sdpa=False),
+    "qwen2": Family(_qwen2_layer, tie_default=False, window_default=4096),
+    "gemma2": Family(_gemma2_layer, tie_default=True, sdpa=False, head_dim_default=256, window_default=4096),
     "phi3": Family(_phi3_layer, tie_default=False),
 }
+QWEN2_MAX_WINDOW_LAYERS_DEFAULT = 28  # Qwen2Config's first sliding layer when config.json does not say
+SLIDING, FULL = "sliding_attention", "full_attention"  # the layer_types heavylift's families use
 
 
 def supported_model_types() -> tuple[str, ...]:
     return tuple(FAMILIES)
 
 
-def _layer_windows(config: Mapping[str, Any], model_type: str, n_layers: int) -> tuple[int | None, ...]:
-    """Which layers keep only a sliding window of keys and values, as transformers' cache does.
+def family_of(config: Mapping[str, Any], where: str = CONFIG_FILE) -> Family:
+    """The family config.json's model_type names; ConfigError or UnsupportedArchitectureError otherwise."""
+    model_type = config.get("model_type")
+    if model_type is None:
+        raise ConfigError(f'{where} has no "model_type"; heavylift plans: {", ".join(FAMILIES)}')
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
+        raise UnsupportedArchitectureError(
+            f"{where}: model_type {_shown(model_type)} is not supported; heavylift plans: {', '.join(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+def head_dim_of(config: Mapping[str, Any], where: str = CONFIG_FILE) -> int:
+    """Channels per attention head, as transformers derives them: config.json's head_dim, else the family's
+    default, else hidden_size / num_attention_heads, which must then divide evenly."""
+    explicit = _integer(config, "head_dim", where, MAX_HEAD_DIM, default=family_of(config, where).head_dim_default)
+    if explicit is not None:
+        return explicit
+    hidden = _integer(config, "hidden_size", where, MAX_HIDDEN_SIZE)
+    heads = _integer(config, "num_attention_heads", where, MAX_ATTENTION_HEADS)
+    if hidden % heads:
+        raise ConfigError(f"{where}: num_attention_heads {heads} does not divide hidden_size {hidden} and there "
+                          "is no head_dim; fix one of them or give head_dim")
+    return hidden // heads
+
+
+def layer_windows_of(config: Mapping[str, Any], where: str = CONFIG_FILE) -> tuple[int | None, ...]:
+    """Per layer, the sliding window of keys and values it keeps in tokens, or None for full attention, as
+    transformers' cache does.
 
     Mirrors transformers 5 (`cache_utils.get_layer_types_and_kwargs` and each config's
     `__post_init__`): explicit `layer_types` win; Gemma 2 alternates, starting with a sliding layer;
     Qwen2 slides from `max_window_layers` on only when `use_sliding_window`; any other family with a
     `sliding_window` slides on every layer.
     """
-    window = config.get("sliding_window")
-    types = config.get("layer_types")
-    if model_type == "qwen2" and not config.get("use_sliding_window", False):
+    family, model_type = family_of(config, where), config["model_type"]
+    n_layers = _integer(config, "num_hidden_layers", where, MAX_LAYERS)
+    window = family.window_default  # 0 or null in config.json: no window
+    if "sliding_window" in config:
+        window = _integer(config, "sliding_window", where, MAX_CONTEXT_TOKENS, low=0, default=None)
+    if model_type == "qwen2" and not _flag(config, "use_sliding_window", where, False):
         window = None
+    types = config.get("layer_types")
     if types is None:
         if model_type == "gemma2":
-            window = window if window is not None else 4096  # Gemma2Config's default
-            types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
+            types = [SLIDING if i % 2 == 0 else FULL for i in range(n_layers)]
         elif model_type == "qwen2":
-            start = config.get("max_window_layers", n_layers)
-            types = ["sliding_attention" if window and i >= start else "full_attention" for i in range(n_layers)]
+            start = _integer(config, "max_window_layers", where, MAX_LAYERS, low=0,
+                             default=QWEN2_MAX_WINDOW_LAYERS_DEFAULT)
+            types = [SLIDING if window and i >= start else FULL for i in range(n_layers)]
         else:
-            types = ["sliding_attention" if window else "full_attention"] * n_layers
+            types = [SLIDING if window else FULL] * n_layers
+    if not isinstance(types, list) or any(t not in (SLIDING, FULL) for t in types):
+        raise ConfigError(f"{where}: 'layer_types' must be a list of \"{SLIDING}\" and \"{FULL}\", one per layer")
     if len(types) != n_layers:
-        raise ConfigError(f"config.json lists {len(types)} layer_types for {n_layers} layers; fix one of the two")
-    return tuple(window if t == "sliding_attention" and window else None for t in types)
+        raise ConfigError(f"{where} lists {len(types)} layer_types for {n_layers} layers; fix one of the two")
+    return tuple(window if t == SLIDING and window else None for t in types)
 
 
-def architecture_from_config(config: Mapping[str, Any]) -> Architecture:
-    """Describe the model a config.json defines; raise ConfigError or UnsupportedArchitectureError."""
+def _layers(family: Family, dims: _Dims, n_layers: int, config: Mapping[str, Any], where: str) -> list[TensorSpec]:
+    """Every decoder layer's tensors; ConfigError before building them when they would outnumber MAX_TENSORS."""
+    per_layer = len(family.layer("model.layers.0", dims, config))
+    if n_layers * per_layer > MAX_TENSORS:
+        raise ConfigError(f"{where} describes {n_layers:,} layers of {per_layer:,} tensors, more than the "
+                          f"{MAX_TENSORS:,} heavylift plans; check num_hidden_layers and num_local_experts")
+    return [t for i in range(n_layers) for t in family.layer(f"model.layers.{i}", replace(dims, layer=i), config)]
+
+
+def architecture_from_config(config: Mapping[str, Any], where: str = CONFIG_FILE) -> Architecture:
+    """Describe the model a config.json defines; `where` names the file in ConfigError and
+    UnsupportedArchitectureError messages."""
     if not isinstance(config, Mapping):
-        raise ConfigError("config.json must hold a JSON object; re-download it")
-    model_type = config.get("model_type")
-    if model_type not in FAMILIES:
-        shown = f"'{model_type}'" if model_type else "no model_type"
-        raise UnsupportedArchitectureError(
-            f"model_type {shown} is not supported; heavylift plans and loads {', '.join(FAMILIES)}")
-    family = FAMILIES[model_type]
-    hidden = _get(config, "hidden_size")
-    n_layers = _get(config, "num_hidden_layers")
-    heads = _get(config, "num_attention_heads")
-    kv_heads = _get(config, "num_key_value_heads", heads)
-    head_dim = _get(config, "head_dim", None) or hidden // heads
-    vocab = _get(config, "vocab_size")
-    inter = _get(config, "intermediate_size")
-    experts = _get(config, "num_local_experts") if family.moe else 0
-    per_token = _get(config, "num_experts_per_tok") if family.moe else 0
+        raise ConfigError(f"{where} must hold a JSON object; re-download it")
+    family = family_of(config, where)
+    hidden = _integer(config, "hidden_size", where, MAX_HIDDEN_SIZE)
+    n_layers = _integer(config, "num_hidden_layers", where, MAX_LAYERS)
+    heads = _integer(config, "num_attention_heads", where, MAX_ATTENTION_HEADS)
+    kv_heads = _integer(config, "num_key_value_heads", where, heads, default=heads)
+    head_dim = head_dim_of(config, where)
+    if heads * head_dim > MAX_HIDDEN_SIZE:
+        raise ConfigError(f"{where}: {heads} heads of {head_dim} make attention {heads * head_dim:,} wide; "
+                          f"it must be at most {MAX_HIDDEN_SIZE:,}; check num_attention_heads and head_dim")
     if heads % kv_heads:
-        raise ConfigError(f"config.json: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
-    tied = config.get("tie_word_embeddings", family.tie_default)
+        raise ConfigError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    vocab = _integer(config, "vocab_size", where, MAX_VOCAB_SIZE)
+    inter = _integer(config, "intermediate_size", where, MAX_INTERMEDIATE_SIZE)
+    experts = _integer(config, "num_local_experts", where, MAX_EXPERTS) if family.moe else 0
+    per_token = _integer(config, "num_experts_per_tok", where, experts) if family.moe else 0
+    tied = _flag(config, "tie_word_embeddings", where, family.tie_default)
+    _flag(config, "attention_bias", where, False)  # read by the layer layouts: checked here, once
+    _flag(config, "mlp_bias", where, False)
+    windows = layer_windows_of(config, where)
+    max_positions = _integer(config, "max_position_embeddings", where, MAX_CONTEXT_TOKENS, default=0)
 
     tensors = [TensorSpec("model.embed_tokens.weight", (vocab, hidden), Role.EMBEDDING, None)]
-    for i in range(n_layers):
-        dims = _Dims(i, hidden, inter, heads, kv_heads, head_dim, experts)
-        tensors += family.layer(f"model.layers.{i}", dims, config)
+    tensors += _layers(family, _Dims(0, hidden, inter, heads, kv_heads, head_dim, experts), n_layers, config, where)
     tensors.append(TensorSpec("model.norm.weight", (hidden,), Role.NORM, None))
     if not tied:
         tensors.append(TensorSpec("lm_head.weight", (vocab, hidden), Role.LM_HEAD, None))
+    params = sum(t.numel for t in tensors)
+    if params > MAX_PARAMETERS:
+        raise ConfigError(f"{where} describes {params:,} parameters, more than the {MAX_PARAMETERS:,} heavylift "
+                          "plans; check num_hidden_layers, hidden_size, intermediate_size and vocab_size")
     return Architecture(
-        model_type=model_type, num_layers=n_layers, hidden_size=hidden, intermediate_size=inter,
+        model_type=config["model_type"], num_layers=n_layers, hidden_size=hidden, intermediate_size=inter,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=vocab,
-        tie_word_embeddings=bool(tied), num_experts=experts, experts_per_token=per_token,
-        layer_windows=_layer_windows(config, model_type, n_layers),
-        max_position_embeddings=config.get("max_position_embeddings") or 0,
-        tensors=tuple(tensors),
+        tie_word_embeddings=tied, num_experts=experts, experts_per_token=per_token,
+        layer_windows=windows, max_position_embeddings=max_positions, tensors=tuple(tensors),
     )

@@ -10,13 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .architecture import Architecture, architecture_from_config
+from .architecture import CONFIG_FILE, Architecture, architecture_from_config
 from .catalog import closest_models, find_model
 from heavylift.errors import ConfigError, HeavyliftError, ModelNotFoundError
 from .checkpoint import Checkpoint, check_against, from_hub_metadata, read_checkpoint
 
-CONFIG_FILE = "config.json"
-HUB_TIMEOUT_S = 10  # seconds before a hub request is given up
+# Seconds before a hub request is given up. The hub answers a HEAD request in well under a second; one that
+# keeps quiet this long is unreachable for planning, which reads a few kilobytes.
+HUB_TIMEOUT_S = 5
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ def _from_folder(name: str, folder: Path, origin: str, hub_id: str | None = None
     if not config_path.is_file():
         raise ModelNotFoundError(f"{folder} has no {CONFIG_FILE}; point heavylift at the model's folder")
     config = _read_config(config_path)
-    arch = architecture_from_config(config)
+    arch = architecture_from_config(config, str(config_path))
     checkpoint = read_checkpoint(folder)
     if checkpoint is not None:
         check_against(arch, checkpoint, str(folder))
@@ -67,7 +68,18 @@ def cached_snapshot(hub_id: str) -> Path | None:
     return Path(found).parent if isinstance(found, str) else None
 
 
+def no_weights_error(source: ModelSource) -> ModelNotFoundError:
+    """What to do when `source` has a config.json but no safetensors weights to load here."""
+    if source.origin == "local":
+        return ModelNotFoundError(f"{source.name} has {CONFIG_FILE} but no *.safetensors weights; put the "
+                                  "checkpoint's safetensors files and tokenizer in it, or give the model's hub id")
+    return ModelNotFoundError(f"{source.name} has no weights here; download them first "
+                              f"(`hf download {source.hub_id}`), or give a local folder")
+
+
 def _hub_error(hub_id: str, error: Exception) -> HeavyliftError:
+    """One line for a failed hub request: an HTTP answer, offline mode, or no answer at all."""
+    from huggingface_hub import constants
     from huggingface_hub import errors as hub
 
     suggestions = closest_models(hub_id)
@@ -77,26 +89,51 @@ def _hub_error(hub_id: str, error: Exception) -> HeavyliftError:
                                   "or set HF_TOKEN")
     if isinstance(error, (hub.RepositoryNotFoundError, hub.RevisionNotFoundError)):
         return ModelNotFoundError(f"no model '{hub_id}' on the hub{hint}; check the id or run `heavylift catalog`")
-    if isinstance(error, (hub.OfflineModeIsEnabled, hub.LocalEntryNotFoundError)):
-        return ModelNotFoundError(f"'{hub_id}' is not in the hub cache and the hub is unreachable or "
-                                  f"HF_HUB_OFFLINE is set{hint}; connect once, or use a local folder or a catalog name")
+    if isinstance(error, (hub.OfflineModeIsEnabled, hub.LocalEntryNotFoundError)) and constants.HF_HUB_OFFLINE:
+        return ModelNotFoundError(f"'{hub_id}' is not in the hub cache and HF_HUB_OFFLINE is set{hint}; "
+                                  "unset it to fetch the config, or use a local folder or a catalog name")
     if isinstance(error, hub.EntryNotFoundError):
         return ModelNotFoundError(f"{hub_id} has no {CONFIG_FILE}; it is not a transformers model")
-    return ModelNotFoundError(f"cannot fetch '{hub_id}' from the hub ({type(error).__name__}){hint}; "
-                              "check the network or set HF_HUB_OFFLINE=1 to use the cache")
+    if isinstance(error, hub.HFValidationError):
+        return ModelNotFoundError(f"'{hub_id}' is not a folder, a catalog name or a valid hub id{hint}")
+    if isinstance(error, hub.HfHubHTTPError):
+        code = getattr(error.response, "status_code", "an error")
+        return ModelNotFoundError(f"the hub answered {code} for '{hub_id}'{hint}; check the id (and HF_TOKEN for "
+                                  "a private model), or try again later")
+    return ModelNotFoundError(f"could not reach the hub at {constants.ENDPOINT} for '{hub_id}' "
+                              f"({type(error).__name__}){hint}; pass a local folder or a catalog name, or set "
+                              "HF_HUB_OFFLINE=1 to plan from the hub cache (HF_TOKEN for gated models)")
+
+
+def _config_from_hub(hub_id: str) -> tuple[Path, bool]:
+    """The folder of `hub_id`'s config.json, and whether the hub answered. One request tells whether it
+    answers, so no answer fails in HUB_TIMEOUT_S, quietly, instead of after hf_hub_download's retries (five,
+    23 s of backoff, each logged); the hub cache then serves a model downloaded before."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            get_hf_file_metadata(hf_hub_url(hub_id, CONFIG_FILE), timeout=HUB_TIMEOUT_S)
+        except (HfHubHTTPError, HFValidationError) as e:  # the hub said no, or the id cannot be one
+            raise _hub_error(hub_id, e) from None
+        except Exception as e:  # no answer: a network error of huggingface_hub's HTTP client, named in the line
+            cached = cached_snapshot(hub_id)
+            if cached is None:
+                raise _hub_error(hub_id, e) from None
+            return cached, False
+    try:
+        return Path(hf_hub_download(hub_id, CONFIG_FILE, etag_timeout=HUB_TIMEOUT_S)).parent, True
+    except Exception as e:  # every hub failure is the user's to fix: turn it into one line
+        raise _hub_error(hub_id, e) from None
 
 
 def _from_hub(hub_id: str) -> ModelSource:
-    from huggingface_hub import constants, get_safetensors_metadata, hf_hub_download
+    from huggingface_hub import constants, get_safetensors_metadata
 
-    try:
-        config_path = Path(hf_hub_download(hub_id, CONFIG_FILE, etag_timeout=HUB_TIMEOUT_S))
-    except HeavyliftError:
-        raise
-    except Exception as e:  # every hub failure is the user's to fix: turn it into one line
-        raise _hub_error(hub_id, e) from None
-    source = _from_folder(hub_id, config_path.parent, "hub", hub_id)
-    if source.checkpoint is not None or constants.HF_HUB_OFFLINE:
+    folder, answered = _config_from_hub(hub_id)
+    source = _from_folder(hub_id, folder, "hub", hub_id)
+    if source.checkpoint is not None or constants.HF_HUB_OFFLINE or not answered:
         return source
     try:
         metadata = get_safetensors_metadata(hub_id, timeout=HUB_TIMEOUT_S)

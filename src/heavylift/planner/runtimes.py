@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 from heavylift.errors import InvalidArgumentError
 from heavylift.hardware.gpus import KIND_CPU, KIND_CUDA, Device
-from heavylift.model.architecture import Architecture
+from heavylift.model.architecture import Architecture, head_dim_of
 from heavylift.schemes import SCHEMES
 from .memory import FAST, TRANSFORMERS  # the runtimes a plan describes; --engine adds AUTO
 from .plan import Workload, layout
@@ -53,7 +53,7 @@ def model_reason(config: Mapping[str, Any], quant: str) -> str | None:
     rope = _rope_type(config)
     if rope not in SUPPORTED_ROPE:
         return f"the fast engine has no {rope} RoPE (its positions change with the length)"
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    head_dim = head_dim_of(config)
     if head_dim & (head_dim - 1) or head_dim > 256:
         return f"the fast engine's kernels need a power-of-two head size, not {head_dim}"
     act = config.get("hidden_act") or "silu"  # the supported families' default

@@ -15,7 +15,7 @@ import torch
 from heavylift.errors import CheckpointError, ModelNotFoundError, OffloadError
 from heavylift.hardware.gpus import KIND_CUDA
 from heavylift.model.checkpoint import check_against, checkpoint_files, read_checkpoint
-from heavylift.model.source import ModelSource
+from heavylift.model.source import ModelSource, no_weights_error
 from heavylift.planner.memory import FAST
 from heavylift.planner.plan import Plan, SchemePlan
 from heavylift.planner.runtimes import Runtime, choose_runtime
@@ -71,8 +71,7 @@ class Prepared:
         if _weights_here(self.source):
             return self.source.folder
         if self.source.origin == "catalog" or self.source.hub_id is None:
-            raise ModelNotFoundError(f"{self.source.name} has no weights here; download them first "
-                                     f"(`hf download {self.source.hub_id}`), or give a local folder")
+            raise no_weights_error(self.source)
         return _download(self.source, SMALL_FILES)
 
     @cached_property

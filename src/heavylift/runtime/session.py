@@ -12,6 +12,7 @@ from heavylift.defaults import PREFILL_CHUNK_TOKENS as PREFILL_CHUNK
 from heavylift.errors import InvalidArgumentError, OutOfMemoryError
 from .loader import expected_int8_casts
 from .sampling import Sampling
+from heavylift.model.architecture import head_dim_of
 
 MEMORY_WARNING_FRACTION = 0.05  # measured memory more than 5% from the plan is reported
 
@@ -215,7 +216,7 @@ class Session:
 
         config = self.model.config.get_text_config(decoder=True)
         cache = StaticCache(config=self.model.config, max_cache_len=self.plan.context)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = head_dim_of(config.to_dict())
         dtype = self.model.get_input_embeddings().weight.dtype  # the compute dtype: embeddings stay unquantized
         for i, layer in enumerate(cache.layers):
             device = self.placement.modules[f"model.layers.{i}"]
