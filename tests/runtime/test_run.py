@@ -544,3 +544,11 @@ def test_out_of_memory_while_loading_is_one_line(checkpoints, capsys, monkeypatc
     assert (code, out) == (2, "") and err == ("error: out of GPU memory loading the weights in nf4, which the plan "
                                               "fits: another process may hold GPU memory (free it), or lower "
                                               "--context or use a smaller --quant\n")
+
+
+def test_run_warns_before_loading_when_the_context_passes_the_models_positions(checkpoints, capsys):
+    code, _, err = run_cli(capsys, "run", str(checkpoints["llama"]), "--prompt", "hi", "--max-new-tokens", "2",
+                           "--temperature", "0", "--context", "1024", "--raw")
+    assert code == 0 and err.splitlines()[0] == (
+        "warning: --context 1,024 is longer than the 512 positions llama was trained on (max_position_embeddings): "
+        "memory is planned, but text past that length degrades")

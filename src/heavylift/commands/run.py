@@ -160,6 +160,8 @@ def _run(err: Console, model: str, prompt, quant: str, gpus, context: int, chat:
     Sampling(**sampling)  # refuse bad values before loading anything
     prepared = prepare(model, quant=quant, gpus=gpus, context=context, allow_offload=allow_offload, engine=engine)
     prompt_tokens = _check_prompt(prepared, prompt, system, chat, raw, sampling["max_new_tokens"])
+    for warning in prepared.plan.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}")
     if prompt is not None and not chat and wraps_in_template(prepared.tokenizer, prompt, raw):
         err.print(f"[dim]{WRAPPED_NOTE}[/]")
     session = prepared.load()

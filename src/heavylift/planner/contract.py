@@ -45,4 +45,4 @@ def plan_to_json(plan: Any) -> dict[str, Any]:
             "devices": [{"index": d.index, "name": d.name, "kind": d.kind,
                          "capacity_bytes": d.memory_bytes - work.reserve_bytes} for d in plan.devices],
             "schemes": [scheme_plan_to_json(s) for s in plan.schemes],
-            "recommended": plan.recommended}
+            "recommended": plan.recommended, "warnings": list(plan.warnings)}

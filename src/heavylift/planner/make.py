@@ -27,4 +27,13 @@ def make_plan(model: str, arch: Architecture, devices: Sequence[Device], work: W
     runtimes = {w.engine for w in works.values()}
     if len(runtimes) == 1:  # the plan's workload names the runtime when every scheme has the same
         work = replace(work, engine=runtimes.pop())
-    return Plan(model, arch, devices, work, schemes, fitting[0] if fitting else None)
+    return Plan(model, arch, devices, work, schemes, fitting[0] if fitting else None, workload_warnings(arch, work))
+
+
+def workload_warnings(arch: Architecture, work: Workload) -> tuple[str, ...]:
+    """What holds in memory but not for the model: a context longer than the positions it was trained on."""
+    if 0 < arch.max_position_embeddings < work.context:  # 0: the config does not say
+        return (f"--context {work.context:,} is longer than the {arch.max_position_embeddings:,} positions "
+                f"{arch.model_type} was trained on (max_position_embeddings): memory is planned, but text past "
+                "that length degrades",)
+    return ()

@@ -10,7 +10,7 @@ from functools import cached_property
 from typing import Sequence
 
 from heavylift.model.architecture import Architecture, Role
-from heavylift.defaults import PCIE_BANDWIDTH_BYTES_S
+from heavylift.defaults import MAX_BATCH, MAX_CONTEXT_TOKENS, PCIE_BANDWIDTH_BYTES_S
 from heavylift.errors import InvalidArgumentError
 from heavylift.hardware.gpus import Device
 from .memory import ENGINES, TRANSFORMERS, RuntimeTerms, kv_cache_bytes, runtime_terms
@@ -30,10 +30,13 @@ class Workload:
     engine: str = TRANSFORMERS  # the runtime the plan describes: memory.FAST (heavylift's engine) or TRANSFORMERS
 
     def __post_init__(self) -> None:
-        for name in ("context", "batch"):
+        for name, most in (("context", MAX_CONTEXT_TOKENS), ("batch", MAX_BATCH)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise InvalidArgumentError(f"--{name} must be a positive whole number, not {value!r}")
+            if value > most:
+                raise InvalidArgumentError(f"--{name} {value:,} is beyond any model or server (at most {most:,}); "
+                                           f"pass a smaller --{name}")
         if self.kv_dtype not in KV_DTYPES:
             raise InvalidArgumentError(f"--kv-dtype must be one of {', '.join(KV_DTYPES)}, not {self.kv_dtype!r}")
         if self.reserve_bytes < 0:
@@ -231,6 +234,7 @@ class Plan:
     workload: Workload
     schemes: tuple[SchemePlan, ...]
     recommended: str | None
+    warnings: tuple[str, ...] = ()  # what holds in memory but not for the model (make.workload_warnings)
 
     @property
     def context(self) -> int:

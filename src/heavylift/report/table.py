@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from heavylift.defaults import GB, GiB
@@ -101,6 +102,8 @@ def render(plan: Plan, console: Console) -> None:
         if s.quant == plan.recommended or not s.fits or s.offload:
             for line in s.advice:
                 console.print(f"  {s.quant}: {line}")
+    for warning in plan.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
     if plan.recommended:
         console.print(f"[bold green]recommended:[/] --quant {plan.recommended}")
     else:

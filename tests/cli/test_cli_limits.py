@@ -1,0 +1,29 @@
+"""Sizes a plan refuses or warns about, through the CLI as typed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_cli
+
+
+@pytest.mark.parametrize("flag, value, most", [("--context", "1000000000000", "16,777,216"),
+                                               ("--batch", "1000000000", "65,536")])
+def test_absurd_context_or_batch_is_refused_in_one_line(capsys, flag, value, most):
+    code, out, err = run_cli(capsys, "plan", "llama3.1-8b", "--gpus", "8xH100", flag, value)
+    assert (code, out) == (2, "")
+    assert err == (f"error: {flag} {int(value):,} is beyond any model or server (at most {most}); "
+                   f"pass a smaller {flag}\n")
+
+
+def test_a_context_past_the_models_positions_is_planned_with_a_warning(capsys):
+    code, out, _ = run_cli(capsys, "plan", "llama3.1-8b", "--gpus", "1xH100", "--context", "200000")
+    warning = ("--context 200,000 is longer than the 131,072 positions llama was trained on "
+               "(max_position_embeddings): memory is planned, but text past that length degrades")
+    assert code == 0 and f"warning: {warning}" in out
+    code, out, _ = run_cli(capsys, "plan", "llama3.1-8b", "--gpus", "1xH100", "--context", "200000", "--json")
+    assert json.loads(out)["warnings"] == [warning]
+    code, out, _ = run_cli(capsys, "plan", "llama3.1-8b", "--gpus", "1xH100", "--context", "131072", "--json")
+    assert json.loads(out)["warnings"] == []
