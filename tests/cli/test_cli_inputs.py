@@ -129,3 +129,9 @@ def test_advice_names_gpus_the_way_gpus_reads_them(capsys):
     code, out, _ = run_cli(capsys, "plan", "llama3.1-70b", "--gpus", spec, "--quant", "nf4", "--context", "1024",
                            "--json")
     assert code == 0 and json.loads(out)["schemes"][0]["fits"]
+
+
+def test_bench_names_a_wrong_model_before_looking_for_a_gpu(capsys):
+    code, out, err = run_cli(capsys, "bench", "/nonexistent")
+    assert (code, out) == (2, "")
+    assert err == "error: no folder or catalog model named '/nonexistent' (`heavylift catalog` lists them)\n"

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from heavylift.errors import InvalidArgumentError
+from heavylift.model.source import resolve_model
 from .run import RUN_GPUS_HELP
 from heavylift.schemes import QUANT_CHOICES
 
@@ -36,6 +37,7 @@ def bench(
     bad = [q for q in quants if q not in QUANT_CHOICES]
     if bad or not quants:
         raise InvalidArgumentError(f"--quant takes precisions from {', '.join(QUANT_CHOICES)}, not {quant!r}")
+    resolve_model(model)  # a wrong path or name is the first thing to say, GPU or not
     if not torch.cuda.is_available():
         raise InvalidArgumentError("heavylift bench times GPU decode and found no CUDA GPU here; "
                                    "run it on the machine that will serve the model")
