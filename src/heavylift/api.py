@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from .defaults import DEFAULT_BATCH, DEFAULT_CONTEXT_TOKENS
+from .defaults import DEFAULT_BATCH, DEFAULT_CONTEXT_TOKENS, DEFAULT_RESERVE_BYTES
 from .errors import GpuSpecError, InvalidArgumentError, PlanDoesNotFitError
 from .hardware.gpus import Device, parse_bytes, parse_gpu_spec
 from .model.source import ModelSource, resolve_model
@@ -82,7 +82,8 @@ def _front_door(model: str, gpus, here: bool, context: int, batch: int, quant, r
 
 
 def plan(model: str, gpus: str | Sequence[Device] | None = None, context: int = DEFAULT_CONTEXT_TOKENS,
-         batch: int = DEFAULT_BATCH, quant: str | Sequence[str] = ALL, reserve: int | str = 0,
+         batch: int = DEFAULT_BATCH, quant: str | Sequence[str] = ALL,
+         reserve: int | str = DEFAULT_RESERVE_BYTES,
          kv_dtype: str = "bf16", allow_offload: bool = False, engine: str = AUTO) -> Plan:
     """Plan `model` on `gpus` for every precision in `quant`, reading only config.json and headers, each
     for the runtime `heavylift run --engine ENGINE` would run it on (runtimes.plan_runtimes)."""
@@ -105,7 +106,7 @@ def _pick(plan: Plan, quant: str, allow_offload: bool) -> SchemePlan:
 
 def prepare(model: str, quant: str = BEST, gpus: str | Sequence[Device] | None = None,
             context: int = DEFAULT_CONTEXT_TOKENS, batch: int = 1, allow_offload: bool = False,
-            reserve: int | str = 0, engine: str = AUTO):
+            reserve: int | str = DEFAULT_RESERVE_BYTES, engine: str = AUTO):
     """Plan `model` on this machine for the runtime that will run it and pick the precision, reading only
     config.json and headers: a runtime.prepared.Prepared, whose tokenizer and then weights load next.
     Refuses (one line) what cannot fit, before any download."""
@@ -124,7 +125,7 @@ def prepare(model: str, quant: str = BEST, gpus: str | Sequence[Device] | None =
 
 def load(model: str, quant: str = BEST, gpus: str | Sequence[Device] | None = None,
          context: int = DEFAULT_CONTEXT_TOKENS, batch: int = 1, allow_offload: bool = False,
-         reserve: int | str = 0, engine: str = AUTO):
+         reserve: int | str = DEFAULT_RESERVE_BYTES, engine: str = AUTO):
     """Plan `model` on this machine for the runtime that will run it, stop before any download if it cannot
     fit, load it exactly as planned, and put the fast engine over it where it runs (`engine="auto"`), else
     transformers with the reason in `engine_note`: a runtime.session.Session (needs heavylift[run])."""

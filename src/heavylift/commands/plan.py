@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from heavylift.api import plan as make_plan
-from heavylift.defaults import DEFAULT_BATCH, DEFAULT_CONTEXT_TOKENS
+from heavylift.defaults import DEFAULT_BATCH, DEFAULT_CONTEXT_TOKENS, DEFAULT_RESERVE_BYTES
 from heavylift.errors import InvalidArgumentError
 from heavylift.planner.plan import Plan
 from heavylift.schemes import ALL, QUANT_CHOICES
@@ -25,7 +25,7 @@ def plan(
     context: int = typer.Option(DEFAULT_CONTEXT_TOKENS, "--context", help="Tokens per sequence (prompt + output)."),
     batch: int = typer.Option(DEFAULT_BATCH, "--batch", help="Sequences decoded together."),
     quant: str = typer.Option(ALL, "--quant", help=f"{ALL} or one of: {', '.join(QUANT_CHOICES)}."),
-    reserve: str = typer.Option("0", "--reserve", help="Headroom to leave free on every device, e.g. 2GiB "
+    reserve: str = typer.Option(str(DEFAULT_RESERVE_BYTES), "--reserve", help="Headroom to leave free on every device, e.g. 2GiB "
                                 "(GiB = 2^30 bytes, GB = 10^9)."),
     kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="KV cache precision: bf16, fp16, fp8, fp32."),
     allow_offload: bool = typer.Option(False, "--allow-offload", help="Let layers that do not fit stay in CPU RAM."),

@@ -237,10 +237,6 @@ QWEN2_MAX_WINDOW_LAYERS_DEFAULT = 28  # Qwen2Config's first sliding layer when c
 SLIDING, FULL = "sliding_attention", "full_attention"  # the layer_types heavylift's families use
 
 
-def supported_model_types() -> tuple[str, ...]:
-    return tuple(FAMILIES)
-
-
 def family_of(config: Mapping[str, Any], where: str = CONFIG_FILE) -> Family:
     """The family config.json's model_type names; ConfigError or UnsupportedArchitectureError otherwise."""
     model_type = config.get("model_type")

@@ -36,10 +36,6 @@ class Checkpoint:
     tensors: Mapping[str, TensorInfo]
     files: tuple[Path, ...]  # empty when read from the hub's metadata
 
-    @property
-    def size_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.files)
-
 
 def read_header(path: Path) -> dict:
     """The JSON header of one .safetensors file; CheckpointError if it is cut short or corrupt."""
