@@ -205,7 +205,7 @@ class Session:
         values allocated now on that layer's device, before any activation.
 
         Preallocated rather than grown: a DynamicCache concatenates a larger tensor per chunk and leaves the
-        smaller ones cached (29 GB at 32k tokens x 8 on an H100, issue 4). The allocator's
+        smaller ones cached (29 GB at 32k tokens x 8 on an H100). The allocator's
         expandable_segments setting would only soften that: it is process-wide (PYTORCH_CUDA_ALLOC_CONF
         before CUDA starts, or a private torch call), so heavylift.load would change every allocation of
         its caller's process, and freed blocks inside a segment stay reserved all the same. A static cache
