@@ -78,7 +78,9 @@ def test_a_fork_of_persistent_tensors_replays_like_the_whole_program():
     t = phase.alloc("t", 3 * MiB)
     u = phase.alloc("u", 30 * MiB)
     phase.free(t, u)
-    whole = Program(p.events + phase.events)
+    whole = Program()
+    whole.extend(p)
+    whole.extend(phase)
     forked = replay(phase, persistent_state([8 * MiB, 8 * MiB]))
     assert replay(whole) == forked
     assert forked.peak_reserved == 20 * MiB + 30 * MiB

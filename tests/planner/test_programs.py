@@ -171,7 +171,7 @@ def test_engine_decode_pools_hold_benchmark_buffer_workspaces_and_dequantized_we
     arch = architecture_from_config(find_model("llama3.1-8b").config_dict())
     dev = memory._Device(True, (9, 0), True)
     part = Part(range(arch.num_layers), True, True)
-    shape, layers = memory._cache_key(arch), (0, 1, 2, 3)
+    shape, layers = arch, (0, 1, 2, 3)
     # bf16, one sequence: the Triton kernels take the step and allocate nothing; the graph's pool and the
     # warm-up's side stream each hold the embedding lookup's 2 MiB small segment and a 32 MiB cuBLAS
     # workspace (lm_head's torch.mm), and the side stream Triton's 256 MiB L2-flush buffer.

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Sequence
 
-from .allocator import CachingAllocator, Program, block_size, live_sizes, replayed_rounds, run
+from .allocator import CachingAllocator, Program, block_size, live_sizes, replayed_rounds
 from heavylift.model.architecture import QUANTIZABLE_ROLES, Architecture
 from heavylift.defaults import EXPERT_ROW_CHUNK_ELEMENTS, FP8_ROW_MULTIPLE, LOAD_ROW_CHUNK_ELEMENTS
 from .matmul_programs import BF16, BNB_4BIT_BLOCKSIZE, FP32, float8_rows
@@ -199,14 +199,35 @@ def load_order(arch: Architecture, part: Part) -> LoadOrder | None:
 def loaded_state(quant: str, order: LoadOrder, layers: int) -> tuple[CachingAllocator, int]:
     """The allocator of a device once from_pretrained has loaded its `layers` layers (dense_load,
     expert_load): the weights allocated, the warm-up segment and the temporaries cached around them; and the
-    weights' bytes (which the allocator's count can exceed: a block it does not split is handed out whole)."""
-    p = Program()
+    weights' bytes (which the allocator's count can exceed: a block it does not split is handed out whole).
+    Every layer loads by the same program, which keeps its weights and frees what else it allocates."""
+    a = CachingAllocator()
     if order.experts is None:
-        dense_load(p, quant, order.before + order.layer * layers + order.after)
-    else:
-        load_tensors(p, quant, order.before)
-        for _ in range(layers):
-            expert_load(p, order.experts, quant)
-            load_tensors(p, quant, order.layer)
-        load_tensors(p, quant, order.after)
-    return run(p), sum(block_size(n) for n in live_sizes(p))
+        warmup = Program()
+        allocator_warmup(warmup, quant, order.before + order.layer * layers + order.after)
+        a.play(warmup)
+    before, after = _load_program(quant, order.before, None), _load_program(quant, order.after, None)
+    layer = _load_program(quant, order.layer, order.experts)
+    a.play(before)
+    for _ in range(layers):
+        a.play(layer)
+    a.play(after)
+    weights = sum(block_size(n) for n in live_sizes(before) + live_sizes(after)) \
+        + layers * sum(block_size(n) for n in live_sizes(layer))
+    return a, weights
+
+
+@lru_cache(maxsize=256)
+def _load_program(quant: str, tensors: tuple[Loaded, ...], experts: Architecture | None) -> Program:
+    """The load of these checkpoint tensors, after a layer's experts (expert_load) for an MoE layer."""
+    p = Program()
+    if experts is not None:
+        expert_load(p, experts, quant)
+    load_tensors(p, quant, tensors)
+    return p
+
+
+def clear_load_caches() -> None:
+    """Forget every load replayed and every load program built."""
+    loaded_state.cache_clear()
+    _load_program.cache_clear()
