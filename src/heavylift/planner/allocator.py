@@ -69,6 +69,12 @@ class CachingAllocator:
         self._top = 0  # the next segment's address: segments lie end to end, in the order they are reserved
         self.allocated = self.reserved = self.peak_allocated = self.peak_reserved = 0
 
+    def _put(self, address: int, size: int, small: bool) -> None:
+        """Cache a free block."""
+        self._free_at[address] = size
+        self._free_ending[address + size] = address
+        insort(self._pools[small], size << ADDRESS_BITS | address)
+
     def malloc(self, nbytes: int) -> Block:
         size = MIN_BLOCK_BYTES if nbytes <= MIN_BLOCK_BYTES else -(-nbytes // MIN_BLOCK_BYTES) * MIN_BLOCK_BYTES
         small = size <= SMALL_REQUEST_BYTES
@@ -118,15 +124,77 @@ class CachingAllocator:
         free_ending[address + size] = address
         insort(pool, size << ADDRESS_BITS | address)
 
-    def fork(self) -> "CachingAllocator":
-        """A copy to replay more on, for a state whose live blocks all stay allocated (persistent tensors):
-        it splits, merges and empties segments as the original would, without touching it."""
+    def copy(self) -> "CachingAllocator":
+        """The same state, peaks included, to replay more on without touching this one."""
         twin = CachingAllocator()
         twin._pools = {small: list(pool) for small, pool in self._pools.items()}
         twin._free_at, twin._free_ending = dict(self._free_at), dict(self._free_ending)
         twin._segments, twin._top = dict(self._segments), self._top
         twin.allocated, twin.reserved = self.allocated, self.reserved
+        twin.peak_allocated, twin.peak_reserved = self.peak_allocated, self.peak_reserved
+        return twin
+
+    def fork(self) -> "CachingAllocator":
+        """A copy to replay more on, for a state whose live blocks all stay allocated (persistent tensors),
+        its peaks starting from here."""
+        twin = self.copy()
         twin.peak_allocated, twin.peak_reserved = self.allocated, self.reserved
+        return twin
+
+    def free_blocks(self) -> list[tuple[int, int, bool]]:
+        """Every cached block as (address, size, from the small pool), by address."""
+        return sorted((key & ADDRESS_MASK, key >> ADDRESS_BITS, small)
+                      for small, pool in self._pools.items() for key in pool)
+
+    def segments(self) -> dict[int, int]:
+        """Every segment held, address -> size."""
+        return dict(self._segments)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CachingAllocator) and self._pools == other._pools \
+            and self._segments == other._segments and self._top == other._top \
+            and (self.allocated, self.reserved, self.peak_allocated, self.peak_reserved) \
+            == (other.allocated, other.reserved, other.peak_allocated, other.peak_reserved)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def first_segment_tail(self) -> tuple[int, int]:
+        """(the free block that ends the first segment, 0 when that segment ends allocated; the largest other
+        cached block of the large pool)."""
+        address = self._free_ending.get(self._segments.get(0, -1))
+        tail = self._free_at[address] if address is not None else 0
+        others = [key >> ADDRESS_BITS for key in self._pools[False][-2:] if key & ADDRESS_MASK != address]
+        return tail, max(others, default=0)
+
+    def moved_onto(self, start: "CachingAllocator") -> "CachingAllocator":
+        """This state, reached from a wholly free first segment, moved onto `start`: an allocator whose only
+        segment (at 0) holds allocated blocks up to its one free block, which runs to the segment's end. As
+        if the same events had run on `start`: blocks of the first segment move up by the bytes start holds
+        there, the free block that ends it ends at start's segment end instead, later segments follow start's.
+        Exact when no request depended on the first segment's size, which the caller checks (the block ending
+        it stayed larger than every other block and than what it handed out, so it was taken when nothing
+        else fit, and always split)."""
+        blocks = start.free_blocks()
+        if len(blocks) != 1 or blocks[0][2] or start._segments != {0: blocks[0][0] + blocks[0][1]}:
+            raise ValueError("start must hold one segment with allocated blocks up to one free block at its end")
+        lead, rest, _ = blocks[0]
+        end, own_end = lead + rest, self._segments[0]
+
+        def moved(address: int) -> int:
+            return address + lead if address < own_end else address - own_end + end
+
+        twin = CachingAllocator()
+        for is_small, pool in self._pools.items():
+            for key in pool:
+                address, size = key & ADDRESS_MASK, key >> ADDRESS_BITS
+                at = moved(address)
+                twin._put(at, end - at if address + size == own_end else size, is_small)
+        twin._segments = {(moved(address) if address else 0): (size if address else end)
+                          for address, size in self._segments.items()}
+        twin._top = moved(self._top)
+        twin.allocated, twin.reserved = self.allocated + start.allocated, self.reserved - own_end + end
+        twin.peak_allocated = max(start.peak_allocated, self.peak_allocated + start.allocated)
+        twin.peak_reserved = max(start.peak_reserved, self.peak_reserved - own_end + end)
         return twin
 
     def empty_cache(self) -> None:
