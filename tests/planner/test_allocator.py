@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from heavylift.planner.allocator import (CachingAllocator, Program, block_size, peak_live, persistent_state, replay, run,
-                                        segment_size)
+from heavylift.planner.allocator import (CachingAllocator, Program, block_size, peak_live, persistent_state, replay,
+                                        run, segment_size)
 
 KiB, MiB = 1 << 10, 1 << 20
 

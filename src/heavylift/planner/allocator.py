@@ -9,6 +9,10 @@ takes the smallest cached block that fits (the lowest address among equals) and 
 when the rest is at least 512 bytes (small pool) or more than 1 MiB (large pool); a freed block merges
 with free neighbours of its segment; `empty_cache` returns every wholly free segment.
 
+A `Program` lists what a piece of code allocates and frees, in order; a loop of identical iterations (the
+decoder layers of a device) is recorded once, and the replay renumbers it, skipping whole cycles once the
+allocator's state repeats.
+
 Replayed over the transformers forward at full size (bench/results/plan_validation_h100_2026-11-26.json,
 the bf16 cases run with a growing DynamicCache), it gives the measured max_memory_allocated to 9 MB and
 max_memory_reserved to 0.7% (32k tokens x 8) or 20 MB (1k), from the tensors' shapes alone.

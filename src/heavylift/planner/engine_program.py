@@ -7,6 +7,7 @@ Pure Python: no torch.
 
 from __future__ import annotations
 
+from functools import partial
 from itertools import groupby
 from typing import Sequence
 
@@ -61,8 +62,8 @@ def _engine_chunk(p: Program, arch: Architecture, quant: str, t: int, start: int
     hidden = p.alloc("embed" if part.first else "hidden_in", BF16 * t * arch.hidden_size)
     carried = (hidden,) + (None,) * len(_LAYER_LOCALS)
     for window, group in groupby(arch.layer_windows[layer] for layer in layers):
-        carried = p.repeat(len(list(group)), lambda c, w=window: _engine_layer(p, arch, quant, t, start, w, native_fp8, c),
-                           carried)
+        step = partial(_engine_layer, p, arch, quant, t, start, window, native_fp8)
+        carried = p.repeat(len(list(group)), step, carried)
     p.free(*carried[1:])
     return carried[0]
 

@@ -213,9 +213,9 @@ def loaded_state(quant: str, order: LoadOrder, layers: int) -> tuple[CachingAllo
     a.play(before)
     shared = 0
     if order.experts is None and _in_one_free_block(a):
-        run = _layer_run(quant, order.layer)
-        shared = run.layers_alike(a, layers)
-        a = run.state(shared).moved_onto(a)
+        layer_run = _layer_run(quant, order.layer)
+        shared = layer_run.layers_alike(a, layers)
+        a = layer_run.state(shared).moved_onto(a)
     for _ in range(layers - shared):
         a.play(layer)
     a.play(after)
@@ -239,11 +239,13 @@ class _LayerRun:
     """One layer's load program replayed layer after layer in a warm-up segment too large to run short, with
     the allocator's state after each: every device that loads these layers starts from it.
 
-    In a device's own warm-up segment the layers load alike as long as the free block ending it stays larger
-    than every other cached block and than all a layer allocates from the large pool: then a request takes it
-    exactly when nothing else fits, and it always splits, whatever its size. Blocks freed by a layer merge
-    only within a block that was free when the layer began or within what it carved from the free end, so
-    no other block outgrows that bound. Past the last layer that loads alike, the device replays its own."""
+    In a device's own warm-up segment a layer loads alike when the free block that ends the segment stays,
+    all through the layer, larger than every other cached block and larger than any request it serves by
+    more than the 1 MiB rest the large pool splits off: then it serves a request exactly when no other block
+    fits, and always splits, whatever its size. A layer carves at most `need` bytes from it, and a block it
+    frees merges only within a block that was free when the layer began or within what it carved, so the
+    free block suffices if it begins the layer larger than `need` plus the larger of `need` and the largest
+    other block. Past the last layer that loads alike, the device replays its own."""
 
     def __init__(self, layer: Program):
         self.layer = layer
@@ -263,7 +265,8 @@ class _LayerRun:
         return self.states[layers]
 
     def layers_alike(self, start: CachingAllocator, layers: int) -> int:
-        """How many of a device's first `layers` layers load from `start` (_in_one_free_block) as here."""
+        """How many of a device's first `layers` layers load from `start` (_in_one_free_block) as here: its free
+        block is as much smaller than ours as its warm-up segment, less what it holds at the start."""
         tail, _ = start.first_segment_tail()
         shortfall = SHARED_SEGMENT_BYTES - tail
         for i in range(layers):
