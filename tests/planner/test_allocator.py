@@ -200,3 +200,31 @@ def test_a_state_moved_onto_a_smaller_warmup_segment_is_the_replay_there():
     assert moved.free_blocks() == [(14 * MiB, 26 * MiB, False)] and moved.segments() == {0: 40 * MiB}
     assert (moved.allocated, moved.reserved, moved.peak_allocated, moved.peak_reserved) == (
         14 * MiB, 40 * MiB, 40 * MiB, 40 * MiB)
+
+
+@pytest.mark.parametrize("nbytes", [300, 96 * KiB, 2816 * KiB, 3 * MiB, 7 * MiB, 12 * MiB])
+def test_keeping_many_tensors_of_one_size_is_as_many_mallocs(nbytes):
+    # Free blocks of assorted sizes in both pools, then 40 requests of one size kept for good. Requests of
+    # 2.75 MiB carve a 9 MiB block three times, the third taking the last 3.5 MiB whole: its 0.75 MiB rest
+    # is not split off.
+    p = Program()
+    held = [p.alloc("t", n) for n in (700, 5 * KiB, 200 * KiB, 3 * MiB + 300 * KiB, 9 * MiB, 25 * MiB, 13 * MiB)
+            for _ in range(3)]
+    p.free(*held[::2])
+    one, many = run(p), run(p)
+    for _ in range(40):
+        one.malloc(nbytes)
+    many.keep(nbytes, 40)
+    assert many == one  # free blocks, segments, counters and peaks
+
+
+def test_keeping_tensors_never_carves_the_next_segment():
+    # A 20 MiB segment ends with a free 4 MiB block; the next one starts with a free 9 MiB block and has a
+    # free 6 MiB block further on. Two 4 MiB requests take the 4 MiB block, then the front of the 6 MiB one.
+    p = Program()
+    a1, a2, a3 = p.alloc("a", 8 * MiB), p.alloc("a", 8 * MiB), p.alloc("a", 4 * MiB)
+    b1, b2 = p.alloc("b", 9 * MiB), p.alloc("b", 5 * MiB)
+    p.free(b1, a3)
+    kept = run(p)
+    kept.keep(4 * MiB, 2)
+    assert kept.free_blocks() == [(20 * MiB, 9 * MiB, False), (38 * MiB, 2 * MiB, False)]

@@ -40,6 +40,11 @@ def block_size(nbytes: int) -> int:
     return max(MIN_BLOCK_BYTES, -(-nbytes // MIN_BLOCK_BYTES) * MIN_BLOCK_BYTES)
 
 
+def splits(rest: int, small: bool) -> bool:
+    """Whether a block handed out for a request keeps only what the request needs, the rest staying cached."""
+    return rest >= MIN_BLOCK_BYTES if small else rest > SMALL_REQUEST_BYTES
+
+
 def segment_size(nbytes: int) -> int:
     """Bytes of the segment a request that no cached block fits reserves (get_allocation_size)."""
     if nbytes <= SMALL_REQUEST_BYTES:
@@ -96,7 +101,7 @@ class CachingAllocator:
             if self.reserved > self.peak_reserved:
                 self.peak_reserved = self.reserved
         rest = have - size
-        if rest >= MIN_BLOCK_BYTES if small else rest > SMALL_REQUEST_BYTES:  # split: the rest stays cached
+        if splits(rest, small):
             tail = address + size
             self._free_at[tail] = rest
             self._free_ending[tail + rest] = tail
@@ -106,6 +111,36 @@ class CachingAllocator:
         if self.allocated > self.peak_allocated:
             self.peak_allocated = self.allocated
         return address, have, small
+
+    def keep(self, nbytes: int, count: int) -> None:
+        """`count` requests of `nbytes` in a row, kept for good: what as many mallocs do. A request that splits
+        its block leaves the rest as the next one's best fit (smaller than every other block that fit it), so
+        the next pieces come from that rest in one go, as long as it holds them."""
+        size = block_size(nbytes)
+        small = size <= SMALL_REQUEST_BYTES
+        while count > 0:
+            address, have, _ = self.malloc(nbytes)
+            count -= 1
+            at = address + have
+            # The rest split off, if any: a cached block is never beside another in its segment.
+            rest = None if at in self._segments else self._free_at.get(at)
+            if not count or rest is None or rest < size:
+                continue
+            self._take(at, rest, small)
+            taken = 0
+            while count and rest >= size:
+                piece = size if splits(rest - size, small) else rest
+                at, rest, taken, count = at + piece, rest - piece, taken + piece, count - 1
+            if rest:
+                self._put(at, rest, small)
+            self.allocated += taken
+            self.peak_allocated = max(self.peak_allocated, self.allocated)
+
+    def _take(self, address: int, size: int, small: bool) -> None:
+        """Take a free block out of the cache."""
+        del self._free_at[address], self._free_ending[address + size]
+        pool = self._pools[small]
+        del pool[bisect_left(pool, size << ADDRESS_BITS | address)]
 
     def free(self, block: Block) -> None:
         address, size, small = block

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from itertools import groupby
 from typing import Iterable, Sequence
 
 from .allocator import CachingAllocator, Program, block_size, live_sizes, peak_live, replay, run
@@ -207,20 +208,23 @@ def _after_load(loaded: CachingAllocator, tensors: list[tuple[str, int]], engine
     loading, into what the load left cached; then Session's _start_phase gives wholly free segments back,
     makes the cuBLAS workspace and empties the cache again (transformers allocates its StaticCache and the
     prompt's ids only after that)."""
-    p = Program()
-    runtime = [(label, n) for label, n in tensors if label != "cublas_workspace"]
-    workspace = [n for label, n in tensors if label == "cublas_workspace"]
+    a = loaded.fork()
+    runtime = [n for label, n in tensors if label != "cublas_workspace" and n > 0]
+    workspace = [n for label, n in tensors if label == "cublas_workspace" and n > 0]
     if engine == FAST:
-        for label, n in runtime:
-            p.alloc(label, n)
-    p.empty_cache()
-    for n in workspace:
-        p.alloc("cublas_workspace", n)
-    p.empty_cache()
+        _keep(a, runtime)
+    a.empty_cache()
+    _keep(a, workspace)
+    a.empty_cache()
     if engine != FAST:
-        for label, n in runtime:
-            p.alloc(label, n)
-    return run(p, loaded)
+        _keep(a, runtime)
+    return a
+
+
+def _keep(a: CachingAllocator, sizes: list[int]) -> None:
+    """Allocate tensors for good, in order (a run of one size at once: the layers' keys and values)."""
+    for n, same in groupby(sizes):
+        a.keep(n, len(list(same)))
 
 
 @lru_cache(maxsize=256)
