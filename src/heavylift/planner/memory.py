@@ -18,7 +18,7 @@ from functools import lru_cache
 from itertools import groupby
 from typing import Iterable, Sequence
 
-from .allocator import CachingAllocator, Program, block_size, live_sizes, peak_live, replay, run
+from .allocator import CachingAllocator, Program, block_size, live_sizes, peak_live, replay
 from heavylift.model.architecture import Architecture
 from heavylift.defaults import CUDA_CONTEXT_BYTES, DECODE_SPLITS_MAX, LLM_INT8_CONTEXT_BYTES, MiB, PREFILL_CHUNK_TOKENS
 from .engine_program import decode_uses_kernels, engine_decode_step, engine_prefill
