@@ -171,7 +171,7 @@ def test_engine_decode_pools_hold_benchmark_buffer_workspaces_and_dequantized_we
     arch = architecture_from_config(find_model("llama3.1-8b").config_dict())
     dev = memory._Device(True, (9, 0), True)
     part = Part(range(arch.num_layers), True, True)
-    shape, layers = memory._cache_key(arch), (0, 1, 2, 3)
+    shape, layers = arch, (0, 1, 2, 3)
     # bf16, one sequence: the Triton kernels take the step and allocate nothing; the graph's pool and the
     # warm-up's side stream each hold the embedding lookup's 2 MiB small segment and a 32 MiB cuBLAS
     # workspace (lm_head's torch.mm), and the side stream Triton's 256 MiB L2-flush buffer.
@@ -260,3 +260,24 @@ def test_fp8_weights_quantize_on_load_a_block_of_rows_at_a_time(monkeypatch):
     # Most at once, in a later piece: the bf16 weight, the whole storage and scales (256 -> 512), the piece's
     # fp32 scales (512), its three fp32 copies and its float8 rows.
     assert peak_live(p) == 16384 + 8192 + 512 + 512 + 3 * 8192 + 2048
+
+
+@pytest.mark.parametrize("model", ["llama3.1-8b", "gemma2-9b", "phi3-mini"])
+def test_every_device_loads_its_layers_as_a_replay_of_its_whole_load(model):
+    # loaded_state loads a dense model's layers once for every device of a precision, in a warm-up segment
+    # no device runs short of, and replays only each device's last layers in its own: the allocator each
+    # device is left with, peaks and free blocks included, is that of its load replayed event by event.
+    from heavylift.planner.allocator import run
+    from heavylift.planner.load_program import clear_load_caches, dense_load, load_order, loaded_state
+
+    arch = architecture_from_config(find_model(model).config_dict())
+    n = arch.num_layers
+    parts = [Part(range(n), True, True), Part(range(0, n // 2), True, False), Part(range(n // 2, n), False, True),
+             Part(range(3, 5), False, False), Part(range(n - 1, n), False, True)]
+    for quant in SCHEMES:
+        clear_load_caches()
+        for part in parts:
+            order = load_order(arch, part)
+            whole = Program()
+            dense_load(whole, quant, order.before + order.layer * len(part.layers) + order.after)
+            assert loaded_state(quant, order, len(part.layers))[0] == run(whole), (quant, part)

@@ -9,6 +9,10 @@ takes the smallest cached block that fits (the lowest address among equals) and 
 when the rest is at least 512 bytes (small pool) or more than 1 MiB (large pool); a freed block merges
 with free neighbours of its segment; `empty_cache` returns every wholly free segment.
 
+A `Program` lists what a piece of code allocates and frees, in order; a loop of identical iterations (the
+decoder layers of a device) is recorded once, and the replay renumbers it, skipping whole cycles once the
+allocator's state repeats.
+
 Replayed over the transformers forward at full size (bench/results/plan_validation_h100_2026-11-26.json,
 the bf16 cases run with a growing DynamicCache), it gives the measured max_memory_allocated to 9 MB and
 max_memory_reserved to 0.7% (32k tokens x 8) or 20 MB (1k), from the tensors' shapes alone.
@@ -17,8 +21,9 @@ Pure Python: the planner runs it without torch.
 
 from __future__ import annotations
 
-import bisect
-from dataclasses import dataclass, field
+from bisect import bisect_left, insort
+from dataclasses import dataclass
+from typing import Callable
 
 from heavylift.defaults import ALLOCATION_GRANULE_BYTES
 
@@ -35,6 +40,11 @@ def block_size(nbytes: int) -> int:
     return max(MIN_BLOCK_BYTES, -(-nbytes // MIN_BLOCK_BYTES) * MIN_BLOCK_BYTES)
 
 
+def splits(rest: int, small: bool) -> bool:
+    """Whether a block handed out for a request keeps only what the request needs, the rest staying cached."""
+    return rest >= MIN_BLOCK_BYTES if small else rest > SMALL_REQUEST_BYTES
+
+
 def segment_size(nbytes: int) -> int:
     """Bytes of the segment a request that no cached block fits reserves (get_allocation_size)."""
     if nbytes <= SMALL_REQUEST_BYTES:
@@ -44,129 +54,339 @@ def segment_size(nbytes: int) -> int:
     return -(-nbytes // LARGE_ROUNDING_BYTES) * LARGE_ROUNDING_BYTES
 
 
-class _Block:
-    __slots__ = ("address", "size", "small", "free", "prev", "next")
+# A free block's sort key in its pool: its size above its address, so that the first key at or above
+# `size << ADDRESS_BITS` is a request's best fit (the smallest block that fits, the lowest address among
+# equals). Addresses stay below 2**64 bytes.
+ADDRESS_BITS = 64
+ADDRESS_MASK = (1 << ADDRESS_BITS) - 1
 
-    def __init__(self, address: int, size: int, small: bool, free: bool = True, prev: "_Block | None" = None,
-                 nxt: "_Block | None" = None):
-        self.address, self.size, self.small, self.free, self.prev, self.next = address, size, small, free, prev, nxt
-
-
-# What a forked free block sees beside it where the original had an allocated block: never free, so never
-# merged; the links the copy writes into it are never read.
-_HELD = _Block(-1, 0, False, False)
+Block = tuple[int, int, bool]  # a block malloc hands out: (address, size, from the small pool)
+Tensor = int  # a tensor of a Program, by its number there
 
 
 class CachingAllocator:
-    """One device's allocator on one stream: allocated and reserved bytes, and their peaks."""
+    """One device's allocator on one stream: allocated and reserved bytes, and their peaks.
+
+    Only free blocks and segments are recorded; an allocated block is known by the handle malloc returns.
+    Blocks beside each other in a segment are never both free: a freed block merges with its free neighbours."""
 
     def __init__(self) -> None:
-        # Free blocks per pool as (size, address, block), sorted: addresses are unique, so blocks never compare.
-        self._free: dict[bool, list[tuple[int, int, _Block]]] = {True: [], False: []}
-        self._top = 0  # next segment address
+        self._pools: dict[bool, list[int]] = {True: [], False: []}  # small pool or not -> its free blocks' keys, sorted
+        self._free_at: dict[int, int] = {}  # a free block's address -> its size
+        self._free_ending: dict[int, int] = {}  # a free block's end -> its address
+        self._segments: dict[int, int] = {}  # a segment's address -> its size
+        self._top = 0  # the next segment's address: segments lie end to end, in the order they are reserved
         self.allocated = self.reserved = self.peak_allocated = self.peak_reserved = 0
 
-    def _insert(self, b: _Block) -> None:
-        bisect.insort(self._free[b.small], (b.size, b.address, b))
+    def _put(self, address: int, size: int, small: bool) -> None:
+        """Cache a free block."""
+        self._free_at[address] = size
+        self._free_ending[address + size] = address
+        insort(self._pools[small], size << ADDRESS_BITS | address)
 
-    def _remove(self, b: _Block) -> None:
-        pool = self._free[b.small]
-        del pool[bisect.bisect_left(pool, (b.size, b.address))]
-
-    def malloc(self, nbytes: int) -> _Block:
+    def malloc(self, nbytes: int) -> Block:
         size = MIN_BLOCK_BYTES if nbytes <= MIN_BLOCK_BYTES else -(-nbytes // MIN_BLOCK_BYTES) * MIN_BLOCK_BYTES
         small = size <= SMALL_REQUEST_BYTES
-        pool = self._free[small]
-        i = bisect.bisect_left(pool, (size, -1))
-        if i < len(pool):
-            block = pool.pop(i)[2]
-        else:
-            seg = segment_size(size)
-            block = _Block(self._top, seg, small)
-            self._top += seg
-            self.reserved += seg
+        pool = self._pools[small]
+        i = bisect_left(pool, size << ADDRESS_BITS)
+        if i < len(pool):  # the best cached fit
+            key = pool.pop(i)
+            address, have = key & ADDRESS_MASK, key >> ADDRESS_BITS
+            del self._free_at[address], self._free_ending[address + have]
+        else:  # a new segment
+            address, have = self._top, segment_size(size)
+            self._segments[address] = have
+            self._top += have
+            self.reserved += have
             if self.reserved > self.peak_reserved:
                 self.peak_reserved = self.reserved
-        rest = block.size - size
-        if rest >= MIN_BLOCK_BYTES if small else rest > SMALL_REQUEST_BYTES:
-            tail = _Block(block.address + size, rest, small, True, block, block.next)
-            if block.next is not None:
-                block.next.prev = tail
-            block.next, block.size = tail, size
-            bisect.insort(pool, (rest, tail.address, tail))
-        block.free = False
-        self.allocated += block.size
+        rest = have - size
+        if splits(rest, small):
+            tail = address + size
+            self._free_at[tail] = rest
+            self._free_ending[tail + rest] = tail
+            insort(pool, rest << ADDRESS_BITS | tail)
+            have = size
+        self.allocated += have
         if self.allocated > self.peak_allocated:
             self.peak_allocated = self.allocated
-        return block
+        return address, have, small
 
-    def free(self, block: _Block) -> None:
-        self.allocated -= block.size
-        block.free = True
-        prev, nxt = block.prev, block.next
-        if prev is not None and prev.free:
-            self._remove(prev)
-            prev.size += block.size
-            prev.next = nxt
-            if nxt is not None:
-                nxt.prev = prev
-            block = prev
-        if nxt is not None and nxt.free:
-            self._remove(nxt)
-            block.size += nxt.size
-            block.next = nxt.next
-            if nxt.next is not None:
-                nxt.next.prev = block
-        self._insert(block)
+    def keep(self, nbytes: int, count: int) -> None:
+        """`count` requests of `nbytes` in a row, kept for good: what as many mallocs do. A request that splits
+        its block leaves the rest as the next one's best fit (smaller than every other block that fit it), so
+        the next pieces come from that rest in one go, as long as it holds them."""
+        size = block_size(nbytes)
+        small = size <= SMALL_REQUEST_BYTES
+        while count > 0:
+            address, have, _ = self.malloc(nbytes)
+            count -= 1
+            at = address + have
+            # The rest split off, if any: a cached block is never beside another in its segment.
+            rest = None if at in self._segments else self._free_at.get(at)
+            if not count or rest is None or rest < size:
+                continue
+            self._take(at, rest, small)
+            taken = 0
+            while count and rest >= size:
+                piece = size if splits(rest - size, small) else rest
+                at, rest, taken, count = at + piece, rest - piece, taken + piece, count - 1
+            if rest:
+                self._put(at, rest, small)
+            self.allocated += taken
+            self.peak_allocated = max(self.peak_allocated, self.allocated)
+
+    def _take(self, address: int, size: int, small: bool) -> None:
+        """Take a free block out of the cache."""
+        del self._free_at[address], self._free_ending[address + size]
+        pool = self._pools[small]
+        del pool[bisect_left(pool, size << ADDRESS_BITS | address)]
+
+    def free(self, block: Block) -> None:
+        address, size, small = block
+        self.allocated -= size
+        pool, free_at, free_ending, segments = self._pools[small], self._free_at, self._free_ending, self._segments
+        if address not in segments:  # not a segment's first block: merge with a free block before it
+            before = free_ending.pop(address, None)
+            if before is not None:
+                del free_at[before]
+                del pool[bisect_left(pool, (address - before) << ADDRESS_BITS | before)]
+                address, size = before, size + address - before
+        end = address + size
+        if end not in segments:  # not the last block before the next segment: merge with a free one after
+            after = free_at.pop(end, None)
+            if after is not None:
+                del free_ending[end + after]
+                del pool[bisect_left(pool, after << ADDRESS_BITS | end)]
+                size += after
+        free_at[address] = size
+        free_ending[address + size] = address
+        insort(pool, size << ADDRESS_BITS | address)
+
+    def copy(self) -> "CachingAllocator":
+        """The same state, peaks included, to replay more on without touching this one."""
+        twin = CachingAllocator()
+        twin._pools = {small: list(pool) for small, pool in self._pools.items()}
+        twin._free_at, twin._free_ending = dict(self._free_at), dict(self._free_ending)
+        twin._segments, twin._top = dict(self._segments), self._top
+        twin.allocated, twin.reserved = self.allocated, self.reserved
+        twin.peak_allocated, twin.peak_reserved = self.peak_allocated, self.peak_reserved
+        return twin
 
     def fork(self) -> "CachingAllocator":
-        """A copy to replay more on, for a state whose live blocks all stay allocated (persistent tensors):
-        its free blocks are copied, each bounded by a stand-in (_HELD) where an allocated neighbour bounds
-        it, so the copy splits, merges and empties segments as the original would, without touching it."""
-        twin = CachingAllocator()
-        twin._top, twin.allocated, twin.reserved = self._top, self.allocated, self.reserved
+        """A copy to replay more on, for a state whose live blocks all stay allocated (persistent tensors),
+        its peaks starting from here."""
+        twin = self.copy()
         twin.peak_allocated, twin.peak_reserved = self.allocated, self.reserved
-        for small, pool in self._free.items():
-            twin._free[small] = [(size, address, _Block(address, size, small, True, b.prev and _HELD, b.next and _HELD))
-                                 for size, address, b in pool]
+        return twin
+
+    def free_blocks(self) -> list[tuple[int, int, bool]]:
+        """Every cached block as (address, size, from the small pool), by address."""
+        return sorted((key & ADDRESS_MASK, key >> ADDRESS_BITS, small)
+                      for small, pool in self._pools.items() for key in pool)
+
+    def segments(self) -> dict[int, int]:
+        """Every segment held, address -> size."""
+        return dict(self._segments)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CachingAllocator) and self._pools == other._pools \
+            and self._segments == other._segments and self._top == other._top \
+            and (self.allocated, self.reserved, self.peak_allocated, self.peak_reserved) \
+            == (other.allocated, other.reserved, other.peak_allocated, other.peak_reserved)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def first_segment_tail(self) -> tuple[int, int]:
+        """(the free block that ends the first segment, 0 when that segment ends allocated; the largest other
+        cached block of the large pool)."""
+        address = self._free_ending.get(self._segments.get(0, -1))
+        tail = self._free_at[address] if address is not None else 0
+        others = [key >> ADDRESS_BITS for key in self._pools[False][-2:] if key & ADDRESS_MASK != address]
+        return tail, max(others, default=0)
+
+    def moved_onto(self, start: "CachingAllocator") -> "CachingAllocator":
+        """This state, reached from a wholly free first segment, moved onto `start`: an allocator whose only
+        segment (at 0) holds allocated blocks up to its one free block, which runs to the segment's end. As
+        if the same events had run on `start`: blocks of the first segment move up by the bytes start holds
+        there, the free block that ends it ends at start's segment end instead, later segments follow start's.
+        Exact when no request depended on the first segment's size, which the caller checks (the block ending
+        it stayed larger than every other block and than what it handed out, so it was taken when nothing
+        else fit, and always split)."""
+        blocks = start.free_blocks()
+        if len(blocks) != 1 or blocks[0][2] or start._segments != {0: blocks[0][0] + blocks[0][1]}:
+            raise ValueError("start must hold one segment with allocated blocks up to one free block at its end")
+        lead, rest, _ = blocks[0]
+        end, own_end = lead + rest, self._segments[0]
+
+        def moved(address: int) -> int:
+            return address + lead if address < own_end else address - own_end + end
+
+        twin = CachingAllocator()
+        for is_small, pool in self._pools.items():
+            for key in pool:
+                address, size = key & ADDRESS_MASK, key >> ADDRESS_BITS
+                at = moved(address)
+                twin._put(at, end - at if address + size == own_end else size, is_small)
+        twin._segments = {(moved(address) if address else 0): (size if address else end)
+                          for address, size in self._segments.items()}
+        twin._top = moved(self._top)
+        twin.allocated, twin.reserved = self.allocated + start.allocated, self.reserved - own_end + end
+        twin.peak_allocated = max(start.peak_allocated, self.peak_allocated + start.allocated)
+        twin.peak_reserved = max(start.peak_reserved, self.peak_reserved - own_end + end)
         return twin
 
     def empty_cache(self) -> None:
         """torch.cuda.empty_cache(): give back every segment that is wholly free."""
-        for small, pool in self._free.items():
-            kept = [e for e in pool if e[2].prev is not None or e[2].next is not None]
-            self.reserved -= sum(e[2].size for e in pool) - sum(e[2].size for e in kept)
-            self._free[small] = kept
+        for small, pool in self._pools.items():
+            kept = []
+            for key in pool:
+                address, size = key & ADDRESS_MASK, key >> ADDRESS_BITS
+                if self._segments.get(address) == size:
+                    del self._segments[address], self._free_at[address], self._free_ending[address + size]
+                    self.reserved -= size
+                else:
+                    kept.append(key)
+            self._pools[small] = kept
+
+    def play(self, program: "Program") -> None:
+        """Run a program's events here: what it leaves allocated stays, for good. A free of a tensor the
+        program never allocated (size 0) is skipped."""
+        self._play(program._items, {}, 0)
+
+    def _play(self, items: list[tuple], live: dict[Tensor, Block], offset: int) -> None:
+        """Run events whose tensors are numbered `offset` below the numbers `live` knows them by."""
+        malloc, release, pop = self.malloc, self.free, live.pop
+        for item in items:
+            kind = item[0]
+            if kind == ALLOC:
+                live[item[1] + offset] = malloc(item[2])
+            elif kind == FREE:
+                block = pop(item[1] + offset, None)
+                if block is not None:
+                    release(block)
+            elif kind == EMPTY:
+                self.empty_cache()
+            else:
+                self._repeat(item, live, offset)
+
+    def _repeat(self, item: tuple, live: dict[Tensor, Block], offset: int) -> None:
+        """Run a Program.repeat record: its iterations in turn, each the template renumbered. Once the
+        allocator and the loop's live tensors (renumbered to the iteration) are as they were some iterations
+        earlier, every later run of that many iterations leaves them so again and reaches the same peaks:
+        those are skipped, their tensors renumbered, and only the remainder runs."""
+        _, template, first, ids, times = item
+        loop = first + offset  # live tensors numbered from here on belong to the loop
+        seen: dict[tuple, int] = {}
+        i = 1
+        while i <= times:
+            state = (tuple(self._pools[True]), tuple(self._pools[False]), self.allocated, self.reserved, self._top,
+                     tuple(sorted((name - i * ids, block) for name, block in live.items() if name >= loop)))
+            if state in seen:
+                period = i - seen[state]
+                skipped = (times - i + 1) // period * period
+                moved = {name: live.pop(name) for name in [n for n in live if n >= loop]}
+                live.update((name + skipped * ids, block) for name, block in moved.items())
+                i += skipped
+                seen.clear()
+                if i > times:
+                    break
+            seen[state] = i
+            self._play(template, live, offset + i * ids)
+            i += 1
 
 
-@dataclass
+ALLOC, FREE, EMPTY, REPEAT = "alloc", "free", "empty", "repeat"
+
+
 class Program:
-    """An ordered list of tensor allocations and frees, each tensor named: what a piece of code does to memory.
+    """An ordered list of tensor allocations and frees, each tensor numbered: what a piece of code does to memory.
 
-    `alloc` returns the name, so a program reads like the code it models:
-    `h = p.alloc("h", 2 * t * hidden)` ... `p.free(h)`.
+    `alloc` returns the tensor's number, so a program reads like the code it models:
+    `h = p.alloc("h", 2 * t * hidden)` ... `p.free(h)`. `events` lists ("alloc", number, bytes, label),
+    ("free", number) and ("empty",) in order; a loop of identical iterations is kept as one (`repeat`).
     """
 
-    events: list[tuple] = field(default_factory=list)
-    _n: int = 0
+    def __init__(self) -> None:
+        self._items: list[tuple] = []  # events, and Program.repeat records in their place
+        self._n = 0  # tensors numbered so far
 
-    def alloc(self, label: str, nbytes: int) -> str:
+    def alloc(self, label: str, nbytes: int) -> Tensor:
         self._n += 1
-        name = f"{label}#{self._n}"
         if nbytes > 0:
-            self.events.append(("alloc", name, nbytes))
-        return name
+            self._items.append((ALLOC, self._n, nbytes, label))
+        return self._n
 
-    def free(self, *names: str | None) -> None:
+    def free(self, *names: Tensor | None) -> None:
         for name in names:
             if name is not None:
-                self.events.append(("free", name))
+                self._items.append((FREE, name))
 
     def empty_cache(self) -> None:
-        self.events.append(("empty",))
+        self._items.append((EMPTY,))
 
     def extend(self, other: "Program") -> None:
-        self.events.extend(other.events)
+        """Append what `other` does, its tensors numbered after this program's."""
+        self._items += _renumbered(other._items, self._n)
+        self._n += other._n
+
+    def repeat(self, times: int, step: Callable[[tuple], tuple], carried: tuple) -> tuple:
+        """`times` iterations of `step` (a decoder layer, say), each given what the previous one passes on
+        (`carried`: tensors, or None) and returning its own. When the second iteration frees only its own
+        tensors and those the first passed on, and passes on what the first did renumbered, every later one
+        would too: they are recorded once, as the second renumbered, for the replay to run or skip."""
+        if times <= 0:
+            return carried
+        carried = step(carried)
+        if times == 1:
+            return carried
+        first, start, previous = self._n + 1, len(self._items), carried
+        carried = step(carried)
+        ids, rest = self._n + 1 - first, times - 2
+        template = self._items[start:]
+        if rest and _renumbers(template, previous, carried, first, ids):
+            self._items.append((REPEAT, template, first, ids, rest))
+            self._n += ids * rest
+            return tuple(None if c is None else c + ids * rest for c in carried)
+        for _ in range(rest):
+            carried = step(carried)
+        return carried
+
+    @property
+    def events(self) -> list[tuple]:
+        """Every event in order, repeated iterations written out."""
+        out: list[tuple] = []
+        for item in self._items:
+            if item[0] == REPEAT:
+                _, template, _, ids, times = item
+                for i in range(1, times + 1):
+                    out += _renumbered(template, i * ids)
+            else:
+                out.append(item)
+        return out
+
+
+def _renumbered(items: list[tuple], by: int) -> list[tuple]:
+    """Events and repeat records with every tensor number `by` higher."""
+    out = []
+    for item in items:
+        if item[0] == REPEAT:
+            _, template, first, ids, times = item
+            out.append((REPEAT, _renumbered(template, by), first + by, ids, times))
+        elif item[0] == EMPTY:
+            out.append(item)
+        else:
+            out.append((item[0], item[1] + by, *item[2:]))
+    return out
+
+
+def _renumbers(template: list[tuple], previous: tuple, carried: tuple, first: int, ids: int) -> bool:
+    """Whether an iteration (`template`, numbering its tensors from `first`) repeats renumbered: it passes on
+    what the one before passed on `ids` numbers later, and touches no tensor older than that one's."""
+    if len(previous) != len(carried) or any((p is None) != (c is None) or (c is not None and c - p != ids)
+                                            for p, c in zip(previous, carried)):
+        return False
+    return all(item[0] != REPEAT and (item[0] == EMPTY or item[1] >= first - ids) for item in template)
 
 
 @dataclass(frozen=True)
@@ -178,21 +398,9 @@ class Replay:
 
 def run(program: Program, start: CachingAllocator | None = None) -> CachingAllocator:
     """Run a program through a fresh allocator, or a fork of `start` (persistent tensors already in place),
-    and return it: what the program leaves allocated stays, for good. A free of a tensor the program never
-    allocated (size 0) is skipped."""
+    and return it: what the program leaves allocated stays, for good."""
     a = start.fork() if start is not None else CachingAllocator()
-    live: dict[str, _Block] = {}
-    malloc, release, pop = a.malloc, a.free, live.pop
-    for event in program.events:
-        kind = event[0]
-        if kind == "alloc":
-            live[event[1]] = malloc(event[2])
-        elif kind == "free":
-            block = pop(event[1], None)
-            if block is not None:
-                release(block)
-        else:
-            a.empty_cache()
+    a.play(program)
     return a
 
 
@@ -213,7 +421,7 @@ def persistent_state(sizes) -> CachingAllocator:
 
 def peak_live(program: Program) -> int:
     """The most bytes live at once, each tensor rounded to its block: the program's allocated peak."""
-    live: dict[str, int] = {}
+    live: dict[Tensor, int] = {}
     now = peak = 0
     for event in program.events:
         if event[0] == "alloc":
@@ -235,7 +443,7 @@ def replayed_rounds(rounds: list) -> list:
 
 def live_sizes(program: Program) -> list[int]:
     """The sizes of the tensors a program leaves allocated, in the order it allocated them."""
-    live: dict[str, int] = {}
+    live: dict[Tensor, int] = {}
     for event in program.events:
         if event[0] == "alloc":
             live[event[1]] = event[2]

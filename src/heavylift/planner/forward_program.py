@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .allocator import Program
+from .allocator import Program, Tensor
 from heavylift.model.architecture import FAMILIES, Architecture
 from heavylift.defaults import SDPA_MASK_ALIGNMENT
 from .matmul_programs import BF16, FP32, INT32, INT64, expert_weights, linear
@@ -49,7 +49,7 @@ class Part:
     last: bool
 
 
-def _rms_norm(p: Program, family: str, rows: int, hidden: int) -> str:
+def _rms_norm(p: Program, family: str, rows: int, hidden: int) -> Tensor:
     """LlamaRMSNorm (fp32 copy, its square, mean, rsqrt, product, bf16 cast, weight) or Gemma2RMSNorm
     (the same in fp32, then (1 + weight) in fp32 and a cast back)."""
     f = p.alloc("norm_fp32", FP32 * rows * hidden)
@@ -81,7 +81,7 @@ def _rms_norm(p: Program, family: str, rows: int, hidden: int) -> str:
     return out
 
 
-def _rope(p: Program, nbytes: int, phi3: bool) -> str:
+def _rope(p: Program, nbytes: int, phi3: bool) -> Tensor:
     """apply_rotary_pos_emb on one of q, k: x*cos + rotate_half(x)*sin (Phi-3 then concatenates the
     rotated part with the pass-through part, which is empty at its full rotary)."""
     a = p.alloc("rope_cos", nbytes)
@@ -109,7 +109,7 @@ def sliding_kv(window: int, step: Step) -> int:
     return w
 
 
-def _mask(p: Program, arch: Architecture, step: Step, window: int | None) -> str | None:
+def _mask(p: Program, arch: Architecture, step: Step, window: int | None) -> Tensor | None:
     """create_causal_mask / create_sliding_window_causal_mask (masking_utils.sdpa_mask, non-vmap): a
     [1, 1, tokens, kv] bool, or for eager attention (Gemma 2) its bf16 additive form per sequence.
     SDPA skips the full mask on the first chunk (is_causal) but never on a decode step of a static cache."""
@@ -148,7 +148,7 @@ def _mask(p: Program, arch: Architecture, step: Step, window: int | None) -> str
     return m
 
 
-def _rotary(p: Program, arch: Architecture, tokens: int) -> tuple[str, str]:
+def _rotary(p: Program, arch: Architecture, tokens: int) -> tuple[Tensor, Tensor]:
     """LlamaRotaryEmbedding.forward: cos and sin [1, tokens, head_dim] in bf16, computed in fp32."""
     c, d = tokens, arch.head_dim
     pf = p.alloc("rope_pos", FP32 * c)
@@ -180,7 +180,7 @@ def _mask_windows(arch: Architecture) -> list[int | None]:
     return [window]  # mistral, mixtral, phi3: one mask, sliding when the config has a window
 
 
-def _sdpa(p: Program, arch: Architecture, step: Step, kv: int, masked: bool) -> str:
+def _sdpa(p: Program, arch: Architecture, step: Step, kv: int, masked: bool) -> Tensor:
     """sdpa_attention_forward + torch SDPA on CUDA: with a mask, K and V repeated to every query head
     (repeat_kv; a decode step packs the query heads instead), the bool mask turned into a bf16 one per
     sequence (convert_boolean_attn_mask) and padded to 16 keys, then the memory-efficient kernel; without
@@ -207,7 +207,7 @@ def _sdpa(p: Program, arch: Architecture, step: Step, kv: int, masked: bool) -> 
     return out
 
 
-def _eager(p: Program, arch: Architecture, step: Step, kv: int) -> tuple[str, str]:
+def _eager(p: Program, arch: Architecture, step: Step, kv: int) -> tuple[Tensor, Tensor]:
     """Gemma 2's eager_attention_forward: repeated K and V, scores, scaling, logit softcapping (divide,
     tanh, multiply), the additive mask, fp32 softmax (after a fp32 copy of its input) and its bf16 copy (returned, so it lives until the
     decoder layer returns), the weighted values and their transposed copy."""
@@ -239,8 +239,8 @@ def _eager(p: Program, arch: Architecture, step: Step, kv: int) -> tuple[str, st
     return out, probs
 
 
-def _cache_update(p: Program, arch: Architecture, step: Step, window: int | None, k: str, v: str | None
-                  ) -> tuple[int, list[str]]:
+def _cache_update(p: Program, arch: Architecture, step: Step, window: int | None, k: Tensor, v: Tensor | None
+                  ) -> tuple[int, list[Tensor]]:
     """StaticLayer / StaticSlidingWindowLayer.update: (keys attended to, tensors that live until the
     attention returns). The new keys and values go into the preallocated cache (index_copy_) or, for a
     sliding layer past its window, into a concatenation with the cached window."""
@@ -266,8 +266,8 @@ def _cache_update(p: Program, arch: Architecture, step: Step, window: int | None
     return kv, kv_new
 
 
-def _attention(p: Program, arch: Architecture, quant: str, step: Step, layer: int, x: str,
-               masks: dict, native_fp8: bool) -> tuple[str, str | None]:
+def _attention(p: Program, arch: Architecture, quant: str, step: Step, layer: int, x: Tensor,
+               masks: dict, native_fp8: bool) -> tuple[Tensor, Tensor | None]:
     """The self-attention module of a decoder layer: (o_proj output, attention weights kept by the caller)."""
     b, c, rows, h = step.batch, step.tokens, step.rows, arch.hidden_size
     nh, nkv, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
@@ -301,7 +301,7 @@ def _attention(p: Program, arch: Architecture, quant: str, step: Step, layer: in
     return o, weights
 
 
-def _mlp(p: Program, arch: Architecture, quant: str, rows: int, x: str, native_fp8: bool) -> str:
+def _mlp(p: Program, arch: Architecture, quant: str, rows: int, x: Tensor, native_fp8: bool) -> Tensor:
     """LlamaMLP down(act(gate(x)) * up(x)) (Gemma 2 with GELU), or Phi-3's fused gate_up split in two."""
     h, i = arch.hidden_size, arch.intermediate_size
     if arch.model_type == "phi3":
@@ -315,7 +315,7 @@ def _mlp(p: Program, arch: Architecture, quant: str, rows: int, x: str, native_f
     return gated_mlp(p, rows, h, i, lambda k, n: linear(p, quant, rows, k, n, native_fp8))
 
 
-def gated_mlp(p: Program, rows: int, h: int, i: int, project) -> str:
+def gated_mlp(p: Program, rows: int, h: int, i: int, project) -> Tensor:
     """down(act(gate(x)) * up(x)) with separate projections, `project(k, n)` allocating one of them: the
     activation outlives the gate, the product the activation and up (transformers' MLPs, the engine's prefill)."""
     gate = project(h, i)
@@ -329,7 +329,7 @@ def gated_mlp(p: Program, rows: int, h: int, i: int, project) -> str:
     return down
 
 
-def _moe(p: Program, arch: Architecture, quant: str, rows: int, native_fp8: bool) -> str:
+def _moe(p: Program, arch: Architecture, quant: str, rows: int, native_fp8: bool) -> Tensor:
     """MixtralSparseMoeBlock: the router (bf16 logits, fp32 softmax, top-k), then transformers' default
     grouped_mm experts (moe.py grouped_mm_experts_forward): tokens sorted by expert and gathered, one
     grouped matmul for gate_up and one for down, fp32 routing weights, the sum over the top-k."""
@@ -373,8 +373,8 @@ def _moe(p: Program, arch: Architecture, quant: str, rows: int, native_fp8: bool
     return out
 
 
-def _decoder_layer(p: Program, arch: Architecture, quant: str, step: Step, layer: int, h: str, masks: dict,
-                   native_fp8: bool) -> str:
+def _decoder_layer(p: Program, arch: Architecture, quant: str, step: Step, layer: int, h: Tensor, masks: dict,
+                   native_fp8: bool) -> Tensor:
     """One decoder layer: norms, attention, residual adds, MLP (or MoE); returns its output."""
     fam, rows, hid = arch.model_type, step.rows, arch.hidden_size
     x = _rms_norm(p, fam, rows, hid)
@@ -404,7 +404,7 @@ def _decoder_layer(p: Program, arch: Architecture, quant: str, step: Step, layer
 
 
 def transformers_forward(p: Program, arch: Architecture, quant: str, step: Step, part: Part, layers: Sequence[int],
-                         logits: bool, native_fp8: bool = True) -> str | None:
+                         logits: bool, native_fp8: bool = True) -> Tensor | None:
     """One forward of the model (or of the layers one device runs) with a StaticCache, as
     LlamaForCausalLM.forward and its siblings run it: embeddings, positions, masks and RoPE tables on the
     first device; `layers` (the ones simulated: a run repeats the same pattern per layer); final norm and
@@ -412,7 +412,7 @@ def transformers_forward(p: Program, arch: Architecture, quant: str, step: Step,
     once and the masks, positions and RoPE tables for every layer. Returns the logits' tensor name."""
     b, c, rows, hid = step.batch, step.tokens, step.rows, arch.hidden_size
     mask_windows = _mask_windows(arch)
-    shared: list[str] = []
+    shared: list[Tensor] = []
     if part.first:
         if arch.model_type == "gemma2":  # embeddings times sqrt(hidden)
             e0 = p.alloc("embed", BF16 * rows * hid)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Sequence
 
-from .allocator import CachingAllocator, Program, block_size, live_sizes, replayed_rounds, run
+from .allocator import SMALL_REQUEST_BYTES, CachingAllocator, Program, block_size, live_sizes, replayed_rounds, run
 from heavylift.model.architecture import QUANTIZABLE_ROLES, Architecture
 from heavylift.defaults import EXPERT_ROW_CHUNK_ELEMENTS, FP8_ROW_MULTIPLE, LOAD_ROW_CHUNK_ELEMENTS
 from .matmul_programs import BF16, BNB_4BIT_BLOCKSIZE, FP32, float8_rows
@@ -199,14 +199,99 @@ def load_order(arch: Architecture, part: Part) -> LoadOrder | None:
 def loaded_state(quant: str, order: LoadOrder, layers: int) -> tuple[CachingAllocator, int]:
     """The allocator of a device once from_pretrained has loaded its `layers` layers (dense_load,
     expert_load): the weights allocated, the warm-up segment and the temporaries cached around them; and the
-    weights' bytes (which the allocator's count can exceed: a block it does not split is handed out whole)."""
-    p = Program()
+    weights' bytes (which the allocator's count can exceed: a block it does not split is handed out whole).
+    Every layer loads by the same program, which keeps its weights and frees what else it allocates; a dense
+    model's layers load in the warm-up segment, as far as its size does not matter, as _LayerRun replayed
+    them once for every device."""
+    a = CachingAllocator()
     if order.experts is None:
-        dense_load(p, quant, order.before + order.layer * layers + order.after)
-    else:
-        load_tensors(p, quant, order.before)
-        for _ in range(layers):
-            expert_load(p, order.experts, quant)
-            load_tensors(p, quant, order.layer)
-        load_tensors(p, quant, order.after)
-    return run(p), sum(block_size(n) for n in live_sizes(p))
+        warmup = Program()
+        allocator_warmup(warmup, quant, order.before + order.layer * layers + order.after)
+        a.play(warmup)
+    before, after = _load_program(quant, order.before, None), _load_program(quant, order.after, None)
+    layer = _load_program(quant, order.layer, order.experts)
+    a.play(before)
+    shared = 0
+    if order.experts is None and _in_one_free_block(a):
+        layer_run = _layer_run(quant, order.layer)
+        shared = layer_run.layers_alike(a, layers)
+        a = layer_run.state(shared).moved_onto(a)
+    for _ in range(layers - shared):
+        a.play(layer)
+    a.play(after)
+    weights = sum(block_size(n) for n in live_sizes(before) + live_sizes(after)) \
+        + layers * sum(block_size(n) for n in live_sizes(layer))
+    return a, weights
+
+
+def _in_one_free_block(a: CachingAllocator) -> bool:
+    """Whether what a device loads next goes into one free block of the large pool that ends its only segment
+    (the warm-up segment, the tensors before the layers kept at its start)."""
+    blocks = a.free_blocks()
+    return len(blocks) == 1 and not blocks[0][2] and a.segments() == {0: blocks[0][0] + blocks[0][1]}
+
+
+# The warm-up segment of a _LayerRun: larger than any device's, so that its layers never run it short.
+SHARED_SEGMENT_BYTES = 1 << 62
+
+
+class _LayerRun:
+    """One layer's load program replayed layer after layer in a warm-up segment too large to run short, with
+    the allocator's state after each: every device that loads these layers starts from it.
+
+    In a device's own warm-up segment a layer loads alike when the free block that ends the segment stays,
+    all through the layer, larger than every other cached block and larger than any request it serves by
+    more than the 1 MiB rest the large pool splits off: then it serves a request exactly when no other block
+    fits, and always splits, whatever its size. A layer carves at most `need` bytes from it, and a block it
+    frees merges only within a block that was free when the layer began or within what it carved, so the
+    free block suffices if it begins the layer larger than `need` plus the larger of `need` and the largest
+    other block. Past the last layer that loads alike, the device replays its own."""
+
+    def __init__(self, layer: Program):
+        self.layer = layer
+        sizes = [block_size(e[2]) for e in layer.events if e[0] == "alloc"]
+        # What one layer can carve from the large pool: each block, and the rest it may hand out unsplit.
+        self.need = sum(n + SMALL_REQUEST_BYTES for n in sizes if n > SMALL_REQUEST_BYTES)
+        segment = Program()
+        segment.free(segment.alloc("warmup", SHARED_SEGMENT_BYTES))
+        self.states = [run(segment).fork()]
+
+    def state(self, layers: int) -> CachingAllocator:
+        """The allocator after `layers` layers (not to be changed: replay on a copy)."""
+        while len(self.states) <= layers:
+            a = self.states[-1].copy()
+            a.play(self.layer)
+            self.states.append(a)
+        return self.states[layers]
+
+    def layers_alike(self, start: CachingAllocator, layers: int) -> int:
+        """How many of a device's first `layers` layers load from `start` (_in_one_free_block) as here: its free
+        block is as much smaller than ours as its warm-up segment, less what it holds at the start."""
+        tail, _ = start.first_segment_tail()
+        shortfall = SHARED_SEGMENT_BYTES - tail
+        for i in range(layers):
+            ours, other = self.state(i).first_segment_tail()
+            if ours - shortfall <= self.need + max(other, self.need):
+                return i
+        return layers
+
+
+@lru_cache(maxsize=64)
+def _layer_run(quant: str, layer: tuple[Loaded, ...]) -> _LayerRun:
+    return _LayerRun(_load_program(quant, layer, None))
+
+
+@lru_cache(maxsize=256)
+def _load_program(quant: str, tensors: tuple[Loaded, ...], experts: Architecture | None) -> Program:
+    """The load of these checkpoint tensors, after a layer's experts (expert_load) for an MoE layer."""
+    p = Program()
+    if experts is not None:
+        expert_load(p, experts, quant)
+    load_tensors(p, quant, tensors)
+    return p
+
+
+def clear_load_caches() -> None:
+    """Forget every load replayed and every load program built."""
+    for cached in (loaded_state, _load_program, _layer_run):
+        cached.cache_clear()

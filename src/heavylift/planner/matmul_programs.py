@@ -12,7 +12,7 @@ Pure Python: no torch.
 
 from __future__ import annotations
 
-from .allocator import Program
+from .allocator import Program, Tensor
 from heavylift.defaults import LLM_INT8_OUTLIER_COLUMN_FRACTION
 from heavylift.schemes import BNB_4BIT_BLOCKSIZE, FLOAT32_BYTES, SCHEMES, UNQUANTIZED_BYTES
 
@@ -26,7 +26,7 @@ INT32 = 4
 BNB_4BIT_FUSED_MAX_ROWS = 4
 
 
-def linear(p: Program, quant: str, rows: int, k: int, n: int, native_fp8: bool = True) -> str:
+def linear(p: Program, quant: str, rows: int, k: int, n: int, native_fp8: bool = True) -> Tensor:
     """y = x W^T for `rows` rows through the loaded layer of scheme `quant` (nn.Linear, bitsandbytes'
     Linear4bit / Linear8bitLt, torchao's Float8Tensor); returns y, leaving x untouched."""
     scheme = SCHEMES[quant]
@@ -48,7 +48,7 @@ def linear(p: Program, quant: str, rows: int, k: int, n: int, native_fp8: bool =
     return p.alloc("linear", BF16 * rows * n)
 
 
-def _llm_int8(p: Program, rows: int, k: int, n: int) -> str:
+def _llm_int8(p: Program, rows: int, k: int, n: int) -> Tensor:
     """MatMul8bitLt.forward: an fp16 copy of x quantized row-wise to int8 while its outlier columns are
     found, those columns multiplied in bf16 against dequantized weight columns (int8_mixed_scaled_mm),
     the int8 product in int32, dequantized to fp16 and then bf16."""
@@ -86,7 +86,7 @@ def _llm_int8(p: Program, rows: int, k: int, n: int) -> str:
     return y
 
 
-def float8_rows(p: Program, rows: int, k: int) -> tuple[str, str]:
+def float8_rows(p: Program, rows: int, k: int) -> tuple[Tensor, Tensor]:
     """torchao's Float8Tensor.from_hp, per row (_choose_scale_float8 and _quantize_affine_float8): |x| and
     its row maxima in the input's bf16, the fp32 scale, then x in fp32, scaled and clamped before the cast
     to float8. Returns (the float8 rows, their fp32 scales); the temporaries are freed."""
@@ -104,7 +104,7 @@ def float8_rows(p: Program, rows: int, k: int) -> tuple[str, str]:
     return q8, scale
 
 
-def _float8(p: Program, rows: int, k: int, n: int) -> str:
+def _float8(p: Program, rows: int, k: int, n: int) -> Tensor:
     """torchao Float8Tensor linear: a per-row dynamic activation scale (float8_rows), then torch._scaled_mm
     to bf16."""
     q8, scale = float8_rows(p, rows, k)
@@ -113,7 +113,7 @@ def _float8(p: Program, rows: int, k: int, n: int) -> str:
     return y
 
 
-def _dequantized_matmul(p: Program, rows: int, k: int, n: int) -> str:
+def _dequantized_matmul(p: Program, rows: int, k: int, n: int) -> Tensor:
     """A weight dequantized in fp32 (cast, scaled) to bf16, then one bf16 matmul: torchao FP8 storage without
     FP8 tensor cores, and the engine's INT8 (and FP8 without them) prefill."""
     w32 = p.alloc("w_fp32", FP32 * n * k)
@@ -126,7 +126,7 @@ def _dequantized_matmul(p: Program, rows: int, k: int, n: int) -> str:
     return y
 
 
-def dense_linear(p: Program, quant: str, rows: int, k: int, n: int, native_fp8: bool) -> str:
+def dense_linear(p: Program, quant: str, rows: int, k: int, n: int, native_fp8: bool) -> Tensor:
     """ops.dense_linear: bf16 weights used as they are; NF4 dequantized by bitsandbytes to bf16 (double
     quant's absmax first); FP8 rows scaled per token to FP8 in fp32 and multiplied on the FP8 tensor
     cores (torch._scaled_mm); INT8, and FP8 without FP8 tensor cores, dequantized in fp32 to bf16."""
@@ -161,7 +161,7 @@ def dense_linear(p: Program, quant: str, rows: int, k: int, n: int, native_fp8: 
     return _dequantized_matmul(p, rows, k, n)
 
 
-def expert_weights(p: Program, quant: str, numel: int) -> list[str]:
+def expert_weights(p: Program, quant: str, numel: int) -> list[Tensor]:
     """One fused expert parameter read through heavylift's parametrization (experts.py): bitsandbytes'
     4-bit dequantize (double quant's absmax first), or the 8-bit rows in fp32 times their scales, cast to
     bf16. Cached until the experts' forward returns; bf16 experts are read in place."""

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from itertools import groupby
 from typing import Iterable, Sequence
 
-from .allocator import CachingAllocator, Program, block_size, live_sizes, peak_live, replay, run
+from .allocator import CachingAllocator, Program, block_size, live_sizes, peak_live, replay
 from heavylift.model.architecture import Architecture
 from heavylift.defaults import CUDA_CONTEXT_BYTES, DECODE_SPLITS_MAX, LLM_INT8_CONTEXT_BYTES, MiB, PREFILL_CHUNK_TOKENS
 from .engine_program import decode_uses_kernels, engine_decode_step, engine_prefill
-from .load_program import LoadOrder, expert_load, load_order, loaded_state
+from .load_program import LoadOrder, clear_load_caches, expert_load, load_order, loaded_state
 from .matmul_programs import BF16, FP32, INT32, INT64
 from .forward_program import Part, Step, sliding_kv, transformers_forward
 
@@ -110,10 +111,38 @@ def simulated_layers(arch: Architecture, layers: range, count: int) -> tuple[int
     return tuple(chosen)
 
 
-def _cache_key(arch: Architecture) -> Architecture:
-    """The architecture without its tensor list, which the allocation programs never read: hashing
-    a 405B model's thousands of tensor specs on every plan would cost more than the replay it saves."""
-    return replace(arch, tensors=())
+class _Same:
+    """An immutable object as a memo key, by identity: hashing an Architecture hashes its thousands of tensor
+    specs, which would cost more than the replay the memo saves. The memo holding the key keeps the object
+    alive, so its id is never another's."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def __hash__(self) -> int:
+        return id(self.value)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Same) and other.value is self.value
+
+
+@lru_cache(maxsize=1024)
+def _part_key(arch: _Same, part: Part) -> tuple[Architecture, range, LoadOrder | None]:
+    """What the runtime terms of `part` depend on: the architecture without its tensor list (which the
+    allocation programs never read), the first run of as many layers with the same windows (a device's
+    layers matter only by their windows; whether it runs the model's start and end is known apart), and
+    the order its checkpoint tensors load in."""
+    shape = _shape(arch)
+    windows, n = shape.layer_windows[part.layers.start:part.layers.stop], len(part.layers)
+    start = next(s for s in range(part.layers.start + 1) if shape.layer_windows[s:s + n] == windows)
+    return shape, range(start, start + n), load_order(arch.value, part)
+
+
+@lru_cache(maxsize=64)
+def _shape(arch: _Same) -> Architecture:
+    return replace(arch.value, tensors=())
 
 
 @dataclass(frozen=True)
@@ -133,14 +162,16 @@ def runtime_terms(arch: Architecture, quant: str, engine: str, context: int, bat
     dev = _Device(device.kind == "cuda", tuple(device.compute_capability) if device.compute_capability else None,
                   bool(device.native_fp8))
     count = len(part.layers) if every_layer and engine == FAST else SIMULATED_LAYERS[engine]
-    return _terms(_cache_key(arch), quant, engine, context, batch, kv_dtype_bytes, dev, part.layers.start,
-                  part.layers.stop, part.first, part.last, count, load_order(arch, part))
+    shape, layers, order = _part_key(_Same(arch), part)
+    return _terms(shape, quant, engine, context, batch, kv_dtype_bytes, dev, layers.start, layers.stop, part.first,
+                  part.last, count, order)
 
 
 def clear_caches() -> None:
     """Forget every replayed program: the next plan computes its terms from scratch (bench/plan_speed.py)."""
-    for cached in (_terms, loaded_state, _cpu_load_peak):
+    for cached in (_terms, _part_key, _shape, _cpu_load_peak):
         cached.cache_clear()
+    clear_load_caches()
 
 
 def _context_bytes(quant: str, engine: str, dev: _Device) -> int:
@@ -177,20 +208,23 @@ def _after_load(loaded: CachingAllocator, tensors: list[tuple[str, int]], engine
     loading, into what the load left cached; then Session's _start_phase gives wholly free segments back,
     makes the cuBLAS workspace and empties the cache again (transformers allocates its StaticCache and the
     prompt's ids only after that)."""
-    p = Program()
-    runtime = [(label, n) for label, n in tensors if label != "cublas_workspace"]
-    workspace = [n for label, n in tensors if label == "cublas_workspace"]
+    a = loaded.fork()
+    runtime = [n for label, n in tensors if label != "cublas_workspace" and n > 0]
+    workspace = [n for label, n in tensors if label == "cublas_workspace" and n > 0]
     if engine == FAST:
-        for label, n in runtime:
-            p.alloc(label, n)
-    p.empty_cache()
-    for n in workspace:
-        p.alloc("cublas_workspace", n)
-    p.empty_cache()
+        _keep(a, runtime)
+    a.empty_cache()
+    _keep(a, workspace)
+    a.empty_cache()
     if engine != FAST:
-        for label, n in runtime:
-            p.alloc(label, n)
-    return run(p, loaded)
+        _keep(a, runtime)
+    return a
+
+
+def _keep(a: CachingAllocator, sizes: list[int]) -> None:
+    """Allocate tensors for good, in order (a run of one size at once: the layers' keys and values)."""
+    for n, same in groupby(sizes):
+        a.keep(n, len(list(same)))
 
 
 @lru_cache(maxsize=256)
