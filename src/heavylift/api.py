@@ -6,7 +6,7 @@ Both take one path: resolve the model once, take the devices, decide each precis
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 from .defaults import DEFAULT_BATCH, DEFAULT_CONTEXT_TOKENS, DEFAULT_RESERVE_BYTES
@@ -59,15 +59,23 @@ class Planned:
     runtimes: Mapping[str, Runtime]
 
 
-def _front_door(model: str, gpus, here: bool, context: int, batch: int, quant, reserve, kv_dtype: str,
+def default_context(max_positions: int) -> int:
+    """The context planned when none is asked for: DEFAULT_CONTEXT_TOKENS, or the model's own maximum when that
+    is shorter (0: the config does not say)."""
+    return min(DEFAULT_CONTEXT_TOKENS, max_positions) if max_positions else DEFAULT_CONTEXT_TOKENS
+
+
+def _front_door(model: str, gpus, here: bool, context: int | None, batch: int, quant, reserve, kv_dtype: str,
                 allow_offload: bool, engine: str) -> Planned:
     """Check the arguments, resolve the model, take the devices (`here`: this machine's, which --gpus only
     narrows; else the described ones), decide the runtimes, plan."""
     check_choice(engine)
-    work = Workload(context=context, batch=batch, kv_dtype=kv_dtype, reserve_bytes=_reserve_bytes(reserve),
-                    allow_offload=allow_offload)
+    work = Workload(context=DEFAULT_CONTEXT_TOKENS if context is None else context, batch=batch, kv_dtype=kv_dtype,
+                    reserve_bytes=_reserve_bytes(reserve), allow_offload=allow_offload)  # checked before any I/O
     quants = resolve_quants(quant)
     source = resolve_model(model)
+    if context is None:
+        work = replace(work, context=default_context(source.architecture.max_position_embeddings))
     kernels = None  # described devices: a CUDA GPU is taken to run the engine's kernels
     if here:
         from .runtime.devices import kernels_reason, machine_devices
@@ -81,7 +89,7 @@ def _front_door(model: str, gpus, here: bool, context: int, batch: int, quant, r
     return Planned(source, plan, runtimes)
 
 
-def plan(model: str, gpus: str | Sequence[Device] | None = None, context: int = DEFAULT_CONTEXT_TOKENS,
+def plan(model: str, gpus: str | Sequence[Device] | None = None, context: int | None = None,
          batch: int = DEFAULT_BATCH, quant: str | Sequence[str] = ALL,
          reserve: int | str = DEFAULT_RESERVE_BYTES,
          kv_dtype: str = "bf16", allow_offload: bool = False, engine: str = AUTO) -> Plan:
@@ -105,7 +113,7 @@ def _pick(plan: Plan, quant: str, allow_offload: bool) -> SchemePlan:
 
 
 def prepare(model: str, quant: str = BEST, gpus: str | Sequence[Device] | None = None,
-            context: int = DEFAULT_CONTEXT_TOKENS, batch: int = 1, allow_offload: bool = False,
+            context: int | None = None, batch: int = 1, allow_offload: bool = False,
             reserve: int | str = DEFAULT_RESERVE_BYTES, engine: str = AUTO):
     """Plan `model` on this machine for the runtime that will run it and pick the precision, reading only
     config.json and headers: a runtime.prepared.Prepared, whose tokenizer and then weights load next.
@@ -124,7 +132,7 @@ def prepare(model: str, quant: str = BEST, gpus: str | Sequence[Device] | None =
 
 
 def load(model: str, quant: str = BEST, gpus: str | Sequence[Device] | None = None,
-         context: int = DEFAULT_CONTEXT_TOKENS, batch: int = 1, allow_offload: bool = False,
+         context: int | None = None, batch: int = 1, allow_offload: bool = False,
          reserve: int | str = DEFAULT_RESERVE_BYTES, engine: str = AUTO):
     """Plan `model` on this machine for the runtime that will run it, stop before any download if it cannot
     fit, load it exactly as planned, and put the fast engine over it where it runs (`engine="auto"`), else

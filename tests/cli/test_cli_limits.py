@@ -27,3 +27,11 @@ def test_a_context_past_the_models_positions_is_planned_with_a_warning(capsys):
     assert json.loads(out)["warnings"] == [warning]
     code, out, _ = run_cli(capsys, "plan", "llama3.1-8b", "--gpus", "1xH100", "--context", "131072", "--json")
     assert json.loads(out)["warnings"] == []
+
+
+def test_without_context_a_model_shorter_than_the_default_is_planned_at_its_own_maximum(capsys):
+    code, out, _ = run_cli(capsys, "plan", "phi3-mini", "--gpus", "1xH100", "--json")
+    plan = json.loads(out)
+    assert (code, plan["context"], plan["warnings"]) == (0, 4096, [])
+    code, out, _ = run_cli(capsys, "plan", "llama3.1-8b", "--gpus", "1xH100", "--json")
+    assert json.loads(out)["context"] == 8192

@@ -50,7 +50,7 @@ def test_run_shows_only_heavylifts_lines(tmp_path):
     # LLM.int8 on the CPU: bitsandbytes warns on every matmul, torchao and torch on import.
     folder = save_runnable_checkpoint(tmp_path / "llama", "llama")
     args = ("run", str(folder), "--prompt", "hello world", "--quant", "int8", "--engine", "transformers",
-            "--max-new-tokens", "2", "--temperature", "0")
+            "--max-new-tokens", "2", "--temperature", "0", "--context", "256")
     quiet, loud = _heavylift(*args), _heavylift("-v", *args)
     assert quiet.returncode == 0 and loud.returncode == 0
     assert "Failed to load" in loud.stderr  # -v shows the libraries' import chatter

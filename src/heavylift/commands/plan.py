@@ -22,7 +22,8 @@ GPUS_HELP = "GPUs to plan for, e.g. 4xA100-80GB, 8xRTX4090, 2xH200, 1xH100,1xA10
 def plan(
     model: str = typer.Argument(..., help="Local folder, catalog name (see `heavylift catalog`) or hub id."),
     gpus: Optional[str] = typer.Option(None, "--gpus", help=GPUS_HELP),
-    context: int = typer.Option(DEFAULT_CONTEXT_TOKENS, "--context", help="Tokens per sequence (prompt + output)."),
+    context: Optional[int] = typer.Option(None, "--context", help=f"Tokens per sequence (prompt + output); default "
+                                          f"{DEFAULT_CONTEXT_TOKENS}, or the model's maximum when shorter."),
     batch: int = typer.Option(DEFAULT_BATCH, "--batch", help="Sequences decoded together."),
     quant: str = typer.Option(ALL, "--quant", help=f"{ALL} or one of: {', '.join(QUANT_CHOICES)}."),
     reserve: str = typer.Option(str(DEFAULT_RESERVE_BYTES), "--reserve", help="Headroom to leave free on every device, e.g. 2GiB "

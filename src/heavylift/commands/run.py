@@ -129,7 +129,8 @@ def run(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to continue (or the first chat turn)."),
     quant: str = typer.Option("auto", "--quant", help=f"auto (the plan's pick) or one of: {', '.join(QUANT_CHOICES)}."),
     gpus: Optional[str] = typer.Option(None, "--gpus", help=RUN_GPUS_HELP),
-    context: int = typer.Option(DEFAULT_CONTEXT_TOKENS, "--context", help="Tokens of prompt + output to plan for."),
+    context: Optional[int] = typer.Option(None, "--context", help=f"Tokens of prompt + output to plan for; default "
+                                          f"{DEFAULT_CONTEXT_TOKENS}, or the model's maximum when shorter."),
     max_new_tokens: int = typer.Option(DEFAULT_MAX_NEW_TOKENS, "--max-new-tokens"),
     temperature: float = typer.Option(DEFAULT_TEMPERATURE, "--temperature", help="0 means greedy."),
     top_p: float = typer.Option(DEFAULT_TOP_P, "--top-p"),
@@ -150,7 +151,7 @@ def run(
          dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed))
 
 
-def _run(err: Console, model: str, prompt, quant: str, gpus, context: int, chat: bool, system, raw: bool,
+def _run(err: Console, model: str, prompt, quant: str, gpus, context: int | None, chat: bool, system, raw: bool,
          allow_offload: bool, as_json: bool, engine: str, sampling: dict) -> None:
     from heavylift.api import prepare
     from heavylift.runtime.sampling import Sampling
