@@ -18,6 +18,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+# The tests' conftest (imported for its tokenizer) turns on Triton's CPU interpreter unless told otherwise.
+os.environ.setdefault("TRITON_INTERPRET", "0")
 
 CKPT = "/tmp/llama8b-heavylift"
 
