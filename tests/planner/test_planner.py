@@ -245,3 +245,23 @@ def test_every_scheme_says_how_it_stores_and_runs():
     assert [name for name, s in SCHEMES.items() if not s.engine_runs] == ["fp16"]
     assert {s.engine_gemv_max_rows for name, s in SCHEMES.items() if name in four_bit} == {1}
     assert {s.engine_gemv_max_rows for name, s in SCHEMES.items() if name not in four_bit} == {16}
+
+
+@pytest.mark.parametrize("model,engine", [("mixtral-8x7b", TRANSFORMERS), ("llama3.2-1b", FAST),
+                                          ("llama3.2-1b", TRANSFORMERS)])
+def test_fp4_allocates_exactly_as_nf4(monkeypatch, model, engine):
+    """fp4 shares nf4's runtime terms (memory.allocating_twin); each computed on its own, they are equal."""
+    from heavylift.planner import memory
+    from heavylift.planner.forward_program import Part
+
+    assert memory.allocating_twin("fp4") == "nf4"
+    assert [memory.allocating_twin(q) for q in SCHEMES if q != "fp4"] == [q for q in SCHEMES if q != "fp4"]
+    monkeypatch.setattr(memory, "allocating_twin", lambda quant: quant)
+    memory.clear_caches()
+    arch = architecture_from_config(find_model(model).config_dict())
+    device = parse_gpu_spec("1xH100")[0]
+    for part in (Part(range(arch.num_layers), True, True), Part(range(1, 3), False, False)):
+        terms = {q: memory.runtime_terms(arch, q, engine, 4096, 2, 2, device, part, every_layer=True)
+                 for q in ("nf4", "fp4")}
+        assert terms["fp4"] == terms["nf4"]
+    memory.clear_caches()

@@ -25,6 +25,7 @@ from .engine_program import decode_uses_kernels, engine_decode_step, engine_pref
 from .load_program import LoadOrder, clear_load_caches, expert_load, load_order, loaded_state
 from .matmul_programs import BF16, FP32, INT32, INT64
 from .forward_program import Part, Step, sliding_kv, transformers_forward
+from heavylift.schemes import BNB_4BIT, SCHEMES
 
 # The two runtimes a plan can describe (heavylift.engine's --engine values, without "auto": the session
 # resolves auto to one of these before planning; tests/planner/test_planner.py holds them to heavylift.engine's).
@@ -163,8 +164,20 @@ def runtime_terms(arch: Architecture, quant: str, engine: str, context: int, bat
                   bool(device.native_fp8))
     count = len(part.layers) if every_layer and engine == FAST else SIMULATED_LAYERS[engine]
     shape, layers, order = _part_key(_Same(arch), part)
-    return _terms(shape, quant, engine, context, batch, kv_dtype_bytes, dev, layers.start, layers.stop, part.first,
+    return _terms(shape, allocating_twin(quant), engine, context, batch, kv_dtype_bytes, dev, layers.start, layers.stop, part.first,
                   part.last, count, order)
+
+
+@lru_cache(maxsize=None)
+def allocating_twin(quant: str) -> str:
+    """The first scheme that allocates exactly as `quant` does, whose runtime terms `quant` shares: one
+    equal in every field but its names and, for bitsandbytes' 4-bit storage, its code book (NF4 or FP4: which
+    value each of the same 16 float32 entries holds, the same bytes loaded and computed alike)."""
+    def allocating(name: str):
+        s = SCHEMES[name]
+        return replace(s, name="", label="", code=None if s.storage == BNB_4BIT else s.code)
+
+    return next(q for q in SCHEMES if allocating(q) == allocating(quant))
 
 
 def clear_caches() -> None:

@@ -116,7 +116,7 @@ class Layout:
 
     def __init__(self, arch: Architecture, scheme: Scheme):
         self.arch, self.scheme = arch, scheme
-        self.layer_weights = tuple(scheme.weights_bytes(arch.layer_tensors(i)) for i in range(arch.num_layers))
+        self.layer_weights = _layer_weights(arch, scheme)
         by_role = {r: scheme.weights_bytes(t for t in arch.global_tensors() if t.role == r) for r in Role}
         self.embedding = by_role[Role.EMBEDDING]
         self.head = by_role[Role.NORM] + by_role[Role.LM_HEAD]
@@ -257,6 +257,22 @@ class Plan:
     def to_json(self) -> dict:
         """The plan as `heavylift plan --json` prints it (contract.py)."""
         return self._json
+
+
+def _layer_weights(arch: Architecture, scheme: Scheme) -> tuple[int, ...]:
+    """Each decoder layer's weights in `scheme`, weighed once per kind of layer: layers whose tensors have
+    the same shapes, roles and fusing weigh the same."""
+    weighed: dict[tuple, int] = {}
+    out = []
+    for i in range(arch.num_layers):
+        tensors = arch.layer_tensors(i)
+        fused: dict[str, int] = {}
+        kind = tuple((t.shape, t.role, None if t.fused_into is None else fused.setdefault(t.fused_into, len(fused)))
+                     for t in tensors)
+        if kind not in weighed:
+            weighed[kind] = scheme.weights_bytes(tensors)
+        out.append(weighed[kind])
+    return tuple(out)
 
 
 def layout(arch: Architecture, quant: str) -> Layout:
