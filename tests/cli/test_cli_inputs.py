@@ -10,23 +10,12 @@ import time
 
 import pytest
 
-from heavylift.cli import main
 from heavylift.hardware.gpus import parse_gpu_spec
 
-from conftest import TINY_FAMILIES, TINY_LLAMA, write_config
+from conftest import TINY_FAMILIES, TINY_LLAMA, run_cli, write_config
 
 FAMILIES = "llama, mistral, mixtral, qwen2, gemma2, phi3"
 UNREACHABLE_HUB = "http://127.0.0.1:9"  # the discard port: nothing listens, the connection is refused at once
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def refused(capsys, *args) -> str:
