@@ -94,8 +94,9 @@ def unsupported_reason(config, quant: str, devices: Sequence[torch.device]) -> s
     return runtime.reason or None
 
 
-def _window(config, index: int) -> int:
-    return layer_windows_of(config.to_dict())[index] or 0
+def _windows(config) -> list[int]:
+    """Each layer's sliding window, 0 for full attention (model.architecture, the one place it is derived)."""
+    return [w or 0 for w in layer_windows_of(config.to_dict())]
 
 
 def _shape(config) -> Shape:
@@ -139,14 +140,14 @@ class Engine:
     def from_model(cls, model, batch: int, context: int, ops: str = "triton") -> "Engine":
         """Point at the weights of a loaded Llama-style transformers model; nothing is copied."""
         config, inner = model.config, model.model
-        layers = []
+        layers, windows = [], _windows(config)
         for i, block in enumerate(inner.layers):
             attn, mlp = block.self_attn, block.mlp
             layers.append(Layer(block.input_layernorm.weight.device, block.input_layernorm.weight.data,
                                 block.post_attention_layernorm.weight.data,
                                 (from_linear(attn.q_proj), from_linear(attn.k_proj), from_linear(attn.v_proj)),
                                 from_linear(attn.o_proj), from_linear(mlp.gate_proj), from_linear(mlp.up_proj),
-                                from_linear(mlp.down_proj), _window(config, i)))
+                                from_linear(mlp.down_proj), windows[i]))
         return cls(_shape(config), layers, inner.embed_tokens.weight.data, inner.norm.weight.data,
                    from_linear(model.lm_head), inner.rotary_emb, batch, context, ops)
 
@@ -166,11 +167,11 @@ class Engine:
         def lin(n, k):
             return quantize(rand(n, k), kind)
 
-        h, d = shape.hidden, shape.head_dim
+        h, d, windows = shape.hidden, shape.head_dim, _windows(config)
         layers = [Layer(torch.device(device), 1 + rand(h), 1 + rand(h),
                         (lin(shape.heads * d, h), lin(shape.kv_heads * d, h), lin(shape.kv_heads * d, h)),
                         lin(h, shape.heads * d), lin(shape.intermediate, h), lin(shape.intermediate, h),
-                        lin(h, shape.intermediate), _window(config, i))
+                        lin(h, shape.intermediate), windows[i])
                   for i in range(config.num_hidden_layers)]
         rotary = LlamaRotaryEmbedding(config).to(device)
         return cls(shape, layers, rand(shape.vocab, h), 1 + rand(h), quantize(rand(shape.vocab, h), DENSE), rotary,
