@@ -50,6 +50,17 @@ def _reserve_bytes(reserve: int | str) -> int:
         raise GpuSpecError(f"--reserve: {e}") from None
 
 
+def _check_reserve(devices: Sequence[Device], reserve_bytes: int, asked: int | str) -> None:
+    """A reserve that takes a device's whole memory leaves nothing to plan on: refuse it before planning."""
+    for device in devices:
+        if reserve_bytes >= device.memory_bytes:
+            from .report.table import memory_label
+
+            raise InvalidArgumentError(
+                f"--reserve {asked} leaves nothing to plan on: {device.name} (#{device.index}) has "
+                f"{memory_label(device.memory_bytes)}; reserve less than that")
+
+
 @dataclass(frozen=True)
 class Planned:
     """A model resolved once and planned once, with the runtime decided for each precision."""
@@ -84,6 +95,7 @@ def _front_door(model: str, gpus, here: bool, context: int | None, batch: int, q
         kernels = kernels_reason(devices)
     else:
         devices = resolve_devices(gpus)
+    _check_reserve(devices, work.reserve_bytes, reserve)
     runtimes = plan_runtimes(source.config, source.architecture, devices, work, quants, engine, kernels)
     plan = make_plan(model, source.architecture, devices, work, quants, {q: r.name for q, r in runtimes.items()})
     return Planned(source, plan, runtimes)

@@ -35,3 +35,11 @@ def test_without_context_a_model_shorter_than_the_default_is_planned_at_its_own_
     assert (code, plan["context"], plan["warnings"]) == (0, 4096, [])
     code, out, _ = run_cli(capsys, "plan", "llama3.1-8b", "--gpus", "1xH100", "--json")
     assert json.loads(out)["context"] == 8192
+
+
+def test_a_reserve_that_takes_the_whole_device_is_refused_from_python_too():
+    import heavylift
+    from heavylift.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match=r"^--reserve 200GiB leaves nothing to plan on: H100-80GB \(#0\)"):
+        heavylift.plan("llama3.1-8b", gpus="1xH100", reserve="200GiB")

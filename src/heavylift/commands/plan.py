@@ -10,10 +10,8 @@ import typer
 
 from heavylift.api import plan as make_plan
 from heavylift.defaults import DEFAULT_BATCH, DEFAULT_CONTEXT_TOKENS, DEFAULT_RESERVE_BYTES
-from heavylift.errors import InvalidArgumentError
-from heavylift.planner.plan import Plan
 from heavylift.schemes import ALL, QUANT_CHOICES
-from heavylift.report.table import console as report_console, memory_label, render
+from heavylift.report.table import console as report_console, render
 from heavylift.planner.runtimes import AUTO
 
 GPUS_HELP = "GPUs to plan for, e.g. 4xA100-80GB, 8xRTX4090, 2xH200, 1xH100,1xA100-40GB, 2x48GB (default: this machine's)"
@@ -39,7 +37,6 @@ def plan(
     """Predict each device's memory for every precision, say whether it fits, and how to make it fit."""
     result = make_plan(model, gpus=gpus, context=context, batch=batch, quant=quant, reserve=reserve,
                        kv_dtype=kv_dtype, allow_offload=allow_offload, engine=engine)
-    _check_reserve(result, reserve)
     if plot is not None:
         from heavylift.report.plot import plot_memory
 
@@ -53,11 +50,3 @@ def plan(
         console.print(f"plot written to {plot}")
 
 
-def _check_reserve(result: Plan, reserve: str) -> None:
-    """A reserve that takes a device's whole memory leaves nothing to plan on: refuse it."""
-    reserve_bytes = result.workload.reserve_bytes
-    for device in result.devices:
-        if reserve_bytes >= device.memory_bytes:
-            raise InvalidArgumentError(
-                f"--reserve {reserve} leaves nothing to plan on: {device.name} (#{device.index}) has "
-                f"{memory_label(device.memory_bytes)}; reserve less than that")
