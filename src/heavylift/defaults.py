@@ -105,3 +105,28 @@ CONTEXT_STEPS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 # context asked for or the model's maximum: a round number to type, at most this many tokens short of the
 # exact longest, and a search over 512 steps instead of 131,072 tokens.
 ADVICE_CONTEXT_STEP_TOKENS = 256
+
+# --- heavylift serve --------------------------------------------------------------------------
+SERVE_HOST = "127.0.0.1"  # loopback: other machines reach the server only when --host says so
+SERVE_PORT = 8000  # the port OpenAI-compatible servers listen on by default (vLLM, transformers serve)
+# Requests that may wait for a free sequence slot; one more is refused with HTTP 429 at once, which tells a
+# client to retry later instead of queueing behind minutes of work.
+SERVE_MAX_QUEUE = 256
+# A request body larger than this is refused (HTTP 413) before it is parsed. A 1M-token prompt is about 4 MB
+# as text and about 7 MB as a JSON list of token ids, so every context a plan can hold fits well below it.
+SERVE_MAX_BODY_BYTES = 16 * MiB
+# Ctrl-C: in-flight requests get this many seconds to finish before they are cancelled and the server exits.
+SERVE_DRAIN_SECONDS = 5.0
+# What a request gets for a field it leaves out: the OpenAI API's documented defaults.
+SERVE_COMPLETIONS_MAX_TOKENS = 16  # /v1/completions; chat completions default to the rest of the context
+SERVE_TEMPERATURE = 1.0
+SERVE_TOP_P = 1.0
+# The OpenAI API's limits: at most this many alternatives per token (top_logprobs, completions' logprobs)
+# and this many stop sequences; sampling temperature at most SERVE_MAX_TEMPERATURE.
+SERVE_MAX_LOGPROBS = 5
+SERVE_MAX_STOP = 4
+SERVE_MAX_TEMPERATURE = 2.0
+# Histogram buckets of /metrics, in seconds: time to the first token spans a queued long prefill; the time
+# between tokens spans one decode step of a small model on a GPU (ms) to a large one offloaded (s).
+SERVE_TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+SERVE_ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
