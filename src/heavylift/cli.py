@@ -28,6 +28,7 @@ from .commands import bench as bench_cmd
 from .commands import catalog as catalog_cmd
 from .commands import plan as plan_cmd
 from .commands import run as run_cmd
+from .commands import serve as serve_cmd
 from .errors import EXIT_USER_ERROR, HeavyliftError
 
 PROG = "heavylift"
@@ -39,6 +40,7 @@ app.command("plan")(plan_cmd.plan)
 app.command("run")(run_cmd.run)
 app.command("catalog")(catalog_cmd.catalog)
 app.command("bench")(bench_cmd.bench)
+app.command("serve")(serve_cmd.serve)
 
 
 @app.callback(invoke_without_command=True)
