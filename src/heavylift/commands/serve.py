@@ -149,6 +149,7 @@ def _serve(err: Console, prepared, tokenizer, seqs: int, max_queue: int, sock: s
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn stops on Ctrl-C, drains, then raises it again
         pass
+    app.state.backend.stop(0)  # a second Ctrl-C skips the app's own shutdown: stop the scheduler here
     if failure:
         raise failure[0]
     err.print(STOPPED)

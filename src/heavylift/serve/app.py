@@ -98,7 +98,10 @@ class Backend:
         self._on_loaded(None)
 
     def stop(self, drain_seconds: float) -> None:
+        """Stop the scheduler once (later calls return at once), letting its requests run `drain_seconds`."""
         with self._lock:
+            if self._stopped:
+                return
             self._stopped = True
             scheduler = self.scheduler
         if scheduler is not None:

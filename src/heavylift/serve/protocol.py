@@ -154,7 +154,8 @@ def _content(content: Any, where: str) -> str:
 
 
 def completion_prompt(request: CompletionRequest, tokenizer, vocab_size: int) -> tuple[list[int], str]:
-    """The prompt's token ids (a string is tokenized as `heavylift run --raw` does), and its text."""
+    """The prompt's token ids (a string is tokenized as `heavylift run --raw` does, token ids are taken as
+    they are), and its text (token ids decoded, without special tokens such as a BOS)."""
     from heavylift.runtime.session import encode
 
     prompt = request.prompt
@@ -169,7 +170,7 @@ def completion_prompt(request: CompletionRequest, tokenizer, vocab_size: int) ->
         if bad is not None:
             raise InvalidRequest(f"prompt holds token id {bad}, outside this model's vocabulary of {vocab_size}",
                                  "prompt")
-        return list(prompt), tokenizer.decode(prompt)
+        return list(prompt), tokenizer.decode(prompt, skip_special_tokens=True)
     if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
         raise InvalidRequest(f"prompt holds {len(prompt)} prompts; send one per request", "prompt")
     raise InvalidRequest("prompt must be a string, a list of token ids, or a list of one of those", "prompt")
@@ -210,7 +211,8 @@ def _max_tokens(request, prompt_tokens: int, context: int, echo: bool) -> int:
     if asked is None:
         if prompt_tokens >= context:
             raise InvalidRequest(f"the prompt is {prompt_tokens} tokens, and the context is {context}: no room "
-                                 "for a reply; shorten the prompt", "messages")
+                                 "for a reply; shorten the prompt",
+                                 "messages" if isinstance(request, ChatRequest) else "prompt")
         return context - prompt_tokens if isinstance(request, ChatRequest) else \
             min(SERVE_COMPLETIONS_MAX_TOKENS, context - prompt_tokens)
     if asked < 0:
