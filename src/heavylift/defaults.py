@@ -66,6 +66,9 @@ LLM_INT8_OUTLIER_COLUMN_FRACTION = 1.0
 # heavylift's loop prefills the prompt in chunks of this many tokens, which bounds the
 # activation peak whatever the context (mlx-lm and vLLM do the same).
 PREFILL_CHUNK_TOKENS = 2048
+# A prompt's own token log-probabilities (a server's `echo` with `logprobs`) come from the head over this
+# many positions at a time: 64 x a 128k vocabulary in float32 is 33 MB, a whole chunk's would be 1 GB.
+SCORE_ROWS = 64
 # MoE experts quantized to 8 bits while they load (experts._quantize_rows) go through float32 this many
 # elements at a time (64 MB), not a whole fused tensor at once (Mixtral's gate_up_proj: 3.8 GB).
 EXPERT_ROW_CHUNK_ELEMENTS = 1 << 24
