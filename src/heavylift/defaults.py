@@ -40,6 +40,11 @@ MAX_PARAMETERS = 10**14
 # Llama 4 Scout's 10,485,760 tokens.
 MAX_CONTEXT_TOKENS = 2**24
 MAX_BATCH = 2**16  # sequences decoded together; serving stacks batch a few hundred (vLLM's default: 256)
+# The most sequences a server decodes together (`heavylift serve`), and so the most a plan with --serve counts
+# (SchemePlan.max_concurrent_sequences). The engine captures a CUDA graph per batch size up to it; past a few
+# hundred, a decode step is bound by compute, not by reading the weights, and more sequences add latency
+# rather than throughput (vLLM's default max_num_seqs: 256).
+SERVE_MAX_SEQS = 256
 
 # --- Bytes the runtime holds besides weights, KV cache and activations ---------------------
 # What a torch process holds outside the caching allocator once it has run a prefill and decode: CUDA
