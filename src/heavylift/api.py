@@ -77,12 +77,13 @@ def default_context(max_positions: int) -> int:
 
 
 def _front_door(model: str, gpus, here: bool, context: int | None, batch: int, quant, reserve, kv_dtype: str,
-                allow_offload: bool, engine: str) -> Planned:
+                allow_offload: bool, engine: str, serve: bool = False) -> Planned:
     """Check the arguments, resolve the model, take the devices (`here`: this machine's, which --gpus only
     narrows; else the described ones), decide the runtimes, plan."""
     check_choice(engine)
     work = Workload(context=DEFAULT_CONTEXT_TOKENS if context is None else context, batch=batch, kv_dtype=kv_dtype,
-                    reserve_bytes=_reserve_bytes(reserve), allow_offload=allow_offload)  # checked before any I/O
+                    reserve_bytes=_reserve_bytes(reserve), allow_offload=allow_offload,
+                    serve=serve)  # checked before any I/O
     quants = resolve_quants(quant)
     source = resolve_model(model)
     if context is None:
@@ -104,10 +105,12 @@ def _front_door(model: str, gpus, here: bool, context: int | None, batch: int, q
 def plan(model: str, gpus: str | Sequence[Device] | None = None, context: int | None = None,
          batch: int = DEFAULT_BATCH, quant: str | Sequence[str] = ALL,
          reserve: int | str = DEFAULT_RESERVE_BYTES,
-         kv_dtype: str = "bf16", allow_offload: bool = False, engine: str = AUTO) -> Plan:
+         kv_dtype: str = "bf16", allow_offload: bool = False, engine: str = AUTO, serve: bool = False) -> Plan:
     """Plan `model` on `gpus` for every precision in `quant`, reading only config.json and headers, each
-    for the runtime `heavylift run --engine ENGINE` would run it on (runtimes.plan_runtimes)."""
-    return _front_door(model, gpus, False, context, batch, quant, reserve, kv_dtype, allow_offload, engine).plan
+    for the runtime `heavylift run --engine ENGINE` would run it on (runtimes.plan_runtimes). `serve`: as a
+    server of `batch` sequences, each precision saying how many it can serve (max_concurrent_sequences)."""
+    return _front_door(model, gpus, False, context, batch, quant, reserve, kv_dtype, allow_offload, engine,
+                       serve).plan
 
 
 def _pick(plan: Plan, quant: str, allow_offload: bool) -> SchemePlan:

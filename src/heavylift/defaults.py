@@ -40,6 +40,11 @@ MAX_PARAMETERS = 10**14
 # Llama 4 Scout's 10,485,760 tokens.
 MAX_CONTEXT_TOKENS = 2**24
 MAX_BATCH = 2**16  # sequences decoded together; serving stacks batch a few hundred (vLLM's default: 256)
+# The most sequences a server decodes together (`heavylift serve`), and so the most a plan with --serve counts
+# (SchemePlan.max_concurrent_sequences). The engine captures a CUDA graph per batch size up to it; past a few
+# hundred, a decode step is bound by compute, not by reading the weights, and more sequences add latency
+# rather than throughput (vLLM's default max_num_seqs: 256).
+SERVE_MAX_SEQS = 256
 
 # --- Bytes the runtime holds besides weights, KV cache and activations ---------------------
 # What a torch process holds outside the caching allocator once it has run a prefill and decode: CUDA
@@ -66,6 +71,9 @@ LLM_INT8_OUTLIER_COLUMN_FRACTION = 1.0
 # heavylift's loop prefills the prompt in chunks of this many tokens, which bounds the
 # activation peak whatever the context (mlx-lm and vLLM do the same).
 PREFILL_CHUNK_TOKENS = 2048
+# A prompt's own token log-probabilities (a server's `echo` with `logprobs`) come from the head over this
+# many positions at a time: 64 x a 128k vocabulary in float32 is 33 MB, a whole chunk's would be 1 GB.
+SCORE_ROWS = 64
 # MoE experts quantized to 8 bits while they load (experts._quantize_rows) go through float32 this many
 # elements at a time (64 MB), not a whole fused tensor at once (Mixtral's gate_up_proj: 3.8 GB).
 EXPERT_ROW_CHUNK_ELEMENTS = 1 << 24

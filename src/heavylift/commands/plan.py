@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from heavylift.api import plan as make_plan
-from heavylift.defaults import DEFAULT_BATCH, DEFAULT_CONTEXT_TOKENS, DEFAULT_RESERVE_BYTES
+from heavylift.defaults import DEFAULT_BATCH, DEFAULT_CONTEXT_TOKENS, DEFAULT_RESERVE_BYTES, SERVE_MAX_SEQS
 from heavylift.schemes import ALL, QUANT_CHOICES
 from heavylift.report.table import console as report_console, render
 from heavylift.planner.runtimes import AUTO
@@ -33,10 +33,13 @@ def plan(
     engine: str = typer.Option(AUTO, "--engine", help="Plan for the runtime `heavylift run --engine` uses: "
                                "auto (heavylift's engine where it runs the model, else transformers), fast or "
                                "transformers."),
+    serve: bool = typer.Option(False, "--serve", help="Plan a server (`heavylift serve`) of --batch sequences, and "
+                               f"count how many sequences of --context tokens each precision serves at once (up to "
+                               f"{SERVE_MAX_SEQS})."),
 ) -> None:
     """Predict each device's memory for every precision, say whether it fits, and how to make it fit."""
     result = make_plan(model, gpus=gpus, context=context, batch=batch, quant=quant, reserve=reserve,
-                       kv_dtype=kv_dtype, allow_offload=allow_offload, engine=engine)
+                       kv_dtype=kv_dtype, allow_offload=allow_offload, engine=engine, serve=serve)
     if plot is not None:
         from heavylift.report.plot import plot_memory
 

@@ -5,6 +5,10 @@ pointers to its weights; `Engine.from_random` builds the same storage layer by l
 random bf16 tensors (benchmarks of shapes whose checkpoints would not fit on disk). `prefill` runs
 chunks of a prompt through dense matmuls and SDPA; `decode` runs one token per sequence through the
 GEMV kernels, replaying one captured graph per device segment, with the cache length kept on the GPU.
+
+A server drives it over slots: `prefill_steps` fills one slot a chunk at a time, so decode steps of the
+other slots run between chunks, and `decode(tokens, active)` steps only the active rows of a batch bucket
+(every bucket's buffers are views of the full batch's, every graph shares one pool).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch.nn.functional as F
 from heavylift.hardware.gpus import KIND_CUDA
 from heavylift.model.architecture import head_dim_of, layer_windows_of
 from heavylift.planner import runtimes
-from heavylift.defaults import PREFILL_CHUNK_TOKENS, SDPA_MASK_ALIGNMENT
+from heavylift.defaults import PREFILL_CHUNK_TOKENS, SCORE_ROWS, SDPA_MASK_ALIGNMENT
 from .ops import OPS, attention_scratch, decode_splits, dense_linear, dense_parts
 from .weights import DENSE, QWeight, from_linear, quantize
 
@@ -59,6 +63,12 @@ class Layer:
     window: int  # sliding window in tokens, 0 for full attention
     k_cache: torch.Tensor | None = None  # [batch, kv heads, context, head dim]
     v_cache: torch.Tensor | None = None
+
+
+# Decode buffers with a row per sequence (a smaller batch steps on their first rows), and the one-row fp16
+# planes the 4-bit GEMVs read.
+_PER_ROW = ("hidden", "hidden2", "x", "qkv", "q", "attn", "act", "slots", "active", "positions")
+_PLANES = ("x16", "attn16", "act16")
 
 
 def _config_dict(config) -> Mapping:
@@ -133,6 +143,9 @@ class Engine:
         self.segments = self._segments()
         self._static: dict[int, dict] = {}
         self._graphs: dict[int, list] = {}
+        self._pool = None  # the CUDA graphs' one shared memory pool, made at the first capture
+        self._full: dict | None = None  # the decode buffers at the engine's batch (_allocate_buffers)
+        self.ragged = False  # set by enable_ragged(): steps advance only the rows `decode` is told are active
 
     # -- building ---------------------------------------------------------------------------------
 
@@ -198,16 +211,55 @@ class Engine:
     @torch.inference_mode()
     def prefill(self, ids: Sequence[int], slot: int = 0) -> torch.Tensor:
         """Run a prompt into `slot` of the cache (replacing what it held); the last position's logits."""
+        for logits in self.prefill_steps(ids, slot):
+            pass
+        return logits[0]
+
+    def prefill_steps(self, ids: Sequence[int], slot: int = 0, scores: int | None = None):
+        """`prefill` one chunk per step: yields None after each chunk but the last, then (the last
+        position's logits [1, vocab] float32, the prompt's scores or None). With `scores` (0 to 5), the
+        scores are, for each prompt token after the first, its log-probability under the positions before
+        it and the `scores` most likely tokens there: a list of (logprob, ((token, logprob), ...)).
+
+        The slot's length is set only when the last chunk is in, so decode steps of other slots may run
+        between chunks (the slot inactive): a step writes an inactive row's key and value at the last
+        position of the context, which no prompt reaches."""
         if len(ids) > self.context:
             raise ValueError(f"{len(ids)} tokens exceed the engine's context of {self.context}")
-        tokens = torch.tensor(list(ids), dtype=torch.long, device=self.embed.device)
-        scratch = {d: self._prefill_scratch(len(tokens), d) for d, _ in self.segments}
+        with torch.inference_mode():
+            tokens = torch.tensor(list(ids), dtype=torch.long, device=self.embed.device)
+            scratch = {d: self._prefill_scratch(len(tokens), d) for d, _ in self.segments}
+            found = [] if scores is not None else None
         for start in range(0, len(tokens), PREFILL_CHUNK_TOKENS):
-            hidden = self._prefill_chunk(tokens[start:start + PREFILL_CHUNK_TOKENS], start, slot, scratch)
-        for d in self.devices:
-            self.seq_len[d][slot] = len(tokens)
-        x = self._norm(hidden[-1:].to(self.norm.device), self.norm)
-        return dense_linear(x, self.lm_head).float()
+            with torch.inference_mode():
+                hidden = self._prefill_chunk(tokens[start:start + PREFILL_CHUNK_TOKENS], start, slot, scratch)
+                if found is not None:
+                    found += self._scores(hidden, tokens[start + 1:start + 1 + len(hidden)], scores)
+            if start + PREFILL_CHUNK_TOKENS < len(tokens):
+                yield None
+        with torch.inference_mode():
+            for d in self.devices:
+                self.seq_len[d][slot] = len(tokens)
+            x = self._norm(hidden[-1:].to(self.norm.device), self.norm)
+            logits = dense_linear(x, self.lm_head).float()
+        yield logits, found
+
+    def _scores(self, hidden: torch.Tensor, following: torch.Tensor, top: int) -> list:
+        """Each position's log-probability of the token after it (`following`, one fewer at a prompt's end)
+        and its `top` best tokens, from the final norm and the head over at most SCORE_ROWS positions at a
+        time: the full-vocabulary logits of a whole chunk would be chunk x vocab floats."""
+        out = []
+        hidden = hidden[:len(following)].to(self.norm.device)
+        following = following.to(self.norm.device)
+        for start in range(0, len(following), SCORE_ROWS):
+            x = self._norm(hidden[start:start + SCORE_ROWS], self.norm)
+            logprobs = torch.log_softmax(dense_linear(x, self.lm_head).float(), dim=-1)
+            chosen = logprobs.gather(1, following[start:start + SCORE_ROWS, None])[:, 0].tolist()
+            best = torch.topk(logprobs, top, dim=-1) if top else None
+            ids = best.indices.tolist() if top else [[]] * len(chosen)
+            values = best.values.tolist() if top else [[]] * len(chosen)
+            out += [(c, tuple(zip(i, v))) for c, i, v in zip(chosen, ids, values)]
+        return out
 
     def _norm(self, x, weight):
         return self.ops.rmsnorm(x, weight, self.shape.eps, torch.empty_like(x))
@@ -279,13 +331,39 @@ class Engine:
     # -- decode -----------------------------------------------------------------------------------
 
     def _buffers(self, batch: int) -> dict:
+        """The static buffers of a decode step of `batch` rows: views of the first rows of the buffers for
+        the engine's whole batch, allocated once, so a server's batch buckets add no memory."""
         if batch in self._static:
             return self._static[batch]
-        s = self.shape
+        if self._full is None:
+            self._full = self._allocate_buffers()
+        full, s = self._full, self.shape
+        per_device = {}
+        for dev, b in full["dev"].items():
+            splits = decode_splits(dev, batch, s.kv_heads)
+            o_part, m_part, l_part = (t.view(-1) for t in b["scratch"])
+            view = {name: b[name][:batch] for name in _PER_ROW if name in b}
+            if "last" in b:
+                view["last"] = b["last"]
+            for name in _PLANES:  # one row's planes: only a one-row step reads or writes them
+                view[name] = b[name] if batch == 1 else None
+            view["scratch"] = (o_part[:batch * s.heads * splits * s.head_dim].view(batch, s.heads, splits, s.head_dim),
+                               m_part[:batch * s.heads * splits].view(batch, s.heads, splits),
+                               l_part[:batch * s.heads * splits].view(batch, s.heads, splits))
+            per_device[dev] = view
+        self._static[batch] = dict(tokens=full["tokens"][:batch], dev=per_device, final=full["final"][:batch],
+                                   logits=full["logits"][:batch])
+        return self._static[batch]
+
+    def _allocate_buffers(self) -> dict:
+        """Engine._buffers at the engine's batch. The attention scratch holds the split count of whichever
+        batch up to it needs the most (at most DECODE_SPLITS_MAX per row, as the planner counts it). Rows
+        of `active` (only for `decode(tokens, active)`) say which sequences a step advances."""
+        s, batch = self.shape, self.batch
         per_device = {}
         for dev, _ in self.segments:
             bf16 = dict(dtype=torch.bfloat16, device=dev)
-            splits = decode_splits(dev, batch, s.kv_heads)
+            rows = max(b * decode_splits(dev, b, s.kv_heads) for b in range(1, batch + 1))
             per_device[dev] = dict(
                 hidden=torch.zeros(batch, s.hidden, **bf16), hidden2=torch.zeros(batch, s.hidden, **bf16),
                 x=torch.zeros(batch, s.hidden, **bf16),
@@ -293,17 +371,19 @@ class Engine:
                 q=torch.zeros(batch, s.heads, s.head_dim, **bf16), attn=torch.zeros(batch, s.heads * s.head_dim, **bf16),
                 act=torch.zeros(batch, s.intermediate, **bf16),
                 slots=torch.arange(batch, dtype=torch.int32, device=dev),
-                scratch=attention_scratch(batch, s.heads, s.head_dim, splits, dev))
+                scratch=attention_scratch(1, s.heads, s.head_dim, rows, dev))
+            if self.ragged:
+                per_device[dev].update(active=torch.zeros(batch, dtype=torch.bool, device=dev),
+                                       positions=torch.zeros(batch, dtype=torch.int32, device=dev),
+                                       last=torch.tensor(self.context - 1, dtype=torch.int32, device=dev))
             # The fp16 planes of each 4-bit GEMV's input (ops.planes), written by the kernel that makes it.
-            wants = batch == 1 and all(self.ops.wants_planes(layer.gate) for layer in self.layers if layer.device == dev)
-            for name, size in (("x16", s.hidden), ("attn16", s.heads * s.head_dim), ("act16", s.intermediate)):
+            wants = all(self.ops.wants_planes(layer.gate) for layer in self.layers if layer.device == dev)
+            for name, size in zip(_PLANES, (s.hidden, s.heads * s.head_dim, s.intermediate)):
                 per_device[dev][name] = torch.zeros(size // 2, dtype=torch.int32, device=dev) if wants else None
         last = self.norm.device
-        self._static[batch] = dict(
-            tokens=torch.zeros(batch, dtype=torch.long, device=self.embed.device), dev=per_device,
-            final=torch.zeros(batch, s.hidden, dtype=torch.bfloat16, device=last),
-            logits=torch.zeros(batch, s.vocab, dtype=torch.bfloat16, device=last))
-        return self._static[batch]
+        return dict(tokens=torch.zeros(batch, dtype=torch.long, device=self.embed.device), dev=per_device,
+                    final=torch.zeros(batch, s.hidden, dtype=torch.bfloat16, device=last),
+                    logits=torch.zeros(batch, s.vocab, dtype=torch.bfloat16, device=last))
 
     def _run_segment(self, index: int, batch: int) -> None:
         """One device's layers for one token per sequence, reading and writing the static buffers."""
@@ -313,10 +393,13 @@ class Engine:
         ops, seq_len, (cos, sin) = self.ops, self.seq_len[dev], self.rope[dev]
         if index == 0:
             b["hidden"].copy_(F.embedding(st["tokens"], self.embed))
+        positions = seq_len
+        if self.ragged:  # an inactive row writes where no prompt or live sequence reads (prefill_steps)
+            positions = torch.where(b["active"], seq_len[:batch], b["last"], out=b["positions"])
         for layer in layers:
             ops.rmsnorm(b["hidden"], layer.ln1, s.eps, b["x"], b["x16"])
             ops.linear(b["x"], layer.qkv, b["qkv"], x16=b["x16"])
-            ops.rope_cache(b["qkv"], seq_len, b["slots"], cos, sin, layer.k_cache, layer.v_cache, s.heads,
+            ops.rope_cache(b["qkv"], positions, b["slots"], cos, sin, layer.k_cache, layer.v_cache, s.heads,
                            s.kv_heads, b["q"])
             ops.decode_attention(b["q"], layer.k_cache, layer.v_cache, seq_len, self.scale, layer.window, b["attn"],
                                  b["scratch"], b["attn16"])
@@ -324,7 +407,10 @@ class Engine:
             ops.rmsnorm(b["hidden2"], layer.ln2, s.eps, b["x"], b["x16"])
             ops.glu(b["x"], layer.gate, layer.up, b["act"], b["x16"], b["act16"])
             ops.linear(b["act"], (layer.down,), b["hidden"], residual=b["hidden2"], x16=b["act16"])
-        seq_len[:batch] += 1
+        if self.ragged:
+            seq_len[:batch] += b["active"]
+        else:
+            seq_len[:batch] += 1
         if index == len(self.segments) - 1:
             ops.rmsnorm(b["hidden"], self.norm, s.eps, st["final"])
             if self.lm_head.kind == DENSE:  # cuBLAS streams a bf16 matrix this wide at full bandwidth
@@ -353,20 +439,46 @@ class Engine:
         for d, t in saved.items():
             self.seq_len[d].copy_(t)
         graphs = []
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         for i, (dev, _) in enumerate(self.segments):
             torch.cuda.synchronize(dev)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.device(dev), torch.cuda.graph(graph):
+            # One pool for every batch's graphs: their temporaries die inside each replay, and replays never
+            # overlap, so the pool holds one step's temporaries whatever the number of buckets.
+            with torch.cuda.device(dev), torch.cuda.graph(graph, pool=self._pool):
                 self._run_segment(i, batch)
             graphs.append(graph)
         return graphs
 
+    def enable_ragged(self) -> None:
+        """Let `decode` step only some rows (`active`); before the first decode step."""
+        if self._full is not None:
+            raise RuntimeError("enable_ragged() comes before the first decode step")
+        self.ragged = True
+
+    def free_slot(self, slot: int) -> None:
+        """Forget a slot's sequence: its length back to 0, so its next prompt starts clean."""
+        for d in self.devices:
+            self.seq_len[d][slot] = 0
+
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append one token to each of the first len(tokens) sequences; their next-token logits (float32)."""
+    def decode(self, tokens: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        """Append one token to each of the first len(tokens) sequences; their next-token logits (float32).
+        With `active` (bool per row, after enable_ragged), only those rows' sequences advance (all of them
+        when it is left out); the others' logits are meaningless."""
         batch = tokens.shape[0]
+        if batch > self.batch:
+            raise ValueError(f"a step of {batch} sequences exceeds the engine's batch of {self.batch}")
+        if active is not None and not self.ragged:
+            raise ValueError("decode takes `active` only after enable_ragged()")
+        if self.ragged and active is None:
+            active = torch.ones(batch, dtype=torch.bool)
         st = self._buffers(batch)
         st["tokens"].copy_(tokens.view(-1))
+        if active is not None:
+            for d, b in st["dev"].items():
+                b["active"].copy_(active, non_blocking=True)
         graphs_ok = all(d.type == "cuda" for d in self.devices)
         if graphs_ok and batch not in self._graphs:
             self._graphs[batch] = self._capture(batch)

@@ -14,7 +14,7 @@ from dataclasses import replace
 from decimal import ROUND_UP, Decimal
 from typing import Callable, Mapping, Sequence
 
-from heavylift.defaults import ADVICE_CONTEXT_STEP_TOKENS, GB, GiB
+from heavylift.defaults import ADVICE_CONTEXT_STEP_TOKENS, GB, SERVE_MAX_SEQS, GiB
 from heavylift.hardware.gpus import MAX_GPU_COUNT, Device, lookup_gpu, parse_bytes, parse_gpu_spec
 from .plan import Layout, SchemePlan, Workload
 
@@ -144,6 +144,23 @@ def largest_batch(lay: Layout, devices: Sequence[Device], work: Workload, plan: 
     """The largest batch below work.batch that fits at work.context, where `plan` (work's) does not fit."""
     margins = _Margins(lambda b: lay.margin(devices, replace(work, batch=b)), {work.batch: _least_free(plan)})
     return _largest(range(1, work.batch + 1), margins, _shrunk(plan, work.batch))
+
+
+def most_sequences(lay: Layout, devices: Sequence[Device], work: Workload, plan: SchemePlan) -> int:
+    """SchemePlan.max_concurrent_sequences: the most sequences of work.context a server (work.serve) holds at
+    once, up to SERVE_MAX_SEQS: that many fit and one more does not; 0 when not even one fits. `plan` is
+    work's (a server of work.batch sequences), whose margin is known. The first probe is where the KV cache
+    alone would fill the fullest device; what else grows with the sequences moves the boundary a little
+    lower, so the answer is usually that count or just below it."""
+    margins = _Margins(lambda b: lay.margin(devices, replace(work, batch=b)), {work.batch: _least_free(plan)})
+    counts, last = range(1, SERVE_MAX_SEQS + 1), SERVE_MAX_SEQS - 1
+    guess = _shrunk(plan, work.batch)
+    at = min(last, max(0, int(guess) - 1)) if guess else 0
+    if not margins.fits(counts[at]):
+        return counts[_edge(counts, margins, 0, at)] if at and margins.fits(counts[0]) else 0
+    if at == last or not margins.fits(counts[at + 1]):
+        return counts[at]
+    return counts[last] if margins.fits(counts[last]) else counts[_edge(counts, margins, at + 1, last)]
 
 
 def fewest_gpus(lay: Layout, device: Device, work: Workload) -> int | None:

@@ -1,5 +1,9 @@
 """The plan's JSON contract: the field names and values other tools read from `heavylift plan --json`.
 
+With --serve (plan.Workload.serve) the plan describes a server of `batch` sequences: the top level then
+carries "serve": true, and each scheme "max_concurrent_sequences", the most sequences of `context` tokens
+it serves at once (0: not even one). A plan without --serve carries neither key.
+
 Pure: plain dicts of a plan's records. It reads a plan.Plan, plan.SchemePlan and plan.DevicePlan by their
 fields without importing them, because Plan.to_json() calls it from that module.
 """
@@ -26,23 +30,30 @@ def device_plan_to_json(d: Any) -> dict[str, Any]:
 
 
 def scheme_plan_to_json(s: Any) -> dict[str, Any]:
-    """One plan.SchemePlan: its totals, its devices, its advice and the runtime it describes."""
-    return {"quant": s.quant, "weights_bytes": s.weights_bytes, "kv_cache_bytes": s.kv_cache_bytes,
-            "activation_bytes": s.activation_bytes, "overhead_bytes": s.overhead_bytes,
-            "total_bytes": s.total_bytes, "fits": s.fits, "offload_bytes": s.offload_bytes,
-            "per_device": [device_plan_to_json(d) for d in s.per_device],
-            "decode_tok_s_upper_bound": round(s.decode_tok_s_upper_bound, 2), "advice": list(s.advice),
-            "engine": s.engine}
+    """One plan.SchemePlan: its totals, its devices, its advice, the runtime it describes and, for a server,
+    how many sequences it serves."""
+    out = {"quant": s.quant, "weights_bytes": s.weights_bytes, "kv_cache_bytes": s.kv_cache_bytes,
+           "activation_bytes": s.activation_bytes, "overhead_bytes": s.overhead_bytes,
+           "total_bytes": s.total_bytes, "fits": s.fits, "offload_bytes": s.offload_bytes,
+           "per_device": [device_plan_to_json(d) for d in s.per_device],
+           "decode_tok_s_upper_bound": round(s.decode_tok_s_upper_bound, 2), "advice": list(s.advice),
+           "engine": s.engine}
+    if s.max_concurrent_sequences is not None:
+        out["max_concurrent_sequences"] = s.max_concurrent_sequences
+    return out
 
 
 def plan_to_json(plan: Any) -> dict[str, Any]:
     """A whole plan.Plan: the model, the workload, the devices with the capacity the plan may fill, and every
     precision's plan."""
     arch, work = plan.architecture, plan.workload
-    return {"model": plan.model, "model_type": arch.model_type, "params": arch.params,
-            "context": work.context, "batch": work.batch, "kv_dtype": work.kv_dtype,
-            "reserve_bytes": work.reserve_bytes,
-            "devices": [{"index": d.index, "name": d.name, "kind": d.kind,
-                         "capacity_bytes": d.memory_bytes - work.reserve_bytes} for d in plan.devices],
-            "schemes": [scheme_plan_to_json(s) for s in plan.schemes],
-            "recommended": plan.recommended, "warnings": list(plan.warnings)}
+    out = {"model": plan.model, "model_type": arch.model_type, "params": arch.params,
+           "context": work.context, "batch": work.batch, "kv_dtype": work.kv_dtype,
+           "reserve_bytes": work.reserve_bytes,
+           "devices": [{"index": d.index, "name": d.name, "kind": d.kind,
+                        "capacity_bytes": d.memory_bytes - work.reserve_bytes} for d in plan.devices],
+           "schemes": [scheme_plan_to_json(s) for s in plan.schemes],
+           "recommended": plan.recommended, "warnings": list(plan.warnings)}
+    if work.serve:
+        out["serve"] = True
+    return out

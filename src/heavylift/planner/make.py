@@ -8,14 +8,15 @@ from typing import Mapping, Sequence
 from heavylift.hardware.gpus import Device
 from heavylift.model.architecture import Architecture
 from heavylift.schemes import fidelity_order
-from .advice import advise
+from .advice import advise, most_sequences
 from .plan import Plan, Workload, layout
 
 
 def make_plan(model: str, arch: Architecture, devices: Sequence[Device], work: Workload,
               quants: Sequence[str], engines: Mapping[str, str] | None = None) -> Plan:
-    """Plan every requested scheme, attach advice, and pick the most faithful scheme that fits. `engines`
-    gives a scheme's runtime where it differs from the workload's (runtimes.planned_runtime per precision)."""
+    """Plan every requested scheme, attach advice (and for a server, how many sequences it serves), and pick
+    the most faithful scheme that fits. `engines` gives a scheme's runtime where it differs from the
+    workload's (runtimes.planned_runtime per precision)."""
     devices = tuple(devices)
     layouts = {q: layout(arch, q) for q in quants}
     works = {q: replace(work, engine=(engines or {}).get(q, work.engine)) for q in quants}
@@ -23,7 +24,9 @@ def make_plan(model: str, arch: Architecture, devices: Sequence[Device], work: W
     native_fp8 = all(d.native_fp8 for d in devices)
     order = fidelity_order(native_fp8, all(d.bf16_supported for d in devices))
     fitting = [q for q in order if q in plans and plans[q].fits and not plans[q].offload]
-    schemes = tuple(replace(plans[q], advice=advise(layouts[q], plans, devices, works[q], order)) for q in quants)
+    schemes = tuple(replace(plans[q], advice=advise(layouts[q], plans, devices, works[q], order),
+                            max_concurrent_sequences=most_sequences(layouts[q], devices, works[q], plans[q])
+                            if work.serve else None) for q in quants)
     runtimes = {w.engine for w in works.values()}
     if len(runtimes) == 1:  # the plan's workload names the runtime when every scheme has the same
         work = replace(work, engine=runtimes.pop())

@@ -8,7 +8,8 @@ transformers prefill chunk, between the engine's sequences and before decoding),
 leaves: from_pretrained (load_program.py) puts the weights among cached blocks
 of transformers' allocator warm-up and of the quantizers' temporaries, which later phases reuse or cannot.
 Which engine runs is an input (`Workload.engine`): the plan
-describes the one that runs. Pure: no torch.
+describes the one that runs. A server of `batch` sequences (`Workload.serve`) holds and runs otherwise than
+one run of them: its phases are built apart (_engine_serve_phases, _transformers_serve_phases). Pure: no torch.
 """
 
 from __future__ import annotations
@@ -156,16 +157,16 @@ class _Device:
 
 
 def runtime_terms(arch: Architecture, quant: str, engine: str, context: int, batch: int, kv_dtype_bytes: int,
-                  device, part: Part, every_layer: bool = False) -> RuntimeTerms:
+                  device, part: Part, every_layer: bool = False, serve: bool = False) -> RuntimeTerms:
     """KV cache, transients, buffers and context of one device (a hardware.Device) running `part` of the
     model in scheme `quant` on `engine`; `every_layer` replays all its layers where the engine's reserve
-    depends on them (a device's final plan)."""
+    depends on them (a device's final plan); `serve`: as a server of `batch` sequences (Workload.serve)."""
     dev = _Device(device.kind == "cuda", tuple(device.compute_capability) if device.compute_capability else None,
                   bool(device.native_fp8))
     count = len(part.layers) if every_layer and engine == FAST else SIMULATED_LAYERS[engine]
     shape, layers, order = _part_key(_Same(arch), part)
     return _terms(shape, allocating_twin(quant), engine, context, batch, kv_dtype_bytes, dev, layers.start, layers.stop, part.first,
-                  part.last, count, order)
+                  part.last, count, order, serve)
 
 
 @lru_cache(maxsize=None)
@@ -195,12 +196,13 @@ def _context_bytes(quant: str, engine: str, dev: _Device) -> int:
 
 @lru_cache(maxsize=4096)
 def _terms(arch: Architecture, quant: str, engine: str, context: int, batch: int, kvb: int, dev: _Device,
-           start: int, stop: int, first: bool, last: bool, count: int, order: LoadOrder | None) -> RuntimeTerms:
+           start: int, stop: int, first: bool, last: bool, count: int, order: LoadOrder | None,
+           serve: bool = False) -> RuntimeTerms:
     part = Part(range(start, stop), first, last)
     kv = kv_cache_bytes(arch, part.layers, context, batch, kvb, engine)
     if not part.layers:
         return RuntimeTerms(0, 0, 0, 0)
-    build = _engine_phases if engine == FAST else _transformers_phases
+    build = _phases(engine, serve)
     tensors, phases = build(arch, quant, context, batch, kvb, dev, part, simulated_layers(arch, part.layers, count))
     persistent = sum(block_size(n) for _, n in tensors if n > 0)
     if dev.cuda:
@@ -214,6 +216,13 @@ def _terms(arch: Architecture, quant: str, engine: str, context: int, batch: int
     else:
         reserved = max(persistent + max(peak_live(p) for p, _ in phases), _cpu_load_peak(arch, quant, stop - start))
     return RuntimeTerms(kv, max(0, reserved - persistent), persistent - kv, _context_bytes(quant, engine, dev))
+
+
+def _phases(engine: str, serve: bool):
+    """The builder of a runtime's kept tensors and phases: a run of `batch` sequences, or a server of them."""
+    if engine == FAST:
+        return _engine_serve_phases if serve else _engine_phases
+    return _transformers_serve_phases if serve else _transformers_phases
 
 
 def _after_load(loaded: CachingAllocator, tensors: list[tuple[str, int]], engine: str) -> CachingAllocator:
@@ -305,6 +314,17 @@ def _transformers_phases(arch: Architecture, quant: str, context: int, batch: in
     return persistent, phases
 
 
+def _transformers_serve_phases(arch: Architecture, quant: str, context: int, batch: int, kvb: int, dev: _Device,
+                               part: Part, layers: Sequence[int]
+                               ) -> tuple[list[tuple[str, int]], list[tuple[Program, int]]]:
+    """transformers serving up to `batch` sequences (Workload.serve), one forward at a time: each sequence
+    keeps a StaticCache of its own at the context; the forwards are one sequence's, as Session.steps runs
+    them at batch 1 (every kind of prefill chunk of a `context`-token prompt, then a decode step)."""
+    persistent, phases = _transformers_phases(arch, quant, context, 1, kvb, dev, part, layers)
+    others = _kv_tensors(arch, part.layers, context, 1, kvb, TRANSFORMERS) * (batch - 1)
+    return persistent + others, phases
+
+
 # --- heavylift's engine -------------------------------------------------------------------------------
 
 def _engine_phases(arch: Architecture, quant: str, context: int, batch: int, kvb: int, dev: _Device,
@@ -313,15 +333,7 @@ def _engine_phases(arch: Architecture, quant: str, context: int, batch: int, kvb
     workspace; its phases: one sequence's prefill, every chunk of it (the engine caches its blocks between
     them), after the earlier sequences' logits; then, after empty_cache(), the decode buffers and a step,
     with what the warm-up side stream and the captured graph keep in their own pools)."""
-    h, nh, nkv, d, v = arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.vocab_size
-    workspace = cublas_workspace_bytes(dev.compute_capability) if dev.cuda else 0
-    # weights.from_linear shares every weight's storage but divides LLM.int8's row scales by 127: a new
-    # fp32 scale per output row of each linear.
-    scales = [("int8_scale", FP32 * n) for _ in part.layers for n in (nh * d, nkv * d, nkv * d, h,
-              arch.intermediate_size, arch.intermediate_size, h)] if quant == "int8" else []
-    persistent = scales + [("rope_cos", BF16 * context * d // 2), ("rope_sin", BF16 * context * d // 2)] \
-        + _kv_tensors(arch, part.layers, context, batch, kvb, FAST) + [("seq_len", INT32 * batch)] \
-        + ([("cublas_workspace", workspace)] if dev.cuda else [])
+    v = arch.vocab_size
     p = Program()
     if part.last:
         for _ in range(batch - 1):
@@ -329,7 +341,50 @@ def _engine_phases(arch: Architecture, quant: str, context: int, batch: int, kvb
     engine_prefill(p, arch, quant, context, prefill_chunk(context), layers, part, dev.native_fp8, dev.cuda)
     if part.last:
         p.alloc("logits_cat", FP32 * batch * v)
-    prefill = p
+    step = _decode_step(arch, quant, batch, dev, part, layers)
+    decode = _decode_phase(arch, batch, part, _decode_buffers(arch, batch, part), step)
+    return _engine_persistent(arch, quant, context, batch, kvb, dev, part), \
+        [(p, 0), (decode, _graph_pools(quant, batch, batch, dev, part, step))]
+
+
+def _engine_serve_phases(arch: Architecture, quant: str, context: int, batch: int, kvb: int, dev: _Device,
+                         part: Part, layers: Sequence[int]
+                         ) -> tuple[list[tuple[str, int]], list[tuple[Program, int]]]:
+    """The engine serving up to `batch` sequences (Workload.serve): it keeps the KV cache of `batch` sequences,
+    its decode buffers allocated once at `batch` (smaller batches are views of them) with each device's
+    `active` and `positions` [batch] int32, and one pool for every captured graph (the `batch` step's; the
+    side stream also autotunes the Triton kernels of the one-sequence step). Its phases, on top of those:
+    a new sequence's prefill (a prompt of context - 1 tokens, the longest that leaves room for one token
+    out) while the last decode step's fp32 logits [batch, vocab] stay live; a decode step at `batch`."""
+    buffers = _decode_buffers(arch, batch, part) + [("active", INT32 * batch), ("positions", INT32 * batch)]
+    p = Program()
+    if part.last:
+        p.alloc("logits", FP32 * batch * arch.vocab_size)
+    prompt = max(1, context - 1)
+    engine_prefill(p, arch, quant, prompt, prefill_chunk(prompt), layers, part, dev.native_fp8, dev.cuda)
+    step = _decode_step(arch, quant, batch, dev, part, layers)
+    pools = _graph_pools(quant, batch, 1, dev, part, step)
+    return _engine_persistent(arch, quant, context, batch, kvb, dev, part) + buffers, \
+        [(p, pools), (_decode_phase(arch, batch, part, [], step), pools)]
+
+
+def _engine_persistent(arch: Architecture, quant: str, context: int, batch: int, kvb: int, dev: _Device,
+                       part: Part) -> list[tuple[str, int]]:
+    """The tensors the engine keeps from its start: int8 row scales, RoPE tables, the static KV cache, the
+    cache lengths and the cuBLAS workspace."""
+    h, nh, nkv, d = arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim
+    # weights.from_linear shares every weight's storage but divides LLM.int8's row scales by 127: a new
+    # fp32 scale per output row of each linear.
+    scales = [("int8_scale", FP32 * n) for _ in part.layers for n in (nh * d, nkv * d, nkv * d, h,
+              arch.intermediate_size, arch.intermediate_size, h)] if quant == "int8" else []
+    return scales + [("rope_cos", BF16 * context * d // 2), ("rope_sin", BF16 * context * d // 2)] \
+        + _kv_tensors(arch, part.layers, context, batch, kvb, FAST) + [("seq_len", INT32 * batch)] \
+        + ([("cublas_workspace", cublas_workspace_bytes(dev.compute_capability))] if dev.cuda else [])
+
+
+def _decode_buffers(arch: Architecture, batch: int, part: Part) -> list[tuple[str, int]]:
+    """Engine._buffers(batch) on one device: the static inputs and outputs of a captured decode step."""
+    h, nh, nkv, d, v = arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.vocab_size
     splits = DECODE_SPLITS_MAX
     buffers = [("hidden", BF16 * batch * h)] * 3 + [
         ("qkv", BF16 * batch * (nh + 2 * nkv) * d), ("q", BF16 * batch * nh * d), ("attn", BF16 * batch * nh * d),
@@ -340,25 +395,45 @@ def _engine_phases(arch: Architecture, quant: str, context: int, batch: int, kvb
         buffers.append(("tokens", INT64 * batch))
     if part.last:
         buffers += [("final", BF16 * batch * h), ("logits", BF16 * batch * v)]
+    return buffers
+
+
+def _decode_step(arch: Architecture, quant: str, batch: int, dev: _Device, part: Part,
+                 layers: Sequence[int]) -> Program:
+    step = Program()
+    engine_decode_step(step, arch, quant, batch, layers, part, dev.native_fp8)
+    return step
+
+
+def _decode_phase(arch: Architecture, batch: int, part: Part, buffers: list[tuple[str, int]],
+                  step: Program) -> Program:
+    """A decode step on the default stream: the previous logits sampled, `buffers` allocated (Engine._buffers
+    on the first step; none where they already exist), the warm-up where it runs on this stream, and the
+    new logits in fp32."""
+    v = arch.vocab_size
     p = Program()
     previous = p.alloc("logits", FP32 * batch * v) if part.last else None
     if part.last:
         _sampling(p, batch, v)
-    for label, n in buffers:  # Engine._buffers, on the first decode step
+    for label, n in buffers:
         p.alloc(label, n)
-    step = Program()
-    engine_decode_step(step, arch, quant, batch, layers, part, dev.native_fp8)
-    cublas = part.last or not decode_uses_kernels(quant, batch)  # lm_head's torch.mm, TorchOps' F.linear
     if not part.first:  # the warm-up runs here on the default stream (its side stream is the first device's)
         p.extend(step)
     if part.last:
         p.alloc("logits", FP32 * batch * v)  # st["logits"].float()
         p.free(previous)
-    decode = p
-    pools = 0  # what the first decode step leaves in pools of its own, which the default stream never reuses
-    if dev.cuda:
-        graph = replay(step).peak_reserved + (workspace if cublas else 0)  # the captured graph's private pool
-        pools += graph
-        if part.first:  # the warm-up's side stream, where Triton autotunes with its L2-flush buffer
-            pools += graph + (TRITON_BENCH_BUFFER_BYTES if decode_uses_kernels(quant, batch) else 0)
-    return persistent, [(prefill, 0), (decode, pools)]
+    return p
+
+
+def _graph_pools(quant: str, batch: int, smallest: int, dev: _Device, part: Part, step: Program) -> int:
+    """What the first decode steps leave in pools of their own, which the default stream never reuses: the
+    captured graph's private pool (the `batch` step's), and on the first device the warm-up's side stream,
+    where Triton autotunes with its L2-flush buffer when a step of `smallest` sequences runs its kernels."""
+    if not dev.cuda:
+        return 0
+    workspace = cublas_workspace_bytes(dev.compute_capability)
+    cublas = part.last or not decode_uses_kernels(quant, batch)  # lm_head's torch.mm, TorchOps' F.linear
+    graph = replay(step).peak_reserved + (workspace if cublas else 0)
+    if not part.first:
+        return graph
+    return 2 * graph + (TRITON_BENCH_BUFFER_BYTES if decode_uses_kernels(quant, smallest) else 0)

@@ -28,6 +28,9 @@ class Workload:
     reserve_bytes: int = 0  # headroom left free on every device
     allow_offload: bool = False
     engine: str = TRANSFORMERS  # the runtime the plan describes: memory.FAST (heavylift's engine) or TRANSFORMERS
+    # A server of `batch` sequences (`heavylift serve`) instead of one run of them: the plan counts what the
+    # server holds (memory.py's serve phases), and each SchemePlan how many sequences it can serve.
+    serve: bool = False
 
     def __post_init__(self) -> None:
         for name, most in (("context", MAX_CONTEXT_TOKENS), ("batch", MAX_BATCH)):
@@ -41,6 +44,8 @@ class Workload:
             raise InvalidArgumentError(f"--kv-dtype must be one of {', '.join(KV_DTYPES)}, not {self.kv_dtype!r}")
         if self.reserve_bytes < 0:
             raise InvalidArgumentError("--reserve must not be negative")
+        if not isinstance(self.serve, bool):
+            raise InvalidArgumentError(f"serve must be True or False, not {self.serve!r}")
         if self.engine not in ENGINES:
             raise InvalidArgumentError(f"the plan's engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
 
@@ -72,6 +77,9 @@ class SchemePlan:
     decode_tok_s_upper_bound: float
     advice: tuple[str, ...] = ()
     engine: str = TRANSFORMERS  # the runtime these figures describe: memory.FAST or TRANSFORMERS
+    # With Workload.serve: the most sequences of the context a server holds at once beside the weights on
+    # every device without offload, up to defaults.SERVE_MAX_SEQS (0: not even one); None when not serving.
+    max_concurrent_sequences: int | None = None
 
     @property
     def fits(self) -> bool:
@@ -127,7 +135,7 @@ class Layout:
 
     def terms(self, device: Device, work: Workload, part: Part, every_layer: bool = False) -> RuntimeTerms:
         return runtime_terms(self.arch, self.scheme.name, work.engine, work.context, work.batch,
-                             KV_DTYPES[work.kv_dtype], device, part, every_layer)
+                             KV_DTYPES[work.kv_dtype], device, part, every_layer, work.serve)
 
     def costs(self, devices: Sequence[Device], work: Workload) -> tuple[Costs, tuple[int, ...]]:
         """Bytes per layer (weights + KV), with the embeddings and the head, and each device's fixed cost.

@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from heavylift.defaults import GB, GiB
+from heavylift.defaults import GB, SERVE_MAX_SEQS, GiB
 from heavylift.hardware.gpus import Device
 from heavylift.planner.contract import device_id
 from heavylift.planner.memory import FAST, TRANSFORMERS
@@ -26,6 +26,8 @@ TABLE_UNIT = "GB"
 # What the planner's activation_bytes hold: everything the caching allocator keeps beyond weights, KV cache
 # and buffers at the run's peak - blocks the load leaves cached as well as each step's scratch.
 TRANSIENT_COLUMN = "transient"
+# With --serve: the column of SchemePlan.max_concurrent_sequences, the most sequences of the context served at once.
+SERVES_COLUMN = "serves"
 
 
 def console(stderr: bool = False) -> Console:
@@ -75,18 +77,20 @@ def devices_line(devices: tuple[Device, ...]) -> str:
 def render(plan: Plan, console: Console) -> None:
     arch, work = plan.architecture, plan.workload
     console.print(f"[bold]{plan.model}[/] ({arch.model_type}, {arch.params:,} parameters, {arch.num_layers} layers)")
-    console.print(f"context {work.context:,} tokens x batch {work.batch}, KV cache {work.kv_dtype}"
+    console.print(f"context {work.context:,} tokens x {_batch(work.batch, work.serve)}, KV cache {work.kv_dtype}"
                   + (f", {cell(work.reserve_bytes)} {TABLE_UNIT} reserved per device" if work.reserve_bytes else ""))
     console.print(f"devices: {devices_line(plan.devices)}")
     table = Table(title=f"Memory per precision ({TABLE_UNIT} = 10^9 bytes)", title_justify="left")
-    for col in ("quant", "weights", "KV", TRANSIENT_COLUMN, "overh.", "total", "fits", "min free", "tok/s ≤"):
+    columns = ("quant", "weights", "KV", TRANSIENT_COLUMN, "overh.", "total", "fits", "min free", "tok/s ≤")
+    for col in columns + ((SERVES_COLUMN,) if work.serve else ()):
         table.add_column(col, justify="left" if col in ("quant", "fits") else "right", no_wrap=True)
     for s in plan.schemes:
         fits = "[green]yes[/]" if s.fits and not s.offload else (
             "[yellow]offload[/]" if s.offload else "[red]no[/]")
         name = f"[bold]{s.quant}[/] ★" if s.quant == plan.recommended else s.quant
-        table.add_row(name, cell(s.weights_bytes), cell(s.kv_cache_bytes), cell(s.activation_bytes), cell(s.overhead_bytes),
-                      cell(s.total_bytes), fits, cell(s.tightest.free_bytes), f"{s.decode_tok_s_upper_bound:,.1f}")
+        row = [name, cell(s.weights_bytes), cell(s.kv_cache_bytes), cell(s.activation_bytes), cell(s.overhead_bytes),
+               cell(s.total_bytes), fits, cell(s.tightest.free_bytes), f"{s.decode_tok_s_upper_bound:,.1f}"]
+        table.add_row(*row, *((str(s.max_concurrent_sequences),) if work.serve else ()))
     console.print(table)
     runtimes: dict[str, list[str]] = {}
     for s in plan.schemes:
@@ -102,12 +106,28 @@ def render(plan: Plan, console: Console) -> None:
         if s.quant == plan.recommended or not s.fits or s.offload:
             for line in s.advice:
                 console.print(f"  {s.quant}: {line}")
+            if s.quant == plan.recommended and work.serve:
+                console.print(f"  {s.quant}: {serves_line(s, work.context)}")
     for warning in plan.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
     if plan.recommended:
         console.print(f"[bold green]recommended:[/] --quant {plan.recommended}")
     else:
         console.print("[bold red]nothing fits[/]: see the advice above")
+
+
+def _batch(batch: int, serve: bool) -> str:
+    """The workload's batch: sequences decoded together, or (--serve) the server's sequences."""
+    if not serve:
+        return f"batch {batch}"
+    return f"{batch} sequence{'s' if batch != 1 else ''} served at once"
+
+
+def serves_line(s: SchemePlan, context: int) -> str:
+    """How many sequences of the context a precision serves at once (SchemePlan.max_concurrent_sequences)."""
+    n = s.max_concurrent_sequences
+    return (f"serves up to {n} sequence{'s' if n != 1 else ''} of {context:,} tokens at once"
+            + (" (the most counted)" if n == SERVE_MAX_SEQS else ""))
 
 
 def _render_devices(s: SchemePlan, console: Console) -> None:

@@ -1,0 +1,138 @@
+"""What the scheduler drives: a loaded model as slots that prefill a chunk at a time and decode together.
+
+`EngineBackend` is the fast engine: every slot's KV cache preallocated, one batched decode step over the
+slots in use, padded up to a batch bucket whose CUDA graphs are captured at start. `TransformersBackend`
+serves the families the engine does not run: each sequence gets its own static cache when it is admitted
+and steps through transformers' forward on its own, more slowly but with the same results.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Mapping, Protocol
+
+import torch
+
+from heavylift.defaults import PREFILL_CHUNK_TOKENS
+from heavylift.runtime.loader import expected_int8_casts
+
+# What a prefill yields: None after each chunk but the last, then (the last position's logits [1, vocab]
+# float32, the prompt's scores or None; see Engine.prefill_steps).
+PrefillSteps = Iterator["tuple[torch.Tensor, list | None] | None"]
+
+
+class Backend(Protocol):
+    slots: int
+
+    def warm_up(self) -> None: ...
+
+    def prefill(self, slot: int, ids: list[int], scores: int | None) -> PrefillSteps: ...
+
+    def decode(self, tokens: Mapping[int, int]) -> torch.Tensor: ...
+
+    def release(self, slot: int) -> None: ...
+
+
+def buckets(slots: int) -> list[int]:
+    """The batch sizes decode steps are padded to: powers of two below `slots`, and `slots` itself."""
+    sizes = {slots}
+    size = 1
+    while size < slots:
+        sizes.add(size)
+        size *= 2
+    return sorted(sizes)
+
+
+class EngineBackend:
+    """The fast engine over `slots` sequences: a step runs the smallest bucket holding every slot in use
+    (slots are handed out lowest first, so a bucket is rarely larger than the count in use)."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.slots = engine, engine.batch
+        self.buckets = buckets(self.slots)
+        engine.enable_ragged()
+
+    def warm_up(self) -> None:
+        """Capture every bucket's graphs now (autotuning included), with no row active: nothing advances."""
+        for size in self.buckets:
+            self.engine.decode(torch.zeros(size, dtype=torch.long), torch.zeros(size, dtype=torch.bool))
+
+    def prefill(self, slot: int, ids: list[int], scores: int | None) -> PrefillSteps:
+        return self.engine.prefill_steps(ids, slot, scores)
+
+    def decode(self, tokens: Mapping[int, int]) -> torch.Tensor:
+        """One step of the sequences in `tokens` (slot: the token to feed); the logits, row = slot."""
+        size = next(b for b in self.buckets if b > max(tokens))
+        feed = torch.zeros(size, dtype=torch.long)
+        active = torch.zeros(size, dtype=torch.bool)
+        for slot, token in tokens.items():
+            feed[slot], active[slot] = token, True
+        return self.engine.decode(feed, active)
+
+    def release(self, slot: int) -> None:
+        self.engine.free_slot(slot)
+
+
+class TransformersBackend:
+    """transformers' forward, one sequence at a time, each in a static cache of the plan's context
+    allocated when it is admitted and dropped when it ends (the planner counts `slots` of them)."""
+
+    def __init__(self, session, slots: int) -> None:
+        self.session, self.slots = session, slots
+        self.model = session.model
+        self.caches: dict[int, object] = {}
+
+    def warm_up(self) -> None:
+        pass
+
+    def prefill(self, slot: int, ids: list[int], scores: int | None) -> PrefillSteps:
+        self.caches[slot] = cache = self.session._static_cache(1)
+        tokens = torch.tensor([ids], device=self.session.device)
+        found = [] if scores is not None else None
+        for start in range(0, len(ids), PREFILL_CHUNK_TOKENS):
+            piece = tokens[:, start:start + PREFILL_CHUNK_TOKENS]
+            last = start + PREFILL_CHUNK_TOKENS >= len(ids)
+            with torch.inference_mode(), expected_int8_casts():
+                if found is not None:
+                    logits = self.model(input_ids=piece, cache=cache, use_cache=True).logits[0].float()
+                    found += _scores(logits, tokens[0, start + 1:start + 1 + piece.shape[1]], scores)
+                    logits = logits[-1:]
+                elif last:
+                    logits = self.model(input_ids=piece, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                else:
+                    self.model.model(input_ids=piece, cache=cache, use_cache=True)
+            if not last:
+                yield None
+        yield logits.float(), found
+
+    def decode(self, tokens: Mapping[int, int]) -> torch.Tensor:
+        rows = {}
+        with torch.inference_mode(), expected_int8_casts():
+            for slot, token in tokens.items():
+                feed = torch.tensor([[token]], device=self.session.device)
+                rows[slot] = self.model(input_ids=feed, cache=self.caches[slot], use_cache=True,
+                                        logits_to_keep=1).logits[0, -1].float()
+        first = next(iter(rows.values()))
+        out = torch.zeros(max(rows) + 1, first.shape[-1], dtype=torch.float32, device=first.device)
+        for slot, row in rows.items():
+            out[slot] = row
+        return out
+
+    def release(self, slot: int) -> None:
+        self.caches.pop(slot, None)
+
+
+def _scores(logits: torch.Tensor, following: torch.Tensor, top: int) -> list:
+    """Engine._scores from a chunk's full logits [tokens, vocab]."""
+    logprobs = torch.log_softmax(logits[:len(following)], dim=-1)
+    chosen = logprobs.gather(1, following.to(logprobs.device)[:, None])[:, 0].tolist()
+    if not top:
+        return [(c, ()) for c in chosen]
+    best = torch.topk(logprobs, top, dim=-1)
+    return [(c, tuple(zip(i, v))) for c, i, v in zip(chosen, best.indices.tolist(), best.values.tolist())]
+
+
+def backend_for(session, slots: int) -> Backend:
+    """The engine where the session runs on it (its batch is the plan's, the slot count), else transformers."""
+    if session.engine is not None:
+        return EngineBackend(session.engine)
+    return TransformersBackend(session, slots)

@@ -1,0 +1,384 @@
+"""Continuous batching: requests join the running decode batch at the next step and leave it at once.
+
+One worker thread owns the model. Each turn of its loop it takes cancellations, admits waiting requests
+into free slots, runs one prefill chunk of the oldest prompt still prefilling (so a long prompt delays the
+running streams by one chunk per step, not by its whole length), then one decode step of every sequence
+past its prefill. Each sequence has its own sampling, stop strings and length; one that ends, fails or
+is cancelled frees its slot before the next step. Events reach the asyncio side through each request's
+queue (`Stream`), handed over with call_soon_threadsafe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from heavylift.errors import HeavyliftError
+from heavylift.runtime.sampling import Sampling
+from .backends import Backend, backend_for
+
+log = logging.getLogger("heavylift.serve")
+
+STOP = "stop"
+LENGTH = "length"
+_NOT_STARTED = iter(())  # a sequence's prefill before its first chunk: the backend starts it in a guarded step
+
+
+class QueueFullError(HeavyliftError):
+    """max_queue requests already wait."""
+
+
+class StoppingError(HeavyliftError):
+    """The server is shutting down and takes no new requests."""
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: tuple[int, ...]
+    max_tokens: int  # 0: score the prompt only (with echo_logprobs)
+    temperature: float = 1.0  # 0 is greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 keeps every token
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # the text returned ends before the first of these
+    logprobs: int | None = None  # None: no log-probabilities; N: the chosen token's and the N best
+    echo_logprobs: bool = False  # also the prompt's tokens' log-probabilities
+
+
+@dataclass(frozen=True)
+class TokenScore:
+    id: int
+    logprob: float | None  # None for a prompt's first token: nothing before it predicts it
+    top: tuple[tuple[int, float], ...] = ()  # (token, logprob), most likely first
+
+
+@dataclass(frozen=True)
+class PromptScores:
+    tokens: tuple[TokenScore, ...]
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str  # "" while a partial character or a possible start of a stop string is held back
+    tokens: tuple[TokenScore, ...]
+
+
+@dataclass(frozen=True)
+class Done:
+    finish_reason: str  # STOP (end of sequence or a stop string) or LENGTH
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str
+    status: int  # the HTTP status it deserves
+
+
+@dataclass(frozen=True)
+class Stats:
+    running: int
+    waiting: int
+    slots_used: int
+    slots_total: int
+    prompt_tokens_total: int
+    generated_tokens_total: int
+
+
+class Stream:
+    """One request's events, in order, as an async iterator; ends after Done or Failed."""
+
+    def __init__(self, scheduler: "Scheduler", request: Request, loop: asyncio.AbstractEventLoop) -> None:
+        self._scheduler, self.request, self._loop = scheduler, request, loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._ended = False
+        self.cancelled = False
+
+    def __aiter__(self) -> "Stream":
+        return self
+
+    async def __anext__(self):
+        if self._ended:
+            raise StopAsyncIteration
+        event = await self._queue.get()
+        self._ended = isinstance(event, (Done, Failed))
+        return event
+
+    def cancel(self) -> None:
+        """Stop generating for this request (a client gone): its slot is free before the next step."""
+        self._scheduler._cancel(self)
+
+    def _put(self, event) -> None:  # from the worker thread
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody is listening
+            pass
+
+
+class _Detokenizer:
+    """Text of a growing list of tokens, a piece at a time: each step decodes only the last few tokens
+    (from `prefix`), and holds a piece back while it ends in a partial UTF-8 character."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = self.read = 0
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        after = decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before):]
+
+
+@dataclass
+class _Sequence:
+    request: Request
+    stream: Stream
+    slot: int
+    sampling: Sampling
+    detokenizer: _Detokenizer
+    prefill: Iterator | None = None
+    token: int | None = None  # the token the next decode step feeds
+    generated: int = 0
+    text: str = ""  # generated text not yet sent: a possible start of a stop string
+    generator: torch.Generator | None = None
+
+
+class Scheduler:
+    """Runs a Session's model for up to `max_seqs` sequences at once, with up to `max_queue` waiting."""
+
+    def __init__(self, session, max_seqs: int, max_queue: int, backend: Backend | None = None) -> None:
+        self.session, self.max_queue = session, max_queue
+        self.tokenizer = session.tokenizer
+        self.context = session.plan.context
+        self.backend = backend or backend_for(session, max_seqs)
+        self.slots_total = self.backend.slots
+        self._eos = session._eos_ids()
+        self._lock = threading.Condition()
+        self._waiting: deque[Stream] = deque()
+        self._cancelled: set[Stream] = set()
+        self._running: list[_Sequence] = []
+        self._free = list(range(self.slots_total))
+        self._stopping = False
+        self._deadline: float | None = None
+        self._thread: threading.Thread | None = None
+        self.ready = threading.Event()
+        self.prompt_tokens_total = self.generated_tokens_total = 0
+
+    # -- the asyncio side --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name="heavylift-scheduler", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: Request) -> Stream:
+        """Queue a request (from the event loop's thread); QueueFullError when max_queue already wait."""
+        if len(request.prompt) + request.max_tokens > self.context:
+            raise ValueError(f"{len(request.prompt)} prompt tokens + {request.max_tokens} exceed {self.context}")
+        stream = Stream(self, request, asyncio.get_running_loop())
+        with self._lock:
+            if self._stopping:
+                raise StoppingError("the server is shutting down; retry on another instance")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"{len(self._waiting)} requests already wait (--max-queue {self.max_queue}); "
+                                     "retry shortly")
+            self._waiting.append(stream)
+            self._lock.notify()
+        return stream
+
+    def stats(self) -> Stats:
+        with self._lock:
+            return Stats(len(self._running), len(self._waiting), self.slots_total - len(self._free),
+                         self.slots_total, self.prompt_tokens_total, self.generated_tokens_total)
+
+    def shutdown(self, drain_seconds: float) -> None:
+        """Admit nothing more, fail what waits, give running sequences `drain_seconds`, cancel the rest."""
+        with self._lock:
+            self._stopping = True
+            self._deadline = time.monotonic() + drain_seconds
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(drain_seconds + 30)
+
+    def _cancel(self, stream: Stream) -> None:
+        with self._lock:
+            stream.cancelled = True
+            self._cancelled.add(stream)
+            self._lock.notify()
+
+    # -- the worker thread ---------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        with torch.inference_mode():
+            try:
+                self.backend.warm_up()
+            finally:
+                self.ready.set()
+            while True:
+                try:
+                    if not self._turn():
+                        return
+                except Exception:  # a fault of the scheduler itself: logged, and the loop goes on
+                    log.exception("the scheduler's loop failed a turn")
+
+    def _turn(self) -> bool:
+        """One turn of the loop: False when the scheduler has stopped."""
+        with self._lock:
+            for stream in self._cancelled:
+                self._drop_cancelled(stream)
+            self._cancelled.clear()
+            if self._stopping:
+                while self._waiting:
+                    self._waiting.popleft()._put(Failed("the server is shutting down; retry later", 503))
+                if not self._running:
+                    return False
+                if time.monotonic() > self._deadline:
+                    for seq in list(self._running):
+                        self._end(seq, Failed("the server stopped before this request finished", 503))
+                    return False
+            admitted = []
+            while self._waiting and self._free:
+                admitted.append(self._admit(self._waiting.popleft()))
+            if not self._running:
+                self._lock.wait(timeout=0.5)
+                return True
+        prefilling = next((s for s in self._running if s.prefill is not None), None)
+        if prefilling is not None:
+            self._guarded([prefilling], self._prefill_chunk)
+        decoding = [s for s in self._running if s.prefill is None and s.token is not None]
+        if decoding:
+            self._guarded(decoding, self._decode_step)
+        return True
+
+    def _admit(self, stream: Stream) -> _Sequence:
+        r = stream.request
+        self._free.sort()
+        slot = self._free.pop(0)  # lowest first: keeps the decode bucket small
+        sampling = Sampling(max(r.max_tokens, 1), r.temperature, r.top_p, r.top_k, r.seed)
+        seq = _Sequence(r, stream, slot, sampling, _Detokenizer(self.tokenizer), prefill=_NOT_STARTED)
+        self._running.append(seq)
+        self.prompt_tokens_total += len(r.prompt)
+        return seq
+
+    def _drop_cancelled(self, stream: Stream) -> None:
+        if stream in self._waiting:
+            self._waiting.remove(stream)
+        for seq in self._running:
+            if seq.stream is stream:
+                self._release(seq)
+
+    def _release(self, seq: _Sequence) -> None:
+        self._running.remove(seq)
+        seq.prefill = None
+        self.backend.release(seq.slot)
+        self._free.append(seq.slot)
+
+    def _end(self, seq: _Sequence, event) -> None:
+        if seq in self._running:
+            self._release(seq)
+        seq.stream._put(event)
+
+    def _guarded(self, seqs: list[_Sequence], step) -> None:
+        """Run a step; an out-of-memory error fails the newest of its sequences (the others retry next
+        turn), any other error fails them all: the server goes on either way."""
+        try:
+            step(seqs)
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            victim = seqs[-1]
+            context = len(victim.request.prompt) + victim.generated
+            log.warning("out of GPU memory at %d tokens; failing that request", context)
+            self._end(victim, Failed(f"out of GPU memory at {context} tokens in this request; retry it "
+                                     "shorter or when fewer requests run", 503))
+        except Exception:  # the server's fault, not the client's: logged in full, reported in one line
+            log.exception("a generation step failed")
+            for seq in seqs:
+                self._end(seq, Failed("internal error while generating; see the server's log", 500))
+
+    def _prefill_chunk(self, seqs: list[_Sequence]) -> None:
+        seq = seqs[0]
+        r = seq.request
+        if seq.prefill is _NOT_STARTED:
+            seq.prefill = self.backend.prefill(seq.slot, list(r.prompt), (r.logprobs or 0) if r.echo_logprobs else None)
+        result = next(seq.prefill)
+        if result is None:
+            return
+        seq.prefill = None
+        logits, scores = result
+        if r.echo_logprobs:
+            first = TokenScore(r.prompt[0], None)
+            seq.stream._put(PromptScores((first,) + tuple(
+                TokenScore(t, lp, top) for t, (lp, top) in zip(r.prompt[1:], scores))))
+        if r.max_tokens == 0:
+            self._end(seq, Done(LENGTH, len(r.prompt), 0))
+            return
+        self._choose([seq], logits)
+
+    def _decode_step(self, seqs: list[_Sequence]) -> None:
+        logits = self.backend.decode({s.slot: s.token for s in seqs})
+        self._choose(seqs, logits[[s.slot for s in seqs]])
+
+    def _choose(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        """Each sequence's next token from its row of `logits`, then what it releases."""
+        greedy = [i for i, s in enumerate(seqs) if s.sampling.greedy]
+        tokens = [0] * len(seqs)
+        if greedy:
+            for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
+                tokens[i] = t
+        for i, seq in enumerate(seqs):
+            if not seq.sampling.greedy:
+                if seq.generator is None and seq.sampling.seed is not None:
+                    seq.generator = seq.sampling.generator(logits.device)
+                tokens[i] = int(seq.sampling.choose(logits[i:i + 1], seq.generator))
+        for i, seq in enumerate(seqs):
+            score = None
+            if seq.request.logprobs is not None:
+                row = torch.log_softmax(logits[i].float(), dim=-1)
+                top = torch.topk(row, seq.request.logprobs) if seq.request.logprobs else None
+                score = TokenScore(tokens[i], float(row[tokens[i]]),
+                                   tuple(zip(top.indices.tolist(), top.values.tolist())) if top else ())
+            self._emit(seq, tokens[i], score or TokenScore(tokens[i], None))
+
+    def _emit(self, seq: _Sequence, token: int, score: TokenScore) -> None:
+        """Send what `token` adds to the text, holding back a possible start of a stop string; end the
+        sequence on end-of-sequence, a stop string, or its length."""
+        seq.generated += 1
+        self.generated_tokens_total += 1
+        r = seq.request
+        finish = STOP if token in self._eos else (LENGTH if seq.generated >= r.max_tokens else None)
+        seq.text += "" if token in self._eos else seq.detokenizer.add(token)
+        cut = min((i for i in (seq.text.find(s) for s in r.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            seq.text, finish = seq.text[:cut], STOP
+        held = 0 if finish else _held_back(seq.text, r.stop)
+        piece, seq.text = seq.text[:len(seq.text) - held], seq.text[len(seq.text) - held:]
+        seq.stream._put(Delta(piece, (score,)))
+        if finish:
+            self._end(seq, Done(finish, len(r.prompt), seq.generated))
+        else:
+            seq.token = token
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """The length of the longest end of `text` that begins one of `stops` (sent only once it cannot)."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if stop.startswith(text[-n:]):
+                longest = n
+                break
+    return longest

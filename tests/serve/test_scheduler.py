@@ -1,0 +1,183 @@
+"""The continuous-batching scheduler in-process, on both backends: sequences that join, leave and prefill in
+chunks between decode steps give what each gives alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+import heavylift
+from heavylift.serve.backends import buckets
+from heavylift.serve.scheduler import (Delta, Done, Failed, PromptScores, QueueFullError, Request, Scheduler,
+                                       _held_back)
+from conftest import save_runnable_checkpoint
+
+CONTEXT, SLOTS = 96, 4
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return save_runnable_checkpoint(tmp_path_factory.mktemp("served"), "llama")
+
+
+@pytest.fixture(scope="module", params=["fast", "transformers"])
+def served(request, folder):
+    """(session, scheduler) on the engine's CPU path or on transformers; prefill chunks of 8 tokens."""
+    patch = pytest.MonkeyPatch()
+    patch.setattr("heavylift.engine.model.PREFILL_CHUNK_TOKENS", 8)
+    patch.setattr("heavylift.serve.backends.PREFILL_CHUNK_TOKENS", 8)
+    session = heavylift.load(str(folder), quant="bf16", context=CONTEXT, batch=SLOTS, engine=request.param)
+    assert (session.engine is not None) == (request.param == "fast")
+    scheduler = Scheduler(session, SLOTS, max_queue=64)
+    scheduler.start()
+    scheduler.ready.wait()
+    yield session, scheduler
+    scheduler.shutdown(1)
+    patch.undo()
+
+
+async def _collect(scheduler: Scheduler, request: Request, cancel_after: int | None = None):
+    """(text, token ids, the last event, PromptScores or None) of one request."""
+    stream = scheduler.submit(request)
+    text, ids, last, scores = "", [], None, None
+    async for event in stream:
+        if isinstance(event, Delta):
+            text += event.text
+            ids += [t.id for t in event.tokens]
+            if cancel_after is not None and len(ids) >= cancel_after:
+                stream.cancel()
+                return text, ids, None, None
+        elif isinstance(event, PromptScores):
+            scores = event
+        else:
+            last = event
+    return text, ids, last, scores
+
+
+def _prompt(session, i: int) -> tuple[int, ...]:
+    """Prompts of 3 to 40 tokens: some prefill in one chunk, some in five."""
+    return tuple(session.encode(" ".join(f"w{i}x{j}" for j in range(1 + 4 * (i % 4))), raw=True))
+
+
+def _alone(session, prompt: tuple[int, ...], n: int) -> list[int]:
+    return list(session.generate(session.tokenizer.decode(prompt), raw=True, max_new_tokens=n, temperature=0).token_ids)
+
+
+def test_sequences_joining_and_leaving_give_what_each_gives_alone(served):
+    session, scheduler = served
+    prompts = [_prompt(session, i) for i in range(10)]
+    lengths = [4 + 3 * (i % 5) for i in range(10)]  # sequences leave at different steps
+
+    async def main():
+        return await asyncio.gather(*[_collect(scheduler, Request(p, n, temperature=0))
+                                      for p, n in zip(prompts, lengths)])
+
+    results = asyncio.run(main())  # 10 requests on 4 slots: 6 wait, then join as others leave
+    for prompt, n, (_, ids, done, _) in zip(prompts, lengths, results):
+        assert ids == _alone(session, prompt, n)
+        assert done == Done("length", len(prompt), n)
+    stats = scheduler.stats()
+    assert (stats.running, stats.waiting, stats.slots_used) == (0, 0, 0)
+
+
+def test_a_stop_string_ends_the_text_before_it_and_a_seed_repeats(served):
+    session, scheduler = served
+    prompt = _prompt(session, 3)
+
+    async def main():
+        full = await _collect(scheduler, Request(prompt, 24, temperature=0))
+        stop = full[0][6:9]
+        cut = await _collect(scheduler, Request(prompt, 24, temperature=0, stop=("never there", stop)))
+        seeded = [await _collect(scheduler, Request(prompt, 12, temperature=1.0, seed=11)) for _ in range(2)]
+        return full, stop, cut, seeded
+
+    full, stop, cut, seeded = asyncio.run(main())
+    assert cut[0] == full[0][:full[0].find(stop)]
+    assert cut[2].finish_reason == "stop"
+    assert seeded[0][1] == seeded[1][1]
+
+
+def test_echo_scores_are_the_models_own_log_probabilities(served, folder):
+    from transformers import AutoModelForCausalLM
+
+    session, scheduler = served
+    prompt = _prompt(session, 7)
+    *_, done, scores = asyncio.run(_collect(scheduler, Request(prompt, 0, logprobs=2, echo_logprobs=True)))
+    assert done == Done("length", len(prompt), 0)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    assert [t.id for t in scores.tokens] == list(prompt) and scores.tokens[0].logprob is None
+    for i, token in enumerate(scores.tokens[1:]):
+        assert token.logprob == pytest.approx(expected[i, prompt[i + 1]].item(), abs=0.05)
+        second = expected[i].topk(2).values[-1].item()
+        for t, logprob in token.top:  # the two best, up to the engine's bf16 rounding (near-ties may swap)
+            assert logprob == pytest.approx(expected[i, t].item(), abs=0.05) and logprob >= second - 0.1
+
+
+def test_a_cancelled_sequence_frees_its_slot_and_the_others_go_on(served):
+    session, scheduler = served
+    prompts = [_prompt(session, i) for i in range(4)]
+
+    async def main():
+        gone = [_collect(scheduler, Request(p, 40, temperature=0), cancel_after=2) for p in prompts[:2]]
+        kept = [_collect(scheduler, Request(p, 12, temperature=0)) for p in prompts[2:]]
+        return await asyncio.gather(*gone, *kept)
+
+    results = asyncio.run(main())
+    for prompt, (_, ids, done, _) in zip(prompts[2:], results[2:]):
+        assert ids == _alone(session, prompt, 12) and done.finish_reason == "length"
+    for _ in range(100):  # the worker takes the cancellation on its next turn
+        if scheduler.stats().slots_used == 0:
+            break
+        asyncio.run(asyncio.sleep(0.01))
+    assert scheduler.stats().slots_used == 0
+
+
+def test_out_of_memory_fails_only_that_request(served, monkeypatch):
+    session, scheduler = served
+    doomed, fine = _prompt(session, 5), _prompt(session, 6)
+    real = scheduler.backend.prefill
+
+    def prefill(slot, ids, scores):
+        if tuple(ids) == doomed:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(slot, ids, scores)
+
+    monkeypatch.setattr(scheduler.backend, "prefill", prefill)
+
+    async def main():
+        return await asyncio.gather(_collect(scheduler, Request(doomed, 5, temperature=0)),
+                                    _collect(scheduler, Request(fine, 5, temperature=0)))
+
+    (_, _, failed, _), (_, ids, done, _) = asyncio.run(main())
+    assert isinstance(failed, Failed) and failed.status == 503 and "out of GPU memory" in failed.message
+    assert ids == _alone(session, fine, 5) and done.finish_reason == "length"
+
+
+def test_a_full_queue_refuses_at_once(folder):
+    session = heavylift.load(str(folder), quant="bf16", context=CONTEXT, batch=1, engine="transformers")
+    scheduler = Scheduler(session, 1, max_queue=2)  # not started: nothing leaves the queue
+
+    async def main():
+        for _ in range(2):
+            scheduler.submit(Request((5, 6), 1))
+        with pytest.raises(QueueFullError, match="--max-queue 2"):
+            scheduler.submit(Request((5, 6), 1))
+
+    asyncio.run(main())
+
+
+def test_held_back_text_is_the_longest_possible_start_of_a_stop_string():
+    assert _held_back("hello wor", ("world",)) == 3
+    assert _held_back("hello", ("lo!", "llo?")) == 3
+    assert _held_back("hello", ("x",)) == 0
+    assert _held_back("", ("ab",)) == 0
+
+
+def test_decode_buckets_are_powers_of_two_and_the_slot_count():
+    assert buckets(1) == [1]
+    assert buckets(6) == [1, 2, 4, 6]
+    assert buckets(16) == [1, 2, 4, 8, 16]
