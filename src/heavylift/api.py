@@ -129,14 +129,15 @@ def _pick(plan: Plan, quant: str, allow_offload: bool) -> SchemePlan:
 
 def prepare(model: str, quant: str = BEST, gpus: str | Sequence[Device] | None = None,
             context: int | None = None, batch: int = 1, allow_offload: bool = False,
-            reserve: int | str = DEFAULT_RESERVE_BYTES, engine: str = AUTO):
+            reserve: int | str = DEFAULT_RESERVE_BYTES, engine: str = AUTO, serve: bool = False):
     """Plan `model` on this machine for the runtime that will run it and pick the precision, reading only
     config.json and headers: a runtime.prepared.Prepared, whose tokenizer and then weights load next.
-    Refuses (one line) what cannot fit, before any download."""
+    Refuses (one line) what cannot fit, before any download. `serve`: planned as a server of `batch`
+    sequences (heavylift serve)."""
     if quant != BEST and quant not in QUANT_CHOICES:
         raise InvalidArgumentError(f"--quant must be {BEST} or one of {', '.join(QUANT_CHOICES)}, not {quant!r}")
     planned = _front_door(model, gpus, True, context, batch, ALL if quant == BEST else quant, reserve, "bf16",
-                          allow_offload, engine)
+                          allow_offload, engine, serve)
     scheme = _pick(planned.plan, quant, allow_offload)
     runtime = planned.runtimes[scheme.quant]
     if engine == FAST and runtime.name != FAST:  # among several precisions, the one picked is refused
