@@ -18,8 +18,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from heavylift.commands.run import RUN_GPUS_HELP
-from heavylift.defaults import (DEFAULT_CONTEXT_TOKENS, MAX_BATCH, SERVE_DRAIN_SECONDS, SERVE_HOST,
-                                SERVE_MAX_QUEUE, SERVE_PORT)
+from heavylift.defaults import (DEFAULT_CONTEXT_TOKENS, SERVE_DRAIN_SECONDS, SERVE_HOST, SERVE_MAX_QUEUE,
+                                SERVE_MAX_SEQS, SERVE_PORT)
 from heavylift.errors import InvalidArgumentError
 from heavylift.schemes import QUANT_CHOICES
 
@@ -32,9 +32,9 @@ def parse_max_seqs(value: str) -> int | None:
     """--max-seqs: a number of sequences, or None for auto (the planner's answer)."""
     if value == AUTO:
         return None
-    if value.isdigit() and 1 <= int(value) <= MAX_BATCH:
+    if value.isdigit() and 1 <= int(value) <= SERVE_MAX_SEQS:
         return int(value)
-    raise InvalidArgumentError(f"--max-seqs must be {AUTO} or a whole number from 1 to {MAX_BATCH:,}, not {value!r}")
+    raise InvalidArgumentError(f"--max-seqs must be {AUTO} or a whole number from 1 to {SERVE_MAX_SEQS}, not {value!r}")
 
 
 def _check_libraries() -> None:
@@ -47,18 +47,18 @@ def _check_libraries() -> None:
 
 
 def plan_slots(model: str, quant: str, gpus, context, max_seqs: int | None, allow_offload: bool, engine: str):
-    """The model planned for `max_seqs` sequences of `context` tokens, each with its KV cache slot: (Prepared,
-    sequences). With auto, as many sequences as the planner fits beside the weights of the precision it picks
-    for one sequence."""
+    """The model planned as a server of `max_seqs` sequences of `context` tokens, each with its KV cache slot:
+    (Prepared, sequences). With auto, as many sequences as the planner fits beside the weights of the
+    precision it picks for one sequence (SchemePlan.max_concurrent_sequences)."""
     from heavylift.api import prepare
 
     if max_seqs is not None:
-        return prepare(model, quant, gpus, context, max_seqs, allow_offload, engine=engine), max_seqs
-    one = prepare(model, quant, gpus, context, 1, allow_offload, engine=engine)
-    fits = max(getattr(one.scheme, "max_concurrent_sequences", 1), 1)
-    if fits == 1:
+        return prepare(model, quant, gpus, context, max_seqs, allow_offload, engine=engine, serve=True), max_seqs
+    one = prepare(model, quant, gpus, context, 1, allow_offload, engine=engine, serve=True)
+    fits = one.scheme.max_concurrent_sequences
+    if fits <= 1:  # one sequence (or, offloaded, not even one on the GPUs): the plan just made
         return one, 1
-    return prepare(model, one.scheme.quant, gpus, context, fits, allow_offload, engine=engine), fits
+    return prepare(model, one.scheme.quant, gpus, context, fits, allow_offload, engine=engine, serve=True), fits
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -81,7 +81,7 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _beyond_loopback(sock: socket.socket) -> bool:
+def beyond_loopback(sock: socket.socket) -> bool:
     return not ipaddress.ip_address(sock.getsockname()[0]).is_loopback
 
 
@@ -115,7 +115,7 @@ def serve(
     for warning in prepared.plan.warnings:
         err.print(f"[yellow]warning:[/] {escape(warning)}")
     sock = listen(host, port)
-    if _beyond_loopback(sock) and not api_key:
+    if beyond_loopback(sock) and not api_key:
         err.print(f"[yellow]warning:[/] listening on {host}:{port} without --api-key: anyone who reaches this "
                   "port can use the model")
     verbose = bool(ctx.find_root().params.get("verbose"))

@@ -29,7 +29,7 @@ from . import protocol
 from .metrics import Metrics
 from .protocol import ChatRequest, CompletionRequest, InvalidRequest
 from .responses import ChatRender, CompletionRender, Outcome, Render
-from .scheduler import Delta, Done, Failed, PromptScores, QueueFullError, Scheduler, Stream
+from .scheduler import Delta, Done, Failed, PromptScores, QueueFullError, Scheduler, StoppingError, Stream
 
 log = logging.getLogger("heavylift.serve")
 
@@ -91,6 +91,7 @@ class Backend:
                 if self._stopped:
                     return
                 scheduler.start()
+                scheduler.ready.wait()  # warmed up (on a GPU: every batch size's graphs captured)
                 self.scheduler = scheduler
         except BaseException as e:  # noqa: BLE001 - handed to whoever started the server, which reports it
             self._on_loaded(e)
@@ -352,8 +353,11 @@ def _add_error_handlers(app: FastAPI, card: ModelCard) -> None:
 
     @app.exception_handler(QueueFullError)
     async def queue_full(request: Request, e: QueueFullError):
-        return _error(429, f"{e}; retry later" if str(e) else "too many requests wait; retry later",
-                      code="queue_full")
+        return _error(429, str(e), code="queue_full")
+
+    @app.exception_handler(StoppingError)
+    async def stopping(request: Request, e: StoppingError):
+        return _error(503, str(e), code="shutting_down")
 
     @app.exception_handler(HeavyliftError)
     async def refused(request: Request, e: HeavyliftError):  # e.g. a prompt the tokenizer cannot encode
