@@ -302,13 +302,13 @@ def main() -> None:
                             reference=dict(ready_s=round(reference[0], 1), loads=reference[1]),
                             bench_b1_decode_tok_s=round(b1, 1)))
         print(json.dumps(records[-1]), flush=True)
-    out = dict(card=torch.cuda.get_device_name(0), date=datetime.date.today().isoformat(),
-               command="python bench/serve_gpu.py " + " ".join(sys.argv[1:]),
-               model="8B-shaped random checkpoint (bench/run_gpu.py) with a word-level tokenizer",
-               prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, context=args.context,
-               max_seqs=args.max_seqs, records=records)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+        out = dict(card=torch.cuda.get_device_name(0), date=datetime.date.today().isoformat(),
+                   command="python bench/serve_gpu.py " + " ".join(sys.argv[1:]),
+                   model="8B-shaped random checkpoint (bench/run_gpu.py) with a word-level tokenizer",
+                   prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, context=args.context,
+                   max_seqs=args.max_seqs, records=records)
+        with open(args.out, "w") as f:  # after each precision: a run cut short keeps what it measured
+            json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":
