@@ -181,3 +181,20 @@ def test_decode_buckets_are_powers_of_two_and_the_slot_count():
     assert buckets(1) == [1]
     assert buckets(6) == [1, 2, 4, 6]
     assert buckets(16) == [1, 2, 4, 8, 16]
+
+
+def test_out_of_memory_while_warming_up_is_one_line_that_says_what_to_lower(folder):
+    from heavylift.errors import OutOfMemoryError
+
+    session = heavylift.load(str(folder), quant="bf16", context=CONTEXT, batch=2, engine="fast")
+    scheduler = Scheduler(session, 2, max_queue=1)
+
+    def warm_up():
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    scheduler.backend.warm_up = warm_up
+    scheduler.start()
+    assert scheduler.ready.wait(30)
+    assert isinstance(scheduler.failure, OutOfMemoryError)
+    assert str(scheduler.failure) == ("out of GPU memory preparing the decode steps of 2 sequences; lower "
+                                      "--max-seqs or --context")

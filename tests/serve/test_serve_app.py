@@ -51,6 +51,7 @@ class ReplayScheduler:
         self.submitted = []
         self.ready = threading.Event()
         self.ready.set()
+        self.failure = None
 
     def start(self):
         pass

@@ -92,6 +92,8 @@ class Backend:
                     return
                 scheduler.start()
                 scheduler.ready.wait()  # warmed up (on a GPU: every batch size's graphs captured)
+                if scheduler.failure is not None:
+                    raise scheduler.failure
                 self.scheduler = scheduler
         except BaseException as e:  # noqa: BLE001 - handed to whoever started the server, which reports it
             self._on_loaded(e)

@@ -20,7 +20,7 @@ from typing import Iterator
 
 import torch
 
-from heavylift.errors import HeavyliftError
+from heavylift.errors import HeavyliftError, OutOfMemoryError
 from heavylift.runtime.sampling import Sampling
 from .backends import Backend, backend_for
 
@@ -175,7 +175,8 @@ class Scheduler:
         self._stopping = False
         self._deadline: float | None = None
         self._thread: threading.Thread | None = None
-        self.ready = threading.Event()
+        self.ready = threading.Event()  # set once warmed up, or once warming up failed (`failure`)
+        self.failure: BaseException | None = None
         self.prompt_tokens_total = self.generated_tokens_total = 0
 
     # -- the asyncio side --------------------------------------------------------------------------
@@ -225,6 +226,14 @@ class Scheduler:
         with torch.inference_mode():
             try:
                 self.backend.warm_up()
+            except torch.OutOfMemoryError:
+                self.failure = OutOfMemoryError(
+                    f"out of GPU memory preparing the decode steps of {self.slots_total} sequences; lower "
+                    "--max-seqs or --context")
+                return
+            except BaseException as e:  # noqa: BLE001 - handed to whoever waits on `ready` (the server stops)
+                self.failure = e
+                return
             finally:
                 self.ready.set()
             while True:
