@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -182,6 +183,10 @@ class Scheduler:
     # -- the asyncio side --------------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.session.device.type == "cpu":
+            # The model's CPU threads would take every core, and OpenMP's spin-waiting between operations
+            # starves the event loop that sends the tokens (on 2 cores: 100x slower streams): leave it one.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
         self._thread = threading.Thread(target=self._work, name="heavylift-scheduler", daemon=True)
         self._thread.start()
 
