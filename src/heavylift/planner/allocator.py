@@ -394,6 +394,13 @@ class Program:
         self._items.append((ROUNDS, _renumbered(template, -ids), first, ids, times))
         self._n = first - 1 + ids * times
 
+    def written_out(self) -> "Program":
+        """The same program with every loop written out (`events`): replayed, it runs every iteration, where
+        the replay of this one skips the iterations it proves change nothing."""
+        out = Program()
+        out._items, out._n = self.events, self._n
+        return out
+
     @property
     def events(self) -> list[tuple]:
         """Every event in order, repeated iterations written out."""
