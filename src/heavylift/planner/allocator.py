@@ -389,7 +389,7 @@ class Program:
         step()
         ids, template = self._n + 1 - first, self._items[start:]
         del self._items[start:]
-        if not _frees_all_it_allocates(template):
+        if not _frees_its_own(template, first):
             raise ValueError("a round must free every tensor it allocates and no other")
         self._items.append((ROUNDS, _renumbered(template, -ids), first, ids, times))
         self._n = first - 1 + ids * times
@@ -429,11 +429,12 @@ def _renumbered(items: list[tuple], by: int) -> list[tuple]:
     return out
 
 
-def _frees_all_it_allocates(items: list[tuple]) -> bool:
-    """Whether events free exactly the tensors they allocate."""
+def _frees_its_own(items: list[tuple], first: Tensor) -> bool:
+    """Whether events, numbering their tensors from `first`, free every tensor they allocate and none older
+    (a tensor of no bytes is numbered, never allocated, and its free is skipped)."""
     allocated = {item[1] for item in items if item[0] == ALLOC}
-    freed = [item[1] for item in items if item[0] == FREE]
-    return all(item[0] in (ALLOC, FREE) for item in items) and sorted(freed) == sorted(allocated)
+    freed = {item[1] for item in items if item[0] == FREE}
+    return all(item[0] in (ALLOC, FREE) for item in items) and allocated <= freed and min(freed, default=first) >= first
 
 
 def _renumbers(template: list[tuple], previous: tuple, carried: tuple, first: int, ids: int) -> bool:
