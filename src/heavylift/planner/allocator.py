@@ -11,7 +11,8 @@ with free neighbours of its segment; `empty_cache` returns every wholly free seg
 
 A `Program` lists what a piece of code allocates and frees, in order; a loop of identical iterations (the
 decoder layers of a device) is recorded once, and the replay renumbers it, skipping whole cycles once the
-allocator's state repeats.
+allocator's state repeats; so are rounds that free what they allocate (a weight quantized a block of rows at
+a time), skipped once one reserves no segment.
 
 Replayed over the transformers forward at full size (bench/results/plan_validation_h100_2026-11-26.json,
 the bf16 cases run with a growing DynamicCache), it gives the measured max_memory_allocated to 9 MB and
@@ -434,7 +435,8 @@ def _frees_its_own(items: list[tuple], first: Tensor) -> bool:
     (a tensor of no bytes is numbered, never allocated, and its free is skipped)."""
     allocated = {item[1] for item in items if item[0] == ALLOC}
     freed = {item[1] for item in items if item[0] == FREE}
-    return all(item[0] in (ALLOC, FREE) for item in items) and allocated <= freed and min(freed, default=first) >= first
+    return all(item[0] in (ALLOC, FREE) for item in items) and allocated <= freed \
+        and min(freed, default=first) >= first
 
 
 def _renumbers(template: list[tuple], previous: tuple, carried: tuple, first: int, ids: int) -> bool:
@@ -491,10 +493,10 @@ def peak_live(program: Program) -> int:
 
 
 def replayed_rounds(rounds: list) -> list:
-    """Of rounds that each allocate the same tensors and free them again (a long weight quantized a piece at
-    a time, a long prompt prefilled a chunk at a time), the ones worth replaying: every full round after the
-    second allocates what the second did on the blocks it freed, changing neither the peaks nor what stays
-    cached, so the first two and the last stand for them all. Up to four rounds are all replayed."""
+    """Of rounds that each allocate the same tensors and free them again (a long prompt prefilled a chunk at
+    a time), the ones worth replaying: every full round after the second allocates what the second did on the
+    blocks it freed, changing neither the peaks nor what stays cached, so the first two and the last stand for
+    them all. Up to four rounds are all replayed."""
     return rounds if len(rounds) <= 4 else rounds[:2] + rounds[-1:]
 
 

@@ -12,8 +12,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Sequence
 
-from .allocator import (SMALL_REQUEST_BYTES, CachingAllocator, Program, block_size, live_sizes, one_round_each,
-                        run)
+from .allocator import SMALL_REQUEST_BYTES, CachingAllocator, Program, block_size, live_sizes, one_round_each, run
 from heavylift.model.architecture import QUANTIZABLE_ROLES, Architecture
 from heavylift.defaults import EXPERT_ROW_CHUNK_ELEMENTS, FP8_ROW_MULTIPLE, LOAD_ROW_CHUNK_ELEMENTS
 from .matmul_programs import BF16, BNB_4BIT_BLOCKSIZE, FP32, float8_rows
@@ -283,7 +282,8 @@ def _layers_in_free_block(quant: str, layer: tuple[Loaded, ...], free: int, laye
     """The allocator once `layers` layers have loaded into a warm-up segment of `free` bytes, wholly free, to
     move onto a device (moved_onto: its tensors before the layers at the start of the segment): the layers
     that load there as in the _LayerRun taken from it, the rest replayed. Devices whose layers find the same
-    free block share it, as the first and the middle ones of a model costed as holding every layer do."""
+    free block share it: those costed as holding every layer do, whatever they hold before and after them,
+    as far as the warm-up segment's rounding to 2 MiB takes it in."""
     layer_run = _layer_run(quant, layer)
     start = CachingAllocator.one_free_segment(free)
     shared = layer_run.layers_alike(start, layers)
