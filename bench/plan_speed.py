@@ -1,7 +1,9 @@
 """How long `heavylift plan` takes on the 405B catalog entry, planned from scratch each time (no cached replays).
 
-Measures the library call (all seven precisions, advice included) and the whole CLI process as a user types
-it (`heavylift plan llama3.1-405b --gpus 8xH100`, the table); the catalog entry plans from config.json alone.
+Measures the library call (all seven precisions, advice included), the whole CLI process as a user types
+it (`heavylift plan llama3.1-405b --gpus 8xH100`, the table) and, of that, what a process spends importing
+the CLI before it plans (what the `heavylift` entry point imports); the catalog entry plans from config.json
+alone.
 Each figure is the best of --repeat runs: other work sharing the machine's cores only ever slows a run down.
 --baseline-commit measures that commit's src/ (from `git archive`) the same way first, in the same call.
 Usage: python bench/plan_speed.py [--repeat 5] [--baseline-commit COMMIT]
@@ -15,6 +17,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -25,6 +28,9 @@ import heavylift
 from heavylift.planner.memory import clear_caches
 
 CLI = ["-m", "heavylift", "plan", "llama3.1-405b", "--gpus", "8xH100"]
+IMPORT_CLI = ["-c", "from heavylift.cli import main"]
+FIGURES = ("api_plan_s_best", "api_plan_s_median", "cli_process_s_best", "cli_process_s_median",
+           "import_cli_process_s_best")
 
 
 def main() -> None:
@@ -41,27 +47,34 @@ def main() -> None:
         t = time.perf_counter()
         heavylift.plan("llama3.1-405b", gpus="8xH100")
         calls.append(time.perf_counter() - t)
-    cli = []
-    for _ in range(args.repeat):
-        t = time.perf_counter()
-        subprocess.run([sys.executable, *CLI], check=True, capture_output=True)
-        cli.append(time.perf_counter() - t)
+    cli, imports = process_seconds(CLI, args.repeat), process_seconds(IMPORT_CLI, args.repeat)
     result = {"card": "none (CPU: planner only)", "machine": f"{platform.processor() or platform.machine()}",
               "cpus": os.cpu_count(), "date": datetime.date.today().isoformat(),
               "command": " ".join(["python"] + sys.argv),
               "cli_command": " ".join(["python"] + CLI),
+              "import_cli_command": shlex.join(["python"] + IMPORT_CLI),
               "method": f"best of {args.repeat} runs per figure (other work shares the cores); wall-clock seconds",
               "python_dont_write_bytecode": os.environ.get("PYTHONDONTWRITEBYTECODE", ""),
               "api_plan_s_best": min(calls), "api_plan_s_median": statistics.median(calls),
-              "cli_process_s_best": min(cli), "cli_process_s_median": statistics.median(cli)}
+              "cli_process_s_best": min(cli), "cli_process_s_median": statistics.median(cli),
+              "import_cli_process_s_best": min(imports)}
     if before is not None:
-        result["baseline"] = {key: before[key] for key in ("api_plan_s_best", "api_plan_s_median", "cli_process_s_best",
-                                                            "cli_process_s_median")}
+        result["baseline"] = {key: before[key] for key in FIGURES}
         result["baseline"]["commit"] = args.baseline_commit
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+
+
+def process_seconds(argv: list[str], repeat: int) -> list[float]:
+    """Wall-clock seconds of `repeat` Python processes running `argv`, each start to exit."""
+    seconds = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, *argv], check=True, capture_output=True)
+        seconds.append(time.perf_counter() - t)
+    return seconds
 
 
 def baseline(commit: str, repeat: int) -> dict:

@@ -11,7 +11,8 @@ with free neighbours of its segment; `empty_cache` returns every wholly free seg
 
 A `Program` lists what a piece of code allocates and frees, in order; a loop of identical iterations (the
 decoder layers of a device) is recorded once, and the replay renumbers it, skipping whole cycles once the
-allocator's state repeats.
+allocator's state repeats; so are rounds that free what they allocate (a weight quantized a block of rows at
+a time), skipped once one reserves no segment.
 
 Replayed over the transformers forward at full size (bench/results/plan_validation_h100_2026-11-26.json,
 the bf16 cases run with a growing DynamicCache), it gives the measured max_memory_allocated to 9 MB and
@@ -77,6 +78,16 @@ class CachingAllocator:
         self._segments: dict[int, int] = {}  # a segment's address -> its size
         self._top = 0  # the next segment's address: segments lie end to end, in the order they are reserved
         self.allocated = self.reserved = self.peak_allocated = self.peak_reserved = 0
+
+    @classmethod
+    def one_free_segment(cls, nbytes: int) -> "CachingAllocator":
+        """An allocator holding one segment of `nbytes` (a multiple of the block granule), wholly free: the
+        free block a device's warm-up segment leaves after the tensors at its start, to replay from and move
+        onto that device (moved_onto)."""
+        a = cls()
+        a._segments[0] = a._top = a.reserved = a.peak_reserved = nbytes
+        a._put(0, nbytes, False)
+        return a
 
     def _put(self, address: int, size: int, small: bool) -> None:
         """Cache a free block."""
@@ -267,8 +278,10 @@ class CachingAllocator:
                     release(block)
             elif kind == EMPTY:
                 self.empty_cache()
-            else:
+            elif kind == REPEAT:
                 self._repeat(item, live, offset)
+            else:
+                self._rounds(item, live, offset)
 
     def _repeat(self, item: tuple, live: dict[Tensor, Block], offset: int) -> None:
         """Run a Program.repeat record: its iterations in turn, each the template renumbered. Once the
@@ -296,7 +309,19 @@ class CachingAllocator:
             i += 1
 
 
-ALLOC, FREE, EMPTY, REPEAT = "alloc", "free", "empty", "repeat"
+    def _rounds(self, item: tuple, live: dict[Tensor, Block], offset: int) -> None:
+        """Run a Program.rounds record: its rounds in turn until one reserves no segment. That one left the
+        allocator as it found it, so each later one would too, reaching the same peaks: they are skipped."""
+        _, template, _, ids, times = item
+        for i in range(1, times + 1):
+            top = self._top
+            self._play(template, live, offset + i * ids)
+            if self._top == top:
+                return
+
+
+ALLOC, FREE, EMPTY, REPEAT, ROUNDS = "alloc", "free", "empty", "repeat", "rounds"
+LOOPS = (REPEAT, ROUNDS)  # records of iterations kept once
 
 
 class Program:
@@ -352,12 +377,37 @@ class Program:
             carried = step(carried)
         return carried
 
+    def rounds(self, times: int, step: Callable[[], None]) -> None:
+        """`times` runs of `step` (a block of a weight's rows quantized), each freeing everything it allocates:
+        recorded once, for the replay to run until one reserves no segment and skip the rest. A round that frees
+        what it allocates leaves every cached block as it found it: each free block it carved from is whole
+        again (blocks it hands out and takes back merge, and cached blocks are never beside each other), and
+        the only change is the segments it reserved, now wholly free. So from the first round that reserves
+        none, every later one starts where it started, and changes nothing, its peaks included."""
+        if times <= 0:
+            return
+        first, start = self._n + 1, len(self._items)
+        step()
+        ids, template = self._n + 1 - first, self._items[start:]
+        del self._items[start:]
+        if not _frees_its_own(template, first):
+            raise ValueError("a round must free every tensor it allocates and no other")
+        self._items.append((ROUNDS, _renumbered(template, -ids), first, ids, times))
+        self._n = first - 1 + ids * times
+
+    def written_out(self) -> "Program":
+        """The same program with every loop written out (`events`): replayed, it runs every iteration, where
+        the replay of this one skips the iterations it proves change nothing."""
+        out = Program()
+        out._items, out._n = self.events, self._n
+        return out
+
     @property
     def events(self) -> list[tuple]:
         """Every event in order, repeated iterations written out."""
         out: list[tuple] = []
         for item in self._items:
-            if item[0] == REPEAT:
+            if item[0] in LOOPS:
                 _, template, _, ids, times = item
                 for i in range(1, times + 1):
                     out += _renumbered(template, i * ids)
@@ -367,17 +417,26 @@ class Program:
 
 
 def _renumbered(items: list[tuple], by: int) -> list[tuple]:
-    """Events and repeat records with every tensor number `by` higher."""
+    """Events and loop records with every tensor number `by` higher."""
     out = []
     for item in items:
-        if item[0] == REPEAT:
-            _, template, first, ids, times = item
-            out.append((REPEAT, _renumbered(template, by), first + by, ids, times))
+        if item[0] in LOOPS:
+            kind, template, first, ids, times = item
+            out.append((kind, _renumbered(template, by), first + by, ids, times))
         elif item[0] == EMPTY:
             out.append(item)
         else:
             out.append((item[0], item[1] + by, *item[2:]))
     return out
+
+
+def _frees_its_own(items: list[tuple], first: Tensor) -> bool:
+    """Whether events, numbering their tensors from `first`, free every tensor they allocate and none older
+    (a tensor of no bytes is numbered, never allocated, and its free is skipped)."""
+    allocated = {item[1] for item in items if item[0] == ALLOC}
+    freed = {item[1] for item in items if item[0] == FREE}
+    return all(item[0] in (ALLOC, FREE) for item in items) and allocated <= freed \
+        and min(freed, default=first) >= first
 
 
 def _renumbers(template: list[tuple], previous: tuple, carried: tuple, first: int, ids: int) -> bool:
@@ -386,7 +445,7 @@ def _renumbers(template: list[tuple], previous: tuple, carried: tuple, first: in
     if len(previous) != len(carried) or any((p is None) != (c is None) or (c is not None and c - p != ids)
                                             for p, c in zip(previous, carried)):
         return False
-    return all(item[0] != REPEAT and (item[0] == EMPTY or item[1] >= first - ids) for item in template)
+    return all(item[0] not in LOOPS and (item[0] == EMPTY or item[1] >= first - ids) for item in template)
 
 
 @dataclass(frozen=True)
@@ -434,19 +493,35 @@ def peak_live(program: Program) -> int:
 
 
 def replayed_rounds(rounds: list) -> list:
-    """Of rounds that each allocate the same tensors and free them again (a long weight quantized a piece at
-    a time, a long prompt prefilled a chunk at a time), the ones worth replaying: every full round after the
-    second allocates what the second did on the blocks it freed, changing neither the peaks nor what stays
-    cached, so the first two and the last stand for them all. Up to four rounds are all replayed."""
+    """Of rounds that each allocate the same tensors and free them again (a long prompt prefilled a chunk at
+    a time), the ones worth replaying: every full round after the second allocates what the second did on the
+    blocks it freed, changing neither the peaks nor what stays cached, so the first two and the last stand for
+    them all. Up to four rounds are all replayed."""
     return rounds if len(rounds) <= 4 else rounds[:2] + rounds[-1:]
 
 
 def live_sizes(program: Program) -> list[int]:
     """The sizes of the tensors a program leaves allocated, in the order it allocated them."""
     live: dict[Tensor, int] = {}
-    for event in program.events:
-        if event[0] == "alloc":
+    for event in one_round_each(program):
+        if event[0] == ALLOC:
             live[event[1]] = event[2]
-        elif event[0] == "free":
+        elif event[0] == FREE:
             live.pop(event[1], None)
     return list(live.values())
+
+
+def one_round_each(program: Program) -> list[tuple]:
+    """A program's events with each run of rounds (Program.rounds) written out once: the rounds leave nothing
+    allocated, and each allocates what the first did."""
+    out: list[tuple] = []
+    for item in program._items:
+        if item[0] == ROUNDS:
+            out += _renumbered(item[1], item[3])
+        elif item[0] == REPEAT:
+            _, template, _, ids, times = item
+            for i in range(1, times + 1):
+                out += _renumbered(template, i * ids)
+        else:
+            out.append(item)
+    return out

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Sequence
 
-from .allocator import SMALL_REQUEST_BYTES, CachingAllocator, Program, block_size, live_sizes, replayed_rounds, run
+from .allocator import SMALL_REQUEST_BYTES, CachingAllocator, Program, block_size, live_sizes, one_round_each, run
 from heavylift.model.architecture import QUANTIZABLE_ROLES, Architecture
 from heavylift.defaults import EXPERT_ROW_CHUNK_ELEMENTS, FP8_ROW_MULTIPLE, LOAD_ROW_CHUNK_ELEMENTS
 from .matmul_programs import BF16, BNB_4BIT_BLOCKSIZE, FP32, float8_rows
@@ -85,13 +85,14 @@ def _quantize_on_load(p: Program, quant: str, numel: int, rows: int) -> None:
         if step >= rows or rows % FP8_ROW_MULTIPLE:
             float8_rows(p, rows, k)
             return
-        pieces = [min(step, rows - start) for start in range(0, rows, step)]
-        for i, size in enumerate(replayed_rounds(pieces)):  # 208 in a 405B MLP weight
-            piece = float8_rows(p, size, k)
-            if i == 0:
-                p.alloc("qdata", numel)
-                p.alloc("scale", FP32 * rows)
-            p.free(*piece)
+        piece = float8_rows(p, step, k)
+        p.alloc("qdata", numel)
+        p.alloc("scale", FP32 * rows)
+        p.free(*piece)
+        full, last = divmod(rows - step, step)  # the blocks after the first: 207 in a 405B MLP weight
+        p.rounds(full, lambda: p.free(*float8_rows(p, step, k)))
+        if last:
+            p.free(*float8_rows(p, last, k))
         return
     if quant == "int8":
         f16 = p.alloc("weight_fp16", BF16 * numel)
@@ -201,8 +202,8 @@ def loaded_state(quant: str, order: LoadOrder, layers: int) -> tuple[CachingAllo
     expert_load): the weights allocated, the warm-up segment and the temporaries cached around them; and the
     weights' bytes (which the allocator's count can exceed: a block it does not split is handed out whole).
     Every layer loads by the same program, which keeps its weights and frees what else it allocates; a dense
-    model's layers load in the warm-up segment, as far as its size does not matter, as _LayerRun replayed
-    them once for every device."""
+    model's layers load in the free block the tensors before them leave in the warm-up segment
+    (_layers_in_free_block)."""
     a = CachingAllocator()
     if order.experts is None:
         warmup = Program()
@@ -211,13 +212,12 @@ def loaded_state(quant: str, order: LoadOrder, layers: int) -> tuple[CachingAllo
     before, after = _load_program(quant, order.before, None), _load_program(quant, order.after, None)
     layer = _load_program(quant, order.layer, order.experts)
     a.play(before)
-    shared = 0
     if order.experts is None and _in_one_free_block(a):
-        layer_run = _layer_run(quant, order.layer)
-        shared = layer_run.layers_alike(a, layers)
-        a = layer_run.state(shared).moved_onto(a)
-    for _ in range(layers - shared):
-        a.play(layer)
+        free, _ = a.first_segment_tail()
+        a = _layers_in_free_block(quant, order.layer, free, layers).moved_onto(a)
+    else:
+        for _ in range(layers):
+            a.play(layer)
     a.play(after)
     weights = sum(block_size(n) for n in live_sizes(before) + live_sizes(after)) \
         + layers * sum(block_size(n) for n in live_sizes(layer))
@@ -242,14 +242,15 @@ class _LayerRun:
     In a device's own warm-up segment a layer loads alike when the free block that ends the segment stays,
     all through the layer, larger than every other cached block and larger than any request it serves by
     more than the 1 MiB rest the large pool splits off: then it serves a request exactly when no other block
-    fits, and always splits, whatever its size. A layer carves at most `need` bytes from it, and a block it
-    frees merges only within a block that was free when the layer began or within what it carved, so the
-    free block suffices if it begins the layer larger than `need` plus the larger of `need` and the largest
-    other block. Past the last layer that loads alike, the device replays its own."""
+    fits, and always splits, whatever its size. A layer carves at most `need` bytes from it (a run of rounds,
+    Program.rounds, counted once: a round that reserves no segment of the large pool leaves that pool as it
+    found it), and a block it frees merges only within a block that was free when the layer began or within
+    what it carved, so the free block suffices if it begins the layer larger than `need` plus the larger of
+    `need` and the largest other block. Past the last layer that loads alike, the device replays its own."""
 
     def __init__(self, layer: Program):
         self.layer = layer
-        sizes = [block_size(e[2]) for e in layer.events if e[0] == "alloc"]
+        sizes = [block_size(e[2]) for e in one_round_each(layer) if e[0] == "alloc"]
         # What one layer can carve from the large pool: each block, and the rest it may hand out unsplit.
         self.need = sum(n + SMALL_REQUEST_BYTES for n in sizes if n > SMALL_REQUEST_BYTES)
         segment = Program()
@@ -276,6 +277,22 @@ class _LayerRun:
         return layers
 
 
+@lru_cache(maxsize=256)
+def _layers_in_free_block(quant: str, layer: tuple[Loaded, ...], free: int, layers: int) -> CachingAllocator:
+    """The allocator once `layers` layers have loaded into a warm-up segment of `free` bytes, wholly free, to
+    move onto a device (moved_onto: its tensors before the layers at the start of the segment): the layers
+    that load there as in the _LayerRun taken from it, the rest replayed. Devices whose layers find the same
+    free block share it: those costed as holding every layer do, whatever they hold before and after them,
+    as far as the warm-up segment's rounding to 2 MiB takes it in."""
+    layer_run = _layer_run(quant, layer)
+    start = CachingAllocator.one_free_segment(free)
+    shared = layer_run.layers_alike(start, layers)
+    a = layer_run.state(shared).moved_onto(start)
+    for _ in range(layers - shared):
+        a.play(layer_run.layer)
+    return a
+
+
 @lru_cache(maxsize=64)
 def _layer_run(quant: str, layer: tuple[Loaded, ...]) -> _LayerRun:
     return _LayerRun(_load_program(quant, layer, None))
@@ -293,5 +310,5 @@ def _load_program(quant: str, tensors: tuple[Loaded, ...], experts: Architecture
 
 def clear_load_caches() -> None:
     """Forget every load replayed and every load program built."""
-    for cached in (loaded_state, _load_program, _layer_run):
+    for cached in (loaded_state, _load_program, _layer_run, _layers_in_free_block):
         cached.cache_clear()

@@ -8,7 +8,10 @@ split can do, so the largest margin for which the greedy fill places every layer
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass
+from functools import cached_property
+from itertools import accumulate
 from typing import Sequence
 
 
@@ -18,6 +21,11 @@ class Costs:
     first_bytes: int  # travels with layer 0: embeddings
     last_bytes: int  # travels with the last layer: final norm, lm_head, logits
     device_fixed: tuple[int, ...]  # each device's cost once it holds any layer: context, activations
+
+    @cached_property
+    def running_bytes(self) -> tuple[int, ...]:
+        """The bytes of layers 0 to i - 1 with what travels with them, for i from 0 to n: a run's are a difference."""
+        return tuple(accumulate((_unit(self, i) for i in range(len(self.layer_bytes))), initial=0))
 
 
 @dataclass(frozen=True)
@@ -32,13 +40,11 @@ def _unit(costs: Costs, i: int) -> int:
 
 
 def _greedy(costs: Costs, capacities: Sequence[int], margin: int) -> tuple[list[range], int]:
-    """Fill devices in order leaving `margin` bytes free on each; return the runs and layers placed."""
-    n, start, runs = len(costs.layer_bytes), 0, []
+    """Fill devices in order leaving `margin` bytes free on each; return the runs and layers placed. No layer
+    costs less than nothing, so a device takes the longest run from where the last stopped that fits."""
+    n, start, runs, running = len(costs.layer_bytes), 0, [], costs.running_bytes
     for cap, fixed in zip(capacities, costs.device_fixed):
-        used, end = fixed, start
-        while end < n and used + _unit(costs, end) <= cap - margin:
-            used += _unit(costs, end)
-            end += 1
+        end = max(start, bisect_right(running, running[start] + cap - margin - fixed, start, n + 1) - 1)
         runs.append(range(start, end))
         start = end
     return runs, start
