@@ -233,7 +233,6 @@ def reference_server(quant: str, port: int, context: int, max_batch: int) -> Non
     async def health():
         return JSONResponse({"ok": state["model"] is not None}, status_code=200 if state["model"] else 503)
 
-    @app.post("/v1/completions")
     async def completions(request: Request):
         body = await request.json()
         req = dict(ids=tokenizer(body["prompt"])["input_ids"], max_tokens=body["max_tokens"], sent=0,
@@ -254,6 +253,9 @@ def reference_server(quant: str, port: int, context: int, max_batch: int) -> Non
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+    # Registered as a plain Starlette route: FastAPI would read the (string) annotation as a query field.
+    app.add_route("/v1/completions", completions, methods=["POST"])
 
     from transformers import AutoTokenizer
 

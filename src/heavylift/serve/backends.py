@@ -50,6 +50,10 @@ class EngineBackend:
         self.engine, self.slots = engine, engine.batch
         self.buckets = buckets(self.slots)
         engine.enable_ragged()
+        # Host staging of each step's tokens and active rows, pinned where a GPU reads them: built once.
+        pin = torch.cuda.is_available() and engine.embed.device.type == "cuda"
+        self._feed = torch.zeros(self.slots, dtype=torch.long, pin_memory=pin)
+        self._active = torch.zeros(self.slots, dtype=torch.bool, pin_memory=pin)
 
     def warm_up(self) -> None:
         """Capture every bucket's graphs now (autotuning included), with no row active: nothing advances."""
@@ -62,8 +66,8 @@ class EngineBackend:
     def decode(self, tokens: Mapping[int, int]) -> torch.Tensor:
         """One step of the sequences in `tokens` (slot: the token to feed); the logits, row = slot."""
         size = next(b for b in self.buckets if b > max(tokens))
-        feed = torch.zeros(size, dtype=torch.long)
-        active = torch.zeros(size, dtype=torch.bool)
+        feed, active = self._feed[:size], self._active[:size]
+        active.zero_()
         for slot, token in tokens.items():
             feed[slot], active[slot] = token, True
         return self.engine.decode(feed, active)

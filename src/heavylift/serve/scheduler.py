@@ -344,15 +344,18 @@ class Scheduler:
 
     def _decode_step(self, seqs: list[_Sequence]) -> None:
         logits = self.backend.decode({s.slot: s.token for s in seqs})
-        self._choose(seqs, logits[[s.slot for s in seqs]])
+        rows = [s.slot for s in seqs]
+        self._choose(seqs, logits if rows == list(range(len(logits))) else logits[rows])
 
     def _choose(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
         """Each sequence's next token from its row of `logits`, then what it releases."""
+        _wait(logits)
         greedy = [i for i, s in enumerate(seqs) if s.sampling.greedy]
         tokens = [0] * len(seqs)
         if greedy:
-            for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
-                tokens[i] = t
+            chosen = logits.argmax(-1).tolist()
+            for i in greedy:
+                tokens[i] = chosen[i]
         for i, seq in enumerate(seqs):
             if not seq.sampling.greedy:
                 if seq.generator is None and seq.sampling.seed is not None:
@@ -385,6 +388,13 @@ class Scheduler:
             self._end(seq, Done(finish, len(r.prompt), seq.generated))
         else:
             seq.token = token
+
+
+def _wait(tensor: torch.Tensor) -> None:
+    """Wait for the GPU work that makes `tensor` with the GIL released (a stream's synchronize lets it go;
+    `.tolist()` would hold it), so the event loop sends the last tokens while the step runs."""
+    if tensor.is_cuda:
+        torch.cuda.current_stream(tensor.device).synchronize()
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
