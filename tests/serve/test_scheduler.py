@@ -198,3 +198,23 @@ def test_out_of_memory_while_warming_up_is_one_line_that_says_what_to_lower(fold
     assert isinstance(scheduler.failure, OutOfMemoryError)
     assert str(scheduler.failure) == ("out of GPU memory preparing the decode steps of 2 sequences; lower "
                                       "--max-seqs or --context")
+
+
+def test_steady_decoding_launches_each_step_before_reading_the_last(served, monkeypatch):
+    session, scheduler = served
+    if session.engine is None:
+        pytest.skip("transformers steps one sequence at a time, each read before the next")
+    launched = []
+    real = scheduler.backend.decode_on_device
+    monkeypatch.setattr(scheduler.backend, "decode_on_device",
+                        lambda slots, tokens: launched.append(list(slots)) or real(slots, tokens))
+    prompts = [_prompt(session, i) for i in (1, 2)]
+
+    async def main():
+        return await asyncio.gather(*[_collect(scheduler, Request(p, 20, temperature=0)) for p in prompts])
+
+    results = asyncio.run(main())
+    for prompt, (_, ids, done, _) in zip(prompts, results):
+        assert ids == _alone(session, prompt, 20) and done == Done("length", len(prompt), 20)
+    assert len(launched) >= 15 and [0, 1] in launched  # most steps ran ahead, both sequences together
+    assert scheduler.stats().slots_used == 0

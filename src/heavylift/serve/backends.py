@@ -52,8 +52,11 @@ class EngineBackend:
         engine.enable_ragged()
         # Host staging of each step's tokens and active rows, pinned where a GPU reads them: built once.
         pin = torch.cuda.is_available() and engine.embed.device.type == "cuda"
+        # The active rows alternate between two buffers: a step's copy to the GPU is asynchronous, and the
+        # next step, launched before this one ends, must not rewrite what it has yet to read.
         self._feed = torch.zeros(self.slots, dtype=torch.long, pin_memory=pin)
-        self._active = torch.zeros(self.slots, dtype=torch.bool, pin_memory=pin)
+        self._actives = [torch.zeros(self.slots, dtype=torch.bool, pin_memory=pin) for _ in range(2)]
+        self._steps = 0
 
     def warm_up(self) -> None:
         """Capture every bucket's graphs now (autotuning included), with no row active: nothing advances."""
@@ -66,10 +69,26 @@ class EngineBackend:
     def decode(self, tokens: Mapping[int, int]) -> torch.Tensor:
         """One step of the sequences in `tokens` (slot: the token to feed); the logits, row = slot."""
         size = next(b for b in self.buckets if b > max(tokens))
-        feed, active = self._feed[:size], self._active[:size]
-        active.zero_()
+        feed, active = self._feed[:size], self._active(size)
         for slot, token in tokens.items():
             feed[slot], active[slot] = token, True
+        return self.engine.decode(feed, active)
+
+    def _active(self, size: int) -> torch.Tensor:
+        """This step's active-rows buffer, cleared."""
+        self._steps += 1
+        active = self._actives[self._steps % 2][:size]
+        return active.zero_()
+
+    def decode_on_device(self, slots: list[int], tokens: torch.Tensor) -> torch.Tensor:
+        """`decode` fed from the device: tokens[i] goes to slots[i], with no wait for the host."""
+        size = next(b for b in self.buckets if b > max(slots))
+        active = self._active(size)
+        active[slots] = True
+        if slots == list(range(len(slots))) and size == len(slots):
+            return self.engine.decode(tokens, active)
+        feed = torch.zeros(size, dtype=torch.long, device=tokens.device)
+        feed[torch.tensor(slots, device=tokens.device)] = tokens
         return self.engine.decode(feed, active)
 
     def release(self, slot: int) -> None:

@@ -23,7 +23,7 @@ import torch
 
 from heavylift.errors import HeavyliftError, OutOfMemoryError
 from heavylift.runtime.sampling import Sampling
-from .backends import Backend, backend_for
+from .backends import Backend, EngineBackend, backend_for
 
 log = logging.getLogger("heavylift.serve")
 
@@ -175,6 +175,7 @@ class Scheduler:
         self._free = list(range(self.slots_total))
         self._stopping = False
         self._deadline: float | None = None
+        self._ahead: tuple[list[_Sequence], torch.Tensor] | None = None  # a step launched before its turn
         self._thread: threading.Thread | None = None
         self.ready = threading.Event()  # set once warmed up, or once warming up failed (`failure`)
         self.failure: BaseException | None = None
@@ -343,32 +344,58 @@ class Scheduler:
         self._choose([seq], logits)
 
     def _decode_step(self, seqs: list[_Sequence]) -> None:
-        logits = self.backend.decode({s.slot: s.token for s in seqs})
+        """One decode step of `seqs`, or, where the last turn launched the next step ahead, its results
+        for those of its sequences still running (a newcomer joins on the next turn)."""
+        if self._ahead is not None:
+            members, logits = self._ahead
+            self._ahead = None
+            seqs = [s for s in members if s in self._running]
+            if not seqs:
+                return
+        else:
+            logits = self.backend.decode({s.slot: s.token for s in seqs})
         rows = [s.slot for s in seqs]
-        self._choose(seqs, logits if rows == list(range(len(logits))) else logits[rows])
+        self._choose(seqs, logits if rows == list(range(len(logits))) else logits[rows], ahead=True)
 
-    def _choose(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
-        """Each sequence's next token from its row of `logits`, then what it releases."""
-        _wait(logits)
-        greedy = [i for i, s in enumerate(seqs) if s.sampling.greedy]
-        tokens = [0] * len(seqs)
-        if greedy:
-            chosen = logits.argmax(-1).tolist()
-            for i in greedy:
-                tokens[i] = chosen[i]
+    def _can_look_ahead(self) -> bool:
+        """Whether the next decode step may start before this one's tokens reach the host: the engine feeds
+        them on the GPU, and nothing else is due before that step (a prompt to prefill, a request to
+        admit, a cancellation, stopping)."""
+        return (isinstance(self.backend, EngineBackend) and not self._stopping and not self._cancelled
+                and not (self._waiting and self._free) and all(s.prefill is None for s in self._running))
+
+    def _choose(self, seqs: list[_Sequence], logits: torch.Tensor, ahead: bool = False) -> None:
+        """Each sequence's next token from its row of `logits`, then what it releases. With `ahead`, and
+        where _can_look_ahead, the next step is launched on the chosen tokens before they are read back,
+        so the host's work of this step (text, stop strings, the events) overlaps the GPU's of the next.
+        A sequence that this step ends still rides in that step; its row is dropped."""
+        tokens = logits.argmax(-1)
         for i, seq in enumerate(seqs):
             if not seq.sampling.greedy:
                 if seq.generator is None and seq.sampling.seed is not None:
                     seq.generator = seq.sampling.generator(logits.device)
-                tokens[i] = int(seq.sampling.choose(logits[i:i + 1], seq.generator))
+                tokens[i] = seq.sampling.choose(logits[i:i + 1], seq.generator)[0, 0]
+        if ahead and self._can_look_ahead():
+            host = torch.empty(len(seqs), dtype=tokens.dtype, pin_memory=tokens.is_cuda)
+            host.copy_(tokens, non_blocking=True)
+            copied = torch.cuda.Event() if tokens.is_cuda else None
+            if copied is not None:
+                copied.record()
+            self._ahead = (seqs, self.backend.decode_on_device([s.slot for s in seqs], tokens))
+            if copied is not None:
+                copied.synchronize()  # the GIL is free meanwhile
+            chosen = host.tolist()
+        else:
+            _wait(tokens)
+            chosen = tokens.tolist()
         for i, seq in enumerate(seqs):
             score = None
             if seq.request.logprobs is not None:
                 row = torch.log_softmax(logits[i].float(), dim=-1)
                 top = torch.topk(row, seq.request.logprobs) if seq.request.logprobs else None
-                score = TokenScore(tokens[i], float(row[tokens[i]]),
+                score = TokenScore(chosen[i], float(row[chosen[i]]),
                                    tuple(zip(top.indices.tolist(), top.values.tolist())) if top else ())
-            self._emit(seq, tokens[i], score or TokenScore(tokens[i], None))
+            self._emit(seq, chosen[i], score or TokenScore(chosen[i], None))
 
     def _emit(self, seq: _Sequence, token: int, score: TokenScore) -> None:
         """Send what `token` adds to the text, holding back a possible start of a stop string; end the
