@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 
-import pytest
 from starlette.testclient import TestClient
 
 from heavylift.serve.app import ModelCard, create_app

@@ -3,8 +3,6 @@ server's log."""
 
 from __future__ import annotations
 
-import json
-import threading
 import time
 
 import pytest
