@@ -171,8 +171,9 @@ def _reference_quality(reference: ref.Reference, scheme) -> Quality:
 
 def _check(quants: Sequence[str], window: int, tokens: int | None) -> tuple[str, ...]:
     from heavylift.api import resolve_quants
+    from heavylift.schemes import ALL
 
-    names = resolve_quants(list(quants))
+    names = resolve_quants(ALL if list(quants) == [ALL] else list(quants))
     if window < MIN_WINDOW_TOKENS or window % 2:
         raise InvalidArgumentError(f"--window must be an even number of at least {MIN_WINDOW_TOKENS} tokens, "
                                    f"not {window}")
