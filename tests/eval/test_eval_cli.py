@@ -78,3 +78,11 @@ def test_reference_made_on_another_text(small_model, saved_reference, capsys, tm
     (tmp_path / "other.txt").write_text("And God said, Let there be light: and there was light.\n" * 400)
     _one_line_error(*_eval(capsys, small_model, "--text", str(tmp_path / "other.txt"), "--reference",
                            saved_reference), "made on another text")
+
+
+def test_reference_neither_precision_nor_file(small_model, capsys, tmp_path):
+    _one_line_error(*_eval(capsys, small_model, "--reference", str(tmp_path / "bf17")), "neither a precision nor a file")
+
+
+def test_plot_name_refused_before_any_model_loads(small_model, capsys, tmp_path):
+    _one_line_error(*_eval(capsys, small_model, "--plot", str(tmp_path / "q.txt")), "--plot wants a .png")

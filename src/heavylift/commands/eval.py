@@ -30,9 +30,11 @@ def eval_(
 ) -> None:
     """Measure each precision against the reference: perplexity, KL divergence, same top token, RMS Δp."""
     from heavylift.evaluation.evaluate import evaluate
-    from heavylift.report.quality import plot_quality, render, to_json
+    from heavylift.report.quality import check_plot_path, plot_quality, render, to_json
     from heavylift.report.table import console as report_console
 
+    if plot is not None:
+        check_plot_path(plot)
     err = report_console(stderr=True)
     result = evaluate(model, [q.strip() for q in quant.split(",") if q.strip()], text, tokens, window, reference,
                       engine, gpus=gpus, progress=lambda what: err.print(f"measuring {what}"))

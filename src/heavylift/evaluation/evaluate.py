@@ -20,10 +20,12 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from heavylift.api import BEST, prepare, resolve_quants
 from heavylift.defaults import EVAL_QUANTS, EVAL_WINDOW_TOKENS, REFERENCE_TOP_K
 from heavylift.errors import InvalidArgumentError, PlanDoesNotFitError
 from heavylift.planner.memory import FAST
 from heavylift.planner.runtimes import AUTO
+from heavylift.schemes import ALL, QUANT_CHOICES
 from . import corpus, metrics, reference as ref
 
 MIN_WINDOW_TOKENS = 4  # a window scores window/2 - 1 positions: at least one
@@ -170,9 +172,6 @@ def _reference_quality(reference: ref.Reference, scheme) -> Quality:
 
 
 def _check(quants: Sequence[str], window: int, tokens: int | None) -> tuple[str, ...]:
-    from heavylift.api import resolve_quants
-    from heavylift.schemes import ALL
-
     names = resolve_quants(ALL if list(quants) == [ALL] else list(quants))
     if window < MIN_WINDOW_TOKENS or window % 2:
         raise InvalidArgumentError(f"--window must be an even number of at least {MIN_WINDOW_TOKENS} tokens, "
@@ -185,8 +184,6 @@ def _check(quants: Sequence[str], window: int, tokens: int | None) -> tuple[str,
 def _prepare_reference(model: str, asked: str | None, window: int, engine: str, gpus):
     """The reference precision, planned: the one asked, else BF16, else (BF16 does not fit) the most
     faithful precision that does."""
-    from heavylift.api import BEST, prepare
-
     if asked is not None:
         return prepare(model, asked, gpus=gpus, context=window, engine=engine)
     try:
@@ -196,8 +193,6 @@ def _prepare_reference(model: str, asked: str | None, window: int, engine: str, 
 
 
 def _is_precision(reference: str | Path | None) -> bool:
-    from heavylift.schemes import QUANT_CHOICES
-
     return reference is None or str(reference) in QUANT_CHOICES
 
 
@@ -215,6 +210,9 @@ def evaluate(model: str, quant: str | Sequence[str] = EVAL_QUANTS, text: str | P
     reference_engine = reference_engine or engine
     from_file = not _is_precision(reference)
     first = _prepare_reference(model, None if from_file else reference, window, reference_engine, gpus)
+    # Every precision planned (config and headers only) before any weight loads: one that cannot fit, or
+    # that the runtime asked for cannot run, is refused now rather than after the reference has run.
+    planned = [prepare(model, name, gpus=gpus, context=window, engine=engine) for name in names]
     windows = make_windows(first.tokenizer, body, window, tokens)
     fingerprint = ref.Fingerprint(ref.tokenizer_hash(first.tokenizer), ref.ids_hash(windows), window)
     if from_file:
@@ -232,17 +230,15 @@ def evaluate(model: str, quant: str | Sequence[str] = EVAL_QUANTS, text: str | P
         path = ref.save(saved, ref.default_path(meta))
         scheme = first.scheme
     results = [_reference_quality(saved, scheme)]
-    for name in names:
-        results.append(_measure(model, name, window, engine, gpus, windows, saved, say))
+    for prepared in planned:
+        results.append(_measure(prepared, windows, saved, say))
     return Evaluation(model, text_name, window, len(windows), len(saved.targets), saved.meta.quant,
                       saved.meta.runtime, str(path), tuple(results))
 
 
-def _measure(model: str, quant: str, window: int, engine: str, gpus, windows, saved: ref.Reference,
-             say: Callable[[str], None]) -> Quality:
-    from heavylift.api import prepare
-
-    prepared = prepare(model, quant, gpus=gpus, context=window, engine=engine)
+def _measure(prepared, windows, saved: ref.Reference, say: Callable[[str], None]) -> Quality:
+    """Load one planned precision, compare it with the reference, and free it."""
+    quant = prepared.scheme.quant
     say(quant)
     session = prepared.load()
     runtime = _runtime(session)

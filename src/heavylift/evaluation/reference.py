@@ -95,6 +95,9 @@ def save(reference: Reference, path: Path) -> Path:
 
 def load(path: Path) -> Reference:
     """A saved reference; one line naming the file where it cannot be read."""
+    if not path.is_file():
+        raise InvalidArgumentError(f"--reference {path} is neither a precision nor a file; give bf16 (or another "
+                                   "precision) to compute one, or the file an earlier eval printed")
     try:
         with np.load(path, allow_pickle=False) as data:
             raw = json.loads(str(data["meta"]))

@@ -47,8 +47,15 @@ def render(evaluation, console: Console) -> None:
     console.print(f"reference saved to {e.reference_file} (reuse it with --reference FILE)")
 
 
+def check_plot_path(path: Path) -> None:
+    """Refuse a --plot name matplotlib cannot write, before any model loads."""
+    if path.suffix.lower() not in PLOT_SUFFIXES:
+        raise InvalidArgumentError(f"--plot wants a {', '.join(PLOT_SUFFIXES)} file name, not {path.name}")
+
+
 def plot_quality(evaluation, path: Path) -> None:
     """Mean KL divergence (log scale, with its error) against the plan's memory, one point per precision."""
+    check_plot_path(path)
     try:
         import matplotlib
 
@@ -56,8 +63,6 @@ def plot_quality(evaluation, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise InvalidArgumentError("--plot needs matplotlib: pip install 'heavylift[plot]'") from None
-    if path.suffix.lower() not in PLOT_SUFFIXES:
-        raise InvalidArgumentError(f"--plot wants a {', '.join(PLOT_SUFFIXES)} file name, not {path.name}")
     points = [r for r in evaluation.results if not r.reference and r.memory_bytes and r.kld_mean]
     fig, ax = plt.subplots(figsize=FIGURE_INCHES)
     for i, r in enumerate(points):
