@@ -6,14 +6,19 @@ from .api import load, plan  # load imports torch only when called (needs `pip i
 from .errors import HeavyliftError
 from .planner.plan import Plan
 
-__all__ = ["plan", "load", "Plan", "Session", "HeavyliftError"]
+__all__ = ["plan", "load", "evaluate", "Plan", "Session", "HeavyliftError"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """`heavylift.Session`, the type `load` returns, imported (with torch) only when asked for."""
+    """`heavylift.Session`, the type `load` returns, and `heavylift.evaluate`, imported (with torch) only when
+    asked for."""
     if name == "Session":
         from .runtime.session import Session
 
         return Session
+    if name == "evaluate":
+        from .evaluation.evaluate import evaluate
+
+        return evaluate
     raise AttributeError(f"module 'heavylift' has no attribute {name!r}")

@@ -114,6 +114,22 @@ CONTEXT_STEPS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 # exact longest, and a search over 512 steps instead of 131,072 tokens.
 ADVICE_CONTEXT_STEP_TOKENS = 256
 
+# --- heavylift eval ---------------------------------------------------------------------------
+# Tokens per evaluation window; the second half of each is scored (llama.cpp's perplexity uses its context,
+# 512 by default, the same way; 2048 sees longer contexts, as today's models are used).
+EVAL_WINDOW_TOKENS = 2048
+# Precisions `heavylift eval` compares with the reference unless told.
+EVAL_QUANTS = ("nf4-dq", "nf4", "fp4", "int8", "fp8", "bf16")
+# The reference keeps, per scored position, the log-probabilities of its this many most likely tokens (all
+# of them for a smaller vocabulary): float32 + int32 ids, 4 KiB a position. Past the top 512 tokens a trained
+# model's remaining probability is a fraction of a percent; it enters the KL divergence as one lumped
+# token (evaluation/metrics.py).
+REFERENCE_TOP_K = 512
+# Where heavylift keeps what it computes once and reuses (saved references): $HEAVYLIFT_CACHE, else
+# $XDG_CACHE_HOME/heavylift, else ~/.cache/heavylift.
+CACHE_ENV = "HEAVYLIFT_CACHE"
+CACHE_FOLDER = "heavylift"
+
 # --- heavylift serve --------------------------------------------------------------------------
 SERVE_HOST = "127.0.0.1"  # loopback: other machines reach the server only when --host says so
 SERVE_PORT = 8000  # the port OpenAI-compatible servers listen on by default (vLLM, transformers serve)

@@ -244,6 +244,26 @@ class Engine:
             logits = dense_linear(x, self.lm_head).float()
         yield logits, found
 
+    @torch.inference_mode()
+    def prompt_logprobs(self, ids: Sequence[int], first: int, slot: int = 0) -> torch.Tensor:
+        """Prefill `ids` into `slot` (as `prefill` does) and return the log-probabilities over the whole
+        vocabulary at positions first, first + 1, ..., len(ids) - 1: float32 [len(ids) - first, vocab] on
+        the last device. The head runs over SCORE_ROWS positions at a time; only the rows asked for are kept
+        (heavylift eval scores the second half of each window)."""
+        if len(ids) > self.context:
+            raise ValueError(f"{len(ids)} tokens exceed the engine's context of {self.context}")
+        tokens = torch.tensor(list(ids), dtype=torch.long, device=self.embed.device)
+        scratch = {d: self._prefill_scratch(len(tokens), d) for d, _ in self.segments}
+        rows = []
+        for start in range(0, len(tokens), PREFILL_CHUNK_TOKENS):
+            hidden = self._prefill_chunk(tokens[start:start + PREFILL_CHUNK_TOKENS], start, slot, scratch)
+            for piece in hidden[max(first - start, 0):].to(self.norm.device).split(SCORE_ROWS):
+                x = self._norm(piece, self.norm)
+                rows.append(torch.log_softmax(dense_linear(x, self.lm_head).float(), dim=-1))
+        for d in self.devices:
+            self.seq_len[d][slot] = len(tokens)
+        return torch.cat(rows)
+
     def _scores(self, hidden: torch.Tensor, following: torch.Tensor, top: int) -> list:
         """Each position's log-probability of the token after it (`following`, one fewer at a prompt's end)
         and its `top` best tokens, from the final norm and the head over at most SCORE_ROWS positions at a

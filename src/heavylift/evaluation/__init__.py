@@ -1,0 +1,1 @@
+"""Quality of each precision against a reference: perplexity, KL divergence, same top token (heavylift eval)."""
