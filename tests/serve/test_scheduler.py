@@ -141,10 +141,10 @@ def test_out_of_memory_fails_only_that_request(served, monkeypatch):
     doomed, fine = _prompt(session, 5), _prompt(session, 6)
     real = scheduler.backend.prefill
 
-    def prefill(slot, ids, scores):
+    def prefill(slot, ids, scores, chunk):
         if tuple(ids) == doomed:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(slot, ids, scores)
+        return real(slot, ids, scores, chunk)
 
     monkeypatch.setattr(scheduler.backend, "prefill", prefill)
 
@@ -218,3 +218,27 @@ def test_steady_decoding_launches_each_step_before_reading_the_last(served, monk
         assert ids == _alone(session, prompt, 20) and done == Done("length", len(prompt), 20)
     assert len(launched) >= 15 and [0, 1] in launched  # most steps ran ahead, both sequences together
     assert scheduler.stats().slots_used == 0
+
+
+def test_a_prompt_goes_in_small_chunks_only_while_other_streams_decode(served, monkeypatch):
+    from heavylift.defaults import PREFILL_CHUNK_TOKENS, SERVE_PREFILL_CHUNK_TOKENS
+
+    session, scheduler = served
+    chunks = []
+    real = scheduler.backend.prefill
+    monkeypatch.setattr(scheduler.backend, "prefill",
+                        lambda slot, ids, scores, chunk: chunks.append(chunk) or real(slot, ids, scores, chunk))
+    first, second = _prompt(session, 1), _prompt(session, 2)
+
+    async def main():
+        stream, ids_first, joined = scheduler.submit(Request(first, 40, temperature=0)), [], None
+        async for event in stream:
+            if isinstance(event, Delta):
+                ids_first += [t.id for t in event.tokens]
+                if joined is None:  # the first is decoding now: the second joins it
+                    joined = asyncio.create_task(_collect(scheduler, Request(second, 6, temperature=0)))
+        return ids_first, (await joined)[1]
+
+    ids_first, ids_second = asyncio.run(main())
+    assert chunks == [PREFILL_CHUNK_TOKENS, SERVE_PREFILL_CHUNK_TOKENS]
+    assert ids_first == _alone(session, first, 40) and ids_second == _alone(session, second, 6)

@@ -215,9 +215,11 @@ class Engine:
             pass
         return logits[0]
 
-    def prefill_steps(self, ids: Sequence[int], slot: int = 0, scores: int | None = None):
+    def prefill_steps(self, ids: Sequence[int], slot: int = 0, scores: int | None = None,
+                      chunk: int | None = None):
         """`prefill` one chunk per step: yields None after each chunk but the last, then (the last
-        position's logits [1, vocab] float32, the prompt's scores or None). With `scores` (0 to 5), the
+        position's logits [1, vocab] float32, the prompt's scores or None), `chunk` tokens at a time (at
+        most PREFILL_CHUNK_TOKENS, which the planner counts). With `scores` (0 to 5), the
         scores are, for each prompt token after the first, its log-probability under the positions before
         it and the `scores` most likely tokens there: a list of (logprob, ((token, logprob), ...)).
 
@@ -228,14 +230,15 @@ class Engine:
             raise ValueError(f"{len(ids)} tokens exceed the engine's context of {self.context}")
         with torch.inference_mode():
             tokens = torch.tensor(list(ids), dtype=torch.long, device=self.embed.device)
-            scratch = {d: self._prefill_scratch(len(tokens), d) for d, _ in self.segments}
+            chunk = min(chunk or PREFILL_CHUNK_TOKENS, PREFILL_CHUNK_TOKENS)
+            scratch = {d: self._prefill_scratch(len(tokens), d, chunk) for d, _ in self.segments}
             found = [] if scores is not None else None
-        for start in range(0, len(tokens), PREFILL_CHUNK_TOKENS):
+        for start in range(0, len(tokens), chunk):
             with torch.inference_mode():
-                hidden = self._prefill_chunk(tokens[start:start + PREFILL_CHUNK_TOKENS], start, slot, scratch)
+                hidden = self._prefill_chunk(tokens[start:start + chunk], start, slot, scratch)
                 if found is not None:
                     found += self._scores(hidden, tokens[start + 1:start + 1 + len(hidden)], scores)
-            if start + PREFILL_CHUNK_TOKENS < len(tokens):
+            if start + chunk < len(tokens):
                 yield None
         with torch.inference_mode():
             for d in self.devices:
@@ -284,14 +287,14 @@ class Engine:
     def _norm(self, x, weight):
         return self.ops.rmsnorm(x, weight, self.shape.eps, torch.empty_like(x))
 
-    def _prefill_scratch(self, prompt: int, dev) -> PrefillScratch:
+    def _prefill_scratch(self, prompt: int, dev, chunk: int | None = None) -> PrefillScratch:
         """One prompt's attention buffers on one device, at the prompt's full length: the keys and values
         repeated per query head and the chunks' masks are views of them, so a long prompt's chunks reuse
         one allocation instead of each taking a larger one (which the allocator would keep cached: 4 GB of
         an 8B model's 32k-token prefill). Masks only where a chunk needs one (a later chunk, or a window
         shorter than the first)."""
         s = self.shape
-        first = min(prompt, PREFILL_CHUNK_TOKENS)
+        first = min(prompt, chunk or PREFILL_CHUNK_TOKENS)
         windows = {layer.window for layer in self.layers if layer.device == dev}
         masked = prompt > first or any(w and w < first for w in windows)
         width = -(-prompt // SDPA_MASK_ALIGNMENT) * SDPA_MASK_ALIGNMENT

@@ -25,7 +25,7 @@ class Backend(Protocol):
 
     def warm_up(self) -> None: ...
 
-    def prefill(self, slot: int, ids: list[int], scores: int | None) -> PrefillSteps: ...
+    def prefill(self, slot: int, ids: list[int], scores: int | None, chunk: int) -> PrefillSteps: ...
 
     def decode(self, tokens: Mapping[int, int]) -> torch.Tensor: ...
 
@@ -63,8 +63,8 @@ class EngineBackend:
         for size in self.buckets:
             self.engine.decode(torch.zeros(size, dtype=torch.long), torch.zeros(size, dtype=torch.bool))
 
-    def prefill(self, slot: int, ids: list[int], scores: int | None) -> PrefillSteps:
-        return self.engine.prefill_steps(ids, slot, scores)
+    def prefill(self, slot: int, ids: list[int], scores: int | None, chunk: int) -> PrefillSteps:
+        return self.engine.prefill_steps(ids, slot, scores, chunk)
 
     def decode(self, tokens: Mapping[int, int]) -> torch.Tensor:
         """One step of the sequences in `tokens` (slot: the token to feed); the logits, row = slot."""
@@ -107,13 +107,14 @@ class TransformersBackend:
     def warm_up(self) -> None:
         pass
 
-    def prefill(self, slot: int, ids: list[int], scores: int | None) -> PrefillSteps:
+    def prefill(self, slot: int, ids: list[int], scores: int | None, chunk: int) -> PrefillSteps:
         self.caches[slot] = cache = self.session._static_cache(1)
         tokens = torch.tensor([ids], device=self.session.device)
         found = [] if scores is not None else None
-        for start in range(0, len(ids), PREFILL_CHUNK_TOKENS):
-            piece = tokens[:, start:start + PREFILL_CHUNK_TOKENS]
-            last = start + PREFILL_CHUNK_TOKENS >= len(ids)
+        chunk = min(chunk, PREFILL_CHUNK_TOKENS)
+        for start in range(0, len(ids), chunk):
+            piece = tokens[:, start:start + chunk]
+            last = start + chunk >= len(ids)
             with torch.inference_mode(), expected_int8_casts():
                 if found is not None:
                     logits = self.model(input_ids=piece, cache=cache, use_cache=True).logits[0].float()

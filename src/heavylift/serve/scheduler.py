@@ -21,6 +21,7 @@ from typing import Iterator
 
 import torch
 
+from heavylift.defaults import PREFILL_CHUNK_TOKENS, SERVE_PREFILL_CHUNK_TOKENS
 from heavylift.errors import HeavyliftError, OutOfMemoryError
 from heavylift.runtime.sampling import Sampling
 from .backends import Backend, EngineBackend, backend_for
@@ -328,7 +329,9 @@ class Scheduler:
         seq = seqs[0]
         r = seq.request
         if seq.prefill is _NOT_STARTED:
-            seq.prefill = self.backend.prefill(seq.slot, list(r.prompt), (r.logprobs or 0) if r.echo_logprobs else None)
+            others = any(s.prefill is None for s in self._running)  # streams a long chunk would hold up
+            seq.prefill = self.backend.prefill(seq.slot, list(r.prompt), (r.logprobs or 0) if r.echo_logprobs else None,
+                                               SERVE_PREFILL_CHUNK_TOKENS if others else PREFILL_CHUNK_TOKENS)
         result = next(seq.prefill)
         if result is None:
             return
