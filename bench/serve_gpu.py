@@ -295,10 +295,12 @@ def main() -> None:
                                             "--max-seqs", str(args.max_seqs), "--served-model-name", MODEL_NAME],
                                 [(int(c), args.rounds) for c in args.concurrency.split(",")], args,
                                 os.path.join(logs, f"heavylift_{quant}.log"))
-        reference = serve_and_load([sys.executable, __file__, "--reference-server", quant, "--context",
-                                    str(args.context), "--max-seqs", str(args.max_seqs)],
-                                   [(int(c), 1) for c in args.reference_concurrency.split(",")], args,
-                                   os.path.join(logs, f"reference_{quant}.log"))
+        reference = (0.0, [])  # --reference-concurrency "": heavylift alone
+        if args.reference_concurrency:
+            reference = serve_and_load([sys.executable, __file__, "--reference-server", quant, "--context",
+                                        str(args.context), "--max-seqs", str(args.max_seqs)],
+                                       [(int(c), 1) for c in args.reference_concurrency.split(",")], args,
+                                       os.path.join(logs, f"reference_{quant}.log"))
         b1 = engine_b1_tok_s(quant)
         records.append(dict(quant=quant, heavylift=dict(ready_s=round(served[0], 1), loads=served[1]),
                             reference=dict(ready_s=round(reference[0], 1), loads=reference[1]),
