@@ -74,10 +74,12 @@ PREFILL_CHUNK_TOKENS = 2048
 # A prompt's own token log-probabilities (a server's `echo` with `logprobs`) come from the head over this
 # many positions at a time: 64 x a 128k vocabulary in float32 is 33 MB, a whole chunk's would be 1 GB.
 SCORE_ROWS = 64
-# A server prefills a prompt this many tokens at a time while other sequences are decoding, so a running
-# stream waits at most one such chunk between two tokens (one 512-token chunk of an 8B model in NF4 held
-# the streams' inter-token p99 at 5x its median on an H100); alone, a prompt goes in PREFILL_CHUNK_TOKENS.
-SERVE_PREFILL_CHUNK_TOKENS = 128
+# `heavylift serve --prefill-chunk N`: a prompt that arrives while other streams decode goes in chunks of N
+# tokens, one chunk between two decode steps (alone, in PREFILL_CHUNK_TOKENS). The default is the full
+# chunk: on an H100 with 16 streams of an 8B model, 128-token chunks cut the streams' inter-token p99 from
+# 91 to 53 ms in NF4-DQ and from 74 to 45 ms in FP8, but also the throughput from 710 to 552 and from 1650
+# to 1019 tok/s (bench/results/serve_chunked_h100_2026-12-06.json).
+SERVE_MIN_PREFILL_CHUNK_TOKENS = 16
 # MoE experts quantized to 8 bits while they load (experts._quantize_rows) go through float32 this many
 # elements at a time (64 MB), not a whole fused tensor at once (Mixtral's gate_up_proj: 3.8 GB).
 EXPERT_ROW_CHUNK_ELEMENTS = 1 << 24

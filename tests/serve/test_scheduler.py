@@ -220,10 +220,11 @@ def test_steady_decoding_launches_each_step_before_reading_the_last(served, monk
     assert scheduler.stats().slots_used == 0
 
 
-def test_a_prompt_goes_in_small_chunks_only_while_other_streams_decode(served, monkeypatch):
-    from heavylift.defaults import PREFILL_CHUNK_TOKENS, SERVE_PREFILL_CHUNK_TOKENS
+def test_a_prompt_goes_in_prefill_chunks_only_while_other_streams_decode(served, monkeypatch):
+    from heavylift.defaults import PREFILL_CHUNK_TOKENS
 
     session, scheduler = served
+    monkeypatch.setattr(scheduler, "prefill_chunk", 4)
     chunks = []
     real = scheduler.backend.prefill
     monkeypatch.setattr(scheduler.backend, "prefill",
@@ -240,5 +241,5 @@ def test_a_prompt_goes_in_small_chunks_only_while_other_streams_decode(served, m
         return ids_first, (await joined)[1]
 
     ids_first, ids_second = asyncio.run(main())
-    assert chunks == [PREFILL_CHUNK_TOKENS, SERVE_PREFILL_CHUNK_TOKENS]
+    assert chunks == [PREFILL_CHUNK_TOKENS, 4]
     assert ids_first == _alone(session, first, 40) and ids_second == _alone(session, second, 6)

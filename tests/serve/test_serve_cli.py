@@ -20,6 +20,8 @@ from .conftest import CONTEXT, SMALL_CONTEXT, STOP_S, Server, free_port, openai_
     (["--max-queue", "-1"], "Invalid value for '--max-queue': Input should be greater than or equal to 0. "
                             "See 'heavylift serve --help'."),
     (["--quant", "int3"], "--quant must be auto or one of bf16, fp16, fp8, int8, nf4, nf4-dq, fp4, not 'int3'"),
+    (["--prefill-chunk", "8"], "Invalid value for '--prefill-chunk': Input should be greater than or equal to 16. "
+                               "See 'heavylift serve --help'."),
 ])
 def test_argument_mistakes_are_one_line(capsys, checkpoint, args, message):
     code, out, err = run_cli(capsys, "serve", str(checkpoint), *args)

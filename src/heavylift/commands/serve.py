@@ -18,8 +18,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from heavylift.commands.run import RUN_GPUS_HELP
-from heavylift.defaults import (DEFAULT_CONTEXT_TOKENS, SERVE_DRAIN_SECONDS, SERVE_HOST, SERVE_MAX_QUEUE,
-                                SERVE_MAX_SEQS, SERVE_PORT)
+from heavylift.defaults import (DEFAULT_CONTEXT_TOKENS, PREFILL_CHUNK_TOKENS, SERVE_DRAIN_SECONDS, SERVE_HOST,
+                                SERVE_MAX_QUEUE, SERVE_MAX_SEQS, SERVE_MIN_PREFILL_CHUNK_TOKENS, SERVE_PORT)
 from heavylift.errors import InvalidArgumentError
 from heavylift.schemes import QUANT_CHOICES
 
@@ -94,6 +94,10 @@ def serve(
                                           f"{DEFAULT_CONTEXT_TOKENS}, or the model's maximum when shorter."),
     max_seqs: str = typer.Option(AUTO, "--max-seqs", help="Sequences decoded together, each with a KV cache slot "
                                  "of --context tokens; auto: as many as the plan fits beside the weights."),
+    prefill_chunk: int = typer.Option(PREFILL_CHUNK_TOKENS, "--prefill-chunk", min=SERVE_MIN_PREFILL_CHUNK_TOKENS,
+                                      max=PREFILL_CHUNK_TOKENS,
+                                      help="Tokens of a new prompt prefilled at a time while other streams decode: "
+                                      "smaller keeps their token gaps shorter, larger gives more throughput."),
     max_queue: int = typer.Option(SERVE_MAX_QUEUE, "--max-queue", min=0,
                                   help="Requests that may wait for a slot; more are answered 429."),
     host: str = typer.Option(SERVE_HOST, "--host", help="Address to listen on; 0.0.0.0 for every interface."),
@@ -119,10 +123,12 @@ def serve(
         err.print(f"[yellow]warning:[/] listening on {host}:{port} without --api-key: anyone who reaches this "
                   "port can use the model")
     verbose = bool(ctx.find_root().params.get("verbose"))
-    _serve(err, prepared, tokenizer, seqs, max_queue, sock, api_key, served_model_name or model, verbose)
+    _serve(err, prepared, tokenizer, seqs, max_queue, prefill_chunk, sock, api_key, served_model_name or model,
+           verbose)
 
 
-def _serve(err: Console, prepared, tokenizer, seqs: int, max_queue: int, sock: socket.socket, api_key, name: str,
+def _serve(err: Console, prepared, tokenizer, seqs: int, max_queue: int, prefill_chunk: int, sock: socket.socket,
+           api_key, name: str,
            verbose: bool) -> None:
     import uvicorn
 
@@ -139,7 +145,8 @@ def _serve(err: Console, prepared, tokenizer, seqs: int, max_queue: int, sock: s
         failure.append(error)
         server.should_exit = True
 
-    app = create_app(card, lambda: _scheduler(err, prepared, seqs, max_queue), api_key, on_loaded=on_loaded)
+    app = create_app(card, lambda: _scheduler(err, prepared, seqs, max_queue, prefill_chunk), api_key,
+                     on_loaded=on_loaded)
     config = uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=verbose, lifespan="on",
                             timeout_graceful_shutdown=SERVE_DRAIN_SECONDS)
     server = uvicorn.Server(config)
@@ -159,7 +166,7 @@ def host_label(address: str) -> str:
     return f"[{address}]" if ":" in address else address
 
 
-def _scheduler(err: Console, prepared, seqs: int, max_queue: int):
+def _scheduler(err: Console, prepared, seqs: int, max_queue: int, prefill_chunk: int):
     """Load the weights by the plan (the offload guard refuses what landed off it) and put the scheduler,
     not yet started, over them."""
     from heavylift.serve.scheduler import Scheduler
@@ -169,4 +176,4 @@ def _scheduler(err: Console, prepared, seqs: int, max_queue: int):
         where = ", ".join(f"{n / 1e9:.2f} GB on {d}" for d, n in session.offloaded_bytes.items())
         err.print(f"[yellow]warning:[/] {where} offloaded; decode is predicted at "
                   f"{session.scheme.decode_tok_s_upper_bound:.2f} tok/s at best")
-    return Scheduler(session, seqs, max_queue)
+    return Scheduler(session, seqs, max_queue, prefill_chunk=prefill_chunk)

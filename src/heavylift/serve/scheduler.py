@@ -21,7 +21,7 @@ from typing import Iterator
 
 import torch
 
-from heavylift.defaults import PREFILL_CHUNK_TOKENS, SERVE_PREFILL_CHUNK_TOKENS
+from heavylift.defaults import PREFILL_CHUNK_TOKENS
 from heavylift.errors import HeavyliftError, OutOfMemoryError
 from heavylift.runtime.sampling import Sampling
 from .backends import Backend, EngineBackend, backend_for
@@ -160,10 +160,12 @@ class _Sequence:
 
 
 class Scheduler:
-    """Runs a Session's model for up to `max_seqs` sequences at once, with up to `max_queue` waiting."""
+    """Runs a Session's model for up to `max_seqs` sequences at once, with up to `max_queue` waiting; a
+    prompt that arrives while others decode is prefilled `prefill_chunk` tokens at a time."""
 
-    def __init__(self, session, max_seqs: int, max_queue: int, backend: Backend | None = None) -> None:
-        self.session, self.max_queue = session, max_queue
+    def __init__(self, session, max_seqs: int, max_queue: int, backend: Backend | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK_TOKENS) -> None:
+        self.session, self.max_queue, self.prefill_chunk = session, max_queue, prefill_chunk
         self.tokenizer = session.tokenizer
         self.context = session.plan.context
         self.backend = backend or backend_for(session, max_seqs)
@@ -331,7 +333,7 @@ class Scheduler:
         if seq.prefill is _NOT_STARTED:
             others = any(s.prefill is None for s in self._running)  # streams a long chunk would hold up
             seq.prefill = self.backend.prefill(seq.slot, list(r.prompt), (r.logprobs or 0) if r.echo_logprobs else None,
-                                               SERVE_PREFILL_CHUNK_TOKENS if others else PREFILL_CHUNK_TOKENS)
+                                               self.prefill_chunk if others else PREFILL_CHUNK_TOKENS)
         result = next(seq.prefill)
         if result is None:
             return
