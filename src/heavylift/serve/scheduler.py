@@ -267,9 +267,8 @@ class Scheduler:
                     for seq in list(self._running):
                         self._end(seq, Failed("the server stopped before this request finished", 503))
                     return False
-            admitted = []
             while self._waiting and self._free:
-                admitted.append(self._admit(self._waiting.popleft()))
+                self._admit(self._waiting.popleft())
             if not self._running:
                 self._lock.wait(timeout=0.5)
                 return True
@@ -281,7 +280,7 @@ class Scheduler:
             self._guarded(decoding, self._decode_step)
         return True
 
-    def _admit(self, stream: Stream) -> _Sequence:
+    def _admit(self, stream: Stream) -> None:
         r = stream.request
         self._free.sort()
         slot = self._free.pop(0)  # lowest first: keeps the decode bucket small
@@ -289,7 +288,6 @@ class Scheduler:
         seq = _Sequence(r, stream, slot, sampling, _Detokenizer(self.tokenizer), prefill=_NOT_STARTED)
         self._running.append(seq)
         self.prompt_tokens_total += len(r.prompt)
-        return seq
 
     def _drop_cancelled(self, stream: Stream) -> None:
         if stream in self._waiting:
@@ -297,6 +295,7 @@ class Scheduler:
         for seq in self._running:
             if seq.stream is stream:
                 self._release(seq)
+                return
 
     def _release(self, seq: _Sequence) -> None:
         self._running.remove(seq)
