@@ -19,9 +19,9 @@ from .runtimes import plan_runtimes
 
 @dataclass(frozen=True)
 class FewestRow:
-    """One precision: the runtime it is planned for (the same on every CUDA card), and per card (Fewest.cards' order) the fewest cards that
-    hold it (None: more than MAX_GPU_COUNT) and the weights-only lower bound (None: the reserve leaves the
-    card nothing)."""
+    """One precision: the runtime it is planned for (the same on every CUDA card), and per card (in
+    Fewest.cards' order) the fewest cards that hold it (None: more than MAX_GPU_COUNT) and the weights-only
+    lower bound (None: the reserve leaves the card nothing)."""
 
     quant: str
     engine: str
