@@ -13,6 +13,7 @@ from .defaults import DEFAULT_BATCH, DEFAULT_CONTEXT_TOKENS, DEFAULT_RESERVE_BYT
 from .errors import GpuSpecError, InvalidArgumentError, PlanDoesNotFitError
 from .hardware.gpus import Device, parse_bytes, parse_gpu_spec
 from .model.source import ModelSource, resolve_model
+from .planner.fewest import Fewest, fewest_table
 from .planner.make import make_plan
 from .planner.memory import FAST
 from .planner.plan import Plan, SchemePlan, Workload
@@ -76,18 +77,26 @@ def default_context(max_positions: int) -> int:
     return min(DEFAULT_CONTEXT_TOKENS, max_positions) if max_positions else DEFAULT_CONTEXT_TOKENS
 
 
-def _front_door(model: str, gpus, here: bool, context: int | None, batch: int, quant, reserve, kv_dtype: str,
-                allow_offload: bool, engine: str, serve: bool = False) -> Planned:
-    """Check the arguments, resolve the model, take the devices (`here`: this machine's, which --gpus only
-    narrows; else the described ones), decide the runtimes, plan."""
+def _model_and_work(model: str, context: int | None, batch: int, quant, reserve, kv_dtype: str, allow_offload: bool,
+                    engine: str, serve: bool) -> tuple[ModelSource, Workload, tuple[str, ...]]:
+    """Check the arguments (before any I/O), then resolve the model: its source, the workload with the
+    context default_context gives it where none is asked for, and the precisions asked for."""
     check_choice(engine)
     work = Workload(context=DEFAULT_CONTEXT_TOKENS if context is None else context, batch=batch, kv_dtype=kv_dtype,
-                    reserve_bytes=_reserve_bytes(reserve), allow_offload=allow_offload,
-                    serve=serve)  # checked before any I/O
+                    reserve_bytes=_reserve_bytes(reserve), allow_offload=allow_offload, serve=serve)
     quants = resolve_quants(quant)
     source = resolve_model(model)
     if context is None:
         work = replace(work, context=default_context(source.architecture.max_position_embeddings))
+    return source, work, quants
+
+
+def _front_door(model: str, gpus, here: bool, context: int | None, batch: int, quant, reserve, kv_dtype: str,
+                allow_offload: bool, engine: str, serve: bool = False) -> Planned:
+    """Check the arguments, resolve the model, take the devices (`here`: this machine's, which --gpus only
+    narrows; else the described ones), decide the runtimes, plan."""
+    source, work, quants = _model_and_work(model, context, batch, quant, reserve, kv_dtype, allow_offload, engine,
+                                           serve)
     kernels = None  # described devices: a CUDA GPU is taken to run the engine's kernels
     if here:
         from .runtime.devices import kernels_reason, machine_devices
@@ -111,6 +120,16 @@ def plan(model: str, gpus: str | Sequence[Device] | None = None, context: int | 
     server of `batch` sequences, each precision saying how many it can serve (max_concurrent_sequences)."""
     return _front_door(model, gpus, False, context, batch, quant, reserve, kv_dtype, allow_offload, engine,
                        serve).plan
+
+
+def fewest(model: str, context: int | None = None, batch: int = DEFAULT_BATCH, quant: str | Sequence[str] = ALL,
+           reserve: int | str = DEFAULT_RESERVE_BYTES, kv_dtype: str = "bf16", engine: str = AUTO,
+           serve: bool = False) -> Fewest:
+    """For each precision in `quant`, the fewest cards of each catalog GPU that hold `model` without offload
+    (`heavylift plan --fewest`), beside the cards its weights alone fill; each precision planned for the
+    runtime `heavylift plan --gpus Nx<card>` plans it for. Reads only config.json and headers."""
+    source, work, quants = _model_and_work(model, context, batch, quant, reserve, kv_dtype, False, engine, serve)
+    return fewest_table(model, source.config, source.architecture, work, quants, engine)
 
 
 def _pick(plan: Plan, quant: str, allow_offload: bool) -> SchemePlan:

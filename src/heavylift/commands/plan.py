@@ -8,12 +8,15 @@ from typing import Optional
 
 import typer
 
-from heavylift.api import plan as make_plan
+from heavylift.api import fewest as fewest_table, plan as make_plan
 from heavylift.defaults import DEFAULT_BATCH, DEFAULT_CONTEXT_TOKENS, DEFAULT_RESERVE_BYTES, SERVE_MAX_SEQS
 from heavylift.schemes import ALL, QUANT_CHOICES
-from heavylift.report.table import console as report_console, render
+from heavylift.errors import InvalidArgumentError
+from heavylift.report.table import console as report_console, render, render_fewest
 from heavylift.planner.runtimes import AUTO
 
+# The options that describe one device plan, which --fewest (a count for every catalog card) has none of.
+NOT_WITH_FEWEST = ("--gpus", "--plot", "--allow-offload")
 GPUS_HELP = "GPUs to plan for, e.g. 4xA100-80GB, 8xRTX4090, 2xH200, 1xH100,1xA100-40GB, 2x48GB (default: this machine's)"
 
 
@@ -36,8 +39,20 @@ def plan(
     serve: bool = typer.Option(False, "--serve", help="Plan a server (`heavylift serve`) of --batch sequences, and "
                                f"count how many sequences of --context tokens each precision serves at once (up to "
                                f"{SERVE_MAX_SEQS})."),
+    fewest: bool = typer.Option(False, "--fewest", help="Instead of a plan: for each precision, the fewest cards "
+                                "of each catalog GPU that hold the model without offload, beside the cards its "
+                                "weights alone fill."),
 ) -> None:
     """Predict each device's memory for every precision, say whether it fits, and how to make it fit."""
+    if fewest:
+        check_fewest_options({"--gpus": gpus is not None, "--plot": plot is not None, "--allow-offload": allow_offload})
+        table = fewest_table(model, context=context, batch=batch, quant=quant, reserve=reserve, kv_dtype=kv_dtype,
+                             engine=engine, serve=serve)
+        if as_json:
+            typer.echo(json.dumps(table.to_json(), indent=2))
+        else:
+            render_fewest(table, report_console())
+        return
     result = make_plan(model, gpus=gpus, context=context, batch=batch, quant=quant, reserve=reserve,
                        kv_dtype=kv_dtype, allow_offload=allow_offload, engine=engine, serve=serve)
     if plot is not None:
@@ -53,3 +68,9 @@ def plan(
         console.print(f"plot written to {plot}")
 
 
+def check_fewest_options(given: dict[str, bool]) -> None:
+    """Refuse, in one line, an option of NOT_WITH_FEWEST given with --fewest."""
+    for option in NOT_WITH_FEWEST:
+        if given[option]:
+            raise InvalidArgumentError(f"--fewest and {option} exclude each other: --fewest counts the cards of "
+                                       f"every catalog GPU; drop {option}, or drop --fewest to plan those devices")

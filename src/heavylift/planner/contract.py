@@ -2,7 +2,8 @@
 
 With --serve (plan.Workload.serve) the plan describes a server of `batch` sequences: the top level then
 carries "serve": true, and each scheme "max_concurrent_sequences", the most sequences of `context` tokens
-it serves at once (0: not even one). A plan without --serve carries neither key.
+it serves at once (0: not even one). A plan without --serve carries neither key. `heavylift plan --fewest
+--json` prints fewest_to_json instead of a plan.
 
 Pure: plain dicts of a plan's records. It reads a plan.Plan, plan.SchemePlan and plan.DevicePlan by their
 fields without importing them, because Plan.to_json() calls it from that module.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from heavylift.hardware.gpus import Device
+from heavylift.hardware.gpus import MAX_GPU_COUNT, Device
 
 
 def device_id(device: Device) -> str:
@@ -54,6 +55,26 @@ def plan_to_json(plan: Any) -> dict[str, Any]:
                         "capacity_bytes": d.memory_bytes - work.reserve_bytes} for d in plan.devices],
            "schemes": [scheme_plan_to_json(s) for s in plan.schemes],
            "recommended": plan.recommended, "warnings": list(plan.warnings)}
+    if work.serve:
+        out["serve"] = True
+    return out
+
+
+def fewest_to_json(table: Any) -> dict[str, Any]:
+    """A fewest.Fewest (`heavylift plan --fewest --json`): the model and workload as a plan gives them, each
+    card with the capacity one holds, and per precision (keyed by --quant name) per card (keyed by catalog
+    key): "fewest", the fewest cards that hold it without offload (null: more than "max_gpu_count");
+    "weights_only", the cards its weights alone fill; "engines", the runtime each precision is planned for."""
+    arch, work = table.architecture, table.workload
+    keys = [card.name for card in table.cards]
+    out = {"model": table.model, "model_type": arch.model_type, "params": arch.params,
+           "context": work.context, "batch": work.batch, "kv_dtype": work.kv_dtype,
+           "reserve_bytes": work.reserve_bytes, "max_gpu_count": MAX_GPU_COUNT,
+           "cards": [{"name": card.name, "capacity_bytes": card.memory_bytes - work.reserve_bytes}
+                     for card in table.cards],
+           "fewest": {row.quant: dict(zip(keys, row.counts)) for row in table.rows},
+           "weights_only": {row.quant: dict(zip(keys, row.weights_only)) for row in table.rows},
+           "engines": {row.quant: row.engine for row in table.rows}}
     if work.serve:
         out["serve"] = True
     return out

@@ -7,10 +7,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from heavylift.defaults import GB, SERVE_MAX_SEQS, GiB
-from heavylift.hardware.gpus import Device
+from heavylift.hardware.gpus import MAX_GPU_COUNT, Device
+from heavylift.model.architecture import Architecture
 from heavylift.planner.contract import device_id
+from heavylift.planner.fewest import Fewest
 from heavylift.planner.memory import FAST, TRANSFORMERS
-from heavylift.planner.plan import DevicePlan, Plan, SchemePlan
+from heavylift.planner.plan import DevicePlan, Plan, SchemePlan, Workload
 
 
 # How the report names the runtime a plan describes.
@@ -74,11 +76,16 @@ def devices_line(devices: tuple[Device, ...]) -> str:
     return "; ".join(parts)
 
 
-def render(plan: Plan, console: Console) -> None:
-    arch, work = plan.architecture, plan.workload
-    console.print(f"[bold]{plan.model}[/] ({arch.model_type}, {arch.params:,} parameters, {arch.num_layers} layers)")
+def _print_model(model: str, arch: Architecture, work: Workload, console: Console) -> None:
+    """The report's first lines: the model and the workload."""
+    console.print(f"[bold]{model}[/] ({arch.model_type}, {arch.params:,} parameters, {arch.num_layers} layers)")
     console.print(f"context {work.context:,} tokens x {_batch(work.batch, work.serve)}, KV cache {work.kv_dtype}"
                   + (f", {cell(work.reserve_bytes)} {TABLE_UNIT} reserved per device" if work.reserve_bytes else ""))
+
+
+def render(plan: Plan, console: Console) -> None:
+    arch, work = plan.architecture, plan.workload
+    _print_model(plan.model, arch, work, console)
     console.print(f"devices: {devices_line(plan.devices)}")
     table = Table(title=f"Memory per precision ({TABLE_UNIT} = 10^9 bytes)", title_justify="left")
     columns = ("quant", "weights", "KV", TRANSIENT_COLUMN, "overh.", "total", "fits", "min free", "tok/s ≤")
@@ -92,13 +99,7 @@ def render(plan: Plan, console: Console) -> None:
                cell(s.total_bytes), fits, cell(s.tightest.free_bytes), f"{s.decode_tok_s_upper_bound:,.1f}"]
         table.add_row(*row, *((str(s.max_concurrent_sequences),) if work.serve else ()))
     console.print(table)
-    runtimes: dict[str, list[str]] = {}
-    for s in plan.schemes:
-        runtimes.setdefault(RUNTIME_NAMES[s.engine], []).append(s.quant)
-    if len(runtimes) == 1:
-        console.print(f"planned for {next(iter(runtimes))}")
-    else:
-        console.print("planned for " + "; ".join(f"{name} ({', '.join(qs)})" for name, qs in runtimes.items()))
+    console.print(runtimes_line([(s.quant, s.engine) for s in plan.schemes]))
     shown = plan.scheme(plan.recommended) if plan.recommended else plan.schemes[0]
     if len(plan.devices) > 1 or shown.offload:
         _render_devices(shown, console)
@@ -114,6 +115,39 @@ def render(plan: Plan, console: Console) -> None:
         console.print(f"[bold green]recommended:[/] --quant {plan.recommended}")
     else:
         console.print("[bold red]nothing fits[/]: see the advice above")
+
+
+def runtimes_line(engines: list[tuple[str, str]]) -> str:
+    """Which runtime the figures describe, given each precision's (quant, engine): one name when they share it."""
+    runtimes: dict[str, list[str]] = {}
+    for quant, engine in engines:
+        runtimes.setdefault(RUNTIME_NAMES[engine], []).append(quant)
+    if len(runtimes) == 1:
+        return f"planned for {next(iter(runtimes))}"
+    return "planned for " + "; ".join(f"{name} ({', '.join(qs)})" for name, qs in runtimes.items())
+
+
+def fewest_cell(count: int | None, weights_only: int | None) -> str:
+    """One card's entry of the fewest table: the fewest cards that hold the model, then (in brackets) the cards
+    its weights alone fill; "-" where the reserve leaves the card nothing."""
+    if weights_only is None:
+        return "-"
+    return f"{count if count is not None else f'>{MAX_GPU_COUNT}'} ({weights_only})"
+
+
+def render_fewest(table: Fewest, console: Console) -> None:
+    """`heavylift plan --fewest`: a row per precision, a column per catalog card."""
+    arch, work = table.architecture, table.workload
+    _print_model(table.model, arch, work, console)
+    grid = Table(title="Fewest cards that hold it without offload (in brackets: the cards its weights alone fill)",
+                 title_justify="left")
+    grid.add_column("quant", justify="left", no_wrap=True)
+    for card in table.cards:
+        grid.add_column(card.name, justify="right", no_wrap=True)
+    for row in table.rows:
+        grid.add_row(row.quant, *(fewest_cell(n, w) for n, w in zip(row.counts, row.weights_only)))
+    console.print(grid)
+    console.print(runtimes_line([(row.quant, row.engine) for row in table.rows]))
 
 
 def _batch(batch: int, serve: bool) -> str:
