@@ -115,6 +115,17 @@ def _shape(config) -> Shape:
                  config.intermediate_size, config.vocab_size, config.rms_norm_eps)
 
 
+def token_scores(logits: torch.Tensor, following: torch.Tensor, top: int) -> list:
+    """For each row of `logits` [positions, vocab], the log-probability of the token that follows it
+    (`following`, one per row) and the `top` most likely tokens: [(logprob, ((token, logprob), ...)), ...]."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, following.to(logprobs.device)[:, None])[:, 0].tolist()
+    if not top:
+        return [(c, ()) for c in chosen]
+    best = torch.topk(logprobs, top, dim=-1)
+    return [(c, tuple(zip(i, v))) for c, i, v in zip(chosen, best.indices.tolist(), best.values.tolist())]
+
+
 def rope_tables(rotary: torch.nn.Module, context: int, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """bf16 cos and sin of every position, first halves only (rotate-half RoPE repeats them), from
     transformers' own rotary module, so every scaling rule it knows applies."""
@@ -276,12 +287,7 @@ class Engine:
         following = following.to(self.norm.device)
         for start in range(0, len(following), SCORE_ROWS):
             x = self._norm(hidden[start:start + SCORE_ROWS], self.norm)
-            logprobs = torch.log_softmax(dense_linear(x, self.lm_head).float(), dim=-1)
-            chosen = logprobs.gather(1, following[start:start + SCORE_ROWS, None])[:, 0].tolist()
-            best = torch.topk(logprobs, top, dim=-1) if top else None
-            ids = best.indices.tolist() if top else [[]] * len(chosen)
-            values = best.values.tolist() if top else [[]] * len(chosen)
-            out += [(c, tuple(zip(i, v))) for c, i, v in zip(chosen, ids, values)]
+            out += token_scores(dense_linear(x, self.lm_head), following[start:start + SCORE_ROWS], top)
         return out
 
     def _norm(self, x, weight):

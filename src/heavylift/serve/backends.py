@@ -13,6 +13,7 @@ from typing import Iterator, Mapping, Protocol
 import torch
 
 from heavylift.defaults import PREFILL_CHUNK_TOKENS
+from heavylift.engine.model import token_scores
 from heavylift.runtime.loader import expected_int8_casts
 
 # What a prefill yields: None after each chunk but the last, then (the last position's logits [1, vocab]
@@ -118,7 +119,8 @@ class TransformersBackend:
             with torch.inference_mode(), expected_int8_casts():
                 if found is not None:
                     logits = self.model(input_ids=piece, cache=cache, use_cache=True).logits[0].float()
-                    found += _scores(logits, tokens[0, start + 1:start + 1 + piece.shape[1]], scores)
+                    following = tokens[0, start + 1:start + 1 + piece.shape[1]]  # one fewer at the end
+                    found += token_scores(logits[:len(following)], following, scores)
                     logits = logits[-1:]
                 elif last:
                     logits = self.model(input_ids=piece, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
@@ -143,16 +145,6 @@ class TransformersBackend:
 
     def release(self, slot: int) -> None:
         self.caches.pop(slot, None)
-
-
-def _scores(logits: torch.Tensor, following: torch.Tensor, top: int) -> list:
-    """Engine._scores from a chunk's full logits [tokens, vocab]."""
-    logprobs = torch.log_softmax(logits[:len(following)], dim=-1)
-    chosen = logprobs.gather(1, following.to(logprobs.device)[:, None])[:, 0].tolist()
-    if not top:
-        return [(c, ()) for c in chosen]
-    best = torch.topk(logprobs, top, dim=-1)
-    return [(c, tuple(zip(i, v))) for c, i, v in zip(chosen, best.indices.tolist(), best.values.tolist())]
 
 
 def backend_for(session, slots: int) -> Backend:
