@@ -34,8 +34,11 @@ def _slow_module(folder: Path, name: str, reached: Path) -> dict:
 
 
 def _interrupt_when_reached(args: list[str], env: dict, reached: Path) -> subprocess.CompletedProcess:
+    # As a terminal starts a command: Ctrl-C at its default action, even where this test runs with SIGINT
+    # ignored (a job a non-interactive shell put in the background), which the child would inherit.
     child = subprocess.Popen([sys.executable, "-m", "heavylift", *args], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + WAIT_S
     while not reached.exists() and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

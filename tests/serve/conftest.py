@@ -54,7 +54,8 @@ class Server:
         with open(log, "w") as err:
             self.process = subprocess.Popen([sys.executable, "-m", "heavylift", "serve", *args, "--port",
                                              str(self.port)], env=server_env(), stdout=subprocess.DEVNULL,
-                                            stderr=err)
+                                            stderr=err,  # Ctrl-C at its default, as a terminal starts it
+                                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.health_seen: list[tuple[int, dict]] = []
         self._wait_ready()
 
