@@ -67,6 +67,20 @@ def _capacity_axis(ax, plan: Plan) -> None:
     axis.set_ylabel("GB on that device")
 
 
+def save_figure(fig, path: Path) -> None:
+    """Lay `fig` out, write it to `path` (a file that cannot be written is the user's one-line mistake) and
+    close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    try:
+        fig.savefig(path)
+    except OSError as e:
+        raise InvalidArgumentError(f"cannot write {path}: {e.strerror}") from None
+    finally:
+        plt.close(fig)
+
+
 def plot_memory(plan: Plan, path: Path) -> None:
     try:
         import matplotlib
@@ -99,10 +113,4 @@ def plot_memory(plan: Plan, path: Path) -> None:
     _capacity_axis(ax, plan)
     ax.set_title(f"{plan.model}: batch {plan.batch} on {_cards(plan.devices)}")
     ax.legend(title="precision", loc="upper left", bbox_to_anchor=(1.12, 1), fontsize=9)
-    fig.tight_layout()
-    try:
-        fig.savefig(path)
-    except OSError as e:
-        raise InvalidArgumentError(f"cannot write {path}: {e.strerror}") from None
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from heavylift.errors import InvalidArgumentError
-from .plot import FIGURE_INCHES, MARKERS, PLOT_SUFFIXES
+from .plot import FIGURE_INCHES, MARKERS, PLOT_SUFFIXES, save_figure
 
 MEGABYTE = 1e6  # the memory column's unit: tiny models would read 0.0 GB
 
@@ -73,10 +73,4 @@ def plot_quality(evaluation, path: Path) -> None:
     ax.set_ylabel(f"mean KL divergence from {evaluation.reference_quant} (nats)")
     ax.set_title(f"{evaluation.model}: quality against memory")
     ax.legend(fontsize=9)
-    fig.tight_layout()
-    try:
-        fig.savefig(path)
-    except OSError as e:
-        raise InvalidArgumentError(f"cannot write {path}: {e.strerror}") from None
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
