@@ -10,6 +10,8 @@ import tempfile
 
 import pytest
 
+from heavylift.planner.allocator import CachingAllocator
+
 # huggingface_hub reads these when first imported: set them before any test imports it.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="heavylift-test-hf-")
@@ -123,3 +125,15 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
         code = e.code if isinstance(e.code, int) else 1
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+class CountingAllocator(CachingAllocator):
+    """Counts the requests it serves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests = 0
+
+    def malloc(self, nbytes: int):
+        self.requests += 1
+        return super().malloc(nbytes)

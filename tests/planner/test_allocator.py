@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import CountingAllocator
+
 from heavylift.planner.allocator import (CachingAllocator, Program, block_size, peak_live, persistent_state, replay,
                                         run, segment_size)
 
@@ -87,18 +89,6 @@ def test_a_fork_of_persistent_tensors_replays_like_the_whole_program():
     forked = replay(phase, persistent_state([8 * MiB, 8 * MiB]))
     assert replay(whole) == forked
     assert forked.peak_reserved == 20 * MiB + 30 * MiB
-
-
-class CountingAllocator(CachingAllocator):
-    """Counts the requests it serves."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.requests = 0
-
-    def malloc(self, nbytes: int):
-        self.requests += 1
-        return super().malloc(nbytes)
 
 
 def _layer(p: Program, carried: tuple) -> tuple:

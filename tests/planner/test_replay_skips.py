@@ -8,9 +8,11 @@ import random
 
 import pytest
 
+from conftest import CountingAllocator
+
 from heavylift.model.architecture import architecture_from_config
 from heavylift.model.catalog import find_model
-from heavylift.planner.allocator import CachingAllocator, Program, run
+from heavylift.planner.allocator import Program, run
 from heavylift.planner.forward_program import Part
 from heavylift.planner.load_program import clear_load_caches, dense_load, expert_load, load_order, load_tensors, \
     loaded_state
@@ -18,18 +20,6 @@ from heavylift.planner.placement import Costs, _greedy, _unit
 from heavylift.schemes import SCHEMES
 
 MiB = 1 << 20
-
-
-class CountingAllocator(CachingAllocator):
-    """Counts the requests it serves."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.requests = 0
-
-    def malloc(self, nbytes: int):
-        self.requests += 1
-        return super().malloc(nbytes)
 
 
 def _round(p: Program) -> None:

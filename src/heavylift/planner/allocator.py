@@ -405,15 +405,16 @@ class Program:
     @property
     def events(self) -> list[tuple]:
         """Every event in order, repeated iterations written out."""
-        out: list[tuple] = []
-        for item in self._items:
-            if item[0] in LOOPS:
-                _, template, _, ids, times = item
-                for i in range(1, times + 1):
-                    out += _renumbered(template, i * ids)
-            else:
-                out.append(item)
-        return out
+        return [event for item in self._items for event in _iterations(item, item[4] if item[0] in LOOPS else 1)]
+
+
+def _iterations(item: tuple, times: int) -> list[tuple]:
+    """An event as a one-item list, or the first `times` iterations of a loop record (REPEAT, ROUNDS) written
+    out, each one's tensors numbered after the last's."""
+    if item[0] not in LOOPS:
+        return [item]
+    _, template, _, ids, _ = item
+    return [event for i in range(1, times + 1) for event in _renumbered(template, i * ids)]
 
 
 def _renumbered(items: list[tuple], by: int) -> list[tuple]:
@@ -514,14 +515,5 @@ def live_sizes(program: Program) -> list[int]:
 def one_round_each(program: Program) -> list[tuple]:
     """A program's events with each run of rounds (Program.rounds) written out once: the rounds leave nothing
     allocated, and each allocates what the first did."""
-    out: list[tuple] = []
-    for item in program._items:
-        if item[0] == ROUNDS:
-            out += _renumbered(item[1], item[3])
-        elif item[0] == REPEAT:
-            _, template, _, ids, times = item
-            for i in range(1, times + 1):
-                out += _renumbered(template, i * ids)
-        else:
-            out.append(item)
-    return out
+    return [event for item in program._items
+            for event in _iterations(item, item[4] if item[0] == REPEAT else 1)]
