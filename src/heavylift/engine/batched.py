@@ -1,0 +1,454 @@
+"""Decode steps of 2 to 64 tokens: a mixed-input tensor-core GEMM that reads each stored weight once a step.
+
+At batch 1 a step is a GEMV (kernels.py, gemv4.py). With more tokens the same weight bytes serve every
+token, so a program loads a tile of the stored weight once, widens it to bf16 in registers and multiplies
+it on the tensor cores against x's tile (its rows padded to BLOCK_M, 16 to 64), accumulating in float32:
+4-bit codes (NF4 or FP4, with or without double quantization) looked up in registers (lut.py) and scaled
+by their 64-weight block's absmax; LLM.int8 and FP8 rows widened as they are, their row scale applied to
+the accumulator; bf16 as it is. bitsandbytes' dequantize + cuBLAS instead writes and re-reads the whole
+bf16 weight (four times the 4-bit bytes, twice) every step.
+
+Where a weight's row tiles alone leave multiprocessors idle (the 8B model's o and down projections have
+32 tiles of 128 rows for 132 SMs), the K loop is split over SPLIT programs per tile (`split_k`): each
+stores its float32 partial in a workspace and takes a ticket; the last to arrive sums the partials in
+split order (the same bits whichever arrives last), runs the epilogue and resets the ticket, so the next
+call needs no memset and no second kernel runs. The epilogue rounds as the reference (ops.TorchOps) does:
+bias in float32, each projection to bf16, silu(gate) * up, the residual added to the rounded projection.
+
+A program computes acc [BLOCK_M, BLOCK_N], or with SWAP its transpose with the weight as the left
+operand (Hopper's wgmma can take that one from registers, and needs 64 of its rows, which x's 16 lack);
+the autotuner picks the tile and SWAP per shape. Triton's interpreter runs one fixed tile (FIXED).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from heavylift.schemes import ENGINE_BATCHED_MAX_ROWS
+
+from .kernels import DOT_BF16, DQ_GROUP, FP8, INT8, INTERPRET, NF4, NF4_DQ, QBLOCK, _store_part
+from .lut import scaled_pairs_ptx
+
+PAIRS_PTX = tl.constexpr(scaled_pairs_ptx())
+
+MAX_ROWS = ENGINE_BATCHED_MAX_ROWS  # the largest BLOCK_M: x's rows in one tile
+SPLITS_TARGET = 2  # split-K aims at this many programs per multiprocessor
+SPLITS_MAX = 8  # and never cuts a tile's K into more slices than this
+INTERPRET_SMS = 8  # multiprocessors split_k assumes on a CPU (Triton's interpreter)
+
+# BLOCK_N, BLOCK_K, SWAP, warps, stages: 64 widened weights per thread, one warpgroup per 64 rows (SWAP's
+# wgmma). Compiled for sm_90 these loops spend 10 to 15 SASS instructions per packed weight byte; 256-wide K
+# steps spent more, and more registers and shared memory, so they are left out (autotuning compiles each).
+_TILES = ((64, 128, False, 4, 4), (128, 128, False, 8, 3), (64, 128, True, 4, 4), (128, 128, True, 8, 3))
+CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SWAP": swap}, num_warps=w, num_stages=s)
+           for bn, bk, swap, w, s in _TILES]
+# Triton's CPU interpreter (tests) has no timer to autotune with: it runs this tile (tests change SWAP).
+FIXED = {"BLOCK_N": 32, "BLOCK_K": 128, "SWAP": False}
+
+
+def block_m(rows: int) -> int:
+    """x's tile height for a step of `rows` tokens: 16, 32 or 64 (the tensor cores' smallest is 16)."""
+    if not 1 <= rows <= MAX_ROWS:
+        raise ValueError(f"the batched kernel takes 1 to {MAX_ROWS} rows, not {rows}")
+    return max(16, triton.next_power_of_2(rows))
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRET_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def tiles(sizes, block_n: int) -> int:
+    """Row tiles of parts of `sizes` rows side by side, each part starting a tile of its own."""
+    return sum(-(-n // block_n) for n in sizes)
+
+
+def split_k(n_tiles: int, k: int, block_k: int, device: torch.device) -> int:
+    """K slices per tile, so that the tiles' programs come to about SPLITS_TARGET per multiprocessor."""
+    want = SPLITS_TARGET * _sm_count(device) // max(n_tiles, 1)
+    return max(1, min(SPLITS_MAX, want, -(-k // block_k)))
+
+
+def _candidates() -> list[dict]:
+    return [FIXED] if INTERPRET else [c.kwargs for c in CONFIGS]
+
+
+def scratch_sizes(sizes, k: int, rows: int, device: torch.device) -> tuple[int, int]:
+    """Float32 workspace elements and tickets a call may need, whichever tile the autotuner picks: per
+    split slice, BLOCK_M rows of every output column."""
+    bm, columns = block_m(rows), sum(sizes)
+    work = tickets = 0
+    for c in _candidates():
+        n_tiles = tiles(sizes, c["BLOCK_N"])
+        split = split_k(n_tiles, k, c["BLOCK_K"], device)
+        if split > 1:
+            work, tickets = max(work, split * bm * columns), max(tickets, n_tiles)
+    return work, tickets
+
+
+_SCRATCH: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
+def scratch(device: torch.device, work: int, tickets: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The device's split-K workspace and tickets, at least this large. One pair serves every call (calls on
+    a device run one after another, and each leaves its tickets at zero); a larger need adds a larger pair
+    and keeps the old one, which captured CUDA graphs may still point at."""
+    held = _SCRATCH.setdefault(device, [])
+    if held and held[-1][0].numel() >= work and held[-1][1].numel() >= tickets:
+        return held[-1]
+    old_work, old_tickets = (held[-1][0].numel(), held[-1][1].numel()) if held else (0, 0)
+    pair = (torch.empty(max(work, 2 * old_work, 1), dtype=torch.float32, device=device),
+            torch.zeros(max(tickets, 2 * old_tickets, 1), dtype=torch.int32, device=device))
+    held.append(pair)
+    return pair
+
+
+# -- device code ------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mma(acc, x, w, SWAP: tl.constexpr):
+    """acc + x @ w^T, or with SWAP acc^T + w @ x^T: bf16 operands on the tensor cores, float32 accumulate.
+    Triton's interpreter multiplies bf16 operands as raw bits, so there they are float32."""
+    if DOT_BF16:
+        x = x.to(tl.bfloat16)
+        w = w.to(tl.bfloat16)
+    else:
+        x = x.to(tl.float32)
+        w = w.to(tl.float32)
+    if SWAP:
+        acc = tl.dot(w, tl.trans(x), acc)
+    else:
+        acc = tl.dot(x, tl.trans(w), acc)
+    return acc
+
+
+@triton.jit
+def _table(code_ptr, LUT: tl.constexpr):
+    """The register lookup's eight table words (lut.words), read once per program; nothing without LUT."""
+    if LUT:
+        t = (tl.load(code_ptr), tl.load(code_ptr + 1), tl.load(code_ptr + 2), tl.load(code_ptr + 3),
+             tl.load(code_ptr + 4), tl.load(code_ptr + 5), tl.load(code_ptr + 6), tl.load(code_ptr + 7))
+    else:
+        t = (0, 0, 0, 0, 0, 0, 0, 0)
+    return t
+
+
+@triton.jit
+def _x_tile(x_ptr, x_stride, M, K, k0, KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+            EVEN: tl.constexpr):
+    """x[:M, k0:k0 + BLOCK_K] in bf16, zeros past M and K. For 4-bit weights as its even and odd elements
+    ([BLOCK_M, BLOCK_K / 2] each, read as int32 pairs), the ones a packed byte's two weights meet."""
+    m = tl.arange(0, BLOCK_M)
+    if KIND == NF4 or KIND == NF4_DQ:
+        c = tl.arange(0, BLOCK_K // 2)
+        if EVEN:
+            mask = (m < M)[:, None] & (c >= 0)[None, :]
+        else:
+            mask = (m < M)[:, None] & (k0 + 2 * c < K)[None, :]
+        words = tl.load(x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + m[:, None] * (x_stride // 2)
+                        + k0 // 2 + c[None, :], mask=mask, other=0)
+        even = words.to(tl.int16).to(tl.bfloat16, bitcast=True)  # little-endian: the even element is the low half
+        odd = (words >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        k = k0 + tl.arange(0, BLOCK_K)
+        if EVEN:
+            mask = (m < M)[:, None] & (k >= 0)[None, :]
+        else:
+            mask = (m < M)[:, None] & (k < K)[None, :]
+        even = tl.load(x_ptr + m[:, None] * x_stride + k[None, :], mask=mask, other=0.0)
+        odd = even
+    return even, odd
+
+
+@triton.jit
+def _load4(w_ptr, a_ptr, s_ptr, offset, blk_base, code2_ptr, rows64, row_mask, K, w_stride, k0,
+           KIND: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+    """Packed bytes of the tile, [BLOCK_N, BLOCK_K / 64 blocks, 32], and each block's absmax [BLOCK_N, blocks]
+    (with double quantization: its byte through code2, times the 256-block scale, plus the offset). EVEN:
+    the tile lies inside the weight, no mask."""
+    b = tl.arange(0, BLOCK_K // QBLOCK)
+    blk = k0 // QBLOCK + b
+    byte = (rows64[:, None, None] * w_stride + (blk * (QBLOCK // 2))[None, :, None]
+            + tl.arange(0, QBLOCK // 2)[None, None, :])
+    idx = blk_base + rows64[:, None] * (K // QBLOCK) + blk[None, :]
+    if EVEN:
+        packed = tl.load(w_ptr + byte)
+        if KIND == NF4_DQ:
+            a = tl.load(code2_ptr + tl.load(a_ptr + idx)) * tl.load(s_ptr + idx // DQ_GROUP) + offset
+        else:
+            a = tl.load(a_ptr + idx)
+    else:
+        mask = row_mask[:, None] & (blk * QBLOCK < K)[None, :]
+        packed = tl.load(w_ptr + byte, mask=mask[:, :, None], other=0)
+        if KIND == NF4_DQ:
+            q = tl.load(a_ptr + idx, mask=mask, other=0)
+            a = tl.load(code2_ptr + q) * tl.load(s_ptr + idx // DQ_GROUP, mask=mask, other=0.0) + offset
+        else:
+            a = tl.load(a_ptr + idx, mask=mask, other=0.0)
+    return packed, a
+
+
+@triton.jit
+def _widen4(packed, a, code_ptr, t, LUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Each byte's two weights times their block's absmax, in bf16, as two [BLOCK_N, BLOCK_K / 2] tiles: the
+    first weight of each byte (high nibble, even k) and the second. With LUT the code (as bf16) is looked up
+    in registers, the words `t` (lut.scaled_pairs_program, a rounded bf16 product per weight); without (the
+    interpreter) read from the 16 floats at code_ptr and rounded the same three times."""
+    s = tl.broadcast_to(a.to(tl.bfloat16)[:, :, None], (BLOCK_N, BLOCK_K // QBLOCK, QBLOCK // 2))
+    if LUT:
+        z = tl.zeros((BLOCK_N, BLOCK_K // QBLOCK, QBLOCK // 2), tl.int32)
+        first, second = tl.inline_asm_elementwise(PAIRS_PTX, "=r,=r,=r,=r" + ",r" * 35,
+                                                  [packed, s, z + t[0], z + t[1], z + t[2], z + t[3], z + t[4],
+                                                   z + t[5], z + t[6], z + t[7]],
+                                                  dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    else:
+        scale = _bf16_nearest(a)[:, :, None]
+        first = _bf16_nearest(_bf16_nearest(tl.load(code_ptr + (packed >> 4))) * scale).to(tl.bfloat16)
+        second = _bf16_nearest(_bf16_nearest(tl.load(code_ptr + (packed & 15))) * scale).to(tl.bfloat16)
+    return tl.reshape(first, (BLOCK_N, BLOCK_K // 2)), tl.reshape(second, (BLOCK_N, BLOCK_K // 2))
+
+
+@triton.jit
+def _bf16_nearest(v):
+    """float32 v rounded to the nearest bf16 (ties to even), still float32: the GPU's rounding, spelled out
+    because Triton's interpreter rounds toward zero."""
+    bits = v.to(tl.int32, bitcast=True)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _accumulate(acc, x_even, x_odd, w_ptr, a_ptr, s_ptr, offset, blk_base, code_ptr, code2_ptr, t, rows64,
+                row_mask, K, w_stride, k0, KIND: tl.constexpr, LUT: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, SWAP: tl.constexpr, EVEN: tl.constexpr):
+    """acc plus x's tile times the weight's tile [rows, k0:k0 + BLOCK_K]."""
+    if KIND == NF4 or KIND == NF4_DQ:
+        packed, a = _load4(w_ptr, a_ptr, s_ptr, offset, blk_base, code2_ptr, rows64, row_mask, K, w_stride, k0,
+                           KIND, BLOCK_K, EVEN)
+        first, second = _widen4(packed, a, code_ptr, t, LUT, BLOCK_N, BLOCK_K)
+        acc = _mma(acc, x_even, first, SWAP)
+        acc = _mma(acc, x_odd, second, SWAP)
+    else:
+        k = k0 + tl.arange(0, BLOCK_K)
+        if EVEN:
+            w = tl.load(w_ptr + rows64[:, None] * w_stride + k[None, :])
+        else:
+            w = tl.load(w_ptr + rows64[:, None] * w_stride + k[None, :], mask=row_mask[:, None] & (k < K)[None, :],
+                        other=0.0)
+        acc = _mma(acc, x_even, w, SWAP)
+    return acc
+
+
+@triton.jit
+def _zeros(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    return acc
+
+
+@triton.jit
+def _k_blocks(K, SPLIT, BLOCK_K: tl.constexpr):
+    """This program's K steps [lo, hi): slice program_id(1) of SPLIT (empty where K has fewer steps)."""
+    steps = tl.cdiv(K, BLOCK_K)
+    per = tl.cdiv(steps, SPLIT)
+    lo = tl.program_id(1) * per
+    return lo, tl.minimum(lo + per, steps)
+
+
+@triton.jit
+def _scaled(acc, a_ptr, rows, row_mask, KIND: tl.constexpr, SWAP: tl.constexpr):
+    """The accumulator as [BLOCK_M, BLOCK_N], times the row scale of FP8 and INT8 weights."""
+    if SWAP:
+        acc = tl.trans(acc)
+    if KIND == FP8 or KIND == INT8:
+        acc = acc * tl.load(a_ptr + rows, mask=row_mask, other=0.0)[None, :]
+    return acc
+
+
+@triton.jit
+def _rows_times_x(x_ptr, x_stride, M, K, w_ptr, a_ptr, s_ptr, offset, blk_base, w_stride, code_ptr, code2_ptr,
+                  rows, row_mask, SPLIT, KIND: tl.constexpr, LUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr, EVEN: tl.constexpr):
+    """float32 [BLOCK_M, BLOCK_N]: x[:M] times rows `rows` of one weight over this program's K slice."""
+    rows64 = rows.to(tl.int64)
+    t = _table(code_ptr, LUT)
+    acc = _zeros(BLOCK_M, BLOCK_N, SWAP)
+    lo, hi = _k_blocks(K, SPLIT, BLOCK_K)
+    for kb in range(lo, hi):
+        k0 = kb * BLOCK_K
+        x_even, x_odd = _x_tile(x_ptr, x_stride, M, K, k0, KIND, BLOCK_M, BLOCK_K, EVEN)
+        acc = _accumulate(acc, x_even, x_odd, w_ptr, a_ptr, s_ptr, offset, blk_base, code_ptr, code2_ptr, t,
+                          rows64, row_mask, K, w_stride, k0, KIND, LUT, BLOCK_N, BLOCK_K, SWAP, EVEN)
+    return _scaled(acc, a_ptr, rows, row_mask, KIND, SWAP)
+
+
+@triton.jit
+def _publish(acc, ws_ptr, M, cols, col_mask, n_total, BLOCK_M: tl.constexpr):
+    """This program's partial into its split slice of the workspace: [SPLIT, BLOCK_M, n_total] float32."""
+    m = tl.arange(0, BLOCK_M)
+    offs = (tl.program_id(1) * BLOCK_M + m[:, None]) * n_total + cols[None, :]
+    tl.store(ws_ptr + offs, acc, mask=(m < M)[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _last_to_arrive(tickets_ptr, tile, SPLIT):
+    """Whether every other slice of this tile has published its partial (their stores ordered before their
+    tickets by the barrier and the release; the reads after this one's acquire)."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(tickets_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    return arrived == SPLIT - 1
+
+
+@triton.jit
+def _collect(ws_ptr, M, cols, col_mask, n_total, SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The tile's partials summed in split order (read past L1, where another multiprocessor wrote them)."""
+    m = tl.arange(0, BLOCK_M)
+    mask = (m < M)[:, None] & col_mask[None, :]
+    total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for s in range(0, SPLIT):
+        total += tl.load(ws_ptr + (s * BLOCK_M + m[:, None]) * n_total + cols[None, :], mask=mask, other=0.0,
+                         cache_modifier=".cg")
+    return total
+
+
+@triton.jit
+def _linear_out(acc, out_ptr, out_stride, res_ptr, M, bias_ptr, rows, n, col0, HAS_BIAS: tl.constexpr,
+                HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows, mask=rows < n, other=0.0).to(tl.float32)[None, :]
+    _store_part(out_ptr, out_stride, res_ptr, M, acc, rows, n, col0, HAS_RES, BLOCK_M)
+
+
+@triton.jit
+def _linear_part(x_ptr, x_stride, out_ptr, out_stride, res_ptr, M, K, w_ptr, a_ptr, s_ptr, offset, blk_base,
+                 bias_ptr, n, col0, n_total, w_stride, code_ptr, code2_ptr, ws_ptr, tickets_ptr, SPLIT, tile,
+                 KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, LUT: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
+                 EVEN: tl.constexpr):
+    """Row tile `tile` of one part (its rows written at columns col0 + rows); the program's ticket is its
+    place in the whole grid."""
+    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n
+    acc = _rows_times_x(x_ptr, x_stride, M, K, w_ptr, a_ptr, s_ptr, offset, blk_base, w_stride, code_ptr,
+                        code2_ptr, rows, row_mask, SPLIT, KIND, LUT, BLOCK_M, BLOCK_N, BLOCK_K, SWAP, EVEN)
+    if SPLIT == 1:
+        _linear_out(acc, out_ptr, out_stride, res_ptr, M, bias_ptr, rows, n, col0, HAS_BIAS, HAS_RES, BLOCK_M)
+    else:
+        ticket = tl.program_id(0)
+        _publish(acc, ws_ptr, M, col0 + rows, row_mask, n_total, BLOCK_M)
+        if _last_to_arrive(tickets_ptr, ticket, SPLIT):
+            acc = _collect(ws_ptr, M, col0 + rows, row_mask, n_total, SPLIT, BLOCK_M, BLOCK_N)
+            _linear_out(acc, out_ptr, out_stride, res_ptr, M, bias_ptr, rows, n, col0, HAS_BIAS, HAS_RES, BLOCK_M)
+            tl.store(tickets_ptr + ticket, 0)
+
+
+@triton.jit
+def _linear_kernel(x_ptr, x_stride, out_ptr, out_stride, res_ptr, M, K,
+                   w0, a0, s0, o0, g0, b0, n0,
+                   w1, a1, s1, o1, g1, b1, n1,
+                   w2, a2, s2, o2, g2, b2, n2,
+                   code_ptr, code2_ptr, w_stride, ws_ptr, tickets_ptr, SPLIT,
+                   KIND: tl.constexpr, PARTS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                   LUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   SWAP: tl.constexpr, EVEN: tl.constexpr):
+    """y[:, parts] = x @ W_p^T (+ bias) (+ residual) for up to three weights side by side (q, k, v); grid
+    (row tiles of all parts, SPLIT)."""
+    pid = tl.program_id(0)
+    p0 = tl.cdiv(n0, BLOCK_N)
+    p1 = tl.cdiv(n1, BLOCK_N)
+    n_total = n0 + n1 + n2
+    if pid < p0:
+        _linear_part(x_ptr, x_stride, out_ptr, out_stride, res_ptr, M, K, w0, a0, s0, o0, g0, b0, n0, 0, n_total,
+                     w_stride, code_ptr, code2_ptr, ws_ptr, tickets_ptr, SPLIT, pid, KIND, HAS_BIAS, HAS_RES, LUT,
+                     BLOCK_M, BLOCK_N, BLOCK_K, SWAP, EVEN)
+    elif PARTS > 1 and pid < p0 + p1:
+        _linear_part(x_ptr, x_stride, out_ptr, out_stride, res_ptr, M, K, w1, a1, s1, o1, g1, b1, n1, n0, n_total,
+                     w_stride, code_ptr, code2_ptr, ws_ptr, tickets_ptr, SPLIT, pid - p0, KIND, HAS_BIAS, HAS_RES,
+                     LUT, BLOCK_M, BLOCK_N, BLOCK_K, SWAP, EVEN)
+    elif PARTS > 2:
+        _linear_part(x_ptr, x_stride, out_ptr, out_stride, res_ptr, M, K, w2, a2, s2, o2, g2, b2, n2, n0 + n1,
+                     n_total, w_stride, code_ptr, code2_ptr, ws_ptr, tickets_ptr, SPLIT, pid - p0 - p1, KIND,
+                     HAS_BIAS, HAS_RES, LUT, BLOCK_M, BLOCK_N, BLOCK_K, SWAP, EVEN)
+
+
+@triton.jit
+def _glu_out(g, u, out_ptr, out_stride, M, rows, n, BLOCK_M: tl.constexpr):
+    """silu(gate) * up, rounded as the reference: each projection to bf16, silu in float32 back to bf16."""
+    g = g.to(tl.bfloat16).to(tl.float32)
+    u = u.to(tl.bfloat16).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(tl.bfloat16).to(tl.float32) * u
+    m = tl.arange(0, BLOCK_M)
+    mask = (m < M)[:, None] & (rows < n)[None, :]
+    tl.store(out_ptr + m[:, None] * out_stride + rows[None, :], act.to(tl.bfloat16), mask=mask)
+
+
+@triton.jit
+def _glu_kernel(x_ptr, x_stride, out_ptr, out_stride, M, K, w0, a0, s0, o0, g0, w1, a1, s1, o1, g1, n,
+                code_ptr, code2_ptr, w_stride, ws_ptr, tickets_ptr, SPLIT, KIND: tl.constexpr, LUT: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
+                EVEN: tl.constexpr):
+    """act = silu(x @ gate^T) * (x @ up^T): both projections of the same rows in one pass over x; grid
+    (row tiles, SPLIT), the workspace's columns [0, n) the gate's and [n, 2n) the up projection's."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n
+    rows64 = rows.to(tl.int64)
+    t = _table(code_ptr, LUT)
+    g = _zeros(BLOCK_M, BLOCK_N, SWAP)
+    u = _zeros(BLOCK_M, BLOCK_N, SWAP)
+    lo, hi = _k_blocks(K, SPLIT, BLOCK_K)
+    for kb in range(lo, hi):
+        k0 = kb * BLOCK_K
+        x_even, x_odd = _x_tile(x_ptr, x_stride, M, K, k0, KIND, BLOCK_M, BLOCK_K, EVEN)
+        g = _accumulate(g, x_even, x_odd, w0, a0, s0, o0, g0, code_ptr, code2_ptr, t, rows64, row_mask, K,
+                        w_stride, k0, KIND, LUT, BLOCK_N, BLOCK_K, SWAP, EVEN)
+        u = _accumulate(u, x_even, x_odd, w1, a1, s1, o1, g1, code_ptr, code2_ptr, t, rows64, row_mask, K,
+                        w_stride, k0, KIND, LUT, BLOCK_N, BLOCK_K, SWAP, EVEN)
+    g = _scaled(g, a0, rows, row_mask, KIND, SWAP)
+    u = _scaled(u, a1, rows, row_mask, KIND, SWAP)
+    if SPLIT == 1:
+        _glu_out(g, u, out_ptr, out_stride, M, rows, n, BLOCK_M)
+    else:
+        _publish(g, ws_ptr, M, rows, row_mask, 2 * n, BLOCK_M)
+        _publish(u, ws_ptr, M, n + rows, row_mask, 2 * n, BLOCK_M)
+        if _last_to_arrive(tickets_ptr, pid, SPLIT):
+            g = _collect(ws_ptr, M, rows, row_mask, 2 * n, SPLIT, BLOCK_M, BLOCK_N)
+            u = _collect(ws_ptr, M, n + rows, row_mask, 2 * n, SPLIT, BLOCK_M, BLOCK_N)
+            _glu_out(g, u, out_ptr, out_stride, M, rows, n, BLOCK_M)
+            tl.store(tickets_ptr + pid, 0)
+
+
+def _linear_sizes(args) -> tuple[int, ...]:
+    return tuple(args[f"n{p}"] for p in range(args["PARTS"]))
+
+
+def _split(sizes):
+    return lambda args: split_k(tiles(sizes(args), args["BLOCK_N"]), args["K"], args["BLOCK_K"], args["x_ptr"].device)
+
+
+def _even(sizes):
+    """Whether every tile lies inside its weight: each part a whole number of row tiles, K of steps."""
+    return lambda args: (args["K"] % args["BLOCK_K"] == 0
+                         and all(n % args["BLOCK_N"] == 0 for n in sizes(args)))
+
+
+def _tuned(sizes, key):
+    heuristics = triton.heuristics({"SPLIT": _split(sizes), "EVEN": _even(sizes)})
+    return heuristics if INTERPRET else (lambda fn: triton.autotune(configs=CONFIGS, key=key)(heuristics(fn)))
+
+
+linear_kernel = _tuned(_linear_sizes, ["K", "KIND", "PARTS", "n0", "n1", "n2", "BLOCK_M"])(_linear_kernel)
+glu_kernel = _tuned(lambda args: (args["n"],), ["K", "KIND", "n", "BLOCK_M"])(_glu_kernel)
+
+
+def fixed() -> dict:
+    """Launch options the autotuner would pick: the interpreter's fixed tile, nothing when compiled."""
+    return dict(FIXED) if INTERPRET else {}
