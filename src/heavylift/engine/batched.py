@@ -30,7 +30,7 @@ import triton.language as tl
 
 from heavylift.schemes import ENGINE_BATCHED_MAX_ROWS
 
-from .kernels import DOT_BF16, DQ_GROUP, FP8, INT8, INTERPRET, NF4, NF4_DQ, QBLOCK, _store_part
+from .kernels import DOT_BF16, DQ_GROUP, FP8, INT8, INTERPRET, NF4, NF4_DQ, QBLOCK, store_part
 from .lut import scaled_pairs_ptx
 
 PAIRS_PTX = tl.constexpr(scaled_pairs_ptx())
@@ -324,7 +324,7 @@ def _linear_out(acc, out_ptr, out_stride, res_ptr, M, bias_ptr, rows, n, col0, H
                 HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr):
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows, mask=rows < n, other=0.0).to(tl.float32)[None, :]
-    _store_part(out_ptr, out_stride, res_ptr, M, acc, rows, n, col0, HAS_RES, BLOCK_M)
+    store_part(out_ptr, out_stride, res_ptr, M, acc, rows, n, col0, HAS_RES, BLOCK_M)
 
 
 @triton.jit

@@ -187,8 +187,10 @@ def _part_rows(x_ptr, x_stride, M, w_ptr, abs_ptr, abs2_ptr, offset, blk_base, b
 
 
 @triton.jit
-def _store_part(out_ptr, out_stride, res_ptr, M, acc, rows, n_rows, col0, HAS_RES: tl.constexpr,
-                BLOCK_M: tl.constexpr):
+def store_part(out_ptr, out_stride, res_ptr, M, acc, rows, n_rows, col0, HAS_RES: tl.constexpr,
+               BLOCK_M: tl.constexpr):
+    """acc's first M rows to columns col0 + rows of out in bf16, the residual added as the reference adds it
+    (batched.py's epilogue too)."""
     m = tl.arange(0, BLOCK_M)
     mask = (m < M)[:, None] & (rows < n_rows)[None, :]
     offs = m[:, None] * out_stride + col0 + rows[None, :]
@@ -216,17 +218,17 @@ def _linear_kernel(x_ptr, x_stride, out_ptr, out_stride, res_ptr, M, K,
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _part_rows(x_ptr, x_stride, M, w0, a0, s0, o0, g0, b0, code_ptr, code2_ptr, rows, K, KIND,
                          HAS_BIAS, BLOCK_M, BLOCK_N, NB, EVEN_K, LUT, n0)
-        _store_part(out_ptr, out_stride, res_ptr, M, acc, rows, n0, 0, HAS_RES, BLOCK_M)
+        store_part(out_ptr, out_stride, res_ptr, M, acc, rows, n0, 0, HAS_RES, BLOCK_M)
     elif PARTS > 1 and pid < p0 + p1:
         rows = (pid - p0) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _part_rows(x_ptr, x_stride, M, w1, a1, s1, o1, g1, b1, code_ptr, code2_ptr, rows, K, KIND,
                          HAS_BIAS, BLOCK_M, BLOCK_N, NB, EVEN_K, LUT, n1)
-        _store_part(out_ptr, out_stride, res_ptr, M, acc, rows, n1, n0, HAS_RES, BLOCK_M)
+        store_part(out_ptr, out_stride, res_ptr, M, acc, rows, n1, n0, HAS_RES, BLOCK_M)
     elif PARTS > 2:
         rows = (pid - p0 - p1) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _part_rows(x_ptr, x_stride, M, w2, a2, s2, o2, g2, b2, code_ptr, code2_ptr, rows, K, KIND,
                          HAS_BIAS, BLOCK_M, BLOCK_N, NB, EVEN_K, LUT, n2)
-        _store_part(out_ptr, out_stride, res_ptr, M, acc, rows, n2, n0 + n1, HAS_RES, BLOCK_M)
+        store_part(out_ptr, out_stride, res_ptr, M, acc, rows, n2, n0 + n1, HAS_RES, BLOCK_M)
 
 
 @triton.jit

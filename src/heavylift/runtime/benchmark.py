@@ -205,11 +205,12 @@ def engine_records(engine, model: str, quant: str, load_s: float, bandwidth: flo
     return records
 
 
-def reference_records(hf_model, model: str, quant: str, load_s: float, engine_records: list[BenchRecord]) -> list[BenchRecord]:
+def reference_records(hf_model, model: str, quant: str, load_s: float,
+                      engine: list[BenchRecord]) -> list[BenchRecord]:
     """transformers' generate on the same loaded weights, at batch 1 and 16, beside the engine's records of
     the same batch (their roofline)."""
     gpus = len({p.device for p in hf_model.parameters()})
-    ours = {r.batch: r for r in engine_records}
+    ours = {r.batch: r for r in engine}
     return [BenchRecord(model, "reference", quant, batch, gpus,
                         reference_decode_tok_s(hf_model, batch, *decode_lengths(batch)), ours[batch].roofline_tok_s,
                         None, load_s, ours[batch].bytes_per_token, ours[batch].bytes_per_step,
