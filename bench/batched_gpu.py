@@ -12,13 +12,15 @@ In one call, per precision (NF4-DQ, NF4, FP8, BF16, then INT8 while time is left
      what the engine ran above one token before batched.py; cuBLAS / torch._scaled_mm for bf16 / FP8);
   4. greedy decode tok/s at each batch (CUDA graphs, runtime.benchmark.engine_decode_tok_s) and its step
      roofline: max(bytes read / HBM bandwidth, FLOPs / dense bf16 peak) with the card's datasheet figures
-     from the hardware catalog (H100 SXM 3.35 TB/s and 989 TFLOP/s, H200 4.8 TB/s), and the fraction reached.
+     from the hardware catalog (H100 SXM 3.35 TB/s and 989 TFLOP/s, H200 4.8 TB/s), and the fraction reached;
+     for NF4-DQ (--pdl-quants) the batches above 1 once more with every kernel launched with PDL, which the
+     engine does for one-token steps only.
 Then, if enough time is left, the reference stack (bench/decode_gpu.py's seed_baseline.py run).
 The results are written after every case to OUT/decode_<card>_<date>.json (card, date, exact command).
 
 Usage (GPU machine):
     python3 bench/batched_gpu.py [--quick] [--quants nf4-dq,nf4,fp8,bf16,int8] [--batches 1,4,16,64]
-                                 [--seed-modes bf16,nf4,fp8 | ''] [--budget-s 500] [--out PATH]
+                                 [--seed-modes bf16,nf4,fp8 | ''] [--pdl-quants nf4-dq] [--budget-s 500] [--out PATH]
 """
 
 from __future__ import annotations
@@ -225,7 +227,9 @@ def time_linears(layers, quant: str, rows_list, replays: int, bandwidth: float) 
 # -- decode ---------------------------------------------------------------------------------------------
 
 
-def decode_records(engine, quant: str, batches, quick: bool, peak: dict, save) -> list[dict]:
+def decode_records(engine, quant: str, batches, quick: bool, peak: dict, save, **extra) -> list[dict]:
+    """Decode tok/s at each batch with its roofline; `extra` recorded with each (what differs from the
+    default engine)."""
     from heavylift.runtime.benchmark import decode_lengths, engine_decode_tok_s, step_cost
 
     out = []
@@ -240,9 +244,9 @@ def decode_records(engine, quant: str, batches, quick: bool, peak: dict, save) -
         rec = dict(model=f"{MODEL}-shape", engine="heavylift", quant=quant, batch=batch, prompt=prompt, new=new,
                    decode_tok_s=rate, roofline_tok_s=roof, roofline_fraction=rate / roof, bound_by=bound,
                    bytes_per_step=cost.bytes, weight_bytes=cost.weight_bytes, kv_bytes=cost.kv_bytes,
-                   activation_bytes=cost.activation_bytes, flops_per_step=cost.flops)
+                   activation_bytes=cost.activation_bytes, flops_per_step=cost.flops, **extra)
         out.append(rec)
-        log(quant, f"batch {batch}: {rate:.1f} tok/s, roofline {roof:.0f} ({100 * rate / roof:.1f}%)")
+        log(quant, f"batch {batch}: {rate:.1f} tok/s, roofline {roof:.0f} ({100 * rate / roof:.1f}%)", extra or "")
         save(rec)
     return out
 
@@ -286,9 +290,26 @@ def run_quant(quant: str, args, config, peak: dict, result: dict, save) -> None:
                                       GRAPH_REPLAYS[args.quick], peak["bandwidth_bytes_s"])
     result["tuned"] = tuned_configs()
     save()
-    decode_records(engine, quant, batches, args.quick, peak, lambda rec: (result["records"].append(rec), save()))
+    record = lambda rec: (result["records"].append(rec), save())  # noqa: E731
+    decode_records(engine, quant, batches, args.quick, peak, record)
+    if quant in args.pdl_quants:
+        engine = pdl_ablation(engine, quant, [b for b in batches if b > 1], context, args.quick, peak, record)
     del engine
     free()
+
+
+def pdl_ablation(engine, quant: str, batches, context: int, quick: bool, peak: dict, record):
+    """The steps of several tokens again with every kernel launched with PDL (ops.PDL_MAX_ROWS raised), on a
+    fresh engine over the same weights (new graphs); the engine to free."""
+    from heavylift.engine import ops
+
+    engine = engine.with_cache(max(batches), context)
+    ops.PDL_MAX_ROWS = max(batches)
+    try:
+        decode_records(engine, quant, batches, quick, peak, record, pdl_max_rows=ops.PDL_MAX_ROWS)
+    finally:
+        ops.PDL_MAX_ROWS = 1
+    return engine
 
 
 def reference(args, result: dict, save) -> None:
@@ -329,8 +350,11 @@ def parse_args():
     p.add_argument("--quick", action="store_true", help="a quarter of the decode steps, fewer timings")
     p.add_argument("--seed-modes", default="bf16,nf4,fp8", help="the reference stack's modes; '' skips it")
     p.add_argument("--budget-s", type=float, default=500, help="stop starting precisions past this many seconds")
+    p.add_argument("--pdl-quants", default="nf4-dq",
+                   help="precisions whose steps of several tokens are timed again with PDL launches ('' none)")
     args = p.parse_args()
     args.quants = [q for q in args.quants.split(",") if q]
+    args.pdl_quants = [q for q in args.pdl_quants.split(",") if q]
     args.batches = sorted(int(b) for b in args.batches.split(",") if b)
     return args
 

@@ -54,6 +54,7 @@ def _fresh_tile(monkeypatch):
     test changed."""
     monkeypatch.setattr(B, "FIXED", dict(B.FIXED))
     monkeypatch.setattr(B, "INTERPRET_SMS", B.INTERPRET_SMS)
+    monkeypatch.setattr(B, "SLICE_PER_ROW", B.SLICE_PER_ROW)
     B._sm_count.cache_clear()
     yield
     B._sm_count.cache_clear()
@@ -90,23 +91,37 @@ def test_glu_over_row_views_matches_float64(layout, rows):
 @pytest.mark.parametrize("swap", [False, True])
 @pytest.mark.parametrize("sms", [1, 8])
 def test_split_k_and_swap_sum_every_slice_and_leave_the_tickets_at_zero(layout, swap, sms):
-    """128 rows (four 32-row tiles) over K = 640 (five 128-wide steps): eight multiprocessors split each tile
-    four ways, [0, 2), [2, 4), [4, 5) and an empty slice; one multiprocessor leaves it whole. Either way every
-    slice is summed once and the tickets are back at zero for the next call."""
+    """128 rows (four 32-row tiles) over K = 640 (five 128-wide steps), slices of at least 8 x 16 rows: eight
+    multiprocessors split each tile four ways, [0, 2), [2, 4), [4, 5) and an empty slice; one multiprocessor
+    leaves it whole. Either way every slice is summed once and the tickets are back at zero for the next call."""
     B.FIXED["SWAP"] = swap
     B.INTERPRET_SMS = sms
+    B.SLICE_PER_ROW = 8
     k = 640
     w = quantized(layout, 128, k, bias=True)
     gate, up = quantized(layout, 128, k), quantized(layout, 128, k)
     x = torch.randn(5, k).bfloat16()
-    assert B.split_k(B.tiles([128], 32), k, 128, x.device) == (4 if sms == 8 else 1)
+    assert B.split_k(B.tiles([128], 32), k, 128, 16, x.device) == (4 if sms == 8 else 1)
     got = TritonOps.linear(x, [w], poisoned(5, 128))
     assert rel_err(got, projection(x, w)) < LINEAR_BOUND
+    parts = [quantized(layout, n, k) for n in (96, 32, 32)]  # five tiles, three slices each: the tickets of
+    res = torch.randn(5, 160).bfloat16()  # every part's tiles, their columns in the workspace and the output
+    ref = torch.cat([projection(x, p) for p in parts], dim=-1) + res.double()
+    assert rel_err(TritonOps.linear(x, parts, poisoned(5, 160), residual=res), ref) < LINEAR_BOUND
     act = TritonOps.glu(x, gate, up, poisoned(5, 128))
     assert rel_err(act, F.silu(projection(x, gate)) * projection(x, up)) < GLU_BOUND
     for _, tickets in B._SCRATCH.get(x.device, []):
         assert not tickets.any()
     assert torch.equal(TritonOps.linear(x, [w], poisoned(5, 128)), got)  # a second call: the same bits
+
+
+def test_split_k_fills_the_multiprocessors_within_its_caps():
+    cpu = torch.device("cpu")  # INTERPRET_SMS = 8: SPLITS_TARGET x 8 = 16 programs wanted
+    assert B.split_k(4, 4096, 128, 16, cpu) == 4  # 4 tiles x 4 slices
+    assert B.split_k(1, 4096, 128, 16, cpu) == 8  # SPLITS_MAX
+    assert B.split_k(1, 4096, 128, 64, cpu) == 2  # slices of at least 32 x 64 of K
+    assert B.split_k(1, 256, 128, 2, cpu) == 2  # two K steps
+    assert B.split_k(40, 4096, 128, 16, cpu) == 1  # the tiles alone fill it
 
 
 def test_steps_of_2_to_64_tokens_take_the_batched_kernel_and_65_the_dequantized_matmul(monkeypatch):

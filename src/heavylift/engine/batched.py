@@ -30,14 +30,17 @@ import triton.language as tl
 
 from heavylift.schemes import ENGINE_BATCHED_MAX_ROWS
 
-from .kernels import DOT_BF16, DQ_GROUP, FP8, INT8, INTERPRET, NF4, NF4_DQ, QBLOCK, store_part
+from .kernels import DOT_BF16, DQ_GROUP, FP8, INT8, INTERPRET, NF4, NF4_DQ, QBLOCK, pdl_enter, store_part
 from .lut import scaled_pairs_ptx
 
 PAIRS_PTX = tl.constexpr(scaled_pairs_ptx())
 
 MAX_ROWS = ENGINE_BATCHED_MAX_ROWS  # the largest BLOCK_M: x's rows in one tile
 SPLITS_TARGET = 2  # split-K aims at this many programs per multiprocessor
-SPLITS_MAX = 8  # and never cuts a tile's K into more slices than this
+SPLITS_MAX = 8  # and never cuts a tile's K into more slices than this,
+# nor into slices shorter than this many times BLOCK_M: a slice's float32 partial [BLOCK_M, BLOCK_N], written
+# and read back, then stays under half the 4-bit weight bytes the slice reads (16 BLOCK_M / slice).
+SLICE_PER_ROW = 32
 INTERPRET_SMS = 8  # multiprocessors split_k assumes on a CPU (Triton's interpreter)
 
 # BLOCK_N, BLOCK_K, SWAP, warps, stages: 64 widened weights per thread, one warpgroup per 64 rows (SWAP's
@@ -69,10 +72,11 @@ def tiles(sizes, block_n: int) -> int:
     return sum(-(-n // block_n) for n in sizes)
 
 
-def split_k(n_tiles: int, k: int, block_k: int, device: torch.device) -> int:
-    """K slices per tile, so that the tiles' programs come to about SPLITS_TARGET per multiprocessor."""
+def split_k(n_tiles: int, k: int, block_k: int, rows: int, device: torch.device) -> int:
+    """K slices per tile, so that the tiles' programs come to about SPLITS_TARGET per multiprocessor (`rows`:
+    the tile's BLOCK_M)."""
     want = SPLITS_TARGET * _sm_count(device) // max(n_tiles, 1)
-    return max(1, min(SPLITS_MAX, want, -(-k // block_k)))
+    return max(1, min(SPLITS_MAX, want, -(-k // block_k), k // (SLICE_PER_ROW * rows)))
 
 
 def _candidates() -> list[dict]:
@@ -86,7 +90,7 @@ def scratch_sizes(sizes, k: int, rows: int, device: torch.device) -> tuple[int, 
     work = tickets = 0
     for c in _candidates():
         n_tiles = tiles(sizes, c["BLOCK_N"])
-        split = split_k(n_tiles, k, c["BLOCK_K"], device)
+        split = split_k(n_tiles, k, c["BLOCK_K"], bm, device)
         if split > 1:
             work, tickets = max(work, split * bm * columns), max(tickets, n_tiles)
     return work, tickets
@@ -361,6 +365,7 @@ def _linear_kernel(x_ptr, x_stride, out_ptr, out_stride, res_ptr, M, K,
                    SWAP: tl.constexpr, EVEN: tl.constexpr):
     """y[:, parts] = x @ W_p^T (+ bias) (+ residual) for up to three weights side by side (q, k, v); grid
     (row tiles of all parts, SPLIT)."""
+    pdl_enter()
     pid = tl.program_id(0)
     p0 = tl.cdiv(n0, BLOCK_N)
     p1 = tl.cdiv(n1, BLOCK_N)
@@ -397,6 +402,7 @@ def _glu_kernel(x_ptr, x_stride, out_ptr, out_stride, M, K, w0, a0, s0, o0, g0, 
                 EVEN: tl.constexpr):
     """act = silu(x @ gate^T) * (x @ up^T): both projections of the same rows in one pass over x; grid
     (row tiles, SPLIT), the workspace's columns [0, n) the gate's and [n, 2n) the up projection's."""
+    pdl_enter()
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n
@@ -431,7 +437,8 @@ def _linear_sizes(args) -> tuple[int, ...]:
 
 
 def _split(sizes):
-    return lambda args: split_k(tiles(sizes(args), args["BLOCK_N"]), args["K"], args["BLOCK_K"], args["x_ptr"].device)
+    return lambda args: split_k(tiles(sizes(args), args["BLOCK_N"]), args["K"], args["BLOCK_K"], args["BLOCK_M"],
+                                args["x_ptr"].device)
 
 
 def _even(sizes):

@@ -258,12 +258,16 @@ def _halves(out16: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
     return stand_in if out16 is None else out16.view(torch.float16)
 
 
+PDL_MAX_ROWS = 1  # steps of at most this many tokens launch their kernels with PDL (_pdl)
+
+
 def _pdl(K, rows: int) -> dict:
-    """Launch options: programmatic dependent launch (kernels.PDL) for one-token steps only. It lets a short
-    GEMV start while the previous kernel drains, which one-token steps gain from; at batch 16 the tensor-core
-    tiles lose more to the next kernel's early, waiting programs than they gain (docs/engine.md; bench/
-    decode_gpu.py measures both with HEAVYLIFT_PDL=0 turning it off)."""
-    return {"launch_pdl": True} if K.PDL.value and rows == 1 else {}
+    """Launch options: programmatic dependent launch (kernels.PDL) for one-token steps only (PDL_MAX_ROWS). It
+    lets a short GEMV start while the previous kernel drains, which one-token steps gain from; at batch 16 the
+    16-row tensor-core tiles lost more to the next kernel's early, waiting programs than they gained (docs/
+    engine.md; bench/decode_gpu.py measures both with HEAVYLIFT_PDL=0 turning it off, bench/batched_gpu.py
+    batched steps with PDL_MAX_ROWS raised)."""
+    return {"launch_pdl": True} if K.PDL.value and rows <= PDL_MAX_ROWS else {}
 
 
 def _fp16_dot(x: torch.Tensor) -> bool:
@@ -301,6 +305,7 @@ def _gemv_rows(w: QWeight) -> int:
 def _batched_linear(x, parts: Sequence[QWeight], out, residual):
     """TritonOps.linear for 2 to 64 tokens through batched.linear_kernel."""
     from . import batched as B
+    from . import kernels as K
 
     m, w = x.shape[0], parts[0]
     sizes = [q.n for q in parts] + [0] * (3 - len(parts))
@@ -312,20 +317,21 @@ def _batched_linear(x, parts: Sequence[QWeight], out, residual):
     B.linear_kernel[grid](x, x.stride(0), out, out.stride(0), residual if residual is not None else out, m, w.k,
                           *args, *_batched_codes(w), _row_stride(w), ws, tickets, KIND=w.kind, PARTS=len(parts),
                           HAS_BIAS=w.bias is not None, HAS_RES=residual is not None, LUT=_batched_lut(w),
-                          BLOCK_M=B.block_m(m), **B.fixed())
+                          BLOCK_M=B.block_m(m), **B.fixed(), **_pdl(K, m))
     return out
 
 
 def _batched_glu(x, gate: QWeight, up: QWeight, out):
     """TritonOps.glu for 2 to 64 tokens through batched.glu_kernel."""
     from . import batched as B
+    from . import kernels as K
 
     m = x.shape[0]
     ws, tickets = B.scratch(x.device, *B.scratch_sizes([gate.n, up.n], gate.k, m, x.device))
     grid = lambda meta: (B.tiles([gate.n], meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
     B.glu_kernel[grid](x, x.stride(0), out, out.stride(0), m, gate.k, *_weight_args(gate), *_weight_args(up),
                        gate.n, *_batched_codes(gate), _row_stride(gate), ws, tickets, KIND=gate.kind,
-                       LUT=_batched_lut(gate), BLOCK_M=B.block_m(m), **B.fixed())
+                       LUT=_batched_lut(gate), BLOCK_M=B.block_m(m), **B.fixed(), **_pdl(K, m))
     return out
 
 
