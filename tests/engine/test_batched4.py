@@ -124,6 +124,19 @@ def test_split_k_fills_the_multiprocessors_within_its_caps():
     assert B.split_k(40, 4096, 128, 16, cpu) == 1  # the tiles alone fill it
 
 
+def test_the_glu_workspace_holds_gate_and_up_of_each_gate_tile_and_a_short_one_is_refused(monkeypatch):
+    """Four 32-row gate tiles split four ways (K = 640, slices of at least 8 x 16): 4 slices x 16 rows x
+    (128 gate + 128 up columns) floats and 4 tickets; handed less, the launch raises instead of writing past
+    the workspace's end."""
+    B.SLICE_PER_ROW = 8
+    cpu = torch.device("cpu")
+    assert B.scratch_sizes([128], 256, 640, 5, cpu) == (4 * 16 * 256, 4)
+    gate, up = quantized("nf4", 128, 640), quantized("nf4", 128, 640)
+    monkeypatch.setattr(B, "scratch", lambda device, work, tickets: (torch.empty(work - 1), torch.zeros(tickets)))
+    with pytest.raises(RuntimeError, match="4-way split-K needs 16384 workspace floats"):
+        TritonOps.glu(torch.randn(5, 640).bfloat16(), gate, up, poisoned(5, 128))
+
+
 def test_steps_of_2_to_64_tokens_take_the_batched_kernel_and_65_the_dequantized_matmul(monkeypatch):
     calls = []
     monkeypatch.setattr(TorchOps, "linear", staticmethod(lambda x, parts, out, residual=None: calls.append(len(x))))

@@ -83,10 +83,11 @@ def _candidates() -> list[dict]:
     return [FIXED] if INTERPRET else [c.kwargs for c in CONFIGS]
 
 
-def scratch_sizes(sizes, k: int, rows: int, device: torch.device) -> tuple[int, int]:
-    """Float32 workspace elements and tickets a call may need, whichever tile the autotuner picks: per
-    split slice, BLOCK_M rows of every output column."""
-    bm, columns = block_m(rows), sum(sizes)
+def scratch_sizes(sizes, columns: int, k: int, rows: int, device: torch.device) -> tuple[int, int]:
+    """Float32 workspace elements and tickets a call may need, whichever tile the autotuner picks: per split
+    slice, BLOCK_M rows of the `columns` partial sums (a linear's outputs; the GLU's gate and up); a ticket
+    per row tile of parts of `sizes` rows."""
+    bm = block_m(rows)
     work = tickets = 0
     for c in _candidates():
         n_tiles = tiles(sizes, c["BLOCK_N"])
@@ -436,9 +437,18 @@ def _linear_sizes(args) -> tuple[int, ...]:
     return tuple(args[f"n{p}"] for p in range(args["PARTS"]))
 
 
-def _split(sizes):
-    return lambda args: split_k(tiles(sizes(args), args["BLOCK_N"]), args["K"], args["BLOCK_K"], args["BLOCK_M"],
-                                args["x_ptr"].device)
+def _split(sizes, columns):
+    """The SPLIT heuristic, which also holds the launch to the scratch it was given (scratch_sizes): a
+    workspace too small for the split would be written past its end."""
+    def pick(args) -> int:
+        n_tiles = tiles(sizes(args), args["BLOCK_N"])
+        split = split_k(n_tiles, args["K"], args["BLOCK_K"], args["BLOCK_M"], args["x_ptr"].device)
+        need = split * args["BLOCK_M"] * columns(args)
+        if split > 1 and (args["ws_ptr"].numel() < need or args["tickets_ptr"].numel() < n_tiles):
+            raise RuntimeError(f"batched kernel: {split}-way split-K needs {need} workspace floats and {n_tiles} "
+                               f"tickets, given {args['ws_ptr'].numel()} and {args['tickets_ptr'].numel()}")
+        return split
+    return pick
 
 
 def _even(sizes):
@@ -447,13 +457,14 @@ def _even(sizes):
                          and all(n % args["BLOCK_N"] == 0 for n in sizes(args)))
 
 
-def _tuned(sizes, key):
-    heuristics = triton.heuristics({"SPLIT": _split(sizes), "EVEN": _even(sizes)})
+def _tuned(sizes, columns, key):
+    heuristics = triton.heuristics({"SPLIT": _split(sizes, columns), "EVEN": _even(sizes)})
     return heuristics if INTERPRET else (lambda fn: triton.autotune(configs=CONFIGS, key=key)(heuristics(fn)))
 
 
-linear_kernel = _tuned(_linear_sizes, ["K", "KIND", "PARTS", "n0", "n1", "n2", "BLOCK_M"])(_linear_kernel)
-glu_kernel = _tuned(lambda args: (args["n"],), ["K", "KIND", "n", "BLOCK_M"])(_glu_kernel)
+linear_kernel = _tuned(_linear_sizes, lambda args: sum(_linear_sizes(args)),
+                       ["K", "KIND", "PARTS", "n0", "n1", "n2", "BLOCK_M"])(_linear_kernel)
+glu_kernel = _tuned(lambda args: (args["n"],), lambda args: 2 * args["n"], ["K", "KIND", "n", "BLOCK_M"])(_glu_kernel)
 
 
 def fixed() -> dict:

@@ -312,7 +312,7 @@ def _batched_linear(x, parts: Sequence[QWeight], out, residual):
     args = []
     for q, n in zip(list(parts) + [w] * (3 - len(parts)), sizes):
         args += _weight_args(q) + [q.bias if q.bias is not None else q.data, n]
-    ws, tickets = B.scratch(x.device, *B.scratch_sizes(sizes, w.k, m, x.device))
+    ws, tickets = B.scratch(x.device, *B.scratch_sizes(sizes, sum(sizes), w.k, m, x.device))
     grid = lambda meta: (B.tiles(sizes, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
     B.linear_kernel[grid](x, x.stride(0), out, out.stride(0), residual if residual is not None else out, m, w.k,
                           *args, *_batched_codes(w), _row_stride(w), ws, tickets, KIND=w.kind, PARTS=len(parts),
@@ -327,7 +327,7 @@ def _batched_glu(x, gate: QWeight, up: QWeight, out):
     from . import kernels as K
 
     m = x.shape[0]
-    ws, tickets = B.scratch(x.device, *B.scratch_sizes([gate.n, up.n], gate.k, m, x.device))
+    ws, tickets = B.scratch(x.device, *B.scratch_sizes([gate.n], 2 * gate.n, gate.k, m, x.device))
     grid = lambda meta: (B.tiles([gate.n], meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
     B.glu_kernel[grid](x, x.stride(0), out, out.stride(0), m, gate.k, *_weight_args(gate), *_weight_args(up),
                        gate.n, *_batched_codes(gate), _row_stride(gate), ws, tickets, KIND=gate.kind,
