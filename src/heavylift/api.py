@@ -12,6 +12,7 @@ from typing import Mapping, Sequence
 from .defaults import DEFAULT_BATCH, DEFAULT_CONTEXT_TOKENS, DEFAULT_RESERVE_BYTES
 from .errors import GpuSpecError, InvalidArgumentError, PlanDoesNotFitError
 from .hardware.gpus import Device, parse_bytes, parse_gpu_spec
+from .model.prequantized import check_quant
 from .model.source import ModelSource, resolve_model
 from .planner.fewest import Fewest, fewest_table
 from .planner.make import make_plan
@@ -40,6 +41,19 @@ def resolve_quants(quant: str | Sequence[str]) -> tuple[str, ...]:
     if bad or not names:
         raise InvalidArgumentError(f"--quant must be {ALL} or one of {', '.join(QUANT_CHOICES)}, not {bad[0] if bad else quant!r}")
     return names
+
+
+def model_quants(model: str, arch, quants: tuple[str, ...], asked_all: bool) -> tuple[str, ...]:
+    """The precisions of `quants` the model's checkpoint loads in: all of them, except for a checkpoint stored
+    quantized (prequantized.ACCEPTED), where `all` means those it accepts and another is refused in one line."""
+    pre = arch.prequantized
+    if pre is None:
+        return quants
+    if asked_all:
+        return tuple(q for q in quants if q in pre.accepted)
+    for q in quants:
+        check_quant(pre, q, model)
+    return quants
 
 
 def _reserve_bytes(reserve: int | str) -> int:
@@ -86,6 +100,7 @@ def _model_and_work(model: str, context: int | None, batch: int, quant, reserve,
                     reserve_bytes=_reserve_bytes(reserve), allow_offload=allow_offload, serve=serve)
     quants = resolve_quants(quant)
     source = resolve_model(model)
+    quants = model_quants(model, source.architecture, quants, quant == ALL)
     if context is None:
         work = replace(work, context=default_context(source.architecture.max_position_embeddings))
     return source, work, quants

@@ -41,6 +41,12 @@ def _session(tmp_path, family: str, engine: str, **config):
     ("mixtral", {}),
     ("phi3", {"sliding_window": 12}),
     ("gemma2", {}),  # eager attention, softcapping, alternating 16-token windows
+    ("qwen3", {}),  # per-head q_norm and k_norm
+    ("qwen3_moe", {}),  # a dense layer, then a sparse one
+    ("gemma3_text", {}),  # q_norm and k_norm, a sliding layer then a full one, RoPE tables per layer type
+    ("llama4_text", {}),  # a dense chunked RoPE layer, then an MoE full-attention NoPE layer
+    ("deepseek_v3", {}),  # latent attention, a dense layer, then routed and shared experts
+    ("gpt_oss", {}),  # eager attention with sinks, a sliding layer then a full one, biased experts
 ])
 def test_transformers_programs_match_the_forward(tmp_path, monkeypatch, family, config):
     import heavylift.runtime.session as session_module

@@ -56,6 +56,7 @@ class Architecture:
     prequantized: Prequantized | None = None  # config.json's quantization_config, for a checkpoint stored quantized
     wrapped: bool = False  # the language model of a multimodal config (families.WRAPPERS)
     extra_layers: int = 0  # layers the checkpoint holds past num_layers that transformers leaves unloaded
+    norm_topk_prob: bool = False  # Qwen 3 MoE: the top-k routing weights renormalized to sum to one
 
     @property
     def params(self) -> int:
@@ -402,4 +403,5 @@ def architecture_from_config(config: Mapping[str, Any], where: str = CONFIG_FILE
         latent=latent, cache_heads=1 if latent else 0, key_dim=latent.kv_rank if latent else 0,
         value_dim=latent.rope if latent else 0, prequantized=pre, wrapped=outer.get("model_type") in WRAPPERS,
         extra_layers=_extra_layers(config, where),
+        norm_topk_prob=_flag(config, "norm_topk_prob", where, False) if kind == "qwen3_moe" else False,
     )

@@ -109,6 +109,11 @@ def stored_bytes(t: TensorSpec) -> int:
     return prod(weight) + prod(scale) * per_scale
 
 
+def keeps_stored(pre: Prequantized | None, quant: str) -> bool:
+    """Whether precision `quant` holds a `pre` checkpoint's weights as it stores them (block FP8 in fp8)."""
+    return pre is not None and pre.method == BLOCK_FP8 and quant == "fp8"
+
+
 def check_quant(pre: Prequantized | None, quant: str, model: str) -> None:
     """Refuse, in one line naming what works, a precision a pre-quantized checkpoint cannot load in."""
     if pre is None or quant in pre.accepted:

@@ -49,6 +49,9 @@ class Part:
     last: bool
 
 
+GEMMA_NORMS = ("gemma2", "gemma3_text")  # RMSNorm in fp32 times (1 + weight), cast back
+
+
 def _rms_norm(p: Program, family: str, rows: int, hidden: int) -> Tensor:
     """LlamaRMSNorm (fp32 copy, its square, mean, rsqrt, product, bf16 cast, weight) or Gemma2RMSNorm
     (the same in fp32, then (1 + weight) in fp32 and a cast back)."""
@@ -57,7 +60,7 @@ def _rms_norm(p: Program, family: str, rows: int, hidden: int) -> Tensor:
     mean = p.alloc("norm_mean", FP32 * rows)
     p.free(sq)
     eps = p.alloc("norm_eps", FP32 * rows)
-    if family == "gemma2":
+    if family in GEMMA_NORMS:
         p.free(mean)
         r = p.alloc("norm_rsqrt", FP32 * rows)
         p.free(eps)
@@ -167,13 +170,21 @@ def _rotary(p: Program, arch: Architecture, tokens: int) -> tuple[Tensor, Tensor
     return cos, sin
 
 
+def _rope_tables(arch: Architecture) -> range:
+    """How many RoPE tables a forward computes: Gemma 3 one per layer type in use (its sliding layers rotate with
+    another base), every other family one."""
+    if arch.model_type == "gemma3_text":
+        return range(len({w is None for w in arch.layer_windows}))
+    return range(1)
+
+
 def _mask_windows(arch: Architecture) -> list[int | None]:
     """The masks a model builds per forward, in order: None for the full-attention one, a window for the sliding one."""
     windows = [w for w in arch.layer_windows if w]
     window = windows[0] if windows else None
     kind = arch.model_type
-    if kind in ("gemma2", "qwen2"):
-        full = kind == "gemma2" or any(w is None for w in arch.layer_windows)
+    if kind in ("gemma2", "qwen2", "gemma3_text"):
+        full = kind != "qwen2" or any(w is None for w in arch.layer_windows)
         return ([None] if full else []) + ([window] if window else [])
     if kind == "llama":
         return [None]
@@ -279,6 +290,8 @@ def _attention(p: Program, arch: Architecture, quant: str, step: Step, layer: in
         q = _rope(p, BF16 * rows * nh * d, True)
         k = _rope(p, BF16 * rows * nkv * d, True)
         v = None  # a view of qkv
+    elif arch.model_type in QK_NORMED:
+        q, k, v = QK_NORMED[arch.model_type](p, arch, quant, rows, native_fp8)
     else:
         q0 = linear(p, quant, rows, h, nh * d, native_fp8)
         k0 = linear(p, quant, rows, h, nkv * d, native_fp8)
@@ -299,6 +312,38 @@ def _attention(p: Program, arch: Architecture, quant: str, step: Step, layer: in
     else:
         p.free(out, qkv, q, *kept)
     return o, weights
+
+
+def qk_normed(norm_family: str, interleaved: bool = True):
+    """Qwen 3's and Gemma 3's projections: q and k each normalized per head (an RMSNorm over head_dim channels,
+    the projection freed once it is replaced) right after its projection (Qwen 3), or once q, k and v are
+    all projected (Gemma 3); then RoPE on both."""
+    def project(p: Program, arch: Architecture, quant: str, rows: int, native_fp8: bool) -> tuple[Tensor, Tensor, Tensor]:
+        h, nh, nkv, d = arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim
+        normed = []
+        if interleaved:
+            for heads in (nh, nkv):
+                raw = linear(p, quant, rows, h, heads * d, native_fp8)
+                normed.append(_rms_norm(p, norm_family, rows * heads, d))
+                p.free(raw)
+            v = linear(p, quant, rows, h, nkv * d, native_fp8)
+        else:
+            raw = [linear(p, quant, rows, h, heads * d, native_fp8) for heads in (nh, nkv)]
+            v = linear(p, quant, rows, h, nkv * d, native_fp8)
+            for r, heads in zip(raw, (nh, nkv)):
+                normed.append(_rms_norm(p, norm_family, rows * heads, d))
+                p.free(r)
+        q = _rope(p, BF16 * rows * nh * d, False)
+        k = _rope(p, BF16 * rows * nkv * d, False)
+        p.free(*normed)
+        return q, k, v
+
+    return project
+
+
+# Families whose model forward keeps its masks in a dict and the embeddings and positions in mask_kwargs.
+MASK_DICT_FAMILIES = ("qwen2", "gemma2", "qwen3", "gemma3_text")
+QK_NORMED = {"qwen3": qk_normed("llama"), "qwen3_moe": qk_normed("llama"), "gemma3_text": qk_normed("gemma2", False)}
 
 
 def _mlp(p: Program, arch: Architecture, quant: str, rows: int, x: Tensor, native_fp8: bool) -> Tensor:
@@ -330,25 +375,49 @@ def gated_mlp(p: Program, rows: int, h: int, i: int, project) -> Tensor:
 
 
 def _moe(p: Program, arch: Architecture, quant: str, rows: int, native_fp8: bool) -> Tensor:
-    """MixtralSparseMoeBlock: the router (bf16 logits, fp32 softmax, top-k), then transformers' default
-    grouped_mm experts (moe.py grouped_mm_experts_forward): tokens sorted by expert and gathered, one
-    grouped matmul for gate_up and one for down, fp32 routing weights, the sum over the top-k."""
-    h, i, e, k = arch.hidden_size, arch.intermediate_size, arch.num_experts, arch.experts_per_token
-    s = rows * k
+    """MixtralSparseMoeBlock and Qwen3MoeSparseMoeBlock: the router (_router), then transformers' default
+    grouped_mm experts (grouped_experts)."""
+    kept, weight_bytes = _router(p, arch, rows)
+    out = grouped_experts(p, arch, quant, rows, weight_bytes)
+    p.free(*kept)
+    return out
+
+
+def _router(p: Program, arch: Architecture, rows: int) -> tuple[list[Tensor], int]:
+    """MixtralTopKRouter / Qwen3MoeTopKRouter: bf16 logits, their fp32 softmax, the top-k renormalized (Qwen 3
+    only with norm_topk_prob) and, for Qwen 3, cast back to bf16. Returns what the block holds until it
+    returns (logits, routing weights, expert indices) and the routing weights' element size."""
+    e, k = arch.num_experts, arch.experts_per_token
     logits = p.alloc("router", BF16 * rows * e)
     f = p.alloc("router_fp32", FP32 * rows * e)
     sm = p.alloc("router_softmax", FP32 * rows * e)
     p.free(f)
     top_v = p.alloc("topk", FP32 * rows * k)
     top_i = p.alloc("topk", INT64 * rows * k)
-    tot = p.alloc("topk_sum", FP32 * rows)
-    p.free(tot, sm)
+    if arch.model_type != "qwen3_moe":
+        tot = p.alloc("topk_sum", FP32 * rows)
+        p.free(tot, sm)
+        return [logits, top_v, top_i], FP32
+    if arch.norm_topk_prob:
+        p.free(p.alloc("topk_sum", FP32 * rows))
+    cast = p.alloc("topk_bf16", BF16 * rows * k)
+    p.free(top_v, sm)
+    return [logits, cast, top_i], BF16
+
+
+def grouped_experts(p: Program, arch: Architecture, quant: str, rows: int, weight_bytes: int) -> Tensor:
+    """moe.py grouped_mm_experts_forward: tokens sorted by expert and gathered, one grouped matmul for gate_up
+    and one for down, the routing weights applied in their dtype (fp32 or bf16: `weight_bytes`), the sum
+    over the top-k (cast to bf16 where it is fp32)."""
+    h, i, e, k = arch.hidden_size, arch.expert_width, arch.num_experts, arch.experts_per_token
+    s = rows * k
+    out_bytes = max(BF16, weight_bytes)  # bf16 activations times the weights: fp32 when they are
     ids = p.alloc("sorted", INT64 * s)
     perm = p.alloc("perm", INT64 * s)
     tok = p.alloc("token", INT64 * s)
     sel = p.alloc("gathered", BF16 * s * h)
     p.free(tok)
-    sw = p.alloc("weights", FP32 * s)
+    sw = p.alloc("weights", weight_bytes * s)
     hi = p.alloc("hist_in", INT32 * s)
     hist = p.alloc("hist", INT32 * e)
     offs = p.alloc("offsets", INT32 * e)
@@ -360,16 +429,18 @@ def _moe(p: Program, arch: Architecture, quant: str, rows: int, native_fp8: bool
     cached += expert_weights(p, quant, e * h * i)
     down = p.alloc("down", BF16 * s * h)
     p.free(prod)
-    wo = p.alloc("weighted", FP32 * s * h)
+    wo = p.alloc("weighted", out_bytes * s * h)
     inv = p.alloc("inv_perm", INT64 * s)
     ar = p.alloc("arange", INT64 * s)
     p.free(ar)
-    wo2 = p.alloc("weighted", FP32 * s * h)
+    wo2 = p.alloc("weighted", out_bytes * s * h)
     p.free(wo)
-    total = p.alloc("sum", FP32 * rows * h)
+    total = p.alloc("sum", out_bytes * rows * h)
+    if out_bytes == BF16:
+        p.free(ids, perm, sel, sw, hi, hist, offs, down, wo2, inv, *cached)
+        return total
     out = p.alloc("moe", BF16 * rows * h)
     p.free(ids, perm, sel, sw, hi, hist, offs, down, wo2, inv, total, *cached)
-    p.free(logits, top_v, top_i)
     return out
 
 
@@ -380,7 +451,7 @@ def _decoder_layer(p: Program, arch: Architecture, quant: str, step: Step, layer
     x = _rms_norm(p, fam, rows, hid)
     o, weights = _attention(p, arch, quant, step, layer, x, masks, native_fp8)
     p.free(x)
-    if fam == "gemma2":
+    if fam in GEMMA_NORMS:
         o2 = _rms_norm(p, fam, rows, hid)
         p.free(o)
         h1 = p.alloc("hidden", BF16 * rows * hid)
@@ -396,7 +467,7 @@ def _decoder_layer(p: Program, arch: Architecture, quant: str, step: Step, layer
     h1 = p.alloc("hidden", BF16 * rows * hid)
     p.free(o)
     x2 = _rms_norm(p, fam, rows, hid)
-    m = _moe(p, arch, quant, rows, native_fp8) if arch.num_experts else _mlp(p, arch, quant, rows, x2, native_fp8)
+    m = _moe(p, arch, quant, rows, native_fp8) if arch.is_moe(layer) else _mlp(p, arch, quant, rows, x2, native_fp8)
     p.free(x2)
     h2 = p.alloc("hidden", BF16 * rows * hid)
     p.free(m, h1)
@@ -414,7 +485,7 @@ def transformers_forward(p: Program, arch: Architecture, quant: str, step: Step,
     mask_windows = _mask_windows(arch)
     shared: list[Tensor] = []
     if part.first:
-        if arch.model_type == "gemma2":  # embeddings times sqrt(hidden)
+        if arch.model_type in GEMMA_NORMS:  # embeddings times sqrt(hidden)
             e0 = p.alloc("embed", BF16 * rows * hid)
             h = p.alloc("embed_scaled", BF16 * rows * hid)
             p.free(e0)
@@ -424,12 +495,14 @@ def transformers_forward(p: Program, arch: Architecture, quant: str, step: Step,
         pos = p.alloc("positions", INT64 * c)
         p.free(pa)
         masks = {w: _mask(p, arch, step, w) for w in mask_windows}
-        cos, sin = _rotary(p, arch, c)
+        # Gemma 3 computes a table for each layer type its layers use; the others one (the tuple frees backwards).
+        tables = [_rotary(p, arch, c) for _ in _rope_tables(arch)]
         held = [m for m in masks.values() if m]
         # What the model's forward frees as it returns, in the order its frame clears them: Qwen2 and Gemma 2
         # keep their masks in a dict and the embeddings and positions in mask_kwargs; the (cos, sin)
         # tuple frees backwards.
-        shared = (held + [h, pos] if arch.model_type in ("qwen2", "gemma2") else [pos, h] + held) + [sin, cos]
+        shared = (held + [h, pos] if arch.model_type in MASK_DICT_FAMILIES else [pos, h] + held) + \
+            [t for cos, sin in tables for t in (sin, cos)]
     else:
         h = p.alloc("hidden_in", BF16 * rows * hid)
         masks = {w: _mask_size_only(arch, step, w) for w in mask_windows}

@@ -74,8 +74,10 @@ class RuntimeTerms:
 
 
 def kv_bytes_per_token(arch: Architecture, kv_dtype_bytes: int) -> int:
-    """Keys and values of one token in one layer."""
-    return 2 * arch.num_kv_heads * arch.head_dim * kv_dtype_bytes
+    """Keys and values of one token in one layer (Architecture.kv_layout: DeepSeek-V3 caches its compressed
+    latent and shared RoPE key, one 'head' of kv_lora_rank + qk_rope_head_dim channels)."""
+    heads, key, value = arch.kv_layout
+    return heads * (key + value) * kv_dtype_bytes
 
 
 def kv_cache_bytes(arch: Architecture, layers: Iterable[int], context: int, batch: int, kv_dtype_bytes: int,
@@ -264,11 +266,12 @@ def _cpu_load_peak(arch: Architecture, quant: str, layers: int) -> int:
 
 def _kv_tensors(arch: Architecture, layers: Sequence[int], context: int, batch: int, kvb: int, engine: str
                 ) -> list[tuple[str, int]]:
-    per = arch.num_kv_heads * arch.head_dim * kvb * batch
+    heads, key, value = arch.kv_layout
+    per_key, per_value = heads * key * kvb * batch, heads * value * kvb * batch
     out = []
     for i in layers:
         positions = context if engine == FAST else min(context, arch.layer_windows[i] or context)
-        out += [("keys", per * positions), ("values", per * positions)]
+        out += [("keys", per_key * positions), ("values", per_value * positions)]
     return out
 
 
