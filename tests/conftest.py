@@ -64,7 +64,8 @@ TINY_FAMILIES = {
                     "intermediate_size_mlp": 128, "num_local_experts": 4, "num_experts_per_tok": 1,
                     "interleave_moe_layer_step": 2, "attention_chunk_size": 16, "no_rope_layer_interval": 2},
     # layer 0 dense, layer 1 MoE with a shared expert; latent attention
-    "deepseek_v3": {**TINY_LLAMA, "model_type": "deepseek_v3", "n_routed_experts": 4, "num_experts_per_tok": 2,
+    "deepseek_v3": {**TINY_LLAMA, "model_type": "deepseek_v3", "num_key_value_heads": 4, "n_routed_experts": 4,
+                    "num_experts_per_tok": 2,
                     "moe_intermediate_size": 32, "n_shared_experts": 1, "first_k_dense_replace": 1,
                     "kv_lora_rank": 16, "q_lora_rank": 24, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16,
                     "v_head_dim": 16, "n_group": 2, "topk_group": 1},

@@ -57,6 +57,9 @@ class Architecture:
     wrapped: bool = False  # the language model of a multimodal config (families.WRAPPERS)
     extra_layers: int = 0  # layers the checkpoint holds past num_layers that transformers leaves unloaded
     norm_topk_prob: bool = False  # Qwen 3 MoE: the top-k routing weights renormalized to sum to one
+    qk_norm: bool = False  # Llama 4's use_qk_norm: an L2 norm on queries and keys of its RoPE layers
+    rope_interleave: bool = False  # DeepSeek-V3: RoPE on interleaved channel pairs
+    expert_groups: tuple[int, int] = (0, 0)  # DeepSeek-V3's routing groups: (n_group, topk_group)
 
     @property
     def params(self) -> int:
@@ -403,5 +406,9 @@ def architecture_from_config(config: Mapping[str, Any], where: str = CONFIG_FILE
         latent=latent, cache_heads=1 if latent else 0, key_dim=latent.kv_rank if latent else 0,
         value_dim=latent.rope if latent else 0, prequantized=pre, wrapped=outer.get("model_type") in WRAPPERS,
         extra_layers=_extra_layers(config, where),
-        norm_topk_prob=_flag(config, "norm_topk_prob", where, False) if kind == "qwen3_moe" else False,
+        qk_norm=_flag(config, "use_qk_norm", where, True) if kind == "llama4_text" else False,
+        rope_interleave=_flag(config, "rope_interleave", where, True) if latent else False,
+        norm_topk_prob=_flag(config, "norm_topk_prob", where, kind == "deepseek_v3") if kind in ("qwen3_moe", "deepseek_v3") else False,
+        expert_groups=(_integer(config, "n_group", where, MAX_EXPERTS, default=1),
+                       _integer(config, "topk_group", where, MAX_EXPERTS, default=1)) if latent else (0, 0),
     )
