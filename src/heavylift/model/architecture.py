@@ -18,7 +18,7 @@ from typing import Any, Mapping
 from heavylift.defaults import (MAX_ATTENTION_HEADS, MAX_CONTEXT_TOKENS, MAX_EXPERTS, MAX_HEAD_DIM, MAX_HIDDEN_SIZE,
                                 MAX_INTERMEDIATE_SIZE, MAX_LAYERS, MAX_PARAMETERS, MAX_TENSORS, MAX_VOCAB_SIZE)
 from heavylift.errors import ConfigError, UnsupportedArchitectureError
-from .families import FAMILIES, VISION_PREFIXES, WRAPPED_PREFIX, WRAPPERS, Dims, Family, Latent
+from .families import FAMILIES, WRAPPERS, Dims, Family, Latent
 from .prequantized import Prequantized, prequantized_of, stored_as
 from .tensors import QUANTIZABLE_ROLES, Role, TensorSpec  # noqa: F401 - the inventory's types, imported from here
 
@@ -75,6 +75,14 @@ class Architecture:
 
     def uses_rope(self, layer: int) -> bool:
         return self.rope_layers[layer] if self.rope_layers else True
+
+    def layer_kind(self, layer: int) -> tuple:
+        """What makes a layer's runtime memory differ from another's: its cache window, attention type, MoE
+        block and RoPE (a family whose layers differ only by window: the window alone, as ever)."""
+        window = self.layer_windows[layer]
+        if not (self.layer_types or self.moe_layers or self.rope_layers):
+            return (window,)
+        return window, self.layer_type(layer), self.is_moe(layer), self.uses_rope(layer)
 
     @property
     def expert_width(self) -> int:
