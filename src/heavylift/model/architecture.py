@@ -63,7 +63,8 @@ class Architecture:
 
     @property
     def params(self) -> int:
-        return sum(t.numel for t in self.tensors)
+        """Parameters, as transformers counts them: the buffers a checkpoint stores (TensorSpec.buffer) left out."""
+        return sum(t.numel for t in self.tensors if not t.buffer)
 
     def is_moe(self, layer: int) -> bool:
         return self.moe_layers[layer] if self.moe_layers else self.num_experts > 0

@@ -219,7 +219,8 @@ def _deepseek_v3_layer(p: str, a: Dims, c: Mapping[str, Any]) -> list[TensorSpec
     out = _latent_attention(p, a, bool(c.get("attention_bias", False)))
     if a.experts:
         out += [_w(f"{p}.mlp.gate.weight", (a.experts, a.hidden), Role.ROUTER, a, keep_fp32=FP32_ALWAYS),
-                _w(f"{p}.mlp.gate.e_score_correction_bias", (a.experts,), Role.ROUTER, a, keep_fp32=FP32_ALWAYS)]
+                _w(f"{p}.mlp.gate.e_score_correction_bias", (a.experts,), Role.ROUTER, a, keep_fp32=FP32_ALWAYS,
+                   buffer=True)]
         out += _experts_per_checkpoint_tensor(p, a)
         out += _mlp(p, a, module="mlp.shared_experts", inter=a.shared_inter)
     else:

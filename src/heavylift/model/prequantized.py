@@ -109,6 +109,15 @@ def stored_bytes(t: TensorSpec) -> int:
     return prod(weight) + prod(scale) * per_scale
 
 
+def stored_note(pre: Prequantized) -> str:
+    """What a plan of a pre-quantized checkpoint says about its storage, in one line."""
+    if pre.method == BLOCK_FP8:
+        return ("the checkpoint stores block-FP8 weights: fp8 keeps them so, which transformers runs only with the "
+                "`kernels` package on GPUs of compute capability 8.9 or later; bf16 dequantizes them while they load")
+    return ("the checkpoint stores its experts in MXFP4, which transformers keeps only through the `kernels` package: "
+            "heavylift loads them dequantized to bf16, as planned")
+
+
 def keeps_stored(pre: Prequantized | None, quant: str) -> bool:
     """Whether precision `quant` holds a `pre` checkpoint's weights as it stores them (block FP8 in fp8)."""
     return pre is not None and pre.method == BLOCK_FP8 and quant == "fp8"

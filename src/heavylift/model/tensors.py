@@ -46,6 +46,7 @@ class TensorSpec:
     # The checkpoint tensors that hold this weight when a pre-quantized checkpoint stores it otherwise than
     # (name, shape) in bf16: block FP8's weight and `weight_scale_inv`, MXFP4's `_blocks` and `_scales`.
     stored: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    buffer: bool = False  # a buffer the checkpoint stores and the model loads, not a parameter (not in `params`)
 
     @property
     def numel(self) -> int:
