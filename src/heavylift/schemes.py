@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 
 from .model.architecture import QUANTIZABLE_ROLES, TensorSpec
 from .model.prequantized import stored_bytes
-from .model.tensors import FP32_ALWAYS, FP32_UNDER_FP16
+from .model.tensors import FP8_ONLY_ROLES, FP32_ALWAYS, FP32_UNDER_FP16
 from .defaults import ALLOCATION_GRANULE_BYTES
 
 BNB_4BIT_BLOCKSIZE = 64  # weights per absmax (bitsandbytes' default for 4-bit)
@@ -105,6 +105,10 @@ class Scheme:
         parts = self.components(numel, rows) if quantized else _components_bf16(numel, rows)
         return sum(_allocated(b) for b in parts)
 
+    def quantizes(self, role) -> bool:
+        """Whether this scheme rewrites tensors of `role` (a model.tensors.Role)."""
+        return role in QUANTIZABLE_ROLES or (role in FP8_ONLY_ROLES and self.code == "fp8")
+
     def float32(self, t: TensorSpec) -> bool:
         """Whether transformers keeps `t` in float32 under this scheme's compute dtype (TensorSpec.keep_fp32)."""
         return t.keep_fp32 == FP32_ALWAYS or (t.keep_fp32 == FP32_UNDER_FP16 and self.name == "fp16")
@@ -124,7 +128,7 @@ class Scheme:
             if self.float32(t):
                 total += _allocated(t.numel * FLOAT32_BYTES)
                 continue
-            quantized = t.role in QUANTIZABLE_ROLES
+            quantized = self.quantizes(t.role)
             if t.fused_into is not None:
                 numel, r, q = fused.get(t.fused_into, (0, 0, quantized))
                 fused[t.fused_into] = (numel + t.numel, r + t.rows, q)

@@ -92,13 +92,16 @@ def test_deepseek_keeps_its_router_in_float32_and_caches_its_latent():
     arch = architecture_from_config(TINY_FAMILIES["deepseek_v3"])
     kept = {t.name for t in arch.tensors if t.keep_fp32 == FP32_ALWAYS}
     assert kept == {"model.layers.1.mlp.gate.weight", "model.layers.1.mlp.gate.e_score_correction_bias"}
-    assert arch.kv_layout == (1, 16, 8)  # kv_lora_rank 16, qk_rope_head_dim 8
+    assert arch.kv_layout == (1, 64, 32)  # kv_lora_rank 64, qk_rope_head_dim 32
 
 
-def test_the_llama4_router_is_a_linear_layer_the_quantizers_rewrite():
+def test_the_llama4_router_is_quantized_by_fp8_alone():
+    from heavylift.schemes import SCHEMES
+
     arch = architecture_from_config(TINY_FAMILIES["llama4_text"])
     router = next(t for t in arch.tensors if t.name.endswith("feed_forward.router.weight"))
-    assert router.role is Role.LINEAR
+    assert router.role is Role.LINEAR_ROUTER
+    assert [q for q, s in SCHEMES.items() if s.quantizes(router.role)] == ["fp8"]
 
 
 def test_a_multimodal_config_plans_its_language_model():

@@ -31,9 +31,9 @@ def _tiny_model(family: str):
 @pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
 def test_deepseek_caches_its_compressed_latent_not_per_head_keys(cache_kind):
     """Measured, not assumed: after a forward, every layer of transformers' cache holds one 'head' of
-    kv_lora_rank (16) key channels and qk_rope_head_dim (8) value channels per token: the normed latent and
+    kv_lora_rank (64) key channels and qk_rope_head_dim (32) value channels per token: the normed latent and
     the shared RoPE key, which the attention expands per head on every step. Per-head keys and values would
-    take 4 heads x (24 + 16) = 160 channels a token; the latent takes 24."""
+    take 4 heads x (64 + 32) = 384 channels a token; the latent takes 96."""
     from transformers import DynamicCache, StaticCache
 
     model = _tiny_model("deepseek_v3")
@@ -44,9 +44,9 @@ def test_deepseek_caches_its_compressed_latent_not_per_head_keys(cache_kind):
         model(input_ids=ids, cache=cache, use_cache=True)
     shapes = {(tuple(layer.keys.shape), tuple(layer.values.shape)) for layer in cache.layers}
     positions = 5 if cache_kind == "dynamic" else CONTEXT
-    assert shapes == {((1, 1, positions, 16), (1, 1, positions, 8))}
+    assert shapes == {((1, 1, positions, 64), (1, 1, positions, 32))}
     arch = architecture_from_config(TINY_FAMILIES["deepseek_v3"])
-    assert kv_bytes_per_token(arch, 2) == (16 + 8) * 2  # per token and layer, in bf16
+    assert kv_bytes_per_token(arch, 2) == (64 + 32) * 2  # per token and layer, in bf16
 
 
 @pytest.mark.parametrize("family", ["gemma3_text", "llama4_text", "gpt_oss", "deepseek_v3", "qwen3"])

@@ -172,13 +172,13 @@ def _llama4_layer(p: str, a: Dims, c: Mapping[str, Any]) -> list[TensorSpec]:
     """Llama4TextDecoderLayer: plain attention (its qk norm is an L2 norm without weights); `feed_forward` is
     an MoE block (a router, the experts fused in the checkpoint as [experts, hidden, 2 x width] and
     [experts, width, hidden], a shared expert of the same width) or a dense MLP of intermediate_size_mlp.
-    The router is an nn.Linear, which the quantizers rewrite like any linear layer."""
+    The router subclasses nn.Linear: torchao's FP8 rewrites it, bitsandbytes leaves it (Role.LINEAR_ROUTER)."""
     bias = bool(c.get("attention_bias", False))
     out = _attention(p, a, False, bias, o_bias=bias)
     f = f"{p}.feed_forward"
     if a.experts:
         i = a.expert_inter
-        out += [_w(f"{f}.router.weight", (a.experts, a.hidden), Role.LINEAR, a),
+        out += [_w(f"{f}.router.weight", (a.experts, a.hidden), Role.LINEAR_ROUTER, a),
                 _w(f"{f}.experts.gate_up_proj", (a.experts, a.hidden, 2 * i), Role.EXPERT, a),
                 _w(f"{f}.experts.down_proj", (a.experts, i, a.hidden), Role.EXPERT, a)]
         out += _mlp(p, a, module="feed_forward.shared_expert", inter=a.shared_inter)
@@ -258,6 +258,10 @@ class Family:
     # gpt-oss's sink logits are not expressible there, so transformers 5 refuses SDPA for them and the
     # scores are materialized (eager).
     sdpa: bool = True
+    # Whether the loader may ask for FlashAttention 2 where it is installed: not for Llama 4 (transformers refuses
+    # it), gpt-oss (its sink logits) or DeepSeek-V3 (values narrower than keys), which the plan counts on SDPA or
+    # eager attention.
+    flash: bool = True
     # The family config class's defaults where config.json has no such key (transformers 5.24): head_dim
     # (None: hidden_size / num_attention_heads) and sliding_window (None: full attention).
     head_dim_default: int | None = None
@@ -271,6 +275,8 @@ class Family:
     # Other names the config class takes for a field (its attribute_map), as config.json files written by
     # transformers 5 spell it: Qwen3MoeConfig saves num_experts as num_local_experts.
     aliases: Mapping[str, str] = field(default_factory=dict)
+    # Precisions the family's transformers code cannot run, with why (a user asking for one is told in one line).
+    refuses: Mapping[str, str] = field(default_factory=dict)
 
 
 FAMILIES: Mapping[str, Family] = {
@@ -293,18 +299,21 @@ FAMILIES: Mapping[str, Family] = {
     "gemma3_text": Family(_gemma3_layer, tie_default=True, defaults=dict(
         vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
         num_key_value_heads=4, head_dim=256, max_position_embeddings=131072, sliding_window=4096)),
-    "llama4_text": Family(_llama4_layer, tie_default=False, moe=True, layer_types=("chunked_attention", "full_attention"),
+    "llama4_text": Family(_llama4_layer, tie_default=False, moe=True, flash=False,
+                          layer_types=("chunked_attention", "full_attention"),
                           defaults=dict(
         vocab_size=202048, hidden_size=5120, intermediate_size=8192, intermediate_size_mlp=16384, num_hidden_layers=48,
         num_attention_heads=40, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
         num_local_experts=16, num_experts_per_tok=1, interleave_moe_layer_step=1, attention_chunk_size=8192)),
-    "deepseek_v3": Family(_deepseek_v3_layer, tie_default=False, moe=True, defaults=dict(
+    "deepseek_v3": Family(_deepseek_v3_layer, tie_default=False, moe=True, flash=False, defaults=dict(
         vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=61,
         num_attention_heads=128, num_key_value_heads=128, n_shared_experts=1, n_routed_experts=256,
         num_experts_per_tok=8, first_k_dense_replace=3, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64,
         v_head_dim=128, qk_nope_head_dim=128, max_position_embeddings=4096),
-        aliases={"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"}),
-    "gpt_oss": Family(_gpt_oss_layer, tie_default=False, moe=True, sdpa=False, defaults=dict(
+        aliases={"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"},
+        refuses={"int8": "LLM.int8 flattens 2-D and 3-D inputs only, and DeepSeek-V3's kv_b_proj expands the cached "
+                         "latent as a 4-D one"}),
+    "gpt_oss": Family(_gpt_oss_layer, tie_default=False, moe=True, sdpa=False, flash=False, defaults=dict(
         vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=36, num_attention_heads=64,
         num_key_value_heads=8, head_dim=64, max_position_embeddings=131072, num_local_experts=128,
         num_experts_per_tok=4, sliding_window=128, attention_bias=True)),

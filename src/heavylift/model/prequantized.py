@@ -130,3 +130,16 @@ def check_quant(pre: Prequantized | None, quant: str, model: str) -> None:
     ways = "; ".join(f"--quant {q} {what}" for q, what in ACCEPTED[pre.method].items())
     raise InvalidArgumentError(f"{model} is stored in {pre.label} (config.json's quantization_config), which "
                                f"transformers cannot requantize to {quant}: {ways}")
+
+
+def check_stored_runs(pre: Prequantized | None, quant: str, native_fp8: bool) -> None:
+    """Refuse, before any weight is read, to keep block-FP8 weights where transformers would dequantize them
+    instead (no GPU of compute capability 8.9+, or no `kernels` package for its FP8 matmuls)."""
+    if not keeps_stored(pre, quant):
+        return
+    import importlib.util
+
+    if not (native_fp8 and importlib.util.find_spec("kernels") is not None):
+        raise InvalidArgumentError("--quant fp8 keeps the block-FP8 weights, which transformers runs only on GPUs of "
+                                   "compute capability 8.9 or later with the `kernels` package (pip install kernels); "
+                                   "use --quant bf16 to dequantize them while they load")

@@ -21,9 +21,13 @@ class Role(str, Enum):
     BIAS = "bias"
     ROUTER = "router"  # an MoE gate: kept in bf16, as the loaders leave it
     EXPERT = "expert"  # an MoE expert projection: quantized like LINEAR
+    # A router that is a subclass of nn.Linear (Llama 4's): torchao's FP8 rewrites it like any linear layer,
+    # bitsandbytes (which replaces exact nn.Linear modules) leaves it in bf16.
+    LINEAR_ROUTER = "linear_router"
 
 
 QUANTIZABLE_ROLES = frozenset({Role.LINEAR, Role.EXPERT})
+FP8_ONLY_ROLES = frozenset({Role.LINEAR_ROUTER})  # quantized by torchao's FP8 alone
 
 # TensorSpec.keep_fp32: transformers keeps some parameters in float32 whatever the compute dtype
 # (a model class's _keep_in_fp32_modules_strict: DeepSeek-V3's router and its score bias), or only when the

@@ -132,7 +132,8 @@ def llama4_feed_forward(p: Program, arch: Architecture, quant: str, rows: int, n
     (Llama4TextExperts), the shared expert (a SiLU-gated MLP), the experts' outputs summed into it. Returns
     (the output, the router logits the decoder layer holds until it returns)."""
     h, e, k, i = arch.hidden_size, arch.num_experts, arch.experts_per_token, arch.expert_width
-    logits = p.alloc("router", BF16 * rows * e)
+    # The router is an nn.Linear subclass: FP8 (torchao) quantized, otherwise bf16 (model.tensors.LINEAR_ROUTER).
+    logits = linear(p, quant if quant == "fp8" else "bf16", rows, h, e, native_fp8)
     top_v = p.alloc("topk", BF16 * rows * k)
     top_i = p.alloc("topk", INT64 * rows * k)
     full = p.alloc("router_full", BF16 * rows * e)

@@ -14,6 +14,7 @@ from typing import Sequence
 
 from .allocator import SMALL_REQUEST_BYTES, CachingAllocator, Program, block_size, live_sizes, one_round_each, run
 from heavylift.model.architecture import QUANTIZABLE_ROLES, Architecture
+from heavylift.model.tensors import FP8_ONLY_ROLES
 from heavylift.defaults import EXPERT_ROW_CHUNK_ELEMENTS, FP8_ROW_MULTIPLE, LOAD_ROW_CHUNK_ELEMENTS
 from .matmul_programs import BF16, BNB_4BIT_BLOCKSIZE, FP32, INT32, float8_rows
 from heavylift.model.prequantized import MXFP4_BLOCK, MXFP4_CODES_PER_BYTE, stored_bytes
@@ -40,6 +41,7 @@ class Loaded:
     rows: int
     quantized: bool
     stored: tuple[int, int] = (0, 0)
+    fp8_only: bool = False  # quantized by torchao's FP8 alone (model.tensors.FP8_ONLY_ROLES)
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ def load_tensors(p: Program, quant: str, tensors: Sequence[Loaded]) -> None:
             _stored_load(p, t, keep=quant == "fp8")
             continue
         w = p.alloc("bf16", BF16 * t.numel)
-        if t.quantized and SCHEMES[quant].quantized:
+        if (t.quantized and SCHEMES[quant].quantized) or (t.fp8_only and quant == "fp8"):
             _quantize_on_load(p, quant, t.numel, t.rows)
             p.free(w)
 
@@ -340,7 +342,7 @@ def _loaded(t) -> Loaded:
     rows = t.numel // t.shape[-1]
     if t.stored and t.fused_into is None and len(t.shape) == 2:
         return Loaded(t.numel, rows, True, (t.numel, stored_bytes(t) - t.numel))
-    return Loaded(t.numel, rows, t.role in QUANTIZABLE_ROLES)
+    return Loaded(t.numel, rows, t.role in QUANTIZABLE_ROLES, fp8_only=t.role in FP8_ONLY_ROLES)
 
 
 def _per_layer(arch: Architecture) -> bool:
