@@ -91,11 +91,12 @@ class TritonLikeOps:
         return out
 
     @staticmethod
-    def rope_cache(qkv, positions, slots, cos, sin, k_cache, v_cache, heads, kv_heads, q_out):
+    def rope_cache(qkv, positions, slots, cos, sin, k_cache, v_cache, heads, kv_heads, q_out, qk_norm=None, eps=0.0):
         return q_out
 
 
-@pytest.mark.parametrize("family, config", [("llama", {}), ("mistral", {"sliding_window": 12}), ("qwen2", {})])
+@pytest.mark.parametrize("family, config", [("llama", {}), ("mistral", {"sliding_window": 12}), ("qwen2", {}),
+                                            ("qwen3", {})])
 def test_engine_prefill_program_matches_the_engine(tmp_path, monkeypatch, family, config):
     monkeypatch.setattr("heavylift.engine.model.PREFILL_CHUNK_TOKENS", CHUNK)
     session = _session(tmp_path, family, "fast", **config)

@@ -11,6 +11,8 @@ import torch
 
 import heavylift
 
+from heavylift.planner.runtimes import LACKS
+
 from conftest import TINY_FAMILIES, run_cli, save_runnable_checkpoint
 
 NEW = ("qwen3", "qwen3_moe", "gemma3_text", "llama4_text", "deepseek_v3", "gpt_oss")
@@ -47,7 +49,9 @@ def test_every_precision_the_family_accepts_generates(checkpoints, family):
         session = heavylift.load(str(checkpoints[family]), quant=quant, context=128)
         record = session.generate(PROMPT, max_new_tokens=3, temperature=0)
         assert record.generated_tokens == 3 and session.quant == quant, quant
-        assert session.engine is None and family in session.engine_note  # transformers' forward runs these
+        assert session.engine is None and session.engine_note  # on CPUs transformers' forward runs them
+        if family != "qwen3":  # the engine runs Qwen 3 dense on CUDA GPUs
+            assert session.engine_note.startswith("the fast engine runs llama, mistral, qwen2, qwen3 layers")
 
 
 def test_experts_are_quantized_as_for_mixtral(checkpoints):
@@ -76,6 +80,15 @@ def test_cli_run_greedy_json(checkpoints, capsys, family):
     result = json.loads(out)
     assert result["quant"] == "nf4" and result["generated_tokens"] == 3
     assert result["attention"] == ("eager" if family == "gpt_oss" else "sdpa")
+
+
+@pytest.mark.parametrize("family, lacks", [(k, v) for k, v in LACKS.items() if k in NEW])
+def test_cli_says_in_one_line_why_transformers_runs_the_family(checkpoints, capsys, family, lacks):
+    code, _, err = run_cli(capsys, "run", str(checkpoints[family]), "--prompt", "hello", "--quant", "bf16",
+                           "--max-new-tokens", "2", "--temperature", "0", "--context", "64")
+    assert code == 0
+    line = next(x for x in err.splitlines() if "transformers (" in x)
+    assert f"not {family}'s {lacks}" in " ".join(err.split()), line
 
 
 def test_a_precision_the_family_cannot_run_is_one_line(checkpoints, capsys):
