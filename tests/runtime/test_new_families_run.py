@@ -13,7 +13,7 @@ import heavylift
 
 from heavylift.planner.runtimes import LACKS
 
-from conftest import TINY_FAMILIES, run_cli, save_runnable_checkpoint
+from conftest import run_cli, save_runnable_checkpoint
 
 NEW = ("qwen3", "qwen3_moe", "gemma3_text", "llama4_text", "deepseek_v3", "gpt_oss")
 QUANTS = ("bf16", "fp16", "fp8", "int8", "nf4", "nf4-dq", "fp4")

@@ -176,7 +176,7 @@ def head_dim_of(config: Mapping[str, Any], where: str = CONFIG_FILE) -> int:
 
 
 SLIDING, FULL, CHUNKED = "sliding_attention", "full_attention", "chunked_attention"  # transformers' layer types
-QWEN2_MAX_WINDOW_LAYERS_DEFAULT = 28  # Qwen2Config's and Qwen3Config's first sliding layer when config.json does not say
+QWEN2_MAX_WINDOW_LAYERS_DEFAULT = 28  # Qwen2Config's and Qwen3Config's first sliding layer, unless config.json says
 GEMMA3_SLIDING_PATTERN_DEFAULT = 6  # Gemma3TextConfig: every sixth layer attends to everything
 LLAMA4_NO_ROPE_INTERVAL_DEFAULT = 4  # Llama4TextConfig: every fourth layer has no RoPE and full attention
 
@@ -206,7 +206,8 @@ def _window(config: Mapping[str, Any], where: str, family: Family) -> int | None
     window = family.window_default
     if "sliding_window" in config:
         window = _integer(config, "sliding_window", where, MAX_CONTEXT_TOKENS, low=0, default=None)
-    if config["model_type"] in ("qwen2", "qwen3", "qwen3_moe") and not _flag(config, "use_sliding_window", where, False):
+    qwen = config["model_type"] in ("qwen2", "qwen3", "qwen3_moe")
+    if qwen and not _flag(config, "use_sliding_window", where, False):
         return None
     if window and config["model_type"] == "gemma3_text" and _flag(config, "use_bidirectional_attention", where, False):
         window = window // 2 + 1  # Gemma3TextConfig.__post_init__
@@ -243,7 +244,8 @@ def layer_types_of(config: Mapping[str, Any], where: str = CONFIG_FILE) -> tuple
                              default=QWEN2_MAX_WINDOW_LAYERS_DEFAULT)
             types = [SLIDING if window and i >= start else FULL for i in range(n)]
         elif model_type == "gemma3_text":
-            every = _integer(config, "sliding_window_pattern", where, MAX_LAYERS, default=GEMMA3_SLIDING_PATTERN_DEFAULT)
+            every = _integer(config, "sliding_window_pattern", where, MAX_LAYERS,
+                             default=GEMMA3_SLIDING_PATTERN_DEFAULT)
             types = [SLIDING if (i + 1) % every else FULL for i in range(n)]
         elif model_type == "llama4_text":
             chunk = _integer(config, "attention_chunk_size", where, MAX_CONTEXT_TOKENS, default=None)
@@ -417,7 +419,8 @@ def architecture_from_config(config: Mapping[str, Any], where: str = CONFIG_FILE
         extra_layers=_extra_layers(config, where),
         qk_norm=_flag(config, "use_qk_norm", where, True) if kind == "llama4_text" else False,
         rope_interleave=_flag(config, "rope_interleave", where, True) if latent else False,
-        norm_topk_prob=_flag(config, "norm_topk_prob", where, kind == "deepseek_v3") if kind in ("qwen3_moe", "deepseek_v3") else False,
+        norm_topk_prob=(_flag(config, "norm_topk_prob", where, kind == "deepseek_v3")
+                        if kind in ("qwen3_moe", "deepseek_v3") else False),
         expert_groups=(_integer(config, "n_group", where, MAX_EXPERTS, default=1),
                        _integer(config, "topk_group", where, MAX_EXPERTS, default=1)) if latent else (0, 0),
     )

@@ -53,7 +53,8 @@ def _attention(p: str, a: Dims, fused_qkv: bool, bias: bool, o_bias: bool = Fals
         out = [_w(f"{p}.self_attn.{n}_proj.weight", (rows, a.hidden), Role.LINEAR, a)
                for n, rows in (("q", q), ("k", kv), ("v", kv))]
         if bias:
-            out += [_w(f"{p}.self_attn.{n}_proj.bias", (rows,), Role.BIAS, a) for n, rows in (("q", q), ("k", kv), ("v", kv))]
+            out += [_w(f"{p}.self_attn.{n}_proj.bias", (rows,), Role.BIAS, a)
+                    for n, rows in (("q", q), ("k", kv), ("v", kv))]
     out.append(_w(f"{p}.self_attn.o_proj.weight", (a.hidden, q), Role.LINEAR, a))
     if o_bias:
         out.append(_w(f"{p}.self_attn.o_proj.bias", (a.hidden,), Role.BIAS, a))

@@ -60,7 +60,8 @@ def prequantized_of(config: Mapping[str, Any], where: str) -> Prequantized | Non
     skipped = tuple(q.get("modules_to_not_convert") or ()) if isinstance(q, Mapping) else ()
     if method == BLOCK_FP8:
         block = q.get("weight_block_size")
-        if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        pair = isinstance(block, (list, tuple)) and len(block) == 2
+        if not (pair and all(isinstance(b, int) and b > 0 for b in block)):
             raise ConfigError(f"{where}: quantization_config's weight_block_size is {block!r}; heavylift plans block "
                               "FP8 with two positive block sides, as DeepSeek-V3's [128, 128]")
         return Prequantized(BLOCK_FP8, (block[0], block[1]), skipped)

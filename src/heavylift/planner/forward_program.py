@@ -396,7 +396,8 @@ def qk_normed(norm_family: str, interleaved: bool = True):
     """Qwen 3's and Gemma 3's projections: q and k each normalized per head (an RMSNorm over head_dim channels,
     the projection freed once it is replaced) right after its projection (Qwen 3), or once q, k and v are
     all projected (Gemma 3); then RoPE on both."""
-    def project(p: Program, arch: Architecture, quant: str, rows: int, native_fp8: bool) -> tuple[Tensor, Tensor, Tensor]:
+    def project(p: Program, arch: Architecture, quant: str, rows: int,
+                native_fp8: bool) -> tuple[Tensor, Tensor, Tensor]:
         h, nh, nkv, d = arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim
         normed = []
         if interleaved:

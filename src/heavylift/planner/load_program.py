@@ -18,8 +18,8 @@ from heavylift.model.tensors import FP8_ONLY_ROLES
 from heavylift.defaults import EXPERT_ROW_CHUNK_ELEMENTS, FP8_ROW_MULTIPLE, LOAD_ROW_CHUNK_ELEMENTS
 from .matmul_programs import BF16, BNB_4BIT_BLOCKSIZE, FP32, INT32, float8_rows
 from heavylift.model.prequantized import MXFP4_BLOCK, MXFP4_CODES_PER_BYTE, stored_bytes
-from heavylift.schemes import BNB_4BIT_CODE_ENTRIES, BNB_NESTED_BLOCKSIZE, BNB_NESTED_CODE_ENTRIES, FLOAT32_BYTES as FLOAT32, \
-    SCHEMES
+from heavylift.schemes import BNB_4BIT_CODE_ENTRIES, BNB_NESTED_BLOCKSIZE, BNB_NESTED_CODE_ENTRIES, SCHEMES, \
+    FLOAT32_BYTES as FLOAT32
 from .forward_program import Part
 
 # integrations/mxfp4.py _convert_moe_packed_tensors decodes this many rows of 16 bytes (32 weights) at a time.

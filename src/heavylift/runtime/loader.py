@@ -178,9 +178,9 @@ def load_model(folder: Path, arch: Architecture, scheme: SchemePlan, placement: 
             warnings.simplefilter("ignore")
             model, info = AutoModelForCausalLM.from_pretrained(
                 folder, dtype=dtype, device_map=device_map, attn_implementation=attention,
-                quantization_config=quantization_config(scheme.quant, dtype, native_fp8,
-                                                        cpu_offload=bool(placement.offloaded) and torch.cuda.is_available(),
-                                                        pre=arch.prequantized),
+                quantization_config=quantization_config(
+                    scheme.quant, dtype, native_fp8, pre=arch.prequantized,
+                    cpu_offload=bool(placement.offloaded) and torch.cuda.is_available()),
                 output_loading_info=True, **_language_model(folder, arch))
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
