@@ -12,6 +12,8 @@ import torch
 from heavylift.model.architecture import architecture_from_config
 from heavylift.model.tensors import Role, TensorSpec
 from heavylift.model.prequantized import Prequantized, stored_as
+from heavylift.planner.allocator import Program
+from heavylift.planner.forward_program import Part, Step, transformers_forward
 from heavylift.planner.memory import kv_bytes_per_token, kv_cache_bytes
 from heavylift.schemes import SCHEMES
 
@@ -114,3 +116,44 @@ def test_all_means_the_precisions_the_checkpoint_accepts(capsys):
                                 "dequantizes them while they load"]
     code, out, _ = run_cli(capsys, "plan", "gpt-oss-120b", "--gpus", "4xH100", "--json")
     assert [s["quant"] for s in json.loads(out)["schemes"]] == ["bf16"]
+
+
+class _Recording(Program):
+    """A Program that also lists what it allocates, by label."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.allocations: list[tuple[str, int]] = []
+
+    def alloc(self, label: str, nbytes: int):
+        self.allocations.append((label, nbytes))
+        return super().alloc(label, nbytes)
+
+
+def _deepseek_prefill(config: dict) -> list[tuple[str, int]]:
+    arch = architecture_from_config(config)
+    p = _Recording()
+    transformers_forward(p, arch, "fp8", Step(1, 4, 0, 16), Part(range(arch.num_layers), True, True),
+                         range(arch.num_layers), logits=True)
+    return p.allocations
+
+
+def test_block_fp8_kept_as_stored_runs_transformers_fp8_kernels_not_heavylifts_dequantized_experts():
+    # FP8Experts' grouped matmul reads the stored experts; heavylift's own fp8 (a bf16 checkpoint quantized by
+    # torchao, experts by experts.py) dequantizes each fused expert tensor in fp32 for the forward.
+    stored = {**TINY_FAMILIES["deepseek_v3"], "quantization_config": {
+        "quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}}
+    kept = _deepseek_prefill(stored)
+    ours = _deepseek_prefill(TINY_FAMILIES["deepseek_v3"])
+    assert not [a for a in kept if a[0].startswith("experts_")]
+    assert ("experts_fp32", 4 * 2 * 64 * 64 * 4) in ours  # 4 experts' gate_up [2 x 64, 64] in fp32
+    # FP8Linear: x cast to FP8 (4 rows x 64) with one fp32 scale per 128 columns of a row, as DeepGEMM does
+    assert ("x_fp8", 4 * 64) in kept and ("x_scales", 4 * 1 * 4) in kept
+    assert ("weights_bf16", 4 * 2 * 2) in kept  # the fp32 routing weights of 4 tokens x top-2, cast to bf16
+
+
+def test_deepseek_v3_kept_in_fp8_fits_eight_h200s(capsys):
+    code, out, _ = run_cli(capsys, "plan", "deepseek-v3", "--gpus", "8xH200", "--context", "8192", "--json")
+    plan = json.loads(out)
+    by = {s["quant"]: s for s in plan["schemes"]}
+    assert code == 0 and plan["recommended"] == "fp8" and by["fp8"]["fits"] and not by["bf16"]["fits"]

@@ -16,7 +16,8 @@ from typing import Sequence
 from .allocator import Program, Tensor
 from heavylift.model.architecture import FAMILIES, Architecture
 from heavylift.defaults import SDPA_MASK_ALIGNMENT
-from .matmul_programs import BF16, FP32, INT32, INT64, expert_weights, linear
+from heavylift.model.prequantized import keeps_stored
+from .matmul_programs import BF16, FP32, INT32, INT64, KEPT_BLOCK_FP8, expert_weights, linear
 
 
 @dataclass(frozen=True)
@@ -498,10 +499,12 @@ def _router(p: Program, arch: Architecture, rows: int) -> tuple[list[Tensor], in
 def grouped_experts(p: Program, arch: Architecture, quant: str, rows: int, weight_bytes: int) -> Tensor:
     """moe.py grouped_mm_experts_forward: tokens sorted by expert and gathered, one grouped matmul for gate_up
     and one for down, the routing weights applied in their dtype (fp32 or bf16: `weight_bytes`), the sum
-    over the top-k (cast to bf16 where it is fp32)."""
+    over the top-k (cast to bf16 where it is fp32). Block-FP8 experts kept as stored run
+    finegrained_fp8.fp8_grouped_mm_experts_forward: the same steps, the routing weights cast to bf16 first."""
     h, i, e, k = arch.hidden_size, arch.expert_width, arch.num_experts, arch.experts_per_token
     s = rows * k
-    out_bytes = max(BF16, weight_bytes)  # bf16 activations times the weights: fp32 when they are
+    kept_fp8 = quant == KEPT_BLOCK_FP8
+    out_bytes = BF16 if kept_fp8 else max(BF16, weight_bytes)  # bf16 activations times the weights
     ids = p.alloc("sorted", INT64 * s)
     perm = p.alloc("perm", INT64 * s)
     tok = p.alloc("token", INT64 * s)
@@ -519,7 +522,9 @@ def grouped_experts(p: Program, arch: Architecture, quant: str, rows: int, weigh
     cached += expert_weights(p, quant, e * h * i)
     down = p.alloc("down", BF16 * s * h)
     p.free(prod)
+    cast = p.alloc("weights_bf16", BF16 * s) if kept_fp8 and weight_bytes != BF16 else None
     wo = p.alloc("weighted", out_bytes * s * h)
+    p.free(cast)
     inv = p.alloc("inv_perm", INT64 * s)
     ar = p.alloc("arange", INT64 * s)
     p.free(ar)
@@ -603,8 +608,10 @@ def transformers_forward(p: Program, arch: Architecture, quant: str, step: Step,
     first device; `layers` (the ones simulated: a run repeats the same pattern per layer); final norm and
     (if `logits`) lm_head on the last token. On a later device, accelerate's hooks copy the hidden state
     once and the masks, positions and RoPE tables for every layer. Returns the logits' tensor name.
-    `mask_order`: Llama 4's masks in the order its forward builds them in this process (_mask_windows)."""
+    `mask_order`: Llama 4's masks in the order its forward builds them in this process (_mask_windows).
+    A block-FP8 checkpoint kept as stored runs its matmuls as KEPT_BLOCK_FP8."""
     b, c, rows, hid = step.batch, step.tokens, step.rows, arch.hidden_size
+    quant = KEPT_BLOCK_FP8 if keeps_stored(arch.prequantized, quant) else quant
     mask_windows = _mask_windows(arch, mask_order)
     shared: list[Tensor] = []
     if part.first:
