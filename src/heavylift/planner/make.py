@@ -8,6 +8,7 @@ from typing import Mapping, Sequence
 
 from heavylift.hardware.gpus import Device
 from heavylift.model.architecture import Architecture
+from heavylift.model.prequantized import stored_note
 from heavylift.schemes import SCHEMES, fidelity_order
 from .advice import advise, most_sequences
 from .plan import Plan, Workload, layout
@@ -37,12 +38,14 @@ def make_plan(model: str, arch: Architecture, devices: Sequence[Device], work: W
 
 
 def workload_warnings(arch: Architecture, work: Workload) -> tuple[str, ...]:
-    """What holds in memory but not for the model: a context longer than the positions it was trained on."""
+    """What holds in memory but not for the model: a context longer than the positions it was trained on; and
+    what a checkpoint stored quantized needs to run as planned (prequantized.stored_note)."""
+    notes = (stored_note(arch.prequantized),) if arch.prequantized else ()
     if 0 < arch.max_position_embeddings < work.context:  # 0: the config does not say
         return (f"--context {work.context:,} is longer than the {arch.max_position_embeddings:,} positions "
                 f"{arch.model_type} was trained on (max_position_embeddings): memory is planned, but text past "
-                "that length degrades",)
-    return ()
+                "that length degrades",) + notes
+    return notes
 
 
 def make_training_plan(model: str, arch: Architecture, devices: Sequence[Device], quant: str, training: Training,
