@@ -126,7 +126,7 @@ class Scheme:
                 fused[("stored", key)] = (weight + numel, scale + stored_bytes(t) - numel)
                 continue
             if self.float32(t):
-                total += _allocated(t.numel * FLOAT32_BYTES)
+                total += allocated_bytes(t.numel * FLOAT32_BYTES)
                 continue
             quantized = self.quantizes(t.role)
             if t.fused_into is not None:
@@ -136,7 +136,7 @@ class Scheme:
                 total += self.stored_bytes(t.numel, t.rows, quantized)
         for key, value in fused.items():
             if isinstance(key, tuple):
-                total += sum(_allocated(b) for b in value)
+                total += sum(allocated_bytes(b) for b in value)
             else:
                 total += self.stored_bytes(*value)
         return total
