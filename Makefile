@@ -11,7 +11,7 @@ PINS := torch==2.13.0 transformers==5.24.0 accelerate==1.15.0 bitsandbytes==0.50
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(PINS) 2>&1 | grep -v "is ignored" || true
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[run,plot,serve,test]" 2>&1 | grep -v "is ignored" || true
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[run,plot,serve,finetune,test]" 2>&1 | grep -v "is ignored" || true
 	$(PY) -c "from heavylift import quiet; quiet.third_party(verbose=False); import torch, transformers, bitsandbytes, torchao"
 	touch $@
 

@@ -117,14 +117,18 @@ def main(argv=None) -> None:
     result = dict(card=card_name(args.device), date=datetime.date.today().isoformat(),
                   command="python bench/eval_gpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
                   device=torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", torch=torch.__version__,
-                  python=platform.python_version(), train=record, window=window,
-                  quality=quality(folder, window, tokens, EVAL_QUANTS),
-                  runtime_agreement=runtime_agreement(folder, window, tokens),
-                  weight_error=weight_errors(folder, args.device))
-    result["seconds"] = round(time.perf_counter() - started, 1)
+                  python=platform.python_version(), train=record, window=window)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"eval_{result['card']}_{result['date']}.json"
+    # Each part is written as soon as it is measured, so a run cut short keeps what it finished.
     path.write_text(json.dumps(result, indent=2) + "\n")
+    for part, measure in (("quality", lambda: quality(folder, window, tokens, EVAL_QUANTS)),
+                          ("runtime_agreement", lambda: runtime_agreement(folder, window, tokens)),
+                          ("weight_error", lambda: weight_errors(folder, args.device))):
+        result[part] = measure()
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"{part} done at {result['seconds']} s", flush=True)
     print(f"wrote {path} in {result['seconds']} s")
 
 

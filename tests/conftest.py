@@ -52,6 +52,27 @@ TINY_FAMILIES = {
     "gemma2": {**TINY_LLAMA, "model_type": "gemma2", "head_dim": 32, "tie_word_embeddings": True,
                "sliding_window": 16, "query_pre_attn_scalar": 32},
     "phi3": {**TINY_LLAMA, "model_type": "phi3", "pad_token_id": 0},
+    "qwen3": {**TINY_LLAMA, "model_type": "qwen3", "head_dim": 16},
+    # layer 0 dense (mlp_only_layers), layer 1 sparse
+    "qwen3_moe": {**TINY_LLAMA, "model_type": "qwen3_moe", "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                  "moe_intermediate_size": 32, "mlp_only_layers": [0], "norm_topk_prob": True},
+    # a sliding layer, then a full one
+    "gemma3_text": {**TINY_LLAMA, "model_type": "gemma3_text", "head_dim": 32, "tie_word_embeddings": True,
+                    "sliding_window": 16, "sliding_window_pattern": 2, "query_pre_attn_scalar": 32},
+    # layer 0 dense with chunked attention and RoPE, layer 1 MoE with full attention and no RoPE. Widths are
+    # multiples of 64 and the router's 32 outputs a multiple of 32, as bitsandbytes' CPU kernels need.
+    "llama4_text": {**TINY_LLAMA, "model_type": "llama4_text", "head_dim": 16, "intermediate_size": 64,
+                    "intermediate_size_mlp": 128, "num_local_experts": 32, "num_experts_per_tok": 1,
+                    "interleave_moe_layer_step": 2, "attention_chunk_size": 16, "no_rope_layer_interval": 2},
+    # layer 0 dense, layer 1 MoE with a shared expert; latent attention (ranks and RoPE channels of 64 and 32, so
+    # that every projection suits bitsandbytes' CPU kernels, as DeepSeek-V3's own 1536, 512 and 64 do)
+    "deepseek_v3": {**TINY_LLAMA, "model_type": "deepseek_v3", "num_key_value_heads": 4, "n_routed_experts": 4,
+                    "num_experts_per_tok": 2, "moe_intermediate_size": 64, "n_shared_experts": 1,
+                    "first_k_dense_replace": 1, "kv_lora_rank": 64, "q_lora_rank": 64, "qk_rope_head_dim": 32,
+                    "qk_nope_head_dim": 32, "v_head_dim": 32, "n_group": 2, "topk_group": 1},
+    # a sliding layer, then a full one; sinks, biases
+    "gpt_oss": {**TINY_LLAMA, "model_type": "gpt_oss", "head_dim": 16, "intermediate_size": 64,
+                "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 16},
 }
 
 

@@ -9,15 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
-from .defaults import DEFAULT_BATCH, DEFAULT_CONTEXT_TOKENS, DEFAULT_RESERVE_BYTES
+from .defaults import DEFAULT_BATCH, DEFAULT_CONTEXT_TOKENS, DEFAULT_RESERVE_BYTES, DEFAULT_TRAIN_QUANT
 from .errors import GpuSpecError, InvalidArgumentError, PlanDoesNotFitError
 from .hardware.gpus import Device, parse_bytes, parse_gpu_spec
+from .model.prequantized import check_quant, check_stored_runs
 from .model.source import ModelSource, resolve_model
 from .planner.fewest import Fewest, fewest_table
-from .planner.make import make_plan
+from .planner.make import make_plan, make_training_plan
 from .planner.memory import FAST
 from .planner.plan import Plan, SchemePlan, Workload
 from .planner.runtimes import AUTO, Runtime, check_choice, plan_runtimes
+from .planner.training import Training, TrainingPlan
 from .schemes import ALL, QUANT_CHOICES
 
 BEST = "auto"  # --quant for load and run: the most faithful precision the plan fits
@@ -40,6 +42,24 @@ def resolve_quants(quant: str | Sequence[str]) -> tuple[str, ...]:
     if bad or not names:
         raise InvalidArgumentError(f"--quant must be {ALL} or one of {', '.join(QUANT_CHOICES)}, not {bad[0] if bad else quant!r}")
     return names
+
+
+def model_quants(model: str, arch, quants: tuple[str, ...], asked_all: bool) -> tuple[str, ...]:
+    """The precisions of `quants` the model loads in: all of them, except those its family's code cannot run
+    (families.Family.refuses) and, for a checkpoint stored quantized, those it does not accept
+    (prequantized.ACCEPTED). `all` means the rest; naming another is refused in one line."""
+    from .model.families import FAMILIES
+
+    refused = FAMILIES[arch.model_type].refuses
+    pre = arch.prequantized
+    if asked_all:
+        return tuple(q for q in quants if q not in refused and (pre is None or q in pre.accepted))
+    for q in quants:
+        check_quant(pre, q, model)
+        if q in refused:
+            rest = ", ".join(c for c in QUANT_CHOICES if c not in refused)
+            raise InvalidArgumentError(f"{model} cannot run in {q}: {refused[q]}; use --quant {rest}")
+    return quants
 
 
 def _reserve_bytes(reserve: int | str) -> int:
@@ -86,6 +106,7 @@ def _model_and_work(model: str, context: int | None, batch: int, quant, reserve,
                     reserve_bytes=_reserve_bytes(reserve), allow_offload=allow_offload, serve=serve)
     quants = resolve_quants(quant)
     source = resolve_model(model)
+    quants = model_quants(model, source.architecture, quants, quant == ALL)
     if context is None:
         work = replace(work, context=default_context(source.architecture.max_position_embeddings))
     return source, work, quants
@@ -120,6 +141,23 @@ def plan(model: str, gpus: str | Sequence[Device] | None = None, context: int | 
     server of `batch` sequences, each precision saying how many it can serve (max_concurrent_sequences)."""
     return _front_door(model, gpus, False, context, batch, quant, reserve, kv_dtype, allow_offload, engine,
                        serve).plan
+
+
+def plan_training(model: str, gpus: str | Sequence[Device] | None = None, quant: str = DEFAULT_TRAIN_QUANT,
+                  training: Training = Training(), reserve: int | str = DEFAULT_RESERVE_BYTES) -> TrainingPlan:
+    """Plan one QLoRA fine-tuning step of `model` (`heavylift plan MODEL --train`): its base frozen in the 4-bit
+    precision `quant`, LoRA adapters and the optimizer as `training` describes, on `gpus` (described, or None:
+    this machine's), its layers split as an inference plan splits them. Per device the bytes at the step's
+    peak, whether it fits, and advice. Reads only config.json and headers, as plan() does."""
+    if not isinstance(training, Training):
+        raise InvalidArgumentError(f"training must be a heavylift.Training, not {type(training).__name__}")
+    if not isinstance(quant, str) or quant not in QUANT_CHOICES:
+        raise InvalidArgumentError(f"--quant must be one of {', '.join(QUANT_CHOICES)} with --train, not {quant!r}")
+    reserve_bytes = _reserve_bytes(reserve)
+    source = resolve_model(model)
+    devices = resolve_devices(gpus)
+    _check_reserve(devices, reserve_bytes, reserve)
+    return make_training_plan(model, source.architecture, devices, quant, training, reserve_bytes)
 
 
 def fewest(model: str, context: int | None = None, batch: int = DEFAULT_BATCH, quant: str | Sequence[str] = ALL,
@@ -158,6 +196,9 @@ def prepare(model: str, quant: str = BEST, gpus: str | Sequence[Device] | None =
     planned = _front_door(model, gpus, True, context, batch, ALL if quant == BEST else quant, reserve, "bf16",
                           allow_offload, engine, serve)
     scheme = _pick(planned.plan, quant, allow_offload)
+    devices = planned.plan.devices
+    check_stored_runs(planned.source.architecture.prequantized, scheme.quant,
+                      bool(devices) and all(d.kind == "cuda" and d.native_fp8 for d in devices))
     runtime = planned.runtimes[scheme.quant]
     if engine == FAST and runtime.name != FAST:  # among several precisions, the one picked is refused
         raise InvalidArgumentError(runtime.reason)

@@ -20,6 +20,8 @@ from math import ceil
 from typing import Callable, Iterable
 
 from .model.architecture import QUANTIZABLE_ROLES, TensorSpec
+from .model.prequantized import stored_bytes
+from .model.tensors import FP8_ONLY_ROLES, FP32_ALWAYS, FP32_UNDER_FP16
 from .defaults import ALLOCATION_GRANULE_BYTES
 
 BNB_4BIT_BLOCKSIZE = 64  # weights per absmax (bitsandbytes' default for 4-bit)
@@ -42,7 +44,7 @@ ENGINE_GEMV_MAX_ROWS = 16
 ENGINE_BATCHED_MAX_ROWS = 64
 
 
-def _allocated(nbytes: int) -> int:
+def allocated_bytes(nbytes: int) -> int:
     """Bytes the CUDA caching allocator hands out for a tensor of `nbytes`."""
     return max(ALLOCATION_GRANULE_BYTES, ceil(nbytes / ALLOCATION_GRANULE_BYTES) * ALLOCATION_GRANULE_BYTES)
 
@@ -102,20 +104,43 @@ class Scheme:
     def stored_bytes(self, numel: int, rows: int, quantized: bool = True) -> int:
         """Allocated bytes of one stored parameter of `numel` weights in `rows` output rows."""
         parts = self.components(numel, rows) if quantized else _components_bf16(numel, rows)
-        return sum(_allocated(b) for b in parts)
+        return sum(allocated_bytes(b) for b in parts)
 
-    def weights_bytes(self, tensors: Iterable[TensorSpec]) -> int:
-        """Allocated bytes of these tensors once loaded, fused MoE experts stored as one parameter."""
+    def quantizes(self, role) -> bool:
+        """Whether this scheme rewrites tensors of `role` (a model.tensors.Role)."""
+        return role in QUANTIZABLE_ROLES or (role in FP8_ONLY_ROLES and self.code == "fp8")
+
+    def float32(self, t: TensorSpec) -> bool:
+        """Whether transformers keeps `t` in float32 under this scheme's compute dtype (TensorSpec.keep_fp32)."""
+        return t.keep_fp32 == FP32_ALWAYS or (t.keep_fp32 == FP32_UNDER_FP16 and self.name == "fp16")
+
+    def weights_bytes(self, tensors: Iterable[TensorSpec], as_stored: bool = False) -> int:
+        """Allocated bytes of these tensors once loaded, fused MoE experts stored as one parameter;
+        `as_stored`: the weights of a pre-quantized checkpoint kept as it stores them (TensorSpec.stored)."""
         total, fused = 0, {}
         for t in tensors:
-            quantized = t.role in QUANTIZABLE_ROLES
-            rows = t.numel // t.shape[-1]
+            if as_stored and t.stored:
+                # One allocation per stored tensor; fused experts: their stacks of weights and of scales.
+                key = t.fused_into or t.name
+                weight, scale = fused.get(("stored", key), (0, 0))
+                numel = t.numel
+                fused[("stored", key)] = (weight + numel, scale + stored_bytes(t) - numel)
+                continue
+            if self.float32(t):
+                total += allocated_bytes(t.numel * FLOAT32_BYTES)
+                continue
+            quantized = self.quantizes(t.role)
             if t.fused_into is not None:
                 numel, r, q = fused.get(t.fused_into, (0, 0, quantized))
-                fused[t.fused_into] = (numel + t.numel, r + rows, q)
+                fused[t.fused_into] = (numel + t.numel, r + t.rows, q)
             else:
-                total += self.stored_bytes(t.numel, rows, quantized)
-        return total + sum(self.stored_bytes(n, r, q) for n, r, q in fused.values())
+                total += self.stored_bytes(t.numel, t.rows, quantized)
+        for key, value in fused.items():
+            if isinstance(key, tuple):
+                total += sum(allocated_bytes(b) for b in value)
+            else:
+                total += self.stored_bytes(*value)
+        return total
 
 
 SCHEMES = {s.name: s for s in (

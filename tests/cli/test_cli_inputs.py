@@ -14,7 +14,8 @@ from heavylift.hardware.gpus import parse_gpu_spec
 
 from conftest import TINY_FAMILIES, TINY_LLAMA, run_cli, write_config
 
-FAMILIES = "llama, mistral, mixtral, qwen2, gemma2, phi3"
+FAMILIES = ("llama, mistral, mixtral, qwen2, gemma2, phi3, qwen3, qwen3_moe, gemma3_text, llama4_text, deepseek_v3, "
+            "gpt_oss")
 UNREACHABLE_HUB = "http://127.0.0.1:9"  # the discard port: nothing listens, the connection is refused at once
 
 

@@ -92,6 +92,38 @@ def test_rmsnorm_rope_and_cache_writes_agree():
     assert torch.equal(out["triton"][2][1, :, 3], qkv[0, (heads + kv_heads) * d:].view(kv_heads, d))
 
 
+def test_qwen3_qk_norm_in_the_rope_kernel_matches_torch_and_float64():
+    """Qwen 3's q_norm and k_norm, fused into the RoPE kernel: each query and key head RMS-normed over its
+    channels and scaled by its weight before the rotation; values untouched."""
+    torch.manual_seed(0)
+    heads, kv_heads, d, s_max = 4, 2, 32, 24
+    angles = torch.arange(s_max)[:, None] * 10000.0 ** (-torch.arange(d // 2) / (d // 2))
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    qkv = torch.randn(3, (heads + 2 * kv_heads) * d).bfloat16()
+    norms = (1 + 0.1 * torch.randn(d)).bfloat16(), (1 + 0.1 * torch.randn(d)).bfloat16()  # weights as trained
+    pos, slots = torch.tensor([3, 9, 0], dtype=torch.int32), torch.tensor([1, 0, 1], dtype=torch.int32)
+    x = qkv.view(3, heads + 2 * kv_heads, d).double()
+    normed = x.clone()
+    for part, w in zip((slice(0, heads), slice(heads, heads + kv_heads)), norms):
+        h = x[:, part]
+        normed[:, part] = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+    c = torch.cat([cos, cos], -1).double()[pos.long()][:, None]
+    s = torch.cat([sin, sin], -1).double()[pos.long()][:, None]
+    qk = normed[:, :heads + kv_heads]
+    rotated = qk * c + torch.cat([-qk[..., d // 2:], qk[..., :d // 2]], -1) * s
+    out = {}
+    for ops in OPS:
+        k, v = torch.zeros(2, kv_heads, s_max, d).bfloat16(), torch.zeros(2, kv_heads, s_max, d).bfloat16()
+        q = ops.rope_cache(qkv, pos, slots, cos, sin, k, v, heads, kv_heads, poisoned(3, heads, d), norms, 1e-6)
+        out[ops.name] = (q, k[slots.long(), :, pos.long()], v[slots.long(), :, pos.long()])
+        assert rel_err(q, rotated[:, :heads]) < 1e-2 and rel_err(out[ops.name][1], rotated[:, heads:]) < 1e-2
+        assert torch.equal(out[ops.name][2], qkv.view(3, -1, d)[:, heads + kv_heads:])
+    # Each within 1% of float64; between them, the norm's bf16 rounding before the rotation's three (an rsqrt
+    # a last bit apart moves a product across a rounding boundary) adds a few tenths of a percent.
+    for a, b in zip(out["torch"], out["triton"]):
+        assert rel_err(a, b) < 1.2e-2
+
+
 @pytest.mark.parametrize("window", [0, 6])
 def test_decode_attention_matches_float64(window):
     b, heads, kv_heads, d, s_max = 3, 8, 2, 32, 40
@@ -123,7 +155,7 @@ QUANT_CONFIGS = {
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("engine")
-    return {f: save_runnable_checkpoint(root / f, f) for f in ("llama", "mistral", "qwen2")}
+    return {f: save_runnable_checkpoint(root / f, f) for f in ("llama", "mistral", "qwen2", "qwen3")}
 
 
 def _load(folder, quant):
@@ -138,7 +170,8 @@ def _assert_same_or_tie(reference, prompt: torch.Tensor, got: list[int], expecte
     for i, (a, b) in enumerate(zip(got, expected)):
         if a != b:
             with torch.no_grad():
-                logits = reference(torch.cat([prompt, torch.tensor([expected[:i]])], dim=1)).logits[0, -1].float()
+                logits = reference(torch.cat([prompt, torch.tensor([expected[:i]], dtype=torch.long)], dim=1)
+                                   ).logits[0, -1].float()
             assert logits[a] >= logits[b] - 1e-2 * logits.abs().max(), f"step {i}: {a} vs {b}, not a tie"
             return
 
@@ -153,8 +186,9 @@ def _greedy(engine: Engine, prompt: list[int], n: int, slot: int = 0) -> list[in
 
 
 # The Triton interpreter is slow: it runs each family once; the torch path runs every precision.
-ENGINE_CASES = ([(f, q, "torch") for f in ("llama", "mistral", "qwen2") for q in sorted(QUANT_CONFIGS)]
-                + [("llama", "nf4-dq", "triton"), ("qwen2", "bf16", "triton"), ("mistral", "fp4", "triton")])
+ENGINE_CASES = ([(f, q, "torch") for f in ("llama", "mistral", "qwen2", "qwen3") for q in sorted(QUANT_CONFIGS)]
+                + [("llama", "nf4-dq", "triton"), ("qwen2", "bf16", "triton"), ("mistral", "fp4", "triton"),
+                   ("qwen3", "bf16", "triton"), ("qwen3", "nf4-dq", "triton")])
 
 
 @pytest.mark.parametrize("family,quant,ops", ENGINE_CASES)
@@ -380,7 +414,8 @@ def test_producers_write_the_planes_of_what_they_write():
     assert torch.equal(act16, planes(act))
 
 
-@pytest.mark.parametrize("model", ["llama3.1-8b", "mistral-7b", "qwen2.5-7b", "gemma2-9b", "phi3-mini", "mixtral-8x7b"])
+@pytest.mark.parametrize("model", ["llama3.1-8b", "mistral-7b", "qwen2.5-7b", "gemma2-9b", "phi3-mini", "mixtral-8x7b",
+                                   "qwen3-8b", "qwen3-235b-a22b", "gemma3-27b", "gpt-oss-20b"])
 def test_the_planner_and_the_engine_agree_on_what_the_engine_runs(model):
     # The planner decides from config.json (runtimes.model_reason); the engine from transformers' config object.
     from transformers import AutoConfig

@@ -11,6 +11,8 @@ from heavylift.model.catalog import catalog_entries
 
 from conftest import TINY_FAMILIES, TINY_LLAMA
 
+PLANNED = ("llama, mistral, mixtral, qwen2, gemma2, phi3, qwen3, qwen3_moe, gemma3_text, llama4_text, deepseek_v3, "
+           "gpt_oss")
 MISTRAL = TINY_FAMILIES["mistral"]
 QWEN2 = TINY_FAMILIES["qwen2"]
 
@@ -121,13 +123,11 @@ def test_a_missing_field_is_named():
 
 
 @pytest.mark.parametrize(("model_type", "error", "message"), [
-    (None, ConfigError,
-     'm/config.json has no "model_type"; heavylift plans: llama, mistral, mixtral, qwen2, gemma2, phi3'),
+    (None, ConfigError, f'm/config.json has no "model_type"; heavylift plans: {PLANNED}'),
     ("bert", UnsupportedArchitectureError,
-     'm/config.json: model_type "bert" is not supported; heavylift plans: llama, mistral, mixtral, qwen2, gemma2, phi3'),
+     f'm/config.json: model_type "bert" is not supported; heavylift plans: {PLANNED}'),
     (["llama"], UnsupportedArchitectureError,
-     'm/config.json: model_type ["llama"] is not supported; heavylift plans: llama, mistral, mixtral, qwen2, gemma2, '
-     'phi3'),
+     f'm/config.json: model_type ["llama"] is not supported; heavylift plans: {PLANNED}'),
 ])
 def test_model_type(model_type, error, message):
     config = {**TINY_LLAMA, "model_type": model_type}

@@ -76,7 +76,8 @@ class Trace(TorchDispatchMode):
         return out
 
     def _sdpa(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        b, h, length, d = q.shape
+        b, h, length = q.shape[:3]
+        d = v.shape[-1]  # the output has the values' channels (DeepSeek's latent attention: fewer than q's)
         if attn_mask is None:
             out = torch.empty(b, length, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
             self._track(out, "sdpa out")

@@ -41,6 +41,12 @@ def _session(tmp_path, family: str, engine: str, **config):
     ("mixtral", {}),
     ("phi3", {"sliding_window": 12}),
     ("gemma2", {}),  # eager attention, softcapping, alternating 16-token windows
+    ("qwen3", {}),  # per-head q_norm and k_norm
+    ("qwen3_moe", {}),  # a dense layer, then a sparse one
+    ("gemma3_text", {}),  # q_norm and k_norm, a sliding layer then a full one, RoPE tables per layer type
+    ("llama4_text", {}),  # a dense chunked RoPE layer, then an MoE full-attention NoPE layer
+    ("deepseek_v3", {}),  # latent attention, a dense layer, then routed and shared experts
+    ("gpt_oss", {}),  # eager attention with sinks, a sliding layer then a full one, biased experts
 ])
 def test_transformers_programs_match_the_forward(tmp_path, monkeypatch, family, config):
     import heavylift.runtime.session as session_module
@@ -63,10 +69,14 @@ def test_transformers_programs_match_the_forward(tmp_path, monkeypatch, family, 
     program = Program()
     for label, nbytes in _kv_tensors(arch, every, CONTEXT, BATCH, 2, TRANSFORMERS):
         program.alloc(label, nbytes)
+    # Llama 4 builds a mask per layer type in the order of a Python set of their names, which string hashing
+    # fixes per process: the program takes this process's order (a plan takes them sorted).
+    order = list(set(session.model.config.layer_types)) if family == "llama4_text" else None
     for start in range(0, PROMPT, CHUNK):
         step = Step(BATCH, min(CHUNK, PROMPT - start), start, CONTEXT)
-        transformers_forward(program, arch, "bf16", step, part, every, logits=start + CHUNK >= PROMPT)
-    transformers_forward(program, arch, "bf16", Step(BATCH, 1, PROMPT, CONTEXT), part, every, logits=True)
+        transformers_forward(program, arch, "bf16", step, part, every, logits=start + CHUNK >= PROMPT, mask_order=order)
+    transformers_forward(program, arch, "bf16", Step(BATCH, 1, PROMPT, CONTEXT), part, every, logits=True,
+                         mask_order=order)
     planned, traced = canonical(program.events), canonical(trace.events)
     assert planned == traced, first_difference(planned, traced)
 
@@ -81,11 +91,12 @@ class TritonLikeOps:
         return out
 
     @staticmethod
-    def rope_cache(qkv, positions, slots, cos, sin, k_cache, v_cache, heads, kv_heads, q_out):
+    def rope_cache(qkv, positions, slots, cos, sin, k_cache, v_cache, heads, kv_heads, q_out, qk_norm=None, eps=0.0):
         return q_out
 
 
-@pytest.mark.parametrize("family, config", [("llama", {}), ("mistral", {"sliding_window": 12}), ("qwen2", {})])
+@pytest.mark.parametrize("family, config", [("llama", {}), ("mistral", {"sliding_window": 12}), ("qwen2", {}),
+                                            ("qwen3", {})])
 def test_engine_prefill_program_matches_the_engine(tmp_path, monkeypatch, family, config):
     monkeypatch.setattr("heavylift.engine.model.PREFILL_CHUNK_TOKENS", CHUNK)
     session = _session(tmp_path, family, "fast", **config)

@@ -8,6 +8,7 @@ import json
 import pytest
 
 import heavylift
+from heavylift.model.architecture import architecture_from_config
 from conftest import run_cli
 from heavylift.defaults import CUDA_CONTEXT_BYTES, SERVE_MAX_SEQS
 from heavylift.errors import InvalidArgumentError
@@ -175,11 +176,13 @@ def test_cli_serve_line_when_the_most_is_reached(capsys):
 def test_every_catalog_model_counts_a_boundary_on_one_h100():
     for entry in catalog_entries():
         model = entry.aliases[0]
-        plan = heavylift.plan(model, gpus="1xH100", context=4096, quant=["nf4"], serve=True)
-        s = plan.scheme("nf4")
+        pre = architecture_from_config(entry.config_dict()).prequantized
+        quant = "nf4" if pre is None else pre.accepted[-1]  # a pre-quantized checkpoint: its smallest precision
+        plan = heavylift.plan(model, gpus="1xH100", context=4096, quant=[quant], serve=True)
+        s = plan.scheme(quant)
         n = s.max_concurrent_sequences
         assert 0 <= n <= SERVE_MAX_SEQS
         if 0 < n < SERVE_MAX_SEQS:
-            assert _margin(model, "nf4", H100, 4096, n + 1, s.engine) < 0
+            assert _margin(model, quant, H100, 4096, n + 1, s.engine) < 0
         if n:
-            assert _margin(model, "nf4", H100, 4096, n, s.engine) >= 0
+            assert _margin(model, quant, H100, 4096, n, s.engine) >= 0

@@ -8,6 +8,7 @@ import pytest
 
 import heavylift
 from heavylift.errors import InvalidArgumentError, OffloadError
+from heavylift.model.families import FAMILIES
 from heavylift.runtime.loader import Placement, guard_offload
 
 from conftest import TINY_FAMILIES, run_cli, save_runnable_checkpoint
@@ -27,7 +28,7 @@ def test_every_family_generates_in_bf16_and_nf4_dq(checkpoints, family):
         session = heavylift.load(str(checkpoints[family]), quant=quant, context=256)
         record = session.generate("hello world", **GREEDY)
         assert record.generated_tokens >= 1 and record.prompt_tokens > 0
-        assert session.quant == quant and session.attention == ("eager" if family == "gemma2" else "sdpa")
+        assert session.quant == quant and session.attention == ("sdpa" if FAMILIES[family].sdpa else "eager")
 
 
 @pytest.mark.parametrize("quant", ["bf16", "nf4", "nf4-dq", "int8"])

@@ -24,8 +24,9 @@ TRITON = "the fast engine needs Triton (`pip install triton`)"
     (LLAMA, "nf4", "auto", ["mps"], None, Runtime(TRANSFORMERS, GPU_REASON)),
     (LLAMA, "fp16", "auto", ["cuda"], None, Runtime(TRANSFORMERS, "the fast engine computes in bf16; fp16 runs on "
                                                                "transformers")),
-    (GEMMA, "bf16", "auto", ["cuda"], None, Runtime(TRANSFORMERS, "the fast engine runs llama, mistral, qwen2 "
-                                                               "layers, not gemma2")),
+    (GEMMA, "bf16", "auto", ["cuda"], None, Runtime(TRANSFORMERS, "the fast engine runs llama, mistral, qwen2, qwen3 "
+                                                               "layers, not gemma2's GELU-tanh MLPs, four norms "
+                                                               "a layer and soft-capped attention")),
     (LLAMA, "bf16", "transformers", ["cuda"], None, Runtime(TRANSFORMERS, "--engine transformers")),
 ])
 def test_choose_runtime(config, quant, engine, kinds, kernels, expected):

@@ -305,11 +305,13 @@ def _bf16(x):
 
 @triton.jit
 def rope_cache_kernel(qkv_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr,
-                      HQ, HKV, S_MAX, POS_PLUS, D: tl.constexpr):
+                      qn_ptr, kn_ptr, eps, HQ, HKV, S_MAX, POS_PLUS, D: tl.constexpr, QK_NORM: tl.constexpr):
     """Rotate one head of one token (rotate-half RoPE) and put it in place: q to q_out, k and v into the cache.
 
     Program (token, head): heads [0, HQ) are queries, [HQ, HQ+HKV) keys, the rest values.
     The token's position is pos[token] + POS_PLUS (decode passes the cache length, prefill the positions).
+    With QK_NORM (Qwen 3), each query and key head is first RMS-normed over its D channels and scaled by
+    q_norm's or k_norm's weight (qn_ptr, kn_ptr), rounded to bf16 as Qwen3RMSNorm does, then rotated.
     """
     pdl_enter()
     t = tl.program_id(0)
@@ -320,6 +322,12 @@ def rope_cache_kernel(qkv_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, slo
     src = qkv_ptr + t.to(tl.int64) * (HQ + 2 * HKV) * D + head * D
     x1 = tl.load(src + half).to(tl.float32)
     x2 = tl.load(src + D // 2 + half).to(tl.float32)
+    if QK_NORM:
+        if head < HQ + HKV:
+            inv = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / D + eps)
+            w_ptr = qn_ptr if head < HQ else kn_ptr
+            x1 = _bf16(_bf16(x1 * inv) * tl.load(w_ptr + half).to(tl.float32))
+            x2 = _bf16(_bf16(x2 * inv) * tl.load(w_ptr + D // 2 + half).to(tl.float32))
     if head < HQ + HKV:
         c = tl.load(cos_ptr + pos.to(tl.int64) * (D // 2) + half).to(tl.float32)
         s = tl.load(sin_ptr + pos.to(tl.int64) * (D // 2) + half).to(tl.float32)

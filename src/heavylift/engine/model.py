@@ -1,4 +1,5 @@
-"""The fast engine: a Llama-style decoder over the loaded weights, a static KV cache, CUDA-graph decode.
+"""The fast engine: a Llama-style decoder (Qwen 3's per-head q and k norms included) over the loaded weights, a
+static KV cache, CUDA-graph decode.
 
 `Engine.from_model` takes a model transformers loaded by the plan (quantized, placed) and keeps
 pointers to its weights; `Engine.from_random` builds the same storage layer by layer straight from
@@ -63,6 +64,7 @@ class Layer:
     window: int  # sliding window in tokens, 0 for full attention
     k_cache: torch.Tensor | None = None  # [batch, kv heads, context, head dim]
     v_cache: torch.Tensor | None = None
+    qk_norm: tuple[torch.Tensor, torch.Tensor] | None = None  # Qwen 3's q_norm and k_norm weights [head dim]
 
 
 # Decode buffers with a row per sequence (a smaller batch steps on their first rows), and the one-row fp16
@@ -168,11 +170,12 @@ class Engine:
         layers, windows = [], _windows(config)
         for i, block in enumerate(inner.layers):
             attn, mlp = block.self_attn, block.mlp
+            qk_norm = (attn.q_norm.weight.data, attn.k_norm.weight.data) if hasattr(attn, "q_norm") else None
             layers.append(Layer(block.input_layernorm.weight.device, block.input_layernorm.weight.data,
                                 block.post_attention_layernorm.weight.data,
                                 (from_linear(attn.q_proj), from_linear(attn.k_proj), from_linear(attn.v_proj)),
                                 from_linear(attn.o_proj), from_linear(mlp.gate_proj), from_linear(mlp.up_proj),
-                                from_linear(mlp.down_proj), windows[i]))
+                                from_linear(mlp.down_proj), windows[i], qk_norm=qk_norm))
         return cls(_shape(config), layers, inner.embed_tokens.weight.data, inner.norm.weight.data,
                    from_linear(model.lm_head), inner.rotary_emb, batch, context, ops)
 
@@ -339,7 +342,8 @@ class Engine:
             qkv = dense_parts(x, layer.qkv)
             q = torch.empty(t, s.heads, s.head_dim, dtype=torch.bfloat16, device=dev)
             cos, sin = self.rope[dev]
-            self.ops.rope_cache(qkv, positions, slots, cos, sin, layer.k_cache, layer.v_cache, s.heads, s.kv_heads, q)
+            self.ops.rope_cache(qkv, positions, slots, cos, sin, layer.k_cache, layer.v_cache, s.heads, s.kv_heads, q,
+                                layer.qk_norm, s.eps)
             attn = self._prefill_attention(q, layer, start, positions, slot, scratch[dev])
             hidden = hidden + dense_linear(attn, layer.o)
             x = self._norm(hidden, layer.ln2)
@@ -443,7 +447,7 @@ class Engine:
             ops.rmsnorm(b["hidden"], layer.ln1, s.eps, b["x"], b["x16"])
             ops.linear(b["x"], layer.qkv, b["qkv"], x16=b["x16"])
             ops.rope_cache(b["qkv"], positions, b["slots"], cos, sin, layer.k_cache, layer.v_cache, s.heads,
-                           s.kv_heads, b["q"])
+                           s.kv_heads, b["q"], layer.qk_norm, s.eps)
             ops.decode_attention(b["q"], layer.k_cache, layer.v_cache, seq_len, self.scale, layer.window, b["attn"],
                                  b["scratch"], b["attn16"])
             ops.linear(b["attn"], (layer.o,), b["hidden2"], residual=b["hidden"], x16=b["attn16"])

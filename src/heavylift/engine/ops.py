@@ -102,10 +102,16 @@ class TorchOps:
         return out
 
     @staticmethod
-    def rope_cache(qkv, positions, slots, cos, sin, k_cache, v_cache, heads, kv_heads, q_out):
-        """RoPE on q and k of `positions`, k and v into `slots` of the cache, q into `q_out`."""
+    def rope_cache(qkv, positions, slots, cos, sin, k_cache, v_cache, heads, kv_heads, q_out, qk_norm=None, eps=0.0):
+        """RoPE on q and k of `positions`, k and v into `slots` of the cache, q into `q_out`; `qk_norm`
+        (Qwen 3's q_norm and k_norm weights): each q and k head RMS-normed first, as Qwen3RMSNorm does."""
         tokens, d = qkv.shape[0], k_cache.shape[-1]
         x = qkv.view(tokens, heads + 2 * kv_heads, d)
+        if qk_norm is not None:
+            x = x.clone()
+            for part, weight in zip((slice(0, heads), slice(heads, heads + kv_heads)), qk_norm):
+                h = x[:, part].float()
+                x[:, part] = weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
         pos, slots = positions[:tokens].long(), slots[:tokens].long()
         c = torch.cat([cos[pos], cos[pos]], dim=-1)[:, None]
         s = torch.cat([sin[pos], sin[pos]], dim=-1)[:, None]
@@ -217,13 +223,14 @@ class TritonOps:
         return out
 
     @staticmethod
-    def rope_cache(qkv, positions, slots, cos, sin, k_cache, v_cache, heads, kv_heads, q_out):
+    def rope_cache(qkv, positions, slots, cos, sin, k_cache, v_cache, heads, kv_heads, q_out, qk_norm=None, eps=0.0):
         from . import kernels as K
 
         tokens = qkv.shape[0]
+        qn, kn = qk_norm if qk_norm is not None else (cos, cos)  # unread without QK_NORM
         K.rope_cache_kernel[(tokens, heads + 2 * kv_heads)](
-            qkv, q_out, k_cache, v_cache, positions, slots, cos, sin, heads, kv_heads, k_cache.shape[2], 0,
-            D=k_cache.shape[-1], num_warps=1, **_pdl(K, tokens))
+            qkv, q_out, k_cache, v_cache, positions, slots, cos, sin, qn, kn, eps, heads, kv_heads, k_cache.shape[2],
+            0, D=k_cache.shape[-1], QK_NORM=qk_norm is not None, num_warps=1, **_pdl(K, tokens))
         return q_out
 
     @staticmethod

@@ -12,45 +12,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
-from enum import Enum
 from functools import cached_property
-from math import prod
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from heavylift.defaults import (MAX_ATTENTION_HEADS, MAX_CONTEXT_TOKENS, MAX_EXPERTS, MAX_HEAD_DIM, MAX_HIDDEN_SIZE,
                                 MAX_INTERMEDIATE_SIZE, MAX_LAYERS, MAX_PARAMETERS, MAX_TENSORS, MAX_VOCAB_SIZE)
 from heavylift.errors import ConfigError, UnsupportedArchitectureError
-
-
-class Role(str, Enum):
-    """What a tensor does, which decides whether a quantization scheme rewrites it."""
-
-    EMBEDDING = "embedding"
-    LM_HEAD = "lm_head"
-    NORM = "norm"
-    LINEAR = "linear"  # a dense projection weight: quantized by every scheme below bf16
-    BIAS = "bias"
-    ROUTER = "router"  # an MoE gate: kept in bf16, as the loaders leave it
-    EXPERT = "expert"  # an MoE expert projection: quantized like LINEAR
-
-
-QUANTIZABLE_ROLES = frozenset({Role.LINEAR, Role.EXPERT})
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    shape: tuple[int, ...]
-    role: Role
-    layer: int | None  # decoder layer index; None for embeddings, final norm and lm_head
-    # The runtime parameter this tensor is stacked into when loaded, if any: transformers 5 fuses
-    # each layer's MoE experts into `mlp.experts.gate_up_proj` and `mlp.experts.down_proj`, and a
-    # quantizer stores the stacked parameter as one tensor (one set of block statistics).
-    fused_into: str | None = None
-
-    @property
-    def numel(self) -> int:
-        return prod(self.shape)
+from .families import FAMILIES, WRAPPERS, Dims, Family, Latent
+from .prequantized import Prequantized, prequantized_of, stored_as
+from .tensors import QUANTIZABLE_ROLES, Role, TensorSpec  # noqa: F401 - the inventory's types, imported from here
 
 
 @dataclass(frozen=True)
@@ -66,13 +36,63 @@ class Architecture:
     tie_word_embeddings: bool
     num_experts: int  # 0 for a dense model
     experts_per_token: int
-    layer_windows: tuple[int | None, ...]  # per layer: sliding window in tokens, None = full attention
+    layer_windows: tuple[int | None, ...]  # per layer: keys and values its cache keeps (sliding or chunk), None = all
     max_position_embeddings: int
     tensors: tuple[TensorSpec, ...]
+    # transformers' layer types: full_attention, sliding_attention, chunked_attention (Llama 4's chunks of
+    # attention_chunk_size, cached like a sliding window of that size); empty: every layer full or sliding
+    # as layer_windows says.
+    layer_types: tuple[str, ...] = ()
+    moe_layers: tuple[bool, ...] = ()  # per layer: an MoE block; empty: every layer when num_experts, else none
+    expert_intermediate_size: int = 0  # one routed expert's width; 0: intermediate_size
+    shared_expert_intermediate_size: int = 0  # the shared expert's width; 0: no shared expert
+    rope_layers: tuple[bool, ...] = ()  # per layer: rotary positions applied; empty: every layer
+    latent: Latent | None = None  # DeepSeek's multi-head latent attention
+    # What the KV cache holds per token and layer: `cache_heads` heads of `key_dim` key and `value_dim` value
+    # channels (0: num_kv_heads and head_dim). DeepSeek-V3 caches its compressed latent, not per-head keys.
+    cache_heads: int = 0
+    key_dim: int = 0
+    value_dim: int = 0
+    prequantized: Prequantized | None = None  # config.json's quantization_config, for a checkpoint stored quantized
+    wrapped: bool = False  # the language model of a multimodal config (families.WRAPPERS)
+    extra_layers: int = 0  # layers the checkpoint holds past num_layers that transformers leaves unloaded
+    norm_topk_prob: bool = False  # Qwen 3 MoE: the top-k routing weights renormalized to sum to one
+    qk_norm: bool = False  # Llama 4's use_qk_norm: an L2 norm on queries and keys of its RoPE layers
+    rope_interleave: bool = False  # DeepSeek-V3: RoPE on interleaved channel pairs
+    expert_groups: tuple[int, int] = (0, 0)  # DeepSeek-V3's routing groups: (n_group, topk_group)
 
     @property
     def params(self) -> int:
-        return sum(t.numel for t in self.tensors)
+        """Parameters, as transformers counts them: the buffers a checkpoint stores (TensorSpec.buffer) left out."""
+        return sum(t.numel for t in self.tensors if not t.buffer)
+
+    def is_moe(self, layer: int) -> bool:
+        return self.moe_layers[layer] if self.moe_layers else self.num_experts > 0
+
+    def layer_type(self, layer: int) -> str:
+        if self.layer_types:
+            return self.layer_types[layer]
+        return SLIDING if self.layer_windows[layer] else FULL
+
+    def uses_rope(self, layer: int) -> bool:
+        return self.rope_layers[layer] if self.rope_layers else True
+
+    def layer_kind(self, layer: int) -> tuple:
+        """What makes a layer's runtime memory differ from another's: its cache window, attention type, MoE
+        block and RoPE (a family whose layers differ only by window: the window alone, as ever)."""
+        window = self.layer_windows[layer]
+        if not (self.layer_types or self.moe_layers or self.rope_layers):
+            return (window,)
+        return window, self.layer_type(layer), self.is_moe(layer), self.uses_rope(layer)
+
+    @property
+    def expert_width(self) -> int:
+        return self.expert_intermediate_size or self.intermediate_size
+
+    @property
+    def kv_layout(self) -> tuple[int, int, int]:
+        """(heads, key channels, value channels) the KV cache holds per token and layer."""
+        return (self.cache_heads or self.num_kv_heads, self.key_dim or self.head_dim, self.value_dim or self.head_dim)
 
     def layer_tensors(self, layer: int) -> tuple[TensorSpec, ...]:
         return self._by_layer.get(layer, ())
@@ -125,120 +145,9 @@ def _flag(config: Mapping[str, Any], key: str, where: str, default: bool) -> boo
     return value
 
 
-# --- Per-family layer layouts -------------------------------------------------------------------
-
-def _attention(p: str, a: "_Dims", fused_qkv: bool, bias: bool) -> list[TensorSpec]:
-    q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
-    if fused_qkv:
-        out = [TensorSpec(f"{p}.self_attn.qkv_proj.weight", (q + 2 * kv, a.hidden), Role.LINEAR, a.layer)]
-    else:
-        out = [TensorSpec(f"{p}.self_attn.{n}_proj.weight", (rows, a.hidden), Role.LINEAR, a.layer)
-               for n, rows in (("q", q), ("k", kv), ("v", kv))]
-        if bias:
-            out += [TensorSpec(f"{p}.self_attn.{n}_proj.bias", (rows,), Role.BIAS, a.layer)
-                    for n, rows in (("q", q), ("k", kv), ("v", kv))]
-    out.append(TensorSpec(f"{p}.self_attn.o_proj.weight", (a.hidden, q), Role.LINEAR, a.layer))
-    return out
-
-
-def _mlp(p: str, a: "_Dims", fused_gate_up: bool) -> list[TensorSpec]:
-    if fused_gate_up:
-        return [TensorSpec(f"{p}.mlp.gate_up_proj.weight", (2 * a.inter, a.hidden), Role.LINEAR, a.layer),
-                TensorSpec(f"{p}.mlp.down_proj.weight", (a.hidden, a.inter), Role.LINEAR, a.layer)]
-    return [TensorSpec(f"{p}.mlp.gate_proj.weight", (a.inter, a.hidden), Role.LINEAR, a.layer),
-            TensorSpec(f"{p}.mlp.up_proj.weight", (a.inter, a.hidden), Role.LINEAR, a.layer),
-            TensorSpec(f"{p}.mlp.down_proj.weight", (a.hidden, a.inter), Role.LINEAR, a.layer)]
-
-
-def _moe(p: str, a: "_Dims") -> list[TensorSpec]:
-    m = f"{p}.block_sparse_moe"
-    out = [TensorSpec(f"{m}.gate.weight", (a.experts, a.hidden), Role.ROUTER, a.layer)]
-    gate_up, down = f"{p}.mlp.experts.gate_up_proj", f"{p}.mlp.experts.down_proj"
-    for e in range(a.experts):
-        out += [TensorSpec(f"{m}.experts.{e}.w1.weight", (a.inter, a.hidden), Role.EXPERT, a.layer, gate_up),
-                TensorSpec(f"{m}.experts.{e}.w2.weight", (a.hidden, a.inter), Role.EXPERT, a.layer, down),
-                TensorSpec(f"{m}.experts.{e}.w3.weight", (a.inter, a.hidden), Role.EXPERT, a.layer, gate_up)]
-    return out
-
-
-def _norms(p: str, a: "_Dims", names: tuple[str, ...]) -> list[TensorSpec]:
-    return [TensorSpec(f"{p}.{n}.weight", (a.hidden,), Role.NORM, a.layer) for n in names]
-
-
-@dataclass(frozen=True)
-class _Dims:
-    layer: int
-    hidden: int
-    inter: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    experts: int
-
-
-_TWO_NORMS = ("input_layernorm", "post_attention_layernorm")
-_FOUR_NORMS = _TWO_NORMS + ("pre_feedforward_layernorm", "post_feedforward_layernorm")
-
-
-def _llama_layer(p: str, a: _Dims, c: Mapping[str, Any]) -> list[TensorSpec]:
-    out = _attention(p, a, fused_qkv=False, bias=bool(c.get("attention_bias", False)))
-    if c.get("attention_bias", False):
-        out.append(TensorSpec(f"{p}.self_attn.o_proj.bias", (a.hidden,), Role.BIAS, a.layer))
-    out += _mlp(p, a, fused_gate_up=False)
-    if c.get("mlp_bias", False):
-        out += [TensorSpec(f"{p}.mlp.{n}_proj.bias", (rows,), Role.BIAS, a.layer)
-                for n, rows in (("gate", a.inter), ("up", a.inter), ("down", a.hidden))]
-    return out + _norms(p, a, _TWO_NORMS)
-
-
-def _qwen2_layer(p: str, a: _Dims, c: Mapping[str, Any]) -> list[TensorSpec]:
-    return _attention(p, a, fused_qkv=False, bias=True) + _mlp(p, a, False) + _norms(p, a, _TWO_NORMS)
-
-
-def _mistral_layer(p: str, a: _Dims, c: Mapping[str, Any]) -> list[TensorSpec]:
-    return _attention(p, a, fused_qkv=False, bias=False) + _mlp(p, a, False) + _norms(p, a, _TWO_NORMS)
-
-
-def _mixtral_layer(p: str, a: _Dims, c: Mapping[str, Any]) -> list[TensorSpec]:
-    return _attention(p, a, fused_qkv=False, bias=False) + _moe(p, a) + _norms(p, a, _TWO_NORMS)
-
-
-def _gemma2_layer(p: str, a: _Dims, c: Mapping[str, Any]) -> list[TensorSpec]:
-    return _attention(p, a, fused_qkv=False, bias=False) + _mlp(p, a, False) + _norms(p, a, _FOUR_NORMS)
-
-
-def _phi3_layer(p: str, a: _Dims, c: Mapping[str, Any]) -> list[TensorSpec]:
-    return _attention(p, a, fused_qkv=True, bias=False) + _mlp(p, a, True) + _norms(p, a, _TWO_NORMS)
-
-
-@dataclass(frozen=True)
-class Family:
-    layer: Callable[[str, _Dims, Mapping[str, Any]], list[TensorSpec]]
-    tie_default: bool  # the family config class's default for tie_word_embeddings
-    moe: bool = False
-    # Whether transformers runs the family's attention through SDPA. Gemma 2's logit softcapping is not
-    # expressible there, so transformers 5 refuses SDPA and the scores are materialized (eager).
-    sdpa: bool = True
-    # The family config class's defaults where config.json has no such key (transformers 5.24): head_dim
-    # (None: hidden_size / num_attention_heads) and sliding_window (None: full attention).
-    head_dim_default: int | None = None
-    window_default: int | None = None
-
-
-FAMILIES: Mapping[str, Family] = {
-    "llama": Family(_llama_layer, tie_default=False),
-    "mistral": Family(_mistral_layer, tie_default=False, window_default=4096),
-    "mixtral": Family(_mixtral_layer, tie_default=False, moe=True),
-    "qwen2": Family(_qwen2_layer, tie_default=False, window_default=4096),
-    "gemma2": Family(_gemma2_layer, tie_default=True, sdpa=False, head_dim_default=256, window_default=4096),
-    "phi3": Family(_phi3_layer, tie_default=False),
-}
-QWEN2_MAX_WINDOW_LAYERS_DEFAULT = 28  # Qwen2Config's first sliding layer when config.json does not say
-SLIDING, FULL = "sliding_attention", "full_attention"  # the layer_types heavylift's families use
-
-
 def family_of(config: Mapping[str, Any], where: str = CONFIG_FILE) -> Family:
     """The family config.json's model_type names; ConfigError or UnsupportedArchitectureError otherwise."""
+    config = language_config(config, where)
     model_type = config.get("model_type")
     if model_type is None:
         raise ConfigError(f'{where} has no "model_type"; heavylift plans: {", ".join(FAMILIES)}')
@@ -250,7 +159,11 @@ def family_of(config: Mapping[str, Any], where: str = CONFIG_FILE) -> Family:
 
 def head_dim_of(config: Mapping[str, Any], where: str = CONFIG_FILE) -> int:
     """Channels per attention head, as transformers derives them: config.json's head_dim, else the family's
-    default, else hidden_size / num_attention_heads, which must then divide evenly."""
+    default, else hidden_size / num_attention_heads, which must then divide evenly; DeepSeek-V3's RoPE
+    channels (qk_rope_head_dim, which its config calls head_dim)."""
+    config = language_config(config, where)
+    if config.get("model_type") == "deepseek_v3":
+        return _integer(config, "qk_rope_head_dim", where, MAX_HEAD_DIM, default=64)
     explicit = _integer(config, "head_dim", where, MAX_HEAD_DIM, default=family_of(config, where).head_dim_default)
     if explicit is not None:
         return explicit
@@ -262,54 +175,198 @@ def head_dim_of(config: Mapping[str, Any], where: str = CONFIG_FILE) -> int:
     return hidden // heads
 
 
-def layer_windows_of(config: Mapping[str, Any], where: str = CONFIG_FILE) -> tuple[int | None, ...]:
-    """Per layer, the sliding window of keys and values it keeps in tokens, or None for full attention, as
-    transformers' cache does.
+SLIDING, FULL, CHUNKED = "sliding_attention", "full_attention", "chunked_attention"  # transformers' layer types
+QWEN2_MAX_WINDOW_LAYERS_DEFAULT = 28  # Qwen2Config's and Qwen3Config's first sliding layer, unless config.json says
+GEMMA3_SLIDING_PATTERN_DEFAULT = 6  # Gemma3TextConfig: every sixth layer attends to everything
+LLAMA4_NO_ROPE_INTERVAL_DEFAULT = 4  # Llama4TextConfig: every fourth layer has no RoPE and full attention
 
-    Mirrors transformers 5 (`cache_utils.get_layer_types_and_kwargs` and each config's
-    `__post_init__`): explicit `layer_types` win; Gemma 2 alternates, starting with a sliding layer;
-    Qwen2 slides from `max_window_layers` on only when `use_sliding_window`; any other family with a
-    `sliding_window` slides on every layer.
-    """
-    family, model_type = family_of(config, where), config["model_type"]
-    n_layers = _integer(config, "num_hidden_layers", where, MAX_LAYERS)
-    window = family.window_default  # 0 or null in config.json: no window
+
+def language_config(config: Mapping[str, Any], where: str = CONFIG_FILE) -> Mapping[str, Any]:
+    """The config of the model heavylift plans: config.json's, or for a multimodal config (families.WRAPPERS)
+    its text_config, with the model_type transformers gives it where config.json leaves it out."""
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"{where} must hold a JSON object; re-download it")
+    kind = config.get("model_type")
+    text_type = WRAPPERS.get(kind) if isinstance(kind, str) else None
+    if text_type is not None:
+        text = config.get("text_config")
+        if not isinstance(text, Mapping):
+            raise ConfigError(f"{where} describes a {kind} model without a text_config object; "
+                              "download config.json again")
+        config = {"model_type": text_type, **text}
+    family = FAMILIES.get(config.get("model_type")) if isinstance(config.get("model_type"), str) else None
+    if family is None or not family.defaults:
+        return config
+    named = {family.aliases.get(k, k): v for k, v in config.items()}
+    return {**family.defaults, **named}
+
+
+def _window(config: Mapping[str, Any], where: str, family: Family) -> int | None:
+    """The sliding window a family's sliding layers keep (0 or null in config.json: none)."""
+    window = family.window_default
     if "sliding_window" in config:
         window = _integer(config, "sliding_window", where, MAX_CONTEXT_TOKENS, low=0, default=None)
-    if model_type == "qwen2" and not _flag(config, "use_sliding_window", where, False):
-        window = None
+    qwen = config["model_type"] in ("qwen2", "qwen3", "qwen3_moe")
+    if qwen and not _flag(config, "use_sliding_window", where, False):
+        return None
+    if window and config["model_type"] == "gemma3_text" and _flag(config, "use_bidirectional_attention", where, False):
+        window = window // 2 + 1  # Gemma3TextConfig.__post_init__
+    return window or None
+
+
+def _rope_layers(config: Mapping[str, Any], where: str, n_layers: int) -> tuple[bool, ...]:
+    """Llama 4's no_rope_layers (1: the layer applies RoPE), by default all but every fourth."""
+    flags = config.get("no_rope_layers")
+    if not flags:  # null or empty: Llama4TextConfig's default
+        every = _integer(config, "no_rope_layer_interval", where, MAX_LAYERS, default=LLAMA4_NO_ROPE_INTERVAL_DEFAULT)
+        return tuple((i + 1) % every != 0 for i in range(n_layers))
+    if not isinstance(flags, list) or len(flags) != n_layers or any(f not in (0, 1) for f in flags):
+        raise ConfigError(f"{where}: 'no_rope_layers' must list 0 or 1 for each of the {n_layers} layers")
+    return tuple(bool(f) for f in flags)
+
+
+def layer_types_of(config: Mapping[str, Any], where: str = CONFIG_FILE) -> tuple[str, ...]:
+    """Per layer, transformers' layer type (full_attention, sliding_attention, chunked_attention), as each
+    config's `__post_init__` derives it (transformers 5.24): explicit `layer_types` win; Gemma 2 and gpt-oss
+    alternate, starting with a sliding layer; Gemma 3 slides on all but every sliding_window_pattern-th;
+    Qwen 2 and Qwen 3 slide from `max_window_layers` on only when `use_sliding_window`; Llama 4 chunks every
+    layer that applies RoPE; any other family with a `sliding_window` slides on every layer."""
+    config = language_config(config, where)
+    family, model_type = family_of(config, where), config["model_type"]
+    n = _integer(config, "num_hidden_layers", where, MAX_LAYERS)
+    window = _window(config, where, family)
     types = config.get("layer_types")
     if types is None:
-        if model_type == "gemma2":
-            types = [SLIDING if i % 2 == 0 else FULL for i in range(n_layers)]
-        elif model_type == "qwen2":
+        if model_type in ("gemma2", "gpt_oss"):
+            types = [SLIDING if i % 2 == 0 else FULL for i in range(n)]
+        elif model_type in ("qwen2", "qwen3"):
             start = _integer(config, "max_window_layers", where, MAX_LAYERS, low=0,
                              default=QWEN2_MAX_WINDOW_LAYERS_DEFAULT)
-            types = [SLIDING if window and i >= start else FULL for i in range(n_layers)]
+            types = [SLIDING if window and i >= start else FULL for i in range(n)]
+        elif model_type == "gemma3_text":
+            every = _integer(config, "sliding_window_pattern", where, MAX_LAYERS,
+                             default=GEMMA3_SLIDING_PATTERN_DEFAULT)
+            types = [SLIDING if (i + 1) % every else FULL for i in range(n)]
+        elif model_type == "llama4_text":
+            chunk = _integer(config, "attention_chunk_size", where, MAX_CONTEXT_TOKENS, default=None)
+            types = [CHUNKED if rope and chunk else FULL for rope in _rope_layers(config, where, n)]
         else:
-            types = [SLIDING if window else FULL] * n_layers
-    if not isinstance(types, list) or any(t not in (SLIDING, FULL) for t in types):
-        raise ConfigError(f"{where}: 'layer_types' must be a list of \"{SLIDING}\" and \"{FULL}\", one per layer")
-    if len(types) != n_layers:
-        raise ConfigError(f"{where} lists {len(types)} layer_types for {n_layers} layers; fix one of the two")
-    return tuple(window if t == SLIDING and window else None for t in types)
+            types = [SLIDING if window else FULL] * n
+    allowed = family.layer_types
+    if not isinstance(types, list) or any(t not in allowed for t in types):
+        listed = " and ".join(f'"{t}"' for t in allowed)
+        raise ConfigError(f"{where}: 'layer_types' must be a list of {listed}, one per layer")
+    if len(types) != n:
+        raise ConfigError(f"{where} lists {len(types)} layer_types for {n} layers; fix one of the two")
+    return tuple(types)
 
 
-def _layers(family: Family, dims: _Dims, n_layers: int, config: Mapping[str, Any], where: str) -> list[TensorSpec]:
+def layer_windows_of(config: Mapping[str, Any], where: str = CONFIG_FILE) -> tuple[int | None, ...]:
+    """Per layer, the keys and values its cache keeps in tokens, or None for all of them, as transformers'
+    StaticCache does: a sliding layer its window (StaticSlidingWindowLayer), a chunked layer its
+    attention_chunk_size (the same layer class; only the mask differs)."""
+    config = language_config(config, where)
+    family = family_of(config, where)
+    window = _window(config, where, family)
+    chunk = _integer(config, "attention_chunk_size", where, MAX_CONTEXT_TOKENS, default=None) \
+        if family.layer_types[0] == CHUNKED else None
+    kept = {SLIDING: window, CHUNKED: chunk, FULL: None}
+    return tuple(kept[t] for t in layer_types_of(config, where))
+
+
+# --- What differs between families beyond the layer layout --------------------------------------------
+
+@dataclass(frozen=True)
+class _Experts:
+    """A model's MoE blocks: which layers have one, how many experts of what width, and any shared expert."""
+
+    count: int
+    per_token: int
+    width: int
+    shared: int
+    layers: tuple[bool, ...]
+
+
+_EXPERT_COUNT_KEY = {"mixtral": "num_local_experts", "llama4_text": "num_local_experts", "gpt_oss": "num_local_experts",
+                     "qwen3_moe": "num_experts", "deepseek_v3": "n_routed_experts"}
+
+
+def _experts(config: Mapping[str, Any], where: str, n: int, inter: int) -> _Experts:
+    """The MoE blocks as each family's decoder layer decides them (transformers 5.24)."""
+    kind = config["model_type"]
+    count_key = _EXPERT_COUNT_KEY[kind]
+    count = _integer(config, count_key, where, MAX_EXPERTS)
+    per_token = _integer(config, "num_experts_per_tok", where, count)
+    width, shared, layers = inter, 0, tuple([True] * n)
+    if kind == "qwen3_moe":
+        width = _integer(config, "moe_intermediate_size", where, MAX_INTERMEDIATE_SIZE)
+        step = _integer(config, "decoder_sparse_step", where, MAX_LAYERS)
+        dense = config.get("mlp_only_layers") or []
+        if not isinstance(dense, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in dense):
+            raise ConfigError(f"{where}: 'mlp_only_layers' must be a list of layer numbers")
+        layers = tuple(i not in dense and (i + 1) % step == 0 for i in range(n))
+    elif kind == "llama4_text":
+        shared = width
+        step = _integer(config, "interleave_moe_layer_step", where, MAX_LAYERS)
+        listed = config.get("moe_layers")
+        chosen = set(listed) if isinstance(listed, list) else set(range(step - 1, n, step))
+        layers = tuple(i in chosen for i in range(n))
+    elif kind == "deepseek_v3":
+        width = _integer(config, "moe_intermediate_size", where, MAX_INTERMEDIATE_SIZE)
+        shared = width * _integer(config, "n_shared_experts", where, MAX_EXPERTS, low=0, default=0)
+        first = _integer(config, "first_k_dense_replace", where, MAX_LAYERS, low=0, default=0)
+        layers = tuple(i >= first for i in range(n))
+    return _Experts(count, per_token, width, shared, layers)
+
+
+def _latent(config: Mapping[str, Any], where: str) -> Latent:
+    """DeepseekV3Config's latent attention fields (q_lora_rank null: a plain q_proj)."""
+    q_rank = _integer(config, "q_lora_rank", where, MAX_HIDDEN_SIZE, default=None)
+    return Latent(q_rank, _integer(config, "kv_lora_rank", where, MAX_HIDDEN_SIZE),
+                  _integer(config, "qk_nope_head_dim", where, MAX_HEAD_DIM),
+                  _integer(config, "qk_rope_head_dim", where, MAX_HEAD_DIM),
+                  _integer(config, "v_head_dim", where, MAX_HEAD_DIM))
+
+
+def _dense_width(config: Mapping[str, Any], where: str) -> int:
+    """The dense MLP's width: Llama 4 sizes its dense layers by intermediate_size_mlp."""
+    key = "intermediate_size_mlp" if config["model_type"] == "llama4_text" else "intermediate_size"
+    return _integer(config, key, where, MAX_INTERMEDIATE_SIZE)
+
+
+def _layers(family: Family, dims: Dims, experts: _Experts | None, n_layers: int, config: Mapping[str, Any],
+            where: str) -> list[TensorSpec]:
     """Every decoder layer's tensors; ConfigError before building them when they would outnumber MAX_TENSORS."""
-    per_layer = len(family.layer("model.layers.0", dims, config))
+    moe = experts is not None and any(experts.layers)
+    first = dims if not moe else replace(dims, experts=experts.count, expert_inter=experts.width,
+                                         shared_inter=experts.shared)
+    per_layer = len(family.layer("model.layers.0", first, config))
     if n_layers * per_layer > MAX_TENSORS:
+        key = _EXPERT_COUNT_KEY.get(config["model_type"], "num_local_experts")
         raise ConfigError(f"{where} describes {n_layers:,} layers of {per_layer:,} tensors, more than the "
-                          f"{MAX_TENSORS:,} heavylift plans; check num_hidden_layers and num_local_experts")
-    return [t for i in range(n_layers) for t in family.layer(f"model.layers.{i}", replace(dims, layer=i), config)]
+                          f"{MAX_TENSORS:,} heavylift plans; check num_hidden_layers and {key}")
+    out = []
+    for i in range(n_layers):
+        layer = replace(first if experts is not None and experts.layers[i] else dims, layer=i)
+        out += family.layer(f"model.layers.{i}", layer, config)
+    return out
+
+
+def _extra_layers(config: Mapping[str, Any], where: str) -> int:
+    """Layers a DeepSeek-V3 checkpoint holds past num_hidden_layers for multi-token prediction, which
+    transformers does not load (_keys_to_ignore_on_load_unexpected)."""
+    if config["model_type"] != "deepseek_v3":
+        return 0
+    return _integer(config, "num_nextn_predict_layers", where, MAX_LAYERS, low=0, default=0)
 
 
 def architecture_from_config(config: Mapping[str, Any], where: str = CONFIG_FILE) -> Architecture:
     """Describe the model a config.json defines; `where` names the file in ConfigError and
     UnsupportedArchitectureError messages."""
-    if not isinstance(config, Mapping):
-        raise ConfigError(f"{where} must hold a JSON object; re-download it")
+    outer = config
+    config = language_config(config, where)
     family = family_of(config, where)
+    kind = config["model_type"]
     hidden = _integer(config, "hidden_size", where, MAX_HIDDEN_SIZE)
     n_layers = _integer(config, "num_hidden_layers", where, MAX_LAYERS)
     heads = _integer(config, "num_attention_heads", where, MAX_ATTENTION_HEADS)
@@ -321,27 +378,49 @@ def architecture_from_config(config: Mapping[str, Any], where: str = CONFIG_FILE
     if heads % kv_heads:
         raise ConfigError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
     vocab = _integer(config, "vocab_size", where, MAX_VOCAB_SIZE)
-    inter = _integer(config, "intermediate_size", where, MAX_INTERMEDIATE_SIZE)
-    experts = _integer(config, "num_local_experts", where, MAX_EXPERTS) if family.moe else 0
-    per_token = _integer(config, "num_experts_per_tok", where, experts) if family.moe else 0
+    inter = _dense_width(config, where)
+    experts = _experts(config, where, n_layers, _integer(config, "intermediate_size", where, MAX_INTERMEDIATE_SIZE)) \
+        if family.moe else None
     tied = _flag(config, "tie_word_embeddings", where, family.tie_default)
     _flag(config, "attention_bias", where, False)  # read by the layer layouts: checked here, once
     _flag(config, "mlp_bias", where, False)
+    types = layer_types_of(config, where)
     windows = layer_windows_of(config, where)
     max_positions = _integer(config, "max_position_embeddings", where, MAX_CONTEXT_TOKENS, default=0)
+    latent = _latent(config, where) if kind == "deepseek_v3" else None
+    pre = prequantized_of(outer, where)
 
+    dims = Dims(0, hidden, inter, heads, kv_heads, head_dim, latent=latent)
     tensors = [TensorSpec("model.embed_tokens.weight", (vocab, hidden), Role.EMBEDDING, None)]
-    tensors += _layers(family, _Dims(0, hidden, inter, heads, kv_heads, head_dim, experts), n_layers, config, where)
-    tensors.append(TensorSpec("model.norm.weight", (hidden,), Role.NORM, None))
+    tensors += _layers(family, dims, experts, n_layers, config, where)
+    tensors.append(TensorSpec("model.norm.weight", (hidden,), Role.NORM, None,
+                              keep_fp32=tensors[-1].keep_fp32 if kind == "gpt_oss" else None))
     if not tied:
         tensors.append(TensorSpec("lm_head.weight", (vocab, hidden), Role.LM_HEAD, None))
     params = sum(t.numel for t in tensors)
     if params > MAX_PARAMETERS:
         raise ConfigError(f"{where} describes {params:,} parameters, more than the {MAX_PARAMETERS:,} heavylift "
                           "plans; check num_hidden_layers, hidden_size, intermediate_size and vocab_size")
+    tensors = [stored_as(t, pre) for t in tensors]
+    rope = _rope_layers(config, where, n_layers) if kind == "llama4_text" else ()
     return Architecture(
-        model_type=config["model_type"], num_layers=n_layers, hidden_size=hidden, intermediate_size=inter,
+        model_type=kind, num_layers=n_layers, hidden_size=hidden, intermediate_size=inter,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=vocab,
-        tie_word_embeddings=tied, num_experts=experts, experts_per_token=per_token,
+        tie_word_embeddings=tied, num_experts=experts.count if experts else 0,
+        experts_per_token=experts.per_token if experts else 0,
         layer_windows=windows, max_position_embeddings=max_positions, tensors=tuple(tensors),
+        layer_types=types if CHUNKED in types else (),
+        moe_layers=experts.layers if experts and not all(experts.layers) else (),
+        expert_intermediate_size=experts.width if experts and experts.width != inter else 0,
+        shared_expert_intermediate_size=experts.shared if experts else 0,
+        rope_layers=rope if rope and not all(rope) else (),
+        latent=latent, cache_heads=1 if latent else 0, key_dim=latent.kv_rank if latent else 0,
+        value_dim=latent.rope if latent else 0, prequantized=pre, wrapped=outer.get("model_type") in WRAPPERS,
+        extra_layers=_extra_layers(config, where),
+        qk_norm=_flag(config, "use_qk_norm", where, True) if kind == "llama4_text" else False,
+        rope_interleave=_flag(config, "rope_interleave", where, True) if latent else False,
+        norm_topk_prob=(_flag(config, "norm_topk_prob", where, kind == "deepseek_v3")
+                        if kind in ("qwen3_moe", "deepseek_v3") else False),
+        expert_groups=(_integer(config, "n_group", where, MAX_EXPERTS, default=1),
+                       _integer(config, "topk_group", where, MAX_EXPERTS, default=1)) if latent else (0, 0),
     )

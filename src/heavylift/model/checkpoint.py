@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from .architecture import Architecture
+from .families import VISION_PREFIXES, WRAPPED_PREFIX
 from heavylift.errors import CheckpointError, InventoryMismatchError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -97,10 +98,26 @@ def _shape(shape: Iterable[int]) -> str:
     return "[" + ", ".join(map(str, shape)) + "]"
 
 
+def _unwrapped(name: str, arch: Architecture) -> str:
+    """A multimodal checkpoint's language-model tensor under the name the language model alone gives it."""
+    return name[len(WRAPPED_PREFIX):] if arch.wrapped and name.startswith(WRAPPED_PREFIX) else name
+
+
+def _unloaded(name: str, arch: Architecture) -> bool:
+    """Tensors a checkpoint holds that transformers leaves on disk: a multimodal model's vision tower and
+    projector, and DeepSeek-V3's multi-token-prediction layers past num_hidden_layers."""
+    if arch.wrapped and name.startswith(VISION_PREFIXES):
+        return True
+    if arch.extra_layers and name.startswith("model.layers."):
+        return int(name.split(".")[2]) >= arch.num_layers
+    return False
+
+
 def check_against(arch: Architecture, checkpoint: Checkpoint, where: str) -> None:
     """Raise InventoryMismatchError unless the checkpoint holds exactly the tensors the config describes."""
-    expected = {t.name: t.shape for t in arch.tensors}
-    found = {n: i.shape for n, i in checkpoint.tensors.items() if not n.endswith(IGNORED_SUFFIXES)}
+    expected = {name: shape for t in arch.tensors for name, shape in t.checkpoint_shapes()}
+    found = {_unwrapped(n, arch): i.shape for n, i in checkpoint.tensors.items()
+             if not n.endswith(IGNORED_SUFFIXES) and not _unloaded(n, arch)}
     if arch.tie_word_embeddings and found.get("lm_head.weight") == expected.get("model.embed_tokens.weight"):
         found.pop("lm_head.weight")  # some tied checkpoints store the shared matrix twice
     problems = [f"{n} is {_shape(found[n])} in the checkpoint but {_shape(s)} by config.json"

@@ -16,7 +16,8 @@ from typing import Sequence
 from .allocator import Program, Tensor
 from heavylift.model.architecture import FAMILIES, Architecture
 from heavylift.defaults import SDPA_MASK_ALIGNMENT
-from .matmul_programs import BF16, FP32, INT32, INT64, expert_weights, linear
+from heavylift.model.prequantized import keeps_stored
+from .matmul_programs import BF16, FP32, INT32, INT64, KEPT_BLOCK_FP8, expert_weights, linear
 
 
 @dataclass(frozen=True)
@@ -49,15 +50,36 @@ class Part:
     last: bool
 
 
+GEMMA_NORMS = ("gemma2", "gemma3_text")  # RMSNorm in fp32 times (1 + weight), cast back
+
+
 def _rms_norm(p: Program, family: str, rows: int, hidden: int) -> Tensor:
     """LlamaRMSNorm (fp32 copy, its square, mean, rsqrt, product, bf16 cast, weight) or Gemma2RMSNorm
-    (the same in fp32, then (1 + weight) in fp32 and a cast back)."""
+    (the same in fp32, then (1 + weight) in fp32 and a cast back); Llama 4's in family_programs."""
+    if family == "llama4_text":
+        from .family_programs import llama4_norm
+
+        return llama4_norm(p, rows, hidden)
+    if family == "gpt_oss":  # GptOssRMSNorm: the weight multiplies in fp32, then the cast
+        f = p.alloc("norm_fp32", FP32 * rows * hidden)
+        sq = p.alloc("norm_pow", FP32 * rows * hidden)
+        mean = p.alloc("norm_mean", FP32 * rows)
+        p.free(sq)
+        eps = p.alloc("norm_eps", FP32 * rows)
+        r = p.alloc("norm_rsqrt", FP32 * rows)
+        p.free(eps)
+        y = p.alloc("norm_y", FP32 * rows * hidden)
+        p.free(r, f)
+        w = p.alloc("norm_w", FP32 * rows * hidden)
+        out = p.alloc("normed", BF16 * rows * hidden)
+        p.free(w, y, mean)
+        return out
     f = p.alloc("norm_fp32", FP32 * rows * hidden)
     sq = p.alloc("norm_pow", FP32 * rows * hidden)
     mean = p.alloc("norm_mean", FP32 * rows)
     p.free(sq)
     eps = p.alloc("norm_eps", FP32 * rows)
-    if family == "gemma2":
+    if family in GEMMA_NORMS:
         p.free(mean)
         r = p.alloc("norm_rsqrt", FP32 * rows)
         p.free(eps)
@@ -121,6 +143,10 @@ def _mask(p: Program, arch: Architecture, step: Step, window: int | None) -> Ten
             pass
         elif kv == c or step.start == 0:
             return None
+    if window is not None and arch.model_type == "llama4_text":
+        from .family_programs import llama4_chunked_mask
+
+        return llama4_chunked_mask(p, b, c, kv)
     bar = p.alloc("mask_b", INT64 * b)
     har = p.alloc("mask_h", INT64)
     q0 = p.alloc("mask_q", INT64 * c)
@@ -149,8 +175,23 @@ def _mask(p: Program, arch: Architecture, step: Step, window: int | None) -> Ten
 
 
 def _rotary(p: Program, arch: Architecture, tokens: int) -> tuple[Tensor, Tensor]:
-    """LlamaRotaryEmbedding.forward: cos and sin [1, tokens, head_dim] in bf16, computed in fp32."""
+    """LlamaRotaryEmbedding.forward: cos and sin [1, tokens, head_dim] in bf16, computed in fp32; gpt-oss's
+    [1, tokens, head_dim / 2], the frequencies not doubled."""
     c, d = tokens, arch.head_dim
+    if arch.model_type == "gpt_oss":
+        pf = p.alloc("rope_pos", FP32 * c)
+        fr = p.alloc("rope_freqs", FP32 * c * d // 2)
+        p.free(pf)
+        c0 = p.alloc("rope_cos", FP32 * c * d // 2)
+        c1 = p.alloc("rope_cos", FP32 * c * d // 2)
+        p.free(c0)
+        s0 = p.alloc("rope_sin", FP32 * c * d // 2)
+        s1 = p.alloc("rope_sin", FP32 * c * d // 2)
+        p.free(s0)
+        cos = p.alloc("cos", BF16 * c * d // 2)
+        sin = p.alloc("sin", BF16 * c * d // 2)
+        p.free(fr, c1, s1)
+        return cos, sin
     pf = p.alloc("rope_pos", FP32 * c)
     fr = p.alloc("rope_freqs", FP32 * c * d // 2)
     p.free(pf)
@@ -167,13 +208,39 @@ def _rotary(p: Program, arch: Architecture, tokens: int) -> tuple[Tensor, Tensor
     return cos, sin
 
 
-def _mask_windows(arch: Architecture) -> list[int | None]:
-    """The masks a model builds per forward, in order: None for the full-attention one, a window for the sliding one."""
+def _rope_tables(p: Program, arch: Architecture, tokens: int) -> list[tuple[Tensor, ...]]:
+    """The RoPE tables a forward computes: (cos, sin); Gemma 3 one pair per layer type in use (its sliding layers
+    rotate with another base); Llama 4 one complex table."""
+    if arch.model_type == "llama4_text":
+        from .family_programs import llama4_rotary
+
+        return [(llama4_rotary(p, arch, tokens),)]
+    count = len({w is None for w in arch.layer_windows}) if arch.model_type == "gemma3_text" else 1
+    return [_rotary(p, arch, tokens) for _ in range(count)]
+
+
+def _table_bytes(arch: Architecture, tokens: int) -> list[int]:
+    """A decoder layer's RoPE inputs as a later device receives them: cos and sin in bf16, or Llama 4's complex64
+    frequencies (the same bytes)."""
+    if arch.model_type == "llama4_text":
+        return [BF16 * 2 * tokens * arch.head_dim]
+    if arch.model_type == "gpt_oss":
+        return [BF16 * tokens * arch.head_dim // 2] * 2
+    return [BF16 * tokens * arch.head_dim] * 2
+
+
+def _mask_windows(arch: Architecture, mask_order: Sequence[str] | None = None) -> list[int | None]:
+    """The masks a model builds per forward, in order: None for the full-attention one, a window for the sliding
+    (or Llama 4's chunked) one. Llama 4 builds one per layer type in use, in the order of a Python set of their
+    names, which string hashing makes differ between processes: `mask_order` gives it; by default, sorted."""
     windows = [w for w in arch.layer_windows if w]
     window = windows[0] if windows else None
     kind = arch.model_type
-    if kind in ("gemma2", "qwen2"):
-        full = kind == "gemma2" or any(w is None for w in arch.layer_windows)
+    if kind == "llama4_text":
+        types = {arch.layer_type(i): arch.layer_windows[i] for i in range(arch.num_layers)}
+        return [types[t] for t in (mask_order or sorted(types)) if t in types]
+    if kind in ("gemma2", "qwen2", "gemma3_text", "qwen3", "gpt_oss"):
+        full = kind != "qwen2" or any(w is None for w in arch.layer_windows)
         return ([None] if full else []) + ([window] if window else [])
     if kind == "llama":
         return [None]
@@ -273,12 +340,33 @@ def _attention(p: Program, arch: Architecture, quant: str, step: Step, layer: in
     nh, nkv, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
     phi3 = arch.model_type == "phi3"
     window = arch.layer_windows[layer]
-    qkv = None
+    qkv, held = None, []
+    if arch.latent is not None:
+        from .family_programs import latent_attention
+
+        o = latent_attention(p, arch, quant, b, c, step.context, masks.get(window) is not None, True, native_fp8,
+                             lambda q, r, w: _rms_norm(q, "llama", r, w), lambda q, n: _rope(q, n, False))
+        return o, None
     if phi3:
         qkv = linear(p, quant, rows, h, (nh + 2 * nkv) * d, native_fp8)
         q = _rope(p, BF16 * rows * nh * d, True)
         k = _rope(p, BF16 * rows * nkv * d, True)
         v = None  # a view of qkv
+    elif arch.model_type in QK_NORMED:
+        q, k, v = QK_NORMED[arch.model_type](p, arch, quant, rows, native_fp8)
+    elif arch.model_type == "gpt_oss":
+        from .family_programs import halves_rope
+
+        q0 = linear(p, quant, rows, h, nh * d, native_fp8)
+        k0 = linear(p, quant, rows, h, nkv * d, native_fp8)
+        v = linear(p, quant, rows, h, nkv * d, native_fp8)
+        q = halves_rope(p, BF16 * rows * nh * d, difference_first=True)
+        k = halves_rope(p, BF16 * rows * nkv * d, difference_first=True)
+        p.free(q0, k0)
+    elif arch.model_type == "llama4_text":
+        from .family_programs import llama4_projections
+
+        q, k, v, held = llama4_projections(p, arch, quant, rows, c, layer, native_fp8)
     else:
         q0 = linear(p, quant, rows, h, nh * d, native_fp8)
         k0 = linear(p, quant, rows, h, nkv * d, native_fp8)
@@ -291,14 +379,51 @@ def _attention(p: Program, arch: Architecture, quant: str, step: Step, layer: in
     weights = None
     if FAMILIES[arch.model_type].sdpa:
         out = _sdpa(p, arch, step, kv, mask is not None)
+    elif arch.model_type == "gpt_oss":
+        from .family_programs import gpt_oss_eager
+
+        out, weights = gpt_oss_eager(p, arch, b, c, kv)
     else:
         out, weights = _eager(p, arch, step, kv)
     o = linear(p, quant, rows, nh * d, h, native_fp8)
     if qkv is not None and kept and kept[0] == k:  # Phi-3's values are still a view of qkv: it goes last
         p.free(out, q, *kept, qkv)
     else:
-        p.free(out, qkv, q, *kept)
+        p.free(out, qkv, q, *kept, *held)
     return o, weights
+
+
+def qk_normed(norm_family: str, interleaved: bool = True):
+    """Qwen 3's and Gemma 3's projections: q and k each normalized per head (an RMSNorm over head_dim channels,
+    the projection freed once it is replaced) right after its projection (Qwen 3), or once q, k and v are
+    all projected (Gemma 3); then RoPE on both."""
+    def project(p: Program, arch: Architecture, quant: str, rows: int,
+                native_fp8: bool) -> tuple[Tensor, Tensor, Tensor]:
+        h, nh, nkv, d = arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim
+        normed = []
+        if interleaved:
+            for heads in (nh, nkv):
+                raw = linear(p, quant, rows, h, heads * d, native_fp8)
+                normed.append(_rms_norm(p, norm_family, rows * heads, d))
+                p.free(raw)
+            v = linear(p, quant, rows, h, nkv * d, native_fp8)
+        else:
+            raw = [linear(p, quant, rows, h, heads * d, native_fp8) for heads in (nh, nkv)]
+            v = linear(p, quant, rows, h, nkv * d, native_fp8)
+            for r, heads in zip(raw, (nh, nkv)):
+                normed.append(_rms_norm(p, norm_family, rows * heads, d))
+                p.free(r)
+        q = _rope(p, BF16 * rows * nh * d, False)
+        k = _rope(p, BF16 * rows * nkv * d, False)
+        p.free(*normed)
+        return q, k, v
+
+    return project
+
+
+# Families whose model forward keeps its masks in a dict and the embeddings and positions in mask_kwargs.
+MASK_DICT_FAMILIES = ("qwen2", "gemma2", "qwen3", "gemma3_text")
+QK_NORMED = {"qwen3": qk_normed("llama"), "qwen3_moe": qk_normed("llama"), "gemma3_text": qk_normed("gemma2", False)}
 
 
 def _mlp(p: Program, arch: Architecture, quant: str, rows: int, x: Tensor, native_fp8: bool) -> Tensor:
@@ -330,25 +455,62 @@ def gated_mlp(p: Program, rows: int, h: int, i: int, project) -> Tensor:
 
 
 def _moe(p: Program, arch: Architecture, quant: str, rows: int, native_fp8: bool) -> Tensor:
-    """MixtralSparseMoeBlock: the router (bf16 logits, fp32 softmax, top-k), then transformers' default
-    grouped_mm experts (moe.py grouped_mm_experts_forward): tokens sorted by expert and gathered, one
-    grouped matmul for gate_up and one for down, fp32 routing weights, the sum over the top-k."""
-    h, i, e, k = arch.hidden_size, arch.intermediate_size, arch.num_experts, arch.experts_per_token
-    s = rows * k
+    """MixtralSparseMoeBlock and Qwen3MoeSparseMoeBlock: the router (_router), then transformers' default
+    grouped_mm experts (grouped_experts); DeepSeek-V3's DeepseekV3MoE: its router in fp32, the experts, then
+    the shared experts on the same input, added."""
+    if arch.model_type == "deepseek_v3":
+        from .family_programs import deepseek_router
+
+        kept = deepseek_router(p, arch, rows)
+        routed = grouped_experts(p, arch, quant, rows, FP32)
+        shared = gated_mlp(p, rows, arch.hidden_size, arch.shared_expert_intermediate_size,
+                           lambda k, n: linear(p, quant, rows, k, n, native_fp8))
+        out = p.alloc("moe", BF16 * rows * arch.hidden_size)
+        p.free(shared, routed, *kept)
+        return out
+    kept, weight_bytes = _router(p, arch, rows)
+    out = grouped_experts(p, arch, quant, rows, weight_bytes)
+    p.free(*kept)
+    return out
+
+
+def _router(p: Program, arch: Architecture, rows: int) -> tuple[list[Tensor], int]:
+    """MixtralTopKRouter / Qwen3MoeTopKRouter: bf16 logits, their fp32 softmax, the top-k renormalized (Qwen 3
+    only with norm_topk_prob) and, for Qwen 3, cast back to bf16. Returns what the block holds until it
+    returns (logits, routing weights, expert indices) and the routing weights' element size."""
+    e, k = arch.num_experts, arch.experts_per_token
     logits = p.alloc("router", BF16 * rows * e)
     f = p.alloc("router_fp32", FP32 * rows * e)
     sm = p.alloc("router_softmax", FP32 * rows * e)
     p.free(f)
     top_v = p.alloc("topk", FP32 * rows * k)
     top_i = p.alloc("topk", INT64 * rows * k)
-    tot = p.alloc("topk_sum", FP32 * rows)
-    p.free(tot, sm)
+    if arch.model_type != "qwen3_moe":
+        tot = p.alloc("topk_sum", FP32 * rows)
+        p.free(tot, sm)
+        return [logits, top_v, top_i], FP32
+    if arch.norm_topk_prob:
+        p.free(p.alloc("topk_sum", FP32 * rows))
+    cast = p.alloc("topk_bf16", BF16 * rows * k)
+    p.free(top_v, sm)
+    return [logits, cast, top_i], BF16
+
+
+def grouped_experts(p: Program, arch: Architecture, quant: str, rows: int, weight_bytes: int) -> Tensor:
+    """moe.py grouped_mm_experts_forward: tokens sorted by expert and gathered, one grouped matmul for gate_up
+    and one for down, the routing weights applied in their dtype (fp32 or bf16: `weight_bytes`), the sum
+    over the top-k (cast to bf16 where it is fp32). Block-FP8 experts kept as stored run
+    finegrained_fp8.fp8_grouped_mm_experts_forward: the same steps, the routing weights cast to bf16 first."""
+    h, i, e, k = arch.hidden_size, arch.expert_width, arch.num_experts, arch.experts_per_token
+    s = rows * k
+    kept_fp8 = quant == KEPT_BLOCK_FP8
+    out_bytes = BF16 if kept_fp8 else max(BF16, weight_bytes)  # bf16 activations times the weights
     ids = p.alloc("sorted", INT64 * s)
     perm = p.alloc("perm", INT64 * s)
     tok = p.alloc("token", INT64 * s)
     sel = p.alloc("gathered", BF16 * s * h)
     p.free(tok)
-    sw = p.alloc("weights", FP32 * s)
+    sw = p.alloc("weights", weight_bytes * s)
     hi = p.alloc("hist_in", INT32 * s)
     hist = p.alloc("hist", INT32 * e)
     offs = p.alloc("offsets", INT32 * e)
@@ -360,16 +522,20 @@ def _moe(p: Program, arch: Architecture, quant: str, rows: int, native_fp8: bool
     cached += expert_weights(p, quant, e * h * i)
     down = p.alloc("down", BF16 * s * h)
     p.free(prod)
-    wo = p.alloc("weighted", FP32 * s * h)
+    cast = p.alloc("weights_bf16", BF16 * s) if kept_fp8 and weight_bytes != BF16 else None
+    wo = p.alloc("weighted", out_bytes * s * h)
+    p.free(cast)
     inv = p.alloc("inv_perm", INT64 * s)
     ar = p.alloc("arange", INT64 * s)
     p.free(ar)
-    wo2 = p.alloc("weighted", FP32 * s * h)
+    wo2 = p.alloc("weighted", out_bytes * s * h)
     p.free(wo)
-    total = p.alloc("sum", FP32 * rows * h)
+    total = p.alloc("sum", out_bytes * rows * h)
+    if out_bytes == BF16:
+        p.free(ids, perm, sel, sw, hi, hist, offs, down, wo2, inv, *cached)
+        return total
     out = p.alloc("moe", BF16 * rows * h)
     p.free(ids, perm, sel, sw, hi, hist, offs, down, wo2, inv, total, *cached)
-    p.free(logits, top_v, top_i)
     return out
 
 
@@ -379,8 +545,10 @@ def _decoder_layer(p: Program, arch: Architecture, quant: str, step: Step, layer
     fam, rows, hid = arch.model_type, step.rows, arch.hidden_size
     x = _rms_norm(p, fam, rows, hid)
     o, weights = _attention(p, arch, quant, step, layer, x, masks, native_fp8)
+    if fam == "llama4_text":
+        return _llama4_layer_end(p, arch, quant, rows, layer, x, o, native_fp8)
     p.free(x)
-    if fam == "gemma2":
+    if fam in GEMMA_NORMS:
         o2 = _rms_norm(p, fam, rows, hid)
         p.free(o)
         h1 = p.alloc("hidden", BF16 * rows * hid)
@@ -396,25 +564,58 @@ def _decoder_layer(p: Program, arch: Architecture, quant: str, step: Step, layer
     h1 = p.alloc("hidden", BF16 * rows * hid)
     p.free(o)
     x2 = _rms_norm(p, fam, rows, hid)
-    m = _moe(p, arch, quant, rows, native_fp8) if arch.num_experts else _mlp(p, arch, quant, rows, x2, native_fp8)
+    if fam == "gpt_oss":  # the attention weights go when the MoE block's router scores replace them
+        from .family_programs import gpt_oss_experts
+
+        m, scores = gpt_oss_experts(p, arch, quant, rows)
+        p.free(x2, weights)
+        h2 = p.alloc("hidden", BF16 * rows * hid)
+        p.free(m, h1, scores)
+        return h2
+    m = _moe(p, arch, quant, rows, native_fp8) if arch.is_moe(layer) else _mlp(p, arch, quant, rows, x2, native_fp8)
     p.free(x2)
     h2 = p.alloc("hidden", BF16 * rows * hid)
     p.free(m, h1)
     return h2
 
 
+def _llama4_layer_end(p: Program, arch: Architecture, quant: str, rows: int, layer: int, x: Tensor, o: Tensor,
+                      native_fp8: bool) -> Tensor:
+    """Llama4TextDecoderLayer after its attention, whose output (`attention_states`) and, on an MoE layer, the
+    router logits live until the layer returns; the normed input goes once the residual is added."""
+    from .family_programs import llama4_feed_forward, llama4_norm
+
+    hid = arch.hidden_size
+    h1 = p.alloc("hidden", BF16 * rows * hid)
+    p.free(x)
+    x2 = llama4_norm(p, rows, hid)
+    held = []
+    if arch.is_moe(layer):
+        m, held = llama4_feed_forward(p, arch, quant, rows, native_fp8)
+    else:
+        m = _mlp(p, arch, quant, rows, x2, native_fp8)
+    p.free(x2)
+    h2 = p.alloc("hidden", BF16 * rows * hid)
+    p.free(m, h1, o, *held)
+    return h2
+
+
 def transformers_forward(p: Program, arch: Architecture, quant: str, step: Step, part: Part, layers: Sequence[int],
-                         logits: bool, native_fp8: bool = True) -> Tensor | None:
+                         logits: bool, native_fp8: bool = True, mask_order: Sequence[str] | None = None
+                         ) -> Tensor | None:
     """One forward of the model (or of the layers one device runs) with a StaticCache, as
     LlamaForCausalLM.forward and its siblings run it: embeddings, positions, masks and RoPE tables on the
     first device; `layers` (the ones simulated: a run repeats the same pattern per layer); final norm and
     (if `logits`) lm_head on the last token. On a later device, accelerate's hooks copy the hidden state
-    once and the masks, positions and RoPE tables for every layer. Returns the logits' tensor name."""
+    once and the masks, positions and RoPE tables for every layer. Returns the logits' tensor name.
+    `mask_order`: Llama 4's masks in the order its forward builds them in this process (_mask_windows).
+    A block-FP8 checkpoint kept as stored runs its matmuls as KEPT_BLOCK_FP8."""
     b, c, rows, hid = step.batch, step.tokens, step.rows, arch.hidden_size
-    mask_windows = _mask_windows(arch)
+    quant = KEPT_BLOCK_FP8 if keeps_stored(arch.prequantized, quant) else quant
+    mask_windows = _mask_windows(arch, mask_order)
     shared: list[Tensor] = []
     if part.first:
-        if arch.model_type == "gemma2":  # embeddings times sqrt(hidden)
+        if arch.model_type in GEMMA_NORMS:  # embeddings times sqrt(hidden)
             e0 = p.alloc("embed", BF16 * rows * hid)
             h = p.alloc("embed_scaled", BF16 * rows * hid)
             p.free(e0)
@@ -424,12 +625,21 @@ def transformers_forward(p: Program, arch: Architecture, quant: str, step: Step,
         pos = p.alloc("positions", INT64 * c)
         p.free(pa)
         masks = {w: _mask(p, arch, step, w) for w in mask_windows}
-        cos, sin = _rotary(p, arch, c)
+        # Gemma 3 computes a table for each layer type its layers use; the others one (the tuple frees backwards).
+        tables = _rope_tables(p, arch, c)
         held = [m for m in masks.values() if m]
-        # What the model's forward frees as it returns, in the order its frame clears them: Qwen2 and Gemma 2
-        # keep their masks in a dict and the embeddings and positions in mask_kwargs; the (cos, sin)
-        # tuple frees backwards.
-        shared = (held + [h, pos] if arch.model_type in ("qwen2", "gemma2") else [pos, h] + held) + [sin, cos]
+        freed = [t for table in tables for t in reversed(table)]
+        # What the model's forward frees as it returns, in the order its frame clears them: Qwen2, Gemma 2 and
+        # their kin keep their masks in a dict and the embeddings and positions in mask_kwargs; Llama 4 frees its
+        # complex frequencies before them.
+        if arch.model_type == "llama4_text":
+            shared = held + freed + [h, pos]
+        elif arch.model_type == "gpt_oss":
+            shared = [pos] + held + [h] + freed
+        elif arch.model_type in MASK_DICT_FAMILIES:
+            shared = held + [h, pos] + freed
+        else:
+            shared = [pos, h] + held + freed
     else:
         h = p.alloc("hidden_in", BF16 * rows * hid)
         masks = {w: _mask_size_only(arch, step, w) for w in mask_windows}
@@ -438,8 +648,7 @@ def transformers_forward(p: Program, arch: Architecture, quant: str, step: Step,
         copies = []
         if not part.first:  # AlignDevicesHook.pre_forward: send_to_device(args, kwargs)
             copies = [p.alloc("mask_copy", n) for n in masks.values() if n] + [
-                p.alloc("cos_copy", BF16 * c * arch.head_dim), p.alloc("sin_copy", BF16 * c * arch.head_dim),
-                p.alloc("positions_copy", INT64 * c)]
+                p.alloc("rope_copy", n) for n in _table_bytes(arch, c)] + [p.alloc("positions_copy", INT64 * c)]
             layer_masks = {w: ("mask_copy" if n else None) for w, n in masks.items()}
         else:
             layer_masks = masks

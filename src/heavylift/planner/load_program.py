@@ -14,10 +14,16 @@ from typing import Sequence
 
 from .allocator import SMALL_REQUEST_BYTES, CachingAllocator, Program, block_size, live_sizes, one_round_each, run
 from heavylift.model.architecture import QUANTIZABLE_ROLES, Architecture
+from heavylift.model.tensors import FP8_ONLY_ROLES
 from heavylift.defaults import EXPERT_ROW_CHUNK_ELEMENTS, FP8_ROW_MULTIPLE, LOAD_ROW_CHUNK_ELEMENTS
-from .matmul_programs import BF16, BNB_4BIT_BLOCKSIZE, FP32, float8_rows
-from heavylift.schemes import BNB_4BIT_CODE_ENTRIES, BNB_NESTED_BLOCKSIZE, BNB_NESTED_CODE_ENTRIES, SCHEMES
+from .matmul_programs import BF16, BNB_4BIT_BLOCKSIZE, FP32, INT32, float8_rows
+from heavylift.model.prequantized import MXFP4_BLOCK, MXFP4_CODES_PER_BYTE, stored_bytes
+from heavylift.schemes import BNB_4BIT_CODE_ENTRIES, BNB_NESTED_BLOCKSIZE, BNB_NESTED_CODE_ENTRIES, SCHEMES, \
+    FLOAT32_BYTES as FLOAT32
 from .forward_program import Part
+
+# integrations/mxfp4.py _convert_moe_packed_tensors decodes this many rows of 16 bytes (32 weights) at a time.
+MXFP4_ROWS_PER_CHUNK = 32768 * 1024
 
 # transformers sizes the weights before loading them (modeling_utils.caching_allocator_warmup, from
 # get_total_byte_count): a weight it quantizes on load at its quantizer's quantized_element_size (bitsandbytes
@@ -28,11 +34,37 @@ from .forward_program import Part
 @dataclass(frozen=True)
 class Loaded:
     """One checkpoint tensor as from_pretrained brings it in: `numel` bf16 elements in `rows` output rows,
-    quantized on arrival or kept as they are."""
+    quantized on arrival or kept as they are; or, from a block-FP8 checkpoint, `stored` as its weight's and its
+    scales' bytes, kept so (fp8) or dequantized to bf16 on arrival."""
 
     numel: int
     rows: int
     quantized: bool
+    stored: tuple[int, int] = (0, 0)
+    fp8_only: bool = False  # quantized by torchao's FP8 alone (model.tensors.FP8_ONLY_ROLES)
+
+
+@dataclass(frozen=True)
+class ExpertLoad:
+    """One MoE layer's routed experts as a checkpoint holds them: `count` experts of `width` channels over
+    `hidden`; one tensor per expert and projection stacked on load (Mixtral, Qwen 3 MoE, DeepSeek-V3), or
+    already fused (`fused`: Llama 4, gpt-oss); stored in bf16, block FP8 (kept or dequantized) or MXFP4
+    (dequantized)."""
+
+    count: int
+    hidden: int
+    width: int
+    fused: bool = False
+    storage: str = ""  # "" (bf16), prequantized.BLOCK_FP8 or prequantized.MXFP4
+    scale_bytes: int = 0  # block FP8: one expert projection's float32 block scales
+
+
+@dataclass(frozen=True)
+class LayerLoad:
+    """One decoder layer's load: its checkpoint tensors outside the routed experts, and those experts."""
+
+    tensors: tuple[Loaded, ...]
+    experts: ExpertLoad | None
 
 
 def natural_key(name: str) -> list[tuple]:
@@ -62,10 +94,27 @@ def load_tensors(p: Program, quant: str, tensors: Sequence[Loaded]) -> None:
     stay): each copied to the GPU in bf16, a linear weight then quantized (_quantize_on_load) and its bf16
     copy freed. What stays is what quant.Scheme counts as weights."""
     for t in tensors:
+        if t.stored != (0, 0):
+            _stored_load(p, t, keep=quant == "fp8")
+            continue
         w = p.alloc("bf16", BF16 * t.numel)
-        if t.quantized and SCHEMES[quant].quantized:
+        if (t.quantized and SCHEMES[quant].quantized) or (t.fp8_only and quant == "fp8"):
             _quantize_on_load(p, quant, t.numel, t.rows)
             p.free(w)
+
+
+def _stored_load(p: Program, t: Loaded, keep: bool) -> None:
+    """A block-FP8 weight and its scales arriving: kept, or dequantized to bf16 (the scales and the weight cast
+    to bf16, multiplied in place: integrations/finegrained_fp8.py Fp8Dequantize) and freed."""
+    weight, scales = t.stored
+    w = p.alloc("stored", weight)
+    s = p.alloc("stored_scales", scales)
+    if keep:
+        return
+    cast_scales = p.alloc("scales_bf16", BF16 * (scales // 4))
+    out = p.alloc("bf16", BF16 * t.numel)
+    p.free(cast_scales, w, s)
+    del out  # kept: the dequantized weight
 
 
 def dense_load(p: Program, quant: str, tensors: Sequence[Loaded]) -> None:
@@ -144,6 +193,93 @@ def expert_load(p: Program, arch: Architecture, quant: str) -> None:
     _quantize_expert(p, quant, down, e * h, i)
 
 
+def experts_load(p: Program, ex: ExpertLoad, quant: str) -> None:
+    """One MoE layer's routed experts arriving (see expert_load); a checkpoint that fuses them sends the two
+    stacked tensors as they are, each quantized when the next arrives (experts.quantized_on_arrival); a
+    pre-quantized one first dequantizes them (_dequantized_fused) or keeps them stored."""
+    h, i, e = ex.hidden, ex.width, ex.count
+    if not ex.fused:
+        if ex.storage:  # block FP8 per expert: stacked as stored, or each dequantized then stacked
+            _stacked_fp8(p, ex, keep=quant == "fp8")  # the only precisions such a checkpoint takes: fp8, bf16
+        else:
+            expert_load(p, _Shape(h, i, e), quant)
+        return
+    for rows, cols in ((e * h, 2 * i), (e * i, h)):  # gate_up [E, hidden, 2 x width], down [E, width, hidden]
+        if ex.storage:
+            fused = _dequantized_fused(p, rows * cols)
+        else:
+            fused = p.alloc("fused_expert", BF16 * rows * cols)
+        _quantize_expert(p, quant, fused, rows, cols)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What expert_load reads of an Architecture."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_experts: int
+
+
+def _dequantized_fused(p: Program, numel: int) -> str:
+    """integrations/mxfp4.py _convert_moe_packed_tensors on one fused expert tensor of `numel` weights: its
+    blocks and scales arrive, the scales are widened to int32 and shifted, the output allocated, then each
+    chunk of rows decoded (the low and the high nibbles as int32 indices, looked up in bf16) and the result
+    transposed into a contiguous copy."""
+    blocks, scales = numel // MXFP4_CODES_PER_BYTE, numel // MXFP4_BLOCK
+    b = p.alloc("blocks", blocks)
+    s = p.alloc("scales", scales)
+    wide = p.alloc("scales_int32", INT32 * scales)
+    shifted = p.alloc("scales_shifted", INT32 * scales)
+    p.free(wide)
+    out = p.alloc("dequantized", BF16 * numel)
+    rows = scales  # one row of 16 bytes per scale
+    for start in range(0, rows, MXFP4_ROWS_PER_CHUNK):
+        n = min(MXFP4_ROWS_PER_CHUNK, rows - start)
+        for _ in range(2):  # the low nibbles, then the high ones
+            masked = p.alloc("nibbles", n * MXFP4_BLOCK // MXFP4_CODES_PER_BYTE)
+            idx = p.alloc("nibble_idx", INT32 * n * MXFP4_BLOCK // MXFP4_CODES_PER_BYTE)
+            p.free(masked)
+            p.free(p.alloc("looked_up", BF16 * n * MXFP4_BLOCK // MXFP4_CODES_PER_BYTE), idx)
+    result = p.alloc("transposed", BF16 * numel)
+    p.free(out, shifted, b, s)
+    return result
+
+
+def _stacked_fp8(p: Program, ex: ExpertLoad, keep: bool) -> None:
+    """Block-FP8 experts, one weight and one float32 scale tensor per expert and projection (`scale_bytes`
+    each): stacked and gate and up concatenated as they are (FP8Experts keeps them), or each dequantized to
+    bf16 as it arrives (_stored_load) and stacked as bf16 experts are (expert_load)."""
+    h, i, e = ex.hidden, ex.width, ex.count
+    elem = 1 if keep else BF16
+
+    def arrive(numel: int) -> list[str]:
+        w, s = p.alloc("stored", numel), p.alloc("stored_scales", ex.scale_bytes)
+        if keep:
+            return [w, s]
+        cast = p.alloc("scales_bf16", BF16 * (ex.scale_bytes // FLOAT32))
+        out = p.alloc("bf16", BF16 * numel)
+        p.free(cast, w, s)
+        return [out]
+
+    gates = [t for _ in range(e) for t in arrive(i * h)]
+    ups = [t for _ in range(e) for t in arrive(i * h)]
+    scales = e * ex.scale_bytes if keep else 0
+    stacked = [p.alloc("stack", elem * e * i * h)] + ([p.alloc("stack_scales", scales)] if scales else [])
+    p.free(*gates)
+    stacked_up = [p.alloc("stack", elem * e * i * h)] + ([p.alloc("stack_scales", scales)] if scales else [])
+    p.free(*ups)
+    p.alloc("gate_up_proj", elem * e * 2 * i * h)
+    if scales:
+        p.alloc("gate_up_proj_scale_inv", 2 * scales)
+    p.free(*stacked, *stacked_up)
+    downs = [t for _ in range(e) for t in arrive(h * i)]
+    p.alloc("down_proj", elem * e * h * i)
+    if scales:
+        p.alloc("down_proj_scale_inv", scales)
+    p.free(*downs)
+
+
 def _quantize_expert(p: Program, quant: str, source: str, rows: int, cols: int) -> None:
     """experts._quantize_one on one fused tensor: bitsandbytes' quantize_4bit (_quantize_4bit), or
     experts._quantize_rows a chunk at a time; the bf16 source freed once the quantized parameter replaces it."""
@@ -178,22 +314,56 @@ class LoadOrder:
     layer: tuple[Loaded, ...]
     after: tuple[Loaded, ...]
     experts: Architecture | None = None
+    # Each layer's own load, in order, where layers differ or their experts are not Mixtral's kind (the
+    # families beyond Mixtral: dense and MoE layers, fused or pre-quantized experts); empty otherwise.
+    layers: tuple[LayerLoad, ...] = ()
 
 
 def load_order(arch: Architecture, part: Part) -> LoadOrder | None:
     if not part.layers:
         return None
-
     def loaded(tensors) -> tuple[Loaded, ...]:
         ordered = sorted(tensors, key=lambda t: natural_key(t.name))
-        return tuple(Loaded(t.numel, t.numel // t.shape[-1], t.role in QUANTIZABLE_ROLES) for t in ordered)
+        return tuple(_loaded(t) for t in ordered)
 
     wanted = {"model.embed_tokens.weight": part.first, "model.norm.weight": part.last, "lm_head.weight": part.last}
     globals_ = [t for t in arch.global_tensors() if wanted.get(t.name, False)]
     layer = [t for t in arch.layer_tensors(part.layers.start) if t.fused_into is None]
+    layers = ()
+    if _per_layer(arch):
+        layers = tuple(_layer_load(arch, i, loaded) for i in part.layers)
     return LoadOrder(loaded(t for t in globals_ if t.name != "model.norm.weight"), loaded(layer),
-                      loaded(t for t in globals_ if t.name == "model.norm.weight"),
-                      replace(arch, tensors=()) if arch.num_experts else None)
+                     loaded(t for t in globals_ if t.name == "model.norm.weight"),
+                     replace(arch, tensors=()) if arch.num_experts else None, layers)
+
+
+def _loaded(t) -> Loaded:
+    """A TensorSpec as it arrives: a block-FP8 one with its stored bytes (weight, scales)."""
+    rows = t.numel // t.shape[-1]
+    if t.stored and t.fused_into is None and len(t.shape) == 2:
+        return Loaded(t.numel, rows, True, (t.numel, stored_bytes(t) - t.numel))
+    return Loaded(t.numel, rows, t.role in QUANTIZABLE_ROLES, fp8_only=t.role in FP8_ONLY_ROLES)
+
+
+def _per_layer(arch: Architecture) -> bool:
+    """Whether the layers load by their own programs (LoadOrder.layers): every family but Mixtral's MoE."""
+    return arch.num_experts > 0 and arch.model_type != "mixtral" or arch.prequantized is not None
+
+
+def _layer_load(arch: Architecture, i: int, loaded) -> LayerLoad:
+    """Layer i's load: its tensors outside the routed experts, and the experts as the checkpoint holds them."""
+    tensors = arch.layer_tensors(i)
+    experts = None
+    if arch.is_moe(i):
+        routed = [t for t in tensors if t.role.value == "expert"]
+        fused = all(t.fused_into is None for t in routed)
+        pre = arch.prequantized
+        first = next(t for t in routed if t.fused_into is not None) if not fused else None
+        scale = (stored_bytes(first) - first.numel) if first is not None and first.stored else 0
+        experts = ExpertLoad(arch.num_experts, arch.hidden_size, arch.expert_width, fused,
+                             pre.method if pre else "", scale)
+        tensors = [t for t in tensors if t.role.value != "expert"]
+    return LayerLoad(loaded(t for t in tensors if t.fused_into is None), experts)
 
 
 @lru_cache(maxsize=256)
@@ -205,6 +375,8 @@ def loaded_state(quant: str, order: LoadOrder, layers: int) -> tuple[CachingAllo
     model's layers load in the free block the tensors before them leave in the warm-up segment
     (_layers_in_free_block)."""
     a = CachingAllocator()
+    if order.layers:
+        return _per_layer_state(quant, order, layers)
     if order.experts is None:
         warmup = Program()
         allocator_warmup(warmup, quant, order.before + order.layer * layers + order.after)
@@ -222,6 +394,31 @@ def loaded_state(quant: str, order: LoadOrder, layers: int) -> tuple[CachingAllo
     weights = sum(block_size(n) for n in live_sizes(before) + live_sizes(after)) \
         + layers * sum(block_size(n) for n in live_sizes(layer))
     return a, weights
+
+
+def _per_layer_state(quant: str, order: LoadOrder, layers: int) -> tuple[CachingAllocator, int]:
+    """loaded_state for layers that load by their own programs (LoadOrder.layers): no allocator warm-up (an MoE
+    load skips it: loader._moe_loading; a dense pre-quantized one counts the stored bytes, which the plan's
+    weights are), the tensors before, each layer's experts and tensors in turn, the tensors after."""
+    a = CachingAllocator()
+    before, after = _load_program(quant, order.before, None), _load_program(quant, order.after, None)
+    a.play(before)
+    weights = sum(block_size(n) for n in live_sizes(before) + live_sizes(after))
+    for layer in order.layers[:layers]:
+        program = _layer_program(quant, layer)
+        a.play(program)
+        weights += sum(block_size(n) for n in live_sizes(program))
+    a.play(after)
+    return a, weights
+
+
+@lru_cache(maxsize=256)
+def _layer_program(quant: str, layer: LayerLoad) -> Program:
+    p = Program()
+    if layer.experts is not None:
+        experts_load(p, layer.experts, quant)
+    load_tensors(p, quant, layer.tensors)
+    return p
 
 
 def _in_one_free_block(a: CachingAllocator) -> bool:
@@ -310,5 +507,5 @@ def _load_program(quant: str, tensors: tuple[Loaded, ...], experts: Architecture
 
 def clear_load_caches() -> None:
     """Forget every load replayed and every load program built."""
-    for cached in (loaded_state, _load_program, _layer_run, _layers_in_free_block):
+    for cached in (loaded_state, _load_program, _layer_run, _layers_in_free_block, _layer_program):
         cached.cache_clear()

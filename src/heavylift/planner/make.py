@@ -1,4 +1,5 @@
-"""make_plan: every requested precision planned on the devices, with its advice, and the one to recommend."""
+"""make_plan: every requested precision planned on the devices, with its advice, and the one to recommend;
+make_training_plan: one QLoRA training step planned on the devices, with its advice."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ from typing import Mapping, Sequence
 
 from heavylift.hardware.gpus import Device
 from heavylift.model.architecture import Architecture
-from heavylift.schemes import fidelity_order
+from heavylift.model.prequantized import stored_note
+from heavylift.schemes import SCHEMES, fidelity_order
 from .advice import advise, most_sequences
 from .plan import Plan, Workload, layout
+from .training import Training, TrainingLayout, TrainingPlan
+from .training_advice import advise_training
 
 
 def make_plan(model: str, arch: Architecture, devices: Sequence[Device], work: Workload,
@@ -34,9 +38,21 @@ def make_plan(model: str, arch: Architecture, devices: Sequence[Device], work: W
 
 
 def workload_warnings(arch: Architecture, work: Workload) -> tuple[str, ...]:
-    """What holds in memory but not for the model: a context longer than the positions it was trained on."""
+    """What holds in memory but not for the model: a context longer than the positions it was trained on; and
+    what a checkpoint stored quantized needs to run as planned (prequantized.stored_note)."""
+    notes = (stored_note(arch.prequantized),) if arch.prequantized else ()
     if 0 < arch.max_position_embeddings < work.context:  # 0: the config does not say
         return (f"--context {work.context:,} is longer than the {arch.max_position_embeddings:,} positions "
                 f"{arch.model_type} was trained on (max_position_embeddings): memory is planned, but text past "
-                "that length degrades",)
-    return ()
+                "that length degrades",) + notes
+    return notes
+
+
+def make_training_plan(model: str, arch: Architecture, devices: Sequence[Device], quant: str, training: Training,
+                       reserve_bytes: int = 0) -> TrainingPlan:
+    """The training plan of `arch` with its base in the 4-bit scheme `quant` on `devices`, with its advice."""
+    devices = tuple(devices)
+    lay = TrainingLayout(arch, SCHEMES[quant], training)
+    plan = TrainingPlan(model, arch, devices, quant, training, reserve_bytes, lay.device_plans(devices, reserve_bytes),
+                        lay.trainable_params)
+    return replace(plan, advice=advise_training(lay, plan))

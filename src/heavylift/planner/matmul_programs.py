@@ -1,7 +1,8 @@
 """What one matmul allocates, by weight storage and runtime: a piece of the allocation programs.
 
 `linear` is a decoder layer's nn.Linear as transformers runs it after heavylift's loader (bitsandbytes'
-Linear4bit / Linear8bitLt, torchao's Float8Tensor, plain bf16); `dense_linear` is the engine's prefill
+Linear4bit / Linear8bitLt, torchao's Float8Tensor, plain bf16, or a block-FP8 checkpoint's FP8Linear kept as
+stored: KEPT_BLOCK_FP8); `dense_linear` is the engine's prefill
 matmul (engine/ops.py); `expert_weights` is a fused MoE expert parameter read through heavylift's
 parametrizations (experts.py). Each appends to a `Program` what the code allocates and frees, in order;
 the output stays for the caller. Written from the libraries' source (transformers 5.24, bitsandbytes
@@ -24,11 +25,17 @@ INT32 = 4
 # beyond, the weight is dequantized to bf16 and multiplied (always past 512 rows; between, a per-GPU
 # heuristic decides, and the plan counts the dequantized copy).
 BNB_4BIT_FUSED_MAX_ROWS = 4
+# The weights of a block-FP8 checkpoint kept as stored (prequantized.keeps_stored), in place of a scheme's name:
+# transformers' FP8Linear and FP8Experts run them (integrations/finegrained_fp8.py), not a heavylift scheme.
+KEPT_BLOCK_FP8 = "block-fp8"
+FP8_ACTIVATION_GROUP = 128  # DeepGEMM's per_token_cast_to_fp8: one fp32 scale per 128 activations of a row
 
 
 def linear(p: Program, quant: str, rows: int, k: int, n: int, native_fp8: bool = True) -> Tensor:
     """y = x W^T for `rows` rows through the loaded layer of scheme `quant` (nn.Linear, bitsandbytes'
-    Linear4bit / Linear8bitLt, torchao's Float8Tensor); returns y, leaving x untouched."""
+    Linear4bit / Linear8bitLt, torchao's Float8Tensor, FP8Linear); returns y, leaving x untouched."""
+    if quant == KEPT_BLOCK_FP8:
+        return _block_fp8(p, rows, k, n)
     scheme = SCHEMES[quant]
     if scheme.four_bit:
         if rows <= BNB_4BIT_FUSED_MAX_ROWS:
@@ -113,6 +120,17 @@ def _float8(p: Program, rows: int, k: int, n: int) -> Tensor:
     return y
 
 
+def _block_fp8(p: Program, rows: int, k: int, n: int) -> Tensor:
+    """FP8Linear.forward (fp8_linear) on block-FP8 weights: DeepGEMM (Hopper or Blackwell with a CUDA toolkit)
+    casts x to FP8 per token with one fp32 scale per 128 columns, then multiplies into y; the Triton kernel
+    that runs elsewhere quantizes x inline and allocates y alone. The plan counts DeepGEMM's, the larger."""
+    q8 = p.alloc("x_fp8", rows * k)
+    scale = p.alloc("x_scales", FP32 * rows * -(-k // FP8_ACTIVATION_GROUP))
+    y = p.alloc("linear", BF16 * rows * n)
+    p.free(q8, scale)
+    return y
+
+
 def _dequantized_matmul(p: Program, rows: int, k: int, n: int) -> Tensor:
     """A weight dequantized in fp32 (cast, scaled) to bf16, then one bf16 matmul: torchao FP8 storage without
     FP8 tensor cores, and the engine's INT8 (and FP8 without them) prefill."""
@@ -164,7 +182,10 @@ def dense_linear(p: Program, quant: str, rows: int, k: int, n: int, native_fp8: 
 def expert_weights(p: Program, quant: str, numel: int) -> list[Tensor]:
     """One fused expert parameter read through heavylift's parametrization (experts.py): bitsandbytes'
     4-bit dequantize (double quant's absmax first), or the 8-bit rows in fp32 times their scales, cast to
-    bf16. Cached until the experts' forward returns; bf16 experts are read in place."""
+    bf16. Cached until the experts' forward returns; bf16 experts, and block-FP8 ones kept as stored (which
+    the finegrained-fp8 grouped matmul reads as they are), are read in place."""
+    if quant == KEPT_BLOCK_FP8:
+        return []
     scheme = SCHEMES[quant]
     if scheme.four_bit:
         tmp = [p.alloc("absmax", FP32 * (numel // BNB_4BIT_BLOCKSIZE))] if scheme.double_quant else []

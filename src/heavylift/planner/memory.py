@@ -74,8 +74,10 @@ class RuntimeTerms:
 
 
 def kv_bytes_per_token(arch: Architecture, kv_dtype_bytes: int) -> int:
-    """Keys and values of one token in one layer."""
-    return 2 * arch.num_kv_heads * arch.head_dim * kv_dtype_bytes
+    """Keys and values of one token in one layer (Architecture.kv_layout: DeepSeek-V3 caches its compressed
+    latent and shared RoPE key, one 'head' of kv_lora_rank + qk_rope_head_dim channels)."""
+    heads, key, value = arch.kv_layout
+    return heads * (key + value) * kv_dtype_bytes
 
 
 def kv_cache_bytes(arch: Architecture, layers: Iterable[int], context: int, batch: int, kv_dtype_bytes: int,
@@ -103,13 +105,14 @@ def cublas_workspace_bytes(compute_capability: tuple[int, int] | None) -> int:
 
 
 def simulated_layers(arch: Architecture, layers: range, count: int) -> tuple[int, ...]:
-    """The layers of a device replayed per forward: its first `count`, plus one of each window beyond them."""
+    """The layers of a device replayed per forward: its first `count`, plus one of each kind beyond them (its
+    window; where a family's layers differ otherwise, its attention type, MoE block and RoPE too)."""
     chosen = list(layers[:count])
-    seen = {arch.layer_windows[i] for i in chosen}
+    seen = {arch.layer_kind(i) for i in chosen}
     for i in layers[count:]:
-        if arch.layer_windows[i] not in seen:
+        if arch.layer_kind(i) not in seen:
             chosen.append(i)
-            seen.add(arch.layer_windows[i])
+            seen.add(arch.layer_kind(i))
     return tuple(chosen)
 
 
@@ -133,13 +136,15 @@ class _Same:
 @lru_cache(maxsize=1024)
 def _part_key(arch: _Same, part: Part) -> tuple[Architecture, range, LoadOrder | None]:
     """What the runtime terms of `part` depend on: the architecture without its tensor list (which the
-    allocation programs never read), the first run of as many layers with the same windows (a device's
-    layers matter only by their windows; whether it runs the model's start and end is known apart), and
-    the order its checkpoint tensors load in."""
+    allocation programs never read), the first run of as many layers of the same kinds (a device's layers
+    matter only by Architecture.layer_kind; whether it runs the model's start and end is known apart), and
+    the order their checkpoint tensors load in."""
     shape = _shape(arch)
-    windows, n = shape.layer_windows[part.layers.start:part.layers.stop], len(part.layers)
-    start = next(s for s in range(part.layers.start + 1) if shape.layer_windows[s:s + n] == windows)
-    return shape, range(start, start + n), load_order(arch.value, part)
+    kinds = [shape.layer_kind(i) for i in range(shape.num_layers)]
+    n = len(part.layers)
+    wanted = kinds[part.layers.start:part.layers.stop]
+    start = next(s for s in range(part.layers.start + 1) if kinds[s:s + n] == wanted)
+    return shape, range(start, start + n), load_order(arch.value, Part(range(start, start + n), part.first, part.last))
 
 
 @lru_cache(maxsize=64)
@@ -264,11 +269,12 @@ def _cpu_load_peak(arch: Architecture, quant: str, layers: int) -> int:
 
 def _kv_tensors(arch: Architecture, layers: Sequence[int], context: int, batch: int, kvb: int, engine: str
                 ) -> list[tuple[str, int]]:
-    per = arch.num_kv_heads * arch.head_dim * kvb * batch
+    heads, key, value = arch.kv_layout
+    per_key, per_value = heads * key * kvb * batch, heads * value * kvb * batch
     out = []
     for i in layers:
         positions = context if engine == FAST else min(context, arch.layer_windows[i] or context)
-        out += [("keys", per * positions), ("values", per * positions)]
+        out += [("keys", per_key * positions), ("values", per_value * positions)]
     return out
 
 

@@ -10,6 +10,7 @@ from functools import cached_property
 from typing import Sequence
 
 from heavylift.model.architecture import Architecture, Role
+from heavylift.model.prequantized import keeps_stored
 from heavylift.defaults import MAX_BATCH, MAX_CONTEXT_TOKENS, PCIE_BANDWIDTH_BYTES_S
 from heavylift.errors import InvalidArgumentError
 from heavylift.hardware.gpus import Device
@@ -124,8 +125,9 @@ class Layout:
 
     def __init__(self, arch: Architecture, scheme: Scheme):
         self.arch, self.scheme = arch, scheme
-        self.layer_weights = _layer_weights(arch, scheme)
-        by_role = {r: scheme.weights_bytes(t for t in arch.global_tensors() if t.role == r) for r in Role}
+        stored = keeps_stored(arch.prequantized, scheme.name)
+        self.layer_weights = _layer_weights(arch, scheme, stored)
+        by_role = {r: scheme.weights_bytes((t for t in arch.global_tensors() if t.role == r), stored) for r in Role}
         self.embedding = by_role[Role.EMBEDDING]
         self.head = by_role[Role.NORM] + by_role[Role.LM_HEAD]
         self.weights_bytes = sum(self.layer_weights) + self.embedding + self.head
@@ -267,7 +269,7 @@ class Plan:
         return self._json
 
 
-def _layer_weights(arch: Architecture, scheme: Scheme) -> tuple[int, ...]:
+def _layer_weights(arch: Architecture, scheme: Scheme, as_stored: bool = False) -> tuple[int, ...]:
     """Each decoder layer's weights in `scheme`, weighed once per kind of layer: layers whose tensors have
     the same shapes, roles and fusing weigh the same."""
     weighed: dict[tuple, int] = {}
@@ -275,10 +277,10 @@ def _layer_weights(arch: Architecture, scheme: Scheme) -> tuple[int, ...]:
     for i in range(arch.num_layers):
         tensors = arch.layer_tensors(i)
         fused: dict[str, int] = {}
-        kind = tuple((t.shape, t.role, None if t.fused_into is None else fused.setdefault(t.fused_into, len(fused)))
-                     for t in tensors)
+        kind = tuple((t.shape, t.role, None if t.fused_into is None else fused.setdefault(t.fused_into, len(fused)),
+                      t.keep_fp32, t.stored and tuple(s for _, s in t.stored)) for t in tensors)
         if kind not in weighed:
-            weighed[kind] = scheme.weights_bytes(tensors)
+            weighed[kind] = scheme.weights_bytes(tensors, as_stored)
         out.append(weighed[kind])
     return tuple(out)
 

@@ -21,11 +21,22 @@ from .plan import Workload, layout
 
 AUTO = "auto"  # --engine: heavylift's engine where it runs, else transformers
 CHOICES = (AUTO, FAST, TRANSFORMERS)
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # Qwen 3: its q/k norms fused into the RoPE kernel
 SUPPORTED_ROPE = (None, "default", "llama3", "linear", "yarn")
 GPU_REASON = "the fast engine needs every layer on a CUDA GPU"
 ASKED_REASON = "--engine transformers"
 OFFLOAD_REASON = "the fast engine needs every layer on a CUDA GPU, and its plan leaves some in CPU RAM"
+# What each family the engine does not run has that its llama layer lacks (the reason's tail)
+LACKS = {
+    "mixtral": "mixture-of-experts MLPs",
+    "qwen3_moe": "mixture-of-experts MLPs",
+    "gemma2": "GELU-tanh MLPs, four norms a layer and soft-capped attention",
+    "gemma3_text": "GELU-tanh MLPs, four norms a layer and a second RoPE for sliding layers",
+    "phi3": "fused qkv and gate/up projections",
+    "llama4_text": "mixture-of-experts MLPs, chunked attention and complex RoPE",
+    "deepseek_v3": "latent attention and mixture-of-experts MLPs",
+    "gpt_oss": "attention sinks and biased mixture-of-experts MLPs",
+}
 
 
 @dataclass(frozen=True)
@@ -49,7 +60,8 @@ def model_reason(config: Mapping[str, Any], quant: str) -> str | None:
     """Why heavylift's engine cannot run this model in this precision on any device, or None."""
     kind = config.get("model_type", "?")
     if kind not in SUPPORTED_FAMILIES:
-        return f"the fast engine runs {', '.join(SUPPORTED_FAMILIES)} layers, not {kind}"
+        lacks = f"'s {LACKS[kind]}" if kind in LACKS else ""
+        return f"the fast engine runs {', '.join(SUPPORTED_FAMILIES)} layers, not {kind}{lacks}"
     rope = _rope_type(config)
     if rope not in SUPPORTED_ROPE:
         return f"the fast engine has no {rope} RoPE (its positions change with the length)"

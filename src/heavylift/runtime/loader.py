@@ -14,6 +14,8 @@ import torch
 
 from heavylift.model.architecture import Architecture
 from heavylift.errors import CheckpointError, OffloadError, OutOfMemoryError
+from heavylift.model.families import WRAPPED_PREFIX
+from heavylift.model.prequantized import BLOCK_FP8, Prequantized, keeps_stored
 from heavylift.planner.plan import SchemePlan
 from heavylift.schemes import SCHEMES
 from .devices import runtime_device
@@ -59,14 +61,18 @@ def compute_dtype(devices_bf16: bool) -> torch.dtype:
     return torch.bfloat16 if devices_bf16 else torch.float16
 
 
-def quantization_config(quant: str, dtype: torch.dtype, native_fp8: bool, cpu_offload: bool = False) -> Any:
+def quantization_config(quant: str, dtype: torch.dtype, native_fp8: bool, cpu_offload: bool = False,
+                        pre: Prequantized | None = None) -> Any:
     """The transformers quantization config that stores weights as the plan counted them.
 
     cpu_offload: the plan leaves layers in CPU RAM (--allow-offload); bitsandbytes then keeps those
-    layers unquantized there, which is the only offload transformers allows for it.
+    layers unquantized there, which is the only offload transformers allows for it. `pre`: the checkpoint is
+    stored quantized (config.json's quantization_config): kept so (block FP8 in fp8) or dequantized (bf16).
     """
     from transformers import BitsAndBytesConfig, TorchAoConfig
 
+    if pre is not None:
+        return _stored_config(pre, quant)
     scheme = SCHEMES[quant]
     if not scheme.quantized:
         return None
@@ -89,16 +95,29 @@ def quantization_config(quant: str, dtype: torch.dtype, native_fp8: bool, cpu_of
     raise ValueError(quant)
 
 
+def _stored_config(pre: Prequantized, quant: str) -> Any:
+    """transformers' config for a pre-quantized checkpoint: block FP8 kept (fp8) or dequantized (bf16), MXFP4
+    dequantized; given explicitly, so that what loads never depends on the packages or GPUs found."""
+    from transformers import FineGrainedFP8Config, Mxfp4Config
+
+    if pre.method == BLOCK_FP8:
+        return FineGrainedFP8Config(weight_block_size=pre.block, dequantize=not keeps_stored(pre, quant),
+                                    modules_to_not_convert=list(pre.skipped) or None)
+    return Mxfp4Config(dequantize=True, modules_to_not_convert=list(pre.skipped) or None)
+
+
 def attention_implementation(arch: Architecture) -> str:
     """FlashAttention 2 when installed on a GPU of compute capability 8.0+, else PyTorch SDPA (eager for
     families SDPA cannot run)."""
     from transformers.utils import is_flash_attn_2_available
 
-    from heavylift.model.architecture import FAMILIES
+    from heavylift.model.families import FAMILIES
 
-    if torch.cuda.is_available() and torch.cuda.get_device_capability(0)[0] >= 8 and is_flash_attn_2_available():
+    family = FAMILIES[arch.model_type]
+    if family.flash and torch.cuda.is_available() and torch.cuda.get_device_capability(0)[0] >= 8 \
+            and is_flash_attn_2_available():
         return "flash_attention_2"
-    return "sdpa" if FAMILIES[arch.model_type].sdpa else "eager"
+    return "sdpa" if family.sdpa else "eager"
 
 
 @contextmanager
@@ -130,6 +149,17 @@ def _moe_loading(arch: Architecture, quant: str):
             os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = before
 
 
+def _language_model(folder: Path, arch: Architecture) -> dict:
+    """from_pretrained's arguments that load a multimodal checkpoint's language model alone (families.WRAPPERS):
+    its text config, and its tensors' names without the "language_model." prefix (the vision tower's are left)."""
+    if not arch.wrapped:
+        return {}
+    from transformers import AutoConfig
+
+    text = AutoConfig.from_pretrained(folder).get_text_config(decoder=True)
+    return {"config": text, "key_mapping": {f"^{WRAPPED_PREFIX.replace('.', '[.]')}": ""}}
+
+
 def load_model(folder: Path, arch: Architecture, scheme: SchemePlan, placement: Placement, native_fp8: bool,
                bf16: bool, attention: str, label: str):
     """from_pretrained with the plan's quantization and explicit device map, under heavylift's progress bar
@@ -148,9 +178,10 @@ def load_model(folder: Path, arch: Architecture, scheme: SchemePlan, placement: 
             warnings.simplefilter("ignore")
             model, info = AutoModelForCausalLM.from_pretrained(
                 folder, dtype=dtype, device_map=device_map, attn_implementation=attention,
-                quantization_config=quantization_config(scheme.quant, dtype, native_fp8,
-                                                        cpu_offload=bool(placement.offloaded) and torch.cuda.is_available()),
-                output_loading_info=True)
+                quantization_config=quantization_config(
+                    scheme.quant, dtype, native_fp8, pre=arch.prequantized,
+                    cpu_offload=bool(placement.offloaded) and torch.cuda.is_available()),
+                output_loading_info=True, **_language_model(folder, arch))
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         raise OutOfMemoryError(f"out of GPU memory loading the weights in {scheme.quant}, which the plan fits: "

@@ -12,7 +12,6 @@ from heavylift.defaults import PREFILL_CHUNK_TOKENS as PREFILL_CHUNK
 from heavylift.errors import InvalidArgumentError, OutOfMemoryError
 from .loader import expected_int8_casts
 from .sampling import Sampling
-from heavylift.model.architecture import head_dim_of
 
 MEMORY_WARNING_FRACTION = 0.05  # measured memory more than 5% from the plan is reported
 
@@ -214,14 +213,16 @@ class Session:
         """
         from transformers import StaticCache
 
-        config = self.model.config.get_text_config(decoder=True)
         cache = StaticCache(config=self.model.config, max_cache_len=self.plan.context)
-        head_dim = head_dim_of(config.to_dict())
+        # What each layer caches per token (Architecture.kv_layout): heads of key and value channels, DeepSeek-V3's
+        # compressed latent and shared RoPE key as one head of each.
+        heads, key_dim, value_dim = self.plan.architecture.kv_layout
         dtype = self.model.get_input_embeddings().weight.dtype  # the compute dtype: embeddings stay unquantized
         for i, layer in enumerate(cache.layers):
             device = self.placement.modules[f"model.layers.{i}"]
-            empty = torch.zeros((batch, config.num_key_value_heads, 0, head_dim), dtype=dtype, device=device)
-            layer.lazy_initialization(empty, empty)
+            keys = torch.zeros((batch, heads, 0, key_dim), dtype=dtype, device=device)
+            values = torch.zeros((batch, heads, 0, value_dim), dtype=dtype, device=device)
+            layer.lazy_initialization(keys, values)
         return cache
 
     @torch.inference_mode()
