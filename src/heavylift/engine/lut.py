@@ -120,7 +120,7 @@ NEG_ZERO_PAIR = 0x80008000  # bf16x2 -0.0: the addend that makes fma a rounded m
 
 def scaled_pairs_program() -> list[tuple]:
     """Four packed bytes to their eight weights in bf16, each times its byte's scale: the batched kernel's
-    decode (batched.py). The table words hold bf16 values (table_words(code, "bf16")).
+    decode (batched_tiles.py). The table words hold bf16 values (table_words(code, "bf16")).
 
     Registers: q the four packed bytes; s0 the bf16 scales of bytes 0 and 1, s1 of bytes 2 and 3; outputs
     f0, f1 the first weights (high nibbles) of bytes 0-1 and 2-3 as bf16 pairs, g0, g1 the second weights.
