@@ -16,6 +16,7 @@ from pathlib import Path
 from heavylift.errors import AdapterError, CheckpointError, InvalidArgumentError
 from heavylift.model.architecture import Architecture, Role
 from heavylift.model.checkpoint import read_header
+from heavylift.planner.memory import FAST, TRANSFORMERS
 
 ALL_LINEAR = "all-linear"
 ADAPTER_CONFIG = "adapter_config.json"  # peft's save_pretrained writes these two files
@@ -23,7 +24,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # peft's names: the wrapped model's module path after this
 LORA_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
 PROJECTION_SUFFIX = "_proj"  # --target q stands for q_proj
-NOTE = "transformers runs the model: the fast engine does not apply LoRA adapters"  # run/serve with --adapter
 
 
 def projections(arch: Architecture) -> dict[str, tuple[int, int]]:
@@ -160,3 +160,12 @@ def apply_adapter(model, folder: Path):
     base.eval()
     return base
 
+
+
+def adapter_engine(engine: str, folder: Path) -> tuple[str, str]:
+    """For `run`/`serve --adapter`: the --engine to plan for (transformers: the fast engine does not apply LoRA),
+    and the line that says so; --engine fast is refused."""
+    if engine == FAST:
+        raise InvalidArgumentError("--adapter runs on transformers' forward (the fast engine does not apply LoRA); "
+                                   "drop --engine fast")
+    return TRANSFORMERS, f"adapter {folder}: transformers runs the model (the fast engine does not apply LoRA)"
