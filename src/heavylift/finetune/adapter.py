@@ -134,7 +134,7 @@ def attach_lora(model, quantized: bool, targets: tuple[str, ...], rank: int, alp
     else:
         model.requires_grad_(False)
         if grad_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
     model.config.use_cache = False  # a training forward keeps no KV cache
     _keep_cpu_layout(model)
     return get_peft_model(model, lora_config(targets, rank, alpha, dropout))

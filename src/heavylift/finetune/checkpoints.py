@@ -87,11 +87,12 @@ def write_state(folder: Path, state: State) -> None:
 
 def save_checkpoint(out: Path, step: int, write: Callable[[Path], None]) -> Path:
     """`write` fills a temporary folder, which then replaces OUT/checkpoint-STEP in one rename; the oldest
-    checkpoints beyond CHECKPOINTS_KEPT go."""
+    checkpoints beyond CHECKPOINTS_KEPT go, and so does what an earlier write cut short left."""
     out.mkdir(parents=True, exist_ok=True)
     final = out / f"{CHECKPOINT_PREFIX}{step}"
+    for left in out.glob(f".{CHECKPOINT_PREFIX}*.partial-*"):  # what a write cut short left behind
+        shutil.rmtree(left, ignore_errors=True)
     temporary = out / f".{final.name}.partial-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
     write(temporary)
     if final.exists():  # the same step saved again by a resumed run
