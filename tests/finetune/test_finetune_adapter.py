@@ -23,12 +23,12 @@ def in_process(base, texts, tmp_path_factory):
     from heavylift.finetune.train import Options, load_finetune, prepare_finetune
 
     options = Options(out=tmp_path_factory.mktemp("in-process") / "out")
-    prepared = prepare_finetune(str(base), texts["train"], {"seq_len": SEQ_LEN, "steps": 20, "lr": 1e-2}, options)
-    trainer = load_finetune(prepared, options)
+    job = prepare_finetune(str(base), texts["train"], {"seq_len": SEQ_LEN, "steps": 20, "lr": 1e-2}, options)
+    trainer = load_finetune(job, options)
     for _ in trainer.run():
         pass
     trainer.model.eval()
-    return trainer.model, prepared.loader.tokenizer, options.out
+    return trainer.model, job.base.tokenizer, options.out
 
 
 @torch.no_grad()

@@ -139,22 +139,22 @@ def finetune(
                  epochs=epochs, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target=target,
                  optimizer=optimizer, eval_fraction=eval_fraction, seed=seed)
     options = Options(out, resume, eval_data, gpus, grad_checkpointing, eval_every, save_every)
-    prepared = prepare_finetune(model, data, given, options)
-    for warning in prepared.loader.plan.warnings:
+    job = prepare_finetune(model, data, given, options)
+    for warning in job.base.plan.warnings:
         err.print(f"[yellow]warning:[/] {escape(warning)}")
-    for note in prepared.notes:
+    for note in job.notes:
         err.print(f"[dim]{escape(note)}[/]")
-    trainer = load_finetune(prepared, options)
-    err.print(escape(_header(prepared, trainer)))
+    trainer = load_finetune(job, options)
+    err.print(escape(_header(job, trainer)))
     _train(err, trainer, log_every)
 
 
-def _header(prepared, trainer) -> str:
-    s = prepared.settings
+def _header(job, trainer) -> str:
+    s = job.settings
     trainable = sum(p.numel() for p in trainer.trainable)
-    where = f"resuming {prepared.resume} at step {trainer.step}" if prepared.resume else f"writing to {prepared.out}"
-    return (f"{prepared.model}: {s.quant}, LoRA r {s.lora_r} alpha {s.lora_alpha:g} on {','.join(prepared.targets)} "
-            f"({trainable:,} trainable parameters); {len(prepared.train)} training and {len(prepared.held_out)} "
+    where = f"resuming {job.resume} at step {trainer.step}" if job.resume else f"writing to {job.out}"
+    return (f"{job.model}: {s.quant}, LoRA r {s.lora_r} alpha {s.lora_alpha:g} on {','.join(job.targets)} "
+            f"({trainable:,} trainable parameters); {len(job.train)} training and {len(job.held_out)} "
             f"held-out examples; {trainer.total} steps of {s.grad_accum * s.micro_batch} sequences of up to "
             f"{s.seq_len} tokens; {where}")
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from heavylift.defaults import FINETUNE_EVAL_EVERY_STEPS, FINETUNE_SAVE_EVERY_STEPS
 from heavylift.errors import DataError, InvalidArgumentError
 from heavylift.model.source import resolve_model
 from heavylift.planner.memory import TRANSFORMERS
@@ -32,12 +33,12 @@ class Options:
     eval_data: Path | None = None
     gpus: str | None = None
     grad_checkpointing: bool = True
-    eval_every: int = 0  # 0: the defaults' FINETUNE_EVAL_EVERY_STEPS
-    save_every: int = 0
+    eval_every: int = FINETUNE_EVAL_EVERY_STEPS  # optimizer steps between held-out scores
+    save_every: int = FINETUNE_SAVE_EVERY_STEPS  # optimizer steps between checkpoints
 
 
 @dataclass(frozen=True)
-class Prepared:
+class Finetune:
     """A fine-tune ready to load: the settings resolved, the data read and tokenized, the plan made."""
 
     model: str
@@ -49,7 +50,7 @@ class Prepared:
     train: tuple
     held_out: tuple
     notes: tuple[str, ...]
-    loader: Any  # runtime.prepared.Prepared: the plan for this machine, its tokenizer, its weights
+    base: Any  # runtime.prepared.Prepared: the base planned for this machine, its tokenizer, then its weights
 
 
 def default_out(model: str) -> Path:
@@ -71,7 +72,7 @@ def _resumed(options: Options) -> tuple[Path | None, State | None]:
     return folder, read_state(folder)
 
 
-def prepare_finetune(model: str, data: Path, given: Mapping[str, Any], options: Options) -> Prepared:
+def prepare_finetune(model: str, data: Path, given: Mapping[str, Any], options: Options) -> Finetune:
     """Check everything cheap and plan; the weights are not read yet (`load_finetune` reads them)."""
     from heavylift.api import prepare
 
@@ -96,12 +97,12 @@ def prepare_finetune(model: str, data: Path, given: Mapping[str, Any], options: 
     check_out(out, source.folder, resuming=saved is not None)
     if checkpoint is not None:
         check_adapter(checkpoint, arch, model, "--resume")
-    loader = prepare(model, quant=settings.quant, gpus=options.gpus, context=settings.seq_len,
+    base = prepare(model, quant=settings.quant, gpus=options.gpus, context=settings.seq_len,
                      batch=settings.micro_batch, engine=TRANSFORMERS)
-    train, held_out, notes = _examples(loader.tokenizer, dataset, eval_set, settings, model)
-    state = saved or State(0, 0, 0, str(loader.source.folder or model), settings.to_json(),
+    train, held_out, notes = _examples(base.tokenizer, dataset, eval_set, settings, model)
+    state = saved or State(0, 0, 0, str(base.source.folder or model), settings.to_json(),
                            {"train": dataset.sha256, "eval": eval_set.sha256 if eval_set else None}, ())
-    return Prepared(model, settings, targets, out, checkpoint, state, train, held_out, notes, loader)
+    return Finetune(model, settings, targets, out, checkpoint, state, train, held_out, notes, base)
 
 
 def _examples(tokenizer, dataset: Dataset, eval_set: Dataset | None, settings: Settings,
@@ -129,20 +130,19 @@ def _notes(encoded: Encoded, dataset: Dataset, seq_len: int) -> Iterator[str]:
         yield f"{encoded.dropped} samples of {dataset.path} had no assistant token within --seq-len and were left out"
 
 
-def load_finetune(prepared: Prepared, options: Options):
+def load_finetune(finetune: Finetune, options: Options):
     """The base's weights loaded by the plan (the offload guard refuses what lands off it), LoRA attached,
     and a Trainer over them, at the checkpoint's step when resuming."""
     import torch
 
     from .trainer import Cadence, Trainer
-    from heavylift.defaults import FINETUNE_EVAL_EVERY_STEPS, FINETUNE_SAVE_EVERY_STEPS
 
-    s = prepared.settings
-    weights = prepared.loader.load_weights()
+    s = finetune.settings
+    weights = finetune.base.load_weights()
     torch.manual_seed(s.seed)  # the LoRA weights' initial values (a resumed run then loads its own)
-    model = attach_lora(weights.model, s.quantized, prepared.targets, s.lora_r, s.lora_alpha, s.lora_dropout,
+    model = attach_lora(weights.model, s.quantized, finetune.targets, s.lora_r, s.lora_alpha, s.lora_dropout,
                         options.grad_checkpointing)
-    cadence = Cadence(options.eval_every or FINETUNE_EVAL_EVERY_STEPS, options.save_every or FINETUNE_SAVE_EVERY_STEPS)
-    pad_id = prepared.loader.tokenizer.pad_token_id
-    return Trainer(model, s, prepared.train, prepared.held_out, pad_id, prepared.out, prepared.state, cadence,
-                   prepared.resume)
+    cadence = Cadence(options.eval_every, options.save_every)
+    pad_id = finetune.base.tokenizer.pad_token_id
+    return Trainer(model, s, finetune.train, finetune.held_out, pad_id, finetune.out, finetune.state, cadence,
+                   finetune.resume)
