@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from heavylift.commands.run import RUN_GPUS_HELP
-from heavylift.defaults import (EVAL_FRACTION, FINETUNE_EVAL_EVERY_STEPS, FINETUNE_GRAD_ACCUM, FINETUNE_LEARNING_RATE,
-                                FINETUNE_LOG_EVERY_STEPS, FINETUNE_MICRO_BATCH, FINETUNE_QUANT,
+from heavylift.defaults import (EVAL_FRACTION, FINETUNE_EPOCHS, FINETUNE_EVAL_EVERY_STEPS, FINETUNE_GRAD_ACCUM,
+                                FINETUNE_LEARNING_RATE, FINETUNE_LOG_EVERY_STEPS, FINETUNE_MICRO_BATCH, FINETUNE_QUANT,
                                 FINETUNE_SAVE_EVERY_STEPS, FINETUNE_SEQ_LEN_TOKENS, LORA_ALPHA, LORA_DROPOUT,
                                 LORA_RANK)
 
@@ -91,32 +91,33 @@ def finetune(
     model: str = typer.Argument(..., help="Local folder, catalog name backed by a downloaded copy, or hub id."),
     data: Path = typer.Option(..., "--data", help='JSONL of chat samples ({"messages": [...]}) or texts '
                               '({"text": ...}), or a .txt file.'),
-    quant: Optional[str] = typer.Option(None, "--quant", help=f"Precision of the frozen base [default: {FINETUNE_QUANT}]."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help=f"Tokens per training sequence [default: "
-                                          f"{FINETUNE_SEQ_LEN_TOKENS}]."),
+    quant: Optional[str] = typer.Option(None, "--quant", help=f"Precision of the frozen base (default {FINETUNE_QUANT})."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help=f"Tokens per training sequence (default "
+                                          f"{FINETUNE_SEQ_LEN_TOKENS})."),
     micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help=f"Sequences per forward and backward "
-                                              f"[default: {FINETUNE_MICRO_BATCH}]."),
+                                              f"(default {FINETUNE_MICRO_BATCH})."),
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help=f"Micro-batches per optimizer step "
-                                             f"[default: {FINETUNE_GRAD_ACCUM}]."),
+                                             f"(default {FINETUNE_GRAD_ACCUM})."),
     lr: Optional[float] = typer.Option(None, "--lr", help=f"Peak learning rate; warm-up, then cosine "
-                                       f"[default: {FINETUNE_LEARNING_RATE}]."),
+                                       f"(default {FINETUNE_LEARNING_RATE})."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps to train."),
     epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the data, when --steps is not given "
-                                           "[default: 1]."),
-    lora_r: Optional[int] = typer.Option(None, "--lora-r", help=f"LoRA rank [default: {LORA_RANK}]."),
+                                           f"(default {FINETUNE_EPOCHS:g})."),
+    lora_r: Optional[int] = typer.Option(None, "--lora-r", help=f"LoRA rank (default {LORA_RANK})."),
     lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help=f"LoRA alpha; updates scale by "
-                                               f"alpha / rank [default: {LORA_ALPHA}]."),
-    lora_dropout: Optional[float] = typer.Option(None, "--lora-dropout", help=f"[default: {LORA_DROPOUT}]"),
+                                               f"alpha / rank (default {LORA_ALPHA})."),
+    lora_dropout: Optional[float] = typer.Option(None, "--lora-dropout", help=f"Dropout on each LoRA layer's input "
+                                                 f"(default {LORA_DROPOUT})."),
     target: Optional[str] = typer.Option(None, "--target", help="all-linear, or the projections to adapt: "
-                                         "q,k,v,o,gate,up,down (names as the model has them) [default: all-linear]."),
+                                         "q,k,v,o,gate,up,down (names as the model has them) (default all-linear)."),
     grad_checkpointing: bool = typer.Option(True, "--grad-checkpointing/--no-grad-checkpointing",
                                             help="Recompute each layer's activations in the backward pass."),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="paged-adamw-8bit (bitsandbytes) or adamw "
-                                            "(torch) [default: paged-adamw-8bit]."),
+                                            "(torch) (default paged-adamw-8bit)."),
     eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out samples to score, in the same "
                                              "formats as --data."),
     eval_fraction: Optional[float] = typer.Option(None, "--eval-fraction", help=f"Without --eval-data, this "
-                                                  f"fraction of --data is held out [default: {EVAL_FRACTION}]."),
+                                                  f"fraction of --data is held out (default {EVAL_FRACTION})."),
     eval_every: int = typer.Option(FINETUNE_EVAL_EVERY_STEPS, "--eval-every", min=1,
                                    help="Score the held-out samples every N steps (also before and after)."),
     save_every: int = typer.Option(FINETUNE_SAVE_EVERY_STEPS, "--save-every", min=1,
@@ -124,12 +125,12 @@ def finetune(
     log_every: int = typer.Option(FINETUNE_LOG_EVERY_STEPS, "--log-every", min=1,
                                   help="A progress line every N steps when stderr is not a terminal."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for checkpoints and the final adapter "
-                                       "[default: ./finetune-MODEL, or the resumed run's]."),
+                                       "(default ./finetune-MODEL, or the resumed run's)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue from a checkpoint folder, or the "
                                           "newest checkpoint in a fine-tune's --out."),
     gpus: Optional[str] = typer.Option(None, "--gpus", help=RUN_GPUS_HELP),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seeds the LoRA weights, the held-out split, the "
-                                       "data order and dropout [default: 0]."),
+                                       "data order and dropout (default 0)."),
 ) -> None:
     """Train a LoRA adapter over MODEL quantized (QLoRA), planned for this machine first."""
     from heavylift.finetune.train import Options, load_finetune, prepare_finetune

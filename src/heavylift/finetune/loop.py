@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from heavylift.defaults import LORA_WEIGHT_DECAY, WARMUP_FRACTION
+from heavylift.defaults import FINETUNE_EPOCHS, LORA_WEIGHT_DECAY, WARMUP_FRACTION
 from .data import IGNORE, Example
 from .settings import ADAMW, Settings
 
@@ -72,7 +72,8 @@ def total_steps(settings: Settings, batches_per_epoch: int) -> int:
     """--steps, else the steps that take --epochs (default one) passes over the training examples."""
     if settings.steps is not None:
         return settings.steps
-    return max(1, math.ceil((settings.epochs or 1.0) * batches_per_epoch / settings.grad_accum))
+    epochs = FINETUNE_EPOCHS if settings.epochs is None else settings.epochs
+    return max(1, math.ceil(epochs * batches_per_epoch / settings.grad_accum))
 
 
 def schedule(total: int) -> Callable[[int], float]:
