@@ -91,7 +91,8 @@ def finetune(
     model: str = typer.Argument(..., help="Local folder, catalog name backed by a downloaded copy, or hub id."),
     data: Path = typer.Option(..., "--data", help='JSONL of chat samples ({"messages": [...]}) or texts '
                               '({"text": ...}), or a .txt file.'),
-    quant: Optional[str] = typer.Option(None, "--quant", help=f"Precision of the frozen base (default {FINETUNE_QUANT})."),
+    quant: Optional[str] = typer.Option(None, "--quant", help=f"Precision of the frozen base "
+                                        f"(default {FINETUNE_QUANT})."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help=f"Tokens per training sequence (default "
                                           f"{FINETUNE_SEQ_LEN_TOKENS})."),
     micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help=f"Sequences per forward and backward "

@@ -143,7 +143,8 @@ def _render(tokenizer, messages: Sequence[dict], where: str, generation: bool) -
     try:
         return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation)
     except Exception as e:  # noqa: BLE001 - a template's own refusal (jinja's raise_exception) names the rule
-        raise DataError(f"{where}: the chat template refuses this conversation ({str(e).splitlines()[0][:160]})") from None
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise DataError(f"{where}: the chat template refuses this conversation ({reason})") from None
 
 
 def assistant_spans(tokenizer, messages: Sequence[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
