@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from .api import load, plan  # load imports torch only when called (needs `pip install 'heavylift[run]'`)
+from .api import load, plan, plan_training  # load imports torch only when called (needs `pip install 'heavylift[run]'`)
 from .errors import HeavyliftError
 from .planner.plan import Plan
+from .planner.training import Training, TrainingPlan
 
-__all__ = ["plan", "load", "evaluate", "Plan", "Session", "HeavyliftError"]
+__all__ = ["plan", "plan_training", "load", "evaluate", "Plan", "Training", "TrainingPlan", "Session",
+           "HeavyliftError"]
 __version__ = "0.1.0"
 
 

@@ -9,15 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
-from .defaults import DEFAULT_BATCH, DEFAULT_CONTEXT_TOKENS, DEFAULT_RESERVE_BYTES
+from .defaults import DEFAULT_BATCH, DEFAULT_CONTEXT_TOKENS, DEFAULT_RESERVE_BYTES, DEFAULT_TRAIN_QUANT
 from .errors import GpuSpecError, InvalidArgumentError, PlanDoesNotFitError
 from .hardware.gpus import Device, parse_bytes, parse_gpu_spec
 from .model.source import ModelSource, resolve_model
 from .planner.fewest import Fewest, fewest_table
-from .planner.make import make_plan
+from .planner.make import make_plan, make_training_plan
 from .planner.memory import FAST
 from .planner.plan import Plan, SchemePlan, Workload
 from .planner.runtimes import AUTO, Runtime, check_choice, plan_runtimes
+from .planner.training import Training, TrainingPlan
 from .schemes import ALL, QUANT_CHOICES
 
 BEST = "auto"  # --quant for load and run: the most faithful precision the plan fits
@@ -120,6 +121,23 @@ def plan(model: str, gpus: str | Sequence[Device] | None = None, context: int | 
     server of `batch` sequences, each precision saying how many it can serve (max_concurrent_sequences)."""
     return _front_door(model, gpus, False, context, batch, quant, reserve, kv_dtype, allow_offload, engine,
                        serve).plan
+
+
+def plan_training(model: str, gpus: str | Sequence[Device] | None = None, quant: str = DEFAULT_TRAIN_QUANT,
+                  training: Training = Training(), reserve: int | str = DEFAULT_RESERVE_BYTES) -> TrainingPlan:
+    """Plan one QLoRA fine-tuning step of `model` (`heavylift plan MODEL --train`): its base frozen in the 4-bit
+    precision `quant`, LoRA adapters and the optimizer as `training` describes, on `gpus` (described, or None:
+    this machine's), its layers split as an inference plan splits them. Per device the bytes at the step's
+    peak, whether it fits, and advice. Reads only config.json and headers, as plan() does."""
+    if not isinstance(training, Training):
+        raise InvalidArgumentError(f"training must be a heavylift.Training, not {type(training).__name__}")
+    if not isinstance(quant, str) or quant not in QUANT_CHOICES:
+        raise InvalidArgumentError(f"--quant must be one of {', '.join(QUANT_CHOICES)} with --train, not {quant!r}")
+    reserve_bytes = _reserve_bytes(reserve)
+    source = resolve_model(model)
+    devices = resolve_devices(gpus)
+    _check_reserve(devices, reserve_bytes, reserve)
+    return make_training_plan(model, source.architecture, devices, quant, training, reserve_bytes)
 
 
 def fewest(model: str, context: int | None = None, batch: int = DEFAULT_BATCH, quant: str | Sequence[str] = ALL,

@@ -18,6 +18,15 @@ DEFAULT_TOP_P = 1.0  # nucleus mass; 1.0 keeps every token
 DEFAULT_TOP_K = 0  # 0 keeps every token
 DEFAULT_RESERVE_BYTES = 0  # per-device headroom the plan must leave free (--reserve)
 
+# --- What `heavylift plan MODEL --train` plans without flags (QLoRA, Dettmers et al. 2023) -------
+DEFAULT_TRAIN_QUANT = "nf4-dq"  # the frozen base: 4-bit NormalFloat with double quantization
+DEFAULT_LORA_R = 16  # adapter rank
+DEFAULT_LORA_ALPHA = 32  # adapter scaling numerator (scaling = alpha / r); no memory of its own
+DEFAULT_LORA_DROPOUT = 0.05  # the QLoRA paper's dropout for models up to 13B; 0 keeps no dropout masks
+DEFAULT_TRAIN_SEQ_LEN = 2048  # tokens per training sequence
+DEFAULT_MICRO_BATCH = 1  # sequences per forward and backward; more per optimizer step come by accumulation
+MAX_LORA_R = 4096  # adapter rank; LoRA uses 4-256, and a rank past a projection's width adds nothing
+
 # --- Bounds on what a user or a config.json may ask for -------------------------------------
 # Each sits many times above every released model, so only a typo or a corrupt file meets it; past it,
 # heavylift refuses in one line instead of building an inventory or a plan that exhausts memory or time.
@@ -55,6 +64,20 @@ CUDA_CONTEXT_BYTES = 730_660_864
 # The same with bitsandbytes' LLM.int8 kernels loaded (its cuBLASLt int8 context): 799,866,880 in both
 # int8 cases of that file, 66 MiB more.
 LLM_INT8_CONTEXT_BYTES = 799_866_880
+# The same for a QLoRA training step (heavylift finetune's recipe, docs/training.md), measured on one H100 (torch
+# 2.11 + CUDA 13, bench/results/train_memory_h100_2026-12-06.json): 804,061,184 bytes outside the allocator
+# after a step with torch's AdamW, in every case; the backward's kernels and autograd's own thread add to
+# inference's.
+TRAIN_CONTEXT_BYTES = 804_061_184
+# bitsandbytes' paged optimizers keep the states of parameters of 10^5 elements or more in CUDA managed memory:
+# with 3.6 MB and 5.5 MB of such states the device held 134,217,728 bytes more outside the allocator than with
+# AdamW (same file). The plan counts the states, and at least this much.
+PAGED_OPTIMIZER_MIN_MANAGED_BYTES = 128 * MiB
+# What the caching allocator needs beyond a training step's allocated peak, with expandable segments (the
+# recipe's PYTORCH_CUDA_ALLOC_CONF): the smallest allocator cap (torch.cuda.set_per_process_memory_fraction)
+# under which the step still ran was at most 215 MB above the allocated peak in 7 cases from 1 to 19 GB (same
+# file); without expandable segments, up to 2.03 GB (the logits' gigabyte-sized blocks fragment the cache).
+TRAIN_ALLOCATOR_SLACK_BYTES = 256 * MiB
 # The caching allocator rounds every block up to a multiple of 512 bytes (c10/cuda/
 # CUDACachingAllocator.cpp, kMinBlockSize); weights are counted tensor by tensor with it.
 ALLOCATION_GRANULE_BYTES = 512

@@ -41,7 +41,7 @@ ENGINE_GEMV_MAX_ROWS = 16
 ENGINE_GEMV_MAX_ROWS_4BIT = 1
 
 
-def _allocated(nbytes: int) -> int:
+def allocated_bytes(nbytes: int) -> int:
     """Bytes the CUDA caching allocator hands out for a tensor of `nbytes`."""
     return max(ALLOCATION_GRANULE_BYTES, ceil(nbytes / ALLOCATION_GRANULE_BYTES) * ALLOCATION_GRANULE_BYTES)
 
@@ -101,7 +101,7 @@ class Scheme:
     def stored_bytes(self, numel: int, rows: int, quantized: bool = True) -> int:
         """Allocated bytes of one stored parameter of `numel` weights in `rows` output rows."""
         parts = self.components(numel, rows) if quantized else _components_bf16(numel, rows)
-        return sum(_allocated(b) for b in parts)
+        return sum(allocated_bytes(b) for b in parts)
 
     def weights_bytes(self, tensors: Iterable[TensorSpec]) -> int:
         """Allocated bytes of these tensors once loaded, fused MoE experts stored as one parameter."""

@@ -3,7 +3,8 @@
 With --serve (plan.Workload.serve) the plan describes a server of `batch` sequences: the top level then
 carries "serve": true, and each scheme "max_concurrent_sequences", the most sequences of `context` tokens
 it serves at once (0: not even one). A plan without --serve carries neither key. `heavylift plan --fewest
---json` prints fewest_to_json instead of a plan.
+--json` prints fewest_to_json instead of a plan, `heavylift plan --train --json` training_plan_to_json: the
+same model and devices fields, and a "training" section in place of the schemes.
 
 Pure: plain dicts of a plan's records. It reads a plan.Plan, plan.SchemePlan and plan.DevicePlan by their
 fields without importing them, because Plan.to_json() calls it from that module.
@@ -51,13 +52,49 @@ def plan_to_json(plan: Any) -> dict[str, Any]:
     out = {"model": plan.model, "model_type": arch.model_type, "params": arch.params,
            "context": work.context, "batch": work.batch, "kv_dtype": work.kv_dtype,
            "reserve_bytes": work.reserve_bytes,
-           "devices": [{"index": d.index, "name": d.name, "kind": d.kind,
-                        "capacity_bytes": d.memory_bytes - work.reserve_bytes} for d in plan.devices],
+           "devices": _devices(plan.devices, work.reserve_bytes),
            "schemes": [scheme_plan_to_json(s) for s in plan.schemes],
            "recommended": plan.recommended, "warnings": list(plan.warnings)}
     if work.serve:
         out["serve"] = True
     return out
+
+
+def _devices(devices: Any, reserve_bytes: int) -> list[dict[str, Any]]:
+    return [{"index": d.index, "name": d.name, "kind": d.kind, "capacity_bytes": d.memory_bytes - reserve_bytes}
+            for d in devices]
+
+
+# A training device plan's byte terms, in the order the report shows them; total_bytes is their sum.
+TRAINING_TERMS = ("weights_bytes", "adapter_bytes", "gradient_bytes", "optimizer_bytes", "activation_bytes",
+                  "logits_bytes", "overhead_bytes")
+
+
+def training_device_to_json(d: Any) -> dict[str, Any]:
+    """One training.TrainingDevicePlan: its terms at its peak, and when the peak comes ("forward", "loss",
+    "backward" or "optimizer")."""
+    return {"device": device_id(d.device), "name": d.device.name,
+            "layers": [d.layers.start, d.layers.stop - 1] if d.layers else [],
+            **{t: getattr(d, t) for t in TRAINING_TERMS},
+            "total_bytes": d.total_bytes, "free_bytes": d.free_bytes, "peak": d.peak}
+
+
+def training_plan_to_json(plan: Any) -> dict[str, Any]:
+    """A training.TrainingPlan (`heavylift plan --train --json`): the model and devices as a plan gives them,
+    and "training": the workload, the adapters' parameter count, each term summed over the devices, whether
+    the step fits, every device at its peak, and the advice."""
+    arch, work = plan.architecture, plan.training
+    section = {"quant": plan.quant, "lora_r": work.lora_r, "lora_alpha": work.lora_alpha,
+               "lora_dropout": work.lora_dropout, "targets": list(work.targets),
+               "target_modules": work.target_modules, "seq_len": work.seq_len, "micro_batch": work.micro_batch,
+               "grad_checkpointing": work.grad_checkpointing, "optimizer": work.optimizer,
+               "trainable_params": plan.trainable_params,
+               **{t: sum(getattr(d, t) for d in plan.per_device) for t in TRAINING_TERMS},
+               "total_bytes": plan.total_bytes, "fits": plan.fits,
+               "per_device": [training_device_to_json(d) for d in plan.per_device], "advice": list(plan.advice)}
+    return {"model": plan.model, "model_type": arch.model_type, "params": arch.params,
+            "reserve_bytes": plan.reserve_bytes, "devices": _devices(plan.devices, plan.reserve_bytes),
+            "training": section}
 
 
 def fewest_to_json(table: Any) -> dict[str, Any]:

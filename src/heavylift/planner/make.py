@@ -1,4 +1,5 @@
-"""make_plan: every requested precision planned on the devices, with its advice, and the one to recommend."""
+"""make_plan: every requested precision planned on the devices, with its advice, and the one to recommend;
+make_training_plan: one QLoRA training step planned on the devices, with its advice."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from typing import Mapping, Sequence
 
 from heavylift.hardware.gpus import Device
 from heavylift.model.architecture import Architecture
-from heavylift.schemes import fidelity_order
+from heavylift.schemes import SCHEMES, fidelity_order
 from .advice import advise, most_sequences
 from .plan import Plan, Workload, layout
+from .training import Training, TrainingLayout, TrainingPlan
+from .training_advice import advise_training
 
 
 def make_plan(model: str, arch: Architecture, devices: Sequence[Device], work: Workload,
@@ -40,3 +43,13 @@ def workload_warnings(arch: Architecture, work: Workload) -> tuple[str, ...]:
                 f"{arch.model_type} was trained on (max_position_embeddings): memory is planned, but text past "
                 "that length degrades",)
     return ()
+
+
+def make_training_plan(model: str, arch: Architecture, devices: Sequence[Device], quant: str, training: Training,
+                       reserve_bytes: int = 0) -> TrainingPlan:
+    """The training plan of `arch` with its base in the 4-bit scheme `quant` on `devices`, with its advice."""
+    devices = tuple(devices)
+    lay = TrainingLayout(arch, SCHEMES[quant], training)
+    plan = TrainingPlan(model, arch, devices, quant, training, reserve_bytes, lay.device_plans(devices, reserve_bytes),
+                        lay.trainable_params)
+    return replace(plan, advice=advise_training(lay, plan))

@@ -13,6 +13,7 @@ from heavylift.planner.contract import device_id
 from heavylift.planner.fewest import Fewest
 from heavylift.planner.memory import FAST, TRANSFORMERS
 from heavylift.planner.plan import DevicePlan, Plan, SchemePlan, Workload
+from heavylift.planner.training import TrainingDevicePlan, TrainingPlan
 
 
 # How the report names the runtime a plan describes.
@@ -48,7 +49,7 @@ def memory_label(nbytes: int) -> str:
     return f"{nbytes / GiB:,.1f} GiB = {cell(nbytes)} {TABLE_UNIT}"
 
 
-def _layers(d: DevicePlan) -> str:
+def _layers(d: DevicePlan | TrainingDevicePlan) -> str:
     return f"{d.layers.start}-{d.layers.stop - 1}" if d.layers else "-"
 
 
@@ -173,3 +174,35 @@ def _render_devices(s: SchemePlan, console: Console) -> None:
         table.add_row(device_id(d.device), _layers(d), cell(d.weights_bytes),
                       cell(d.kv_cache_bytes), cell(d.activation_bytes), cell(d.overhead_bytes), cell(d.total_bytes), free)
     console.print(table)
+
+
+# The training table's columns after device and layers: (title, TrainingDevicePlan field).
+TRAINING_COLUMNS = (("base", "weights_bytes"), ("adapters", "adapter_bytes"), ("grads", "gradient_bytes"),
+                    ("optim.", "optimizer_bytes"), ("activ.", "activation_bytes"), ("logits", "logits_bytes"),
+                    ("overh.", "overhead_bytes"), ("total", "total_bytes"), ("free", "free_bytes"))
+
+
+def render_training(plan: TrainingPlan, console: Console) -> None:
+    """`heavylift plan MODEL --train`: the model, the training step, a row per device at its peak, the advice."""
+    arch, work = plan.architecture, plan.training
+    console.print(f"[bold]{plan.model}[/] ({arch.model_type}, {arch.params:,} parameters, {arch.num_layers} layers)")
+    console.print(f"QLoRA on a {plan.quant} base: LoRA r {work.lora_r} (alpha {work.lora_alpha:g}, dropout "
+                  f"{work.lora_dropout:g}) on {','.join(work.targets)}, {plan.trainable_params:,} trainable parameters")
+    console.print(f"seq-len {work.seq_len:,} x micro-batch {work.micro_batch}, gradient checkpointing "
+                  f"{'on' if work.grad_checkpointing else 'off'}, {work.optimizer}"
+                  + (f", {cell(plan.reserve_bytes)} {TABLE_UNIT} reserved per device" if plan.reserve_bytes else ""))
+    console.print(f"devices: {devices_line(plan.devices)}")
+    table = Table(title=f"Memory per device at its peak in a training step ({TABLE_UNIT} = 10^9 bytes)",
+                  title_justify="left")
+    for col in ("device", "layers", *(title for title, _ in TRAINING_COLUMNS), "peak"):
+        table.add_column(col, justify="left" if col in ("device", "layers", "peak") else "right", no_wrap=True)
+    for d in plan.per_device:
+        table.add_row(device_id(d.device), _layers(d), *(cell(getattr(d, field)) for _, field in TRAINING_COLUMNS),
+                      d.peak if d.layers else "-")
+    console.print(table)
+    for line in plan.advice:
+        console.print(f"  {escape(line)}")
+    if plan.fits:
+        console.print("[bold green]fits[/]: step one and every step after it")
+    else:
+        console.print("[bold red]does not fit[/]: see the advice above")
