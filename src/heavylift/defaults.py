@@ -160,20 +160,13 @@ CACHE_ENV = "HEAVYLIFT_CACHE"
 CACHE_FOLDER = "heavylift"
 
 # --- heavylift finetune -----------------------------------------------------------------------
-# QLoRA's recipe (Dettmers et al. 2023): LoRA of rank 16 with alpha 32 on every linear projection of the
-# decoder, over a base stored in NF4 with double quantization, trained with paged 8-bit AdamW at 2e-4.
-FINETUNE_QUANT = "nf4-dq"
-FINETUNE_SEQ_LEN_TOKENS = 2048  # tokens per training sequence (--seq-len)
-FINETUNE_MICRO_BATCH = 1  # sequences per forward and backward (--micro-batch)
+# QLoRA's recipe (Dettmers et al. 2023) beyond what the training plan takes (DEFAULT_LORA_R and the others,
+# above): paged 8-bit AdamW at 2e-4, the rate rising over the first 3% of the steps, gradients clipped to 0.3.
 FINETUNE_GRAD_ACCUM = 1  # micro-batches per optimizer step (--grad-accum)
 FINETUNE_LEARNING_RATE = 2e-4  # peak learning rate (--lr)
 FINETUNE_EPOCHS = 1.0  # passes over the training samples when --steps is not given
-LORA_RANK = 16
-LORA_ALPHA = 32  # the update is scaled by alpha / rank
-# Dropout on each LoRA layer's input: QLoRA's value for models up to 13B (0.1 above).
-LORA_DROPOUT = 0.05
 # The learning rate rises linearly over this fraction of the steps (at least one step), then follows a cosine
-# to zero (transformers' get_cosine_schedule_with_warmup; QLoRA warms up over 3%).
+# to zero (transformers' get_cosine_schedule_with_warmup, without its first step at rate 0).
 WARMUP_FRACTION = 0.03
 MAX_GRAD_NORM = 0.3  # gradients are clipped to this global L2 norm (QLoRA's max_grad_norm)
 LORA_WEIGHT_DECAY = 0.0  # AdamW's decoupled weight decay on the LoRA weights (QLoRA's weight_decay)

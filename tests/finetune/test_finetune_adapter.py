@@ -68,13 +68,12 @@ def test_the_saved_adapter_reproduces_the_trained_models_logits(in_process, base
     from safetensors.torch import load_file
 
     from heavylift.api import prepare
-    from heavylift.finetune.adapter import apply_adapter, attach_lora, projection_names
-    from heavylift.model.source import resolve_model
+    from heavylift.finetune.adapter import apply_adapter, attach_lora
 
     model, tokenizer, out = in_process
     ids = torch.tensor([encode(tokenizer, PROMPT + " fox jumps over", raw=True)])
     fresh = attach_lora(prepare(str(base), quant="nf4-dq", context=SEQ_LEN, engine="transformers").load_weights().model,
-                        True, projection_names(resolve_model(str(base)).architecture), 16, 32, 0.05, True)
+                        heavylift.Training().target_modules, 16, 32, 0.05, True)
     set_peft_model_state_dict(fresh, load_file(str(out / "adapter_model.safetensors")))
     fresh.eval()
     session = heavylift.load(str(base), quant="nf4-dq", context=64, engine="transformers")

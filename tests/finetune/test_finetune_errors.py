@@ -12,7 +12,6 @@ from conftest import run_cli
 from finetune.conftest import train_args
 
 FIX = 'one JSON object per line, {"messages": [...]} or {"text": ...}'
-PROJECTIONS = "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
 
 
 def _snapshot(folder: Path) -> dict:
@@ -84,13 +83,25 @@ def test_a_chat_sample_without_an_assistant_turn_is_named(base, tmp_path, capsys
 
 def test_seq_len_beyond_the_models_positions(base, texts, tmp_path, capsys, untouched):
     args = train_args(base, texts["train"], tmp_path / "out") + ["--seq-len", "1024"]
-    _refused(capsys, args, f"--seq-len 1024 is beyond {base}'s max_position_embeddings 512; use --seq-len 512 or less")
+    _refused(capsys, args, "--seq-len 1,024 is longer than the 512 positions llama takes (max_position_embeddings); "
+                           "pass --seq-len 512 or less")
 
 
 def test_unknown_target_names(base, texts, tmp_path, capsys, untouched):
     _refused(capsys, train_args(base, texts["train"], tmp_path / "out", "--target", "q,v,attn"),
-             f"--target attn is not a linear projection of {base} (it has {PROJECTIONS}); name some of them, "
-             "or all-linear")
+             "--target must be all-linear or some of q,k,v,o,gate,up,down (comma-separated), not 'attn'")
+
+
+def test_a_step_that_does_not_fit_is_refused_with_the_training_plans_advice(texts, tmp_path, capsys, monkeypatch):
+    """Planned before anything loads: llama3.1-70b's catalog entry (no weights here) on one RTX 4090."""
+    import heavylift
+    from heavylift.hardware.gpus import parse_gpu_spec
+
+    monkeypatch.setattr("heavylift.runtime.devices.machine_devices", lambda gpus: parse_gpu_spec("1xRTX4090"))
+    plan = heavylift.plan_training("llama3.1-70b", gpus="1xRTX4090", training=heavylift.Training())
+    assert not plan.fits and plan.advice[-1].startswith("use --gpus 3xRTX-4090")
+    _refused(capsys, ["finetune", "llama3.1-70b", "--data", str(texts["train"]), "--out", str(tmp_path / "out")],
+             f"llama3.1-70b in nf4-dq, a training step: {'; '.join(plan.advice)}")
 
 
 def test_out_inside_the_model_folder(base, texts, capsys, untouched):
@@ -121,7 +132,7 @@ def test_an_adapter_on_the_fast_engine_and_a_folder_without_one(base, tmp_path, 
 
 @pytest.mark.parametrize("extra, message", [
     (["--steps", "3", "--epochs", "1"], "give --steps or --epochs, not both"),
-    (["--quant", "fp8"], "--quant must be one of bf16, fp16, int8, nf4, nf4-dq, fp4 to train LoRA over, not 'fp8'"),
+    (["--quant", "fp8"], "--quant must be one of nf4, nf4-dq, fp4: QLoRA trains over a 4-bit base, not 'fp8'"),
     (["--optimizer", "sgd"], "--optimizer must be one of paged-adamw-8bit, adamw, not 'sgd'"),
 ])
 def test_settings_out_of_range(base, texts, tmp_path, capsys, untouched, extra, message):

@@ -19,10 +19,11 @@ from rich.console import Console
 from rich.markup import escape
 
 from heavylift.commands.run import RUN_GPUS_HELP
-from heavylift.defaults import (EVAL_FRACTION, FINETUNE_EPOCHS, FINETUNE_EVAL_EVERY_STEPS, FINETUNE_GRAD_ACCUM,
-                                FINETUNE_LEARNING_RATE, FINETUNE_LOG_EVERY_STEPS, FINETUNE_MICRO_BATCH, FINETUNE_QUANT,
-                                FINETUNE_SAVE_EVERY_STEPS, FINETUNE_SEQ_LEN_TOKENS, LORA_ALPHA, LORA_DROPOUT,
-                                LORA_RANK)
+from heavylift.defaults import (DEFAULT_LORA_ALPHA, DEFAULT_LORA_DROPOUT, DEFAULT_LORA_R, DEFAULT_MICRO_BATCH,
+                                DEFAULT_TRAIN_QUANT, DEFAULT_TRAIN_SEQ_LEN, EVAL_FRACTION, FINETUNE_EPOCHS,
+                                FINETUNE_EVAL_EVERY_STEPS, FINETUNE_GRAD_ACCUM, FINETUNE_LEARNING_RATE,
+                                FINETUNE_LOG_EVERY_STEPS, FINETUNE_SAVE_EVERY_STEPS)
+from heavylift.planner.training import ALL_LINEAR, OPTIMIZERS, PAGED_ADAMW_8BIT
 
 STOPPING = "stopping after this step to save a checkpoint (Ctrl-C again stops at once, keeping the last one)"
 
@@ -91,12 +92,12 @@ def finetune(
     model: str = typer.Argument(..., help="Local folder, catalog name backed by a downloaded copy, or hub id."),
     data: Path = typer.Option(..., "--data", help='JSONL of chat samples ({"messages": [...]}) or texts '
                               '({"text": ...}), or a .txt file.'),
-    quant: Optional[str] = typer.Option(None, "--quant", help=f"Precision of the frozen base "
-                                        f"(default {FINETUNE_QUANT})."),
+    quant: Optional[str] = typer.Option(None, "--quant", help=f"The frozen base's 4-bit precision: nf4-dq, nf4 or "
+                                        f"fp4 (default {DEFAULT_TRAIN_QUANT})."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help=f"Tokens per training sequence (default "
-                                          f"{FINETUNE_SEQ_LEN_TOKENS})."),
+                                          f"{DEFAULT_TRAIN_SEQ_LEN})."),
     micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help=f"Sequences per forward and backward "
-                                              f"(default {FINETUNE_MICRO_BATCH})."),
+                                              f"(default {DEFAULT_MICRO_BATCH})."),
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help=f"Micro-batches per optimizer step "
                                              f"(default {FINETUNE_GRAD_ACCUM})."),
     lr: Optional[float] = typer.Option(None, "--lr", help=f"Peak learning rate; warm-up, then cosine "
@@ -104,17 +105,17 @@ def finetune(
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps to train."),
     epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the data, when --steps is not given "
                                            f"(default {FINETUNE_EPOCHS:g})."),
-    lora_r: Optional[int] = typer.Option(None, "--lora-r", help=f"LoRA rank (default {LORA_RANK})."),
+    lora_r: Optional[int] = typer.Option(None, "--lora-r", help=f"LoRA rank (default {DEFAULT_LORA_R})."),
     lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help=f"LoRA alpha; updates scale by "
-                                               f"alpha / rank (default {LORA_ALPHA})."),
+                                               f"alpha / rank (default {DEFAULT_LORA_ALPHA})."),
     lora_dropout: Optional[float] = typer.Option(None, "--lora-dropout", help=f"Dropout on each LoRA layer's input "
-                                                 f"(default {LORA_DROPOUT})."),
-    target: Optional[str] = typer.Option(None, "--target", help="all-linear, or the projections to adapt: "
-                                         "q,k,v,o,gate,up,down (names as the model has them) (default all-linear)."),
+                                                 f"(default {DEFAULT_LORA_DROPOUT})."),
+    target: Optional[str] = typer.Option(None, "--target", help=f"{ALL_LINEAR}, or the projections to adapt, some of "
+                                         f"q,k,v,o,gate,up,down (default {ALL_LINEAR})."),
     grad_checkpointing: bool = typer.Option(True, "--grad-checkpointing/--no-grad-checkpointing",
                                             help="Recompute each layer's activations in the backward pass."),
-    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="paged-adamw-8bit (bitsandbytes) or adamw "
-                                            "(torch) (default paged-adamw-8bit)."),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help=f"{' or '.join(OPTIMIZERS)} "
+                                            f"(default {PAGED_ADAMW_8BIT})."),
     eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out samples to score, in the same "
                                              "formats as --data."),
     eval_fraction: Optional[float] = typer.Option(None, "--eval-fraction", help=f"Without --eval-data, this "
@@ -152,13 +153,12 @@ def finetune(
 
 
 def _header(job, trainer) -> str:
-    s = job.settings
-    trainable = sum(p.numel() for p in trainer.trainable)
+    s, plan = job.settings, job.plan
     where = f"resuming {job.resume} at step {trainer.step}" if job.resume else f"writing to {job.out}"
-    return (f"{job.model}: {s.quant}, LoRA r {s.lora_r} alpha {s.lora_alpha:g} on {','.join(job.targets)} "
-            f"({trainable:,} trainable parameters); {len(job.train)} training and {len(job.held_out)} "
+    return (f"{job.model}: {s.quant}, LoRA r {s.lora_r} alpha {s.lora_alpha:g} on {','.join(plan.training.targets)} "
+            f"({plan.trainable_params:,} trainable parameters); {len(job.train)} training and {len(job.held_out)} "
             f"held-out examples; {trainer.total} steps of {s.grad_accum * s.micro_batch} sequences of up to "
-            f"{s.seq_len} tokens; {where}")
+            f"{s.seq_len} tokens; planned: {plan.advice[0]}; {where}")
 
 
 def _train(err: Console, trainer, log_every: int) -> None:

@@ -1,10 +1,9 @@
-"""LoRA adapters over a base model: the projections they target, attached for training, checked against a
-base before any weight loads, applied for inference, and merged into the base's weights.
+"""LoRA adapters over a base model: attached for training as the training plan's recipe says, checked against
+a base before any weight loads, and applied for inference.
 
-The projections come from the model's tensor inventory (model.architecture: its LINEAR weights, named as
-transformers names the modules), so --target is checked and an adapter's shapes compared before anything
-loads, and "all-linear" means the same list here, in the training plan and in peft (which is given the list,
-not peft's own "all-linear").
+An adapter's shapes are compared with the model's tensor inventory (model.architecture: its LINEAR weights,
+named as transformers names the modules), so an adapter made for another base is refused before anything
+loads.
 """
 
 from __future__ import annotations
@@ -18,38 +17,15 @@ from heavylift.model.architecture import Architecture, Role
 from heavylift.model.checkpoint import read_header
 from heavylift.planner.memory import FAST, TRANSFORMERS
 
-ALL_LINEAR = "all-linear"
 ADAPTER_CONFIG = "adapter_config.json"  # peft's save_pretrained writes these two files
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # peft's names: the wrapped model's module path after this
 LORA_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
-PROJECTION_SUFFIX = "_proj"  # --target q stands for q_proj
 
 
 def projections(arch: Architecture) -> dict[str, tuple[int, int]]:
     """Every linear projection of the decoder layers: module path -> (out_features, in_features)."""
     return {t.name.removesuffix(".weight"): t.shape for t in arch.tensors if t.role == Role.LINEAR}
-
-
-def projection_names(arch: Architecture) -> tuple[str, ...]:
-    """The projections' last names in the order a layer holds them: q_proj, k_proj, ..., down_proj."""
-    return tuple(dict.fromkeys(path.rsplit(".", 1)[1] for path in projections(arch)))
-
-
-def resolve_targets(target: str, arch: Architecture, model: str) -> tuple[str, ...]:
-    """--target as projection names: all-linear, or a comma list of names (q or q_proj); InvalidArgumentError
-    naming the first that is not a projection of the model."""
-    names = projection_names(arch)
-    if target.strip() == ALL_LINEAR:
-        return names
-    chosen = []
-    for asked in (part.strip() for part in target.split(",")):
-        found = next((n for n in names if asked in (n, n.removesuffix(PROJECTION_SUFFIX))), None)
-        if found is None:
-            raise InvalidArgumentError(f"--target {asked or repr(target)} is not a linear projection of {model} "
-                                       f"(it has {', '.join(names)}); name some of them, or {ALL_LINEAR}")
-        chosen.append(found)
-    return tuple(dict.fromkeys(chosen))
 
 
 @dataclass(frozen=True)
@@ -112,29 +88,23 @@ def check_adapter(folder: Path, arch: Architecture, model: str, flag: str = "--a
                        tuple(sorted(targets)) if isinstance(targets, (list, tuple)) else (str(targets),))
 
 
-def lora_config(targets: tuple[str, ...], rank: int, alpha: float, dropout: float):
+def lora_config(targets: list[str], rank: int, alpha: float, dropout: float):
     from peft import LoraConfig
 
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none",
                       task_type="CAUSAL_LM")
 
 
-def attach_lora(model, quantized: bool, targets: tuple[str, ...], rank: int, alpha: float, dropout: float,
-                grad_checkpointing: bool):
-    """The base frozen and LoRA layers of `rank` put on `targets`, for training: a peft model. A quantized base
-    goes through peft's prepare_model_for_kbit_training (QLoRA's recipe: embeddings, norms and head in float32,
-    inputs that require grad for the checkpointed layers); an unquantized one stays in its dtype. LoRA weights
-    are float32; torch's RNG decides their initial values."""
+def attach_lora(model, targets: list[str], rank: int, alpha: float, dropout: float, grad_checkpointing: bool):
+    """A 4-bit base prepared and wrapped with LoRA layers of `rank` on the projections `targets` (peft's module
+    names), as the training plan's recipe does (planner/training.py): peft's prepare_model_for_kbit_training
+    freezes the base, upcasts what it does not quantize (embeddings, norms, head) to float32 and, with
+    `grad_checkpointing`, checkpoints each layer reentrantly; the LoRA weights are float32 and torch's RNG
+    decides their initial values. A peft model."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    checkpointing = {"use_reentrant": False}  # recomputes with the RNG state of the first pass (dropout alike)
-    if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_checkpointing,
-                                                gradient_checkpointing_kwargs=checkpointing)
-    else:
-        model.requires_grad_(False)
-        if grad_checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": True})
     model.config.use_cache = False  # a training forward keeps no KV cache
     _keep_cpu_layout(model)
     return get_peft_model(model, lora_config(targets, rank, alpha, dropout))

@@ -22,7 +22,8 @@ import torch
 
 from heavylift.defaults import FINETUNE_EPOCHS, LORA_WEIGHT_DECAY, WARMUP_FRACTION
 from .data import IGNORE, Example
-from .settings import ADAMW, Settings
+from heavylift.planner.training import ADAMW
+from .settings import Settings
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,9 @@ def make_optimizer(name: str, params: list, lr: float) -> torch.optim.Optimizer:
     return bnb.optim.PagedAdamW8bit(params, lr=lr, weight_decay=LORA_WEIGHT_DECAY)
 
 
-def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Examples padded on the right to the longest: tokens, attention mask, labels (IGNORE on padding)."""
+def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> dict:
+    """Examples padded on the right to the longest: tokens, labels (IGNORE on padding), the attention mask
+    where there is padding (None: full sequences, as the training plan counts them), and the tokens read."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -107,7 +109,9 @@ def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> d
         ids[row, :len(e.input_ids)] = torch.tensor(e.input_ids)
         labels[row, :len(e.labels)] = torch.tensor(e.labels)
         mask[row, :len(e.input_ids)] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+    tokens = int(mask.sum())
+    return {"input_ids": ids.to(device), "labels": labels.to(device),
+            "attention_mask": None if tokens == mask.numel() else mask.to(device), "tokens": tokens}
 
 
 def memory_bytes() -> int:

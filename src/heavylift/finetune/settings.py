@@ -1,6 +1,7 @@
-"""What decides a fine-tune's loss curve, checked once: the precision of the base, the LoRA, the data's
-shape, the optimizer and its schedule, the seed. A resumed run takes them from its checkpoint; a flag given
-again must say the same.
+"""What decides a fine-tune's loss curve, checked once: the 4-bit base, the LoRA, the data's shape, the
+optimizer and its schedule, the seed. A resumed run takes them from its checkpoint; a flag given again must
+say the same. The part the training plan counts is its Training (planner/training.py), which checks its own
+fields.
 """
 
 from __future__ import annotations
@@ -8,32 +9,29 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-from heavylift.defaults import (EVAL_FRACTION, FINETUNE_GRAD_ACCUM, FINETUNE_LEARNING_RATE, FINETUNE_MICRO_BATCH,
-                                FINETUNE_QUANT, FINETUNE_SEQ_LEN_TOKENS, LORA_ALPHA, LORA_DROPOUT, LORA_RANK,
-                                MAX_CONTEXT_TOKENS)
+from heavylift.defaults import (DEFAULT_LORA_ALPHA, DEFAULT_LORA_DROPOUT, DEFAULT_LORA_R, DEFAULT_MICRO_BATCH,
+                                DEFAULT_TRAIN_QUANT, DEFAULT_TRAIN_SEQ_LEN, EVAL_FRACTION, FINETUNE_GRAD_ACCUM,
+                                FINETUNE_LEARNING_RATE)
 from heavylift.errors import InvalidArgumentError
+from heavylift.planner.training import ALL_LINEAR, PAGED_ADAMW_8BIT, Training
 from heavylift.schemes import SCHEMES
-from .adapter import ALL_LINEAR
 
-PAGED_ADAMW_8BIT, ADAMW = "paged-adamw-8bit", "adamw"  # bitsandbytes' PagedAdamW8bit; torch's AdamW
-OPTIMIZERS = (PAGED_ADAMW_8BIT, ADAMW)
-# LoRA trains over weights bitsandbytes stores (peft wraps its layers) or unquantized ones; peft has no LoRA
-# layer over torchao's FP8 weights.
-TRAINABLE_QUANTS = tuple(name for name, s in SCHEMES.items() if not s.quantized or s.four_bit or s.code == "int8")
+# QLoRA trains over a base bitsandbytes stores in 4 bits: the step the training plan counts.
+TRAINABLE_QUANTS = tuple(name for name, s in SCHEMES.items() if s.four_bit)
 
 
 @dataclass(frozen=True)
 class Settings:
-    quant: str = FINETUNE_QUANT
-    seq_len: int = FINETUNE_SEQ_LEN_TOKENS
-    micro_batch: int = FINETUNE_MICRO_BATCH
+    quant: str = DEFAULT_TRAIN_QUANT
+    seq_len: int = DEFAULT_TRAIN_SEQ_LEN
+    micro_batch: int = DEFAULT_MICRO_BATCH
     grad_accum: int = FINETUNE_GRAD_ACCUM
     lr: float = FINETUNE_LEARNING_RATE
     steps: int | None = None  # optimizer steps; None: --epochs (default one pass) decides
     epochs: float | None = None
-    lora_r: int = LORA_RANK
-    lora_alpha: float = LORA_ALPHA
-    lora_dropout: float = LORA_DROPOUT
+    lora_r: int = DEFAULT_LORA_R
+    lora_alpha: float = DEFAULT_LORA_ALPHA
+    lora_dropout: float = DEFAULT_LORA_DROPOUT
     target: str = ALL_LINEAR
     optimizer: str = PAGED_ADAMW_8BIT
     eval_fraction: float = EVAL_FRACTION
@@ -41,34 +39,30 @@ class Settings:
 
     def __post_init__(self) -> None:
         _check(self)
+        self.training(grad_checkpointing=True)  # the planned part checks itself
 
-    @property
-    def quantized(self) -> bool:
-        return SCHEMES[self.quant].quantized
+    def training(self, grad_checkpointing: bool) -> Training:
+        """The step the training plan counts."""
+        return Training(lora_r=self.lora_r, lora_alpha=self.lora_alpha, targets=self.target, seq_len=self.seq_len,
+                        micro_batch=self.micro_batch, grad_checkpointing=grad_checkpointing,
+                        optimizer=self.optimizer, lora_dropout=self.lora_dropout)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
 FLAGS = {f.name: "--" + f.name.replace("_", "-") for f in fields(Settings)}
-FLAGS["lr"], FLAGS["lora_r"], FLAGS["target"] = "--lr", "--lora-r", "--target"
 
 
 def _check(s: Settings) -> None:
     rules = [
-        (s.quant in TRAINABLE_QUANTS, f"--quant must be one of {', '.join(TRAINABLE_QUANTS)} to train LoRA over, "
-                                      f"not {s.quant!r}"),
-        (2 <= s.seq_len <= MAX_CONTEXT_TOKENS, f"--seq-len must be from 2 to {MAX_CONTEXT_TOKENS:,} tokens"),
-        (s.micro_batch >= 1, "--micro-batch must be 1 or more"),
+        (s.quant in TRAINABLE_QUANTS, f"--quant must be one of {', '.join(TRAINABLE_QUANTS)}: QLoRA trains over a "
+                                      f"4-bit base, not {s.quant!r}"),
         (s.grad_accum >= 1, "--grad-accum must be 1 or more"),
         (s.lr > 0, "--lr must be above 0"),
         (s.steps is None or s.epochs is None, "give --steps or --epochs, not both"),
         (s.steps is None or s.steps >= 1, "--steps must be 1 or more"),
         (s.epochs is None or s.epochs > 0, "--epochs must be above 0"),
-        (s.lora_r >= 1, "--lora-r must be 1 or more"),
-        (s.lora_alpha > 0, "--lora-alpha must be above 0"),
-        (0 <= s.lora_dropout < 1, "--lora-dropout must be from 0 to below 1"),
-        (s.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, not {s.optimizer!r}"),
         (0 <= s.eval_fraction < 1, "--eval-fraction must be from 0 to below 1"),
     ]
     for ok, message in rules:

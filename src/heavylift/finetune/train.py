@@ -1,27 +1,32 @@
-"""`heavylift finetune`'s library side: everything checked, cheapest first, then the base loaded by its plan
-with LoRA on it, ready to train.
+"""`heavylift finetune`'s library side: everything checked, cheapest first, then the base loaded by the
+training plan with LoRA on it, ready to train.
 
-Order: the arguments and the checkpoint to resume; the data file, line by line; the model's config (--seq-len
-against its positions, --target against its projections, --out against its folder); the plan for this
-machine, which refuses what does not fit; the tokenizer and the examples; only then the weights.
+Order: the arguments and the checkpoint to resume; the data file, line by line; the model's config and --out
+against its folder; the training plan for this machine (planner/training.py: --seq-len and --target against
+the model, and one step's memory on each device), which refuses what does not fit; the tokenizer and the
+examples; only then the weights, placed as the training plan splits the layers.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from heavylift.defaults import FINETUNE_EVAL_EVERY_STEPS, FINETUNE_SAVE_EVERY_STEPS
-from heavylift.errors import DataError, InvalidArgumentError
+from heavylift.errors import DataError, InvalidArgumentError, PlanDoesNotFitError
 from heavylift.model.source import resolve_model
 from heavylift.planner.memory import TRANSFORMERS
-from .adapter import attach_lora, check_adapter, resolve_targets
+from heavylift.planner.training import TRAIN_ALLOC_CONF, TrainingPlan
+from .adapter import attach_lora, check_adapter
 from .checkpoints import State, check_out, find_checkpoint, read_state
 from .data import Dataset, Encoded, encode, read_data, split_held_out
 from .settings import Settings, settings_for
 
 DEFAULT_OUT_PREFIX = "finetune-"  # --out defaults to ./finetune-<model's last name>
+ALLOC_CONF_ENV = "PYTORCH_CUDA_ALLOC_CONF"  # read by PyTorch's CUDA allocator when CUDA starts
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,7 @@ class Finetune:
 
     model: str
     settings: Settings
-    targets: tuple[str, ...]
+    plan: TrainingPlan  # one step of this run on this machine's devices, which it fits
     out: Path
     resume: Path | None
     state: State
@@ -76,6 +81,7 @@ def prepare_finetune(model: str, data: Path, given: Mapping[str, Any], options: 
     """Check everything cheap and plan; the weights are not read yet (`load_finetune` reads them)."""
     from heavylift.api import prepare
 
+    allocator = allocator_notes()  # before anything starts CUDA
     checkpoint, saved = _resumed(options)
     settings = settings_for(given, saved.settings if saved else None, str(options.resume))
     dataset = read_data(data)
@@ -87,22 +93,48 @@ def prepare_finetune(model: str, data: Path, given: Mapping[str, Any], options: 
         _check_same_data(dataset, saved.data.get("train"), "--data", options.resume)
         _check_same_data(eval_set, saved.data.get("eval"), "--eval-data", options.resume)
     source = resolve_model(model)
-    arch = source.architecture
-    if 0 < arch.max_position_embeddings < settings.seq_len:
-        raise InvalidArgumentError(f"--seq-len {settings.seq_len} is beyond {model}'s max_position_embeddings "
-                                   f"{arch.max_position_embeddings}; use --seq-len {arch.max_position_embeddings} "
-                                   "or less")
-    targets = resolve_targets(settings.target, arch, model)
     out = options.out or (checkpoint.parent if checkpoint is not None else default_out(model))
     check_out(out, source.folder, resuming=saved is not None)
     if checkpoint is not None:
-        check_adapter(checkpoint, arch, model, "--resume")
+        check_adapter(checkpoint, source.architecture, model, "--resume")
+    plan = plan_for_training(model, settings, options)
     base = prepare(model, quant=settings.quant, gpus=options.gpus, context=settings.seq_len,
-                     batch=settings.micro_batch, engine=TRANSFORMERS)
+                   batch=settings.micro_batch, engine=TRANSFORMERS)
     train, held_out, notes = _examples(base.tokenizer, dataset, eval_set, settings, model)
     state = saved or State(0, 0, 0, str(base.source.folder or model), settings.to_json(),
                            {"train": dataset.sha256, "eval": eval_set.sha256 if eval_set else None}, ())
-    return Finetune(model, settings, targets, out, checkpoint, state, train, held_out, notes, base)
+    return Finetune(model, settings, plan, out, checkpoint, state, train, held_out, allocator + notes, base)
+
+
+def plan_for_training(model: str, settings: Settings, options: Options) -> TrainingPlan:
+    """One step planned on this machine's devices (those --gpus narrows); PlanDoesNotFitError with the plan's
+    advice where it does not fit."""
+    from heavylift.api import plan_training
+    from heavylift.runtime.devices import machine_devices
+
+    plan = plan_training(model, gpus=machine_devices(options.gpus), quant=settings.quant,
+                         training=settings.training(options.grad_checkpointing))
+    if not plan.fits:
+        raise PlanDoesNotFitError(f"{model} in {settings.quant}, a training step: {'; '.join(plan.advice)}")
+    return plan
+
+
+def allocator_notes() -> tuple[str, ...]:
+    """The recipe's allocator setting (expandable segments) put in the environment before CUDA starts, where
+    the user set none; a note where theirs lacks it, or CUDA started before it could take effect."""
+    current = os.environ.get(ALLOC_CONF_ENV)
+    torch = sys.modules.get("torch")  # not imported yet: CUDA has not started
+    started = torch is not None and torch.cuda.is_initialized()
+    if current is None and not started:
+        os.environ[ALLOC_CONF_ENV] = TRAIN_ALLOC_CONF
+        return ()
+    if current is not None and TRAIN_ALLOC_CONF in current.replace(" ", ""):
+        return ()
+    if torch is None or not torch.cuda.is_available():
+        return ()
+    why = f"is {current!r}" if current is not None else "was not set when CUDA started"
+    return (f"{ALLOC_CONF_ENV} {why}, not {TRAIN_ALLOC_CONF!r} as the training plan counts on: a step may need "
+            "up to 2 GB more than planned",)
 
 
 def _examples(tokenizer, dataset: Dataset, eval_set: Dataset | None, settings: Settings,
@@ -135,14 +167,18 @@ def load_finetune(finetune: Finetune, options: Options):
     and a Trainer over them, at the checkpoint's step when resuming."""
     import torch
 
+    from heavylift.runtime import loader
     from .trainer import Cadence, Trainer
 
     s = finetune.settings
-    weights = finetune.base.load_weights()
+    arch = finetune.base.source.architecture
+    weights = finetune.base.load_weights(loader.placement_from_plan(arch, finetune.plan))
     torch.manual_seed(s.seed)  # the LoRA weights' initial values (a resumed run then loads its own)
-    model = attach_lora(weights.model, s.quantized, finetune.targets, s.lora_r, s.lora_alpha, s.lora_dropout,
+    training = finetune.plan.training
+    model = attach_lora(weights.model, training.target_modules, s.lora_r, s.lora_alpha, s.lora_dropout,
                         options.grad_checkpointing)
+    compute = loader.compute_dtype(all(d.bf16_supported for d in finetune.plan.devices))
     cadence = Cadence(options.eval_every, options.save_every)
     pad_id = finetune.base.tokenizer.pad_token_id
     return Trainer(model, s, finetune.train, finetune.held_out, pad_id, finetune.out, finetune.state, cadence,
-                   finetune.resume)
+                   compute, finetune.resume)

@@ -38,9 +38,10 @@ class Summary:
 
 class Trainer:
     def __init__(self, model, settings: Settings, train: Sequence[Example], held_out: Sequence[Example], pad_id: int,
-                 out: Path, state: State, cadence: Cadence, resume: Path | None = None) -> None:
+                 out: Path, state: State, cadence: Cadence, compute_dtype: torch.dtype = torch.bfloat16,
+                 resume: Path | None = None) -> None:
         self.model, self.settings, self.train, self.held_out = model, settings, tuple(train), tuple(held_out)
-        self.pad_id, self.out, self.cadence = pad_id, out, cadence
+        self.pad_id, self.out, self.cadence, self.compute_dtype = pad_id, out, cadence, compute_dtype
         self.device = model.get_input_embeddings().weight.device
         self.order = Order(len(self.train), settings.micro_batch, settings.seed)
         self.total = total_steps(settings, self.order.per_epoch)
@@ -114,10 +115,10 @@ class Trainer:
         loss, tokens = 0.0, 0
         for batch in batches:
             inputs = collate(batch, self.pad_id, self.device)
-            out = self.model(**inputs, num_items_in_batch=max(1, learned))
-            out.loss.backward()
-            loss += out.loss.item()
-            tokens += int(inputs["attention_mask"].sum())
+            part = self._loss(inputs, learned)  # the model's output object is dropped here, its logits with it
+            part.backward()
+            loss += part.item()
+            tokens += inputs["tokens"]
         torch.nn.utils.clip_grad_norm_(self.trainable, MAX_GRAD_NORM)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
@@ -131,6 +132,13 @@ class Trainer:
         return Step(self.step, self.total, loss, lr, tokens, self.tokens / max(self.seconds, 1e-9),
                     self.seconds / self.steps_here, self.peak)
 
+    def _loss(self, inputs: dict, learned: int) -> torch.Tensor:
+        """The batch's share of a mean cross-entropy: its tokens' summed loss over `learned` (the tokens learned
+        in the whole optimizer step), under autocast in the compute dtype, as the training plan's recipe runs it."""
+        with torch.autocast(self.device.type, dtype=self.compute_dtype):
+            return self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                              labels=inputs["labels"], use_cache=False, num_items_in_batch=max(1, learned)).loss
+
     @torch.no_grad()
     def _evaluate(self, interrupt: Interrupt) -> Iterator[Evaluated]:
         """The held-out loss (none without held-out examples, or when Ctrl-C comes during it)."""
@@ -143,8 +151,8 @@ class Trainer:
                 return
             batch = self.held_out[start:start + self.settings.micro_batch]
             learned = sum(e.learned for e in batch)
-            out = self.model(**collate(batch, self.pad_id, self.device), num_items_in_batch=max(1, learned))
-            total, count = total + out.loss.item() * learned, count + learned
+            total += self._loss(collate(batch, self.pad_id, self.device), learned).item() * learned
+            count += learned
         loss = total / max(count, 1)
         self._log({"step": self.step, "eval_loss": loss})
         yield Evaluated(self.step, loss)
