@@ -9,8 +9,7 @@ The recipe planned, which `heavylift finetune` runs (docs/training.md):
   3. peft's get_peft_model with LoraConfig(r, lora_alpha, lora_dropout, target_modules, task_type="CAUSAL_LM");
   4. per micro-batch, under torch.autocast("cuda", dtype=torch.bfloat16): `loss = model(input_ids=ids,
      labels=ids, use_cache=False).loss` on full sequences (no padding, no attention mask), the output object
-     dropped at once;
-     then loss.backward(), and after the accumulated micro-batches optimizer.step() and
+     dropped at once; then loss.backward(), and after the accumulated micro-batches optimizer.step() and
      optimizer.zero_grad(set_to_none=True).
 The optimizer is bitsandbytes' PagedAdamW8bit or torch.optim.AdamW over the adapters.
 
