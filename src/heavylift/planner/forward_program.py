@@ -147,14 +147,7 @@ def _mask(p: Program, arch: Architecture, step: Step, window: int | None) -> Ten
         from .family_programs import llama4_chunked_mask
 
         return llama4_chunked_mask(p, b, c, kv)
-    bar = p.alloc("mask_b", INT64 * b)
-    har = p.alloc("mask_h", INT64)
-    q0 = p.alloc("mask_q", INT64 * c)
-    qa = p.alloc("mask_q", INT64 * c)
-    p.free(q0)
-    k0 = p.alloc("mask_kv", INT64 * kv)
-    ka = p.alloc("mask_kv", INT64 * kv)
-    p.free(k0)
+    indices = mask_indices(p, b, c, kv)
     if window is None:
         m = p.alloc("mask", c * kv)
     else:
@@ -166,12 +159,26 @@ def _mask(p: Program, arch: Architecture, step: Step, window: int | None) -> Ten
         le = p.alloc("mask_le", c * kv)
         m = p.alloc("mask", c * kv)
         p.free(le, a1)
-    p.free(bar, har, qa, ka)
+    p.free(*indices)
     if eager:
         f = p.alloc("mask_additive", BF16 * b * c * kv)
         p.free(m)
         m = f
     return m
+
+
+def mask_indices(p: Program, batch: int, tokens: int, kv: int) -> list[Tensor]:
+    """sdpa_mask's index vectors: batch and head aranges, the query positions and the key positions (each
+    an arange plus its offset, the arange freed). Returns those that live until the mask is built."""
+    bar = p.alloc("mask_b", INT64 * batch)
+    har = p.alloc("mask_h", INT64)
+    q0 = p.alloc("mask_q", INT64 * tokens)
+    qa = p.alloc("mask_q", INT64 * tokens)
+    p.free(q0)
+    k0 = p.alloc("mask_kv", INT64 * kv)
+    ka = p.alloc("mask_kv", INT64 * kv)
+    p.free(k0)
+    return [bar, har, qa, ka]
 
 
 def _rotary(p: Program, arch: Architecture, tokens: int) -> tuple[Tensor, Tensor]:
@@ -255,22 +262,33 @@ def _sdpa(p: Program, arch: Architecture, step: Step, kv: int, masked: bool) -> 
     b, c, nh, d = step.batch, step.tokens, arch.num_heads, arch.head_dim
     out_bytes = BF16 * b * nh * c * d
     if not masked:
-        out = p.alloc("attn", out_bytes)
-        lse = p.alloc("lse", FP32 * b * nh * c)
-        p.free(lse)
-        return out
+        return sdpa_kernel(p, b, c, nh, kv, out_bytes, False)
     reps = []
     if arch.num_heads != arch.num_kv_heads and c > 1:
         reps = [p.alloc("k_rep", BF16 * b * nh * kv * d), p.alloc("v_rep", BF16 * b * nh * kv * d)]
-    fm = p.alloc("mask_bf16", BF16 * b * c * kv)
-    pad = p.alloc("mask_pad", BF16 * b * c * _ceil(kv, SDPA_MASK_ALIGNMENT)) if kv % SDPA_MASK_ALIGNMENT else None
-    out = p.alloc("attn", out_bytes)
-    p.free(pad, fm)
+    out = sdpa_kernel(p, b, c, nh, kv, out_bytes, True)
     if c == 1 and arch.num_heads != arch.num_kv_heads:  # packed heads come back strided: reshape copies
         flat = p.alloc("attn", out_bytes)
         p.free(out)
         out = flat
     p.free(*reps)
+    return out
+
+
+def sdpa_kernel(p: Program, batch: int, tokens: int, heads: int, kv: int, out_bytes: int, masked: bool) -> Tensor:
+    """torch SDPA's kernel on CUDA: without a mask flash attention (the output, its fp32 log-sum-exp); with
+    one, the bool mask in bf16 per sequence (convert_boolean_attn_mask), padded to SDPA_MASK_ALIGNMENT keys,
+    then the memory-efficient kernel's output."""
+    if not masked:
+        out = p.alloc("attn", out_bytes)
+        lse = p.alloc("lse", FP32 * batch * heads * tokens)
+        p.free(lse)
+        return out
+    fm = p.alloc("mask_bf16", BF16 * batch * tokens * kv)
+    pad = p.alloc("mask_pad", BF16 * batch * tokens * _ceil(kv, SDPA_MASK_ALIGNMENT)) \
+        if kv % SDPA_MASK_ALIGNMENT else None
+    out = p.alloc("attn", out_bytes)
+    p.free(pad, fm)
     return out
 
 
@@ -280,8 +298,7 @@ def _eager(p: Program, arch: Architecture, step: Step, kv: int) -> tuple[Tensor,
     decoder layer returns), the weighted values and their transposed copy."""
     b, c, nh, d = step.batch, step.tokens, arch.num_heads, arch.head_dim
     scores = BF16 * b * nh * c * kv
-    reps = [p.alloc("k_rep", BF16 * b * nh * kv * d), p.alloc("v_rep", BF16 * b * nh * kv * d)] \
-        if arch.num_heads != arch.num_kv_heads else []
+    reps = repeated_kv(p, arch, b, kv)
     # matmul folds [b, heads] into bmm's batch: the query, a transposed view of q_proj's output, copies
     # unless one of the two is 1.
     q_copy = p.alloc("q_bmm", BF16 * b * nh * c * d) if b > 1 and c > 1 else None
@@ -298,12 +315,27 @@ def _eager(p: Program, arch: Architecture, step: Step, kv: int) -> tuple[Tensor,
     p.free(upcast)
     probs = p.alloc("probs", scores)
     p.free(sm, w)
-    out = p.alloc("attn", BF16 * b * nh * c * d)
-    if c > 1:  # transpose(1, 2).contiguous() copies unless the token dimension is 1
-        av, out = out, p.alloc("attn_t", BF16 * b * nh * c * d)
-        p.free(av)
+    out = eager_output(p, b, c, nh, d)
     p.free(*reps)
     return out, probs
+
+
+def repeated_kv(p: Program, arch: Architecture, batch: int, kv: int) -> list[Tensor]:
+    """repeat_kv on K and V for eager attention: copies to every query head, none when the heads are as many."""
+    if arch.num_heads == arch.num_kv_heads:
+        return []
+    nh, d = arch.num_heads, arch.head_dim
+    return [p.alloc("k_rep", BF16 * batch * nh * kv * d), p.alloc("v_rep", BF16 * batch * nh * kv * d)]
+
+
+def eager_output(p: Program, batch: int, tokens: int, heads: int, head_dim: int) -> Tensor:
+    """eager attention's probabilities times the values, then transpose(1, 2).contiguous(), which copies
+    unless the token dimension is 1."""
+    out = p.alloc("attn", BF16 * batch * heads * tokens * head_dim)
+    if tokens > 1:
+        av, out = out, p.alloc("attn_t", BF16 * batch * heads * tokens * head_dim)
+        p.free(av)
+    return out
 
 
 def _cache_update(p: Program, arch: Architecture, step: Step, window: int | None, k: Tensor, v: Tensor | None
@@ -354,25 +386,20 @@ def _attention(p: Program, arch: Architecture, quant: str, step: Step, layer: in
         v = None  # a view of qkv
     elif arch.model_type in QK_NORMED:
         q, k, v = QK_NORMED[arch.model_type](p, arch, quant, rows, native_fp8)
-    elif arch.model_type == "gpt_oss":
-        from .family_programs import halves_rope
-
-        q0 = linear(p, quant, rows, h, nh * d, native_fp8)
-        k0 = linear(p, quant, rows, h, nkv * d, native_fp8)
-        v = linear(p, quant, rows, h, nkv * d, native_fp8)
-        q = halves_rope(p, BF16 * rows * nh * d, difference_first=True)
-        k = halves_rope(p, BF16 * rows * nkv * d, difference_first=True)
-        p.free(q0, k0)
     elif arch.model_type == "llama4_text":
         from .family_programs import llama4_projections
 
         q, k, v, held = llama4_projections(p, arch, quant, rows, c, layer, native_fp8)
     else:
+        from .family_programs import halves_rope
+
+        rope = (lambda n: halves_rope(p, n, difference_first=True)) if arch.model_type == "gpt_oss" \
+            else (lambda n: _rope(p, n, False))
         q0 = linear(p, quant, rows, h, nh * d, native_fp8)
         k0 = linear(p, quant, rows, h, nkv * d, native_fp8)
         v = linear(p, quant, rows, h, nkv * d, native_fp8)
-        q = _rope(p, BF16 * rows * nh * d, False)
-        k = _rope(p, BF16 * rows * nkv * d, False)
+        q = rope(BF16 * rows * nh * d)
+        k = rope(BF16 * rows * nkv * d)
         p.free(q0, k0)
     kv, kept = _cache_update(p, arch, step, window, k, v)
     mask = masks.get(window)
@@ -437,6 +464,12 @@ def _mlp(p: Program, arch: Architecture, quant: str, rows: int, x: Tensor, nativ
         down = linear(p, quant, rows, i, h, native_fp8)
         p.free(prod, gu)
         return down
+    return linear_mlp(p, quant, rows, h, i, native_fp8)
+
+
+def linear_mlp(p: Program, quant: str, rows: int, h: int, i: int, native_fp8: bool) -> Tensor:
+    """A SiLU-gated MLP of three nn.Linear projections in `quant` (LlamaMLP, DeepSeek-V3's shared experts,
+    Llama4TextMLP): gated_mlp with linear()'s matmuls."""
     return gated_mlp(p, rows, h, i, lambda k, n: linear(p, quant, rows, k, n, native_fp8))
 
 
@@ -463,8 +496,7 @@ def _moe(p: Program, arch: Architecture, quant: str, rows: int, native_fp8: bool
 
         kept = deepseek_router(p, arch, rows)
         routed = grouped_experts(p, arch, quant, rows, FP32)
-        shared = gated_mlp(p, rows, arch.hidden_size, arch.shared_expert_intermediate_size,
-                           lambda k, n: linear(p, quant, rows, k, n, native_fp8))
+        shared = linear_mlp(p, quant, rows, arch.hidden_size, arch.shared_expert_intermediate_size, native_fp8)
         out = p.alloc("moe", BF16 * rows * arch.hidden_size)
         p.free(shared, routed, *kept)
         return out
@@ -505,15 +537,7 @@ def grouped_experts(p: Program, arch: Architecture, quant: str, rows: int, weigh
     s = rows * k
     kept_fp8 = quant == KEPT_BLOCK_FP8
     out_bytes = BF16 if kept_fp8 else max(BF16, weight_bytes)  # bf16 activations times the weights
-    ids = p.alloc("sorted", INT64 * s)
-    perm = p.alloc("perm", INT64 * s)
-    tok = p.alloc("token", INT64 * s)
-    sel = p.alloc("gathered", BF16 * s * h)
-    p.free(tok)
-    sw = p.alloc("weights", weight_bytes * s)
-    hi = p.alloc("hist_in", INT32 * s)
-    hist = p.alloc("hist", INT32 * e)
-    offs = p.alloc("offsets", INT32 * e)
+    routing = expert_routing(p, s, h, e, weight_bytes)
     cached = expert_weights(p, quant, e * 2 * i * h)
     gu = p.alloc("gate_up", BF16 * s * 2 * i)
     act = p.alloc("act", BF16 * s * i)
@@ -525,18 +549,44 @@ def grouped_experts(p: Program, arch: Architecture, quant: str, rows: int, weigh
     cast = p.alloc("weights_bf16", BF16 * s) if kept_fp8 and weight_bytes != BF16 else None
     wo = p.alloc("weighted", out_bytes * s * h)
     p.free(cast)
+    total, held = expert_unsort_sum(p, wo, rows, s, h, out_bytes)
+    if out_bytes == BF16:
+        p.free(*routing, down, *held, *cached)
+        return total
+    out = p.alloc("moe", BF16 * rows * h)
+    p.free(*routing, down, *held, total, *cached)
+    return out
+
+
+def expert_routing(p: Program, s: int, h: int, e: int, weight_bytes: int) -> list[Tensor]:
+    """grouped_mm_experts_forward's routing of `s` (token, expert) pairs: the expert ids sorted, the permutation,
+    the token index (freed once the tokens are gathered), the gathered tokens, the sorted routing weights
+    (`weight_bytes` each), the histogram's input, the histogram and the offsets (4-byte counts: int32, gpt-oss's
+    fp32). Returns them, in the order the experts' forward frees them as it returns."""
+    ids = p.alloc("sorted", INT64 * s)
+    perm = p.alloc("perm", INT64 * s)
+    tok = p.alloc("token", INT64 * s)
+    sel = p.alloc("gathered", BF16 * s * h)
+    p.free(tok)
+    sw = p.alloc("weights", weight_bytes * s)
+    hi = p.alloc("hist_in", INT32 * s)
+    hist = p.alloc("hist", INT32 * e)
+    offs = p.alloc("offsets", INT32 * e)
+    return [ids, perm, sel, sw, hi, hist, offs]
+
+
+def expert_unsort_sum(p: Program, weighted: Tensor, rows: int, s: int, h: int, out_bytes: int
+                      ) -> tuple[Tensor, list[Tensor]]:
+    """grouped_mm_experts_forward's return path: the weighted outputs put back in token order (the inverse
+    permutation, an arange freed at once, the scattered copy replacing `weighted`), then summed over the top-k.
+    Returns (the sum, what lives until the experts' forward returns, in the order it frees them)."""
     inv = p.alloc("inv_perm", INT64 * s)
     ar = p.alloc("arange", INT64 * s)
     p.free(ar)
-    wo2 = p.alloc("weighted", out_bytes * s * h)
-    p.free(wo)
+    unsorted = p.alloc("weighted", out_bytes * s * h)
+    p.free(weighted)
     total = p.alloc("sum", out_bytes * rows * h)
-    if out_bytes == BF16:
-        p.free(ids, perm, sel, sw, hi, hist, offs, down, wo2, inv, *cached)
-        return total
-    out = p.alloc("moe", BF16 * rows * h)
-    p.free(ids, perm, sel, sw, hi, hist, offs, down, wo2, inv, total, *cached)
-    return out
+    return total, [unsorted, inv]
 
 
 def _decoder_layer(p: Program, arch: Architecture, quant: str, step: Step, layer: int, h: Tensor, masks: dict,
