@@ -158,7 +158,7 @@ def run(
 def _run(err: Console, model: str, prompt, quant: str, gpus, context: int | None, chat: bool, system, raw: bool,
          allow_offload: bool, as_json: bool, engine: str, sampling: dict, adapter: Path | None = None) -> None:
     from heavylift.api import prepare
-    from heavylift.finetune.adapter import adapter_engine, apply_adapter, check_adapter
+    from heavylift.finetune.adapter import adapter_engine, check_adapter
     from heavylift.runtime.sampling import Sampling
     from heavylift.runtime.session import wraps_in_template
 
@@ -175,13 +175,7 @@ def _run(err: Console, model: str, prompt, quant: str, gpus, context: int | None
         err.print(f"[yellow]warning:[/] {escape(warning)}")
     if prompt is not None and not chat and wraps_in_template(prepared.tokenizer, prompt, raw):
         err.print(f"[dim]{WRAPPED_NOTE}[/]")
-    session = prepared.load()
-    if adapter is not None:
-        apply_adapter(session.model, adapter)
-    if session.offloaded_bytes:
-        where = ", ".join(f"{n / 1e9:.2f} GB on {d}" for d, n in session.offloaded_bytes.items())
-        err.print(f"[yellow]warning:[/] {where} offloaded; decode is predicted at "
-                  f"{session.scheme.decode_tok_s_upper_bound:.2f} tok/s at best")
+    session = load_session(err, prepared, adapter)
     if as_json:
         _generate_json(session, prompt, system, raw, sampling, prompt_tokens)
         return
@@ -196,6 +190,21 @@ def _run(err: Console, model: str, prompt, quant: str, gpus, context: int | None
     err.print(_summary(session, record))
     for warning in session.memory_warnings():
         err.print(f"[yellow]plan vs measured:[/] {warning}")
+
+
+def load_session(err: Console, prepared, adapter: Path | None):
+    """Load the weights by the plan (the offload guard refuses what landed off it), with the LoRA adapter over
+    them where one is given; warn of what --allow-offload left in CPU RAM. `run` and `serve` load through it."""
+    from heavylift.finetune.adapter import apply_adapter
+
+    session = prepared.load()
+    if adapter is not None:
+        apply_adapter(session.model, adapter)
+    if session.offloaded_bytes:
+        where = ", ".join(f"{n / 1e9:.2f} GB on {d}" for d, n in session.offloaded_bytes.items())
+        err.print(f"[yellow]warning:[/] {where} offloaded; decode is predicted at "
+                  f"{session.scheme.decode_tok_s_upper_bound:.2f} tok/s at best")
+    return session
 
 
 def _json(session, record) -> dict:

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from heavylift.commands.run import ADAPTER_HELP, RUN_GPUS_HELP
+from heavylift.commands.run import ADAPTER_HELP, RUN_GPUS_HELP, load_session
 from heavylift.defaults import (DEFAULT_CONTEXT_TOKENS, PREFILL_CHUNK_TOKENS, SERVE_DRAIN_SECONDS, SERVE_HOST,
                                 SERVE_MAX_QUEUE, SERVE_MAX_SEQS, SERVE_MIN_PREFILL_CHUNK_TOKENS, SERVE_PORT)
 from heavylift.errors import InvalidArgumentError
@@ -178,14 +178,7 @@ def host_label(address: str) -> str:
 def _scheduler(err: Console, prepared, seqs: int, max_queue: int, prefill_chunk: int, adapter: Path | None = None):
     """Load the weights by the plan (the offload guard refuses what landed off it), with the LoRA adapter
     over them where one is given, and put the scheduler, not yet started, over them."""
-    from heavylift.finetune.adapter import apply_adapter
     from heavylift.serve.scheduler import Scheduler
 
-    session = prepared.load()
-    if adapter is not None:
-        apply_adapter(session.model, adapter)
-    if session.offloaded_bytes:
-        where = ", ".join(f"{n / 1e9:.2f} GB on {d}" for d, n in session.offloaded_bytes.items())
-        err.print(f"[yellow]warning:[/] {where} offloaded; decode is predicted at "
-                  f"{session.scheme.decode_tok_s_upper_bound:.2f} tok/s at best")
+    session = load_session(err, prepared, adapter)
     return Scheduler(session, seqs, max_queue, prefill_chunk=prefill_chunk)
