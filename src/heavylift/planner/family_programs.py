@@ -11,7 +11,7 @@ from .allocator import Program, Tensor
 from heavylift.model.architecture import Architecture
 from .matmul_programs import BF16, FP32, INT64, expert_weights, linear
 from .forward_program import eager_output, expert_routing, expert_unsort_sum, linear_mlp, mask_indices, \
-    repeated_kv, sdpa_kernel
+    repeated_kv, rms_core, sdpa_kernel
 
 COMPLEX64 = 8  # a complex64 element: Llama 4's RoPE frequencies
 
@@ -21,16 +21,7 @@ COMPLEX64 = 8  # a complex64 element: Llama 4's RoPE frequencies
 def llama4_norm(p: Program, rows: int, width: int, weight: bool = True) -> Tensor:
     """Llama4TextRMSNorm (weight) and Llama4TextL2Norm (none): x in fp32, its square and mean (freed once the
     epsilon is added), rsqrt, the product, cast back; times the weight in bf16."""
-    f = p.alloc("norm_fp32", FP32 * rows * width)
-    sq = p.alloc("norm_pow", FP32 * rows * width)
-    mean = p.alloc("norm_mean", FP32 * rows)
-    p.free(sq)
-    eps = p.alloc("norm_eps", FP32 * rows)
-    p.free(mean)
-    r = p.alloc("norm_rsqrt", FP32 * rows)
-    p.free(eps)
-    y = p.alloc("norm_y", FP32 * rows * width)
-    p.free(r, f)
+    y, _ = rms_core(p, rows, width, keep_mean=False)
     cast = p.alloc("norm_bf16", BF16 * rows * width)
     p.free(y)
     if not weight:

@@ -61,30 +61,13 @@ def _rms_norm(p: Program, family: str, rows: int, hidden: int) -> Tensor:
 
         return llama4_norm(p, rows, hidden)
     if family == "gpt_oss":  # GptOssRMSNorm: the weight multiplies in fp32, then the cast
-        f = p.alloc("norm_fp32", FP32 * rows * hidden)
-        sq = p.alloc("norm_pow", FP32 * rows * hidden)
-        mean = p.alloc("norm_mean", FP32 * rows)
-        p.free(sq)
-        eps = p.alloc("norm_eps", FP32 * rows)
-        r = p.alloc("norm_rsqrt", FP32 * rows)
-        p.free(eps)
-        y = p.alloc("norm_y", FP32 * rows * hidden)
-        p.free(r, f)
+        y, mean = rms_core(p, rows, hidden, keep_mean=True)
         w = p.alloc("norm_w", FP32 * rows * hidden)
         out = p.alloc("normed", BF16 * rows * hidden)
         p.free(w, y, mean)
         return out
-    f = p.alloc("norm_fp32", FP32 * rows * hidden)
-    sq = p.alloc("norm_pow", FP32 * rows * hidden)
-    mean = p.alloc("norm_mean", FP32 * rows)
-    p.free(sq)
-    eps = p.alloc("norm_eps", FP32 * rows)
     if family in GEMMA_NORMS:
-        p.free(mean)
-        r = p.alloc("norm_rsqrt", FP32 * rows)
-        p.free(eps)
-        y = p.alloc("norm_y", FP32 * rows * hidden)
-        p.free(r, f)
+        y, _ = rms_core(p, rows, hidden, keep_mean=False)
         w1 = p.alloc("norm_w", FP32 * hidden)
         w2 = p.alloc("norm_1w", FP32 * hidden)
         p.free(w1)
@@ -93,14 +76,31 @@ def _rms_norm(p: Program, family: str, rows: int, hidden: int) -> Tensor:
         out = p.alloc("normed", BF16 * rows * hidden)
         p.free(z)
         return out
-    r = p.alloc("norm_rsqrt", FP32 * rows)
-    p.free(eps)
-    y = p.alloc("norm_y", FP32 * rows * hidden)
-    p.free(r, f)
+    y, mean = rms_core(p, rows, hidden, keep_mean=True)
     x0 = p.alloc("norm_bf16", BF16 * rows * hidden)
     out = p.alloc("normed", BF16 * rows * hidden)
     p.free(x0, y, mean)
     return out
+
+
+def rms_core(p: Program, rows: int, width: int, keep_mean: bool) -> tuple[Tensor, Tensor | None]:
+    """What every RMSNorm computes first: x in fp32, its square (freed once averaged), the mean, the epsilon
+    added, rsqrt (the sum freed), the product (rsqrt and the fp32 copy freed). The mean lives on until the
+    norm returns in Llama's and gpt-oss's code (`keep_mean`); Gemma's and Llama 4's free it once the epsilon is
+    added. Returns (the fp32 product, the mean or None)."""
+    f = p.alloc("norm_fp32", FP32 * rows * width)
+    sq = p.alloc("norm_pow", FP32 * rows * width)
+    mean = p.alloc("norm_mean", FP32 * rows)
+    p.free(sq)
+    eps = p.alloc("norm_eps", FP32 * rows)
+    if not keep_mean:
+        p.free(mean)
+        mean = None
+    r = p.alloc("norm_rsqrt", FP32 * rows)
+    p.free(eps)
+    y = p.alloc("norm_y", FP32 * rows * width)
+    p.free(r, f)
+    return y, mean
 
 
 def _rope(p: Program, nbytes: int, phi3: bool) -> Tensor:
