@@ -10,7 +10,7 @@ from __future__ import annotations
 from .allocator import Program, Tensor
 from heavylift.model.architecture import Architecture
 from .matmul_programs import BF16, FP32, INT64, expert_weights, linear
-from .forward_program import eager_output, expert_routing, expert_unsort_sum, linear_mlp, mask_indices, \
+from .shared_programs import eager_output, expert_routing, expert_unsort_sum, linear_mlp, mask_indices, \
     repeated_kv, rms_core, sdpa_kernel
 
 COMPLEX64 = 8  # a complex64 element: Llama 4's RoPE frequencies
