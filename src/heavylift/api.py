@@ -7,6 +7,7 @@ Both take one path: resolve the model once, take the devices, decide each precis
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Mapping, Sequence
 
 from .defaults import DEFAULT_BATCH, DEFAULT_CONTEXT_TOKENS, DEFAULT_RESERVE_BYTES, DEFAULT_TRAIN_QUANT
@@ -113,11 +114,16 @@ def _model_and_work(model: str, context: int | None, batch: int, quant, reserve,
 
 
 def _front_door(model: str, gpus, here: bool, context: int | None, batch: int, quant, reserve, kv_dtype: str,
-                allow_offload: bool, engine: str, serve: bool = False) -> Planned:
+                allow_offload: bool, engine: str, serve: bool = False, adapter: Path | None = None) -> Planned:
     """Check the arguments, resolve the model, take the devices (`here`: this machine's, which --gpus only
-    narrows; else the described ones), decide the runtimes, plan."""
+    narrows; else the described ones), decide the runtimes, plan; with the LoRA adapter in the folder
+    `adapter` checked against the model and counted (finetune.adapter.planned_adapter)."""
     source, work, quants = _model_and_work(model, context, batch, quant, reserve, kv_dtype, allow_offload, engine,
                                            serve)
+    if adapter is not None:
+        from .finetune.adapter import planned_adapter
+
+        work = replace(work, adapter=planned_adapter(adapter, source.architecture, model))
     kernels = None  # described devices: a CUDA GPU is taken to run the engine's kernels
     if here:
         from .runtime.devices import kernels_reason, machine_devices
@@ -186,15 +192,17 @@ def _pick(plan: Plan, quant: str, allow_offload: bool) -> SchemePlan:
 
 def prepare(model: str, quant: str = BEST, gpus: str | Sequence[Device] | None = None,
             context: int | None = None, batch: int = 1, allow_offload: bool = False,
-            reserve: int | str = DEFAULT_RESERVE_BYTES, engine: str = AUTO, serve: bool = False):
+            reserve: int | str = DEFAULT_RESERVE_BYTES, engine: str = AUTO, serve: bool = False,
+            adapter: Path | None = None):
     """Plan `model` on this machine for the runtime that will run it and pick the precision, reading only
     config.json and headers: a runtime.prepared.Prepared, whose tokenizer and then weights load next.
     Refuses (one line) what cannot fit, before any download. `serve`: planned as a server of `batch`
-    sequences (heavylift serve)."""
+    sequences (heavylift serve). `adapter`: a LoRA adapter folder applied over the base, checked against the
+    model and counted in the plan."""
     if quant != BEST and quant not in QUANT_CHOICES:
         raise InvalidArgumentError(f"--quant must be {BEST} or one of {', '.join(QUANT_CHOICES)}, not {quant!r}")
     planned = _front_door(model, gpus, True, context, batch, ALL if quant == BEST else quant, reserve, "bf16",
-                          allow_offload, engine, serve)
+                          allow_offload, engine, serve, adapter)
     scheme = _pick(planned.plan, quant, allow_offload)
     devices = planned.plan.devices
     check_stored_runs(planned.source.architecture.prequantized, scheme.quant,

@@ -158,7 +158,7 @@ def run(
 def _run(err: Console, model: str, prompt, quant: str, gpus, context: int | None, chat: bool, system, raw: bool,
          allow_offload: bool, as_json: bool, engine: str, sampling: dict, adapter: Path | None = None) -> None:
     from heavylift.api import prepare
-    from heavylift.finetune.adapter import adapter_engine, check_adapter
+    from heavylift.finetune.adapter import adapter_engine
     from heavylift.runtime.sampling import Sampling
     from heavylift.runtime.session import wraps_in_template
 
@@ -166,9 +166,9 @@ def _run(err: Console, model: str, prompt, quant: str, gpus, context: int | None
     Sampling(**sampling)  # refuse bad values before loading anything
     if adapter is not None:
         engine, note = adapter_engine(engine, adapter)
-    prepared = prepare(model, quant=quant, gpus=gpus, context=context, allow_offload=allow_offload, engine=engine)
+    prepared = prepare(model, quant=quant, gpus=gpus, context=context, allow_offload=allow_offload, engine=engine,
+                       adapter=adapter)  # the adapter checked against the model and counted in the plan
     if adapter is not None:
-        check_adapter(adapter, prepared.source.architecture, model)
         err.print(escape(note))
     prompt_tokens = _check_prompt(prepared, prompt, system, chat, raw, sampling["max_new_tokens"])
     for warning in prepared.plan.warnings:

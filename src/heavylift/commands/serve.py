@@ -47,19 +47,23 @@ def _check_libraries() -> None:
         raise InvalidArgumentError(f"heavylift serve needs {e.name}: pip install 'heavylift[serve]'") from None
 
 
-def plan_slots(model: str, quant: str, gpus, context, max_seqs: int | None, allow_offload: bool, engine: str):
+def plan_slots(model: str, quant: str, gpus, context, max_seqs: int | None, allow_offload: bool, engine: str,
+               adapter: Path | None = None):
     """The model planned as a server of `max_seqs` sequences of `context` tokens, each with its KV cache slot:
     (Prepared, sequences). With auto, as many sequences as the planner fits beside the weights of the
-    precision it picks for one sequence (SchemePlan.max_concurrent_sequences)."""
+    precision it picks for one sequence (SchemePlan.max_concurrent_sequences); the LoRA adapter in `adapter`
+    checked and counted."""
     from heavylift.api import prepare
 
     if max_seqs is not None:
-        return prepare(model, quant, gpus, context, max_seqs, allow_offload, engine=engine, serve=True), max_seqs
-    one = prepare(model, quant, gpus, context, 1, allow_offload, engine=engine, serve=True)
+        return prepare(model, quant, gpus, context, max_seqs, allow_offload, engine=engine, serve=True,
+                       adapter=adapter), max_seqs
+    one = prepare(model, quant, gpus, context, 1, allow_offload, engine=engine, serve=True, adapter=adapter)
     fits = one.scheme.max_concurrent_sequences
     if fits <= 1:  # one sequence (or, offloaded, not even one on the GPUs): the plan just made
         return one, 1
-    return prepare(model, one.scheme.quant, gpus, context, fits, allow_offload, engine=engine, serve=True), fits
+    return prepare(model, one.scheme.quant, gpus, context, fits, allow_offload, engine=engine, serve=True,
+                   adapter=adapter), fits
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -113,16 +117,15 @@ def serve(
     adapter: Optional[Path] = typer.Option(None, "--adapter", help=ADAPTER_HELP),
 ) -> None:
     """Load MODEL exactly as planned for this machine and serve it over OpenAI's HTTP API."""
-    from heavylift.finetune.adapter import adapter_engine, check_adapter
+    from heavylift.finetune.adapter import adapter_engine
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     seqs = parse_max_seqs(max_seqs)
     _check_libraries()
     if adapter is not None:
         engine, note = adapter_engine(engine, adapter)
-    prepared, seqs = plan_slots(model, quant, gpus, context, seqs, allow_offload, engine)
+    prepared, seqs = plan_slots(model, quant, gpus, context, seqs, allow_offload, engine, adapter)
     if adapter is not None:
-        check_adapter(adapter, prepared.source.architecture, model)
         err.print(escape(note))
     tokenizer = prepared.tokenizer  # a missing tokenizer is refused before the port opens
     for warning in prepared.plan.warnings:

@@ -15,6 +15,7 @@ from pathlib import Path
 from heavylift.errors import AdapterError, CheckpointError, InvalidArgumentError
 from heavylift.model.architecture import Architecture, Role
 from heavylift.model.checkpoint import read_header
+from heavylift.planner.lora import Adapter, LoraModule
 from heavylift.planner.memory import FAST, TRANSFORMERS
 
 ADAPTER_CONFIG = "adapter_config.json"  # peft's save_pretrained writes these two files
@@ -86,6 +87,15 @@ def check_adapter(folder: Path, arch: Architecture, model: str, flag: str = "--a
     targets = config.get("target_modules") or ()
     return AdapterInfo(folder, base, int(config.get("r", 0)), float(config.get("lora_alpha", 0)),
                        tuple(sorted(targets)) if isinstance(targets, (list, tuple)) else (str(targets),))
+
+
+def planned_adapter(folder: Path, arch: Architecture, model: str, flag: str = "--adapter") -> Adapter:
+    """The adapter in `folder`, checked against `model` (check_adapter), as the planner's input: each LoRA
+    module's layer and shapes, read from adapter_config.json and the weights file's header, without torch."""
+    check_adapter(folder, arch, model, flag)
+    layers = {t.name.removesuffix(".weight"): t.layer for t in arch.tensors if t.role == Role.LINEAR}
+    return Adapter(tuple(LoraModule(layers[module], module, pair["A"][1], pair["A"][0], pair["B"][0])
+                         for module, pair in sorted(_lora_shapes(folder, flag).items())))
 
 
 def lora_config(targets: list[str], rank: int, alpha: float, dropout: float):
