@@ -60,7 +60,8 @@ class Adapter:
         module, so a LoRA step cannot be placed at the projections the adapter targets. A LoRA forward frees
         everything it allocates before its projection returns, so at most one runs at a time; the bound is
         the most it holds live at once, each tensor counted as a segment of its own (allocator.segment_size),
-        which is what the allocator reserves for it where no cached block fits."""
+        which is what the allocator reserves for it where no cached block fits. peft's LoRA forward over an
+        unquantized projection (lora.Linear: no clone, the sum in float32, then cast) holds no more at once."""
         shapes = {(m.in_features, m.rank, m.out_features) for layer in layers for m in self._by_layer.get(layer, ())}
         return max((_segments_peak(rows, *shape) for shape in shapes), default=0)
 
