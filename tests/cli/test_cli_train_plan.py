@@ -102,9 +102,10 @@ BAD = [
     (["plan", "llama3.1-8b", "--train", "--lora-r", "0"], "--lora-r must be a whole number from 1 to 4,096, not 0"),
     (["plan", "llama3.1-8b", "--train", "--lora-r", "2048"],
      "--lora-r 2048 is wider than the 1,024 features of the narrowest target: pass --lora-r 1024 or less"),
-    (["plan", "mixtral-8x7b", "--train"], "--train plans dense models; mixtral is a mixture of experts"),
-    (["plan", "gemma2-9b", "--train"], "--train plans llama, mistral, qwen2 models, not gemma2"),
-    (["plan", "phi3-mini", "--train"], "--train plans llama, mistral, qwen2 models, not phi3"),
+    (["plan", "mixtral-8x7b", "--train"],
+     "the training plan counts dense llama, mistral, qwen2 models; mixtral is a mixture of experts"),
+    (["plan", "gemma2-9b", "--train"], "the training plan counts llama, mistral, qwen2 models, not gemma2"),
+    (["plan", "phi3-mini", "--train"], "the training plan counts llama, mistral, qwen2 models, not phi3"),
     (["plan", "llama3.1-8b", "--train", "--quant", "int8"], "--quant must be one of nf4, nf4-dq, fp4, not int8"),
     (["plan", "llama3.1-8b", "--train", "--quant", "all"], "--quant must be one of bf16, fp16, fp8, int8, nf4, "
                                                             "nf4-dq, fp4 with --train, not 'all'"),

@@ -114,17 +114,19 @@ class Training:
 
 
 def check_trainable(arch: Architecture, scheme: Scheme, training: Training) -> None:
-    """Refuse, in one line, a model or a workload this plan cannot count or the model cannot take."""
+    """Refuse, in one line, a model or a workload this plan cannot count or the model cannot take. The lines
+    name no command: `heavylift plan --train` and `heavylift finetune` both show them."""
+    families = ", ".join(TRAIN_FAMILIES)
     if arch.num_experts:
         raise UnsupportedArchitectureError(
-            f"--train plans dense models; {arch.model_type} is a mixture of experts, whose expert adapters and "
-            f"routing it does not count; --train plans {', '.join(TRAIN_FAMILIES)}")
+            f"the training plan counts dense {families} models; {arch.model_type} is a mixture of experts, whose "
+            f"expert adapters and routing it does not count: pick a dense {families} model")
     if arch.model_type not in TRAIN_FAMILIES:
         raise UnsupportedArchitectureError(
-            f"--train plans {', '.join(TRAIN_FAMILIES)} models, not {arch.model_type}; plan its inference "
-            "without --train")
+            f"the training plan counts {families} models, not {arch.model_type}: pick one of those to train "
+            "(`heavylift plan` without --train plans its inference)")
     if not scheme.four_bit:
-        raise InvalidArgumentError(f"--train plans QLoRA on a 4-bit base: --quant must be one of "
+        raise InvalidArgumentError(f"QLoRA trains over a 4-bit base: --quant must be one of "
                                    f"{', '.join(q for q, s in SCHEMES.items() if s.four_bit)}, not {scheme.name}")
     limit = arch.max_position_embeddings
     if limit and training.seq_len > limit:
@@ -133,8 +135,8 @@ def check_trainable(arch: Architecture, scheme: Scheme, training: Training) -> N
     windows = [w for w in arch.layer_windows if w is not None and w < training.seq_len]
     if windows:
         raise InvalidArgumentError(f"--seq-len {training.seq_len:,} is longer than the model's {min(windows):,}-token "
-                                   f"sliding window, whose attention mask --train does not count; pass --seq-len "
-                                   f"{min(windows)} or less")
+                                   f"sliding window, whose attention mask the training plan does not count; "
+                                   f"pass --seq-len {min(windows)} or less")
     widest = min(min(tm.projection_shapes(arch)[t]) for t in training.targets)
     if training.lora_r > widest:
         raise InvalidArgumentError(f"--lora-r {training.lora_r} is wider than the {widest:,} features of the "
