@@ -34,6 +34,7 @@ from heavylift.model.architecture import QUANTIZABLE_ROLES, Architecture, Role
 from heavylift.schemes import SCHEMES, Scheme, allocated_bytes
 from .memory import cublas_workspace_bytes
 from .placement import Costs, balance
+from .plan import tightest
 from . import training_memory as tm
 
 ALL_LINEAR = "all-linear"  # every projection of the layer: peft's "all-linear" on these families
@@ -187,8 +188,7 @@ class TrainingPlan:
 
     @property
     def tightest(self) -> TrainingDevicePlan:
-        used = [d for d in self.per_device if d.layers] or list(self.per_device)
-        return min(used, key=lambda d: d.free_bytes)
+        return tightest(self.per_device)
 
     def _sum(self, name: str) -> int:
         return sum(getattr(d, name) for d in self.per_device)
