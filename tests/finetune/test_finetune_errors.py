@@ -139,7 +139,7 @@ def test_an_adapter_on_the_fast_engine_and_a_folder_without_one(base, tmp_path, 
 
 @pytest.mark.parametrize("extra, message", [
     (["--steps", "3", "--epochs", "1"], "give --steps or --epochs, not both"),
-    (["--quant", "fp8"], "--quant must be one of nf4, nf4-dq, fp4: QLoRA trains over a 4-bit base, not 'fp8'"),
+    (["--quant", "fp8"], "QLoRA trains over a 4-bit base: --quant must be one of nf4, nf4-dq, fp4, not fp8"),
     (["--optimizer", "sgd"], "--optimizer must be one of paged-adamw-8bit, adamw, not 'sgd'"),
 ])
 def test_settings_out_of_range(base, texts, tmp_path, capsys, untouched, extra, message):

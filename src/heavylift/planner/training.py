@@ -40,6 +40,8 @@ from . import training_memory as tm
 ALL_LINEAR = "all-linear"  # every projection of the layer: peft's "all-linear" on these families
 PAGED_ADAMW_8BIT, ADAMW = "paged-adamw-8bit", "adamw"
 OPTIMIZERS = (PAGED_ADAMW_8BIT, ADAMW)
+# QLoRA trains over a base bitsandbytes stores in 4 bits: the precisions --quant takes for training.
+TRAINABLE_QUANTS = tuple(name for name, s in SCHEMES.items() if s.four_bit)
 # The families whose training step is counted (training_memory.py): one decoder layer layout, measured.
 TRAIN_FAMILIES = ("llama", "mistral", "qwen2")
 # The peak moments a device plan names (TrainingDevicePlan.peak).
@@ -114,6 +116,13 @@ class Training:
         return tm.Step(self.seq_len, self.micro_batch, self.targets, self.lora_r, self.lora_dropout > 0)
 
 
+def check_trainable_quant(quant: str) -> None:
+    """Refuse, in one line, a base precision QLoRA does not train over."""
+    if quant not in TRAINABLE_QUANTS:
+        raise InvalidArgumentError(f"QLoRA trains over a 4-bit base: --quant must be one of "
+                                   f"{', '.join(TRAINABLE_QUANTS)}, not {quant}")
+
+
 def check_trainable(arch: Architecture, scheme: Scheme, training: Training) -> None:
     """Refuse, in one line, a model or a workload this plan cannot count or the model cannot take. The lines
     name no command: `heavylift plan --train` and `heavylift finetune` both show them."""
@@ -126,9 +135,7 @@ def check_trainable(arch: Architecture, scheme: Scheme, training: Training) -> N
         raise UnsupportedArchitectureError(
             f"the training plan counts {families} models, not {arch.model_type}: pick one of those to train "
             "(`heavylift plan` without --train plans its inference)")
-    if not scheme.four_bit:
-        raise InvalidArgumentError(f"QLoRA trains over a 4-bit base: --quant must be one of "
-                                   f"{', '.join(q for q, s in SCHEMES.items() if s.four_bit)}, not {scheme.name}")
+    check_trainable_quant(scheme.name)
     limit = arch.max_position_embeddings
     if limit and training.seq_len > limit:
         raise InvalidArgumentError(f"--seq-len {training.seq_len:,} is longer than the {limit:,} positions "
