@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from heavylift.defaults import FINETUNE_EVAL_EVERY_STEPS, FINETUNE_SAVE_EVERY_STEPS
+from heavylift.defaults import FINETUNE_EVAL_EVERY_STEPS, FINETUNE_SAVE_EVERY_STEPS, TRAIN_FRAGMENTED_SLACK_BYTES
 from heavylift.errors import DataError, InvalidArgumentError, PlanDoesNotFitError
 from heavylift.model.source import ModelSource, resolve_model
+from heavylift.planner.advice import gb
 from heavylift.planner.memory import TRANSFORMERS
 from heavylift.planner.training import TRAIN_ALLOC_CONF, TrainingPlan
 from .adapter import attach_lora, check_adapter
@@ -134,7 +135,7 @@ def allocator_notes() -> tuple[str, ...]:
         return ()
     why = f"is {current!r}" if current is not None else "was not set when CUDA started"
     return (f"{ALLOC_CONF_ENV} {why}, not {TRAIN_ALLOC_CONF!r} as the training plan counts on: a step may need "
-            "up to 2 GB more than planned",)
+            f"up to {gb(TRAIN_FRAGMENTED_SLACK_BYTES)} more than planned",)
 
 
 def _examples(tokenizer, dataset: Dataset, eval_set: Dataset | None, settings: Settings,

@@ -47,7 +47,7 @@ TRAIN_FAMILIES = ("llama", "mistral", "qwen2")
 # The peak moments a device plan names (TrainingDevicePlan.peak).
 PEAK_FORWARD, PEAK_LOSS, PEAK_BACKWARD, PEAK_OPTIMIZER = "forward", "loss", "backward", "optimizer"
 # The allocator setting of the recipe: without expandable segments, freed gigabyte-sized logits blocks fragment
-# the cache by up to twice their size (defaults.TRAIN_ALLOCATOR_SLACK_BYTES).
+# the cache by up to twice their size (defaults.TRAIN_FRAGMENTED_SLACK_BYTES).
 TRAIN_ALLOC_CONF = "expandable_segments:True"
 # A training step runs the forward on the caller's thread and the backward on autograd's device thread:
 # cuBLAS keeps a workspace per thread's handle and stream, so a device holds two.
