@@ -197,12 +197,9 @@ class TrainingPlan:
     def tightest(self) -> TrainingDevicePlan:
         return tightest(self.per_device)
 
-    def _sum(self, name: str) -> int:
-        return sum(getattr(d, name) for d in self.per_device)
-
     @property
     def total_bytes(self) -> int:
-        return self._sum("total_bytes")
+        return sum(d.total_bytes for d in self.per_device)
 
     @cached_property
     def _json(self) -> dict:
@@ -230,6 +227,8 @@ class TrainingLayout:
         check_trainable(arch, scheme, training)
         self.arch, self.scheme, self.training = arch, scheme, training
         self.step = replace(training.step, double_quant=scheme.double_quant)
+        # the head's and the loss's saved tensors with the loss's backward buffers: the last device's loss peak
+        self.loss = tm.total(tm.head_saved(arch, self.step) + tm.loss_backward(arch, self.step))
         self.layer_weights = tuple(self._layer_weights(i) for i in range(arch.num_layers))
         fp32 = {r: sum(allocated_bytes(t.numel * tm.FP32) for t in arch.global_tensors() if t.role == r) for r in Role}
         self.embedding = fp32[Role.EMBEDDING]
@@ -276,8 +275,7 @@ class TrainingLayout:
             moments.append(_Peak(forward + (tm.embeddings_output_bytes(arch, step) if first else 0), 0, 0,
                                  PEAK_FORWARD))
         if last:
-            moments.append(_Peak(held, tm.total(tm.head_saved(arch, step) + tm.loss_backward(arch, step)), 0,
-                                 PEAK_LOSS))
+            moments.append(_Peak(held, self.loss, 0, PEAK_LOSS))
         if self.training.optimizer == ADAMW:
             moments.append(_Peak(0, 0, tm.adamw_step_bytes(self.adapter_sizes) * len(run), PEAK_OPTIMIZER))
         return max(moments, key=lambda m: m.activation_bytes + m.logits_bytes + m.extra_optimizer_bytes)
@@ -322,10 +320,9 @@ class TrainingLayout:
         backward = tm.layer_backward_bytes(arch, step, gc, cuda)
         if not gc:
             backward = max(backward, tm.mlp_forward_bytes(arch, step, cuda) + tm.embeddings_output_bytes(arch, step))
-        loss = tm.total(tm.head_saved(arch, step) + tm.loss_backward(arch, step))
         fixed = tuple(self.overhead(d, 0) + backward + tm.total(tm.rope_saved(arch, step)) for d in devices)
         capacities = tuple(d.memory_bytes - reserve_bytes for d in devices)
-        return Costs(per_layer, self.embedding, self.head + max(0, loss - backward), fixed), capacities
+        return Costs(per_layer, self.embedding, self.head + max(0, self.loss - backward), fixed), capacities
 
     def split(self, devices: Sequence[Device], reserve_bytes: int) -> tuple[tuple[range, ...], tuple[int, ...]]:
         costs, capacities = self.costs(devices, reserve_bytes)
