@@ -19,7 +19,7 @@ from .planner.make import make_plan, make_training_plan
 from .planner.memory import FAST
 from .planner.plan import Plan, SchemePlan, Workload
 from .planner.runtimes import AUTO, Runtime, check_choice, plan_runtimes
-from .planner.training import Training, TrainingPlan
+from .planner.training import Training, TrainingPlan, check_trainable_quant
 from .schemes import ALL, QUANT_CHOICES
 
 BEST = "auto"  # --quant for load and run: the most faithful precision the plan fits
@@ -155,8 +155,7 @@ def plan_training(model: str, gpus: str | Sequence[Device] | None = None, quant:
     already resolved (model.source.resolve_model), not read again."""
     if not isinstance(training, Training):
         raise InvalidArgumentError(f"training must be a heavylift.Training, not {type(training).__name__}")
-    if not isinstance(quant, str) or quant not in QUANT_CHOICES:
-        raise InvalidArgumentError(f"--quant must be one of {', '.join(QUANT_CHOICES)} with --train, not {quant!r}")
+    check_trainable_quant(quant)
     reserve_bytes = _reserve_bytes(reserve)
     source = resolve_model(model) if source is None else source
     devices = resolve_devices(gpus)

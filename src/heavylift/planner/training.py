@@ -118,7 +118,7 @@ class Training:
 
 def check_trainable_quant(quant: str) -> None:
     """Refuse, in one line, a base precision QLoRA does not train over."""
-    if quant not in TRAINABLE_QUANTS:
+    if not isinstance(quant, str) or quant not in TRAINABLE_QUANTS:
         raise InvalidArgumentError(f"QLoRA trains over a 4-bit base: --quant must be one of "
                                    f"{', '.join(TRAINABLE_QUANTS)}, not {quant}")
 
