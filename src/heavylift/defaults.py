@@ -76,8 +76,12 @@ PAGED_OPTIMIZER_MIN_MANAGED_BYTES = 128 * MiB
 # What the caching allocator needs beyond a training step's allocated peak, with expandable segments (the
 # recipe's PYTORCH_CUDA_ALLOC_CONF): the smallest allocator cap (torch.cuda.set_per_process_memory_fraction)
 # under which the step still ran was at most 215 MB above the allocated peak in 7 cases from 1 to 19 GB (same
-# file); without expandable segments, up to 2.03 GB (the logits' gigabyte-sized blocks fragment the cache).
+# file).
 TRAIN_ALLOCATOR_SLACK_BYTES = 256 * MiB
+# The same without expandable segments: up to 2,033,107,532 bytes above the allocated peak (same file; the
+# logits' gigabyte-sized blocks fragment the cache). What heavylift finetune warns a step may need beyond its
+# plan when PYTORCH_CUDA_ALLOC_CONF lacks expandable segments.
+TRAIN_FRAGMENTED_SLACK_BYTES = 2_033_107_532
 # The caching allocator rounds every block up to a multiple of 512 bytes (c10/cuda/
 # CUDACachingAllocator.cpp, kMinBlockSize); weights are counted tensor by tensor with it.
 ALLOCATION_GRANULE_BYTES = 512

@@ -87,6 +87,13 @@ def test_seq_len_beyond_the_models_positions(base, texts, tmp_path, capsys, unto
                            "pass --seq-len 512 or less")
 
 
+def test_a_family_the_training_plan_does_not_count(texts, tmp_path, capsys):
+    _refused(capsys, train_args("gemma2-9b", texts["train"], tmp_path / "out"),
+             "the training plan counts llama, mistral, qwen2 models, not gemma2: pick one of those to train "
+             "(`heavylift plan` without --train plans its inference)")
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_target_names(base, texts, tmp_path, capsys, untouched):
     _refused(capsys, train_args(base, texts["train"], tmp_path / "out", "--target", "q,v,attn"),
              "--target must be all-linear or some of q,k,v,o,gate,up,down (comma-separated), not 'attn'")
@@ -132,7 +139,7 @@ def test_an_adapter_on_the_fast_engine_and_a_folder_without_one(base, tmp_path, 
 
 @pytest.mark.parametrize("extra, message", [
     (["--steps", "3", "--epochs", "1"], "give --steps or --epochs, not both"),
-    (["--quant", "fp8"], "--quant must be one of nf4, nf4-dq, fp4: QLoRA trains over a 4-bit base, not 'fp8'"),
+    (["--quant", "fp8"], "QLoRA trains over a 4-bit base: --quant must be one of nf4, nf4-dq, fp4, not fp8"),
     (["--optimizer", "sgd"], "--optimizer must be one of paged-adamw-8bit, adamw, not 'sgd'"),
 ])
 def test_settings_out_of_range(base, texts, tmp_path, capsys, untouched, extra, message):

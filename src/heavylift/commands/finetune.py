@@ -22,14 +22,14 @@ from heavylift.commands.run import RUN_GPUS_HELP
 from heavylift.defaults import (DEFAULT_LORA_ALPHA, DEFAULT_LORA_DROPOUT, DEFAULT_LORA_R, DEFAULT_MICRO_BATCH,
                                 DEFAULT_TRAIN_QUANT, DEFAULT_TRAIN_SEQ_LEN, EVAL_FRACTION, FINETUNE_EPOCHS,
                                 FINETUNE_EVAL_EVERY_STEPS, FINETUNE_GRAD_ACCUM, FINETUNE_LEARNING_RATE,
-                                FINETUNE_LOG_EVERY_STEPS, FINETUNE_SAVE_EVERY_STEPS)
+                                FINETUNE_LOG_EVERY_STEPS, FINETUNE_SAVE_EVERY_STEPS, GB)
 from heavylift.planner.training import ALL_LINEAR, OPTIMIZERS, PAGED_ADAMW_8BIT
 
 STOPPING = "stopping after this step to save a checkpoint (Ctrl-C again stops at once, keeping the last one)"
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
+    return f"{n / GB:.2f} GB"
 
 
 def _memory_label(n: int) -> str:

@@ -23,6 +23,7 @@ IGNORE = -100  # the label transformers' loss skips
 ASSISTANT = "assistant"
 PLAIN_TEXT_SUFFIX = ".txt"  # a file read whole as one text; any other file is JSONL
 FIX = 'one JSON object per line, {"messages": [...]} or {"text": ...}'
+TEMPLATE_REASON_CHARS = 160  # a chat template's refusal is quoted up to this many characters, on one line
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ def _render(tokenizer, messages: Sequence[dict], where: str, generation: bool) -
     try:
         return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation)
     except Exception as e:  # noqa: BLE001 - a template's own refusal (jinja's raise_exception) names the rule
-        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        reason = str(e).splitlines()[0][:TEMPLATE_REASON_CHARS] if str(e) else type(e).__name__
         raise DataError(f"{where}: the chat template refuses this conversation ({reason})") from None
 
 

@@ -21,8 +21,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from heavylift.defaults import FINETUNE_EPOCHS, LORA_WEIGHT_DECAY, WARMUP_FRACTION
-from .data import IGNORE, Example
 from heavylift.planner.training import ADAMW
+from .data import IGNORE, Example
 from .settings import Settings
 
 

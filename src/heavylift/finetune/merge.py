@@ -40,7 +40,7 @@ def merge(model: str, adapter: Path, out: Path, gpus: str | None = None) -> Path
     check_adapter(adapter, source.architecture, model)
     check_merge_out(out, source.folder)
     prepared = prepare(model, quant=MERGE_QUANT, gpus=gpus, context=MERGE_CONTEXT_TOKENS, allow_offload=True,
-                       engine=TRANSFORMERS)
+                       engine=TRANSFORMERS, source=source)
     tokenizer = AutoTokenizer.from_pretrained(prepared.folder)  # as the model ships it, without run's pad token
     base = prepared.load_weights().model
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()

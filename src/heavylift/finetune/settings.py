@@ -13,11 +13,7 @@ from heavylift.defaults import (DEFAULT_LORA_ALPHA, DEFAULT_LORA_DROPOUT, DEFAUL
                                 DEFAULT_TRAIN_QUANT, DEFAULT_TRAIN_SEQ_LEN, EVAL_FRACTION, FINETUNE_GRAD_ACCUM,
                                 FINETUNE_LEARNING_RATE)
 from heavylift.errors import InvalidArgumentError
-from heavylift.planner.training import ALL_LINEAR, PAGED_ADAMW_8BIT, Training
-from heavylift.schemes import SCHEMES
-
-# QLoRA trains over a base bitsandbytes stores in 4 bits: the step the training plan counts.
-TRAINABLE_QUANTS = tuple(name for name, s in SCHEMES.items() if s.four_bit)
+from heavylift.planner.training import ALL_LINEAR, PAGED_ADAMW_8BIT, Training, check_trainable_quant
 
 
 @dataclass(frozen=True)
@@ -55,9 +51,8 @@ FLAGS = {f.name: "--" + f.name.replace("_", "-") for f in fields(Settings)}
 
 
 def _check(s: Settings) -> None:
+    check_trainable_quant(s.quant)
     rules = [
-        (s.quant in TRAINABLE_QUANTS, f"--quant must be one of {', '.join(TRAINABLE_QUANTS)}: QLoRA trains over a "
-                                      f"4-bit base, not {s.quant!r}"),
         (s.grad_accum >= 1, "--grad-accum must be 1 or more"),
         (s.lr > 0, "--lr must be above 0"),
         (s.steps is None or s.epochs is None, "give --steps or --epochs, not both"),

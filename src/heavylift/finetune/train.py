@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from heavylift.defaults import FINETUNE_EVAL_EVERY_STEPS, FINETUNE_SAVE_EVERY_STEPS
+from heavylift.defaults import FINETUNE_EVAL_EVERY_STEPS, FINETUNE_SAVE_EVERY_STEPS, TRAIN_FRAGMENTED_SLACK_BYTES
 from heavylift.errors import DataError, InvalidArgumentError, PlanDoesNotFitError
-from heavylift.model.source import resolve_model
+from heavylift.model.source import ModelSource, resolve_model
+from heavylift.planner.advice import gb
 from heavylift.planner.memory import TRANSFORMERS
 from heavylift.planner.training import TRAIN_ALLOC_CONF, TrainingPlan
 from .adapter import attach_lora, check_adapter
@@ -97,23 +98,23 @@ def prepare_finetune(model: str, data: Path, given: Mapping[str, Any], options: 
     check_out(out, source.folder, resuming=saved is not None)
     if checkpoint is not None:
         check_adapter(checkpoint, source.architecture, model, "--resume")
-    plan = plan_for_training(model, settings, options)
+    plan = plan_for_training(model, source, settings, options)
     base = prepare(model, quant=settings.quant, gpus=options.gpus, context=settings.seq_len,
-                   batch=settings.micro_batch, engine=TRANSFORMERS)
+                   batch=settings.micro_batch, engine=TRANSFORMERS, source=source)
     train, held_out, notes = _examples(base.tokenizer, dataset, eval_set, settings, model)
-    state = saved or State(0, 0, 0, str(base.source.folder or model), settings.to_json(),
+    state = saved or State(0, 0, 0, str(source.folder or model), settings.to_json(),
                            {"train": dataset.sha256, "eval": eval_set.sha256 if eval_set else None}, ())
     return Finetune(model, settings, plan, out, checkpoint, state, train, held_out, allocator + notes, base)
 
 
-def plan_for_training(model: str, settings: Settings, options: Options) -> TrainingPlan:
+def plan_for_training(model: str, source: ModelSource, settings: Settings, options: Options) -> TrainingPlan:
     """One step planned on this machine's devices (those --gpus narrows); PlanDoesNotFitError with the plan's
     advice where it does not fit."""
     from heavylift.api import plan_training
     from heavylift.runtime.devices import machine_devices
 
     plan = plan_training(model, gpus=machine_devices(options.gpus), quant=settings.quant,
-                         training=settings.training(options.grad_checkpointing))
+                         training=settings.training(options.grad_checkpointing), source=source)
     if not plan.fits:
         raise PlanDoesNotFitError(f"{model} in {settings.quant}, a training step: {'; '.join(plan.advice)}")
     return plan
@@ -134,7 +135,7 @@ def allocator_notes() -> tuple[str, ...]:
         return ()
     why = f"is {current!r}" if current is not None else "was not set when CUDA started"
     return (f"{ALLOC_CONF_ENV} {why}, not {TRAIN_ALLOC_CONF!r} as the training plan counts on: a step may need "
-            "up to 2 GB more than planned",)
+            f"up to {gb(TRAIN_FRAGMENTED_SLACK_BYTES)} more than planned",)
 
 
 def _examples(tokenizer, dataset: Dataset, eval_set: Dataset | None, settings: Settings,

@@ -57,6 +57,11 @@ class Trainer:
     def step(self) -> int:
         return self.state.step
 
+    @property
+    def tokens_per_s(self) -> float:
+        """Tokens read per second over the steps this process ran (0 before the first)."""
+        return self.tokens / self.seconds if self.seconds else 0.0
+
     def _restore(self, folder: Path) -> None:
         """The LoRA weights, optimizer, schedule and RNG of the checkpoint in `folder`."""
         from peft import set_peft_model_state_dict
@@ -129,7 +134,7 @@ class Trainer:
         self.tokens, self.steps_here = self.tokens + tokens, self.steps_here + 1
         self.seconds += time.perf_counter() - started
         self.peak = max(self.peak, memory_bytes())
-        return Step(self.step, self.total, loss, lr, tokens, self.tokens / max(self.seconds, 1e-9),
+        return Step(self.step, self.total, loss, lr, tokens, self.tokens_per_s,
                     self.seconds / self.steps_here, self.peak)
 
     def _loss(self, inputs: dict, learned: int) -> torch.Tensor:
@@ -162,4 +167,4 @@ class Trainer:
         evals = [e["eval_loss"] for e in self.state.log if "eval_loss" in e]
         return Summary(self.step, losses[0] if losses else None, losses[-1] if losses else None,
                        evals[0] if evals else None, evals[-1] if evals else None,
-                       self.tokens / max(self.seconds, 1e-9), self.peak, self.seconds)
+                       self.tokens_per_s, self.peak, self.seconds)

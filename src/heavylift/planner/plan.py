@@ -77,6 +77,13 @@ class DevicePlan:
         return self.capacity_bytes - self.total_bytes
 
 
+def tightest(per_device: Sequence[DevicePlan]):
+    """The device plan with the fewest bytes free among those holding layers (all of them when none does): the
+    one advice speaks of. Any device plan with `layers` and `free_bytes` (a training plan's too)."""
+    used = [d for d in per_device if d.layers] or list(per_device)
+    return min(used, key=lambda d: d.free_bytes)
+
+
 @dataclass(frozen=True)
 class SchemePlan:
     quant: str
@@ -123,8 +130,7 @@ class SchemePlan:
 
     @property
     def tightest(self) -> DevicePlan:
-        used = [d for d in self.per_device if d.layers] or list(self.per_device)
-        return min(used, key=lambda d: d.free_bytes)
+        return tightest(self.per_device)
 
 
 class Layout:
