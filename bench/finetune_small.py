@@ -28,15 +28,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_small  # noqa: E402
+from eval_gpu import card_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = ["--seq-len", "128", "--micro-batch", "8", "--lr", "1e-3", "--eval-every", "10", "--log-every", "1"]
-
-
-def card_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name(0).replace(" ", "-").lower() if torch.cuda.is_available() else "cpu"
 
 
 def corpus(folder: Path) -> tuple[Path, str]:
@@ -92,7 +87,9 @@ def main(argv=None) -> None:
     state = json.loads((adapter / "trainer_state.json").read_text())
     summary = next((line for line in reversed(done.stdout.splitlines() + done.stderr.splitlines())
                     if line.startswith("trained ")), None)
-    card, date = card_name(), datetime.date.today().isoformat()
+    import torch
+
+    card, date = card_name("cuda" if torch.cuda.is_available() else "cpu"), datetime.date.today().isoformat()
     result = dict(card=card, date=date,
                   command="python bench/finetune_small.py " + " ".join(sys.argv[1:] if argv is None else argv),
                   finetune_command="heavylift finetune MODEL --data docs.txt --epochs " + args.epochs + " "
