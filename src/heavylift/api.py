@@ -7,6 +7,7 @@ Both take one path: resolve the model once, take the devices, decide each precis
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Mapping, Sequence
 
 from .defaults import DEFAULT_BATCH, DEFAULT_CONTEXT_TOKENS, DEFAULT_RESERVE_BYTES, DEFAULT_TRAIN_QUANT
@@ -19,7 +20,7 @@ from .planner.make import make_plan, make_training_plan
 from .planner.memory import FAST
 from .planner.plan import Plan, SchemePlan, Workload
 from .planner.runtimes import AUTO, Runtime, check_choice, plan_runtimes
-from .planner.training import Training, TrainingPlan
+from .planner.training import Training, TrainingPlan, check_trainable_quant
 from .schemes import ALL, QUANT_CHOICES
 
 BEST = "auto"  # --quant for load and run: the most faithful precision the plan fits
@@ -98,14 +99,16 @@ def default_context(max_positions: int) -> int:
 
 
 def _model_and_work(model: str, context: int | None, batch: int, quant, reserve, kv_dtype: str, allow_offload: bool,
-                    engine: str, serve: bool) -> tuple[ModelSource, Workload, tuple[str, ...]]:
-    """Check the arguments (before any I/O), then resolve the model: its source, the workload with the
-    context default_context gives it where none is asked for, and the precisions asked for."""
+                    engine: str, serve: bool, source: ModelSource | None = None
+                    ) -> tuple[ModelSource, Workload, tuple[str, ...]]:
+    """Check the arguments (before any I/O), then resolve the model (unless `source` is it, resolved already):
+    its source, the workload with the context default_context gives it where none is asked for, and the
+    precisions asked for."""
     check_choice(engine)
     work = Workload(context=DEFAULT_CONTEXT_TOKENS if context is None else context, batch=batch, kv_dtype=kv_dtype,
                     reserve_bytes=_reserve_bytes(reserve), allow_offload=allow_offload, serve=serve)
     quants = resolve_quants(quant)
-    source = resolve_model(model)
+    source = resolve_model(model) if source is None else source
     quants = model_quants(model, source.architecture, quants, quant == ALL)
     if context is None:
         work = replace(work, context=default_context(source.architecture.max_position_embeddings))
@@ -113,11 +116,17 @@ def _model_and_work(model: str, context: int | None, batch: int, quant, reserve,
 
 
 def _front_door(model: str, gpus, here: bool, context: int | None, batch: int, quant, reserve, kv_dtype: str,
-                allow_offload: bool, engine: str, serve: bool = False) -> Planned:
+                allow_offload: bool, engine: str, serve: bool = False, adapter: Path | None = None,
+                source: ModelSource | None = None) -> Planned:
     """Check the arguments, resolve the model, take the devices (`here`: this machine's, which --gpus only
-    narrows; else the described ones), decide the runtimes, plan."""
+    narrows; else the described ones), decide the runtimes, plan; with the LoRA adapter in the folder
+    `adapter` checked against the model and counted (finetune.adapter.planned_adapter)."""
     source, work, quants = _model_and_work(model, context, batch, quant, reserve, kv_dtype, allow_offload, engine,
-                                           serve)
+                                           serve, source)
+    if adapter is not None:
+        from .finetune.adapter import planned_adapter
+
+        work = replace(work, adapter=planned_adapter(adapter, source.architecture, model))
     kernels = None  # described devices: a CUDA GPU is taken to run the engine's kernels
     if here:
         from .runtime.devices import kernels_reason, machine_devices
@@ -144,17 +153,18 @@ def plan(model: str, gpus: str | Sequence[Device] | None = None, context: int | 
 
 
 def plan_training(model: str, gpus: str | Sequence[Device] | None = None, quant: str = DEFAULT_TRAIN_QUANT,
-                  training: Training = Training(), reserve: int | str = DEFAULT_RESERVE_BYTES) -> TrainingPlan:
+                  training: Training = Training(), reserve: int | str = DEFAULT_RESERVE_BYTES, *,
+                  source: ModelSource | None = None) -> TrainingPlan:
     """Plan one QLoRA fine-tuning step of `model` (`heavylift plan MODEL --train`): its base frozen in the 4-bit
     precision `quant`, LoRA adapters and the optimizer as `training` describes, on `gpus` (described, or None:
     this machine's), its layers split as an inference plan splits them. Per device the bytes at the step's
-    peak, whether it fits, and advice. Reads only config.json and headers, as plan() does."""
+    peak, whether it fits, and advice. Reads only config.json and headers, as plan() does; `source`: `model`
+    already resolved (model.source.resolve_model), not read again."""
     if not isinstance(training, Training):
         raise InvalidArgumentError(f"training must be a heavylift.Training, not {type(training).__name__}")
-    if not isinstance(quant, str) or quant not in QUANT_CHOICES:
-        raise InvalidArgumentError(f"--quant must be one of {', '.join(QUANT_CHOICES)} with --train, not {quant!r}")
+    check_trainable_quant(quant)
     reserve_bytes = _reserve_bytes(reserve)
-    source = resolve_model(model)
+    source = resolve_model(model) if source is None else source
     devices = resolve_devices(gpus)
     _check_reserve(devices, reserve_bytes, reserve)
     return make_training_plan(model, source.architecture, devices, quant, training, reserve_bytes)
@@ -186,15 +196,18 @@ def _pick(plan: Plan, quant: str, allow_offload: bool) -> SchemePlan:
 
 def prepare(model: str, quant: str = BEST, gpus: str | Sequence[Device] | None = None,
             context: int | None = None, batch: int = 1, allow_offload: bool = False,
-            reserve: int | str = DEFAULT_RESERVE_BYTES, engine: str = AUTO, serve: bool = False):
+            reserve: int | str = DEFAULT_RESERVE_BYTES, engine: str = AUTO, serve: bool = False,
+            adapter: Path | None = None, *, source: ModelSource | None = None):
     """Plan `model` on this machine for the runtime that will run it and pick the precision, reading only
     config.json and headers: a runtime.prepared.Prepared, whose tokenizer and then weights load next.
     Refuses (one line) what cannot fit, before any download. `serve`: planned as a server of `batch`
-    sequences (heavylift serve)."""
+    sequences (heavylift serve). `adapter`: a LoRA adapter folder applied over the base, checked against the
+    model and counted in the plan. `source`: `model` already resolved (model.source.resolve_model), not read
+    again."""
     if quant != BEST and quant not in QUANT_CHOICES:
         raise InvalidArgumentError(f"--quant must be {BEST} or one of {', '.join(QUANT_CHOICES)}, not {quant!r}")
     planned = _front_door(model, gpus, True, context, batch, ALL if quant == BEST else quant, reserve, "bf16",
-                          allow_offload, engine, serve)
+                          allow_offload, engine, serve, adapter, source)
     scheme = _pick(planned.plan, quant, allow_offload)
     devices = planned.plan.devices
     check_stored_runs(planned.source.architecture.prequantized, scheme.quant,

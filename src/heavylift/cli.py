@@ -27,6 +27,8 @@ from . import quiet
 from .commands import bench as bench_cmd
 from .commands import catalog as catalog_cmd
 from .commands import eval as eval_cmd
+from .commands import finetune as finetune_cmd
+from .commands import merge as merge_cmd
 from .commands import plan as plan_cmd
 from .commands import run as run_cmd
 from .commands import serve as serve_cmd
@@ -43,6 +45,8 @@ app.command("catalog")(catalog_cmd.catalog)
 app.command("bench")(bench_cmd.bench)
 app.command("serve")(serve_cmd.serve)
 app.command("eval")(eval_cmd.eval_)
+app.command("finetune")(finetune_cmd.finetune)
+app.command("merge")(merge_cmd.merge)
 
 
 @app.callback(invoke_without_command=True)

@@ -76,8 +76,12 @@ PAGED_OPTIMIZER_MIN_MANAGED_BYTES = 128 * MiB
 # What the caching allocator needs beyond a training step's allocated peak, with expandable segments (the
 # recipe's PYTORCH_CUDA_ALLOC_CONF): the smallest allocator cap (torch.cuda.set_per_process_memory_fraction)
 # under which the step still ran was at most 215 MB above the allocated peak in 7 cases from 1 to 19 GB (same
-# file); without expandable segments, up to 2.03 GB (the logits' gigabyte-sized blocks fragment the cache).
+# file).
 TRAIN_ALLOCATOR_SLACK_BYTES = 256 * MiB
+# The same without expandable segments: up to 2,033,107,532 bytes above the allocated peak (same file; the
+# logits' gigabyte-sized blocks fragment the cache). What heavylift finetune warns a step may need beyond its
+# plan when PYTORCH_CUDA_ALLOC_CONF lacks expandable segments.
+TRAIN_FRAGMENTED_SLACK_BYTES = 2_033_107_532
 # The caching allocator rounds every block up to a multiple of 512 bytes (c10/cuda/
 # CUDACachingAllocator.cpp, kMinBlockSize); weights are counted tensor by tensor with it.
 ALLOCATION_GRANULE_BYTES = 512
@@ -158,6 +162,23 @@ REFERENCE_TOP_K = 512
 # $XDG_CACHE_HOME/heavylift, else ~/.cache/heavylift.
 CACHE_ENV = "HEAVYLIFT_CACHE"
 CACHE_FOLDER = "heavylift"
+
+# --- heavylift finetune -----------------------------------------------------------------------
+# QLoRA's recipe (Dettmers et al. 2023) beyond what the training plan takes (DEFAULT_LORA_R and the others,
+# above): paged 8-bit AdamW at 2e-4, the rate rising over the first 3% of the steps, gradients clipped to 0.3.
+FINETUNE_GRAD_ACCUM = 1  # micro-batches per optimizer step (--grad-accum)
+FINETUNE_LEARNING_RATE = 2e-4  # peak learning rate (--lr)
+FINETUNE_EPOCHS = 1.0  # passes over the training samples when --steps is not given
+# The learning rate rises linearly over this fraction of the steps (at least one step), then follows a cosine
+# to zero (transformers' get_cosine_schedule_with_warmup, without its first step at rate 0).
+WARMUP_FRACTION = 0.03
+MAX_GRAD_NORM = 0.3  # gradients are clipped to this global L2 norm (QLoRA's max_grad_norm)
+LORA_WEIGHT_DECAY = 0.0  # AdamW's decoupled weight decay on the LoRA weights (QLoRA's weight_decay)
+EVAL_FRACTION = 0.05  # of the training samples held out and scored, when no --eval-data is given
+FINETUNE_EVAL_EVERY_STEPS = 100  # held-out loss every N optimizer steps (and before the first, and at the end)
+FINETUNE_SAVE_EVERY_STEPS = 100  # a checkpoint every N optimizer steps (and at the end, and on Ctrl-C)
+FINETUNE_LOG_EVERY_STEPS = 10  # a progress line every N steps where stderr is not a terminal
+CHECKPOINTS_KEPT = 2  # the newest checkpoints kept in --out; older ones are deleted once a newer one is whole
 
 # --- heavylift serve --------------------------------------------------------------------------
 SERVE_HOST = "127.0.0.1"  # loopback: other machines reach the server only when --host says so

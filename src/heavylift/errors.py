@@ -51,3 +51,11 @@ class OutOfMemoryError(HeavyliftError):
 
 class InvalidArgumentError(HeavyliftError):
     """A value outside its range: context, batch, sampling settings, prompt length."""
+
+
+class DataError(HeavyliftError):
+    """A training data file that is missing, empty or malformed; the message names the line."""
+
+
+class AdapterError(HeavyliftError):
+    """A LoRA adapter or checkpoint folder that is missing, malformed, or made for another base model."""

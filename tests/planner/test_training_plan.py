@@ -285,15 +285,16 @@ def test_targets_are_read_as_peft_names_them():
     ({**TINY_LLAMA}, Training(seq_len=513), InvalidArgumentError,
      "--seq-len 513 is longer than the 512 positions llama takes (max_position_embeddings); pass --seq-len 512 or less"),
     ({**TINY_FAMILIES["mistral"]}, Training(seq_len=64), InvalidArgumentError,
-     "--seq-len 64 is longer than the model's 32-token sliding window, whose attention mask --train does not count; "
-     "pass --seq-len 32 or less"),
+     "--seq-len 64 is longer than the model's 32-token sliding window, whose attention mask the training plan "
+     "does not count; pass --seq-len 32 or less"),
     ({**TINY_LLAMA}, Training(lora_r=33, seq_len=64), InvalidArgumentError,
      "--lora-r 33 is wider than the 32 features of the narrowest target: pass --lora-r 32 or less"),
     ({**TINY_FAMILIES["mixtral"]}, Training(seq_len=64), UnsupportedArchitectureError,
-     "--train plans dense models; mixtral is a mixture of experts, whose expert adapters and routing it does not "
-     "count; --train plans llama, mistral, qwen2"),
+     "the training plan counts dense llama, mistral, qwen2 models; mixtral is a mixture of experts, whose expert "
+     "adapters and routing it does not count: pick a dense llama, mistral, qwen2 model"),
     ({**TINY_FAMILIES["gemma2"]}, Training(seq_len=16), UnsupportedArchitectureError,
-     "--train plans llama, mistral, qwen2 models, not gemma2; plan its inference without --train"),
+     "the training plan counts llama, mistral, qwen2 models, not gemma2: pick one of those to train "
+     "(`heavylift plan` without --train plans its inference)"),
 ])
 def test_models_the_plan_refuses(config, training, error, message):
     with pytest.raises(error) as e:
@@ -304,4 +305,4 @@ def test_models_the_plan_refuses(config, training, error, message):
 def test_a_base_that_is_not_4_bit_is_refused():
     with pytest.raises(InvalidArgumentError) as e:
         heavylift.plan_training("llama3.1-8b", gpus="1xH100", quant="bf16")
-    assert str(e.value) == "--train plans QLoRA on a 4-bit base: --quant must be one of nf4, nf4-dq, fp4, not bf16"
+    assert str(e.value) == "QLoRA trains over a 4-bit base: --quant must be one of nf4, nf4-dq, fp4, not bf16"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -21,6 +22,8 @@ from heavylift.schemes import QUANT_CHOICES
 
 INTERRUPTED = "interrupted"  # the finish_reason of a generation stopped by Ctrl-C, and the notice
 WRAPPED_NOTE = "prompt wrapped in the model's chat template; --raw to send it as is"
+ADAPTER_HELP = ("A LoRA adapter folder (`heavylift finetune --out`, or one of its checkpoints) applied over the "
+                "base in --quant; transformers then runs the model.")
 RUN_GPUS_HELP = ("Use only some of this machine's GPUs, or less of their memory: the first N, each no larger "
                  "than described (e.g. 1xH100, 2x40GiB). Plans for other machines: `heavylift plan --gpus`.")
 
@@ -143,37 +146,41 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
     engine: str = typer.Option("auto", "--engine",
                                help="auto (the fast engine where it runs, else transformers), fast, or transformers."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help=ADAPTER_HELP),
 ) -> None:
     """Load MODEL exactly as planned for this machine and stream a continuation of --prompt."""
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     # Ctrl-C propagates to the CLI's boundary, which says "interrupted" and exits 130.
     _run(err, model, prompt, quant, gpus, context, chat, system, raw, allow_offload, as_json, engine,
-         dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed))
+         dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed), adapter)
 
 
 def _run(err: Console, model: str, prompt, quant: str, gpus, context: int | None, chat: bool, system, raw: bool,
-         allow_offload: bool, as_json: bool, engine: str, sampling: dict) -> None:
+         allow_offload: bool, as_json: bool, engine: str, sampling: dict, adapter: Path | None = None) -> None:
     from heavylift.api import prepare
+    from heavylift.finetune.adapter import adapter_engine
     from heavylift.runtime.sampling import Sampling
     from heavylift.runtime.session import wraps_in_template
 
     _check_arguments(prompt, chat, raw)
     Sampling(**sampling)  # refuse bad values before loading anything
-    prepared = prepare(model, quant=quant, gpus=gpus, context=context, allow_offload=allow_offload, engine=engine)
+    if adapter is not None:
+        engine, note = adapter_engine(engine, adapter)
+    prepared = prepare(model, quant=quant, gpus=gpus, context=context, allow_offload=allow_offload, engine=engine,
+                       adapter=adapter)  # the adapter checked against the model and counted in the plan
+    if adapter is not None:
+        err.print(escape(note))
     prompt_tokens = _check_prompt(prepared, prompt, system, chat, raw, sampling["max_new_tokens"])
     for warning in prepared.plan.warnings:
         err.print(f"[yellow]warning:[/] {escape(warning)}")
     if prompt is not None and not chat and wraps_in_template(prepared.tokenizer, prompt, raw):
         err.print(f"[dim]{WRAPPED_NOTE}[/]")
-    session = prepared.load()
-    if session.offloaded_bytes:
-        where = ", ".join(f"{n / 1e9:.2f} GB on {d}" for d, n in session.offloaded_bytes.items())
-        err.print(f"[yellow]warning:[/] {where} offloaded; decode is predicted at "
-                  f"{session.scheme.decode_tok_s_upper_bound:.2f} tok/s at best")
+    session = load_session(err, prepared, adapter)
     if as_json:
         _generate_json(session, prompt, system, raw, sampling, prompt_tokens)
         return
-    engine_line = "fast engine" if session.engine is not None else f"transformers ({session.engine_note})"
+    engine_line = "fast engine" if session.engine is not None else \
+        f"transformers ({session.engine_note if adapter is None else 'LoRA adapter'})"
     err.print(f"{model}: {session.quant}, {engine_line}, attention {session.attention}, "
               f"devices {', '.join(sorted(set(session.placement.modules.values())))}")
     if chat:
@@ -183,6 +190,21 @@ def _run(err: Console, model: str, prompt, quant: str, gpus, context: int | None
     err.print(_summary(session, record))
     for warning in session.memory_warnings():
         err.print(f"[yellow]plan vs measured:[/] {warning}")
+
+
+def load_session(err: Console, prepared, adapter: Path | None):
+    """Load the weights by the plan (the offload guard refuses what landed off it), with the LoRA adapter over
+    them where one is given; warn of what --allow-offload left in CPU RAM. `run` and `serve` load through it."""
+    from heavylift.finetune.adapter import apply_adapter
+
+    session = prepared.load()
+    if adapter is not None:
+        apply_adapter(session.model, adapter)
+    if session.offloaded_bytes:
+        where = ", ".join(f"{n / 1e9:.2f} GB on {d}" for d, n in session.offloaded_bytes.items())
+        err.print(f"[yellow]warning:[/] {where} offloaded; decode is predicted at "
+                  f"{session.scheme.decode_tok_s_upper_bound:.2f} tok/s at best")
+    return session
 
 
 def _json(session, record) -> dict:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from heavylift.commands.run import RUN_GPUS_HELP
+from heavylift.commands.run import ADAPTER_HELP, RUN_GPUS_HELP, load_session
 from heavylift.defaults import (DEFAULT_CONTEXT_TOKENS, PREFILL_CHUNK_TOKENS, SERVE_DRAIN_SECONDS, SERVE_HOST,
                                 SERVE_MAX_QUEUE, SERVE_MAX_SEQS, SERVE_MIN_PREFILL_CHUNK_TOKENS, SERVE_PORT)
 from heavylift.errors import InvalidArgumentError
@@ -46,19 +47,23 @@ def _check_libraries() -> None:
         raise InvalidArgumentError(f"heavylift serve needs {e.name}: pip install 'heavylift[serve]'") from None
 
 
-def plan_slots(model: str, quant: str, gpus, context, max_seqs: int | None, allow_offload: bool, engine: str):
+def plan_slots(model: str, quant: str, gpus, context, max_seqs: int | None, allow_offload: bool, engine: str,
+               adapter: Path | None = None):
     """The model planned as a server of `max_seqs` sequences of `context` tokens, each with its KV cache slot:
     (Prepared, sequences). With auto, as many sequences as the planner fits beside the weights of the
-    precision it picks for one sequence (SchemePlan.max_concurrent_sequences)."""
+    precision it picks for one sequence (SchemePlan.max_concurrent_sequences); the LoRA adapter in `adapter`
+    checked and counted."""
     from heavylift.api import prepare
 
     if max_seqs is not None:
-        return prepare(model, quant, gpus, context, max_seqs, allow_offload, engine=engine, serve=True), max_seqs
-    one = prepare(model, quant, gpus, context, 1, allow_offload, engine=engine, serve=True)
+        return prepare(model, quant, gpus, context, max_seqs, allow_offload, engine=engine, serve=True,
+                       adapter=adapter), max_seqs
+    one = prepare(model, quant, gpus, context, 1, allow_offload, engine=engine, serve=True, adapter=adapter)
     fits = one.scheme.max_concurrent_sequences
     if fits <= 1:  # one sequence (or, offloaded, not even one on the GPUs): the plan just made
         return one, 1
-    return prepare(model, one.scheme.quant, gpus, context, fits, allow_offload, engine=engine, serve=True), fits
+    return prepare(model, one.scheme.quant, gpus, context, fits, allow_offload, engine=engine, serve=True,
+                   adapter=adapter), fits
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -109,12 +114,19 @@ def serve(
     allow_offload: bool = typer.Option(False, "--allow-offload", help="Let layers that do not fit stay in CPU RAM."),
     engine: str = typer.Option("auto", "--engine",
                                help="auto (the fast engine where it runs, else transformers), fast, or transformers."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help=ADAPTER_HELP),
 ) -> None:
     """Load MODEL exactly as planned for this machine and serve it over OpenAI's HTTP API."""
+    from heavylift.finetune.adapter import adapter_engine
+
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     seqs = parse_max_seqs(max_seqs)
     _check_libraries()
-    prepared, seqs = plan_slots(model, quant, gpus, context, seqs, allow_offload, engine)
+    if adapter is not None:
+        engine, note = adapter_engine(engine, adapter)
+    prepared, seqs = plan_slots(model, quant, gpus, context, seqs, allow_offload, engine, adapter)
+    if adapter is not None:
+        err.print(escape(note))
     tokenizer = prepared.tokenizer  # a missing tokenizer is refused before the port opens
     for warning in prepared.plan.warnings:
         err.print(f"[yellow]warning:[/] {escape(warning)}")
@@ -124,12 +136,12 @@ def serve(
                   "port can use the model")
     verbose = bool(ctx.find_root().params.get("verbose"))
     _serve(err, prepared, tokenizer, seqs, max_queue, prefill_chunk, sock, api_key, served_model_name or model,
-           verbose)
+           verbose, adapter)
 
 
 def _serve(err: Console, prepared, tokenizer, seqs: int, max_queue: int, prefill_chunk: int, sock: socket.socket,
            api_key, name: str,
-           verbose: bool) -> None:
+           verbose: bool, adapter: Path | None = None) -> None:
     import uvicorn
 
     from heavylift.serve.app import ModelCard, create_app
@@ -145,7 +157,7 @@ def _serve(err: Console, prepared, tokenizer, seqs: int, max_queue: int, prefill
         failure.append(error)
         server.should_exit = True
 
-    app = create_app(card, lambda: _scheduler(err, prepared, seqs, max_queue, prefill_chunk), api_key,
+    app = create_app(card, lambda: _scheduler(err, prepared, seqs, max_queue, prefill_chunk, adapter), api_key,
                      on_loaded=on_loaded)
     config = uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=verbose, lifespan="on",
                             timeout_graceful_shutdown=SERVE_DRAIN_SECONDS)
@@ -166,14 +178,10 @@ def host_label(address: str) -> str:
     return f"[{address}]" if ":" in address else address
 
 
-def _scheduler(err: Console, prepared, seqs: int, max_queue: int, prefill_chunk: int):
-    """Load the weights by the plan (the offload guard refuses what landed off it) and put the scheduler,
-    not yet started, over them."""
+def _scheduler(err: Console, prepared, seqs: int, max_queue: int, prefill_chunk: int, adapter: Path | None = None):
+    """Load the weights by the plan (the offload guard refuses what landed off it), with the LoRA adapter
+    over them where one is given, and put the scheduler, not yet started, over them."""
     from heavylift.serve.scheduler import Scheduler
 
-    session = prepared.load()
-    if session.offloaded_bytes:
-        where = ", ".join(f"{n / 1e9:.2f} GB on {d}" for d, n in session.offloaded_bytes.items())
-        err.print(f"[yellow]warning:[/] {where} offloaded; decode is predicted at "
-                  f"{session.scheme.decode_tok_s_upper_bound:.2f} tok/s at best")
+    session = load_session(err, prepared, adapter)
     return Scheduler(session, seqs, max_queue, prefill_chunk=prefill_chunk)

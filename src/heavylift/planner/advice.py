@@ -28,6 +28,12 @@ def gb(nbytes: float) -> str:
     return f"{nbytes / GB:.1f} GB"
 
 
+def does_not_fit_line(tight) -> str:
+    """Advice's first line where a plan does not fit: its tightest device (plan.tightest) and by how much."""
+    return (f"does not fit: {tight.device.name} (#{tight.device.index}) is {gb(-tight.free_bytes)} over its "
+            f"{gb(tight.capacity_bytes)}")
+
+
 def context_grid(above: int, up_to: int) -> list[int]:
     """The contexts advice names in (above, up_to]: the multiples of ADVICE_CONTEXT_STEP_TOKENS, then up_to."""
     step = ADVICE_CONTEXT_STEP_TOKENS
@@ -230,9 +236,7 @@ def advise(lay: Layout, plans: Mapping[str, SchemePlan], devices: Sequence[Devic
     if plan.offload:
         out = [_offload_line(plan)]
     else:
-        over = -plan.tightest.free_bytes
-        out = [f"does not fit: {plan.tightest.device.name} (#{plan.tightest.device.index}) is "
-               f"{gb(over)} over its {gb(plan.tightest.capacity_bytes)}"]
+        out = [does_not_fit_line(plan.tightest)]
     rank = order.index(quant) if quant in order else -1
     smaller = [q for q in order[rank + 1:] if q in plans and plans[q].fits and not plans[q].offload]
     if smaller:

@@ -28,7 +28,8 @@ def device_plan_to_json(d: Any) -> dict[str, Any]:
             "layers": [d.layers.start, d.layers.stop - 1] if d.layers else [],
             "weights_bytes": d.weights_bytes, "kv_cache_bytes": d.kv_cache_bytes,
             "activation_bytes": d.activation_bytes, "overhead_bytes": d.overhead_bytes,
-            "total_bytes": d.total_bytes, "free_bytes": d.free_bytes}
+            "total_bytes": d.total_bytes, "free_bytes": d.free_bytes,
+            **({"adapter_bytes": d.adapter_bytes} if d.adapter_bytes else {})}
 
 
 def scheme_plan_to_json(s: Any) -> dict[str, Any]:

@@ -15,7 +15,8 @@ from .allocator import Program, Tensor, replayed_rounds
 from heavylift.model.architecture import Architecture
 from heavylift.defaults import SDPA_MASK_ALIGNMENT
 from .matmul_programs import BF16, FP32, INT32, INT64, dense_linear
-from .forward_program import Part, gated_mlp
+from .forward_program import Part
+from .shared_programs import gated_mlp
 from heavylift.schemes import SCHEMES
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from .allocator import Program, Tensor
 from heavylift.model.architecture import Architecture
 from .matmul_programs import BF16, FP32, INT64, expert_weights, linear
+from .shared_programs import eager_output, expert_routing, expert_unsort_sum, linear_mlp, mask_indices, \
+    repeated_kv, rms_core, sdpa_kernel
 
 COMPLEX64 = 8  # a complex64 element: Llama 4's RoPE frequencies
 
@@ -19,16 +21,7 @@ COMPLEX64 = 8  # a complex64 element: Llama 4's RoPE frequencies
 def llama4_norm(p: Program, rows: int, width: int, weight: bool = True) -> Tensor:
     """Llama4TextRMSNorm (weight) and Llama4TextL2Norm (none): x in fp32, its square and mean (freed once the
     epsilon is added), rsqrt, the product, cast back; times the weight in bf16."""
-    f = p.alloc("norm_fp32", FP32 * rows * width)
-    sq = p.alloc("norm_pow", FP32 * rows * width)
-    mean = p.alloc("norm_mean", FP32 * rows)
-    p.free(sq)
-    eps = p.alloc("norm_eps", FP32 * rows)
-    p.free(mean)
-    r = p.alloc("norm_rsqrt", FP32 * rows)
-    p.free(eps)
-    y = p.alloc("norm_y", FP32 * rows * width)
-    p.free(r, f)
+    y, _ = rms_core(p, rows, width, keep_mean=False)
     cast = p.alloc("norm_bf16", BF16 * rows * width)
     p.free(y)
     if not weight:
@@ -44,14 +37,7 @@ def llama4_chunked_mask(p: Program, batch: int, tokens: int, kv: int) -> Tensor:
     and the causal bound; a [batch, 1, tokens, kv] bool."""
     c, b = tokens, batch
     pad = p.alloc("mask_padding", INT64 * b)
-    bar = p.alloc("mask_b", INT64 * b)
-    har = p.alloc("mask_h", INT64)
-    q0 = p.alloc("mask_q", INT64 * c)
-    qa = p.alloc("mask_q", INT64 * c)
-    p.free(q0)
-    k0 = p.alloc("mask_kv", INT64 * kv)
-    ka = p.alloc("mask_kv", INT64 * kv)
-    p.free(k0)
+    indices = mask_indices(p, b, c, kv)
     chunks = []
     for n in (kv, c):  # the keys' chunk indices, then the queries'
         i = p.alloc("mask_pad_index", INT64 * b)
@@ -66,7 +52,7 @@ def llama4_chunked_mask(p: Program, batch: int, tokens: int, kv: int) -> Tensor:
     le = p.alloc("mask_le", c * kv)
     m = p.alloc("mask", b * c * kv)
     p.free(le, same)
-    p.free(bar, har, qa, ka, pad)
+    p.free(*indices, pad)
     return m
 
 
@@ -154,23 +140,10 @@ def llama4_feed_forward(p: Program, arch: Architecture, quant: str, rows: int, n
     cached += expert_weights(p, quant, e * i * h)
     down = p.alloc("down", BF16 * e * rows * h)
     p.free(prod, gu)
-    shared = _gated(p, quant, rows, h, arch.shared_expert_intermediate_size, native_fp8)
+    shared = linear_mlp(p, quant, rows, h, arch.shared_expert_intermediate_size, native_fp8)
     p.free(p.alloc("experts_sum", BF16 * rows * h))
     p.free(scores, routed, down, *cached)
     return shared, [logits]
-
-
-def _gated(p: Program, quant: str, rows: int, h: int, i: int, native_fp8: bool) -> Tensor:
-    """A SiLU-gated MLP, down(act(gate(x)) * up(x)), with the activation freed once multiplied (Llama4TextMLP)."""
-    gate = linear(p, quant, rows, h, i, native_fp8)
-    act = p.alloc("act", BF16 * rows * i)
-    p.free(gate)
-    up = linear(p, quant, rows, h, i, native_fp8)
-    prod = p.alloc("act_up", BF16 * rows * i)
-    p.free(act, up)
-    down = linear(p, quant, rows, i, h, native_fp8)
-    p.free(prod)
-    return down
 
 
 # --- DeepSeek-V3 --------------------------------------------------------------------------------------
@@ -230,22 +203,9 @@ def latent_attention(p: Program, arch: Architecture, quant: str, batch: int, tok
 
 def _latent_sdpa(p: Program, arch: Architecture, batch: int, tokens: int, kv: int, masked: bool) -> Tensor:
     """sdpa_attention_forward on the expanded heads (queries and keys of nope + rope channels, values of
-    v_head_dim): without a mask flash-style (the output, an fp32 log-sum-exp); with one, its bf16 form per
-    sequence padded to 16 keys, then the output (a decode step's too: every key head is its query's)."""
-    from heavylift.defaults import SDPA_MASK_ALIGNMENT
-
-    m, nh, b, c = arch.latent, arch.num_heads, batch, tokens
-    out_bytes = BF16 * b * nh * c * m.value
-    if not masked:
-        out = p.alloc("attn", out_bytes)
-        p.free(p.alloc("lse", FP32 * b * nh * c))
-        return out
-    fm = p.alloc("mask_bf16", BF16 * b * c * kv)
-    padded = -(-kv // SDPA_MASK_ALIGNMENT) * SDPA_MASK_ALIGNMENT
-    pad = p.alloc("mask_pad", BF16 * b * c * padded) if kv % SDPA_MASK_ALIGNMENT else None
-    out = p.alloc("attn", out_bytes)
-    p.free(pad, fm)
-    return out
+    v_head_dim), through torch SDPA's kernel (a decode step's too: every key head is its query's)."""
+    nh = arch.num_heads
+    return sdpa_kernel(p, batch, tokens, nh, kv, BF16 * batch * nh * tokens * arch.latent.value, masked)
 
 
 def deepseek_router(p: Program, arch: Architecture, rows: int) -> list[Tensor]:
@@ -300,8 +260,7 @@ def gpt_oss_eager(p: Program, arch: Architecture, batch: int, tokens: int, kv: i
     b, c, nh, d = batch, tokens, arch.num_heads, arch.head_dim
     scores = BF16 * b * nh * c * kv
     sinked = BF16 * b * nh * c * (kv + 1)
-    reps = [p.alloc("k_rep", BF16 * b * nh * kv * d), p.alloc("v_rep", BF16 * b * nh * kv * d)] \
-        if arch.num_heads != arch.num_kv_heads else []
+    reps = repeated_kv(p, arch, b, kv)
     w = p.alloc("scores", scores)
     scaled = p.alloc("scaled", scores)
     p.free(w)
@@ -314,10 +273,7 @@ def gpt_oss_eager(p: Program, arch: Architecture, batch: int, tokens: int, kv: i
     p.free(top, cat)
     probs = p.alloc("probs", sinked)
     p.free(masked)
-    out = p.alloc("attn", BF16 * b * nh * c * d)
-    if c > 1:  # transpose(1, 2).contiguous() copies unless the token dimension is 1
-        av, out = out, p.alloc("attn_t", BF16 * b * nh * c * d)
-        p.free(av)
+    out = eager_output(p, b, c, nh, d)
     p.free(*reps, shifted)
     return out, probs
 
@@ -334,15 +290,7 @@ def gpt_oss_experts(p: Program, arch: Architecture, quant: str, rows: int) -> tu
     top_i = p.alloc("topk", INT64 * rows * k)
     scores = p.alloc("router_scores", BF16 * rows * k)
     p.free(top_v)
-    ids = p.alloc("sorted", INT64 * s)
-    perm = p.alloc("perm", INT64 * s)
-    tok = p.alloc("token", INT64 * s)
-    sel = p.alloc("gathered", BF16 * s * h)
-    p.free(tok)
-    sw = p.alloc("weights", BF16 * s)
-    hi = p.alloc("hist_in", FP32 * s)
-    hist = p.alloc("hist", FP32 * e)
-    offs = p.alloc("offsets", FP32 * e)
+    routing = expert_routing(p, s, h, e, BF16)
     bias = p.alloc("gate_up_bias", BF16 * s * 2 * i)
     cached = expert_weights(p, quant, e * h * 2 * i)
     gu = p.alloc("gate_up", BF16 * s * 2 * i)
@@ -361,11 +309,7 @@ def gpt_oss_experts(p: Program, arch: Architecture, quant: str, rows: int) -> tu
     down = p.alloc("down", BF16 * s * h)
     p.free(gated)
     wo = p.alloc("weighted", BF16 * s * h)
-    inv = p.alloc("inv_perm", INT64 * s)
-    p.free(p.alloc("arange", INT64 * s))
-    wo2 = p.alloc("weighted", BF16 * s * h)
-    p.free(wo)
-    total = p.alloc("sum", BF16 * rows * h)
-    p.free(ids, perm, sel, sw, hi, hist, offs, down_bias, down, wo2, inv, *cached)
+    total, held = expert_unsort_sum(p, wo, rows, s, h, BF16)
+    p.free(*routing, down_bias, down, *held, *cached)
     p.free(logits, top_i)
     return total, scores

@@ -15,9 +15,10 @@ from typing import Sequence
 
 from .allocator import Program, Tensor
 from heavylift.model.architecture import FAMILIES, Architecture
-from heavylift.defaults import SDPA_MASK_ALIGNMENT
 from heavylift.model.prequantized import keeps_stored
-from .matmul_programs import BF16, FP32, INT32, INT64, KEPT_BLOCK_FP8, expert_weights, linear
+from .matmul_programs import BF16, FP32, INT64, KEPT_BLOCK_FP8, expert_weights, linear
+from .shared_programs import eager_output, expert_routing, expert_unsort_sum, linear_mlp, mask_indices, \
+    repeated_kv, rms_core, sdpa_kernel
 
 
 @dataclass(frozen=True)
@@ -32,10 +33,6 @@ class Step:
     @property
     def rows(self) -> int:
         return self.batch * self.tokens
-
-
-def _ceil(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 # --- transformers' forward ----------------------------------------------------------------------------
@@ -61,30 +58,13 @@ def _rms_norm(p: Program, family: str, rows: int, hidden: int) -> Tensor:
 
         return llama4_norm(p, rows, hidden)
     if family == "gpt_oss":  # GptOssRMSNorm: the weight multiplies in fp32, then the cast
-        f = p.alloc("norm_fp32", FP32 * rows * hidden)
-        sq = p.alloc("norm_pow", FP32 * rows * hidden)
-        mean = p.alloc("norm_mean", FP32 * rows)
-        p.free(sq)
-        eps = p.alloc("norm_eps", FP32 * rows)
-        r = p.alloc("norm_rsqrt", FP32 * rows)
-        p.free(eps)
-        y = p.alloc("norm_y", FP32 * rows * hidden)
-        p.free(r, f)
+        y, mean = rms_core(p, rows, hidden, keep_mean=True)
         w = p.alloc("norm_w", FP32 * rows * hidden)
         out = p.alloc("normed", BF16 * rows * hidden)
         p.free(w, y, mean)
         return out
-    f = p.alloc("norm_fp32", FP32 * rows * hidden)
-    sq = p.alloc("norm_pow", FP32 * rows * hidden)
-    mean = p.alloc("norm_mean", FP32 * rows)
-    p.free(sq)
-    eps = p.alloc("norm_eps", FP32 * rows)
     if family in GEMMA_NORMS:
-        p.free(mean)
-        r = p.alloc("norm_rsqrt", FP32 * rows)
-        p.free(eps)
-        y = p.alloc("norm_y", FP32 * rows * hidden)
-        p.free(r, f)
+        y, _ = rms_core(p, rows, hidden, keep_mean=False)
         w1 = p.alloc("norm_w", FP32 * hidden)
         w2 = p.alloc("norm_1w", FP32 * hidden)
         p.free(w1)
@@ -93,10 +73,7 @@ def _rms_norm(p: Program, family: str, rows: int, hidden: int) -> Tensor:
         out = p.alloc("normed", BF16 * rows * hidden)
         p.free(z)
         return out
-    r = p.alloc("norm_rsqrt", FP32 * rows)
-    p.free(eps)
-    y = p.alloc("norm_y", FP32 * rows * hidden)
-    p.free(r, f)
+    y, mean = rms_core(p, rows, hidden, keep_mean=True)
     x0 = p.alloc("norm_bf16", BF16 * rows * hidden)
     out = p.alloc("normed", BF16 * rows * hidden)
     p.free(x0, y, mean)
@@ -147,14 +124,7 @@ def _mask(p: Program, arch: Architecture, step: Step, window: int | None) -> Ten
         from .family_programs import llama4_chunked_mask
 
         return llama4_chunked_mask(p, b, c, kv)
-    bar = p.alloc("mask_b", INT64 * b)
-    har = p.alloc("mask_h", INT64)
-    q0 = p.alloc("mask_q", INT64 * c)
-    qa = p.alloc("mask_q", INT64 * c)
-    p.free(q0)
-    k0 = p.alloc("mask_kv", INT64 * kv)
-    ka = p.alloc("mask_kv", INT64 * kv)
-    p.free(k0)
+    indices = mask_indices(p, b, c, kv)
     if window is None:
         m = p.alloc("mask", c * kv)
     else:
@@ -166,7 +136,7 @@ def _mask(p: Program, arch: Architecture, step: Step, window: int | None) -> Ten
         le = p.alloc("mask_le", c * kv)
         m = p.alloc("mask", c * kv)
         p.free(le, a1)
-    p.free(bar, har, qa, ka)
+    p.free(*indices)
     if eager:
         f = p.alloc("mask_additive", BF16 * b * c * kv)
         p.free(m)
@@ -255,17 +225,11 @@ def _sdpa(p: Program, arch: Architecture, step: Step, kv: int, masked: bool) -> 
     b, c, nh, d = step.batch, step.tokens, arch.num_heads, arch.head_dim
     out_bytes = BF16 * b * nh * c * d
     if not masked:
-        out = p.alloc("attn", out_bytes)
-        lse = p.alloc("lse", FP32 * b * nh * c)
-        p.free(lse)
-        return out
+        return sdpa_kernel(p, b, c, nh, kv, out_bytes, False)
     reps = []
     if arch.num_heads != arch.num_kv_heads and c > 1:
         reps = [p.alloc("k_rep", BF16 * b * nh * kv * d), p.alloc("v_rep", BF16 * b * nh * kv * d)]
-    fm = p.alloc("mask_bf16", BF16 * b * c * kv)
-    pad = p.alloc("mask_pad", BF16 * b * c * _ceil(kv, SDPA_MASK_ALIGNMENT)) if kv % SDPA_MASK_ALIGNMENT else None
-    out = p.alloc("attn", out_bytes)
-    p.free(pad, fm)
+    out = sdpa_kernel(p, b, c, nh, kv, out_bytes, True)
     if c == 1 and arch.num_heads != arch.num_kv_heads:  # packed heads come back strided: reshape copies
         flat = p.alloc("attn", out_bytes)
         p.free(out)
@@ -280,8 +244,7 @@ def _eager(p: Program, arch: Architecture, step: Step, kv: int) -> tuple[Tensor,
     decoder layer returns), the weighted values and their transposed copy."""
     b, c, nh, d = step.batch, step.tokens, arch.num_heads, arch.head_dim
     scores = BF16 * b * nh * c * kv
-    reps = [p.alloc("k_rep", BF16 * b * nh * kv * d), p.alloc("v_rep", BF16 * b * nh * kv * d)] \
-        if arch.num_heads != arch.num_kv_heads else []
+    reps = repeated_kv(p, arch, b, kv)
     # matmul folds [b, heads] into bmm's batch: the query, a transposed view of q_proj's output, copies
     # unless one of the two is 1.
     q_copy = p.alloc("q_bmm", BF16 * b * nh * c * d) if b > 1 and c > 1 else None
@@ -298,10 +261,7 @@ def _eager(p: Program, arch: Architecture, step: Step, kv: int) -> tuple[Tensor,
     p.free(upcast)
     probs = p.alloc("probs", scores)
     p.free(sm, w)
-    out = p.alloc("attn", BF16 * b * nh * c * d)
-    if c > 1:  # transpose(1, 2).contiguous() copies unless the token dimension is 1
-        av, out = out, p.alloc("attn_t", BF16 * b * nh * c * d)
-        p.free(av)
+    out = eager_output(p, b, c, nh, d)
     p.free(*reps)
     return out, probs
 
@@ -354,25 +314,20 @@ def _attention(p: Program, arch: Architecture, quant: str, step: Step, layer: in
         v = None  # a view of qkv
     elif arch.model_type in QK_NORMED:
         q, k, v = QK_NORMED[arch.model_type](p, arch, quant, rows, native_fp8)
-    elif arch.model_type == "gpt_oss":
-        from .family_programs import halves_rope
-
-        q0 = linear(p, quant, rows, h, nh * d, native_fp8)
-        k0 = linear(p, quant, rows, h, nkv * d, native_fp8)
-        v = linear(p, quant, rows, h, nkv * d, native_fp8)
-        q = halves_rope(p, BF16 * rows * nh * d, difference_first=True)
-        k = halves_rope(p, BF16 * rows * nkv * d, difference_first=True)
-        p.free(q0, k0)
     elif arch.model_type == "llama4_text":
         from .family_programs import llama4_projections
 
         q, k, v, held = llama4_projections(p, arch, quant, rows, c, layer, native_fp8)
     else:
+        from .family_programs import halves_rope
+
+        rope = (lambda n: halves_rope(p, n, difference_first=True)) if arch.model_type == "gpt_oss" \
+            else (lambda n: _rope(p, n, False))
         q0 = linear(p, quant, rows, h, nh * d, native_fp8)
         k0 = linear(p, quant, rows, h, nkv * d, native_fp8)
         v = linear(p, quant, rows, h, nkv * d, native_fp8)
-        q = _rope(p, BF16 * rows * nh * d, False)
-        k = _rope(p, BF16 * rows * nkv * d, False)
+        q = rope(BF16 * rows * nh * d)
+        k = rope(BF16 * rows * nkv * d)
         p.free(q0, k0)
     kv, kept = _cache_update(p, arch, step, window, k, v)
     mask = masks.get(window)
@@ -437,21 +392,7 @@ def _mlp(p: Program, arch: Architecture, quant: str, rows: int, x: Tensor, nativ
         down = linear(p, quant, rows, i, h, native_fp8)
         p.free(prod, gu)
         return down
-    return gated_mlp(p, rows, h, i, lambda k, n: linear(p, quant, rows, k, n, native_fp8))
-
-
-def gated_mlp(p: Program, rows: int, h: int, i: int, project) -> Tensor:
-    """down(act(gate(x)) * up(x)) with separate projections, `project(k, n)` allocating one of them: the
-    activation outlives the gate, the product the activation and up (transformers' MLPs, the engine's prefill)."""
-    gate = project(h, i)
-    act = p.alloc("act", BF16 * rows * i)
-    p.free(gate)
-    up = project(h, i)
-    prod = p.alloc("act_up", BF16 * rows * i)
-    p.free(act, up)
-    down = project(i, h)
-    p.free(prod)
-    return down
+    return linear_mlp(p, quant, rows, h, i, native_fp8)
 
 
 def _moe(p: Program, arch: Architecture, quant: str, rows: int, native_fp8: bool) -> Tensor:
@@ -463,8 +404,7 @@ def _moe(p: Program, arch: Architecture, quant: str, rows: int, native_fp8: bool
 
         kept = deepseek_router(p, arch, rows)
         routed = grouped_experts(p, arch, quant, rows, FP32)
-        shared = gated_mlp(p, rows, arch.hidden_size, arch.shared_expert_intermediate_size,
-                           lambda k, n: linear(p, quant, rows, k, n, native_fp8))
+        shared = linear_mlp(p, quant, rows, arch.hidden_size, arch.shared_expert_intermediate_size, native_fp8)
         out = p.alloc("moe", BF16 * rows * arch.hidden_size)
         p.free(shared, routed, *kept)
         return out
@@ -505,15 +445,7 @@ def grouped_experts(p: Program, arch: Architecture, quant: str, rows: int, weigh
     s = rows * k
     kept_fp8 = quant == KEPT_BLOCK_FP8
     out_bytes = BF16 if kept_fp8 else max(BF16, weight_bytes)  # bf16 activations times the weights
-    ids = p.alloc("sorted", INT64 * s)
-    perm = p.alloc("perm", INT64 * s)
-    tok = p.alloc("token", INT64 * s)
-    sel = p.alloc("gathered", BF16 * s * h)
-    p.free(tok)
-    sw = p.alloc("weights", weight_bytes * s)
-    hi = p.alloc("hist_in", INT32 * s)
-    hist = p.alloc("hist", INT32 * e)
-    offs = p.alloc("offsets", INT32 * e)
+    routing = expert_routing(p, s, h, e, weight_bytes)
     cached = expert_weights(p, quant, e * 2 * i * h)
     gu = p.alloc("gate_up", BF16 * s * 2 * i)
     act = p.alloc("act", BF16 * s * i)
@@ -525,17 +457,12 @@ def grouped_experts(p: Program, arch: Architecture, quant: str, rows: int, weigh
     cast = p.alloc("weights_bf16", BF16 * s) if kept_fp8 and weight_bytes != BF16 else None
     wo = p.alloc("weighted", out_bytes * s * h)
     p.free(cast)
-    inv = p.alloc("inv_perm", INT64 * s)
-    ar = p.alloc("arange", INT64 * s)
-    p.free(ar)
-    wo2 = p.alloc("weighted", out_bytes * s * h)
-    p.free(wo)
-    total = p.alloc("sum", out_bytes * rows * h)
+    total, held = expert_unsort_sum(p, wo, rows, s, h, out_bytes)
     if out_bytes == BF16:
-        p.free(ids, perm, sel, sw, hi, hist, offs, down, wo2, inv, *cached)
+        p.free(*routing, down, *held, *cached)
         return total
     out = p.alloc("moe", BF16 * rows * h)
-    p.free(ids, perm, sel, sw, hi, hist, offs, down, wo2, inv, total, *cached)
+    p.free(*routing, down, *held, total, *cached)
     return out
 
 

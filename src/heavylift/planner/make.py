@@ -22,7 +22,7 @@ def make_plan(model: str, arch: Architecture, devices: Sequence[Device], work: W
     the most faithful scheme that fits. `engines` gives a scheme's runtime where it differs from the
     workload's (runtimes.planned_runtime per precision)."""
     devices = tuple(devices)
-    layouts = {q: layout(arch, q) for q in quants}
+    layouts = {q: layout(arch, q, work.adapter) for q in quants}
     works = {q: replace(work, engine=(engines or {}).get(q, work.engine)) for q in quants}
     plans = {q: lay.plan(devices, works[q]) for q, lay in layouts.items()}
     native_fp8 = all(d.native_fp8 for d in devices)

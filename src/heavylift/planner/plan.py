@@ -14,11 +14,12 @@ from heavylift.model.prequantized import keeps_stored
 from heavylift.defaults import MAX_BATCH, MAX_CONTEXT_TOKENS, PCIE_BANDWIDTH_BYTES_S
 from heavylift.errors import InvalidArgumentError
 from heavylift.hardware.gpus import Device
-from .memory import ENGINES, TRANSFORMERS, RuntimeTerms, kv_cache_bytes, runtime_terms
+from .memory import ENGINES, TRANSFORMERS, RuntimeTerms, kv_cache_bytes, prefill_chunk, runtime_terms
 from .contract import plan_to_json
 from .placement import Costs, Split, balance, fill_with_offload
 from heavylift.schemes import KV_DTYPES, SCHEMES, Scheme
 from .forward_program import Part
+from .lora import Adapter
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class Workload:
     # A server of `batch` sequences (`heavylift serve`) instead of one run of them: the plan counts what the
     # server holds (memory.py's serve phases), and each SchemePlan how many sequences it can serve.
     serve: bool = False
+    # A LoRA adapter over the base (run/serve --adapter): its weights join their layers' and its forward's
+    # transients the devices' (lora.py); None without one.
+    adapter: Adapter | None = None
 
     def __post_init__(self) -> None:
         for name, most in (("context", MAX_CONTEXT_TOKENS), ("batch", MAX_BATCH)):
@@ -47,6 +51,8 @@ class Workload:
             raise InvalidArgumentError("--reserve must not be negative")
         if not isinstance(self.serve, bool):
             raise InvalidArgumentError(f"serve must be True or False, not {self.serve!r}")
+        if self.adapter is not None and not isinstance(self.adapter, Adapter):
+            raise InvalidArgumentError(f"adapter must be a planner.lora.Adapter, not {type(self.adapter).__name__}")
         if self.engine not in ENGINES:
             raise InvalidArgumentError(f"the plan's engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
 
@@ -60,6 +66,7 @@ class DevicePlan:
     activation_bytes: int
     overhead_bytes: int
     capacity_bytes: int  # memory the plan may fill: the device's memory less the reserve
+    adapter_bytes: int = 0  # the LoRA adapter's weights on this device, part of weights_bytes
 
     @property
     def total_bytes(self) -> int:
@@ -68,6 +75,13 @@ class DevicePlan:
     @property
     def free_bytes(self) -> int:
         return self.capacity_bytes - self.total_bytes
+
+
+def tightest(per_device: Sequence[DevicePlan]):
+    """The device plan with the fewest bytes free among those holding layers (all of them when none does): the
+    one advice speaks of. Any device plan with `layers` and `free_bytes` (a training plan's too)."""
+    used = [d for d in per_device if d.layers] or list(per_device)
+    return min(used, key=lambda d: d.free_bytes)
 
 
 @dataclass(frozen=True)
@@ -116,17 +130,17 @@ class SchemePlan:
 
     @property
     def tightest(self) -> DevicePlan:
-        used = [d for d in self.per_device if d.layers] or list(self.per_device)
-        return min(used, key=lambda d: d.free_bytes)
+        return tightest(self.per_device)
 
 
 class Layout:
     """Byte counts of one architecture under one scheme, computed once and reused by every search."""
 
-    def __init__(self, arch: Architecture, scheme: Scheme):
-        self.arch, self.scheme = arch, scheme
+    def __init__(self, arch: Architecture, scheme: Scheme, adapter: Adapter | None = None):
+        self.arch, self.scheme, self.adapter = arch, scheme, adapter
         stored = keeps_stored(arch.prequantized, scheme.name)
-        self.layer_weights = _layer_weights(arch, scheme, stored)
+        self.layer_adapter = tuple(adapter.layer_bytes(i) if adapter else 0 for i in range(arch.num_layers))
+        self.layer_weights = tuple(w + a for w, a in zip(_layer_weights(arch, scheme, stored), self.layer_adapter))
         by_role = {r: scheme.weights_bytes((t for t in arch.global_tensors() if t.role == r), stored) for r in Role}
         self.embedding = by_role[Role.EMBEDDING]
         self.head = by_role[Role.NORM] + by_role[Role.LM_HEAD]
@@ -136,8 +150,15 @@ class Layout:
         return kv_cache_bytes(self.arch, layers, work.context, work.batch, KV_DTYPES[work.kv_dtype], work.engine)
 
     def terms(self, device: Device, work: Workload, part: Part, every_layer: bool = False) -> RuntimeTerms:
-        return runtime_terms(self.arch, self.scheme.name, work.engine, work.context, work.batch,
-                             KV_DTYPES[work.kv_dtype], device, part, every_layer, work.serve)
+        """The runtime terms of `part` on `device`, with what the adapter's LoRA forwards add to its transients
+        (transformers runs an adapted model; the largest forward is a prefill chunk, of one sequence when
+        serving)."""
+        t = runtime_terms(self.arch, self.scheme.name, work.engine, work.context, work.batch,
+                          KV_DTYPES[work.kv_dtype], device, part, every_layer, work.serve)
+        if self.adapter is None or work.engine != TRANSFORMERS:
+            return t
+        rows = (1 if work.serve else work.batch) * prefill_chunk(work.context)
+        return replace(t, transient_bytes=t.transient_bytes + self.adapter.transient_bytes(part.layers, rows))
 
     def costs(self, devices: Sequence[Device], work: Workload) -> tuple[Costs, tuple[int, ...]]:
         """Bytes per layer (weights + KV), with the embeddings and the head, and each device's fixed cost.
@@ -206,7 +227,8 @@ class Layout:
         weights = (sum(self.layer_weights[i] for i in run) + (self.embedding if has_first else 0)
                    + (self.head if has_last else 0))
         t = self.terms(device, work, Part(run, has_first, has_last), every_layer=True)
-        return DevicePlan(device, run, weights, t.kv_cache_bytes, t.transient_bytes, t.overhead_bytes, capacity)
+        return DevicePlan(device, run, weights, t.kv_cache_bytes, t.transient_bytes, t.overhead_bytes, capacity,
+                          sum(self.layer_adapter[i] for i in run))
 
     def plan(self, devices: Sequence[Device], work: Workload) -> SchemePlan:
         split, capacities = self.split(devices, work)
@@ -285,6 +307,6 @@ def _layer_weights(arch: Architecture, scheme: Scheme, as_stored: bool = False) 
     return tuple(out)
 
 
-def layout(arch: Architecture, quant: str) -> Layout:
-    """The Layout of `arch` in the precision named `quant`."""
-    return Layout(arch, SCHEMES[quant])
+def layout(arch: Architecture, quant: str, adapter: Adapter | None = None) -> Layout:
+    """The Layout of `arch` in the precision named `quant`, with `adapter`'s weights where one is given."""
+    return Layout(arch, SCHEMES[quant], adapter)

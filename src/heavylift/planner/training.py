@@ -34,17 +34,20 @@ from heavylift.model.architecture import QUANTIZABLE_ROLES, Architecture, Role
 from heavylift.schemes import SCHEMES, Scheme, allocated_bytes
 from .memory import cublas_workspace_bytes
 from .placement import Costs, balance
+from .plan import tightest
 from . import training_memory as tm
 
 ALL_LINEAR = "all-linear"  # every projection of the layer: peft's "all-linear" on these families
 PAGED_ADAMW_8BIT, ADAMW = "paged-adamw-8bit", "adamw"
 OPTIMIZERS = (PAGED_ADAMW_8BIT, ADAMW)
+# QLoRA trains over a base bitsandbytes stores in 4 bits: the precisions --quant takes for training.
+TRAINABLE_QUANTS = tuple(name for name, s in SCHEMES.items() if s.four_bit)
 # The families whose training step is counted (training_memory.py): one decoder layer layout, measured.
 TRAIN_FAMILIES = ("llama", "mistral", "qwen2")
 # The peak moments a device plan names (TrainingDevicePlan.peak).
 PEAK_FORWARD, PEAK_LOSS, PEAK_BACKWARD, PEAK_OPTIMIZER = "forward", "loss", "backward", "optimizer"
 # The allocator setting of the recipe: without expandable segments, freed gigabyte-sized logits blocks fragment
-# the cache by up to twice their size (defaults.TRAIN_ALLOCATOR_SLACK_BYTES).
+# the cache by up to twice their size (defaults.TRAIN_FRAGMENTED_SLACK_BYTES).
 TRAIN_ALLOC_CONF = "expandable_segments:True"
 # A training step runs the forward on the caller's thread and the backward on autograd's device thread:
 # cuBLAS keeps a workspace per thread's handle and stream, so a device holds two.
@@ -113,19 +116,26 @@ class Training:
         return tm.Step(self.seq_len, self.micro_batch, self.targets, self.lora_r, self.lora_dropout > 0)
 
 
+def check_trainable_quant(quant: str) -> None:
+    """Refuse, in one line, a base precision QLoRA does not train over."""
+    if not isinstance(quant, str) or quant not in TRAINABLE_QUANTS:
+        raise InvalidArgumentError(f"QLoRA trains over a 4-bit base: --quant must be one of "
+                                   f"{', '.join(TRAINABLE_QUANTS)}, not {quant}")
+
+
 def check_trainable(arch: Architecture, scheme: Scheme, training: Training) -> None:
-    """Refuse, in one line, a model or a workload this plan cannot count or the model cannot take."""
+    """Refuse, in one line, a model or a workload this plan cannot count or the model cannot take. The lines
+    name no command: `heavylift plan --train` and `heavylift finetune` both show them."""
+    families = ", ".join(TRAIN_FAMILIES)
     if arch.num_experts:
         raise UnsupportedArchitectureError(
-            f"--train plans dense models; {arch.model_type} is a mixture of experts, whose expert adapters and "
-            f"routing it does not count; --train plans {', '.join(TRAIN_FAMILIES)}")
+            f"the training plan counts dense {families} models; {arch.model_type} is a mixture of experts, whose "
+            f"expert adapters and routing it does not count: pick a dense {families} model")
     if arch.model_type not in TRAIN_FAMILIES:
         raise UnsupportedArchitectureError(
-            f"--train plans {', '.join(TRAIN_FAMILIES)} models, not {arch.model_type}; plan its inference "
-            "without --train")
-    if not scheme.four_bit:
-        raise InvalidArgumentError(f"--train plans QLoRA on a 4-bit base: --quant must be one of "
-                                   f"{', '.join(q for q, s in SCHEMES.items() if s.four_bit)}, not {scheme.name}")
+            f"the training plan counts {families} models, not {arch.model_type}: pick one of those to train "
+            "(`heavylift plan` without --train plans its inference)")
+    check_trainable_quant(scheme.name)
     limit = arch.max_position_embeddings
     if limit and training.seq_len > limit:
         raise InvalidArgumentError(f"--seq-len {training.seq_len:,} is longer than the {limit:,} positions "
@@ -133,8 +143,8 @@ def check_trainable(arch: Architecture, scheme: Scheme, training: Training) -> N
     windows = [w for w in arch.layer_windows if w is not None and w < training.seq_len]
     if windows:
         raise InvalidArgumentError(f"--seq-len {training.seq_len:,} is longer than the model's {min(windows):,}-token "
-                                   f"sliding window, whose attention mask --train does not count; pass --seq-len "
-                                   f"{min(windows)} or less")
+                                   f"sliding window, whose attention mask the training plan does not count; "
+                                   f"pass --seq-len {min(windows)} or less")
     widest = min(min(tm.projection_shapes(arch)[t]) for t in training.targets)
     if training.lora_r > widest:
         raise InvalidArgumentError(f"--lora-r {training.lora_r} is wider than the {widest:,} features of the "
@@ -185,15 +195,11 @@ class TrainingPlan:
 
     @property
     def tightest(self) -> TrainingDevicePlan:
-        used = [d for d in self.per_device if d.layers] or list(self.per_device)
-        return min(used, key=lambda d: d.free_bytes)
-
-    def _sum(self, name: str) -> int:
-        return sum(getattr(d, name) for d in self.per_device)
+        return tightest(self.per_device)
 
     @property
     def total_bytes(self) -> int:
-        return self._sum("total_bytes")
+        return sum(d.total_bytes for d in self.per_device)
 
     @cached_property
     def _json(self) -> dict:
@@ -221,6 +227,8 @@ class TrainingLayout:
         check_trainable(arch, scheme, training)
         self.arch, self.scheme, self.training = arch, scheme, training
         self.step = replace(training.step, double_quant=scheme.double_quant)
+        # the head's and the loss's saved tensors with the loss's backward buffers: the last device's loss peak
+        self.loss = tm.total(tm.head_saved(arch, self.step) + tm.loss_backward(arch, self.step))
         self.layer_weights = tuple(self._layer_weights(i) for i in range(arch.num_layers))
         fp32 = {r: sum(allocated_bytes(t.numel * tm.FP32) for t in arch.global_tensors() if t.role == r) for r in Role}
         self.embedding = fp32[Role.EMBEDDING]
@@ -267,8 +275,7 @@ class TrainingLayout:
             moments.append(_Peak(forward + (tm.embeddings_output_bytes(arch, step) if first else 0), 0, 0,
                                  PEAK_FORWARD))
         if last:
-            moments.append(_Peak(held, tm.total(tm.head_saved(arch, step) + tm.loss_backward(arch, step)), 0,
-                                 PEAK_LOSS))
+            moments.append(_Peak(held, self.loss, 0, PEAK_LOSS))
         if self.training.optimizer == ADAMW:
             moments.append(_Peak(0, 0, tm.adamw_step_bytes(self.adapter_sizes) * len(run), PEAK_OPTIMIZER))
         return max(moments, key=lambda m: m.activation_bytes + m.logits_bytes + m.extra_optimizer_bytes)
@@ -313,10 +320,9 @@ class TrainingLayout:
         backward = tm.layer_backward_bytes(arch, step, gc, cuda)
         if not gc:
             backward = max(backward, tm.mlp_forward_bytes(arch, step, cuda) + tm.embeddings_output_bytes(arch, step))
-        loss = tm.total(tm.head_saved(arch, step) + tm.loss_backward(arch, step))
         fixed = tuple(self.overhead(d, 0) + backward + tm.total(tm.rope_saved(arch, step)) for d in devices)
         capacities = tuple(d.memory_bytes - reserve_bytes for d in devices)
-        return Costs(per_layer, self.embedding, self.head + max(0, loss - backward), fixed), capacities
+        return Costs(per_layer, self.embedding, self.head + max(0, self.loss - backward), fixed), capacities
 
     def split(self, devices: Sequence[Device], reserve_bytes: int) -> tuple[tuple[range, ...], tuple[int, ...]]:
         costs, capacities = self.costs(devices, reserve_bytes)

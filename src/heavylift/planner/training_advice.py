@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import Callable, Sequence
 
 from heavylift.hardware.gpus import MAX_GPU_COUNT, Device, parse_gpu_spec
-from .advice import context_grid, gb, gpu_spec_item
+from .advice import context_grid, does_not_fit_line, gb, gpu_spec_item
 from .training import TrainingLayout, TrainingPlan
 
 
@@ -70,15 +70,15 @@ def _accumulation(planned: int, fitting: int) -> int:
 def advise_training(lay: TrainingLayout, plan: TrainingPlan) -> tuple[str, ...]:
     devices, reserve, work = plan.devices, plan.reserve_bytes, plan.training
     tight = plan.tightest
-    name = f"{tight.device.name} (#{tight.device.index})"
     if plan.fits:
-        out = [f"fits: {gb(tight.free_bytes)} left on the fullest device ({name})"]
+        out = [f"fits: {gb(tight.free_bytes)} left on the fullest device ({tight.device.name} "
+               f"(#{tight.device.index}))"]
         if work.grad_checkpointing:
             spare = _variant(lay, grad_checkpointing=False).margin(devices, reserve)
             if spare >= 0:
                 out.append(f"--no-grad-checkpointing also fits, with {gb(spare)} to spare: no layer runs twice")
         return tuple(out)
-    out = [f"does not fit: {name} is {gb(-tight.free_bytes)} over its {gb(tight.capacity_bytes)}"]
+    out = [does_not_fit_line(tight)]
     if not work.grad_checkpointing:
         spare = _variant(lay, grad_checkpointing=True).margin(devices, reserve)
         if spare >= 0:

@@ -17,6 +17,7 @@ from heavylift.errors import CheckpointError, OffloadError, OutOfMemoryError
 from heavylift.model.families import WRAPPED_PREFIX
 from heavylift.model.prequantized import BLOCK_FP8, Prequantized, keeps_stored
 from heavylift.planner.plan import SchemePlan
+from heavylift.planner.training import TrainingPlan
 from heavylift.schemes import SCHEMES
 from .devices import runtime_device
 from .progress import load_progress
@@ -36,15 +37,16 @@ class Placement:
     offloaded: frozenset[str]  # modules the plan itself leaves in CPU RAM (--allow-offload)
 
 
-def placement_from_plan(arch: Architecture, scheme: SchemePlan) -> Placement:
-    """One device-map entry per module, so transformers' prefix matching cannot mix up layer 1 and 10."""
+def placement_from_plan(arch: Architecture, scheme: SchemePlan | TrainingPlan) -> Placement:
+    """One device-map entry per module, so transformers' prefix matching cannot mix up layer 1 and 10: the
+    layers where an inference plan's scheme or a training plan puts them (a training plan offloads none)."""
     modules: dict[str, str] = {}
     owner = {}
     for d in scheme.per_device:
         for i in d.layers:
             owner[i] = runtime_device(d.device.index)
     offloaded = set()
-    if scheme.offload:
+    if getattr(scheme, "offload", None):
         for i in scheme.offload.layers:
             owner[i] = CPU
             offloaded.add(f"model.layers.{i}")

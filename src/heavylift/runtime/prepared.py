@@ -100,10 +100,11 @@ class Prepared:
         check_against(self.source.architecture, checkpoint, str(folder))
         return folder
 
-    def load_weights(self) -> LoadedWeights:
-        """Read the weights exactly as planned, and check they landed where the plan put them."""
+    def load_weights(self, placement: loader.Placement | None = None) -> LoadedWeights:
+        """Read the weights exactly as planned, and check they landed where the plan put them. `placement`: the
+        layers' devices where another plan splits them (a training plan), in this plan's precision."""
         folder, arch, scheme = self._weights_folder(), self.source.architecture, self.scheme
-        placement = loader.placement_from_plan(arch, scheme)
+        placement = placement or loader.placement_from_plan(arch, scheme)
         attention = loader.attention_implementation(arch)
         devices = self.plan.devices
         native_fp8 = torch.cuda.is_available() and all(d.native_fp8 for d in devices)

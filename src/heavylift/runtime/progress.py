@@ -16,7 +16,7 @@ import torch
 
 
 @contextmanager
-def _transformers_bars_off() -> Iterator[None]:
+def transformers_bars_off() -> Iterator[None]:
     from transformers.utils import logging as hf_logging
 
     was_on = hf_logging.is_progress_bar_enabled()
@@ -32,7 +32,7 @@ def _transformers_bars_off() -> Iterator[None]:
 def load_progress(label: str) -> Iterator[None]:
     """Show `label` and a bar of parameters placed while the body loads a model (on a terminal only);
     transformers' own bars stay off either way."""
-    with _transformers_bars_off():
+    with transformers_bars_off():
         if not sys.stderr.isatty():
             yield
             return
