@@ -37,10 +37,11 @@ UNQUANTIZED_BYTES = 2  # bf16 / fp16
 DENSE = "dense"  # bf16 / fp16 as loaded
 ROWWISE8 = "rowwise8"  # one byte per weight and one float32 scale per output row (LLM.int8, torchao FP8)
 BNB_4BIT = "bnb-4bit"  # bitsandbytes' packed 4-bit codes and blockwise absmax
-# The heavylift engine streams weights through its Triton GEMV kernels for up to this many tokens a step;
-# 4-bit weights for one (its 4-bit kernels decode one row of x); beyond, a step runs dequantized matmuls.
+# The heavylift engine streams weights through its Triton kernels for up to this many tokens a step: bf16
+# and FP8 through its GEMV and 16-row tensor-core tile, 4-bit and LLM.int8 weights through its mixed-input
+# GEMM (engine/batched.py, x's rows in one tile of up to 64); beyond, a step runs dequantized matmuls.
 ENGINE_GEMV_MAX_ROWS = 16
-ENGINE_GEMV_MAX_ROWS_4BIT = 1
+ENGINE_BATCHED_MAX_ROWS = 64
 
 
 def allocated_bytes(nbytes: int) -> int:
@@ -97,8 +98,8 @@ class Scheme:
 
     @property
     def engine_gemv_max_rows(self) -> int:
-        """Tokens per step the engine streams these weights through its GEMV kernels."""
-        return ENGINE_GEMV_MAX_ROWS_4BIT if self.four_bit else ENGINE_GEMV_MAX_ROWS
+        """Tokens per step the engine streams these weights through its own kernels."""
+        return ENGINE_BATCHED_MAX_ROWS if self.four_bit or self.code == "int8" else ENGINE_GEMV_MAX_ROWS
 
     def stored_bytes(self, numel: int, rows: int, quantized: bool = True) -> int:
         """Allocated bytes of one stored parameter of `numel` weights in `rows` output rows."""

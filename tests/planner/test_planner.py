@@ -243,8 +243,8 @@ def test_every_scheme_says_how_it_stores_and_runs():
     assert rowwise == {"fp8": 448.0, "int8": 127.0}
     assert [name for name, s in SCHEMES.items() if s.double_quant] == ["nf4-dq"]
     assert [name for name, s in SCHEMES.items() if not s.engine_runs] == ["fp16"]
-    assert {s.engine_gemv_max_rows for name, s in SCHEMES.items() if name in four_bit} == {1}
-    assert {s.engine_gemv_max_rows for name, s in SCHEMES.items() if name not in four_bit} == {16}
+    assert {name: s.engine_gemv_max_rows for name, s in SCHEMES.items()} == {
+        "bf16": 16, "fp16": 16, "fp8": 16, "int8": 64, "nf4": 64, "nf4-dq": 64, "fp4": 64}
 
 
 @pytest.mark.parametrize("model,engine", [("mixtral-8x7b", TRANSFORMERS), ("llama3.2-1b", FAST),

@@ -60,7 +60,7 @@ PDL = tl.constexpr(_pdl_enabled())
 
 
 @triton.jit
-def _pdl_enter():
+def pdl_enter():
     """Let the next kernel start launching, then wait until the previous kernel's writes are visible.
     Every kernel calls this before its first read of another kernel's output and its first write."""
     if PDL:
@@ -187,8 +187,10 @@ def _part_rows(x_ptr, x_stride, M, w_ptr, abs_ptr, abs2_ptr, offset, blk_base, b
 
 
 @triton.jit
-def _store_part(out_ptr, out_stride, res_ptr, M, acc, rows, n_rows, col0, HAS_RES: tl.constexpr,
-                BLOCK_M: tl.constexpr):
+def store_part(out_ptr, out_stride, res_ptr, M, acc, rows, n_rows, col0, HAS_RES: tl.constexpr,
+               BLOCK_M: tl.constexpr):
+    """acc's first M rows to columns col0 + rows of out in bf16, the residual added as the reference adds it
+    (batched.py's epilogue too)."""
     m = tl.arange(0, BLOCK_M)
     mask = (m < M)[:, None] & (rows < n_rows)[None, :]
     offs = m[:, None] * out_stride + col0 + rows[None, :]
@@ -208,7 +210,7 @@ def _linear_kernel(x_ptr, x_stride, out_ptr, out_stride, res_ptr, M, K,
                    LUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
                    EVEN_K: tl.constexpr):
     """y[:, parts] = x @ W_p^T (+ bias) (+ residual) for up to three weights side by side (q, k, v)."""
-    _pdl_enter()
+    pdl_enter()
     pid = tl.program_id(0)
     p0 = tl.cdiv(n0, BLOCK_N)
     p1 = tl.cdiv(n1, BLOCK_N)
@@ -216,17 +218,17 @@ def _linear_kernel(x_ptr, x_stride, out_ptr, out_stride, res_ptr, M, K,
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _part_rows(x_ptr, x_stride, M, w0, a0, s0, o0, g0, b0, code_ptr, code2_ptr, rows, K, KIND,
                          HAS_BIAS, BLOCK_M, BLOCK_N, NB, EVEN_K, LUT, n0)
-        _store_part(out_ptr, out_stride, res_ptr, M, acc, rows, n0, 0, HAS_RES, BLOCK_M)
+        store_part(out_ptr, out_stride, res_ptr, M, acc, rows, n0, 0, HAS_RES, BLOCK_M)
     elif PARTS > 1 and pid < p0 + p1:
         rows = (pid - p0) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _part_rows(x_ptr, x_stride, M, w1, a1, s1, o1, g1, b1, code_ptr, code2_ptr, rows, K, KIND,
                          HAS_BIAS, BLOCK_M, BLOCK_N, NB, EVEN_K, LUT, n1)
-        _store_part(out_ptr, out_stride, res_ptr, M, acc, rows, n1, n0, HAS_RES, BLOCK_M)
+        store_part(out_ptr, out_stride, res_ptr, M, acc, rows, n1, n0, HAS_RES, BLOCK_M)
     elif PARTS > 2:
         rows = (pid - p0 - p1) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _part_rows(x_ptr, x_stride, M, w2, a2, s2, o2, g2, b2, code_ptr, code2_ptr, rows, K, KIND,
                          HAS_BIAS, BLOCK_M, BLOCK_N, NB, EVEN_K, LUT, n2)
-        _store_part(out_ptr, out_stride, res_ptr, M, acc, rows, n2, n0 + n1, HAS_RES, BLOCK_M)
+        store_part(out_ptr, out_stride, res_ptr, M, acc, rows, n2, n0 + n1, HAS_RES, BLOCK_M)
 
 
 @triton.jit
@@ -235,7 +237,7 @@ def _glu_kernel(x_ptr, x_stride, out_ptr, out_stride, M, K,
                 code_ptr, code2_ptr, KIND: tl.constexpr, LUT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, EVEN_K: tl.constexpr):
     """act = silu(x @ gate^T) * (x @ up^T): both projections in one pass, the product in the epilogue."""
-    _pdl_enter()
+    pdl_enter()
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     g = _part_rows(x_ptr, x_stride, M, w0, a0, s0, o0, g0, w0, code_ptr, code2_ptr, rows, K, KIND,
                    False, BLOCK_M, BLOCK_N, NB, EVEN_K, LUT, n)
@@ -281,7 +283,7 @@ def _store_planes(out16_ptr, y, e, K, mask):
 def rmsnorm_kernel(x_ptr, w_ptr, out_ptr, out16_ptr, H, eps, BLOCK: tl.constexpr, OUT16: tl.constexpr):
     """out = bf16(x * rsqrt(mean(x^2) + eps)) * w, one row per program, as LlamaRMSNorm computes it;
     with OUT16 (one row) its fp16 planes too."""
-    _pdl_enter()
+    pdl_enter()
     row = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, BLOCK)
     mask = h < H
@@ -311,7 +313,7 @@ def rope_cache_kernel(qkv_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, slo
     With QK_NORM (Qwen 3), each query and key head is first RMS-normed over its D channels and scaled by
     q_norm's or k_norm's weight (qn_ptr, kn_ptr), rounded to bf16 as Qwen3RMSNorm does, then rotated.
     """
-    _pdl_enter()
+    pdl_enter()
     t = tl.program_id(0)
     head = tl.program_id(1)
     half = tl.arange(0, D // 2)
@@ -356,7 +358,7 @@ def decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, len_ptr, o_ptr, m_p
     (o, m, l) for `attention_combine_kernel`. The length is read on the device, so one captured
     graph serves every step.
     """
-    _pdl_enter()
+    pdl_enter()
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // HKV
@@ -399,7 +401,7 @@ def attention_combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, out16_ptr, SPLITS, K,
                              D: tl.constexpr, OUT16: tl.constexpr):
     """Second pass: merge the splits of one (sequence, query head) into its bf16 output; with OUT16 (one
     sequence, K = heads * D) the fp16 planes of the whole attention output too."""
-    _pdl_enter()
+    pdl_enter()
     row = tl.program_id(0).to(tl.int64)
     sp = tl.arange(0, BLOCK_SPLITS)
     sp_mask = sp < SPLITS

@@ -33,9 +33,22 @@ def _f16_bits(value: float) -> int:
     return struct.unpack("<H", struct.pack("<e", value))[0]
 
 
-def _code_bits(code: Sequence[float]) -> list[int]:
-    """The 16 code values as fp16 bit patterns."""
-    bits = [_f16_bits(float(v)) for v in code]
+def _bf16_bits(value: float) -> int:
+    """value rounded to bf16 (nearest, ties to even, through float32 as torch rounds), as its bit pattern."""
+    f32 = struct.unpack("<I", struct.pack("<f", value))[0]
+    return (f32 + 0x7FFF + (f32 >> 16 & 1)) >> 16 & 0xFFFF
+
+
+def _bf16(bits: int) -> float:
+    return struct.unpack("<f", struct.pack("<I", (bits & 0xFFFF) << 16))[0]
+
+
+HALVES = {"fp16": _f16_bits, "bf16": _bf16_bits}  # the 16-bit formats a table may hold its values in
+
+
+def _code_bits(code: Sequence[float], half: str = "fp16") -> list[int]:
+    """The 16 code values as fp16 (or bf16) bit patterns."""
+    bits = [HALVES[half](float(v)) for v in code]
     if len(bits) != 16:
         raise ValueError(f"a 4-bit code has 16 values, not {len(bits)}")
     return bits
@@ -46,9 +59,9 @@ def _signed(words: Iterable[int]) -> list[int]:
     return [w - (1 << 32) if w >= 1 << 31 else w for w in words]
 
 
-def table_words(code: Sequence[float]) -> tuple[list[int], list[int]]:
-    """The low-byte and high-byte words of the fp16 table, four entries per word."""
-    bits = _code_bits(code)
+def table_words(code: Sequence[float], half: str = "fp16") -> tuple[list[int], list[int]]:
+    """The low-byte and high-byte words of the fp16 (or bf16) table, four entries per word."""
+    bits = _code_bits(code, half)
     low = [sum((bits[4 * w + i] & 0xFF) << (8 * i) for i in range(4)) for w in range(4)]
     high = [sum((bits[4 * w + i] >> 8) << (8 * i) for i in range(4)) for w in range(4)]
     return low, high
@@ -97,6 +110,55 @@ def dot_program(code: Sequence[float]) -> list[tuple]:
             steps += [("prmt", "t", "ls", "hs", PAIR_SELECT_X[byte]),
                       ("hfma", "acc", "t", f"x{2 * half + byte}", None if first else "acc")]
     return steps + [("hsum", "s", "acc")]
+
+
+# prmt selectors pairing two bytes' looked-up values (ls, hs as _lookup_half leaves them): the first weights
+# (high nibbles) of bytes 2 half and 2 half + 1 in the low and high halves, then their second weights.
+FIRST_PAIR_SELECT, SECOND_PAIR_SELECT = 0x7351, 0x6240
+NEG_ZERO_PAIR = 0x80008000  # bf16x2 -0.0: the addend that makes fma a rounded multiply
+
+
+def scaled_pairs_program() -> list[tuple]:
+    """Four packed bytes to their eight weights in bf16, each times its byte's scale: the batched kernel's
+    decode (batched_tiles.py). The table words hold bf16 values (table_words(code, "bf16")).
+
+    Registers: q the four packed bytes; s0 the bf16 scales of bytes 0 and 1, s1 of bytes 2 and 3; outputs
+    f0, f1 the first weights (high nibbles) of bytes 0-1 and 2-3 as bf16 pairs, g0, g1 the second weights.
+    Per pair one fma.rn.bf16x2 with -0: the product rounded once. About seven instructions a byte.
+    """
+    steps = [("mov", "z", NEG_ZERO_PAIR), ("shl", "q4", "q", 4)]
+    for half in range(2):
+        steps += _lookup_half(half)
+        steps += [("prmt", "t", "ls", "hs", FIRST_PAIR_SELECT), ("bfma", f"f{half}", "t", f"s{half}", "z"),
+                  ("prmt", "t", "ls", "hs", SECOND_PAIR_SELECT), ("bfma", f"g{half}", "t", f"s{half}", "z")]
+    return steps
+
+
+def scaled_pairs_ptx() -> str:
+    """Inline PTX of `scaled_pairs_program` for `inline_asm_elementwise(pack=4)` with two bf16 outputs (two
+    registers each: $0-$1 the first weights, $2-$3 the second), then the packed bytes ($4), the bf16 scales
+    ($5-$6) and the eight int32 table words, four operands each ($7, $11, ... $35 hold them)."""
+    regs = {"f0": "$0", "f1": "$1", "g0": "$2", "g1": "$3", "q": "$4", "s0": "$5", "s1": "$6"}
+    regs |= {f"{t}{i}": f"${7 + 4 * (4 * k + i)}" for k, t in enumerate("lh") for i in range(4)}
+    return _render(scaled_pairs_program(), regs, ["z, q4, c, x, y, m, ls, hs, t", "lo, hi"])
+
+
+def emulate_scaled_pairs(code: Sequence[float], packed: int, scales: Sequence[float]) -> list[float]:
+    """The eight weights `scaled_pairs_ptx` produces for four packed bytes and their four scales (rounded to
+    bf16 first, as the kernel passes them), in weight order (byte 0 high nibble first)."""
+    low, high = table_words(code, "bf16")
+    r = {"q": packed & MASK32} | {f"l{i}": low[i] for i in range(4)} | {f"h{i}": high[i] for i in range(4)}
+    s = [_bf16_bits(v) for v in scales]
+    r |= {"s0": s[0] | s[1] << 16, "s1": s[2] | s[3] << 16}
+    for op, dst, *src in scaled_pairs_program():
+        if op == "bfma":
+            a, b = r[src[0]], r[src[1]]
+            r[dst] = sum(_bf16_bits(_bf16(a >> sh) * _bf16(b >> sh)) << sh for sh in (0, 16))
+        else:
+            _step(r, op, dst, src)
+    first = [_bf16(r[f"f{i // 2}"] >> 16 * (i % 2)) for i in range(4)]
+    second = [_bf16(r[f"g{i // 2}"] >> 16 * (i % 2)) for i in range(4)]
+    return [v for byte in range(4) for v in (first[byte], second[byte])]
 
 
 def pair_words(code: Sequence[float]) -> list[int]:
@@ -157,6 +219,8 @@ def _render(steps: list[tuple], regs: dict, scratch: list[str]) -> str:
             lines.append(f"mul.rn.f16x2 {dst}, {a}, {b};" if c is None else f"fma.rn.f16x2 {dst}, {a}, {b}, {c};")
         elif op == "lds":
             lines += [f"add.u32 {name(src[0])}, {name(src[0])}, base;", f"ld.shared.b32 {name(dst)}, [{name(src[0])}];"]
+        elif op == "bfma":  # bf16x2 a * b + c (c = -0: the product rounded once)
+            lines.append(f"fma.rn.bf16x2 {name(dst)}, {name(src[0])}, {name(src[1])}, {name(src[2])};")
         elif op == "hsum":  # the two fp16 halves added in fp16, widened once
             lines += [f"mov.b32 {{lo, hi}}, {name(src[0])};", "add.rn.f16 sh, lo, hi;", f"cvt.f32.f16 {name(dst)}, sh;"]
         else:
@@ -181,9 +245,10 @@ def ptx(code: Sequence[float], table_operands: bool = False) -> str:
     return _render(steps, regs, [f"{tables}q4, c, x, y, m, ls, hs, t", "lo, hi"])
 
 
-def words(code: Sequence[float]) -> list[int]:
-    """The eight table words in the order `ptx(..., table_operands=True)` takes them (signed int32)."""
-    low, high = table_words(code)
+def words(code: Sequence[float], half: str = "fp16") -> list[int]:
+    """The eight table words in the order `ptx(..., table_operands=True)` and `scaled_pairs_ptx` take them
+    (signed int32); `half` the format of the values, fp16 for the former, bf16 for the latter."""
+    low, high = table_words(code, half)
     return _signed(low + high)
 
 

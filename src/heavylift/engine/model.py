@@ -14,7 +14,7 @@ other slots run between chunks, and `decode(tokens, active)` steps only the acti
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 import torch
@@ -145,6 +145,7 @@ class Engine:
                  lm_head: QWeight, rotary: torch.nn.Module, batch: int, context: int, ops: str = "triton"):
         self.shape, self.layers, self.embed, self.norm, self.lm_head = shape, layers, embed, norm, lm_head
         self.batch, self.context, self.ops = batch, context, OPS[ops]
+        self.rotary = rotary
         self.scale = shape.head_dim ** -0.5
         self.devices = list(dict.fromkeys([embed.device] + [layer.device for layer in layers] + [norm.device]))
         self.rope = {d: rope_tables(rotary, context, shape.head_dim, d) for d in self.devices}
@@ -203,6 +204,19 @@ class Engine:
         rotary = LlamaRotaryEmbedding(config).to(device)
         return cls(shape, layers, rand(shape.vocab, h), 1 + rand(h), quantize(rand(shape.vocab, h), DENSE), rotary,
                    batch, context, ops)
+
+    def with_cache(self, batch: int, context: int) -> "Engine":
+        """An engine over these weights (nothing copied) with a cache of its own for `batch` sequences of
+        `context` tokens. This engine's cache and graphs are released first, so the two never hold a cache
+        at once; it cannot decode afterwards (a benchmark's batch sweep past the planned batch)."""
+        self._graphs.clear()
+        self._static.clear()
+        self._full = None
+        for layer in self.layers:
+            layer.k_cache = layer.v_cache = None
+        layers = [replace(layer) for layer in self.layers]
+        return Engine(self.shape, layers, self.embed, self.norm, self.lm_head, self.rotary, batch, context,
+                      self.ops.name)
 
     def _segments(self) -> list[tuple[torch.device, list[Layer]]]:
         """Consecutive layers on one device: each becomes one captured graph."""

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from heavylift.defaults import DECODE_SPLITS_MAX, DECODE_SPLITS_TARGET
-from heavylift.schemes import ENGINE_GEMV_MAX_ROWS, ENGINE_GEMV_MAX_ROWS_4BIT
+from heavylift.schemes import ENGINE_BATCHED_MAX_ROWS, ENGINE_GEMV_MAX_ROWS
 
-from .weights import FP8, FP8_MAX, NF4, NF4_DQ, X16_SCALE, QWeight
+from .weights import FP8, FP8_MAX, INT8, NF4, NF4_DQ, X16_SCALE, QWeight
 
 ATTENTION_BLOCK = 64  # cache positions per attention tile
 
@@ -167,6 +167,8 @@ class TritonOps:
         m = x.shape[0]
         if m > _gemv_rows(parts[0]):
             return TorchOps.linear(x, parts, out, residual)
+        if m > 1 and _batched(parts[0]):
+            return _batched_linear(x, parts, out, residual)
         from . import kernels as K
 
         p = list(parts) + [parts[0]] * (3 - len(parts))
@@ -197,6 +199,8 @@ class TritonOps:
         m = x.shape[0]
         if m > _gemv_rows(gate):
             return TorchOps.glu(x, gate, up, out, out16=out16)
+        if m > 1 and _batched(gate):
+            return _batched_glu(x, gate, up, out)
         from . import kernels as K
 
         lut = _register_lut(K, gate)
@@ -261,12 +265,16 @@ def _halves(out16: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
     return stand_in if out16 is None else out16.view(torch.float16)
 
 
+PDL_MAX_ROWS = 1  # steps of at most this many tokens launch their kernels with PDL (_pdl)
+
+
 def _pdl(K, rows: int) -> dict:
-    """Launch options: programmatic dependent launch (kernels.PDL) for one-token steps only. It lets a short
-    GEMV start while the previous kernel drains, which one-token steps gain from; at batch 16 the tensor-core
-    tiles lose more to the next kernel's early, waiting programs than they gain (docs/engine.md; bench/
-    decode_gpu.py measures both with HEAVYLIFT_PDL=0 turning it off)."""
-    return {"launch_pdl": True} if K.PDL.value and rows == 1 else {}
+    """Launch options: programmatic dependent launch (kernels.PDL) for one-token steps only (PDL_MAX_ROWS). It
+    lets a short GEMV start while the previous kernel drains, which one-token steps gain from; at batch 16 the
+    16-row tensor-core tiles lost more to the next kernel's early, waiting programs than they gained (docs/
+    engine.md; bench/decode_gpu.py measures both with HEAVYLIFT_PDL=0 turning it off, bench/batched_gpu.py
+    batched steps with PDL_MAX_ROWS raised)."""
+    return {"launch_pdl": True} if K.PDL.value and rows <= PDL_MAX_ROWS else {}
 
 
 def _fp16_dot(x: torch.Tensor) -> bool:
@@ -283,16 +291,86 @@ def _capability(device: torch.device) -> tuple[int, int]:
 
 
 def _pick(K, gemv, gemm, rows: int):
-    """The kernel for `rows` tokens: one row streams through FMAs, up to 16 through the tensor cores."""
+    """The kernel for `rows` tokens of bf16 or FP8 weights: one row streams through FMAs, up to 16 through
+    the tensor cores."""
     kind = "gemv" if rows == 1 else "gemm"
     return (gemv if rows == 1 else gemm), (1 if rows == 1 else ENGINE_GEMV_MAX_ROWS), (K.FIXED[kind] if K.INTERPRET else {})
 
 
+def _batched(w: QWeight) -> bool:
+    """Whether steps of several tokens through w take batched.py's mixed-input GEMM (4-bit and LLM.int8
+    weights); bf16 and FP8 keep kernels.linear_gemm up to 16 rows and cuBLAS beyond."""
+    return w.packed or w.kind == INT8
+
+
 def _gemv_rows(w: QWeight) -> int:
-    """Most tokens a step streams through the weight kernels (the scheme's engine_gemv_max_rows). 4-bit
-    weights take one: beyond it, bitsandbytes' dequantize and a cuBLAS matmul run about 5x faster than the
-    engine's tensor-core tile on an H100 (bench/gemv_sweep.py)."""
-    return ENGINE_GEMV_MAX_ROWS_4BIT if w.packed else ENGINE_GEMV_MAX_ROWS
+    """Most tokens a step streams through the weight kernels (the scheme's engine_gemv_max_rows); beyond,
+    TorchOps' dequantized matmuls take the step."""
+    return ENGINE_BATCHED_MAX_ROWS if _batched(w) else ENGINE_GEMV_MAX_ROWS
+
+
+def _batched_linear(x, parts: Sequence[QWeight], out, residual):
+    """TritonOps.linear for 2 to 64 tokens through batched.linear_kernel."""
+    from . import batched as B
+    from . import kernels as K
+
+    m, w = x.shape[0], parts[0]
+    sizes = [q.n for q in parts] + [0] * (3 - len(parts))
+    args = []
+    for q, n in zip(list(parts) + [w] * (3 - len(parts)), sizes):
+        args += _weight_args(q) + [q.bias if q.bias is not None else q.data, n]
+    ws, tickets = B.scratch(x.device, *B.scratch_sizes(sizes, sum(sizes), w.k, m, x.device))
+    grid = lambda meta: (B.tiles(sizes, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
+    B.linear_kernel[grid](x, x.stride(0), out, out.stride(0), residual if residual is not None else out, m, w.k,
+                          *args, *_batched_codes(w), _row_stride(w), ws, tickets, KIND=w.kind, PARTS=len(parts),
+                          HAS_BIAS=w.bias is not None, HAS_RES=residual is not None, LUT=_batched_lut(w),
+                          BLOCK_M=B.block_m(m), **B.fixed(), **_pdl(K, m))
+    return out
+
+
+def _batched_glu(x, gate: QWeight, up: QWeight, out):
+    """TritonOps.glu for 2 to 64 tokens through batched.glu_kernel."""
+    from . import batched as B
+    from . import kernels as K
+
+    m = x.shape[0]
+    ws, tickets = B.scratch(x.device, *B.scratch_sizes([gate.n], 2 * gate.n, gate.k, m, x.device))
+    grid = lambda meta: (B.tiles([gate.n], meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
+    B.glu_kernel[grid](x, x.stride(0), out, out.stride(0), m, gate.k, *_weight_args(gate), *_weight_args(up),
+                       gate.n, *_batched_codes(gate), _row_stride(gate), ws, tickets, KIND=gate.kind,
+                       LUT=_batched_lut(gate), BLOCK_M=B.block_m(m), **B.fixed(), **_pdl(K, m))
+    return out
+
+
+def _row_stride(w: QWeight) -> int:
+    """Elements of w's storage per row: packed bytes (two weights each) or one element per weight."""
+    return w.k // 2 if w.packed else w.data.stride(0)
+
+
+def _batched_lut(w: QWeight) -> bool:
+    """Whether the batched kernel looks 4-bit codes up in registers: whenever it runs compiled, whatever
+    the table (lut.scaled_pairs_ptx takes the table as operands)."""
+    from . import kernels as K
+
+    return w.packed and not K.INTERPRET
+
+
+_LUT_WORDS: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}  # code ptr -> (code, words)
+
+
+def _batched_codes(w: QWeight):
+    """The batched kernel's code_ptr and code2_ptr: the 4-bit table as lut.words in bf16 where it looks codes
+    up in registers (built once per table tensor, which is kept so its address is never another table's),
+    else its 16 floats; the double quantization's table; stand-in pointers where the weight has none."""
+    if not _batched_lut(w):
+        return _codes(w, False)
+    key = (w.code.data_ptr(), w.code.device)
+    if key not in _LUT_WORDS:
+        from . import lut
+
+        words = lut.words(w.code.tolist(), "bf16")
+        _LUT_WORDS[key] = (w.code, torch.tensor(words, dtype=torch.int32, device=w.code.device))
+    return _LUT_WORDS[key][1], (w.code2 if w.code2 is not None else w.code)
 
 
 _NF4_TABLES: dict[tuple[int, torch.device], bool] = {}  # code tensor -> whether it holds the NF4 table

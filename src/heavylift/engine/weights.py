@@ -116,8 +116,9 @@ def from_linear(module: torch.nn.Module) -> QWeight:
     raise ValueError(f"{type(module).__name__} with a {type(weight).__name__} weight is not a layout the engine reads")
 
 
-def quantize(weight: torch.Tensor, kind: int, bias: torch.Tensor | None = None) -> QWeight:
-    """Quantize a bf16 [n, k] weight into `kind` storage, as loading would (benchmarks build models this way)."""
+def quantize(weight: torch.Tensor, kind: int, bias: torch.Tensor | None = None, code: str = "nf4") -> QWeight:
+    """Quantize a bf16 [n, k] weight into `kind` storage, as loading would (benchmarks build models this way);
+    4-bit kinds with bitsandbytes' `code` table, "nf4" or "fp4"."""
     n, k = weight.shape
     if kind == DENSE:
         return QWeight(DENSE, n, k, weight.to(torch.bfloat16), bias=bias)
@@ -129,7 +130,7 @@ def quantize(weight: torch.Tensor, kind: int, bias: torch.Tensor | None = None) 
         return QWeight(kind, n, k, q, scale, bias=bias)
     import bitsandbytes.functional as bnbf
 
-    data, state = bnbf.quantize_4bit(weight.to(torch.bfloat16), blocksize=QBLOCK, quant_type="nf4",
+    data, state = bnbf.quantize_4bit(weight.to(torch.bfloat16), blocksize=QBLOCK, quant_type=code,
                                      compress_statistics=kind == NF4_DQ)
     if kind == NF4_DQ:
         return QWeight(NF4_DQ, n, k, data.view(-1), state.absmax, state.state2.absmax, float(state.offset), 0,

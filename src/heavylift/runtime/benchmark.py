@@ -1,9 +1,11 @@
 """`heavylift bench`: load, prefill and decode speed of the fast engine, and of the reference stack.
 
 Decode is timed as the seed article's `seed_baseline.py` times it (greedy, one token per step,
-`torch.cuda.synchronize` around the loop, random prompt ids), so the two sets of figures compare.
-The roofline is the batch-1 limit: measured copy bandwidth over the bytes a step reads (every
-weight except the embedding table, of which a step reads one row).
+`torch.cuda.synchronize` around the loop, random prompt ids), so the two sets of figures compare,
+at batch 1, 4, 16 and 64. A step's roofline is the longer of its two limits (`StepCost`): the bytes it
+reads (every weight except the embedding table, of which a step reads one row per sequence; the KV
+cache up to each sequence's length; each linear's input and output) over the memory bandwidth, and
+its FLOPs over the GPU's dense bf16 peak, where the hardware catalog knows the card.
 """
 
 from __future__ import annotations
@@ -16,10 +18,17 @@ import torch
 from .loader import expected_int8_casts
 
 B1_PROMPT, B1_NEW = 32, 128  # batch-1 decode: prompt tokens, timed new tokens (as seed_baseline.py)
-B16_PROMPT, B16_NEW = 128, 64  # batch-16 decode
+B16_PROMPT, B16_NEW = 128, 64  # decode of more sequences (batch 16 in seed_baseline.py): each one's prompt, new tokens
 PREFILL_TOKENS = 4096  # the prefill timing's prompt
 BENCH_CONTEXT = PREFILL_TOKENS + B16_PROMPT + B16_NEW  # the context a benchmark load is planned for
 BENCH_BATCH = 16
+DECODE_BATCHES = (1, 4, 16, 64)  # the batch sizes a benchmark decodes at
+BF16_BYTES = 2  # the cache, activations and logits are bf16
+
+
+def decode_lengths(batch: int) -> tuple[int, int]:
+    """(prompt tokens per sequence, timed new tokens) of the decode timing at `batch`."""
+    return (B1_PROMPT, B1_NEW) if batch == 1 else (B16_PROMPT, B16_NEW)
 
 
 @dataclass(frozen=True)
@@ -33,11 +42,58 @@ class BenchRecord:
     roofline_tok_s: float
     prefill_tok_s: float | None
     load_s: float | None
-    bytes_per_token: int
+    bytes_per_token: int  # the weights a step reads
+    bytes_per_step: int | None = None  # the roofline's bytes: weights, KV cache, activations (StepCost)
+    flops_per_step: int | None = None
 
     @property
     def roofline_pct(self) -> float:
         return 100 * self.decode_tok_s / self.roofline_tok_s
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """What one decode step of `batch` sequences reads from memory and computes: the roofline's two terms."""
+
+    batch: int
+    weight_bytes: int  # every weight once, whatever the batch (the embedding table excepted)
+    kv_bytes: int  # keys and values of every sequence up to its length, every layer
+    activation_bytes: int  # each linear's input and output rows, the logits
+    flops: int  # 2 per weight per sequence, and the attention's two products
+
+    @property
+    def bytes(self) -> int:
+        return self.weight_bytes + self.kv_bytes + self.activation_bytes
+
+    def roofline_tok_s(self, bandwidth: float, flops_s: float | None) -> float:
+        """Tokens per second at the longer of the two limits (the FLOP limit only where the peak is known)."""
+        seconds = max(self.bytes / bandwidth, self.flops / flops_s if flops_s else 0.0)
+        return self.batch / seconds
+
+
+def step_cost(engine, batch: int, length: float) -> StepCost:
+    """A decode step of `batch` sequences of `length` cached tokens each (a sliding window caps what a layer
+    reads), on `engine`'s weights and shape."""
+    s = engine.shape
+    per_position = 2 * s.kv_heads * s.head_dim  # a key and a value per kv head
+    attended = sum(min(length, layer.window or length) for layer in engine.layers)
+    linears = [w for layer in engine.layers for w in (*layer.qkv, layer.o, layer.gate, layer.up, layer.down)]
+    rows = sum(w.k + w.n for w in linears) + engine.lm_head.k + engine.lm_head.n
+    weights = sum(w.n * w.k for w in linears) + engine.lm_head.n * engine.lm_head.k
+    return StepCost(batch, engine.weight_bytes, int(BF16_BYTES * batch * per_position * attended),
+                    BF16_BYTES * batch * rows,
+                    int(2 * batch * weights + 4 * batch * s.heads * s.head_dim * attended))
+
+
+def card_peaks(device=None) -> tuple[float, float | None] | None:
+    """The datasheet memory bandwidth (bytes/s) and dense bf16 peak (FLOP/s, None where unpublished) of this
+    CUDA device, from the hardware catalog; None for a card it does not know."""
+    from heavylift.hardware.gpus import lookup_gpu
+
+    card = lookup_gpu(torch.cuda.get_device_name(device))
+    if card is None:
+        return None
+    return card.bandwidth_bytes_s, card.bf16_tflops * 1e12 if card.bf16_tflops else None
 
     def to_json(self) -> dict:
         return {**asdict(self), "roofline_pct": round(self.roofline_pct, 1)}
@@ -123,23 +179,43 @@ def timed_load(model: str, quant: str, gpus=None):
     return loaded, time.perf_counter() - t
 
 
-def engine_records(engine, model: str, quant: str, load_s: float, bandwidth: float) -> list[BenchRecord]:
-    """The engine's prefill rate and its batch-1 and batch-16 decode rates."""
+def sweep_engine(engine, batches=DECODE_BATCHES):
+    """An engine that decodes every batch in `batches`: `engine` where its batch suffices, else one over the
+    same weights with a cache just long enough for the timings (Engine.with_cache releases engine's first)."""
+    longest = max(sum(decode_lengths(b)) for b in batches) + 1
+    return engine if max(batches) <= engine.batch else engine.with_cache(max(batches), longest)
+
+
+def engine_records(engine, model: str, quant: str, load_s: float, bandwidth: float, flops_s: float | None = None,
+                   batches=DECODE_BATCHES) -> list[BenchRecord]:
+    """The engine's prefill rate, then its decode rate at each of `batches` with the step's roofline (the
+    engine may be replaced by one with a larger cache for the sweep: sweep_engine)."""
     per_token = engine.weight_bytes
     prefill = engine_prefill_tok_s(engine)
     gpus = len({layer.device for layer in engine.layers})
-    return [BenchRecord(model, "heavylift", quant, batch, gpus, engine_decode_tok_s(engine, batch, prompt, new),
-                        bandwidth / per_token, prefill, load_s, per_token)
-            for batch, prompt, new in ((1, B1_PROMPT, B1_NEW), (BENCH_BATCH, B16_PROMPT, B16_NEW))]
+    engine = sweep_engine(engine, batches)
+    records = []
+    for batch in batches:
+        prompt, new = decode_lengths(batch)
+        cost = step_cost(engine, batch, prompt + new / 2)
+        records.append(BenchRecord(model, "heavylift", quant, batch, gpus,
+                                   engine_decode_tok_s(engine, batch, prompt, new),
+                                   cost.roofline_tok_s(bandwidth, flops_s), prefill, load_s, per_token, cost.bytes,
+                                   cost.flops))
+    return records
 
 
-def reference_records(hf_model, model: str, quant: str, load_s: float, bandwidth: float,
-                      per_token: int) -> list[BenchRecord]:
-    """transformers' generate on the same loaded weights, at batch 1 and 16."""
+def reference_records(hf_model, model: str, quant: str, load_s: float,
+                      engine: list[BenchRecord]) -> list[BenchRecord]:
+    """transformers' generate on the same loaded weights, at batch 1 and 16, beside the engine's records of
+    the same batch (their roofline)."""
     gpus = len({p.device for p in hf_model.parameters()})
-    return [BenchRecord(model, "reference", quant, batch, gpus, reference_decode_tok_s(hf_model, batch, prompt, new),
-                        bandwidth / per_token, None, load_s, per_token)
-            for batch, prompt, new in ((1, B1_PROMPT, B1_NEW), (BENCH_BATCH, B16_PROMPT, B16_NEW))]
+    ours = {r.batch: r for r in engine}
+    return [BenchRecord(model, "reference", quant, batch, gpus,
+                        reference_decode_tok_s(hf_model, batch, *decode_lengths(batch)), ours[batch].roofline_tok_s,
+                        None, load_s, ours[batch].bytes_per_token, ours[batch].bytes_per_step,
+                        ours[batch].flops_per_step)
+            for batch in (1, BENCH_BATCH) if batch in ours]
 
 
 def command_line() -> str:
