@@ -14,13 +14,15 @@ past --budget-s from the script's start. For each:
   plan's refusal line, and the case is skipped);
 - finetune: `heavylift finetune MODEL --data CASE.txt --steps N --seq-len S --micro-batch B --grad-accum 1
   --eval-fraction 0 --log-every 1 --out DIR` as a user types it, in a subprocess;
-- ref (bench/finetune_reference.py): the same model, LoRA and data trained by peft + Trainer.
+- ref (bench/finetune_reference.py): the same model, LoRA and data trained by peft + Trainer, with the
+  allocator the environment sets (finetune sets expandable segments where it sets none; the reference does not).
 Each child's memory is polled from this process every 50 ms: the GPU's used memory (NVML) above what it was
 before the child started, which counts what the plan counts (CUDA context, allocator, cuBLAS); on the CPU the
 child's resident set. This process never starts CUDA (a child writes the checkpoint and names the card).
 Tokens/s are over steps 2..N (the first carries one-time set-up: kernels, the paged optimizer's state), from
 finetune's progress lines (each gives the tokens/s so far) and trainer_state.json's tokens per step, or from
-the reference's step ends; finetune's own summary rate (all steps) sits beside.
+the reference's step ends; finetune's own summary rate (all steps) sits beside. error_pct is (planned -
+measured) / measured; a reference case is held to the plan of the heavylift step of its shape.
 Writes DIR/finetune_<card>_<date>.json (DIR: $OUT, else bench/results) after every case; prints a table.
 """
 
@@ -32,6 +34,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -42,6 +45,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from finetune_reference import RESULT_MARKER as REFERENCE_MARKER  # noqa: E402
+from heavylift.finetune.checkpoints import STATE_FILE  # noqa: E402
+from heavylift.finetune.train import ALLOC_CONF_ENV as ALLOC_CONF  # noqa: E402
+from heavylift.planner.training import TRAIN_ALLOC_CONF  # noqa: E402  (finetune sets it where nothing is set)
 from serve_gpu import SPECIALS, WORDS  # noqa: E402
 
 FINETUNE, REFERENCE = "finetune", "ref"
@@ -56,11 +62,13 @@ TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, 
 POLL_PERIOD_S = 0.05
 CASE_GRACE_S = 90  # a case started before --budget-s may run this long past it before it is stopped
 MIN_CASE_TIMEOUT_S = 60
-WORK = Path("/tmp/hl-finetune-gpu")
+WORK = Path("/tmp/hl-finetune-gpu")  # the checkpoint (kept for a rerun) and RUNS (cleared at the start)
+RUNS = "runs"  # each case's data, adapter and logs
 CHECKPOINT_MARKER = "FINETUNE_CHECKPOINT "
-STATE_FILE = "trainer_state.json"  # heavylift.finetune.checkpoints.STATE_FILE, read here without importing torch
 PROGRESS = re.compile(r"^step (\d+)/(\d+) loss \S+ lr \S+ ([\d,]+) tok/s (?:peak|RSS) ([\d.]+) GB")
 SUMMARY = re.compile(r"^trained .*?([\d,]+) tok/s, (?:peak|RSS) ([\d.]+) GB")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes, should a console add them
+TAIL_LINES = 15  # of a failed child's stderr, kept in its record
 GB = 1e9
 
 
@@ -113,7 +121,7 @@ def steady_rate(ends: list[float], tokens: list[int]) -> float | None:
 def parse_finetune(stderr: str) -> dict:
     """finetune's progress lines (tokens/s so far, allocator peak) and its summary line."""
     steps, summary = [], None
-    for line in stderr.splitlines():
+    for line in ANSI.sub("", stderr).splitlines():
         if (m := PROGRESS.match(line)) is not None:
             steps.append((int(m[1]), float(m[3].replace(",", "")), float(m[4])))
         elif (m := SUMMARY.match(line)) is not None:
@@ -198,6 +206,11 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
+def failed(record: dict, stderr: str, why: str = "") -> dict:
+    """A child's record with its error: its last stderr line, and the lines before it to debug from."""
+    return {**record, "error": why + _last_line(stderr), "stderr_tail": stderr.splitlines()[-TAIL_LINES:]}
+
+
 def finetune_case(model: Path, case: Case, steps: int, meter: Meter, timeout_s: float, work: Path) -> dict:
     data, out = work / f"{case.shape}.txt", work / f"adapter-{case.shape}"
     write_words(data, steps * case.micro_batch, case.seq_len)
@@ -205,19 +218,21 @@ def finetune_case(model: Path, case: Case, steps: int, meter: Meter, timeout_s: 
                "--seq-len", str(case.seq_len), "--micro-batch", str(case.micro_batch), "--grad-accum", "1",
                "--eval-fraction", "0", "--log-every", "1", "--out", str(out)]
     memory, _, stderr, code = run_child(command, meter, timeout_s, work / f"finetune-{case.shape}")
-    record = {"command": shown(command), **memory, "exit_code": code}
+    record = {"command": shown(command), **memory, "exit_code": code,
+              ALLOC_CONF: os.environ.get(ALLOC_CONF, TRAIN_ALLOC_CONF)}
     if code != 0:
-        return {**record, "error": _last_line(stderr)}
+        return failed(record, stderr)
     progress = parse_finetune(stderr)
     if progress["summary"] is None:
-        return {**record, "error": "no summary line: " + _last_line(stderr)}
+        return failed(record, stderr, "no summary line: ")
+    lines = ANSI.sub("", stderr).splitlines()
+    header = next((i for i, x in enumerate(lines) if "planned:" in x), 0)
     tokens = [e["tokens"] for e in json.loads((out / STATE_FILE).read_text())["log"] if "tokens" in e]
     ends = ends_from_rates([rate for _, rate, _ in progress["steps"]], tokens)
     line, summary_rate, summary_peak = progress["summary"]
     return {**record, "tokens": tokens, "step_ends_s": [round(t, 4) for t in ends],
             "tokens_per_s": _round(steady_rate(ends, tokens)), "tokens_per_s_all_steps": summary_rate,
-            "allocated_peak_gb": summary_peak, "summary": line,
-            "header": next((x for x in stderr.splitlines() if "planned:" in x), None)}
+            "allocated_peak_gb": summary_peak, "summary": line, "header": lines[header], "notes": lines[:header]}
 
 
 def reference_case(model: Path, case: Case, steps: int, meter: Meter, timeout_s: float, work: Path,
@@ -227,10 +242,10 @@ def reference_case(model: Path, case: Case, steps: int, meter: Meter, timeout_s:
     command = [sys.executable, str(HERE / "finetune_reference.py"), str(model), str(data), "--seq-len",
                str(case.seq_len), "--micro-batch", str(case.micro_batch), "--steps", str(steps), "--device", device]
     memory, stdout, stderr, code = run_child(command, meter, timeout_s, work / f"reference-{case.shape}")
-    record = {"command": shown(command), **memory, "exit_code": code}
+    record = {"command": shown(command), **memory, "exit_code": code, ALLOC_CONF: os.environ.get(ALLOC_CONF)}
     line = next((x for x in stdout.splitlines() if x.startswith(REFERENCE_MARKER)), None)
     if code != 0 or line is None:
-        return {**record, "error": _last_line(stderr)}
+        return failed(record, stderr)
     result = json.loads(line.removeprefix(REFERENCE_MARKER))
     ends, tokens = result["step_ends_s"], result["tokens"]
     all_steps = sum(tokens) / ends[-1] if ends else None
@@ -287,7 +302,7 @@ def run_case(case: Case, args, model: Path, meter: Meter, plans: dict, timeout_s
     record = {"case": case.name, "kind": case.kind, "seq_len": case.seq_len, "micro_batch": case.micro_batch, **plan}
     if "refused" in plan:
         return record
-    work = WORK / "runs"
+    work = WORK / RUNS
     work.mkdir(parents=True, exist_ok=True)
     if case.kind == FINETUNE:
         measured = finetune_case(model, case, args.steps, meter, timeout_s, work)
@@ -337,6 +352,7 @@ def main(argv=None) -> None:
         return
     cases = parse_cases(args.cases or (TINY_CASES if args.tiny else CASES))
     started = time.monotonic()
+    shutil.rmtree(WORK / RUNS, ignore_errors=True)  # finetune refuses an --out that holds another run
     checkpoint = make_checkpoint(args)
     model, meter, plans = Path(checkpoint["folder"]), Meter(args.device), {}
     date = datetime.date.today().isoformat()
@@ -346,7 +362,7 @@ def main(argv=None) -> None:
               "model": {"shape": "llama3.1-8b" if not args.tiny else "tiny llama, 128,256-word vocabulary",
                         "layers": args.layers, "of_layers": FULL_LAYERS, "random_weights": True},
               "steps": args.steps, "budget_s": args.budget_s, "checkpoint_s": checkpoint["seconds"],
-              "versions": checkpoint["versions"], "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+              "versions": checkpoint["versions"], ALLOC_CONF: os.environ.get(ALLOC_CONF),
               "reference": "peft + transformers Trainer, optim paged_adamw_8bit (bench/finetune_reference.py)",
               "cases": []}
     args.out.mkdir(parents=True, exist_ok=True)
