@@ -22,26 +22,31 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 os.environ.setdefault("TRITON_INTERPRET", "0")
 
 CKPT = "/tmp/llama8b-heavylift"
+# Llama-3.1-8B's shape (its config.json), with the tiny tokenizer's special ids.
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+                rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 
 
-def make_checkpoint() -> None:
+def make_checkpoint(folder: str = CKPT, device: str = "cuda", **shape) -> None:
+    """A random bf16 checkpoint of LLAMA_8B (`shape` overrides fields, e.g. num_hidden_layers), built on
+    `device`, with a tiny tokenizer, in `folder`; kept when it is there already."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from conftest import save_tiny_tokenizer  # a small real tokenizer: ids stay inside the 128k vocab
 
-    if os.path.exists(f"{CKPT}/config.json"):
+    if os.path.exists(f"{folder}/config.json"):
         return
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
-                      rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(**{**LLAMA_8B, **shape})
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    model.save_pretrained(CKPT, max_shard_size="5GB")
-    save_tiny_tokenizer(CKPT)
+    model.save_pretrained(folder, max_shard_size="5GB")
+    save_tiny_tokenizer(folder)
     del model
     gc.collect()
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def main() -> None:

@@ -43,8 +43,6 @@ MODEL_NAME = "bench-8b"
 def make_checkpoint() -> str:
     """run_gpu.py's random 8B checkpoint, its files linked beside a word-level tokenizer of the full vocab."""
     import run_gpu
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     run_gpu.make_checkpoint()
     if os.path.exists(f"{SERVE_CKPT}/tokenizer.json"):
@@ -53,12 +51,20 @@ def make_checkpoint() -> str:
     for name in os.listdir(run_gpu.CKPT):
         if name.endswith((".safetensors", ".json")) and not name.startswith(("tokenizer", "special_tokens")):
             os.symlink(os.path.join(run_gpu.CKPT, name), os.path.join(SERVE_CKPT, name))
+    save_word_tokenizer(SERVE_CKPT)
+    return SERVE_CKPT
+
+
+def save_word_tokenizer(folder: str) -> None:
+    """A word-level tokenizer giving each of the WORDS ids a word of its own ("t<id>" past the specials)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     vocab = {w: i for i, w in enumerate(SPECIALS)} | {f"t{i}": i for i in range(len(SPECIALS), WORDS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                            pad_token="<pad>").save_pretrained(SERVE_CKPT)
-    return SERVE_CKPT
+                            pad_token="<pad>").save_pretrained(folder)
 
 
 def free_port() -> int:

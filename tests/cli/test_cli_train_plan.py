@@ -62,6 +62,15 @@ def test_json_contract(capsys):
     assert t["advice"][0].startswith("fits: " if t["fits"] else "does not fit: ")
 
 
+def test_lora_alpha_is_a_number_as_finetune_takes_it(capsys):
+    # `heavylift finetune --lora-alpha` takes a float; the plan of the same run takes the same value
+    given = train_json(capsys, "llama3.1-8b", "--gpus", "1xH100", "--lora-alpha", "16.5")
+    assert given["training"]["lora_alpha"] == 16.5
+    assert train_json(capsys, "llama3.1-8b", "--gpus", "1xH100")["training"]["lora_alpha"] == 32.0
+    code, out, _ = run_cli(capsys, "plan", "llama3.1-8b", "--gpus", "1xH100", "--train", "--lora-alpha", "8.25")
+    assert code == 0 and out.splitlines()[1].startswith("QLoRA on a nf4-dq base: LoRA r 16 (alpha 8.25, dropout 0.05)")
+
+
 def test_local_folder(tmp_path, capsys):
     write_config(tmp_path, TINY_LLAMA)
     t = train_json(capsys, str(tmp_path), "--gpus", "1x24GB", "--seq-len", "64", "--micro-batch", "2", "--lora-r",

@@ -61,8 +61,8 @@ def plan(
                                "base, LoRA adapters, their optimizer, the activations kept for backward), as "
                                "`heavylift finetune` runs it."),
     lora_r: int = typer.Option(DEFAULT_LORA_R, "--lora-r", help="With --train: the adapters' rank."),
-    lora_alpha: int = typer.Option(DEFAULT_LORA_ALPHA, "--lora-alpha", help="With --train: the adapters' alpha "
-                                   "(scaling alpha / r)."),
+    lora_alpha: float = typer.Option(DEFAULT_LORA_ALPHA, "--lora-alpha", help="With --train: the adapters' alpha "
+                                     "(scaling alpha / r)."),
     lora_dropout: float = typer.Option(DEFAULT_LORA_DROPOUT, "--lora-dropout", help="With --train: dropout on the "
                                        "adapters' inputs (0 keeps no masks)."),
     target: str = typer.Option(ALL_LINEAR, "--target", help=f"With --train: the projections adapted, {ALL_LINEAR} "

@@ -78,7 +78,7 @@ class Training:
     """One fine-tuning workload: the adapters and what one forward and backward carries."""
 
     lora_r: int = DEFAULT_LORA_R
-    lora_alpha: int = DEFAULT_LORA_ALPHA
+    lora_alpha: float = DEFAULT_LORA_ALPHA  # a number, as peft's LoraConfig takes it: held as a float
     targets: tuple[str, ...] = tm.PROJECTIONS  # or "all-linear", or "q,v": parsed by parse_targets
     seq_len: int = DEFAULT_TRAIN_SEQ_LEN
     micro_batch: int = DEFAULT_MICRO_BATCH
@@ -91,6 +91,7 @@ class Training:
         _whole("lora-r", self.lora_r, 1, MAX_LORA_R)
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
             raise InvalidArgumentError(f"--lora-alpha must be a positive number, not {self.lora_alpha!r}")
+        object.__setattr__(self, "lora_alpha", float(self.lora_alpha))
         _whole("seq-len", self.seq_len, 1, MAX_CONTEXT_TOKENS)
         _whole("micro-batch", self.micro_batch, 1, MAX_BATCH)
         if not isinstance(self.grad_checkpointing, bool):
