@@ -1,16 +1,18 @@
 """Prediction truth: heavylift's per-GPU plan against the memory a real run takes, across a matrix of cases.
 
 For each case (model shape, precision, context, batch, GPU count) a random-weight safetensors checkpoint
-of the shape is written once per model; then a fresh child process plans it, loads it through heavylift,
-prefills context - 32 random tokens in heavylift's chunks and decodes 32 greedy steps. Measured per GPU
-is the device's peak as the driver sees it (cudaMemGetInfo: CUDA context, cuBLAS, kernels and every
+of the shape is written once per model (a pre-quantized one in its stored form: DeepSeek-V3's block-FP8
+weights with float32 block scales, gpt-oss's MXFP4 experts; Gemma 3's and Llama 4's language model under
+"language_model." as their multimodal checkpoints hold it); then a fresh child process plans it, loads it
+through heavylift, prefills context - 32 random tokens in heavylift's chunks and decodes 32 greedy steps.
+Measured per GPU is the device's peak as the driver sees it (cudaMemGetInfo: CUDA context, cuBLAS, kernels and every
 block the caching allocator holds), polled every millisecond and checked against the allocator's own
 peaks; `needed_bytes` (peak allocated + what lies outside the allocator) and each phase's figures (load,
 prefill, decode) sit beside it. Each case is also estimated as `accelerate estimate-memory` would
 (weights only) and by the seed article's rule (params x 2 / 1 / 0.5 bytes).
 
 Usage (repository root; the parent never starts CUDA, each case runs in its own child process):
-  python bench/validate_plan.py --list                                   # the matrix, planned for H100s
+  python bench/validate_plan.py --list [--models new-families]           # the matrix, planned for H100s
   python bench/validate_plan.py [--models llama3.1-8b,qwen2.5-7b] [--gpus 1] [--budget-s 420] [--merge]
                                 [--engine transformers]  # default auto: heavylift's engine where it runs, as `run`
   python bench/validate_plan.py --merge-files a.json b.json --out bench/results/plan_validation_h100_<date>.json
@@ -49,6 +51,7 @@ CASE_TIMEOUT_S = 300  # a child still running after this is recorded as an error
 LIST_GPUS = "H100"  # the card --list plans every case for (it needs no GPU)
 DEFAULT_WORK = "/tmp/hl-validate"
 RESULT_MARKER = "VALIDATE_PLAN_RECORD "  # prefixes the child's one JSON line on stdout
+DOES_NOT_FIT = "the plan says it does not fit"  # a case's `skipped` when heavylift refuses it
 # Layers kept of each catalog shape (None: all), so the largest fit one 80 GB GPU in bf16. The new families'
 # cuts keep each checkpoint a few GB and their quirks: Gemma 3's sixth layer is its first full-attention one,
 # DeepSeek-V3's fourth its first MoE layer after the three dense ones; one Qwen 3 MoE or Llama 4 layer holds
@@ -519,7 +522,7 @@ def run_case(case: Case, folder: Path) -> dict:
     planned = scheme.engine
     record = {**base_record(case, scheme), "engine_planned": planned}
     if not scheme.fits:
-        return {**record, "skipped": "the plan says it does not fit"}
+        return {**record, "skipped": DOES_NOT_FIT}
     meter = Meter(case.gpus)
     try:
         t = time.perf_counter()
@@ -555,6 +558,20 @@ def plan_scheme(case: Case, devices):
     arch = architecture_from_config(model_config(case.model))
     work = Workload(case.context, case.batch, engine=case_engine(case))
     return make_plan(case.model, arch, devices, work, [case.quant]).scheme(case.quant)
+
+
+def unmet_requirement(case: Case) -> str | None:
+    """Why this machine cannot run a case as planned, known before its checkpoint is written: block-FP8 weights
+    kept in fp8 run only through the `kernels` package (prequantized.check_stored_runs refuses without it)."""
+    import importlib.util
+
+    from heavylift.model.architecture import architecture_from_config
+    from heavylift.model.prequantized import keeps_stored
+
+    if keeps_stored(architecture_from_config(model_config(case.model)).prequantized, case.quant) \
+            and importlib.util.find_spec("kernels") is None:
+        return "keeping block-FP8 weights needs the `kernels` package (pip install kernels)"
+    return None
 
 
 def card_slug(name: str) -> str:
@@ -623,8 +640,9 @@ def run_matrix(args) -> None:
             print(f"{case.key}: skipped, needs {case.gpus} GPUs and {len(devices)} are visible", flush=True)
             continue
         scheme = plan_scheme(case, devices[:case.gpus])
-        if not scheme.fits:
-            record = {**base_record(case, scheme), "skipped": "the plan says it does not fit"}
+        unmet = unmet_requirement(case)
+        if not scheme.fits or unmet:
+            record = {**base_record(case, scheme), "skipped": unmet or DOES_NOT_FIT}
         else:
             if not (folder / "config.json").exists():
                 t = time.perf_counter()
@@ -675,7 +693,8 @@ def list_matrix(spec: str = LIST_GPUS, engine: str = AUTO, cases: list[Case] | N
         scheme = plan_scheme(case, parse_gpu_spec(f"{case.gpus}x{spec}"))
         per_gpu = " + ".join(f"{d.total_bytes / 1e9:.1f}" for d in scheme.per_device)
         layers = sum(len(d.layers) for d in scheme.per_device)
-        rows.append(f"{case.key:42} {layers:>6} {per_gpu:>22} {scheme.engine:>12}  {'yes' if scheme.fits else 'NO'}")
+        fits = "yes" if scheme.fits else "NO"
+        rows.append(f"{case.key:42} {layers:>6} {per_gpu:>22} {scheme.engine:>12}  {fits}")
     ones = sum(c.gpus == 1 for c in cases)
     rows.append(f"{len(cases)} cases: {ones} on one GPU, {len(cases) - ones} on two")
     return "\n".join(rows)
@@ -705,7 +724,9 @@ def summarize(results: dict) -> str:
     for r in results["cases"]:
         devices = r.get("devices", [])
         errors += [(abs(d["error_pct"]), record_key(r)) for d in devices if d.get("error_pct") is not None]
-        status = "error" if "error" in r else "does not fit (plan)" if r.get("skipped") else None
+        skipped = r.get("skipped")
+        status = "error" if "error" in r else "does not fit (plan)" if skipped == DOES_NOT_FIT \
+            else f"not run: {skipped}" if skipped else None
         measured = status or _cell(devices, "measured_bytes") + (" OOM" if r.get("oom") else "")
         engine = "" if r.get("engine", TRANSFORMERS) == TRANSFORMERS else f" ({r.get('engine_used', r['engine'])})"
         cells = [r["model"] + engine, r["quant"], f"{r['context'] // K}k", str(r["batch"]), str(r["gpus"]),
