@@ -346,7 +346,7 @@ def _accelerate_float32_bytes(config_json: str) -> int:
     auto_map = config.get("auto_map") or {}
     constructor = next((getattr(transformers, k) for k in auto_map if k.startswith("AutoModelFor")),
                        transformers.AutoModel)  # the base model, without lm_head, unless auto_map names one
-    with init_empty_weights():
+    with init_empty_weights(), torch.device("meta"):  # meta: an MoE layer's experts need no host memory
         model = constructor.from_config(transformers.AutoConfig.for_model(**config), dtype=torch.float32)
     return int(calculate_maximum_sizes(model)[0])
 
