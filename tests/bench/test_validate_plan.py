@@ -149,7 +149,7 @@ def test_list_plans_the_new_families_alone(capsys, monkeypatch):
     assert [r.split()[0] for r in rows[1:-1]] == [vp.replace(c, engine=vp.AUTO).key for c in cases]
     assert all(r.endswith("  yes") for r in rows[1:-1])
     assert rows[-1] == f"{len(cases)} cases: {len(cases)} on one GPU, 0 on two"
-    assert {r.split()[0]: r.split()[-2] for r in rows[1:-1]}["qwen3-8b/fp8/1k/b1/1gpu/auto"] == "fast"
+    assert {r.split()[0]: r.split()[-2] for r in rows[1:-1]}["qwen3-8b/nf4-dq/8k/b1/1gpu/auto"] == "fast"
     assert {c.model for c in cases} == set(vp.NEW_FAMILIES)
     assert {c.quant for c in cases if c.model == "deepseek-v3"} == {"fp8", "bf16"}
     assert {c.quant for c in cases if c.model == "gpt-oss-20b"} == {"bf16"}
@@ -157,7 +157,7 @@ def test_list_plans_the_new_families_alone(capsys, monkeypatch):
 
 def test_an_unknown_model_names_the_groups(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["validate_plan.py", "--list", "--models", "qwen9"])
-    with pytest.raises(SystemExit, match="choose from .*deepseek-v3, new-families$"):
+    with pytest.raises(SystemExit, match="choose from .*qwen3-235b-a22b, new-families$"):
         vp.main()
 
 
