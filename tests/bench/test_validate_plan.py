@@ -168,6 +168,10 @@ def test_kept_block_fp8_needs_the_kernels_package(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert vp.unmet_requirement(fp8) == "keeping block-FP8 weights needs the `kernels` package (pip install kernels)"
     assert vp.unmet_requirement(bf16) is None and vp.unmet_requirement(vp.Case("qwen3-8b", "fp8", 1024, 1, 1)) is None
+    record = vp.finish_record({**vp.base_record(fp8, _plan_on(fp8)), "skipped": vp.unmet_requirement(fp8)},
+                              {"accelerate_estimate_bytes": 1, "seed_rule_bytes": 2})
+    table = vp.summarize({"card": "H100", "date": "2026-12-06", "cases": [record]})
+    assert "| not run: keeping block-FP8 weights needs the `kernels` package (pip install kernels) |" in table
 
 
 def test_model_config_keeps_the_catalog_shape_with_fewer_layers():
