@@ -1,8 +1,9 @@
 """Batched decode on one GPU: the fast engine at batch 1, 4, 16 and 64 per precision, each against its roofline.
 
 In one call, per precision (NF4-DQ, NF4, FP8, BF16, then INT8 while time is left):
-  1. an engine of the Llama-3.1-8B shape (32 layers) over random weights quantized on the GPU, as loading
-     stores them (Engine.from_random);
+  1. an engine of the Llama-3.1-8B shape (32 layers; --model another catalog shape the engine runs, such as
+     qwen3-8b with its per-head q and k norms) over random weights quantized on the GPU, as loading stores
+     them (Engine.from_random);
   2. its first layer's linears (q/k/v as three parts, o and down with the residual, the gate/up GLU) through
      TritonOps at 1, 2, 4, 5, 16, 33 and 64 tokens against a float64 reference of the dequantized weights,
      NaN-poisoned outputs; the first call of each shape autotunes its kernel. The same layer requantized to
@@ -15,11 +16,13 @@ In one call, per precision (NF4-DQ, NF4, FP8, BF16, then INT8 while time is left
      from the hardware catalog (H100 SXM 3.35 TB/s and 989 TFLOP/s, H200 4.8 TB/s), and the fraction reached;
      for NF4-DQ (--pdl-quants) the batches above 1 once more with every kernel launched with PDL, which the
      engine does for one-token steps only.
-Then, if enough time is left, the reference stack (bench/decode_gpu.py's seed_baseline.py run).
-The results are written after every case to OUT/decode_<card>_<date>.json (card, date, exact command).
+Then, if enough time is left, the reference stack (bench/decode_gpu.py's seed_baseline.py run; Llama-3.1-8B
+only). The results are written after every case to OUT/decode_<card>_<date>.json (card, model, date, exact
+command; decode_<model>_<card>_<date>.json for another --model), every record naming the model shape.
 
 Usage (GPU machine):
-    python3 bench/batched_gpu.py [--quick] [--quants nf4-dq,nf4,fp8,bf16,int8] [--batches 1,4,16,64]
+    python3 bench/batched_gpu.py [--model llama3.1-8b | qwen3-8b] [--quick] [--quants nf4-dq,nf4,fp8,bf16,int8]
+                                 [--batches 1,4,16,64]
                                  [--seed-modes bf16,nf4,fp8 | ''] [--pdl-quants nf4-dq] [--budget-s 500] [--out PATH]
 """
 
@@ -38,7 +41,7 @@ import torch.nn.functional as F
 
 T0 = time.time()
 DEVICE = "cuda"
-MODEL = "llama3.1-8b"
+MODEL = "llama3.1-8b"  # the default --model, and the one shape the reference stack builds
 CHECK_ROWS = (1, 2, 4, 5, 16, 33, 64)  # tokens per check: each BLOCK_M the batched kernel has, odd counts too
 TIMING_LAYERS = 8  # a linear is timed over this many layers' weights in turn (8B o-proj, 4-bit: 64 MB > L2)
 GRAPH_REPLAYS = {False: 10, True: 3}  # replays of a timed graph, without and with --quick
@@ -83,12 +86,23 @@ def peaks() -> dict:
                 copy_bytes_s=copy)
 
 
-def model_config():
-    from transformers import LlamaConfig
+def model_config(model: str = MODEL):
+    """The catalog entry's config as transformers' config class of its family (LlamaConfig, Qwen3Config, ...);
+    SystemExit naming why when the fast engine does not run the family."""
+    from transformers import AutoConfig
 
-    from heavylift.model.catalog import find_model
+    from heavylift.engine import model_reason
+    from heavylift.errors import HeavyliftError
+    from heavylift.model.catalog import require_model
 
-    return LlamaConfig(**{k: v for k, v in find_model(MODEL).config_dict().items() if k != "_heavylift"})
+    try:
+        config = require_model(model).config_dict()
+    except HeavyliftError as e:
+        sys.exit(f"--model: {e}")
+    reason = model_reason(config, "bf16")
+    if reason is not None:
+        sys.exit(f"--model {model}: {reason}; choose a model the engine runs, such as {MODEL} or qwen3-8b")
+    return AutoConfig.for_model(**config)
 
 
 # -- correctness ----------------------------------------------------------------------------------------
@@ -227,7 +241,7 @@ def time_linears(layers, quant: str, rows_list, replays: int, bandwidth: float) 
 # -- decode ---------------------------------------------------------------------------------------------
 
 
-def decode_records(engine, quant: str, batches, quick: bool, peak: dict, save, **extra) -> list[dict]:
+def decode_records(engine, model: str, quant: str, batches, quick: bool, peak: dict, save, **extra) -> list[dict]:
     """Decode tok/s at each batch with its roofline; `extra` recorded with each (what differs from the
     default engine)."""
     from heavylift.runtime.benchmark import decode_lengths, engine_decode_tok_s, step_cost
@@ -241,7 +255,7 @@ def decode_records(engine, quant: str, batches, quick: bool, peak: dict, save, *
         roof = cost.roofline_tok_s(peak["bandwidth_bytes_s"], peak["flops_s"])
         bound = "bytes" if cost.bytes / peak["bandwidth_bytes_s"] >= cost.flops / (peak["flops_s"] or float("inf")) \
             else "flops"
-        rec = dict(model=f"{MODEL}-shape", engine="heavylift", quant=quant, batch=batch, prompt=prompt, new=new,
+        rec = dict(model=f"{model}-shape", engine="heavylift", quant=quant, batch=batch, prompt=prompt, new=new,
                    decode_tok_s=rate, roofline_tok_s=roof, roofline_fraction=rate / roof, bound_by=bound,
                    bytes_per_step=cost.bytes, weight_bytes=cost.weight_bytes, kv_bytes=cost.kv_bytes,
                    activation_bytes=cost.activation_bytes, flops_per_step=cost.flops, **extra)
@@ -291,14 +305,15 @@ def run_quant(quant: str, args, config, peak: dict, result: dict, save) -> None:
     result["tuned"] = tuned_configs()
     save()
     record = lambda rec: (result["records"].append(rec), save())  # noqa: E731
-    decode_records(engine, quant, batches, args.quick, peak, record)
+    decode_records(engine, args.model, quant, batches, args.quick, peak, record)
     if quant in args.pdl_quants:
-        engine = pdl_ablation(engine, quant, [b for b in batches if b > 1], context, args.quick, peak, record)
+        engine = pdl_ablation(engine, args.model, quant, [b for b in batches if b > 1], context, args.quick, peak,
+                              record)
     del engine
     free()
 
 
-def pdl_ablation(engine, quant: str, batches, context: int, quick: bool, peak: dict, record):
+def pdl_ablation(engine, model: str, quant: str, batches, context: int, quick: bool, peak: dict, record):
     """The steps of several tokens again with every kernel launched with PDL (ops.PDL_MAX_ROWS raised), on a
     fresh engine over the same weights (new graphs); the engine to free."""
     from heavylift.engine import ops
@@ -306,7 +321,7 @@ def pdl_ablation(engine, quant: str, batches, context: int, quick: bool, peak: d
     engine = engine.with_cache(max(batches), context)
     ops.PDL_MAX_ROWS = max(batches)
     try:
-        decode_records(engine, quant, batches, quick, peak, record, pdl_max_rows=ops.PDL_MAX_ROWS)
+        decode_records(engine, model, quant, batches, quick, peak, record, pdl_max_rows=ops.PDL_MAX_ROWS)
     finally:
         ops.PDL_MAX_ROWS = 1
     return engine
@@ -317,6 +332,10 @@ def reference(args, result: dict, save) -> None:
     left = args.budget_s - (time.time() - T0)
     modes = [m for m in args.seed_modes.split(",") if m]
     if not modes:
+        return
+    if args.model != MODEL:
+        result["reference"] = dict(skipped=f"the reference stack builds {MODEL}, not {args.model}")
+        save()
         return
     if left < REFERENCE_SECONDS:
         result["reference"] = dict(skipped=f"{left:.0f} s left, the reference needs {REFERENCE_SECONDS}")
@@ -344,7 +363,9 @@ def reference(args, result: dict, save) -> None:
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", help="default: $OUT/decode_<card>_<date>.json")
+    p.add_argument("--model", default=MODEL, help=f"a catalog shape the engine runs (default {MODEL}; qwen3-8b ...)")
+    p.add_argument("--out", help="default: $OUT/decode_<card>_<date>.json (decode_<model>_<card>_<date>.json for "
+                                 "another --model)")
     p.add_argument("--quants", default="nf4-dq,nf4,fp8,bf16,int8")
     p.add_argument("--batches", default="1,4,16,64")
     p.add_argument("--quick", action="store_true", help="a quarter of the decode steps, fewer timings")
@@ -361,15 +382,18 @@ def parse_args():
 
 def main() -> None:
     args = parse_args()
+    config = model_config(args.model)  # a model the engine cannot run is refused before CUDA starts
     import triton
 
     from heavylift.runtime.benchmark import command_line
 
     name, short = card_name()
     date = datetime.date.today().isoformat()
-    path = args.out or os.path.join(os.environ.get("OUT", "."), f"decode_{short}_{date}.json")
-    result = dict(card=name, date=date, command=command_line(), torch=torch.__version__, triton=triton.__version__,
-                  peaks={}, engines={}, checks=[], linears=[], records=[], skipped={}, tuned={})
+    stem = "decode" if args.model == MODEL else f"decode_{args.model}"
+    path = args.out or os.path.join(os.environ.get("OUT", "."), f"{stem}_{short}_{date}.json")
+    result = dict(card=name, model=args.model, date=date, command=command_line(), torch=torch.__version__,
+                  triton=triton.__version__, peaks={}, engines={}, checks=[], linears=[], records=[], skipped={},
+                  tuned={})
 
     def save(*_):
         result["elapsed_s"] = time.time() - T0
@@ -379,7 +403,6 @@ def main() -> None:
     result["peaks"] = peak = peaks()
     log("card", name, peak)
     save()
-    config = model_config()
     for quant in args.quants:
         if time.time() - T0 + QUANT_SECONDS > args.budget_s:
             result["skipped"][quant] = f"time: {time.time() - T0:.0f} s of a {args.budget_s:.0f} s budget"

@@ -1,16 +1,18 @@
 """Prediction truth: heavylift's per-GPU plan against the memory a real run takes, across a matrix of cases.
 
 For each case (model shape, precision, context, batch, GPU count) a random-weight safetensors checkpoint
-of the shape is written once per model; then a fresh child process plans it, loads it through heavylift,
-prefills context - 32 random tokens in heavylift's chunks and decodes 32 greedy steps. Measured per GPU
-is the device's peak as the driver sees it (cudaMemGetInfo: CUDA context, cuBLAS, kernels and every
+of the shape is written once per model (a pre-quantized one in its stored form: DeepSeek-V3's block-FP8
+weights with float32 block scales, gpt-oss's MXFP4 experts; Gemma 3's and Llama 4's language model under
+"language_model." as their multimodal checkpoints hold it); then a fresh child process plans it, loads it
+through heavylift, prefills context - 32 random tokens in heavylift's chunks and decodes 32 greedy steps.
+Measured per GPU is the device's peak as the driver sees it (cudaMemGetInfo: CUDA context, cuBLAS, kernels and every
 block the caching allocator holds), polled every millisecond and checked against the allocator's own
 peaks; `needed_bytes` (peak allocated + what lies outside the allocator) and each phase's figures (load,
 prefill, decode) sit beside it. Each case is also estimated as `accelerate estimate-memory` would
 (weights only) and by the seed article's rule (params x 2 / 1 / 0.5 bytes).
 
 Usage (repository root; the parent never starts CUDA, each case runs in its own child process):
-  python bench/validate_plan.py --list                                   # the matrix, planned for H100s
+  python bench/validate_plan.py --list [--models new-families]           # the matrix, planned for H100s
   python bench/validate_plan.py [--models llama3.1-8b,qwen2.5-7b] [--gpus 1] [--budget-s 420] [--merge]
                                 [--engine transformers]  # default auto: heavylift's engine where it runs, as `run`
   python bench/validate_plan.py --merge-files a.json b.json --out bench/results/plan_validation_h100_<date>.json
@@ -49,9 +51,18 @@ CASE_TIMEOUT_S = 300  # a child still running after this is recorded as an error
 LIST_GPUS = "H100"  # the card --list plans every case for (it needs no GPU)
 DEFAULT_WORK = "/tmp/hl-validate"
 RESULT_MARKER = "VALIDATE_PLAN_RECORD "  # prefixes the child's one JSON line on stdout
-# Layers kept of each catalog shape (None: all), so the largest fit one 80 GB GPU in bf16.
+DOES_NOT_FIT = "the plan says it does not fit"  # a case's `skipped` when heavylift refuses it
+# Layers kept of each catalog shape (None: all), so the largest fit one 80 GB GPU in bf16. The new families'
+# cuts keep each checkpoint a few GB and their quirks: Gemma 3's sixth layer is its first full-attention one,
+# DeepSeek-V3's fourth its first MoE layer after the three dense ones; one Qwen 3 MoE or Llama 4 layer holds
+# 4.8 or 4.4 GB of bf16 experts, one DeepSeek-V3 MoE layer 11.3 GB of FP8 ones.
 MODELS = {"llama3.1-8b": None, "mistral-7b": None, "qwen2.5-7b": None, "gemma2-9b": None, "phi3-mini": None,
-          "mixtral-8x7b": 4, "llama3.1-70b": 10}
+          "mixtral-8x7b": 4, "llama3.1-70b": 10,
+          "qwen3-8b": 8, "gpt-oss-20b": 4, "deepseek-v3": 4, "gemma3-27b": 6, "llama4-scout": 1, "qwen3-235b-a22b": 1}
+# The families heavylift plans besides those above, one catalog entry each: `--models new-families`. They run
+# in this order: a --budget-s that stops the run early has measured the pre-quantized checkpoints first.
+NEW_FAMILIES = ("qwen3-8b", "gpt-oss-20b", "deepseek-v3", "gemma3-27b", "llama4-scout", "qwen3-235b-a22b")
+MODEL_GROUPS = {"new-families": NEW_FAMILIES}
 SEED_RULE_BYTES_PER_PARAM = {"bf16": 2, "fp8": 1, "int8": 1, "nf4": 0.5, "nf4-dq": 0.5}
 # `accelerate estimate-memory` sizes the model in float32, then divides (commands/estimate.py, gather_data).
 ACCELERATE_DTYPE = {"bf16": "float16", "fp8": "int8", "int8": "int8", "nf4": "int4", "nf4-dq": "int4"}
@@ -67,6 +78,14 @@ ONE_GPU = {
     "phi3-mini": "bf16 1k 1, bf16 32k 8, fp8 8k 1, int8 8k 1, nf4 8k 8, nf4-dq 32k 1",
     "mixtral-8x7b": "bf16 8k 1, bf16 32k 8, fp8 1k 8, int8 8k 1, nf4 32k 1, nf4-dq 8k 8",
     "llama3.1-70b": "bf16 1k 1, bf16 8k 8, fp8 32k 1, int8 1k 1, nf4 8k 1, nf4-dq 32k 8",
+    # Pre-quantized checkpoints in the precisions they load in: gpt-oss's MXFP4 experts dequantized (bf16),
+    # DeepSeek-V3's block FP8 kept (fp8: transformers' FP8 kernels through the `kernels` package) or dequantized.
+    "qwen3-8b": "bf16 8k 8, nf4-dq 8k 1",
+    "gpt-oss-20b": "bf16 8k 1, bf16 1k 8",
+    "deepseek-v3": "bf16 1k 8, fp8 8k 1",
+    "gemma3-27b": "bf16 8k 1, fp8 1k 8",
+    "llama4-scout": "bf16 8k 1, int8 1k 1",
+    "qwen3-235b-a22b": "bf16 8k 1, nf4 1k 8",
 }
 # Split over two GPUs. At 32k x 8 the KV cache (34 GB for the 8B) is what the split must balance;
 # Gemma 2 there fits only a pair of 141 GB cards.
@@ -105,35 +124,82 @@ def record_key(record: dict) -> str:
 def case_engine(case: Case) -> str:
     """The runtime a case runs on, as heavylift.load decides it on a GPU machine: heavylift's engine where its
     checks pass (every layer on a CUDA GPU, Triton installed: true of the GPU kit), else transformers."""
-    from transformers import AutoConfig
-
     from heavylift.engine import model_reason
     from heavylift.planner.memory import FAST, TRANSFORMERS as PLAN_TRANSFORMERS
 
     if case.engine == TRANSFORMERS:
         return PLAN_TRANSFORMERS
-    reason = model_reason(AutoConfig.for_model(**model_config(case.model)), case.quant)
+    reason = model_reason(model_config(case.model), case.quant)
     return FAST if reason is None else PLAN_TRANSFORMERS
 
 
 # --- Model shapes and random checkpoints ----------------------------------------------------------
 
-def shrink_config(config: dict) -> dict:
-    """The same family and quirks at toy size, for CPU tests: hidden 64, 2 layers, vocab 320."""
+# Per-family keys of the toy shape beside hidden 64: few small experts, latent ranks and RoPE channels of
+# 64 and 32 (as tests/conftest.py's tiny DeepSeek-V3), windows and chunks of 32 positions.
+TOY_KEYS = {"num_local_experts": 4, "num_experts": 4, "n_routed_experts": 4, "moe_intermediate_size": 64,
+            "intermediate_size_mlp": 128, "kv_lora_rank": 64, "q_lora_rank": 64, "qk_rope_head_dim": 32,
+            "qk_nope_head_dim": 32, "v_head_dim": 32, "n_group": 2, "topk_group": 1, "first_k_dense_replace": 1,
+            "attention_chunk_size": 32, "sliding_window_pattern": 2}
+TOY_EXPERTS_PER_TOKEN = 2  # num_experts_per_tok (and gpt-oss's experts_per_token) at toy size, at most
+TOY_FP8_BLOCK = 32  # a block-FP8 checkpoint's weight_block_size at toy size: every toy projection is a multiple
+FP8_STORED_UNIT = 1.0  # std of the float8_e4m3fn codes of a block-FP8 random weight; the scale brings it to WEIGHT_STD
+MXFP4_SCALE = 127 - 7  # MXFP4 scale byte (exponent biased by 127): codes up to 6 x 2^-7, about WEIGHT_STD's size
+
+
+def language_part(config: dict) -> dict:
+    """The mapping that holds the language model's keys: config.json itself, or a multimodal one's text_config."""
+    from heavylift.model.families import WRAPPERS
+
+    return config["text_config"] if config.get("model_type") in WRAPPERS else config
+
+
+def cut_layers(config: dict, layers: int) -> dict:
+    """`config` with its first `layers` decoder layers (per-layer lists such as layer_types cut alike)."""
+    config = json.loads(json.dumps(config))
+    text = language_part(config)
+    text["num_hidden_layers"] = layers
+    if isinstance(text.get("layer_types"), list):
+        text["layer_types"] = text["layer_types"][:layers]
+    return config
+
+
+def _shrink_language(config: dict) -> dict:
     small = dict(config, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  vocab_size=320)
     mha = config.get("num_key_value_heads", config["num_attention_heads"]) == config["num_attention_heads"]
     small["num_key_value_heads"] = 4 if mha else 2
     if "head_dim" in config:
         small["head_dim"] = 16
-    if config.get("num_local_experts"):
-        small["num_local_experts"] = 4
+    small.update({k: v for k, v in TOY_KEYS.items() if k in config})
+    for key in ("num_experts_per_tok", "experts_per_token"):
+        if isinstance(config.get(key), int):
+            small[key] = min(config[key], TOY_EXPERTS_PER_TOKEN)
     for key in ("sliding_window", "sliding_window_size"):
         if isinstance(config.get(key), int):
             small[key] = min(config[key], 32)
-    for key, fallback in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)):
-        if isinstance(config.get(key), int) and config[key] >= small["vocab_size"]:
-            small[key] = fallback
+    if isinstance(config.get("layer_types"), list):
+        small["layer_types"] = config["layer_types"][:small["num_hidden_layers"]]
+    return small
+
+
+def shrink_config(config: dict) -> dict:
+    """The same family and quirks at toy size, for CPU tests: hidden 64, 2 layers, vocab 320; a multimodal
+    config's text_config shrunk so, a block-FP8 one in blocks of TOY_FP8_BLOCK."""
+    small = json.loads(json.dumps(config))
+    if small.get("text_config") is language_part(small):
+        small["text_config"] = _shrink_language(small["text_config"])
+    else:
+        small = _shrink_language(small)
+    if (small.get("quantization_config") or {}).get("weight_block_size"):
+        small["quantization_config"]["weight_block_size"] = [TOY_FP8_BLOCK, TOY_FP8_BLOCK]
+    for part in (small, language_part(small)):
+        for key, fallback in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)):
+            ids = part.get(key)
+            if isinstance(ids, int) and ids >= 320:
+                part[key] = fallback
+            elif isinstance(ids, list) and any(i >= 320 for i in ids):
+                part[key] = [i for i in ids if i < 320] or [fallback]
     return small
 
 
@@ -143,46 +209,119 @@ def model_config(model: str, shrink: bool = False) -> dict:
 
     config = require_model(model).config_dict()
     if MODELS[model] is not None:
-        config["num_hidden_layers"] = MODELS[model]
+        config = cut_layers(config, MODELS[model])
     return shrink_config(config) if shrink else config
 
 
-def _random_like(shape, device, generator):
+def _random_like(shape, device, generator, dtype=None):
     import torch
 
     if len(shape) == 1:
-        return torch.ones(shape, dtype=torch.bfloat16, device=device)
+        return torch.ones(shape, dtype=dtype or torch.bfloat16, device=device)
     return torch.empty(shape, dtype=torch.bfloat16, device=device).normal_(0, WEIGHT_STD, generator=generator)
+
+
+def _stored_random(name: str, shape: tuple, device, generator) -> "torch.Tensor":
+    """One tensor of a pre-quantized checkpoint as its storage holds it (prequantized.stored_as names it):
+    block FP8's float8_e4m3fn weight and float32 weight_scale_inv, MXFP4's uint8 code pairs and scale bytes."""
+    import torch
+
+    if name.endswith("weight_scale_inv"):
+        return torch.full(shape, WEIGHT_STD / FP8_STORED_UNIT, dtype=torch.float32, device=device)
+    if name.endswith("_blocks"):
+        return torch.randint(0, 256, shape, dtype=torch.uint8, device=device, generator=generator)
+    if name.endswith("_scales"):
+        return torch.full(shape, MXFP4_SCALE, dtype=torch.uint8, device=device)
+    codes = torch.empty(shape, dtype=torch.bfloat16, device=device).normal_(0, FP8_STORED_UNIT, generator=generator)
+    return codes.to(torch.float8_e4m3fn)
+
+
+def build_config(config: dict) -> dict:
+    """The config transformers builds the language model from: config.json's, or a multimodal one's text_config
+    with its model_type; without quantization_config (the builder writes the stored forms itself)."""
+    from heavylift.model.families import WRAPPERS
+
+    kind = config.get("model_type")
+    if kind in WRAPPERS:
+        return {**config["text_config"], "model_type": WRAPPERS[kind]}
+    return {k: v for k, v in config.items() if k != "quantization_config"}
+
+
+def checkpoint_tensors(config: dict) -> tuple[dict[str, dict[str, tuple]], dict[str, tuple]]:
+    """The checkpoint's tensor names and shapes, one group per shard (a decoder layer each, plus one for the
+    rest), as transformers' model names them on the hub; and the pre-quantized stored forms by weight name.
+
+    Names and shapes come from transformers' own model on the meta device, parameters and persistent buffers
+    (DeepSeek-V3's e_score_correction_bias); its weight-conversion mapping is reverted per shard, as
+    save_pretrained does, so MoE experts are stored per expert the way hub checkpoints and heavylift's inventory
+    name them. A pre-quantized config's weights take the stored form heavylift's inventory gives them
+    (weight name -> (shape, stored tensors)).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from heavylift.model.architecture import architecture_from_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**build_config(config)))
+    state = model.state_dict()
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied weights once
+    shapes.update({name: tuple(b.shape) for name, b in model.named_buffers() if name in state})
+    groups: dict[str, list[str]] = {}
+    for name in shapes:
+        layer = re.match(r"model\.layers\.(\d+)\.", name)
+        groups.setdefault(f"layer{int(layer.group(1)):03d}" if layer else "other", []).append(name)
+    shards = {shard: {k: tuple(v.shape) for k, v in revert_weight_conversion(
+                  model, {n: torch.empty(shapes[n], device="meta") for n in names}).items()}
+              for shard, names in sorted(groups.items())}
+    stored = {t.name: (t.shape, t.stored) for t in architecture_from_config(config).tensors if t.stored}
+    return shards, stored
+
+
+def _shard_tensors(shapes: dict[str, tuple], stored: dict[str, tuple], fp32: set[str], device, generator) -> dict:
+    """One shard's random tensors: each weight in its stored form where the checkpoint is pre-quantized."""
+    import torch
+
+    tensors = {}
+    for name, shape in shapes.items():
+        if name not in stored:
+            tensors[name] = _random_like(shape, device, generator, torch.float32 if name in fp32 else None)
+            continue
+        planned, form = stored[name]
+        if planned != shape:
+            raise RuntimeError(f"transformers builds {name} as {shape}, heavylift's inventory as {planned}")
+        tensors.update({n: _stored_random(n, s, device, generator) for n, s in form})
+    return tensors
 
 
 def build_checkpoint(config: dict, folder: Path, device: str = "cpu") -> Path:
     """config.json, one safetensors shard per decoder layer (plus one for the rest), index and tokenizer.
 
-    Names and shapes come from transformers' own model on the meta device; its weight-conversion
-    mapping is reverted per shard, as save_pretrained does, so MoE experts are stored per expert the
-    way hub checkpoints and heavylift's inventory name them.
+    Tensors as checkpoint_tensors names them, random (matrices ~ N(0, WEIGHT_STD), vectors ones, stored
+    forms as _stored_random makes them); a multimodal config's language model under "language_model." with
+    no vision tower (heavylift never reads it); parameters transformers keeps in float32 stored so.
     """
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.core_model_loading import revert_weight_conversion
+
+    from heavylift.model.architecture import architecture_from_config
+    from heavylift.model.families import WRAPPED_PREFIX
+    from heavylift.model.tensors import FP32_ALWAYS
 
     sys.path.insert(0, str(HERE.parent / "tests"))
     from conftest import save_tiny_tokenizer  # a small real tokenizer; the benchmark feeds random ids
 
     folder.mkdir(parents=True, exist_ok=True)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
-    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied weights once
-    shards: dict[str, list[str]] = {}
-    for name in shapes:
-        layer = re.match(r"model\.layers\.(\d+)\.", name)
-        shards.setdefault(f"layer{int(layer.group(1)):03d}" if layer else "other", []).append(name)
+    shards, stored = checkpoint_tensors(config)
+    arch = architecture_from_config(config)
+    fp32 = {t.name for t in arch.tensors if t.keep_fp32 == FP32_ALWAYS}
+    prefix = WRAPPED_PREFIX if arch.wrapped else ""
     generator = torch.Generator(device=device).manual_seed(0)
     weight_map, total = {}, 0
-    for n, (shard, names) in enumerate(sorted(shards.items())):
-        tensors = revert_weight_conversion(model, {k: _random_like(shapes[k], device, generator) for k in names})
-        tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    for n, shapes in enumerate(shards.values()):
+        tensors = _shard_tensors(shapes, stored, fp32, device, generator)
+        tensors = {prefix + k: v.contiguous().cpu() for k, v in tensors.items()}
         file = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(tensors, str(folder / file), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, file))
@@ -208,7 +347,7 @@ def _accelerate_float32_bytes(config_json: str) -> int:
     auto_map = config.get("auto_map") or {}
     constructor = next((getattr(transformers, k) for k in auto_map if k.startswith("AutoModelFor")),
                        transformers.AutoModel)  # the base model, without lm_head, unless auto_map names one
-    with init_empty_weights():
+    with init_empty_weights(), torch.device("meta"):  # meta: an MoE layer's experts need no host memory
         model = constructor.from_config(transformers.AutoConfig.for_model(**config), dtype=torch.float32)
     return int(calculate_maximum_sizes(model)[0])
 
@@ -384,7 +523,7 @@ def run_case(case: Case, folder: Path) -> dict:
     planned = scheme.engine
     record = {**base_record(case, scheme), "engine_planned": planned}
     if not scheme.fits:
-        return {**record, "skipped": "the plan says it does not fit"}
+        return {**record, "skipped": DOES_NOT_FIT}
     meter = Meter(case.gpus)
     try:
         t = time.perf_counter()
@@ -422,6 +561,20 @@ def plan_scheme(case: Case, devices):
     return make_plan(case.model, arch, devices, work, [case.quant]).scheme(case.quant)
 
 
+def unmet_requirement(case: Case) -> str | None:
+    """Why this machine cannot run a case as planned, known before its checkpoint is written: block-FP8 weights
+    kept in fp8 run only through the `kernels` package (prequantized.check_stored_runs refuses without it)."""
+    import importlib.util
+
+    from heavylift.model.architecture import architecture_from_config
+    from heavylift.model.prequantized import keeps_stored
+
+    if keeps_stored(architecture_from_config(model_config(case.model)).prequantized, case.quant) \
+            and importlib.util.find_spec("kernels") is None:
+        return "keeping block-FP8 weights needs the `kernels` package (pip install kernels)"
+    return None
+
+
 def card_slug(name: str) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'h100'; 'NVIDIA GeForce RTX 4090' -> 'rtx-4090'."""
     words = [w for w in re.split(r"[\s_-]+", name.lower()) if w not in ("nvidia", "geforce")]
@@ -455,10 +608,11 @@ def write_results(results: dict, out: Path) -> None:
 
 def selected(args) -> list[Case]:
     """The --models and --gpus cases, grouped by model (one checkpoint at a time), on --engine."""
-    models = args.models.split(",") if args.models else list(MODELS)
+    models = [m for name in args.models.split(",") for m in MODEL_GROUPS.get(name, (name,))] if args.models \
+        else list(MODELS)
     unknown = set(models) - set(MODELS)
     if unknown:
-        sys.exit(f"--models: unknown {', '.join(sorted(unknown))}; choose from {', '.join(MODELS)}")
+        sys.exit(f"--models: unknown {', '.join(sorted(unknown))}; choose from {', '.join([*MODELS, *MODEL_GROUPS])}")
     cases = [c for c in MATRIX if c.model in models and (args.gpus is None or c.gpus == args.gpus)]
     return [replace(c, engine=args.engine) for c in sorted(cases, key=lambda c: list(MODELS).index(c.model))]
 
@@ -487,8 +641,9 @@ def run_matrix(args) -> None:
             print(f"{case.key}: skipped, needs {case.gpus} GPUs and {len(devices)} are visible", flush=True)
             continue
         scheme = plan_scheme(case, devices[:case.gpus])
-        if not scheme.fits:
-            record = {**base_record(case, scheme), "skipped": "the plan says it does not fit"}
+        unmet = unmet_requirement(case)
+        if not scheme.fits or unmet:
+            record = {**base_record(case, scheme), "skipped": unmet or DOES_NOT_FIT}
         else:
             if not (folder / "config.json").exists():
                 t = time.perf_counter()
@@ -528,17 +683,21 @@ def merge(documents: list[dict]) -> dict:
             "cases": sorted(best.values(), key=position)}
 
 
-def list_matrix(spec: str = LIST_GPUS, engine: str = AUTO) -> str:
+def list_matrix(spec: str = LIST_GPUS, engine: str = AUTO, cases: list[Case] | None = None) -> str:
+    """`cases` (default: the whole matrix on `engine`) planned on `spec` cards: layers, per-GPU bytes, the
+    runtime planned and whether it fits."""
     from heavylift.hardware.gpus import parse_gpu_spec
 
-    rows = [f"{'case':42} {'layers':>6} {'predicted GB per GPU':>22}  fits {spec}"]
-    for case in (replace(c, engine=engine) for c in MATRIX):
+    cases = [replace(c, engine=engine) for c in MATRIX] if cases is None else cases
+    rows = [f"{'case':42} {'layers':>6} {'predicted GB per GPU':>22} {'runtime':>12}  fits {spec}"]
+    for case in cases:
         scheme = plan_scheme(case, parse_gpu_spec(f"{case.gpus}x{spec}"))
         per_gpu = " + ".join(f"{d.total_bytes / 1e9:.1f}" for d in scheme.per_device)
         layers = sum(len(d.layers) for d in scheme.per_device)
-        rows.append(f"{case.key:42} {layers:>6} {per_gpu:>22}  {'yes' if scheme.fits else 'NO'}")
-    ones = sum(c.gpus == 1 for c in MATRIX)
-    rows.append(f"{len(MATRIX)} cases: {ones} on one GPU, {len(MATRIX) - ones} on two")
+        fits = "yes" if scheme.fits else "NO"
+        rows.append(f"{case.key:42} {layers:>6} {per_gpu:>22} {scheme.engine:>12}  {fits}")
+    ones = sum(c.gpus == 1 for c in cases)
+    rows.append(f"{len(cases)} cases: {ones} on one GPU, {len(cases) - ones} on two")
     return "\n".join(rows)
 
 
@@ -566,7 +725,9 @@ def summarize(results: dict) -> str:
     for r in results["cases"]:
         devices = r.get("devices", [])
         errors += [(abs(d["error_pct"]), record_key(r)) for d in devices if d.get("error_pct") is not None]
-        status = "error" if "error" in r else "does not fit (plan)" if r.get("skipped") else None
+        skipped = r.get("skipped")
+        status = "error" if "error" in r else "does not fit (plan)" if skipped == DOES_NOT_FIT \
+            else f"not run: {skipped}" if skipped else None
         measured = status or _cell(devices, "measured_bytes") + (" OOM" if r.get("oom") else "")
         engine = "" if r.get("engine", TRANSFORMERS) == TRANSFORMERS else f" ({r.get('engine_used', r['engine'])})"
         cells = [r["model"] + engine, r["quant"], f"{r['context'] // K}k", str(r["batch"]), str(r["gpus"]),
@@ -587,7 +748,8 @@ def summarize(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--list", action="store_true", help="print the matrix and its plan on H100s; no GPU needed")
-    parser.add_argument("--models", help="comma-separated subset of: " + ", ".join(MODELS))
+    parser.add_argument("--models", help="comma-separated subset of: " + ", ".join(MODELS) + "; or a group: "
+                        + ", ".join(f"{g} ({', '.join(m)})" for g, m in MODEL_GROUPS.items()))
     parser.add_argument("--gpus", type=int, choices=(1, 2), help="only the cases on this many GPUs")
     parser.add_argument("--budget-s", type=float, help="start no case after this many seconds")
     parser.add_argument("--out", help="results file (default bench/results/plan_validation_<card>_<date>.json)")
@@ -611,7 +773,7 @@ def main() -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         build_checkpoint(model_config(args.build), Path(args.work) / args.build, device)
     elif args.list:
-        print(list_matrix(engine=args.engine))
+        print(list_matrix(cases=selected(args)))
     elif args.summarize:
         print(summarize(json.loads(Path(args.summarize).read_text())))
     elif args.replan:

@@ -49,8 +49,22 @@ def test_list_prints_every_case():
     assert all(c.key in text for c in vp.MATRIX) and "on two" in text
 
 
+def _language_model_kwargs(folder, source) -> dict:
+    """from_pretrained's arguments for a multimodal checkpoint's language model, as heavylift's loader passes them."""
+    from transformers import AutoConfig
+
+    from heavylift.model.families import WRAPPED_PREFIX
+
+    if not source.architecture.wrapped:
+        return {}
+    return {"config": AutoConfig.from_pretrained(folder).get_text_config(decoder=True),
+            "key_mapping": {f"^{WRAPPED_PREFIX.replace('.', '[.]')}": ""}}
+
+
 @pytest.mark.parametrize("model", list(vp.MODELS))
 def test_checkpoint_builder_round_trips_through_transformers_and_heavylift(tmp_path, model):
+    """Every toy checkpoint loads into transformers' model with no key missing, unexpected or mismatched (stored
+    forms dequantized on load on CPU), and holds exactly heavylift's inventory (resolve_model checks the headers)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -58,18 +72,119 @@ def test_checkpoint_builder_round_trips_through_transformers_and_heavylift(tmp_p
 
     config = vp.model_config(model, shrink=True)
     folder = vp.build_checkpoint(config, tmp_path / model)
-    loaded, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, output_loading_info=True)
-    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"))
     source = resolve_model(str(folder))  # heavylift's inventory check against the safetensors headers
+    loaded, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, output_loading_info=True,
+                                                        **_language_model_kwargs(folder, source))
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"))
     assert sum(p.numel() for p in loaded.parameters()) == source.architecture.params
-    assert json.loads((folder / "config.json").read_text())["num_hidden_layers"] == 2
+    assert all(torch.isfinite(p.float()).all() for p in loaded.parameters())
+    assert vp.language_part(json.loads((folder / "config.json").read_text()))["num_hidden_layers"] == 2
     assert (folder / "tokenizer.json").is_file()
+
+
+def test_pre_quantized_toy_checkpoints_are_stored_as_the_hub_stores_them(tmp_path):
+    """DeepSeek-V3: float8_e4m3fn linear weights with float32 block scales; router, score bias, norms,
+    embeddings and lm_head as they load. gpt-oss: uint8 MXFP4 code pairs and scales for the experts, attention
+    in bf16. Dequantized, the FP8 weights keep the random weights' spread."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from heavylift.model.checkpoint import read_checkpoint
+
+    deepseek = vp.build_checkpoint(vp.model_config("deepseek-v3", shrink=True), tmp_path / "ds")
+    headers = read_checkpoint(deepseek).tensors
+    moe = "model.layers.1.mlp"
+    assert headers["model.layers.0.self_attn.kv_b_proj.weight"].dtype == "F8_E4M3"
+    assert headers["model.layers.0.self_attn.kv_b_proj.weight_scale_inv"].shape == (8, 2)  # [256, 64] in 32 x 32
+    assert headers[f"{moe}.experts.3.down_proj.weight_scale_inv"].dtype == "F32"
+    assert headers[f"{moe}.gate.weight"].dtype == "BF16"
+    assert headers[f"{moe}.gate.e_score_correction_bias"].dtype == "F32"
+    assert headers["model.layers.0.mlp.gate_proj.weight"].dtype == "F8_E4M3"  # the dense first layer
+    assert headers["lm_head.weight"].dtype == "BF16" and "lm_head.weight_scale_inv" not in headers
+    q_b = AutoModelForCausalLM.from_pretrained(deepseek, dtype=torch.bfloat16).model.layers[0].self_attn.q_b_proj
+    assert 0.015 < q_b.weight.float().std() < 0.025
+
+    oss = vp.build_checkpoint(vp.model_config("gpt-oss-20b", shrink=True), tmp_path / "oss")
+    headers = read_checkpoint(oss).tensors
+    experts = "model.layers.0.mlp.experts"
+    assert headers[f"{experts}.gate_up_proj_blocks"].shape == (4, 256, 2, 16)  # [experts, 2 x 128, 64 / 32, 16]
+    assert headers[f"{experts}.down_proj_scales"].shape == (4, 64, 4)  # [experts, 64, 128 / 32]
+    assert headers[f"{experts}.down_proj_scales"].dtype == "U8"
+    assert f"{experts}.gate_up_proj" not in headers and headers[f"{experts}.gate_up_proj_bias"].dtype == "BF16"
+    assert headers["model.layers.0.self_attn.q_proj.weight"].dtype == "BF16"
+
+
+def test_the_new_families_are_cut_to_a_few_gb_and_stored_as_heavylift_plans_them():
+    """At their GPU sizes, the checkpoints the builder would write (built on the meta device) hold exactly the
+    tensors heavylift's inventory expects, in the stored dtypes, each a few GB."""
+    from heavylift.model.architecture import architecture_from_config
+    from heavylift.model.checkpoint import Checkpoint, TensorInfo, check_against
+    from heavylift.model.families import WRAPPED_PREFIX
+    from heavylift.model.tensors import FP32_ALWAYS
+
+    sizes, dtypes = {}, {}
+    for model in vp.NEW_FAMILIES:
+        config = vp.model_config(model)
+        arch = architecture_from_config(config)
+        shards, stored = vp.checkpoint_tensors(config)
+        fp32 = {t.name for t in arch.tensors if t.keep_fp32 == FP32_ALWAYS}
+        tensors = {n: t for shapes in shards.values()
+                   for n, t in vp._shard_tensors(shapes, stored, fp32, "meta", None).items()}
+        prefix = WRAPPED_PREFIX if arch.wrapped else ""
+        check_against(arch, Checkpoint({prefix + n: TensorInfo(tuple(t.shape), str(t.dtype), "")
+                                        for n, t in tensors.items()}, ()), model)
+        sizes[model] = round(sum(t.numel() * t.element_size() for t in tensors.values()) / 1e9, 1)
+        dtypes[model] = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
+    assert sizes == {"qwen3-8b": 5.6, "gpt-oss-20b": 4.2, "gemma3-27b": 7.8, "qwen3-235b-a22b": 7.5,
+                     "llama4-scout": 8.5, "deepseek-v3": 17.0}
+    assert dtypes["deepseek-v3"] == ["bfloat16", "float32", "float8_e4m3fn"]
+    assert dtypes["gpt-oss-20b"] == ["bfloat16", "uint8"]
+
+
+def test_list_plans_the_new_families_alone(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["validate_plan.py", "--list", "--models", "new-families"])
+    vp.main()
+    rows = capsys.readouterr().out.splitlines()
+    cases = [c for c in vp.MATRIX if c.model in vp.NEW_FAMILIES]
+    assert [r.split()[0] for r in rows[1:-1]] == [vp.replace(c, engine=vp.AUTO).key for c in cases]
+    assert all(r.endswith("  yes") for r in rows[1:-1])
+    assert rows[-1] == f"{len(cases)} cases: {len(cases)} on one GPU, 0 on two"
+    assert {r.split()[0]: r.split()[-2] for r in rows[1:-1]}["qwen3-8b/nf4-dq/8k/b1/1gpu/auto"] == "fast"
+    assert {c.model for c in cases} == set(vp.NEW_FAMILIES)
+    assert {c.quant for c in cases if c.model == "deepseek-v3"} == {"fp8", "bf16"}
+    assert {c.quant for c in cases if c.model == "gpt-oss-20b"} == {"bf16"}
+
+
+def test_an_unknown_model_names_the_groups(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["validate_plan.py", "--list", "--models", "qwen9"])
+    with pytest.raises(SystemExit, match="choose from .*qwen3-235b-a22b, new-families$"):
+        vp.main()
+
+
+def test_kept_block_fp8_needs_the_kernels_package(monkeypatch):
+    import importlib.util
+
+    fp8, bf16 = vp.Case("deepseek-v3", "fp8", 8192, 1, 1), vp.Case("deepseek-v3", "bf16", 1024, 8, 1)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert vp.unmet_requirement(fp8) == "keeping block-FP8 weights needs the `kernels` package (pip install kernels)"
+    assert vp.unmet_requirement(bf16) is None and vp.unmet_requirement(vp.Case("qwen3-8b", "fp8", 1024, 1, 1)) is None
+    record = vp.finish_record({**vp.base_record(fp8, _plan_on(fp8)), "skipped": vp.unmet_requirement(fp8)},
+                              {"accelerate_estimate_bytes": 1, "seed_rule_bytes": 2})
+    table = vp.summarize({"card": "H100", "date": "2026-12-06", "cases": [record]})
+    assert "| not run: keeping block-FP8 weights needs the `kernels` package (pip install kernels) |" in table
 
 
 def test_model_config_keeps_the_catalog_shape_with_fewer_layers():
     assert vp.model_config("llama3.1-70b")["num_hidden_layers"] == 10
     assert vp.model_config("mixtral-8x7b")["num_local_experts"] == 8
     assert vp.model_config("gemma2-9b")["num_hidden_layers"] == 42
+    deepseek = vp.model_config("deepseek-v3")  # three dense layers, then one MoE layer, in block FP8
+    assert deepseek["num_hidden_layers"] == 4 and deepseek["first_k_dense_replace"] == 3
+    assert deepseek["quantization_config"]["weight_block_size"] == [128, 128]
+    assert vp.model_config("gemma3-27b")["text_config"]["num_hidden_layers"] == 6  # the sixth is the full layer
+    oss = vp.model_config("gpt-oss-20b")
+    assert oss["layer_types"] == ["sliding_attention", "full_attention"] * 2
+    assert oss["quantization_config"]["quant_method"] == "mxfp4"
 
 
 @pytest.mark.parametrize("quant, accelerate, seed", [
@@ -164,7 +279,8 @@ def test_card_slug():
 
 
 @pytest.mark.parametrize("model, engine", [("mixtral-8x7b", "transformers"), ("gemma2-9b", "transformers"),
-                                           ("mistral-7b", "fast")])
+                                           ("mistral-7b", "fast"), ("qwen3-8b", "fast"),
+                                           *((m, "transformers") for m in vp.NEW_FAMILIES[1:])])
 def test_the_loop_fills_the_cache_to_the_context_exactly(tmp_path, monkeypatch, model, engine):
     import heavylift
 

@@ -111,6 +111,15 @@ def _windows(config) -> list[int]:
     return [w or 0 for w in layer_windows_of(config.to_dict())]
 
 
+def _has_qk_norm(config) -> bool:
+    """Whether the family's layer norms each head's queries and keys (Qwen 3's q_norm and k_norm): its layout in
+    model.families, the one place a family's tensors are listed."""
+    from heavylift.model.architecture import architecture_from_config
+
+    return any(t.name.endswith("self_attn.q_norm.weight")
+               for t in architecture_from_config(config.to_dict()).layer_tensors(0))
+
+
 def _shape(config) -> Shape:
     head_dim = head_dim_of(config.to_dict())
     return Shape(config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_dim,
@@ -183,7 +192,8 @@ class Engine:
     def from_random(cls, config, kind: int, device, batch: int, context: int, seed: int = 0,
                     ops: str = "triton") -> "Engine":
         """Random bf16 weights (std 0.02) quantized into `kind` storage one matrix at a time, so a model
-        whose bf16 checkpoint would not fit the disk or the GPU is built at its quantized size."""
+        whose bf16 checkpoint would not fit the disk or the GPU is built at its quantized size; norms
+        (Qwen 3's per-head q and k norms too) 1 + the same noise."""
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
         shape = _shape(config)
@@ -195,11 +205,11 @@ class Engine:
         def lin(n, k):
             return quantize(rand(n, k), kind)
 
-        h, d, windows = shape.hidden, shape.head_dim, _windows(config)
+        h, d, windows, qk_norm = shape.hidden, shape.head_dim, _windows(config), _has_qk_norm(config)
         layers = [Layer(torch.device(device), 1 + rand(h), 1 + rand(h),
                         (lin(shape.heads * d, h), lin(shape.kv_heads * d, h), lin(shape.kv_heads * d, h)),
                         lin(h, shape.heads * d), lin(shape.intermediate, h), lin(shape.intermediate, h),
-                        lin(h, shape.intermediate), windows[i])
+                        lin(h, shape.intermediate), windows[i], qk_norm=(1 + rand(d), 1 + rand(d)) if qk_norm else None)
                   for i in range(config.num_hidden_layers)]
         rotary = LlamaRotaryEmbedding(config).to(device)
         return cls(shape, layers, rand(shape.vocab, h), 1 + rand(h), quantize(rand(shape.vocab, h), DENSE), rotary,
