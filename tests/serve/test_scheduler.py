@@ -269,7 +269,7 @@ def test_prompts_that_arrive_while_others_decode_ride_inside_their_steps(served,
         async for event in stream:
             if isinstance(event, Delta):
                 ids_first += [t.id for t in event.tokens]
-                if joined is None:  # the first is decoding now: two more join it
+                if joined is None and len(ids_first) == 2:  # the first is decoding now: two more join it
                     joined = [asyncio.create_task(_collect(scheduler, Request(p, 8, temperature=0)))
                               for p in (second, third)]
         return ids_first, [(await j)[1] for j in joined]
@@ -287,3 +287,38 @@ def test_prompts_that_arrive_while_others_decode_ride_inside_their_steps(served,
         carried = [step for step in steps if (slot, 0, prompt[0]) in step]
         assert all(any(s == 0 for s, _, _ in step) for step in carried)  # inside the first stream's steps
     assert scheduler.stats().slots_used == 0
+
+
+def test_prompts_that_arrive_together_go_in_full_chunks_before_any_stream_decodes(served, monkeypatch):
+    """A burst on the engine: with no stream decoding yet, each prompt goes in a standalone full chunk, and
+    the first decode step waits for all of them (no mixed step); every greedy output is its own alone."""
+    from heavylift.defaults import PREFILL_CHUNK_TOKENS
+
+    session, scheduler = served
+    if session.engine is None:
+        pytest.skip("transformers runs no mixed steps")
+    chunks, steps, decoded = [], [], []
+    real_prefill, real_mixed, real_decode = (scheduler.backend.prefill, scheduler.backend.mixed,
+                                             scheduler.backend.decode)
+    monkeypatch.setattr(scheduler.backend, "prefill",
+                        lambda slot, ids, scores, chunk: chunks.append(chunk) or real_prefill(slot, ids, scores, chunk))
+    monkeypatch.setattr(scheduler.backend, "mixed", lambda rows: steps.append(rows) or real_mixed(rows))
+    monkeypatch.setattr(scheduler.backend, "decode",
+                        lambda tokens: decoded.append(sorted(tokens)) or real_decode(tokens))
+    prompts = [_prompt(session, i) for i in (1, 2, 5)]
+
+    async def main():
+        streams = [scheduler.submit(Request(p, 6, temperature=0)) for p in prompts]  # one tick: a burst
+        out = []
+        for stream in streams:
+            ids = []
+            async for event in stream:
+                if isinstance(event, Delta):
+                    ids += [t.id for t in event.tokens]
+            out.append(ids)
+        return out
+
+    results = asyncio.run(main())
+    assert results == [_alone(session, p, 6) for p in prompts]
+    assert chunks == [PREFILL_CHUNK_TOKENS] * 3 and steps == []
+    assert decoded[0] == [0, 1, 2]  # the first decode step, once every prompt is in, steps all three

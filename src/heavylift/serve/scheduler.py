@@ -4,8 +4,9 @@ One worker thread owns the model. Each turn of its loop it takes cancellations, 
 into free slots, then steps the model once. While streams decode on the engine, the oldest prompt still
 prefilling rides inside their step: a mixed step carries every decoding stream's token and as many of the
 prompt's next tokens as the step's budget leaves (Backend.step_tokens), so a prompt lengthens the streams'
-steps a little instead of stalling them (chunked prefill). With nothing decoding, a prompt goes in
-standalone chunks of PREFILL_CHUNK_TOKENS (the fastest first token); a prompt that asks for its own scores,
+steps a little instead of stalling them (chunked prefill). With no stream decoding past its first token
+(an idle server, a burst of prompts), a prompt goes in standalone chunks of PREFILL_CHUNK_TOKENS (the
+fastest first token) and decoding waits until the burst is in; a prompt that asks for its own scores,
 and every prompt on transformers, goes in standalone chunks of `prefill_chunk` between decode steps. Each
 sequence has its own sampling, stop strings and length; one that ends, fails or is cancelled frees its slot
 before the next step. Events reach the asyncio side through each request's
@@ -289,19 +290,31 @@ class Scheduler:
         if prefilling is not None:
             self._guarded([prefilling], self._prefill_chunk)
         decoding = self._decoding()
-        if decoding:
+        if decoding and not self._burst():
             self._guarded(decoding, self._decode_step)
         return True
 
     def _decoding(self) -> list[_Sequence]:
         return [s for s in self._running if s.prefill is None and s.token is not None]
 
+    def _streaming(self) -> bool:
+        """Whether a stream has decoded past its first token (its first comes from its prefill)."""
+        return any(s.prefill is None and s.generated >= 2 for s in self._running)
+
+    def _burst(self) -> bool:
+        """Whether prompts that arrived together are still going in (on a backend that runs mixed steps):
+        another prompt waits to prefill and no stream has decoded yet. Their streams' first decode steps wait
+        for every one of them, in standalone chunks: the fastest first tokens, and each stream's one longer
+        gap is between its first two tokens. At most the slots' prompts, as nothing more is admitted."""
+        return (bool(self.backend.step_tokens) and not self._streaming()
+                and any(s.prefill is not None for s in self._running))
+
     def _mixes(self, seq: _Sequence) -> bool:
         """Whether `seq`'s prompt goes in mixed steps now: the backend runs them, the prompt wants no scores,
-        and streams decode (or its prompt already started in mixed steps)."""
+        and streams decode past their first token (or its prompt already started in mixed steps)."""
         if not self.backend.step_tokens or seq.request.echo_logprobs:
             return False
-        return seq.prefill is _MIXING or (seq.prefill is _NOT_STARTED and bool(self._decoding()))
+        return seq.prefill is _MIXING or (seq.prefill is _NOT_STARTED and self._streaming())
 
     def _admit(self, stream: Stream) -> None:
         r = stream.request
