@@ -42,7 +42,7 @@ def step_us(engine, steps: int) -> float:
     token = torch.zeros(1, dtype=torch.long, device="cuda")
     for _ in range(3):
         engine.decode(token)
-    graph = engine._graphs[1][0]
+    graph = engine._graphs[1, False][0]  # (batch, mixed)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(steps):

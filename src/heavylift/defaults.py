@@ -101,12 +101,28 @@ PREFILL_CHUNK_TOKENS = 2048
 # A prompt's own token log-probabilities (a server's `echo` with `logprobs`) come from the head over this
 # many positions at a time: 64 x a 128k vocabulary in float32 is 33 MB, a whole chunk's would be 1 GB.
 SCORE_ROWS = 64
-# `heavylift serve --prefill-chunk N`: a prompt that arrives while other streams decode goes in chunks of N
-# tokens, one chunk between two decode steps (alone, in PREFILL_CHUNK_TOKENS). The default is the full
-# chunk: on an H100 with 16 streams of an 8B model, 128-token chunks cut the streams' inter-token p99 from
-# 91 to 53 ms in NF4-DQ and from 74 to 45 ms in FP8, but also the throughput from 710 to 552 and from 1650
-# to 1019 tok/s (bench/results/serve_chunked_h100_2026-12-06.json).
+# `heavylift serve --prefill-chunk N`: the most tokens of a prompt one standalone prefill chunk takes while
+# other streams decode, that chunk running between two decode steps and holding every stream up for its
+# length. On the engine only a prompt that asks for its own scores (echo with logprobs) still prefills that
+# way while streams decode; the others ride inside the decode steps (SERVE_MIXED_STEP_TOKENS). A prompt alone
+# goes in PREFILL_CHUNK_TOKENS, the default; N is at least this many.
 SERVE_MIN_PREFILL_CHUNK_TOKENS = 16
+# `heavylift serve` on the engine, while streams decode: each step carries every decoding stream's token and
+# up to (this - the decoding streams) tokens of the oldest prompt still prefilling, as rows of one batch
+# (chunked prefill in mixed steps, vLLM's name), so a prompt costs each stream a slightly longer step instead
+# of a stall. Per weight precision, by what a step of N tokens costs on the 8B shape on an H100 (docs/
+# engine.md "Every batch size": tokens/s at batch 16 and 64):
+# - 4-bit and LLM.int8: 64. engine/batched.py's mixed-input GEMM takes steps of up to 64 tokens (NF4-DQ: a
+#   64-token step 8.2 ms, a 16-token one 5.8 ms); above 64 a step falls back to dequantize + cuBLAS.
+# - bf16: 64. Above 16 tokens a step goes to cuBLAS, whose 64-token step costs 1.2x a 16-token one (7.9 against
+#   6.6 ms): more prompt per step for little.
+# - FP8: 16. Above 16 tokens a step leaves the engine's 16-row tile for torch._scaled_mm, whose 64-token step
+#   costs 2.1x a 16-token one (12.2 against 5.7 ms): a prompt rides free beside up to 15 streams, and where
+#   decoding rows fill the budget it takes SERVE_MIXED_MIN_PREFILL_TOKENS and the step pays the slow path.
+SERVE_MIXED_STEP_TOKENS = {"nf4": 64, "nf4-dq": 64, "int8": 64, "bf16": 64, "fp8": 16}
+# A prompt's least share of a mixed step, where decoding rows alone reach SERVE_MIXED_STEP_TOKENS: without it
+# a prompt beside 64 streams would advance one token a step (a 512-token prompt: 512 steps to its first token).
+SERVE_MIXED_MIN_PREFILL_TOKENS = 16
 # MoE experts quantized to 8 bits while they load (experts._quantize_rows) go through float32 this many
 # elements at a time (64 MB), not a whole fused tensor at once (Mixtral's gate_up_proj: 3.8 GB).
 EXPERT_ROW_CHUNK_ELEMENTS = 1 << 24

@@ -107,17 +107,18 @@ def test_serve_is_counted_only_when_asked():
 
 def test_the_engine_server_keeps_its_decode_buffers_and_slot_tables():
     # A server of 4 sequences on one device (the model's start and end) keeps, beside a run of 4 sequences,
-    # Engine._buffers(4), a bool and an int32 [4] table and an int32 scalar, each rounded to 512 bytes: hidden x3 (2 x 4 x 4096 bytes
+    # Engine._buffers(4), a bool, two int32 and an int64 [4] table and an int32 scalar, each rounded to 512 bytes: hidden x3 (2 x 4 x 4096 bytes
     # each), qkv (2 x 4 x 48 x 128), q and attn (2 x 4 x 4096 each), act (2 x 4 x 14336), slots (512),
     # the split-K partials o (4 x 4 x 32 x 64 x 128), m and l (4 x 4 x 32 x 64 each), tokens (512), final
-    # (2 x 4 x 4096), bf16 logits (2 x 4 x 128256), active, positions and last (512 each).
+    # (2 x 4 x 4096), bf16 logits (2 x 4 x 128256), active, positions, last, and a mixed step's row_slots and
+    # lengths (512 each).
     arch, part = _arch("llama3.1-8b"), Part(range(32), True, True)
     run = runtime_terms(arch, "bf16", FAST, 8192, 4, 2, H100[0], part)
     served = runtime_terms(arch, "bf16", FAST, 8192, 4, 2, H100[0], part, serve=True)
     buffers = (3 * 32768 + 49152 + 2 * 32768 + 114688 + 512 + 4194304 + 2 * 32768 + 512 + 32768
-               + block_size(2 * 4 * 128256) + 3 * 512)
+               + block_size(2 * 4 * 128256) + 5 * 512)
     assert served.kv_cache_bytes == run.kv_cache_bytes == 4 * 2**30  # 1 GiB a sequence
-    assert served.buffer_bytes - run.buffer_bytes == buffers == 5_648_896
+    assert served.buffer_bytes - run.buffer_bytes == buffers == 5_649_920
 
 
 def test_the_transformers_server_keeps_a_cache_per_sequence_and_runs_one_at_a_time():

@@ -220,7 +220,9 @@ def test_steady_decoding_launches_each_step_before_reading_the_last(served, monk
     assert scheduler.stats().slots_used == 0
 
 
-def test_a_prompt_goes_in_prefill_chunks_only_while_other_streams_decode(served, monkeypatch):
+def test_a_prompt_scored_while_other_streams_decode_goes_in_prefill_chunks(served, monkeypatch):
+    """A prompt that asks for its own scores (and any prompt on transformers) goes in standalone chunks of
+    prefill_chunk while others decode; alone, in full chunks."""
     from heavylift.defaults import PREFILL_CHUNK_TOKENS
 
     session, scheduler = served
@@ -237,9 +239,86 @@ def test_a_prompt_goes_in_prefill_chunks_only_while_other_streams_decode(served,
             if isinstance(event, Delta):
                 ids_first += [t.id for t in event.tokens]
                 if joined is None:  # the first is decoding now: the second joins it
-                    joined = asyncio.create_task(_collect(scheduler, Request(second, 6, temperature=0)))
+                    joined = asyncio.create_task(_collect(scheduler, Request(
+                        second, 6, temperature=0, logprobs=0, echo_logprobs=True)))
         return ids_first, (await joined)[1]
 
     ids_first, ids_second = asyncio.run(main())
     assert chunks == [PREFILL_CHUNK_TOKENS, 4]
     assert ids_first == _alone(session, first, 40) and ids_second == _alone(session, second, 6)
+
+
+def test_prompts_that_arrive_while_others_decode_ride_inside_their_steps(served, monkeypatch):
+    """On the engine, prompts that join a decoding stream go in mixed steps: each step carries the decode
+    rows and the next few prompt tokens (the engine's 4 rows at most here), the prompts' tokens in order and
+    at their positions; every greedy output is what the sequence gives alone."""
+    from heavylift.defaults import PREFILL_CHUNK_TOKENS
+
+    session, scheduler = served
+    if session.engine is None:
+        pytest.skip("transformers runs no mixed steps")
+    chunks, steps = [], []
+    real_prefill, real_mixed = scheduler.backend.prefill, scheduler.backend.mixed
+    monkeypatch.setattr(scheduler.backend, "prefill",
+                        lambda slot, ids, scores, chunk: chunks.append(chunk) or real_prefill(slot, ids, scores, chunk))
+    monkeypatch.setattr(scheduler.backend, "mixed", lambda rows: steps.append(list(rows)) or real_mixed(rows))
+    first, second, third = _prompt(session, 1), _prompt(session, 2), _prompt(session, 5)
+
+    async def main():
+        stream, ids_first, joined = scheduler.submit(Request(first, 30, temperature=0)), [], None
+        async for event in stream:
+            if isinstance(event, Delta):
+                ids_first += [t.id for t in event.tokens]
+                if joined is None and len(ids_first) == 2:  # the first is decoding now: two more join it
+                    joined = [asyncio.create_task(_collect(scheduler, Request(p, 8, temperature=0)))
+                              for p in (second, third)]
+        return ids_first, [(await j)[1] for j in joined]
+
+    ids_first, (ids_second, ids_third) = asyncio.run(main())
+    assert ids_first == _alone(session, first, 30)
+    assert ids_second == _alone(session, second, 8) and ids_third == _alone(session, third, 8)
+    assert chunks == [PREFILL_CHUNK_TOKENS]  # only the first prompt, alone, went in a standalone chunk
+    assert steps and all(len(rows) <= SLOTS for rows in steps)
+    decoded = [(position, token) for step in steps for s, position, token in step if s == 0]
+    assert decoded and all(token == ids_first[position - len(first)] for position, token in decoded)
+    for slot, prompt in ((1, second), (2, third)):
+        rows = [(position, token) for step in steps for s, position, token in step if s == slot]
+        assert rows[:len(prompt)] == list(enumerate(prompt))  # the prompt, in order, then its decode rows
+        carried = [step for step in steps if (slot, 0, prompt[0]) in step]
+        assert all(any(s == 0 for s, _, _ in step) for step in carried)  # inside the first stream's steps
+    assert scheduler.stats().slots_used == 0
+
+
+def test_prompts_that_arrive_together_go_in_full_chunks_before_any_stream_decodes(served, monkeypatch):
+    """A burst on the engine: with no stream decoding yet, each prompt goes in a standalone full chunk, and
+    the first decode step waits for all of them (no mixed step); every greedy output is its own alone."""
+    from heavylift.defaults import PREFILL_CHUNK_TOKENS
+
+    session, scheduler = served
+    if session.engine is None:
+        pytest.skip("transformers runs no mixed steps")
+    chunks, steps, decoded = [], [], []
+    real_prefill, real_mixed, real_decode = (scheduler.backend.prefill, scheduler.backend.mixed,
+                                             scheduler.backend.decode)
+    monkeypatch.setattr(scheduler.backend, "prefill",
+                        lambda slot, ids, scores, chunk: chunks.append(chunk) or real_prefill(slot, ids, scores, chunk))
+    monkeypatch.setattr(scheduler.backend, "mixed", lambda rows: steps.append(rows) or real_mixed(rows))
+    monkeypatch.setattr(scheduler.backend, "decode",
+                        lambda tokens: decoded.append(sorted(tokens)) or real_decode(tokens))
+    prompts = [_prompt(session, i) for i in (1, 2, 5)]
+
+    async def main():
+        streams = [scheduler.submit(Request(p, 6, temperature=0)) for p in prompts]  # one tick: a burst
+        out = []
+        for stream in streams:
+            ids = []
+            async for event in stream:
+                if isinstance(event, Delta):
+                    ids += [t.id for t in event.tokens]
+            out.append(ids)
+        return out
+
+    results = asyncio.run(main())
+    assert results == [_alone(session, p, 6) for p in prompts]
+    assert chunks == [PREFILL_CHUNK_TOKENS] * 3 and steps == []
+    assert decoded[0] == [0, 1, 2]  # the first decode step, once every prompt is in, steps all three

@@ -1,5 +1,10 @@
 """32 streaming clients at once, 8 of which leave mid-stream, three rounds: the others get exactly their
-greedy answers, nothing keeps running, and the server's memory settles."""
+greedy answers, nothing keeps running, and the server's memory settles.
+
+A prompt prefilled alone and one prefilled inside other streams' decode steps (mixed steps) have their keys
+and values computed by different attention kernels (bf16 SDPA, float32 decode attention), so on this tiny
+random model, whose top logits often nearly tie, a greedy answer can differ between the two: a client's
+answer must be exactly one of its prompt's two."""
 
 from __future__ import annotations
 
@@ -63,17 +68,38 @@ def _idle(server) -> dict[str, float]:
     return samples
 
 
+async def _answers_prefilled_inside_decode_steps(server, model: str) -> dict[str, str]:
+    """Each prompt's greedy answer when it is sent while another stream decodes: its prompt rides in that
+    stream's steps."""
+    client = async_openai_client(server)
+    try:
+        background = await client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=LEAVER_TOKENS,
+                                                     temperature=0, stream=True)
+        await anext(aiter(background))  # decoding now
+        answers = {p: await _one(client, model, p, False) for p in PROMPTS}
+        await background.close()
+        return answers
+    finally:
+        await client.close()
+
+
 def test_32_streams_8_leave_others_complete_nothing_leaks(server, checkpoint):
     model = str(checkpoint)
     sync = openai_client(server)
-    expected = {p: sync.completions.create(model=model, prompt=p, max_tokens=TOKENS, temperature=0).choices[0].text
-                for p in PROMPTS}
+    alone = {p: sync.completions.create(model=model, prompt=p, max_tokens=TOKENS, temperature=0).choices[0].text
+             for p in PROMPTS}
+    mixed = asyncio.run(_answers_prefilled_inside_decode_steps(server, model))
+    _idle(server)
+    expected = {p: {alone[p], mixed[p]} for p in PROMPTS}
     rss = []
     for _ in range(ROUNDS):
         generated = server.metrics()["heavylift_generated_tokens_total"]
         texts = asyncio.run(_round(server, model))
         for i, text in enumerate(texts):
-            assert text == (None if _leaves(i) else expected[PROMPTS[i % len(PROMPTS)]])
+            if _leaves(i):
+                assert text is None
+            else:
+                assert text in expected[PROMPTS[i % len(PROMPTS)]]
         samples = _idle(server)
         finished = (CLIENTS - LEAVERS) * TOKENS
         assert finished <= samples["heavylift_generated_tokens_total"] - generated <= \

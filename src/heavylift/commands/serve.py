@@ -101,8 +101,10 @@ def serve(
                                  "of --context tokens; auto: as many as the plan fits beside the weights."),
     prefill_chunk: int = typer.Option(PREFILL_CHUNK_TOKENS, "--prefill-chunk", min=SERVE_MIN_PREFILL_CHUNK_TOKENS,
                                       max=PREFILL_CHUNK_TOKENS,
-                                      help="Tokens of a new prompt prefilled at a time while other streams decode: "
-                                      "smaller keeps their token gaps shorter, larger gives more throughput."),
+                                      help="Tokens of a prompt prefilled at a time, between two decode steps, "
+                                      "where it cannot ride inside them: one asking for its own logprobs (echo), "
+                                      "or any on the transformers runtime. Smaller keeps the streams' token gaps "
+                                      "shorter, larger gives more throughput."),
     max_queue: int = typer.Option(SERVE_MAX_QUEUE, "--max-queue", min=0,
                                   help="Requests that may wait for a slot; more are answered 429."),
     host: str = typer.Option(SERVE_HOST, "--host", help="Address to listen on; 0.0.0.0 for every interface."),

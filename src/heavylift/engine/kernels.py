@@ -348,22 +348,30 @@ def rope_cache_kernel(qkv_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, slo
 
 
 @triton.jit
-def decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, len_ptr, o_ptr, m_ptr, l_ptr, scale,
+def decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, len_ptr, slot_ptr, o_ptr, m_ptr, l_ptr, scale,
                             HQ, HKV, S_MAX, WINDOW, SPLITS, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
-                            BLOCK_S: tl.constexpr, D: tl.constexpr):
-    """Split-K attention of one new token per sequence over its cache (flash-decoding, first pass).
+                            BLOCK_S: tl.constexpr, D: tl.constexpr, ROW_SLOTS: tl.constexpr):
+    """Split-K attention of one new token per row over its sequence's cache (flash-decoding, first pass).
 
-    Program (sequence x kv head, split): the GROUP query heads that share the kv head, against
-    one slice of the sequence's valid positions, with an online softmax; partial results go to
-    (o, m, l) for `attention_combine_kernel`. The length is read on the device, so one captured
-    graph serves every step.
+    Program (row x kv head, split): the GROUP query heads that share the kv head, against one slice
+    of the row's valid positions, with an online softmax; partial results go to (o, m, l) for
+    `attention_combine_kernel`. Without ROW_SLOTS row b is sequence b and attends to its first
+    len[b] + 1 positions (a decode step: len is the cache length, the new token already cached); with
+    ROW_SLOTS row b reads sequence slot[b]'s first len[b] positions (a mixed step: several rows of one
+    sequence at consecutive positions, each attending up to its own). Both are read on the device, so
+    one captured graph serves every step.
     """
     pdl_enter()
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // HKV
     kvh = bh % HKV
-    length = tl.load(len_ptr + b) + 1  # the cache holds the new token already
+    if ROW_SLOTS:
+        seq = tl.load(slot_ptr + b)
+        length = tl.load(len_ptr + b)
+    else:
+        seq = b
+        length = tl.load(len_ptr + b) + 1  # the cache holds the new token already
     lo = tl.maximum(length - WINDOW, 0)  # WINDOW > S_MAX when the layer attends to everything
     per = tl.cdiv(length - lo, SPLITS)
     start = lo + split * per
@@ -373,7 +381,7 @@ def decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, len_ptr, o_ptr, m_p
     g_mask = g < GROUP
     heads = kvh * GROUP + g
     q = tl.load(q_ptr + (b * HQ + heads)[:, None].to(tl.int64) * D + d[None, :], mask=g_mask[:, None], other=0.0)
-    base = (b.to(tl.int64) * HKV + kvh) * S_MAX * D
+    base = (seq.to(tl.int64) * HKV + kvh) * S_MAX * D
     m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, D), tl.float32)

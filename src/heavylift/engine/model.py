@@ -8,8 +8,10 @@ chunks of a prompt through dense matmuls and SDPA; `decode` runs one token per s
 GEMV kernels, replaying one captured graph per device segment, with the cache length kept on the GPU.
 
 A server drives it over slots: `prefill_steps` fills one slot a chunk at a time, so decode steps of the
-other slots run between chunks, and `decode(tokens, active)` steps only the active rows of a batch bucket
-(every bucket's buffers are views of the full batch's, every graph shares one pool).
+other slots run between chunks, `decode(tokens, active)` steps only the active rows of a batch bucket, and
+`mixed(tokens, slots, positions, lengths)` runs rows of (slot, position, token), a prompt's chunk riding in
+a decode step as extra rows (every bucket's buffers are views of the full batch's, every graph shares one
+pool).
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ class Layer:
 
 # Decode buffers with a row per sequence (a smaller batch steps on their first rows), and the one-row fp16
 # planes the 4-bit GEMVs read.
-_PER_ROW = ("hidden", "hidden2", "x", "qkv", "q", "attn", "act", "slots", "active", "positions")
+_PER_ROW = ("hidden", "hidden2", "x", "qkv", "q", "attn", "act", "slots", "active", "positions", "row_slots",
+            "lengths")
 _PLANES = ("x16", "attn16", "act16")
 
 
@@ -165,7 +168,7 @@ class Engine:
         self.seq_len = {d: torch.zeros(batch, dtype=torch.int32, device=d) for d in self.devices}
         self.segments = self._segments()
         self._static: dict[int, dict] = {}
-        self._graphs: dict[int, list] = {}
+        self._graphs: dict[tuple[int, bool], list] = {}  # (batch, mixed) -> each segment's graph
         self._pool = None  # the CUDA graphs' one shared memory pool, made at the first capture
         self._full: dict | None = None  # the decode buffers at the engine's batch (_allocate_buffers)
         self.ragged = False  # set by enable_ragged(): steps advance only the rows `decode` is told are active
@@ -415,7 +418,9 @@ class Engine:
     def _allocate_buffers(self) -> dict:
         """Engine._buffers at the engine's batch. The attention scratch holds the split count of whichever
         batch up to it needs the most (at most DECODE_SPLITS_MAX per row, as the planner counts it). Rows
-        of `active` (only for `decode(tokens, active)`) say which sequences a step advances."""
+        of `active` (only for `decode(tokens, active)`) say which sequences a step advances; a mixed step's
+        rows (`mixed`) read their sequence from `row_slots` (int64: it also indexes the scatter of the cache
+        lengths), their cache position from `positions` and how many positions they see from `lengths`."""
         s, batch = self.shape, self.batch
         per_device = {}
         for dev, _ in self.segments:
@@ -432,7 +437,9 @@ class Engine:
             if self.ragged:
                 per_device[dev].update(active=torch.zeros(batch, dtype=torch.bool, device=dev),
                                        positions=torch.zeros(batch, dtype=torch.int32, device=dev),
-                                       last=torch.tensor(self.context - 1, dtype=torch.int32, device=dev))
+                                       last=torch.tensor(self.context - 1, dtype=torch.int32, device=dev),
+                                       row_slots=torch.zeros(batch, dtype=torch.long, device=dev),
+                                       lengths=torch.zeros(batch, dtype=torch.int32, device=dev))
             # The fp16 planes of each 4-bit GEMV's input (ops.planes), written by the kernel that makes it.
             wants = all(self.ops.wants_planes(layer.gate) for layer in self.layers if layer.device == dev)
             for name, size in zip(_PLANES, (s.hidden, s.heads * s.head_dim, s.intermediate)):
@@ -442,29 +449,34 @@ class Engine:
                     final=torch.zeros(batch, s.hidden, dtype=torch.bfloat16, device=last),
                     logits=torch.zeros(batch, s.vocab, dtype=torch.bfloat16, device=last))
 
-    def _run_segment(self, index: int, batch: int) -> None:
-        """One device's layers for one token per sequence, reading and writing the static buffers."""
+    def _run_segment(self, index: int, batch: int, mixed: bool = False) -> None:
+        """One device's layers for one token per row, reading and writing the static buffers: a decode step
+        (row i is sequence i) or, `mixed`, rows of any sequences at any positions (Engine.mixed)."""
         s, st = self.shape, self._static[batch]
         dev, layers = self.segments[index]
         b = st["dev"][dev]
         ops, seq_len, (cos, sin) = self.ops, self.seq_len[dev], self.rope[dev]
         if index == 0:
             b["hidden"].copy_(F.embedding(st["tokens"], self.embed))
-        positions = seq_len
-        if self.ragged:  # an inactive row writes where no prompt or live sequence reads (prefill_steps)
+        positions, slots, lengths, row_slots = seq_len, b["slots"], seq_len, None
+        if mixed:
+            positions, slots, lengths, row_slots = b["positions"], b["row_slots"], b["lengths"], b["row_slots"]
+        elif self.ragged:  # an inactive row writes where no prompt or live sequence reads (prefill_steps)
             positions = torch.where(b["active"], seq_len[:batch], b["last"], out=b["positions"])
         for layer in layers:
             ops.rmsnorm(b["hidden"], layer.ln1, s.eps, b["x"], b["x16"])
             ops.linear(b["x"], layer.qkv, b["qkv"], x16=b["x16"])
-            ops.rope_cache(b["qkv"], positions, b["slots"], cos, sin, layer.k_cache, layer.v_cache, s.heads,
+            ops.rope_cache(b["qkv"], positions, slots, cos, sin, layer.k_cache, layer.v_cache, s.heads,
                            s.kv_heads, b["q"], layer.qk_norm, s.eps)
-            ops.decode_attention(b["q"], layer.k_cache, layer.v_cache, seq_len, self.scale, layer.window, b["attn"],
-                                 b["scratch"], b["attn16"])
+            ops.decode_attention(b["q"], layer.k_cache, layer.v_cache, lengths, self.scale, layer.window, b["attn"],
+                                 b["scratch"], b["attn16"], slots=row_slots)
             ops.linear(b["attn"], (layer.o,), b["hidden2"], residual=b["hidden"], x16=b["attn16"])
             ops.rmsnorm(b["hidden2"], layer.ln2, s.eps, b["x"], b["x16"])
             ops.glu(b["x"], layer.gate, layer.up, b["act"], b["x16"], b["act16"])
             ops.linear(b["act"], (layer.down,), b["hidden"], residual=b["hidden2"], x16=b["act16"])
-        if self.ragged:
+        if mixed:  # each sequence's length: its furthest row's (a padding row's 1 leaves a live length as it is)
+            seq_len.scatter_reduce_(0, b["row_slots"], b["lengths"], "amax")
+        elif self.ragged:
             seq_len[:batch] += b["active"]
         else:
             seq_len[:batch] += 1
@@ -481,14 +493,14 @@ class Engine:
         src = st["dev"][self.segments[index][0]]["hidden"]
         st["dev"][self.segments[index + 1][0]]["hidden"].copy_(src, non_blocking=True)
 
-    def _capture(self, batch: int) -> list:
+    def _capture(self, batch: int, mixed: bool = False) -> list:
         """Warm every kernel up (autotuning included), then capture each segment as a CUDA graph."""
         saved = {d: t.clone() for d, t in self.seq_len.items()}
         side = torch.cuda.Stream(self.devices[0])
         side.wait_stream(torch.cuda.current_stream(self.devices[0]))
         with torch.cuda.stream(side):  # warm-up on a side stream, as graph capture wants
             for i in range(len(self.segments)):  # writes past the live lengths, which the restore hides
-                self._run_segment(i, batch)
+                self._run_segment(i, batch, mixed)
                 if i + 1 < len(self.segments):
                     self._carry(i, batch)
         torch.cuda.current_stream(self.devices[0]).wait_stream(side)
@@ -504,7 +516,7 @@ class Engine:
             # One pool for every batch's graphs: their temporaries die inside each replay, and replays never
             # overlap, so the pool holds one step's temporaries whatever the number of buckets.
             with torch.cuda.device(dev), torch.cuda.graph(graph, pool=self._pool):
-                self._run_segment(i, batch)
+                self._run_segment(i, batch, mixed)
             graphs.append(graph)
         return graphs
 
@@ -536,17 +548,56 @@ class Engine:
         if active is not None:
             for d, b in st["dev"].items():
                 b["active"].copy_(active, non_blocking=True)
+        return self._step(batch, False)
+
+    def _step(self, batch: int, mixed: bool) -> torch.Tensor:
+        """Run the step whose inputs are in the buffers of `batch` rows (its graphs, captured at its first run
+        where every device is a GPU); its logits in float32."""
         graphs_ok = all(d.type == "cuda" for d in self.devices)
-        if graphs_ok and batch not in self._graphs:
-            self._graphs[batch] = self._capture(batch)
+        if graphs_ok and (batch, mixed) not in self._graphs:
+            self._graphs[batch, mixed] = self._capture(batch, mixed)
         for i in range(len(self.segments)):
             if graphs_ok:
-                self._graphs[batch][i].replay()
+                self._graphs[batch, mixed][i].replay()
             else:
-                self._run_segment(i, batch)
+                self._run_segment(i, batch, mixed)
             if i + 1 < len(self.segments):
                 self._carry(i, batch)
-        return st["logits"].float()
+        return self._static[batch]["logits"].float()
+
+    @torch.inference_mode()
+    def mixed(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+              lengths: torch.Tensor) -> torch.Tensor:
+        """One step of rows (slot, position, token), after enable_ragged: row i writes its key and value at
+        position positions[i] of sequence slots[i], then attends to that sequence's first lengths[i]
+        positions (positions[i] + 1; a window keeps its last ones). Every row writes before any attends, so
+        several rows of one sequence at consecutive positions (a prompt's chunk) see each other causally,
+        and a decode token is the row at its sequence's length. Afterwards each sequence's length is the
+        largest of its rows' lengths (or what it was). A row that only pads the step to a bucket writes at
+        the context's last position, which no sequence reaches, of a sequence another row steps, with
+        length 1. The logits (float32) of every row; the inputs (host or device tensors, row counts equal)
+        are read before the step runs, the step's row count is a size `decode` takes too."""
+        batch = tokens.shape[0]
+        if not self.ragged:
+            raise ValueError("mixed steps come after enable_ragged()")
+        if batch > self.batch:
+            raise ValueError(f"a step of {batch} rows exceeds the engine's batch of {self.batch}")
+        st = self._buffers(batch)
+        if all(d.type == "cuda" for d in self.devices) and (batch, True) not in self._graphs:
+            self._fill_rows(st, torch.zeros(batch, dtype=torch.long), torch.zeros(batch, dtype=torch.long),
+                            torch.full((batch,), self.context - 1, dtype=torch.int32),
+                            torch.ones(batch, dtype=torch.int32))  # the capture's warm-up runs padding rows
+            self._graphs[batch, True] = self._capture(batch, True)
+        self._fill_rows(st, tokens, slots, positions, lengths)
+        return self._step(batch, True)
+
+    @staticmethod
+    def _fill_rows(st: dict, tokens, slots, positions, lengths) -> None:
+        st["tokens"].copy_(tokens.view(-1), non_blocking=True)
+        for b in st["dev"].values():
+            b["row_slots"].copy_(slots, non_blocking=True)
+            b["positions"].copy_(positions, non_blocking=True)
+            b["lengths"].copy_(lengths, non_blocking=True)
 
     def lengths(self) -> list[int]:
         return self.seq_len[self.segments[0][0]].tolist()

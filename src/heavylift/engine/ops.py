@@ -124,15 +124,22 @@ class TorchOps:
         return q_out
 
     @staticmethod
-    def decode_attention(q, k_cache, v_cache, seq_len, scale, window, out, scratch=None, out16=None):
-        """One new token per sequence (its k and v already cached) against the first seq_len + 1 positions."""
+    def decode_attention(q, k_cache, v_cache, lengths, scale, window, out, scratch=None, out16=None, slots=None):
+        """One new token per row (its k and v already cached) against its sequence's cache: without `slots`,
+        row i is sequence i and sees its first lengths[i] + 1 positions (`lengths` is the cache length, a
+        decode step's seq_len); with `slots`, row i reads sequence slots[i] and sees its first lengths[i]
+        positions (a mixed step's rows). A window keeps only the last `window` of them."""
         b = q.shape[0]
-        length = seq_len[:b].long() + 1
+        if slots is None:
+            length, keys, values = lengths[:b].long() + 1, k_cache[:b], v_cache[:b]
+        else:
+            rows = slots[:b].long()
+            length, keys, values = lengths[:b].long(), k_cache[rows], v_cache[rows]
         positions = torch.arange(k_cache.shape[2], device=q.device)
         allowed = positions[None] < length[:, None]
         if window:
             allowed &= positions[None] >= (length - window)[:, None]
-        y = F.scaled_dot_product_attention(q[:, :, None].float(), k_cache[:b].float(), v_cache[:b].float(),
+        y = F.scaled_dot_product_attention(q[:, :, None].float(), keys.float(), values.float(),
                                            attn_mask=allowed[:, None, None], scale=scale, enable_gqa=True)
         out.copy_(y.reshape(b, -1))
         if out16 is not None:
@@ -234,7 +241,8 @@ class TritonOps:
         return q_out
 
     @staticmethod
-    def decode_attention(q, k_cache, v_cache, seq_len, scale, window, out, scratch, out16=None):
+    def decode_attention(q, k_cache, v_cache, lengths, scale, window, out, scratch, out16=None, slots=None):
+        """TorchOps.decode_attention: `slots` (a mixed step's row -> sequence) makes `lengths` per row."""
         from . import kernels as K
         import triton
 
@@ -244,9 +252,10 @@ class TritonOps:
         splits = m_part.shape[-1]
         group = heads // kv_heads
         K.decode_attention_kernel[(b * kv_heads, splits)](
-            q, k_cache, v_cache, seq_len, o_part, m_part, l_part, scale, heads, kv_heads, s_max,
-            window or s_max + 1, splits, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
-            BLOCK_S=ATTENTION_BLOCK, D=d, num_warps=4, **_pdl(K, b))
+            q, k_cache, v_cache, lengths, slots if slots is not None else lengths, o_part, m_part, l_part, scale,
+            heads, kv_heads, s_max, window or s_max + 1, splits, GROUP=group,
+            BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_S=ATTENTION_BLOCK, D=d,
+            ROW_SLOTS=slots is not None, num_warps=4, **_pdl(K, b))
         K.attention_combine_kernel[(b * heads,)](o_part, m_part, l_part, out, _halves(out16, out),
                                                  splits, heads * d, BLOCK_SPLITS=triton.next_power_of_2(splits), D=d,
                                                  OUT16=out16 is not None, num_warps=4, **_pdl(K, b))

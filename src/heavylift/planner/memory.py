@@ -358,11 +358,13 @@ def _engine_serve_phases(arch: Architecture, quant: str, context: int, batch: in
                          ) -> tuple[list[tuple[str, int]], list[tuple[Program, int]]]:
     """The engine serving up to `batch` sequences (Workload.serve): it keeps the KV cache of `batch` sequences,
     its decode buffers allocated once at `batch` (smaller batches are views of them) with each device's
-    `active` [batch] bool, `positions` [batch] int32 and `last` (one int32), and one pool for every captured graph (the `batch` step's; the
-    side stream also autotunes the Triton kernels of the one-sequence step). Its phases, on top of those:
+    `active` [batch] bool, `positions` [batch] int32, `last` (one int32) and a mixed step's rows, `row_slots`
+    [batch] int64 and `lengths` [batch] int32, and one pool for every captured graph, decode and mixed (the
+    `batch` step's; the side stream also autotunes the Triton kernels of the one-sequence step). Its phases, on top of those:
     a new sequence's prefill (a prompt of context - 1 tokens, the longest that leaves room for one token
     out) while the last decode step's fp32 logits [batch, vocab] stay live; a decode step at `batch`."""
-    buffers = _decode_buffers(arch, batch, part) + [("active", batch), ("positions", INT32 * batch), ("last", INT32)]
+    buffers = _decode_buffers(arch, batch, part) + [("active", batch), ("positions", INT32 * batch), ("last", INT32),
+                                                    ("row_slots", INT64 * batch), ("lengths", INT32 * batch)]
     p = Program()
     if part.last:
         p.alloc("logits", FP32 * batch * arch.vocab_size)

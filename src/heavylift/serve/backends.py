@@ -1,7 +1,8 @@
 """What the scheduler drives: a loaded model as slots that prefill a chunk at a time and decode together.
 
 `EngineBackend` is the fast engine: every slot's KV cache preallocated, one batched decode step over the
-slots in use, padded up to a batch bucket whose CUDA graphs are captured at start. `TransformersBackend`
+slots in use, padded up to a batch bucket whose CUDA graphs are captured at start, and mixed steps whose
+rows are decode tokens and a prompt's chunk (`step_tokens` rows at most). `TransformersBackend`
 serves the families the engine does not run: each sequence gets its own static cache when it is admitted
 and steps through transformers' forward on its own, more slowly but with the same results.
 """
@@ -12,8 +13,9 @@ from typing import Iterator, Mapping, Protocol
 
 import torch
 
-from heavylift.defaults import PREFILL_CHUNK_TOKENS
+from heavylift.defaults import PREFILL_CHUNK_TOKENS, SERVE_MIXED_STEP_TOKENS
 from heavylift.engine.model import token_scores
+from heavylift.engine.weights import KIND_NAMES
 from heavylift.runtime.loader import expected_int8_casts
 
 # What a prefill yields: None after each chunk but the last, then (the last position's logits [1, vocab]
@@ -21,8 +23,13 @@ from heavylift.runtime.loader import expected_int8_casts
 PrefillSteps = Iterator["tuple[torch.Tensor, list | None] | None"]
 
 
+# A mixed step's row: (slot, cache position, token).
+Row = "tuple[int, int, int]"
+
+
 class Backend(Protocol):
     slots: int
+    step_tokens: int  # rows of a mixed step (`mixed`) at most; 0: the backend runs none
 
     def warm_up(self) -> None: ...
 
@@ -31,6 +38,8 @@ class Backend(Protocol):
     def decode(self, tokens: Mapping[int, int]) -> torch.Tensor: ...
 
     def release(self, slot: int) -> None: ...
+
+    def mixed(self, rows: "list[Row]") -> torch.Tensor: ...
 
 
 def buckets(slots: int) -> list[int]:
@@ -58,11 +67,23 @@ class EngineBackend:
         self._feed = torch.zeros(self.slots, dtype=torch.long, pin_memory=pin)
         self._actives = [torch.zeros(self.slots, dtype=torch.bool, pin_memory=pin) for _ in range(2)]
         self._steps = 0
+        # A mixed step's rows, staged for an asynchronous copy: one set, rewritten only once the last mixed
+        # step that read it has run (`_staged`).
+        self._rows = dict(tokens=torch.zeros(self.slots, dtype=torch.long, pin_memory=pin),
+                          slots=torch.zeros(self.slots, dtype=torch.long, pin_memory=pin),
+                          positions=torch.zeros(self.slots, dtype=torch.int32, pin_memory=pin),
+                          lengths=torch.zeros(self.slots, dtype=torch.int32, pin_memory=pin))
+        self._staged = torch.cuda.Event() if pin else None
+        self.step_tokens = min(SERVE_MIXED_STEP_TOKENS[KIND_NAMES[engine.layers[0].gate.kind]], self.slots)
 
     def warm_up(self) -> None:
-        """Capture every bucket's graphs now (autotuning included), with no row active: nothing advances."""
+        """Capture every bucket's graphs now (autotuning included), decode and mixed, with no row active
+        (decode) or only padding rows (mixed, slot 0 freed again after): nothing advances."""
         for size in self.buckets:
             self.engine.decode(torch.zeros(size, dtype=torch.long), torch.zeros(size, dtype=torch.bool))
+        for size in self.buckets:
+            self._mixed([], size)
+        self.engine.free_slot(0)
 
     def prefill(self, slot: int, ids: list[int], scores: int | None, chunk: int) -> PrefillSteps:
         return self.engine.prefill_steps(ids, slot, scores, chunk)
@@ -92,6 +113,33 @@ class EngineBackend:
         feed[torch.tensor(slots, device=tokens.device)] = tokens
         return self.engine.decode(feed, active)
 
+    def mixed(self, rows: list[Row]) -> torch.Tensor:
+        """One step of `rows` (slot, position, token): each writes its token's key and value at that position
+        of its slot and sees the slot's cache up to it (Engine.mixed); the logits, row i = rows[i]."""
+        return self._mixed(rows, next(b for b in self.buckets if b >= len(rows)))
+
+    def _mixed(self, rows: list[Row], size: int) -> torch.Tensor:
+        if self._staged is not None:
+            self._staged.synchronize()
+        logits = self.engine.mixed(*self._fill(rows, size))
+        if self._staged is not None:
+            self._staged.record()
+        return logits
+
+    def _fill(self, rows: list[Row], size: int) -> tuple[torch.Tensor, ...]:
+        """The staging buffers holding `rows` padded to `size`: a padding row writes at the context's last
+        position (no sequence reaches it) of the first row's slot, and sees 1 position."""
+        tokens, slots, positions, lengths = (self._rows[k][:size] for k in ("tokens", "slots", "positions", "lengths"))
+        n = len(rows)
+        if n:
+            slot, position, token = zip(*rows)
+            tokens[:n], slots[:n] = torch.tensor(token), torch.tensor(slot)
+            positions[:n] = torch.tensor(position, dtype=torch.int32)
+            torch.add(positions[:n], 1, out=lengths[:n])
+        tokens[n:], slots[n:] = 0, rows[0][0] if n else 0
+        positions[n:], lengths[n:] = self.engine.context - 1, 1
+        return tokens, slots, positions, lengths
+
     def release(self, slot: int) -> None:
         self.engine.free_slot(slot)
 
@@ -99,6 +147,8 @@ class EngineBackend:
 class TransformersBackend:
     """transformers' forward, one sequence at a time, each in a static cache of the plan's context
     allocated when it is admitted and dropped when it ends (the planner counts `slots` of them)."""
+
+    step_tokens = 0  # no mixed steps: transformers steps each sequence on its own
 
     def __init__(self, session, slots: int) -> None:
         self.session, self.slots = session, slots
@@ -145,6 +195,9 @@ class TransformersBackend:
 
     def release(self, slot: int) -> None:
         self.caches.pop(slot, None)
+
+    def mixed(self, rows: list[Row]) -> torch.Tensor:
+        raise NotImplementedError("transformers runs no mixed steps (step_tokens is 0)")
 
 
 def backend_for(session, slots: int) -> Backend:

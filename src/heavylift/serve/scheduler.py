@@ -1,10 +1,15 @@
 """Continuous batching: requests join the running decode batch at the next step and leave it at once.
 
 One worker thread owns the model. Each turn of its loop it takes cancellations, admits waiting requests
-into free slots, runs one prefill chunk of the oldest prompt still prefilling (so a long prompt delays the
-running streams by one chunk per step, not by its whole length), then one decode step of every sequence
-past its prefill. Each sequence has its own sampling, stop strings and length; one that ends, fails or
-is cancelled frees its slot before the next step. Events reach the asyncio side through each request's
+into free slots, then steps the model once. While streams decode on the engine, the oldest prompt still
+prefilling rides inside their step: a mixed step carries every decoding stream's token and as many of the
+prompt's next tokens as the step's budget leaves (Backend.step_tokens), so a prompt lengthens the streams'
+steps a little instead of stalling them (chunked prefill). With no stream decoding past its first token
+(an idle server, a burst of prompts), a prompt goes in standalone chunks of PREFILL_CHUNK_TOKENS (the
+fastest first token) and decoding waits until the burst is in; a prompt that asks for its own scores,
+and every prompt on transformers, goes in standalone chunks of `prefill_chunk` between decode steps. Each
+sequence has its own sampling, stop strings and length; one that ends, fails or is cancelled frees its slot
+before the next step. Events reach the asyncio side through each request's
 queue (`Stream`), handed over with call_soon_threadsafe.
 """
 
@@ -21,7 +26,7 @@ from typing import Iterator
 
 import torch
 
-from heavylift.defaults import PREFILL_CHUNK_TOKENS
+from heavylift.defaults import PREFILL_CHUNK_TOKENS, SERVE_MIXED_MIN_PREFILL_TOKENS
 from heavylift.errors import HeavyliftError, OutOfMemoryError
 from heavylift.runtime.sampling import Sampling
 from .backends import Backend, EngineBackend, backend_for
@@ -31,6 +36,7 @@ log = logging.getLogger("heavylift.serve")
 STOP = "stop"
 LENGTH = "length"
 _NOT_STARTED = iter(())  # a sequence's prefill before its first chunk: the backend starts it in a guarded step
+_MIXING = iter(())  # a sequence's prefill going in mixed steps (_Sequence.filled tokens of it are in)
 
 
 class QueueFullError(HeavyliftError):
@@ -153,6 +159,7 @@ class _Sequence:
     sampling: Sampling
     detokenizer: _Detokenizer
     prefill: Iterator | None = None
+    filled: int = 0  # prompt tokens in the cache, where the prompt goes in mixed steps
     token: int | None = None  # the token the next decode step feeds
     generated: int = 0
     text: str = ""  # generated text not yet sent: a possible start of a stop string
@@ -161,7 +168,8 @@ class _Sequence:
 
 class Scheduler:
     """Runs a Session's model for up to `max_seqs` sequences at once, with up to `max_queue` waiting; a
-    prompt that arrives while others decode is prefilled `prefill_chunk` tokens at a time."""
+    prompt that arrives while others decode rides in their steps (the engine), or is prefilled in standalone
+    chunks of `prefill_chunk` tokens between them (its own scores asked for, or transformers)."""
 
     def __init__(self, session, max_seqs: int, max_queue: int, backend: Backend | None = None,
                  prefill_chunk: int = PREFILL_CHUNK_TOKENS) -> None:
@@ -273,12 +281,40 @@ class Scheduler:
                 self._lock.wait(timeout=0.5)
                 return True
         prefilling = next((s for s in self._running if s.prefill is not None), None)
+        if prefilling is not None and self._mixes(prefilling):
+            if self._ahead is not None:  # its tokens first: the mixed step's rows sit where they leave off
+                self._guarded(self._decoding(), self._decode_step)
+            if prefilling in self._running:
+                self._guarded(self._decoding() + [prefilling], self._mixed_step)
+            return True
         if prefilling is not None:
             self._guarded([prefilling], self._prefill_chunk)
-        decoding = [s for s in self._running if s.prefill is None and s.token is not None]
-        if decoding:
+        decoding = self._decoding()
+        if decoding and not self._burst():
             self._guarded(decoding, self._decode_step)
         return True
+
+    def _decoding(self) -> list[_Sequence]:
+        return [s for s in self._running if s.prefill is None and s.token is not None]
+
+    def _streaming(self) -> bool:
+        """Whether a stream has decoded past its first token (its first comes from its prefill)."""
+        return any(s.prefill is None and s.generated >= 2 for s in self._running)
+
+    def _burst(self) -> bool:
+        """Whether prompts that arrived together are still going in (on a backend that runs mixed steps):
+        another prompt waits to prefill and no stream has decoded yet. Their streams' first decode steps wait
+        for every one of them, in standalone chunks: the fastest first tokens, and each stream's one longer
+        gap is between its first two tokens. At most the slots' prompts, as nothing more is admitted."""
+        return (bool(self.backend.step_tokens) and not self._streaming()
+                and any(s.prefill is not None for s in self._running))
+
+    def _mixes(self, seq: _Sequence) -> bool:
+        """Whether `seq`'s prompt goes in mixed steps now: the backend runs them, the prompt wants no scores,
+        and streams decode past their first token (or its prompt already started in mixed steps)."""
+        if not self.backend.step_tokens or seq.request.echo_logprobs:
+            return False
+        return seq.prefill is _MIXING or (seq.prefill is _NOT_STARTED and self._streaming())
 
     def _admit(self, stream: Stream) -> None:
         r = stream.request
@@ -346,6 +382,30 @@ class Scheduler:
             self._end(seq, Done(LENGTH, len(r.prompt), 0))
             return
         self._choose([seq], logits)
+
+    def _mixed_step(self, seqs: list[_Sequence]) -> None:
+        """One mixed step: each decoding sequence's token (the first of `seqs`) and the next tokens of the
+        last one's prompt, as many as the step's budget leaves (at least SERVE_MIXED_MIN_PREFILL_TOKENS, at
+        most the engine's rows); the prompt's first token comes from its last row once it is all in."""
+        *decoding, seq = seqs
+        prompt = seq.request.prompt
+        seq.prefill = _MIXING
+        room = max(self.backend.step_tokens - len(decoding), SERVE_MIXED_MIN_PREFILL_TOKENS)
+        chunk = prompt[seq.filled:seq.filled + min(room, self.slots_total - len(decoding))]
+        rows = [(s.slot, len(s.request.prompt) + s.generated - 1, s.token) for s in decoding]
+        rows += [(seq.slot, seq.filled + i, token) for i, token in enumerate(chunk)]
+        logits = self.backend.mixed(rows)
+        seq.filled += len(chunk)
+        if seq.filled < len(prompt):
+            if decoding:
+                self._choose(decoding, logits[:len(decoding)])
+            return
+        seq.prefill = None
+        if seq.request.max_tokens == 0:
+            self._end(seq, Done(LENGTH, len(prompt), 0))
+            seqs = decoding
+        picked = list(range(len(decoding))) + ([len(rows) - 1] if len(seqs) > len(decoding) else [])
+        self._choose(seqs, logits[picked])
 
     def _decode_step(self, seqs: list[_Sequence]) -> None:
         """One decode step of `seqs`, or, where the last turn launched the next step ahead, its results
