@@ -31,7 +31,7 @@ import triton.language as tl
 from heavylift.schemes import ENGINE_BATCHED_MAX_ROWS
 
 from .batched_tiles import accumulate, k_blocks, rows_times_x, scaled, table, x_tile, zeros
-from .kernels import INTERPRET, pdl_enter, store_part
+from .kernels import INTERPRET, glu_store, pdl_enter, store_part
 
 MAX_ROWS = ENGINE_BATCHED_MAX_ROWS  # the largest BLOCK_M: x's rows in one tile
 SPLITS_TARGET = 2  # split-K aims at this many programs per multiprocessor
@@ -206,17 +206,6 @@ def _linear_kernel(x_ptr, x_stride, out_ptr, out_stride, res_ptr, M, K,
 
 
 @triton.jit
-def _glu_out(g, u, out_ptr, out_stride, M, rows, n, BLOCK_M: tl.constexpr):
-    """silu(gate) * up, rounded as the reference: each projection to bf16, silu in float32 back to bf16."""
-    g = g.to(tl.bfloat16).to(tl.float32)
-    u = u.to(tl.bfloat16).to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(tl.bfloat16).to(tl.float32) * u
-    m = tl.arange(0, BLOCK_M)
-    mask = (m < M)[:, None] & (rows < n)[None, :]
-    tl.store(out_ptr + m[:, None] * out_stride + rows[None, :], act.to(tl.bfloat16), mask=mask)
-
-
-@triton.jit
 def _glu_kernel(x_ptr, x_stride, out_ptr, out_stride, M, K, w0, a0, s0, o0, g0, w1, a1, s1, o1, g1, n,
                 code_ptr, code2_ptr, w_stride, ws_ptr, tickets_ptr, SPLIT, KIND: tl.constexpr, LUT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
@@ -242,14 +231,14 @@ def _glu_kernel(x_ptr, x_stride, out_ptr, out_stride, M, K, w0, a0, s0, o0, g0, 
     g = scaled(g, a0, rows, row_mask, KIND, SWAP)
     u = scaled(u, a1, rows, row_mask, KIND, SWAP)
     if SPLIT == 1:
-        _glu_out(g, u, out_ptr, out_stride, M, rows, n, BLOCK_M)
+        glu_store(g, u, out_ptr, out_stride, M, rows, n, BLOCK_M)
     else:
         _publish(g, ws_ptr, M, rows, row_mask, 2 * n, BLOCK_M)
         _publish(u, ws_ptr, M, n + rows, row_mask, 2 * n, BLOCK_M)
         if _last_to_arrive(tickets_ptr, pid, SPLIT):
             g = _collect(ws_ptr, M, rows, row_mask, 2 * n, SPLIT, BLOCK_M, BLOCK_N)
             u = _collect(ws_ptr, M, n + rows, row_mask, 2 * n, SPLIT, BLOCK_M, BLOCK_N)
-            _glu_out(g, u, out_ptr, out_stride, M, rows, n, BLOCK_M)
+            glu_store(g, u, out_ptr, out_stride, M, rows, n, BLOCK_M)
             tl.store(tickets_ptr + pid, 0)
 
 

@@ -232,6 +232,17 @@ def _linear_kernel(x_ptr, x_stride, out_ptr, out_stride, res_ptr, M, K,
 
 
 @triton.jit
+def glu_store(g, u, out_ptr, out_stride, M, rows, n, BLOCK_M: tl.constexpr):
+    """silu(gate) * up, rounded as the reference: each projection to bf16, silu in float32 back to bf16."""
+    g = g.to(tl.bfloat16).to(tl.float32)
+    u = u.to(tl.bfloat16).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(tl.bfloat16).to(tl.float32) * u
+    m = tl.arange(0, BLOCK_M)
+    mask = (m < M)[:, None] & (rows < n)[None, :]
+    tl.store(out_ptr + m[:, None] * out_stride + rows[None, :], act.to(tl.bfloat16), mask=mask)
+
+
+@triton.jit
 def _glu_kernel(x_ptr, x_stride, out_ptr, out_stride, M, K,
                 w0, a0, s0, o0, g0, w1, a1, s1, o1, g1, n,
                 code_ptr, code2_ptr, KIND: tl.constexpr, LUT: tl.constexpr,
@@ -243,13 +254,7 @@ def _glu_kernel(x_ptr, x_stride, out_ptr, out_stride, M, K,
                    False, BLOCK_M, BLOCK_N, NB, EVEN_K, LUT, n)
     u = _part_rows(x_ptr, x_stride, M, w1, a1, s1, o1, g1, w1, code_ptr, code2_ptr, rows, K, KIND,
                    False, BLOCK_M, BLOCK_N, NB, EVEN_K, LUT, n)
-    # Rounded as the reference rounds: each projection to bf16, silu in float32 back to bf16, the product.
-    g = g.to(tl.bfloat16).to(tl.float32)
-    u = u.to(tl.bfloat16).to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(tl.bfloat16).to(tl.float32) * u
-    m = tl.arange(0, BLOCK_M)
-    mask = (m < M)[:, None] & (rows < n)[None, :]
-    tl.store(out_ptr + m[:, None] * out_stride + rows[None, :], act.to(tl.bfloat16), mask=mask)
+    glu_store(g, u, out_ptr, out_stride, M, rows, n, BLOCK_M)
 
 
 # Triton's CPU interpreter (tests) has no timer to autotune with: it runs one fixed, small tile.
