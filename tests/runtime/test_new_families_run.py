@@ -180,6 +180,38 @@ def test_a_block_fp8_checkpoint_loads_dequantized_in_bf16_and_fp8_needs_its_kern
                                         "on GPUs of compute capability 8.9 or later") and err.count("\n") == 1
 
 
+def test_a_block_fp8_weight_with_a_partial_edge_block_loads_dequantized(tmp_path, capsys):
+    """DeepSeek-V3's kv_a_proj_with_mqa has kv_lora_rank + qk_rope_head_dim = 576 rows, stored in blocks of 128
+    with a 5-row scale grid, the last block 64 rows. The tiny model in blocks of 64 is alike: 64 + 32 = 96 rows,
+    2 scale rows. Its dequantized weight is each code times its block's scale, and `heavylift run` runs it."""
+    folder = save_runnable_checkpoint(tmp_path / "ds", "deepseek_v3")
+    _block_fp8(folder, block=64)
+    from safetensors.torch import load_file
+
+    (shard,) = folder.glob("*.safetensors")
+    stored = load_file(shard)
+    name = "model.layers.0.self_attn.kv_a_proj_with_mqa"
+    codes, scale = stored[f"{name}.weight"], stored[f"{name}.weight_scale_inv"]
+    assert codes.shape == (96, 64) and scale.shape == (2, 1)
+    expected = (codes.float() * scale.repeat_interleave(64, 0)[:96]).to(torch.bfloat16)
+    capsys.readouterr()
+    code, out, err = run_cli(capsys, "run", str(folder), "--prompt", "hi", "--quant", "bf16", "--context", "64",
+                             "--max-new-tokens", "3", "--temperature", "0", "--json")
+    assert code == 0, err
+    assert json.loads(out)["generated_tokens"] == 3
+    session = heavylift.load(str(folder), quant="bf16", context=64)
+    assert torch.equal(session.model.get_submodule(name).weight.data, expected)
+
+
+def test_partial_edge_blocks_are_padded_to_whole_blocks_of_the_configured_size():
+    from heavylift.runtime.block_fp8 import partial_grid_padding
+
+    assert partial_grid_padding((576, 7168), (5, 56), (128, 128)) == (64, 0)  # DeepSeek-V3's kv_a_proj_with_mqa
+    assert partial_grid_padding((96, 64), (2, 1), (64, 64)) == (32, 0)  # divisible grid, still a partial block
+    assert partial_grid_padding((24576, 1536), (192, 12), (128, 128)) is None  # q_b_proj: whole blocks
+    assert partial_grid_padding((4, 256, 64), (4, 256, 2), (128, 128)) is None  # an MXFP4-style [1, 32] grid
+
+
 def test_an_mxfp4_checkpoint_loads_its_experts_dequantized(tmp_path):
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 

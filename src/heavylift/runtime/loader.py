@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,6 +19,7 @@ from heavylift.model.prequantized import BLOCK_FP8, Prequantized, keeps_stored
 from heavylift.planner.plan import SchemePlan
 from heavylift.planner.training import TrainingPlan
 from heavylift.schemes import SCHEMES
+from .block_fp8 import partial_blocks_dequantized
 from .devices import runtime_device
 from .progress import load_progress
 
@@ -151,6 +152,13 @@ def _moe_loading(arch: Architecture, quant: str):
             os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = before
 
 
+def _stored_loading(arch: Architecture):
+    """A block-FP8 checkpoint dequantizes weights with partial edge blocks too (DeepSeek-V3's
+    kv_a_proj_with_mqa: 576 rows in blocks of 128; block_fp8.partial_blocks_dequantized)."""
+    pre = arch.prequantized
+    return partial_blocks_dequantized(pre.block) if pre is not None and pre.method == BLOCK_FP8 else nullcontext()
+
+
 def _language_model(folder: Path, arch: Architecture) -> dict:
     """from_pretrained's arguments that load a multimodal checkpoint's language model alone (families.WRAPPERS):
     its text config, and its tensors' names without the "language_model." prefix (the vision tower's are left)."""
@@ -176,7 +184,8 @@ def load_model(folder: Path, arch: Architecture, scheme: SchemePlan, placement: 
     # entries and "cpu" among them for CPU offload, and moves each such layer to a GPU to quantize it.
     device_map = {"": CPU} if set(placement.modules.values()) == {CPU} else dict(placement.modules)
     try:
-        with warnings.catch_warnings(), _moe_loading(arch, scheme.quant), load_progress(label):
+        with warnings.catch_warnings(), _moe_loading(arch, scheme.quant), _stored_loading(arch), \
+                load_progress(label):
             warnings.simplefilter("ignore")
             model, info = AutoModelForCausalLM.from_pretrained(
                 folder, dtype=dtype, device_map=device_map, attn_implementation=attention,
