@@ -80,6 +80,12 @@ def natural_key(name: str) -> list[tuple]:
     return parts
 
 
+def load_row_step(rows: int, k: int, multiple: int) -> int:
+    """Rows of a weight [rows, k] quantized together on load (bnb_load.py): LOAD_ROW_CHUNK_ELEMENTS weights, in
+    a multiple of `multiple` rows (at least that many), at most the whole weight."""
+    return min(rows, max(1, LOAD_ROW_CHUNK_ELEMENTS // k // multiple) * multiple)
+
+
 def allocator_warmup(p: Program, quant: str, tensors: Sequence[Loaded]) -> None:
     """transformers' caching_allocator_warmup: the weights' expected size allocated as one fp16 tensor and freed."""
     scheme = SCHEMES[quant]

@@ -159,6 +159,17 @@ def _stored_loading(arch: Architecture):
     return partial_blocks_dequantized(pre.block) if pre is not None and pre.method == BLOCK_FP8 else nullcontext()
 
 
+def _bnb_loading(arch: Architecture, quant: str):
+    """A bitsandbytes precision quantizes each weight onto its GPU a block of rows at a time from CPU RAM
+    (bnb_load.py), so that the load leaves no bf16 copy's hole among the weights."""
+    scheme = SCHEMES[quant]
+    if arch.prequantized is not None or not (scheme.four_bit or scheme.code == "int8"):
+        return nullcontext()
+    from .bnb_load import row_blocked_bitsandbytes
+
+    return row_blocked_bitsandbytes()
+
+
 def _language_model(folder: Path, arch: Architecture) -> dict:
     """from_pretrained's arguments that load a multimodal checkpoint's language model alone (families.WRAPPERS):
     its text config, and its tensors' names without the "language_model." prefix (the vision tower's are left)."""
@@ -185,7 +196,7 @@ def load_model(folder: Path, arch: Architecture, scheme: SchemePlan, placement: 
     device_map = {"": CPU} if set(placement.modules.values()) == {CPU} else dict(placement.modules)
     try:
         with warnings.catch_warnings(), _moe_loading(arch, scheme.quant), _stored_loading(arch), \
-                load_progress(label):
+                _bnb_loading(arch, scheme.quant), load_progress(label):
             warnings.simplefilter("ignore")
             model, info = AutoModelForCausalLM.from_pretrained(
                 folder, dtype=dtype, device_map=device_map, attn_implementation=attention,
