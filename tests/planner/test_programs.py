@@ -225,7 +225,7 @@ def test_the_load_order_is_transformers_order():
     assert sorted(names, key=natural_key) == sorted(names, key=dot_natural_key)
 
 
-def test_quantizing_on_load_holds_the_bf16_weight_and_the_quantizers_temporaries():
+def test_quantizing_on_load_holds_the_quantizers_temporaries_and_bitsandbytes_a_block_of_rows(monkeypatch):
     from heavylift.planner.load_program import Loaded, dense_load
 
     def sizes(quant: str) -> list[int]:
@@ -237,11 +237,17 @@ def test_quantizing_on_load_holds_the_bf16_weight_and_the_quantizers_temporaries
     # torchao FP8: bf16 16,384; |w| 16,384, row maxima and scales (64 x 2, 2, 4 -> 512 each); w in fp32,
     # scaled, clamped (3 x 32,768); float8 8,192.
     assert sizes("fp8") == [8192, 16384, 16384, 128, 128, 256, 32768, 32768, 32768, 8192]
-    # LLM.int8: bf16; an fp16 copy; the row scales (256) and the int8 rows.
-    assert sizes("int8") == [8192, 16384, 16384, 256, 8192]
-    # NF4 with double quantization: bf16; 128 fp32 absmax, the packed nibbles, the code book; the offset, the
-    # shifted absmax, a code-book copy, the nested absmax, the absmax bytes and the kept code book.
-    assert sizes("nf4-dq") == [4096, 16384, 512, 4096, 64, 4, 512, 1024, 4, 128, 1024]
+    # LLM.int8 (bnb_load.quantize_int8_rows): the int8 rows and row scales (256) allocated whole; the weight in
+    # one block of rows (64 x 128 <= LOAD_ROW_CHUNK_ELEMENTS): its fp16 copy, the block's scales and int8 rows.
+    assert sizes("int8") == [8192, 8192, 256, 16384, 256, 8192]
+    # NF4 with double quantization: 128 fp32 absmax and the packed nibbles allocated whole; the block's bf16
+    # copy, absmax and nibbles; the code book; the offset, the shifted absmax, a code-book copy, the nested
+    # absmax, the absmax bytes and the kept code book.
+    assert sizes("nf4-dq") == [4096, 512, 4096, 16384, 512, 4096, 64, 4, 512, 1024, 4, 128, 1024]
+    # In blocks of 16 rows (2048 weights; a multiple of 64, as 4-bit blocks need): four of them.
+    monkeypatch.setattr("heavylift.planner.load_program.LOAD_ROW_CHUNK_ELEMENTS", 2048)
+    assert sizes("nf4") == [4096, 512, 4096] + [4096, 128, 1024] * 4 + [64]
+    assert sizes("int8") == [8192, 8192, 256] + [4096, 64, 2048] * 4
 
 
 def test_a_dense_plan_holds_what_the_load_leaves_cached():
