@@ -131,6 +131,13 @@ EXPERT_ROW_CHUNK_ELEMENTS = 1 << 24
 # pieces fragment less: by the planner's replay, the load reserve beyond the weights of Qwen2.5-7B is 1.30 GB
 # whole, 1.38 GB at 1 << 24 and 0.21 GB at 1 << 22; of 16 layers of Llama-3.1-405B 15.7, 2.6 and 2.6 GB.
 LOAD_ROW_CHUNK_ELEMENTS = 1 << 22
+# The engine's prefill matmuls (ops.dense_linear) dequantize a 4-bit, LLM.int8 or FP8 weight (FP8 where the GPU
+# has no FP8 tensor cores) into one reused bf16 buffer of at most this many bytes, a tile of whole output rows at
+# a time, and multiply the chunk by each tile into its output columns, instead of a bf16 copy of the whole weight
+# (Llama-3.1-405B's MLP weights, 53248 x 16384: 1.75 GB each, and LLM.int8's fp32 copies of it: 2 x 3.5 GB).
+# 128 MiB is 4096 rows of a 16384-wide weight: each tile's GEMM against a 2048-token chunk is still 0.27 TFLOP,
+# large enough to fill an H100's tensor cores, and the largest 405B weight takes 13 of them.
+DEQUANT_TILE_BYTES = 128 * MiB
 # torchao leaves a weight unquantized unless both its sides divide by 16 (_fp8_mm_compat): pieces of a weight
 # quantized on load hold a multiple of this many rows.
 FP8_ROW_MULTIPLE = 16

@@ -13,8 +13,10 @@ Pure Python: no torch.
 
 from __future__ import annotations
 
+from math import gcd
+
 from .allocator import Program, Tensor
-from heavylift.defaults import LLM_INT8_OUTLIER_COLUMN_FRACTION
+from heavylift.defaults import DEQUANT_TILE_BYTES, LLM_INT8_OUTLIER_COLUMN_FRACTION
 from heavylift.schemes import BNB_4BIT_BLOCKSIZE, FLOAT32_BYTES, SCHEMES, UNQUANTIZED_BYTES
 
 BF16 = UNQUANTIZED_BYTES  # a bf16 / fp16 element: activations, KV cache, dequantized weights
@@ -142,6 +144,14 @@ def _dequantized_matmul(p: Program, rows: int, k: int, n: int) -> Tensor:
     y = p.alloc("linear", BF16 * rows * n)
     p.free(w)
     return y
+
+
+def dequant_tile_rows(n: int, k: int) -> int:
+    """Rows of a weight [n, k] that ops.dense_linear dequantizes at a time: DEQUANT_TILE_BYTES of bf16, in a
+    multiple of the rows that hold whole 4-bit blocks (so a tile's codes and absmax are contiguous slices), at
+    least that many, at most the whole weight."""
+    multiple = BNB_4BIT_BLOCKSIZE // gcd(k, BNB_4BIT_BLOCKSIZE)
+    return min(n, max(1, DEQUANT_TILE_BYTES // (BF16 * k) // multiple) * multiple)
 
 
 def dense_linear(p: Program, quant: str, rows: int, k: int, n: int, native_fp8: bool) -> Tensor:
