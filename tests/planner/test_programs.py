@@ -19,6 +19,7 @@ from heavylift.hardware.gpus import parse_gpu_spec
 from heavylift.planner.memory import TRANSFORMERS, FAST, _kv_tensors, engine_prefill, runtime_terms
 from heavylift.schemes import SCHEMES
 from heavylift.planner.forward_program import Part, Step, linear, transformers_forward
+from heavylift.planner.matmul_programs import dense_linear as engine_dense_linear
 
 from conftest import save_tiny_checkpoint, save_tiny_tokenizer
 from memtrace import Trace, canonical, first_difference
@@ -153,6 +154,27 @@ def test_torchao_fp8_quantizes_activations_in_fp32():
     p = Program()
     linear(p, "fp8", 8, 64, 32, native_fp8=False)  # FP8 storage without FP8 tensor cores: weight dequantized
     assert _sizes(p) == [8192, 8192, 4096, 512]
+
+
+def test_engine_prefill_dequantizes_a_tile_of_rows_at_a_time():
+    # Llama-3.1-405B's gate weight, 53248 x 16384, against a 2048-token chunk: 128 MiB tiles of 4096 rows
+    # (16384 x 2 bytes a row); NF4-DQ's absmax dequantized whole first, 53248 x 16384 / 64 blocks x 4 bytes =
+    # 54,525,952; y 2048 x 53248 x 2 = 218,103,808. The whole weight in bf16 would be 1,744,830,464.
+    tile, y = 4096 * 16384 * 2, 2048 * 53248 * 2
+    p = Program()
+    engine_dense_linear(p, "nf4-dq", 2048, 16384, 53248, native_fp8=True)
+    assert _sizes(p) == [54_525_952, tile, y] and peak_live(p) == 54_525_952 + tile + y
+    for quant in ("nf4", "int8"):  # no absmax to dequantize; INT8 rows cast and scaled in the tile
+        p = Program()
+        engine_dense_linear(p, quant, 2048, 16384, 53248, native_fp8=True)
+        assert _sizes(p) == [tile, y]
+    p = Program()  # FP8 without FP8 tensor cores: as INT8
+    engine_dense_linear(p, "fp8", 2048, 16384, 53248, native_fp8=False)
+    assert _sizes(p) == [tile, y]
+    # A weight under a tile, 1024 x 4096: the tile is the whole weight, 8 MiB.
+    p = Program()
+    engine_dense_linear(p, "int8", 16, 4096, 1024, native_fp8=True)
+    assert _sizes(p) == [1024 * 4096 * 2, 16 * 1024 * 2]
 
 
 @pytest.mark.parametrize("model, context, batch, quant", [("llama3.1-8b", 32768, 8, "bf16"),

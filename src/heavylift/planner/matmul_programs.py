@@ -155,19 +155,14 @@ def dequant_tile_rows(n: int, k: int) -> int:
 
 
 def dense_linear(p: Program, quant: str, rows: int, k: int, n: int, native_fp8: bool) -> Tensor:
-    """ops.dense_linear: bf16 weights used as they are; NF4 dequantized by bitsandbytes to bf16 (double
-    quant's absmax first); FP8 rows scaled per token to FP8 in fp32 and multiplied on the FP8 tensor
-    cores (torch._scaled_mm); INT8, and FP8 without FP8 tensor cores, dequantized in fp32 to bf16."""
+    """ops.dense_linear: bf16 weights used as they are; FP8 rows scaled per token to FP8 in fp32 and multiplied
+    on the FP8 tensor cores (torch._scaled_mm); 4-bit, INT8, and FP8 without FP8 tensor cores dequantized a
+    tile of rows at a time (dequant_tile_rows) into one bf16 buffer that each tile's matmul reads, writing its
+    columns of the output in place: double quant's absmax dequantized whole first (fp32), then the tile buffer
+    and the output; the scaled rows are cast and scaled in place in the tile (no fp32 copy on a GPU)."""
     scheme = SCHEMES[quant]
     if not scheme.quantized:
         return p.alloc("linear", BF16 * rows * n)
-    if scheme.four_bit:
-        absmax = p.alloc("absmax", FP32 * (n * k // BNB_4BIT_BLOCKSIZE)) if scheme.double_quant else None
-        w = p.alloc("weight_bf16", BF16 * n * k)
-        p.free(absmax)
-        y = p.alloc("linear", BF16 * rows * n)
-        p.free(w)
-        return y
     if quant == "fp8" and native_fp8 and k % 16 == 0 and n % 16 == 0:
         xf = p.alloc("x_fp32", FP32 * rows * k)
         ab = p.alloc("abs", FP32 * rows * k)
@@ -186,7 +181,12 @@ def dense_linear(p: Program, quant: str, rows: int, k: int, n: int, native_fp8: 
         y = p.alloc("linear", BF16 * rows * n)
         p.free(xq, xs)
         return y
-    return _dequantized_matmul(p, rows, k, n)
+    dq = scheme.four_bit and scheme.double_quant
+    absmax = p.alloc("absmax", FP32 * -(-n * k // BNB_4BIT_BLOCKSIZE)) if dq else None
+    tile = p.alloc("weight_tile", BF16 * dequant_tile_rows(n, k) * k)
+    y = p.alloc("linear", BF16 * rows * n)
+    p.free(tile, absmax)
+    return y
 
 
 def expert_weights(p: Program, quant: str, numel: int) -> list[Tensor]:
