@@ -57,6 +57,7 @@ class ExpertLoad:
     fused: bool = False
     storage: str = ""  # "" (bf16), prequantized.BLOCK_FP8 or prequantized.MXFP4
     scale_bytes: int = 0  # block FP8: one expert projection's float32 block scales
+    down_first: bool = False  # per-expert tensors: down_proj's sort first, so transformers converts it first
 
 
 @dataclass(frozen=True)
@@ -171,26 +172,36 @@ def _quantize_4bit(p: Program, quant: str, numel: int) -> None:
     p.free(code, shifted, absmax)
 
 
-def expert_load(p: Program, arch: Architecture, quant: str) -> None:
+def expert_load(p: Program, arch: Architecture, quant: str, down_first: bool = False) -> None:
     """One MoE layer's experts arriving through from_pretrained, which loads them one at a time (always for a
-    quantized load; heavylift turns the thread pool off for bf16 MoE loads too): each expert's checkpoint
-    tensors, their stacks (MergeModulelist) and gate and up concatenated (Concatenate; core_model_loading.py),
-    the fused tensor set in its module and quantized when the next one arrives (experts.quantized_on_arrival).
-    What the layer keeps is left allocated (later layers' tensors fit around it, as on the GPU)."""
+    quantized load; heavylift turns the thread pool off for bf16 MoE loads too). Each fused tensor is one
+    WeightConverter (core_model_loading.py), run in the order of its first checkpoint tensor (dot_natural_key:
+    Mixtral's w1 before w2, gate and up first; Qwen 3 MoE's and DeepSeek-V3's down_proj before gate_proj,
+    down first): its checkpoint tensors all arrive, then are stacked (MergeModulelist) and gate and up
+    concatenated (Concatenate). The first fused tensor stays in bf16 while the second converts: it is set in
+    its module and quantized only when the next one arrives (experts.quantized_on_arrival). What the layer
+    keeps is left allocated (later layers' tensors fit around it, as on the GPU)."""
     h, i, e = arch.hidden_size, arch.intermediate_size, arch.num_experts
-    gates = [p.alloc("w1", BF16 * i * h) for _ in range(e)]
-    ups = [p.alloc("w3", BF16 * i * h) for _ in range(e)]
-    stacked = p.alloc("stack", BF16 * e * i * h)
-    p.free(*gates)
-    stacked_up = p.alloc("stack", BF16 * e * i * h)
-    p.free(*ups)
-    gate_up = p.alloc("gate_up_proj", BF16 * e * 2 * i * h)
-    p.free(stacked, stacked_up)
-    downs = [p.alloc("w2", BF16 * h * i) for _ in range(e)]
-    down = p.alloc("down_proj", BF16 * e * h * i)
-    p.free(*downs)
-    _quantize_expert(p, quant, gate_up, e * 2 * i, h)
-    _quantize_expert(p, quant, down, e * h, i)
+
+    def gate_up() -> tuple[str, int, int]:
+        gates = [p.alloc("w1", BF16 * i * h) for _ in range(e)]
+        ups = [p.alloc("w3", BF16 * i * h) for _ in range(e)]
+        stacked = p.alloc("stack", BF16 * e * i * h)
+        p.free(*reversed(gates))  # MergeModulelist's next pop drops the gate list (a list frees last first)
+        stacked_up = p.alloc("stack", BF16 * e * i * h)
+        p.free(*reversed(ups))
+        fused = p.alloc("gate_up_proj", BF16 * e * 2 * i * h)
+        p.free(stacked, stacked_up)
+        return fused, e * 2 * i, h
+
+    def down() -> tuple[str, int, int]:
+        downs = [p.alloc("w2", BF16 * h * i) for _ in range(e)]
+        fused = p.alloc("down_proj", BF16 * e * h * i)
+        p.free(*reversed(downs))
+        return fused, e * h, i
+
+    for fused, rows, cols in [step() for step in ((down, gate_up) if down_first else (gate_up, down))]:
+        _quantize_expert(p, quant, fused, rows, cols)
 
 
 def experts_load(p: Program, ex: ExpertLoad, quant: str) -> None:
@@ -202,7 +213,7 @@ def experts_load(p: Program, ex: ExpertLoad, quant: str) -> None:
         if ex.storage:  # block FP8 per expert: stacked as stored, or each dequantized then stacked
             _stacked_fp8(p, ex, keep=quant == "fp8")  # the only precisions such a checkpoint takes: fp8, bf16
         else:
-            expert_load(p, _Shape(h, i, e), quant)
+            expert_load(p, _Shape(h, i, e), quant, ex.down_first)
         return
     for rows, cols in ((e * h, 2 * i), (e * i, h)):  # gate_up [E, hidden, 2 x width], down [E, width, hidden]
         if ex.storage:
@@ -262,22 +273,29 @@ def _stacked_fp8(p: Program, ex: ExpertLoad, keep: bool) -> None:
         p.free(cast, w, s)
         return [out]
 
-    gates = [t for _ in range(e) for t in arrive(i * h)]
-    ups = [t for _ in range(e) for t in arrive(i * h)]
     scales = e * ex.scale_bytes if keep else 0
-    stacked = [p.alloc("stack", elem * e * i * h)] + ([p.alloc("stack_scales", scales)] if scales else [])
-    p.free(*gates)
-    stacked_up = [p.alloc("stack", elem * e * i * h)] + ([p.alloc("stack_scales", scales)] if scales else [])
-    p.free(*ups)
-    p.alloc("gate_up_proj", elem * e * 2 * i * h)
-    if scales:
-        p.alloc("gate_up_proj_scale_inv", 2 * scales)
-    p.free(*stacked, *stacked_up)
-    downs = [t for _ in range(e) for t in arrive(h * i)]
-    p.alloc("down_proj", elem * e * h * i)
-    if scales:
-        p.alloc("down_proj_scale_inv", scales)
-    p.free(*downs)
+
+    def gate_up() -> None:
+        gates = [t for _ in range(e) for t in arrive(i * h)]
+        ups = [t for _ in range(e) for t in arrive(i * h)]
+        stacked = [p.alloc("stack", elem * e * i * h)] + ([p.alloc("stack_scales", scales)] if scales else [])
+        p.free(*gates)
+        stacked_up = [p.alloc("stack", elem * e * i * h)] + ([p.alloc("stack_scales", scales)] if scales else [])
+        p.free(*ups)
+        p.alloc("gate_up_proj", elem * e * 2 * i * h)
+        if scales:
+            p.alloc("gate_up_proj_scale_inv", 2 * scales)
+        p.free(*stacked, *stacked_up)
+
+    def down() -> None:
+        downs = [t for _ in range(e) for t in arrive(h * i)]
+        p.alloc("down_proj", elem * e * h * i)
+        if scales:
+            p.alloc("down_proj_scale_inv", scales)
+        p.free(*downs)
+
+    for step in (down, gate_up) if ex.down_first else (gate_up, down):  # expert_load's order
+        step()
 
 
 def _quantize_expert(p: Program, quant: str, source: str, rows: int, cols: int) -> None:
@@ -361,9 +379,17 @@ def _layer_load(arch: Architecture, i: int, loaded) -> LayerLoad:
         first = next(t for t in routed if t.fused_into is not None) if not fused else None
         scale = (stored_bytes(first) - first.numel) if first is not None and first.stored else 0
         experts = ExpertLoad(arch.num_experts, arch.hidden_size, arch.expert_width, fused,
-                             pre.method if pre else "", scale)
+                             pre.method if pre else "", scale, _down_first(routed))
         tensors = [t for t in tensors if t.role.value != "expert"]
     return LayerLoad(loaded(t for t in tensors if t.fused_into is None), experts)
+
+
+def _down_first(routed) -> bool:
+    """Whether transformers converts a layer's down_proj before its gate_up_proj: each fused tensor's converter
+    runs in the load order of its first checkpoint tensor (core_model_loading.convert_and_load_state_dict_in_model
+    keeps the converters in the order their first key arrives)."""
+    first = min(routed, key=lambda t: natural_key(t.name))
+    return first.fused_into is not None and first.fused_into.endswith("down_proj")
 
 
 @lru_cache(maxsize=256)

@@ -1,0 +1,70 @@
+"""The planner's load programs against what transformers' from_pretrained allocates, event by event.
+
+A tiny checkpoint of each MoE family loads on the CPU under memtrace.Trace, as heavylift loads it (one tensor
+at a time, HF_DEACTIVATE_ASYNC_LOAD); each checkpoint tensor is copied where it arrives, as its host-to-device
+copy allocates on a GPU. The trace is taken over the routed experts' weight converters, which stack and fuse
+the per-expert tensors; the planner's expert programs (load_program.expert_load, experts_load) must list the
+same allocations, of the same sizes, freed in the same order.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils._python_dispatch import _disable_current_modes
+
+from heavylift.model.architecture import architecture_from_config
+from heavylift.planner.allocator import Program
+from heavylift.planner.forward_program import Part
+from heavylift.planner.load_program import expert_load, experts_load, load_order
+
+from conftest import save_tiny_checkpoint
+from memtrace import Trace, canonical, first_difference
+
+
+def _traced_expert_load(folder, monkeypatch) -> list[tuple]:
+    import transformers.core_model_loading as loading
+    from transformers import AutoModelForCausalLM
+
+    trace = Trace()
+    copy, convert = loading._materialize_copy, loading.WeightConverter.convert
+
+    def arrive(tensor, device=None, dtype=None):  # read from the file in host memory, then copied: a new storage
+        with _disable_current_modes():
+            host = copy(tensor, device, dtype)
+        return host.clone()
+
+    def traced(self, layer_name, *args, **kwargs):
+        if ".experts." not in layer_name:
+            return convert(self, layer_name, *args, **kwargs)
+        with trace:
+            return convert(self, layer_name, *args, **kwargs)
+
+    monkeypatch.setattr(loading, "_materialize_copy", arrive)
+    monkeypatch.setattr(loading.WeightConverter, "convert", traced)
+    monkeypatch.setenv("HF_DEACTIVATE_ASYNC_LOAD", "1")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map={"": "cpu"})
+    events = list(trace.events)  # the loaded experts stay: their frees come only with the model's end
+    del model
+    return events
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_expert_load_programs_match_from_pretrained(tmp_path, monkeypatch, family):
+    # Mixtral's w1 sorts before w2: gate_up_proj converts first; Qwen 3 MoE's down_proj before gate_proj.
+    folder = save_tiny_checkpoint(tmp_path / family, family)
+    traced = _traced_expert_load(folder, monkeypatch)
+    arch = architecture_from_config(json.loads((folder / "config.json").read_text()))
+    order = load_order(arch, Part(range(arch.num_layers), True, True))
+    program = Program()
+    if order.layers:
+        for layer in order.layers:
+            if layer.experts is not None:
+                experts_load(program, layer.experts, "bf16")
+    else:
+        for _ in range(arch.num_layers):
+            expert_load(program, order.experts, "bf16")
+    planned, seen = canonical(program.events), canonical(traced)
+    assert planned == seen, first_difference(planned, seen)
