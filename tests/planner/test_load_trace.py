@@ -1,15 +1,18 @@
 """The planner's load programs against what transformers' from_pretrained allocates, event by event.
 
 A tiny checkpoint of each MoE family loads on the CPU under memtrace.Trace, as heavylift loads it (one tensor
-at a time, HF_DEACTIVATE_ASYNC_LOAD); each checkpoint tensor is copied where it arrives, as its host-to-device
-copy allocates on a GPU. The trace is taken over the routed experts' weight converters, which stack and fuse
-the per-expert tensors; the planner's expert programs (load_program.expert_load, experts_load) must list the
-same allocations, of the same sizes, freed in the same order.
+at a time, HF_DEACTIVATE_ASYNC_LOAD; a pre-quantized one with heavylift's quantization config); each checkpoint
+tensor is copied where it arrives, as its host-to-device copy allocates on a GPU. The trace is taken over the
+routed experts' weight converters, which stack and fuse per-expert tensors or dequantize fused MXFP4 ones; the
+planner's expert programs (load_program.expert_load, experts_load) must list the same allocations, of the same
+sizes, freed in the same order.
 """
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,12 +22,16 @@ from heavylift.model.architecture import architecture_from_config
 from heavylift.planner.allocator import Program
 from heavylift.planner.forward_program import Part
 from heavylift.planner.load_program import expert_load, experts_load, load_order
+from heavylift.runtime.loader import quantization_config
 
 from conftest import save_tiny_checkpoint
 from memtrace import Trace, canonical, first_difference
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import validate_plan as vp  # noqa: E402  (its checkpoints hold gpt-oss's experts in MXFP4, as the hub's do)
 
-def _traced_expert_load(folder, monkeypatch) -> list[tuple]:
+
+def _traced_expert_load(folder, arch, monkeypatch) -> list[tuple]:
     import transformers.core_model_loading as loading
     from transformers import AutoModelForCausalLM
 
@@ -45,18 +52,27 @@ def _traced_expert_load(folder, monkeypatch) -> list[tuple]:
     monkeypatch.setattr(loading, "_materialize_copy", arrive)
     monkeypatch.setattr(loading.WeightConverter, "convert", traced)
     monkeypatch.setenv("HF_DEACTIVATE_ASYNC_LOAD", "1")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map={"": "cpu"})
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.bfloat16, device_map={"": "cpu"},
+        quantization_config=quantization_config("bf16", torch.bfloat16, False, pre=arch.prequantized))
     events = list(trace.events)  # the loaded experts stay: their frees come only with the model's end
     del model
     return events
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def _checkpoint(tmp_path, family: str) -> Path:
+    if family == "gpt_oss":
+        return vp.build_checkpoint(vp.model_config("gpt-oss-20b", shrink=True), tmp_path / family)
+    return save_tiny_checkpoint(tmp_path / family, family)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss"])
 def test_expert_load_programs_match_from_pretrained(tmp_path, monkeypatch, family):
-    # Mixtral's w1 sorts before w2: gate_up_proj converts first; Qwen 3 MoE's down_proj before gate_proj.
-    folder = save_tiny_checkpoint(tmp_path / family, family)
-    traced = _traced_expert_load(folder, monkeypatch)
+    # Mixtral's w1 sorts before w2: gate_up_proj converts first; Qwen 3 MoE's down_proj before gate_proj, and
+    # gpt-oss's down_proj_blocks before gate_up_proj_blocks, each dequantized through int64 lookup indices.
+    folder = _checkpoint(tmp_path, family)
     arch = architecture_from_config(json.loads((folder / "config.json").read_text()))
+    traced = _traced_expert_load(folder, arch, monkeypatch)
     order = load_order(arch, Part(range(arch.num_layers), True, True))
     program = Program()
     if order.layers:

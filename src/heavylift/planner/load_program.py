@@ -16,7 +16,7 @@ from .allocator import SMALL_REQUEST_BYTES, CachingAllocator, Program, block_siz
 from heavylift.model.architecture import QUANTIZABLE_ROLES, Architecture
 from heavylift.model.tensors import FP8_ONLY_ROLES
 from heavylift.defaults import EXPERT_ROW_CHUNK_ELEMENTS, FP8_ROW_MULTIPLE, LOAD_ROW_CHUNK_ELEMENTS
-from .matmul_programs import BF16, BNB_4BIT_BLOCKSIZE, FP32, INT32, float8_rows
+from .matmul_programs import BF16, BNB_4BIT_BLOCKSIZE, FP32, INT32, INT64, float8_rows
 from heavylift.model.prequantized import MXFP4_BLOCK, MXFP4_CODES_PER_BYTE, stored_bytes
 from heavylift.schemes import BNB_4BIT_CODE_ENTRIES, BNB_NESTED_BLOCKSIZE, BNB_NESTED_CODE_ENTRIES, SCHEMES, \
     FLOAT32_BYTES as FLOAT32
@@ -215,7 +215,8 @@ def experts_load(p: Program, ex: ExpertLoad, quant: str) -> None:
         else:
             expert_load(p, _Shape(h, i, e), quant, ex.down_first)
         return
-    for rows, cols in ((e * h, 2 * i), (e * i, h)):  # gate_up [E, hidden, 2 x width], down [E, width, hidden]
+    shapes = ((e * h, 2 * i), (e * i, h))  # gate_up [E, hidden, 2 x width], down [E, width, hidden]
+    for rows, cols in reversed(shapes) if ex.down_first else shapes:
         if ex.storage:
             fused = _dequantized_fused(p, rows * cols)
         else:
@@ -235,8 +236,9 @@ class _Shape:
 def _dequantized_fused(p: Program, numel: int) -> str:
     """integrations/mxfp4.py _convert_moe_packed_tensors on one fused expert tensor of `numel` weights: its
     blocks and scales arrive, the scales are widened to int32 and shifted, the output allocated, then each
-    chunk of rows decoded (the low and the high nibbles as int32 indices, looked up in bf16) and the result
-    transposed into a contiguous copy."""
+    chunk of rows decoded (the low and the high nibbles as int32 indices, looked up in bf16: the lookup's
+    make_info first copies int32 indices to int64, freed with the op) and the result transposed into a
+    contiguous copy; the chunk's locals go with the function, the blocks and scales with the converter."""
     blocks, scales = numel // MXFP4_CODES_PER_BYTE, numel // MXFP4_BLOCK
     b = p.alloc("blocks", blocks)
     s = p.alloc("scales", scales)
@@ -246,14 +248,17 @@ def _dequantized_fused(p: Program, numel: int) -> str:
     out = p.alloc("dequantized", BF16 * numel)
     rows = scales  # one row of 16 bytes per scale
     for start in range(0, rows, MXFP4_ROWS_PER_CHUNK):
-        n = min(MXFP4_ROWS_PER_CHUNK, rows - start)
+        codes = min(MXFP4_ROWS_PER_CHUNK, rows - start) * MXFP4_BLOCK // MXFP4_CODES_PER_BYTE
         for _ in range(2):  # the low nibbles, then the high ones
-            masked = p.alloc("nibbles", n * MXFP4_BLOCK // MXFP4_CODES_PER_BYTE)
-            idx = p.alloc("nibble_idx", INT32 * n * MXFP4_BLOCK // MXFP4_CODES_PER_BYTE)
+            masked = p.alloc("nibbles", codes)
+            idx = p.alloc("nibble_idx", INT32 * codes)
             p.free(masked)
-            p.free(p.alloc("looked_up", BF16 * n * MXFP4_BLOCK // MXFP4_CODES_PER_BYTE), idx)
+            wide_idx = p.alloc("nibble_idx_int64", INT64 * codes)
+            looked_up = p.alloc("looked_up", BF16 * codes)
+            p.free(wide_idx)
+            p.free(looked_up, idx)
     result = p.alloc("transposed", BF16 * numel)
-    p.free(out, shifted, b, s)
+    p.free(shifted, out, b, s)
     return result
 
 
@@ -385,11 +390,12 @@ def _layer_load(arch: Architecture, i: int, loaded) -> LayerLoad:
 
 
 def _down_first(routed) -> bool:
-    """Whether transformers converts a layer's down_proj before its gate_up_proj: each fused tensor's converter
-    runs in the load order of its first checkpoint tensor (core_model_loading.convert_and_load_state_dict_in_model
+    """Whether transformers converts a layer's down_proj before its gate_up_proj (per-expert tensors stacked, or
+    fused ones as stored: Llama 4's, gpt-oss's down_proj_blocks): each fused tensor's converter runs in the
+    load order of its first checkpoint tensor (core_model_loading.convert_and_load_state_dict_in_model
     keeps the converters in the order their first key arrives)."""
     first = min(routed, key=lambda t: natural_key(t.name))
-    return first.fused_into is not None and first.fused_into.endswith("down_proj")
+    return (first.fused_into or first.name).endswith("down_proj")
 
 
 @lru_cache(maxsize=256)
