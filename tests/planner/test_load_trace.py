@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from heavylift.model.architecture import architecture_from_config
 from heavylift.planner.allocator import Program
 from heavylift.planner.forward_program import Part
-from heavylift.planner.load_program import expert_load, experts_load, load_order
+from heavylift.planner.load_program import expert_load, experts_load, load_order, load_tensors, natural_key
 from heavylift.runtime.loader import quantization_config
 
 from conftest import save_tiny_checkpoint
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import validate_plan as vp  # noqa: E402  (its checkpoints hold gpt-oss's experts in MXFP4, as the hub's do)
 
 
-def _traced_expert_load(folder, arch, monkeypatch) -> list[tuple]:
+def _traced_load(folder, arch, monkeypatch, traced_name=lambda name: ".experts." in name) -> list[tuple]:
     import transformers.core_model_loading as loading
     from transformers import AutoModelForCausalLM
 
@@ -44,7 +44,7 @@ def _traced_expert_load(folder, arch, monkeypatch) -> list[tuple]:
         return host.clone()
 
     def traced(self, layer_name, *args, **kwargs):
-        if ".experts." not in layer_name:
+        if not traced_name(layer_name):
             return convert(self, layer_name, *args, **kwargs)
         with trace:
             return convert(self, layer_name, *args, **kwargs)
@@ -61,18 +61,20 @@ def _traced_expert_load(folder, arch, monkeypatch) -> list[tuple]:
 
 
 def _checkpoint(tmp_path, family: str) -> Path:
-    if family == "gpt_oss":
-        return vp.build_checkpoint(vp.model_config("gpt-oss-20b", shrink=True), tmp_path / family)
+    stored = {"gpt_oss": "gpt-oss-20b", "deepseek_v3": "deepseek-v3"}  # MXFP4 experts; block-FP8 weights
+    if family in stored:
+        return vp.build_checkpoint(vp.model_config(stored[family], shrink=True), tmp_path / family)
     return save_tiny_checkpoint(tmp_path / family, family)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3"])
 def test_expert_load_programs_match_from_pretrained(tmp_path, monkeypatch, family):
-    # Mixtral's w1 sorts before w2: gate_up_proj converts first; Qwen 3 MoE's down_proj before gate_proj, and
-    # gpt-oss's down_proj_blocks before gate_up_proj_blocks, each dequantized through int64 lookup indices.
+    # Mixtral's w1 sorts before w2: gate_up_proj converts first; Qwen 3 MoE's down_proj before gate_proj;
+    # gpt-oss's down_proj_blocks before gate_up_proj_blocks, each dequantized through int64 lookup indices;
+    # DeepSeek-V3's block-FP8 experts all arrive, then each is dequantized through float32 before the stacking.
     folder = _checkpoint(tmp_path, family)
     arch = architecture_from_config(json.loads((folder / "config.json").read_text()))
-    traced = _traced_expert_load(folder, arch, monkeypatch)
+    traced = _traced_load(folder, arch, monkeypatch)
     order = load_order(arch, Part(range(arch.num_layers), True, True))
     program = Program()
     if order.layers:
@@ -84,3 +86,22 @@ def test_expert_load_programs_match_from_pretrained(tmp_path, monkeypatch, famil
             expert_load(program, order.experts, "bf16")
     planned, seen = canonical(program.events), canonical(traced)
     assert planned == seen, first_difference(planned, seen)
+
+
+def test_a_block_fp8_weight_dequantizes_through_float32(tmp_path, monkeypatch):
+    folder = _checkpoint(tmp_path, "deepseek_v3")
+    arch = architecture_from_config(json.loads((folder / "config.json").read_text()))
+    name = "model.layers.0.self_attn.o_proj.weight"
+    traced = _traced_load(folder, arch, monkeypatch, lambda layer_name: layer_name == name)
+    order = load_order(arch, Part(range(arch.num_layers), True, True))
+    (weight,) = [loaded for spec, loaded in zip(_stored_specs(arch, 0), order.layers[0].tensors) if spec == name]
+    program = Program()
+    load_tensors(program, "bf16", [weight])
+    planned, seen = canonical(program.events), canonical(traced)
+    assert weight.stored != (0, 0) and planned == seen, first_difference(planned, seen)
+
+
+def _stored_specs(arch, layer: int) -> list[str]:
+    """The names of layer `layer`'s checkpoint tensors in load order, as LayerLoad.tensors holds them."""
+    return sorted((t.name for t in arch.layer_tensors(layer) if t.fused_into is None and t.role.value != "expert"),
+                  key=natural_key)

@@ -105,17 +105,26 @@ def load_tensors(p: Program, quant: str, tensors: Sequence[Loaded]) -> None:
 
 
 def _stored_load(p: Program, t: Loaded, keep: bool) -> None:
-    """A block-FP8 weight and its scales arriving: kept, or dequantized to bf16 (the scales and the weight cast
-    to bf16, multiplied in place: integrations/finegrained_fp8.py Fp8Dequantize) and freed."""
+    """A block-FP8 weight and its scales arriving: kept, or dequantized to bf16 (_dequantized_fp8) and both
+    freed when the converter lets go of them."""
     weight, scales = t.stored
     w = p.alloc("stored", weight)
     s = p.alloc("stored_scales", scales)
     if keep:
         return
-    cast_scales = p.alloc("scales_bf16", BF16 * (scales // 4))
-    out = p.alloc("bf16", BF16 * t.numel)
-    p.free(cast_scales, w, s)
-    del out  # kept: the dequantized weight
+    _dequantized_fp8(p, t.numel)  # kept: the dequantized weight
+    p.free(w, s)
+
+
+def _dequantized_fp8(p: Program, numel: int) -> str:
+    """integrations/finegrained_fp8.py Fp8Dequantize._dequantize_one on one block-FP8 weight of `numel` weights:
+    a float32 copy, times its float32 block scales (already float32: no copy), the product cast to bf16; the
+    product and the float32 copy freed. Returns the bf16 weight."""
+    wide = p.alloc("weight_fp32", FP32 * numel)
+    product = p.alloc("scaled_fp32", FP32 * numel)
+    out = p.alloc("bf16", BF16 * numel)
+    p.free(product, wide)
+    return out
 
 
 def dense_load(p: Program, quant: str, tensors: Sequence[Loaded]) -> None:
@@ -186,22 +195,32 @@ def expert_load(p: Program, arch: Architecture, quant: str, down_first: bool = F
     def gate_up() -> tuple[str, int, int]:
         gates = [p.alloc("w1", BF16 * i * h) for _ in range(e)]
         ups = [p.alloc("w3", BF16 * i * h) for _ in range(e)]
-        stacked = p.alloc("stack", BF16 * e * i * h)
-        p.free(*reversed(gates))  # MergeModulelist's next pop drops the gate list (a list frees last first)
-        stacked_up = p.alloc("stack", BF16 * e * i * h)
-        p.free(*reversed(ups))
-        fused = p.alloc("gate_up_proj", BF16 * e * 2 * i * h)
-        p.free(stacked, stacked_up)
-        return fused, e * 2 * i, h
+        return _merged_gate_up(p, gates, ups, BF16 * e * i * h), e * 2 * i, h
 
     def down() -> tuple[str, int, int]:
         downs = [p.alloc("w2", BF16 * h * i) for _ in range(e)]
-        fused = p.alloc("down_proj", BF16 * e * h * i)
-        p.free(*reversed(downs))
-        return fused, e * h, i
+        return _stacked(p, downs, BF16 * e * h * i, "down_proj"), e * h, i
 
     for fused, rows, cols in [step() for step in ((down, gate_up) if down_first else (gate_up, down))]:
         _quantize_expert(p, quant, fused, rows, cols)
+
+
+def _stacked(p: Program, tensors: list[str], nbytes: int, label: str = "stack") -> str:
+    """MergeModulelist on one list of per-expert tensors: stacked into `nbytes`, the list freed (last first, as
+    a Python list frees its items) when the op lets go of it."""
+    stack = p.alloc(label, nbytes)
+    p.free(*reversed(tensors))
+    return stack
+
+
+def _merged_gate_up(p: Program, gates: list[str], ups: list[str], stack_bytes: int) -> str:
+    """MergeModulelist then Concatenate on the gate and up lists: the gates stacked, their list dropped by the
+    next pop, the ups stacked, their list dropped when the op returns; the two stacks concatenated and freed."""
+    stacked = _stacked(p, gates, stack_bytes)
+    stacked_up = _stacked(p, ups, stack_bytes)
+    fused = p.alloc("gate_up_proj", 2 * stack_bytes)
+    p.free(stacked, stacked_up)
+    return fused
 
 
 def experts_load(p: Program, ex: ExpertLoad, quant: str) -> None:
@@ -263,41 +282,44 @@ def _dequantized_fused(p: Program, numel: int) -> str:
 
 
 def _stacked_fp8(p: Program, ex: ExpertLoad, keep: bool) -> None:
-    """Block-FP8 experts, one weight and one float32 scale tensor per expert and projection (`scale_bytes`
-    each): stacked and gate and up concatenated as they are (FP8Experts keeps them), or each dequantized to
-    bf16 as it arrives (_stored_load) and stacked as bf16 experts are (expert_load)."""
+    """Block-FP8 experts, one weight and one float32 scale tensor (`scale_bytes`) per expert and projection.
+    Kept (FP8Experts holds weights and scales): the scales have converters of their own (the quantizer's
+    update_weight_conversions copies each for `_scale_inv`), so each fused weight and then its scales are
+    stacked, gate and up concatenated, as bf16 experts are. Dequantized: one converter per fused tensor
+    collects every expert's weights, then their scales, per projection; Fp8Dequantize turns each weight into
+    bf16 (_dequantized_fp8), the stored lists are freed as the op returns, and the bf16 lists are stacked."""
     h, i, e = ex.hidden, ex.width, ex.count
     elem = 1 if keep else BF16
 
-    def arrive(numel: int) -> list[str]:
-        w, s = p.alloc("stored", numel), p.alloc("stored_scales", ex.scale_bytes)
-        if keep:
-            return [w, s]
-        cast = p.alloc("scales_bf16", BF16 * (ex.scale_bytes // FLOAT32))
-        out = p.alloc("bf16", BF16 * numel)
-        p.free(cast, w, s)
-        return [out]
+    def arrive(projections: int, numel: int) -> list[list[str]]:
+        """Each projection's expert weights as the converter materializes them; where not kept, with their
+        scales (weights, then scales, per projection), dequantized, the stored ones freed in that order."""
+        if keep:  # the scales come with their own converter (kept_scales)
+            return [[p.alloc("stored", numel) for _ in range(e)] for _ in range(projections)]
+        stored = [([p.alloc("stored", numel) for _ in range(e)], [p.alloc("stored_scales", ex.scale_bytes)
+                                                                  for _ in range(e)]) for _ in range(projections)]
+        out = [[_dequantized_fp8(p, numel) for _ in range(e)] for _ in range(projections)]
+        for weights, scales in stored:
+            p.free(*reversed(weights), *reversed(scales))
+        return out
 
-    scales = e * ex.scale_bytes if keep else 0
+    def kept_scales(projections: int) -> None:
+        scales = [[p.alloc("stored_scales", ex.scale_bytes) for _ in range(e)] for _ in range(projections)]
+        if projections == 1:
+            _stacked(p, scales[0], e * ex.scale_bytes, "down_proj_scale_inv")
+        else:
+            _merged_gate_up(p, *scales, e * ex.scale_bytes)
 
     def gate_up() -> None:
-        gates = [t for _ in range(e) for t in arrive(i * h)]
-        ups = [t for _ in range(e) for t in arrive(i * h)]
-        stacked = [p.alloc("stack", elem * e * i * h)] + ([p.alloc("stack_scales", scales)] if scales else [])
-        p.free(*gates)
-        stacked_up = [p.alloc("stack", elem * e * i * h)] + ([p.alloc("stack_scales", scales)] if scales else [])
-        p.free(*ups)
-        p.alloc("gate_up_proj", elem * e * 2 * i * h)
-        if scales:
-            p.alloc("gate_up_proj_scale_inv", 2 * scales)
-        p.free(*stacked, *stacked_up)
+        _merged_gate_up(p, *arrive(2, i * h), elem * e * i * h)
+        if keep:
+            kept_scales(2)
 
     def down() -> None:
-        downs = [t for _ in range(e) for t in arrive(h * i)]
-        p.alloc("down_proj", elem * e * h * i)
-        if scales:
-            p.alloc("down_proj_scale_inv", scales)
-        p.free(*downs)
+        (downs,) = arrive(1, h * i)
+        _stacked(p, downs, elem * e * h * i, "down_proj")
+        if keep:
+            kept_scales(1)
 
     for step in (down, gate_up) if ex.down_first else (gate_up, down):  # expert_load's order
         step()
