@@ -3,7 +3,9 @@ warm-up, what each quantizer allocates to quantize a weight on arrival, an MoE l
 quantized; and the caching-allocator state a device's load leaves, which the runtime's phases start from
 (memory.py). Written from transformers 5.24 (core_model_loading, modeling_utils.caching_allocator_warmup),
 bitsandbytes 0.50 and torchao 0.18; the replayed load peaks match an H100's to the megabyte
-(bench/results/plan_validation_h100_2026-11-26.json, phases.load). Pure Python: no torch.
+(bench/results/plan_validation_h100_2026-11-26.json and plan_validation_families_h100_2026-12-06.json,
+phases.load); tests/planner/test_load_trace.py holds the expert and block-FP8 programs to from_pretrained's
+allocations event by event. Pure Python: no torch.
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ from heavylift.model.tensors import FP8_ONLY_ROLES
 from heavylift.defaults import EXPERT_ROW_CHUNK_ELEMENTS, FP8_ROW_MULTIPLE, LOAD_ROW_CHUNK_ELEMENTS
 from .matmul_programs import BF16, BNB_4BIT_BLOCKSIZE, FP32, INT32, INT64, float8_rows
 from heavylift.model.prequantized import MXFP4_BLOCK, MXFP4_CODES_PER_BYTE, stored_bytes
-from heavylift.schemes import BNB_4BIT_CODE_ENTRIES, BNB_NESTED_BLOCKSIZE, BNB_NESTED_CODE_ENTRIES, SCHEMES, \
-    FLOAT32_BYTES as FLOAT32
+from heavylift.schemes import BNB_4BIT_CODE_ENTRIES, BNB_NESTED_BLOCKSIZE, BNB_NESTED_CODE_ENTRIES, SCHEMES
 from .forward_program import Part
 
 # integrations/mxfp4.py _convert_moe_packed_tensors decodes this many rows of 16 bytes (32 weights) at a time.
@@ -57,7 +58,7 @@ class ExpertLoad:
     fused: bool = False
     storage: str = ""  # "" (bf16), prequantized.BLOCK_FP8 or prequantized.MXFP4
     scale_bytes: int = 0  # block FP8: one expert projection's float32 block scales
-    down_first: bool = False  # per-expert tensors: down_proj's sort first, so transformers converts it first
+    down_first: bool = False  # down_proj's checkpoint tensors sort first: transformers converts it first
 
 
 @dataclass(frozen=True)
