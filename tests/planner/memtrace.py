@@ -6,7 +6,8 @@ caching allocator's 512-byte blocks), and its death, seen through a weakref on t
 in-place ops allocate nothing. Scaled-dot-product attention is replaced by what its CUDA kernels
 allocate (forward_program.py `_sdpa`): with a mask, a bool mask converted to the query's dtype, a copy padded
 to 16 keys (or made contiguous where its rows are not 16-aligned) and the output; without one, flash
-attention's output and its fp32 log-sum-exp.
+attention's output and its fp32 log-sum-exp. Indexing by int32 tensors (aten.index) adds the int64 copies of
+them that its make_info takes inside the op, on the CPU as on a GPU, before the output and freed after it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch.utils._pytree import tree_flatten
 from heavylift.planner.allocator import block_size
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
+INDEX = torch.ops.aten.index.Tensor
 # Composite ops that inference mode hands to the mode whole, hiding temporaries they allocate on the GPU as
 # on the CPU: softmax(x, dtype=float32) on bf16 converts x to a fp32 copy first (only fp16 on CUDA has a
 # fused kernel; aten SoftMax.cpp), and matmul copies a batched operand that bmm cannot view (Gemma 2's
@@ -69,10 +71,15 @@ class Trace(TorchDispatchMode):
         if func in DECOMPOSED and DECOMPOSED[func](*args, **kwargs):
             with self:  # its composite kernel, back under this mode: each op it runs is traced
                 return func.decompose(*args, **kwargs)
+        # Indexing by int32 tensors: make_info copies each to int64 inside the op, before its output.
+        wide = [self._alloc(8 * i.numel(), "index int64") for i in (args[1] if func is INDEX else ())
+                if isinstance(i, torch.Tensor) and i.dtype == torch.int32]
         out = func(*args, **kwargs)
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self._track(t, f"{func} {tuple(t.shape)} {t.dtype}")
+        for key in wide:
+            self._free(key)
         return out
 
     def _sdpa(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):

@@ -12,6 +12,7 @@ import pytest
 
 import heavylift
 from conftest import TINY_FAMILIES, TINY_LLAMA
+from heavylift.defaults import TRAIN_ALLOCATOR_SLACK_BYTES
 from heavylift.errors import InvalidArgumentError, UnsupportedArchitectureError
 from heavylift.hardware.gpus import parse_gpu_spec
 from heavylift.model.architecture import architecture_from_config
@@ -142,6 +143,12 @@ def _measured_layout(case: dict) -> tuple:
     return arch, training, TrainingLayout(arch, SCHEMES["nf4-dq"], training)
 
 
+def _cache_bytes(arch, training: Training) -> int:
+    """transformers' default cache, which the measured forward kept (float32 keys and values of every layer) and
+    the recipe turns off: held at a forward peak only, the output being dropped after the loss."""
+    return arch.num_layers * 2 * training.tokens * arch.num_kv_heads * arch.head_dim * tm.FP32
+
+
 def test_saved_bytes_match_an_h100():
     """On CUDA (bool dropout masks, flash attention's output shared with o_proj's input) the forward saves what
     the formula says in 13 of 14 measured cases, and 16 KiB less in the one no-checkpointing case of 2 sequences."""
@@ -163,7 +170,7 @@ def test_activation_peak_matches_an_h100():
         peak = lay.peak(range(arch.num_layers), True, True, True)
         planned = peak.activation_bytes + peak.logits_bytes
         if peak.peak == PEAK_FORWARD:
-            planned += arch.num_layers * 2 * training.tokens * arch.num_kv_heads * arch.head_dim * tm.FP32
+            planned += _cache_bytes(arch, training)
         if peak.peak == PEAK_BACKWARD:
             planned += lay.layer_adapters
         step = rec["steps"][1]
@@ -172,17 +179,29 @@ def test_activation_peak_matches_an_h100():
 
 
 def test_plan_holds_what_an_h100_needed():
-    """With expandable segments (the recipe's allocator setting) the plan's total is at least what each of 7
-    cases needed (the smallest allocator cap it ran under, plus what the device held outside the allocator) and
-    at most 12% above it."""
+    """With expandable segments (the recipe's allocator setting), in each of 7 cases: what the step needed is the
+    smallest allocator cap it ran under plus what the device held outside the allocator, less the cache the
+    measured forward kept where the peak is the forward. The plan's terms but its allocator slack account for
+    the allocated peak and the bytes outside the allocator to 4 MB, once the adapters' gradients a step of one
+    micro-batch has not made by its peak are taken out (the plan counts them whole, as with accumulation). What
+    the allocator needed beyond the allocated peak, 37 to 215 MB, stays within the slack: the plan is never
+    below the need, and lies above it by the slack less that, plus those gradients."""
     data = json.loads(RESULTS.read_text())
     outside = {json.dumps(r["case"], sort_keys=True): r["steps"][1]["outside_allocator"] for r in data["steps"]}
     h100 = parse_gpu_spec("1xH100")[0]
+    over = []
     for rec in data["caps_expandable_segments"]:
         arch, training, lay = _measured_layout(rec["case"])
-        needed = rec["smallest_cap"] + outside[json.dumps(rec["case"], sort_keys=True)]
-        planned = lay.device_plan(h100, range(arch.num_layers), h100.memory_bytes).total_bytes
-        assert needed <= planned <= needed * 1.12, (rec["case"], planned, needed)
+        plan = lay.device_plan(h100, range(arch.num_layers), h100.memory_bytes)
+        cache = _cache_bytes(arch, training) if plan.peak == PEAK_FORWARD else 0
+        held = outside[json.dumps(rec["case"], sort_keys=True)] - cache
+        unmade = plan.gradient_bytes - (lay.layer_adapters if plan.peak == PEAK_BACKWARD else 0)
+        allocator = rec["smallest_cap"] - rec["allocated_peak"]
+        assert abs(plan.total_bytes - TRAIN_ALLOCATOR_SLACK_BYTES - unmade - rec["allocated_peak"] - held) \
+            <= 4 * 2**20, rec["case"]
+        assert 0 < allocator <= TRAIN_ALLOCATOR_SLACK_BYTES
+        over.append(round(100 * (plan.total_bytes / (rec["smallest_cap"] + held) - 1), 1))
+    assert over == [1.9, 0.8, 0.6, 2.5, 1.5, 5.4, 11.3]
 
 
 # --- Advice --------------------------------------------------------------------------------------------------

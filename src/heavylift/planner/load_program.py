@@ -3,7 +3,9 @@ warm-up, what each quantizer allocates to quantize a weight on arrival, an MoE l
 quantized; and the caching-allocator state a device's load leaves, which the runtime's phases start from
 (memory.py). Written from transformers 5.24 (core_model_loading, modeling_utils.caching_allocator_warmup),
 bitsandbytes 0.50 and torchao 0.18; the replayed load peaks match an H100's to the megabyte
-(bench/results/plan_validation_h100_2026-11-26.json, phases.load). Pure Python: no torch.
+(bench/results/plan_validation_h100_2026-11-26.json and plan_validation_families_h100_2026-12-06.json,
+phases.load); tests/planner/test_load_trace.py holds the expert and block-FP8 programs to from_pretrained's
+allocations event by event. Pure Python: no torch.
 """
 
 from __future__ import annotations
@@ -18,10 +20,9 @@ from .allocator import SMALL_REQUEST_BYTES, CachingAllocator, Program, Tensor, b
 from heavylift.model.architecture import QUANTIZABLE_ROLES, Architecture
 from heavylift.model.tensors import FP8_ONLY_ROLES
 from heavylift.defaults import EXPERT_ROW_CHUNK_ELEMENTS, FP8_ROW_MULTIPLE, LOAD_ROW_CHUNK_ELEMENTS
-from .matmul_programs import BF16, BNB_4BIT_BLOCKSIZE, FP32, INT32, float8_rows
+from .matmul_programs import BF16, BNB_4BIT_BLOCKSIZE, FP32, INT32, INT64, float8_rows
 from heavylift.model.prequantized import MXFP4_BLOCK, MXFP4_CODES_PER_BYTE, stored_bytes
-from heavylift.schemes import BNB_4BIT_CODE_ENTRIES, BNB_NESTED_BLOCKSIZE, BNB_NESTED_CODE_ENTRIES, SCHEMES, \
-    FLOAT32_BYTES as FLOAT32
+from heavylift.schemes import BNB_4BIT_CODE_ENTRIES, BNB_NESTED_BLOCKSIZE, BNB_NESTED_CODE_ENTRIES, SCHEMES
 from .forward_program import Part
 
 # integrations/mxfp4.py _convert_moe_packed_tensors decodes this many rows of 16 bytes (32 weights) at a time.
@@ -59,6 +60,7 @@ class ExpertLoad:
     fused: bool = False
     storage: str = ""  # "" (bf16), prequantized.BLOCK_FP8 or prequantized.MXFP4
     scale_bytes: int = 0  # block FP8: one expert projection's float32 block scales
+    down_first: bool = False  # down_proj's checkpoint tensors sort first: transformers converts it first
 
 
 @dataclass(frozen=True)
@@ -116,17 +118,26 @@ def load_tensors(p: Program, quant: str, tensors: Sequence[Loaded]) -> None:
 
 
 def _stored_load(p: Program, t: Loaded, keep: bool) -> None:
-    """A block-FP8 weight and its scales arriving: kept, or dequantized to bf16 (the scales and the weight cast
-    to bf16, multiplied in place: integrations/finegrained_fp8.py Fp8Dequantize) and freed."""
+    """A block-FP8 weight and its scales arriving: kept, or dequantized to bf16 (_dequantized_fp8) and both
+    freed when the converter lets go of them."""
     weight, scales = t.stored
     w = p.alloc("stored", weight)
     s = p.alloc("stored_scales", scales)
     if keep:
         return
-    cast_scales = p.alloc("scales_bf16", BF16 * (scales // 4))
-    out = p.alloc("bf16", BF16 * t.numel)
-    p.free(cast_scales, w, s)
-    del out  # kept: the dequantized weight
+    _dequantized_fp8(p, t.numel)  # kept: the dequantized weight
+    p.free(w, s)
+
+
+def _dequantized_fp8(p: Program, numel: int) -> str:
+    """integrations/finegrained_fp8.py Fp8Dequantize._dequantize_one on one block-FP8 weight of `numel` weights:
+    a float32 copy, times its float32 block scales (already float32: no copy), the product cast to bf16; the
+    product and the float32 copy freed. Returns the bf16 weight."""
+    wide = p.alloc("weight_fp32", FP32 * numel)
+    product = p.alloc("scaled_fp32", FP32 * numel)
+    out = p.alloc("bf16", BF16 * numel)
+    p.free(product, wide)
+    return out
 
 
 def dense_load(p: Program, quant: str, tensors: Sequence[Loaded]) -> None:
@@ -223,26 +234,46 @@ def _nested_absmax(p: Program, blocks: int, absmax: Tensor) -> None:
     p.free(code, shifted, absmax)
 
 
-def expert_load(p: Program, arch: Architecture, quant: str) -> None:
+def expert_load(p: Program, arch: Architecture, quant: str, down_first: bool = False) -> None:
     """One MoE layer's experts arriving through from_pretrained, which loads them one at a time (always for a
-    quantized load; heavylift turns the thread pool off for bf16 MoE loads too): each expert's checkpoint
-    tensors, their stacks (MergeModulelist) and gate and up concatenated (Concatenate; core_model_loading.py),
-    the fused tensor set in its module and quantized when the next one arrives (experts.quantized_on_arrival).
-    What the layer keeps is left allocated (later layers' tensors fit around it, as on the GPU)."""
+    quantized load; heavylift turns the thread pool off for bf16 MoE loads too). Each fused tensor is one
+    WeightConverter (core_model_loading.py), run in the order of its first checkpoint tensor (dot_natural_key:
+    Mixtral's w1 before w2, gate and up first; Qwen 3 MoE's and DeepSeek-V3's down_proj before gate_proj,
+    down first): its checkpoint tensors all arrive, then are stacked (MergeModulelist) and gate and up
+    concatenated (Concatenate). The first fused tensor stays in bf16 while the second converts: it is set in
+    its module and quantized only when the next one arrives (experts.quantized_on_arrival). What the layer
+    keeps is left allocated (later layers' tensors fit around it, as on the GPU)."""
     h, i, e = arch.hidden_size, arch.intermediate_size, arch.num_experts
-    gates = [p.alloc("w1", BF16 * i * h) for _ in range(e)]
-    ups = [p.alloc("w3", BF16 * i * h) for _ in range(e)]
-    stacked = p.alloc("stack", BF16 * e * i * h)
-    p.free(*gates)
-    stacked_up = p.alloc("stack", BF16 * e * i * h)
-    p.free(*ups)
-    gate_up = p.alloc("gate_up_proj", BF16 * e * 2 * i * h)
+
+    def gate_up() -> tuple[str, int, int]:
+        gates = [p.alloc("w1", BF16 * i * h) for _ in range(e)]
+        ups = [p.alloc("w3", BF16 * i * h) for _ in range(e)]
+        return _merged_gate_up(p, gates, ups, BF16 * e * i * h), e * 2 * i, h
+
+    def down() -> tuple[str, int, int]:
+        downs = [p.alloc("w2", BF16 * h * i) for _ in range(e)]
+        return _stacked(p, downs, BF16 * e * h * i, "down_proj"), e * h, i
+
+    for fused, rows, cols in [step() for step in ((down, gate_up) if down_first else (gate_up, down))]:
+        _quantize_expert(p, quant, fused, rows, cols)
+
+
+def _stacked(p: Program, tensors: list[str], nbytes: int, label: str = "stack") -> str:
+    """MergeModulelist on one list of per-expert tensors: stacked into `nbytes`, the list freed (last first, as
+    a Python list frees its items) when the op lets go of it."""
+    stack = p.alloc(label, nbytes)
+    p.free(*reversed(tensors))
+    return stack
+
+
+def _merged_gate_up(p: Program, gates: list[str], ups: list[str], stack_bytes: int) -> str:
+    """MergeModulelist then Concatenate on the gate and up lists: the gates stacked, their list dropped by the
+    next pop, the ups stacked, their list dropped when the op returns; the two stacks concatenated and freed."""
+    stacked = _stacked(p, gates, stack_bytes)
+    stacked_up = _stacked(p, ups, stack_bytes)
+    fused = p.alloc("gate_up_proj", 2 * stack_bytes)
     p.free(stacked, stacked_up)
-    downs = [p.alloc("w2", BF16 * h * i) for _ in range(e)]
-    down = p.alloc("down_proj", BF16 * e * h * i)
-    p.free(*downs)
-    _quantize_expert(p, quant, gate_up, e * 2 * i, h)
-    _quantize_expert(p, quant, down, e * h, i)
+    return fused
 
 
 def experts_load(p: Program, ex: ExpertLoad, quant: str) -> None:
@@ -254,9 +285,10 @@ def experts_load(p: Program, ex: ExpertLoad, quant: str) -> None:
         if ex.storage:  # block FP8 per expert: stacked as stored, or each dequantized then stacked
             _stacked_fp8(p, ex, keep=quant == "fp8")  # the only precisions such a checkpoint takes: fp8, bf16
         else:
-            expert_load(p, _Shape(h, i, e), quant)
+            expert_load(p, _Shape(h, i, e), quant, ex.down_first)
         return
-    for rows, cols in ((e * h, 2 * i), (e * i, h)):  # gate_up [E, hidden, 2 x width], down [E, width, hidden]
+    shapes = ((e * h, 2 * i), (e * i, h))  # gate_up [E, hidden, 2 x width], down [E, width, hidden]
+    for rows, cols in reversed(shapes) if ex.down_first else shapes:
         if ex.storage:
             fused = _dequantized_fused(p, rows * cols)
         else:
@@ -276,8 +308,9 @@ class _Shape:
 def _dequantized_fused(p: Program, numel: int) -> str:
     """integrations/mxfp4.py _convert_moe_packed_tensors on one fused expert tensor of `numel` weights: its
     blocks and scales arrive, the scales are widened to int32 and shifted, the output allocated, then each
-    chunk of rows decoded (the low and the high nibbles as int32 indices, looked up in bf16) and the result
-    transposed into a contiguous copy."""
+    chunk of rows decoded (the low and the high nibbles as int32 indices, looked up in bf16: the lookup's
+    make_info first copies int32 indices to int64, freed with the op) and the result transposed into a
+    contiguous copy; the chunk's locals go with the function, the blocks and scales with the converter."""
     blocks, scales = numel // MXFP4_CODES_PER_BYTE, numel // MXFP4_BLOCK
     b = p.alloc("blocks", blocks)
     s = p.alloc("scales", scales)
@@ -287,49 +320,62 @@ def _dequantized_fused(p: Program, numel: int) -> str:
     out = p.alloc("dequantized", BF16 * numel)
     rows = scales  # one row of 16 bytes per scale
     for start in range(0, rows, MXFP4_ROWS_PER_CHUNK):
-        n = min(MXFP4_ROWS_PER_CHUNK, rows - start)
+        codes = min(MXFP4_ROWS_PER_CHUNK, rows - start) * MXFP4_BLOCK // MXFP4_CODES_PER_BYTE
         for _ in range(2):  # the low nibbles, then the high ones
-            masked = p.alloc("nibbles", n * MXFP4_BLOCK // MXFP4_CODES_PER_BYTE)
-            idx = p.alloc("nibble_idx", INT32 * n * MXFP4_BLOCK // MXFP4_CODES_PER_BYTE)
+            masked = p.alloc("nibbles", codes)
+            idx = p.alloc("nibble_idx", INT32 * codes)
             p.free(masked)
-            p.free(p.alloc("looked_up", BF16 * n * MXFP4_BLOCK // MXFP4_CODES_PER_BYTE), idx)
+            wide_idx = p.alloc("nibble_idx_int64", INT64 * codes)
+            looked_up = p.alloc("looked_up", BF16 * codes)
+            p.free(wide_idx)
+            p.free(looked_up, idx)
     result = p.alloc("transposed", BF16 * numel)
-    p.free(out, shifted, b, s)
+    p.free(shifted, out, b, s)
     return result
 
 
 def _stacked_fp8(p: Program, ex: ExpertLoad, keep: bool) -> None:
-    """Block-FP8 experts, one weight and one float32 scale tensor per expert and projection (`scale_bytes`
-    each): stacked and gate and up concatenated as they are (FP8Experts keeps them), or each dequantized to
-    bf16 as it arrives (_stored_load) and stacked as bf16 experts are (expert_load)."""
+    """Block-FP8 experts, one weight and one float32 scale tensor (`scale_bytes`) per expert and projection.
+    Kept (FP8Experts holds weights and scales): the scales have converters of their own (the quantizer's
+    update_weight_conversions copies each for `_scale_inv`), so each fused weight and then its scales are
+    stacked, gate and up concatenated, as bf16 experts are. Dequantized: one converter per fused tensor
+    collects every expert's weights, then their scales, per projection; Fp8Dequantize turns each weight into
+    bf16 (_dequantized_fp8), the stored lists are freed as the op returns, and the bf16 lists are stacked."""
     h, i, e = ex.hidden, ex.width, ex.count
     elem = 1 if keep else BF16
 
-    def arrive(numel: int) -> list[str]:
-        w, s = p.alloc("stored", numel), p.alloc("stored_scales", ex.scale_bytes)
-        if keep:
-            return [w, s]
-        cast = p.alloc("scales_bf16", BF16 * (ex.scale_bytes // FLOAT32))
-        out = p.alloc("bf16", BF16 * numel)
-        p.free(cast, w, s)
-        return [out]
+    def arrive(projections: int, numel: int) -> list[list[str]]:
+        """Each projection's expert weights as the converter materializes them; where not kept, with their
+        scales (weights, then scales, per projection), dequantized, the stored ones freed in that order."""
+        if keep:  # the scales come with their own converter (kept_scales)
+            return [[p.alloc("stored", numel) for _ in range(e)] for _ in range(projections)]
+        stored = [([p.alloc("stored", numel) for _ in range(e)], [p.alloc("stored_scales", ex.scale_bytes)
+                                                                  for _ in range(e)]) for _ in range(projections)]
+        out = [[_dequantized_fp8(p, numel) for _ in range(e)] for _ in range(projections)]
+        for weights, scales in stored:
+            p.free(*reversed(weights), *reversed(scales))
+        return out
 
-    gates = [t for _ in range(e) for t in arrive(i * h)]
-    ups = [t for _ in range(e) for t in arrive(i * h)]
-    scales = e * ex.scale_bytes if keep else 0
-    stacked = [p.alloc("stack", elem * e * i * h)] + ([p.alloc("stack_scales", scales)] if scales else [])
-    p.free(*gates)
-    stacked_up = [p.alloc("stack", elem * e * i * h)] + ([p.alloc("stack_scales", scales)] if scales else [])
-    p.free(*ups)
-    p.alloc("gate_up_proj", elem * e * 2 * i * h)
-    if scales:
-        p.alloc("gate_up_proj_scale_inv", 2 * scales)
-    p.free(*stacked, *stacked_up)
-    downs = [t for _ in range(e) for t in arrive(h * i)]
-    p.alloc("down_proj", elem * e * h * i)
-    if scales:
-        p.alloc("down_proj_scale_inv", scales)
-    p.free(*downs)
+    def kept_scales(projections: int) -> None:
+        scales = [[p.alloc("stored_scales", ex.scale_bytes) for _ in range(e)] for _ in range(projections)]
+        if projections == 1:
+            _stacked(p, scales[0], e * ex.scale_bytes, "down_proj_scale_inv")
+        else:
+            _merged_gate_up(p, *scales, e * ex.scale_bytes)
+
+    def gate_up() -> None:
+        _merged_gate_up(p, *arrive(2, i * h), elem * e * i * h)
+        if keep:
+            kept_scales(2)
+
+    def down() -> None:
+        (downs,) = arrive(1, h * i)
+        _stacked(p, downs, elem * e * h * i, "down_proj")
+        if keep:
+            kept_scales(1)
+
+    for step in (down, gate_up) if ex.down_first else (gate_up, down):  # expert_load's order
+        step()
 
 
 def _quantize_expert(p: Program, quant: str, source: str, rows: int, cols: int) -> None:
@@ -413,9 +459,18 @@ def _layer_load(arch: Architecture, i: int, loaded) -> LayerLoad:
         first = next(t for t in routed if t.fused_into is not None) if not fused else None
         scale = (stored_bytes(first) - first.numel) if first is not None and first.stored else 0
         experts = ExpertLoad(arch.num_experts, arch.hidden_size, arch.expert_width, fused,
-                             pre.method if pre else "", scale)
+                             pre.method if pre else "", scale, _down_first(routed))
         tensors = [t for t in tensors if t.role.value != "expert"]
     return LayerLoad(loaded(t for t in tensors if t.fused_into is None), experts)
+
+
+def _down_first(routed) -> bool:
+    """Whether transformers converts a layer's down_proj before its gate_up_proj (per-expert tensors stacked, or
+    fused ones as stored: Llama 4's, gpt-oss's down_proj_blocks): each fused tensor's converter runs in the
+    load order of its first checkpoint tensor (core_model_loading.convert_and_load_state_dict_in_model
+    keeps the converters in the order their first key arrives)."""
+    first = min(routed, key=lambda t: natural_key(t.name))
+    return (first.fused_into or first.name).endswith("down_proj")
 
 
 @lru_cache(maxsize=256)
