@@ -5,8 +5,9 @@ caching allocator's 512-byte blocks), and its death, seen through a weakref on t
 0-dim tensors (scalars, 512 bytes each) are left out, as the programs leave them out. Views and
 in-place ops allocate nothing. Scaled-dot-product attention is replaced by what its CUDA kernels
 allocate (forward_program.py `_sdpa`): with a mask, a bool mask converted to the query's dtype, a copy padded
-to 16 keys (or made contiguous where its rows are not 16-aligned) and the output; without one, flash
-attention's output and its fp32 log-sum-exp. Indexing by int32 tensors (aten.index) adds the int64 copies of
+to 16 keys (or made contiguous where its rows are not 16-aligned) and the output; without one, or with a
+causal_lower_right bias (which a GPU hands to flash attention with no mask, where the CPU would build one),
+flash attention's output and its fp32 log-sum-exp. Indexing by int32 tensors (aten.index) adds the int64 copies of
 them that its make_info takes inside the op, on the CPU as on a GPU, before the output and freed after it.
 """
 
@@ -15,6 +16,9 @@ from __future__ import annotations
 import weakref
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -32,11 +36,50 @@ DECOMPOSED = {
 }
 
 
+class _CausalBiasAsFlash(TorchFunctionMode):
+    """SDPA with a CausalBias (a function-level override, which the dispatch mode never sees) as flash attention."""
+
+    def __init__(self, trace: "Trace"):
+        super().__init__()
+        self.trace = trace
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and isinstance(kwargs.get("attn_mask"), CausalBias):
+            return self.trace.flash(args[0], args[2])
+        return func(*args, **kwargs)
+
+
 class Trace(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.events: list[tuple] = []  # ("alloc", key, bytes, label) / ("free", key)
         self._next = 0
+        self._functions = _CausalBiasAsFlash(self)
+        self._depth = 0  # __torch_dispatch__ re-enters the mode around decompositions; the function mode once
+
+    def __enter__(self):
+        if not self._depth:
+            self._functions.__enter__()
+        self._depth += 1
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._depth -= 1
+            if not self._depth:
+                self._functions.__exit__(*exc)
+
+    def flash(self, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Flash attention's output [batch, heads, length, value channels], laid out heads-inner, and its fp32
+        log-sum-exp, freed as the op returns (the values are left unset: the trace counts bytes)."""
+        b, h, length = q.shape[:3]
+        out = torch.empty(b, length, h, v.shape[-1], dtype=q.dtype, device=q.device).transpose(1, 2)
+        self._track(out, "sdpa out")
+        self._free(self._alloc(4 * b * h * length, "flash lse"))
+        return out
 
     def _alloc(self, nbytes: int, label: str) -> int:
         key = self._next
@@ -86,10 +129,7 @@ class Trace(TorchDispatchMode):
         b, h, length = q.shape[:3]
         d = v.shape[-1]  # the output has the values' channels (DeepSeek's latent attention: fewer than q's)
         if attn_mask is None:
-            out = torch.empty(b, length, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
-            self._track(out, "sdpa out")
-            self._free(self._alloc(4 * b * h * length, "flash lse"))
-            return out
+            return self.flash(q, v)
         # convert_boolean_attn_mask: a bool mask becomes an additive one of the query's dtype; preprocess_mask
         # then pads a copy to 16 keys, or copies a mask whose rows do not start 16 elements apart.
         where = self._alloc(attn_mask.numel() * q.element_size(), "sdpa mask") if attn_mask.dtype == torch.bool \

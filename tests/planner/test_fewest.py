@@ -63,9 +63,9 @@ def test_json_carries_every_precision_and_catalog_card(capsys):
 
 
 def test_null_where_more_than_the_most_cards_would_be_needed(capsys):
-    table = fewest_json(capsys, "llama3.1-405b", "--context", "131072", "--quant", "bf16")
-    assert table["fewest"]["bf16"]["A10G"] is None and table["fewest"]["bf16"]["RTX-3090"] == 64
-    work = Workload(context=131072, batch=1, engine="fast")
+    table = fewest_json(capsys, "llama3.1-405b", "--context", "131072", "--batch", "16", "--quant", "bf16")
+    assert table["fewest"]["bf16"]["A10G"] is None and table["fewest"]["bf16"]["RTX-5090"] == 64
+    work = Workload(context=131072, batch=16, engine="fast")
     assert margin("llama3.1-405b", "bf16", f"{MAX_GPU_COUNT}xA10G", work) < 0
 
 
@@ -83,7 +83,8 @@ def test_table_shows_count_beside_the_weights_only_bound(capsys):
 
 
 def test_null_count_is_shown_as_more_than_the_most(capsys):
-    code, out, _ = run_cli(capsys, "plan", "llama3.1-405b", "--fewest", "--quant", "bf16", "--context", "131072")
+    code, out, _ = run_cli(capsys, "plan", "llama3.1-405b", "--fewest", "--quant", "bf16", "--context", "131072",
+                           "--batch", "16")
     row = next(line for line in out.splitlines() if "bf16" in line and "│" in line)
     assert [c.strip() for c in row.strip("│").split("│")][1] == f">{MAX_GPU_COUNT} (34)"
 

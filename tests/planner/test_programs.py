@@ -96,10 +96,17 @@ class TritonLikeOps:
         return q_out
 
 
-@pytest.mark.parametrize("family, config", [("llama", {}), ("mistral", {"sliding_window": 12}), ("qwen2", {}),
-                                            ("qwen3", {})])
-def test_engine_prefill_program_matches_the_engine(tmp_path, monkeypatch, family, config):
+@pytest.mark.parametrize("family, config, mlp_bytes", [
+    ("llama", {}, None),
+    ("llama", {}, 5 * 2 * 128),  # 5 rows of the 128-wide MLP: chunks of 16 in 4 pieces of 4 rows, the last of 8 in 2
+    ("mistral", {"sliding_window": 12}, None),
+    ("qwen2", {}, None),
+    ("qwen3", {}, None),
+])
+def test_engine_prefill_program_matches_the_engine(tmp_path, monkeypatch, family, config, mlp_bytes):
     monkeypatch.setattr("heavylift.engine.model.PREFILL_CHUNK_TOKENS", CHUNK)
+    if mlp_bytes:
+        monkeypatch.setattr("heavylift.planner.engine_program.PREFILL_MLP_BYTES", mlp_bytes)
     session = _session(tmp_path, family, "fast", **config)
     session.engine.ops = TritonLikeOps
     ids = torch.randint(0, 300, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
