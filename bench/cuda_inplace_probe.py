@@ -9,13 +9,15 @@ around it:
   them: allocates nothing;
 - dequant4: bitsandbytes' dequantize_4bit into a row slice of the tile, through ops._bnb_writer, NF4 and NF4-DQ:
   allocates nothing, and equals the whole weight's dequantize on those rows;
-- linear: ops.dense_linear on NF4-DQ, INT8 and FP8-without-FP8-matmul weights: its allocations and allocated peak
-  equal planner.matmul_programs.dense_linear's (the tile, the output, NF4-DQ's fp32 absmax);
+- linear: ops.dense_linear on NF4-DQ, INT8 and FP8-without-FP8-matmul weights, and ops.dense_linear_mul (the
+  product multiplied into a given tensor a tile's columns at a time): allocations, allocated peak and what stays
+  equal planner.matmul_programs' dense_linear and dense_linear_mul (the tile, the output or one tile's columns
+  of it, NF4-DQ's fp32 absmax);
 - attention: Engine._prefill_attention on a first chunk and a later one (causal_lower_right, enable_gqa): only
   the output and flash attention's log-sum-exp, flash attention usable, the result within bf16 rounding of
   SDPA over repeated keys with an additive mask;
-- mlp: Engine._prefill_mlp in two pieces of rows (PREFILL_MLP_BYTES lowered): its allocated peak equals the
-  planner's _engine_mlp program's.
+- mlp: Engine._prefill_mlp (its norm on the Triton kernel) in two pieces of rows (PREFILL_MLP_BYTES lowered):
+  its allocations and allocated peak equal the planner's _engine_mlp program's.
 Prints one JSON object and writes it to --out; exits 1 if any check fails. About 10 s on an H100.
 Usage: python3 bench/cuda_inplace_probe.py --out $OUT/cuda_inplace_probe.json
 """
@@ -37,7 +39,8 @@ from heavylift.engine import weights as W
 from heavylift.engine.model import Engine
 from heavylift.planner import engine_program
 from heavylift.planner.allocator import Program, block_size, peak_live
-from heavylift.planner.matmul_programs import dense_linear as planned_linear, dequant_tile_rows
+from heavylift.planner.matmul_programs import dense_linear as planned_linear, dense_linear_mul as planned_linear_mul, \
+    dequant_tile_rows
 from heavylift.runtime.benchmark import command_line
 
 DEV = torch.device("cuda")
@@ -110,25 +113,35 @@ def check_dequant4(n: int = 8192, k: int = 4096) -> list[dict]:
 
 
 def check_linear(m: int = 2048, n: int = 14336, k: int = 4096) -> list[dict]:
+    """dense_linear, and dense_linear_mul (`into` *= the product, a tile's columns at a time)."""
     out = []
     for kind in (W.NF4_DQ, W.INT8, W.FP8):
         w = weight(kind, n, k, 3)
-        x = torch.randn(m, k, **BF16)
+        x, into = torch.randn(m, k, **BF16), torch.randn(m, n, **BF16)
         fp8_matmul = kind == W.FP8 and ops._fp8_matmul_ok(DEV)
-        if fp8_matmul:  # the tiled path is the one without FP8 tensor cores: call it directly
-            run = lambda: ops._tiled_linear(x, w)  # noqa: E731
-        else:
-            run = lambda: ops.dense_linear(x, w)  # noqa: E731
-        run()  # warm-up
-        y, stats = measure(run)
-        p = Program()
-        p.free(planned_linear(p, KINDS[kind], m, k, n, native_fp8=False))
-        planned = dict(peak=peak_live(p), allocations=sum(1 for e in p.events if e[0] == "alloc"))
-        err = ((y.float() - x.float() @ w.dequantize().float().t()).norm() / y.float().norm()).item()
-        ok = stats["peak"] == planned["peak"] and stats["allocations"] == planned["allocations"] \
-            and stats["allocated"] == block_size(2 * m * n) and err < 1e-2
-        out.append(dict(check="linear", kind=KINDS[kind], tiled_directly=fp8_matmul, **stats,
-                        planned=planned, rel_err=err, ok=ok))
+        want = x.float() @ w.dequantize().float().t()
+        for mul in (False, True):
+            if fp8_matmul:  # the tiled path is the one without FP8 tensor cores: call it directly
+                run = (lambda: ops._tiled_linear(x, w, into)) if mul else (lambda: ops._tiled_linear(x, w))
+            else:
+                run = (lambda: ops.dense_linear_mul(x, w, into)) if mul else (lambda: ops.dense_linear(x, w))
+            before = into.clone()
+            run()  # warm-up
+            into.copy_(before)
+            y, stats = measure(run)
+            p = Program()
+            if mul:
+                planned_linear_mul(p, KINDS[kind], m, k, n, native_fp8=False)
+            else:
+                p.free(planned_linear(p, KINDS[kind], m, k, n, native_fp8=False))
+            planned = dict(peak=peak_live(p), allocations=sum(1 for e in p.events if e[0] == "alloc"),
+                           allocated=0 if mul else block_size(2 * m * n))
+            ref = before.float() * want if mul else want
+            err = ((y.float() - ref).norm() / ref.norm()).item()
+            ok = stats["peak"] == planned["peak"] and stats["allocations"] == planned["allocations"] \
+                and stats["allocated"] == planned["allocated"] and err < 1e-2
+            out.append(dict(check="linear_mul" if mul else "linear", kind=KINDS[kind], tiled_directly=fp8_matmul,
+                            **stats, planned=planned, rel_err=err, ok=ok))
     return out
 
 
@@ -174,11 +187,13 @@ def check_attention(heads: int = 32, kv_heads: int = 8, d: int = 128, t: int = 2
 
 def check_mlp(t: int = 2048, h: int = 4096, i: int = 14336) -> list[dict]:
     engine_program.PREFILL_MLP_BYTES = 32 << 20  # 1170 rows of 14336: a 2048-token chunk in two pieces of 1024
-    layer = types.SimpleNamespace(gate=weight(W.NF4_DQ, i, h, 5), up=weight(W.NF4_DQ, i, h, 6),
-                                  down=weight(W.NF4_DQ, h, i, 7))
-    x, hidden = torch.randn(t, h, **BF16), torch.randn(t, h, **BF16)
-    Engine._prefill_mlp(x, layer, hidden.clone())  # warm-up
-    _, stats = measure(lambda: Engine._prefill_mlp(x, layer, hidden))
+    layer = types.SimpleNamespace(ln2=torch.ones(h, **BF16), gate=weight(W.NF4_DQ, i, h, 5),
+                                  up=weight(W.NF4_DQ, i, h, 6), down=weight(W.NF4_DQ, h, i, 7))
+    engine = types.SimpleNamespace(ops=ops.TritonOps, shape=types.SimpleNamespace(eps=1e-5))
+    engine._norm = types.MethodType(Engine._norm, engine)
+    hidden = torch.randn(t, h, **BF16)
+    Engine._prefill_mlp(engine, layer, hidden.clone())  # warm-up: the Triton norm's compilation
+    _, stats = measure(lambda: Engine._prefill_mlp(engine, layer, hidden))
     p = Program()
     engine_program._engine_mlp(p, "nf4-dq", t, h, i, native_fp8=False)
     planned = dict(peak=peak_live(p), allocations=sum(1 for e in p.events if e[0] == "alloc"))

@@ -139,12 +139,11 @@ LOAD_ROW_CHUNK_ELEMENTS = 1 << 22
 # large enough to fill an H100's tensor cores, and the largest 405B weight takes 13 of them.
 DEQUANT_TILE_BYTES = 128 * MiB
 # The engine's prefill runs a chunk's MLP over a block of its rows at a time (engine/model.py _prefill_mlp): as
-# many rows as keep one bf16 intermediate activation [rows, intermediate] within this many bytes, in pieces of
-# equal size. Two such activations are live at once (SiLU of the gate, then the up projection it is multiplied
-# by in place). 128 MiB holds every 2048-token chunk of models up to 32768 wide (Llama 3.1 70B's 28672: one
-# piece); Llama 3.1 405B's 53248-wide MLP goes in two pieces of 1024 rows (2 x 0.22 GB less at the peak),
-# each piece dequantizing the MLP's three weights again.
-PREFILL_MLP_BYTES = 128 * MiB
+# many rows as keep its one intermediate activation [rows, intermediate] (SiLU of the gate, the up projection
+# multiplied into it a weight tile at a time) within this many bytes of bf16, in pieces of equal size. Each
+# further piece dequantizes the MLP's three weights once more, so the bound sits above every catalog model's
+# 2048-token chunk (Llama 3.1 405B's 53248-wide MLP: 0.22 GB, one piece) and cuts only wider ones.
+PREFILL_MLP_BYTES = 256 * MiB
 # torchao leaves a weight unquantized unless both its sides divide by 16 (_fp8_mm_compat): pieces of a weight
 # quantized on load hold a multiple of this many rows.
 FP8_ROW_MULTIPLE = 16

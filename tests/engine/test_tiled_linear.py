@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from heavylift.engine import weights as W
-from heavylift.engine.ops import _tile_writer, dense_linear
+from heavylift.engine.ops import _tile_writer, dense_linear, dense_linear_mul
 from heavylift.planner.matmul_programs import dequant_tile_rows
 
 STORED = [W.FP8, W.INT8, W.NF4, W.NF4_DQ]  # FP8 too: a CPU has no FP8 tensor cores, so FP8 dequantizes
@@ -77,3 +77,16 @@ def test_one_tile_when_the_weight_is_smaller_than_a_tile():
     assert dequant_tile_rows(w.n, w.k) == N
     x = torch.randn(4, K).bfloat16()
     assert torch.equal(dense_linear(x, w), F.linear(x, w.dequantize(torch.bfloat16)))
+
+
+@pytest.mark.parametrize("kind", STORED + [W.DENSE], ids=lambda k: W.KIND_NAMES[k])
+@pytest.mark.parametrize("bias", [False, True])
+def test_each_tiles_product_multiplied_into_its_columns_is_the_whole_product_multiplied_in(small_tiles, kind, bias):
+    # dense_linear_mul (the MLP's up projection times SiLU of the gate's): the same tile products as dense_linear,
+    # each in a buffer of one tile's columns (the last tile of 4 rows in part of it), multiplied into `into`.
+    w = _weight(kind, bias=bias)
+    x = torch.randn(6, K, generator=torch.Generator().manual_seed(8)).bfloat16()
+    into = torch.randn(6, N, generator=torch.Generator().manual_seed(9)).bfloat16()
+    want = into * dense_linear(x, w)
+    got = dense_linear_mul(x, w, into)
+    assert got is into and torch.equal(into, want)

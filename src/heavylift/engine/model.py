@@ -28,7 +28,7 @@ from heavylift.model.architecture import head_dim_of, layer_windows_of
 from heavylift.planner import runtimes
 from heavylift.defaults import PREFILL_CHUNK_TOKENS, SCORE_ROWS, SDPA_MASK_ALIGNMENT
 from heavylift.planner.engine_program import prefill_mlp_rows
-from .ops import OPS, attention_scratch, decode_splits, dense_linear, dense_parts
+from .ops import OPS, attention_scratch, decode_splits, dense_linear, dense_linear_mul, dense_parts
 from .weights import DENSE, QWeight, from_linear, quantize
 
 
@@ -363,12 +363,13 @@ class Engine:
     def _prefill_layer(self, layer: Layer, hidden: torch.Tensor, start: int, slot: int,
                        scratch: PrefillScratch | None) -> None:
         """One decoder layer over a chunk's hidden state, which it updates in place (both residual adds); each
-        temporary is freed once read for the last time, and the second norm reuses the first one's buffer."""
+        temporary is freed once read for the last time."""
         s, t, dev = self.shape, len(hidden), layer.device
         positions = torch.arange(start, start + t, dtype=torch.int32, device=dev)
         slots = torch.full((t,), slot, dtype=torch.int32, device=dev)
         x = self._norm(hidden, layer.ln1)
         qkv = dense_parts(x, layer.qkv)
+        del x
         q = torch.empty(t, s.heads, s.head_dim, dtype=torch.bfloat16, device=dev)
         cos, sin = self.rope[dev]
         self.ops.rope_cache(qkv, positions, slots, cos, sin, layer.k_cache, layer.v_cache, s.heads, s.kv_heads, q,
@@ -378,22 +379,23 @@ class Engine:
         del q, positions
         hidden.add_(dense_linear(attn, layer.o))
         del attn
-        self.ops.rmsnorm(hidden, layer.ln2, s.eps, x)
-        self._prefill_mlp(x, layer, hidden)
+        self._prefill_mlp(layer, hidden)
 
-    @staticmethod
-    def _prefill_mlp(x: torch.Tensor, layer: Layer, hidden: torch.Tensor) -> None:
-        """hidden += down(silu(gate(x)) * up(x)), prefill_mlp_rows rows at a time: SiLU in place on the gate's
-        output, which the up projection's then multiplies in place (the values transformers' MLP rounds to)."""
+    def _prefill_mlp(self, layer: Layer, hidden: torch.Tensor) -> None:
+        """hidden += down(silu(gate(x)) * up(x)), x the normed hidden state, prefill_mlp_rows rows at a time:
+        SiLU in place on the gate's output, the up projection multiplied into it as each tile of its weight is
+        done (dense_linear_mul): the values transformers' MLP rounds to, with one intermediate [rows, width]
+        alive instead of three. x goes once the last rows' up projection has read it."""
+        x = self._norm(hidden, layer.ln2)
         t = len(x)
         step = prefill_mlp_rows(t, layer.gate.n)
         for start in range(0, t, step):
             rows = slice(start, start + step)
             act = dense_linear(x[rows], layer.gate)
             F.silu(act, inplace=True)
-            up = dense_linear(x[rows], layer.up)
-            act.mul_(up)
-            del up
+            dense_linear_mul(x[rows], layer.up, act)
+            if start + step >= t:
+                del x
             hidden[rows].add_(dense_linear(act, layer.down))
             del act
 

@@ -32,7 +32,7 @@ def _fp8_matmul_ok(device: torch.device) -> bool:
 def dense_linear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
     """x @ W^T (+ bias) for many tokens: FP8 on the FP8 tensor cores where the GPU has them; bf16 weights as
     they are; other stored weights a tile of rows at a time (`_tiled_linear`)."""
-    if w.kind == FP8 and _fp8_matmul_ok(x.device) and w.k % 16 == 0 and w.n % 16 == 0:
+    if _fp8_matmul(x, w):
         # Row-wise dynamic activation scaling, as torchao's Float8DynamicActivation does.
         xs = (x.float().abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
         xq = (x.float() / xs).to(torch.float8_e4m3fn)
@@ -43,25 +43,46 @@ def dense_linear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
     return _tiled_linear(x, w)
 
 
-def _tiled_linear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
+def dense_linear_mul(x: torch.Tensor, w: QWeight, into: torch.Tensor) -> torch.Tensor:
+    """into *= x @ W^T (+ bias), `into` [tokens, n]: where dense_linear tiles the weight, each tile's product goes
+    to one reused buffer and is multiplied into its columns of `into`, so no product the size of `into` is
+    made; the same values as into * dense_linear(x, w)."""
+    if _fp8_matmul(x, w) or w.kind == DENSE:
+        return into.mul_(dense_linear(x, w))
+    return _tiled_linear(x, w, into)
+
+
+def _fp8_matmul(x: torch.Tensor, w: QWeight) -> bool:
+    """Whether dense_linear runs w on the FP8 tensor cores (torchao needs both sides divisible by 16)."""
+    return w.kind == FP8 and _fp8_matmul_ok(x.device) and w.k % 16 == 0 and w.n % 16 == 0
+
+
+def _tiled_linear(x: torch.Tensor, w: QWeight, into: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W^T (+ bias) with W dequantized dequant_tile_rows(n, k) rows at a time into one reused bf16 buffer,
     each tile multiplied into its columns of the output: the memory beyond the weights is one tile, never a
     bf16 copy of the whole weight. cuBLAS may pick another kernel for a tile than for the whole product, so
     the result can differ from F.linear on the whole weight in the last bf16 bit; the tiles themselves are
-    exactly the whole weight's rows."""
+    exactly the whole weight's rows. With `into`, each tile's product goes to a buffer of one tile's columns
+    and is multiplied into its columns of `into` (dense_linear_mul), which is returned."""
     write = _tile_writer(w)
     step = dequant_tile_rows(w.n, w.k)
     tile = torch.empty(step, w.k, dtype=torch.bfloat16, device=w.device)
     x2 = x.reshape(-1, w.k)
-    y = torch.empty(x2.shape[0], w.n, dtype=x.dtype, device=x.device)
+    y = torch.empty(x2.shape[0], w.n if into is None else step, dtype=x.dtype, device=x.device)
     for start in range(0, w.n, step):
         stop = min(w.n, start + step)
         part = tile[:stop - start]
         write(start, stop, part)
+        out = y[:, start:stop] if into is None else y[:, :stop - start]
         if w.bias is None:
-            torch.mm(x2, part.t(), out=y[:, start:stop])
+            torch.mm(x2, part.t(), out=out)
         else:
-            torch.addmm(w.bias[start:stop], x2, part.t(), out=y[:, start:stop])
+            torch.addmm(w.bias[start:stop], x2, part.t(), out=out)
+        if into is not None:
+            into[:, start:stop].mul_(out)
+    del part, tile, write  # the tile, then the writer's NF4-DQ absmax
+    if into is not None:
+        return into
     return y.view(*x.shape[:-1], w.n)
 
 
@@ -486,4 +507,5 @@ def _weight_args(w: QWeight) -> list:
 
 
 OPS = {"torch": TorchOps, "triton": TritonOps}
-__all__ = ["OPS", "TorchOps", "TritonOps", "dense_linear", "dense_parts", "attention_scratch", "decode_splits", "planes"]
+__all__ = ["OPS", "TorchOps", "TritonOps", "dense_linear", "dense_linear_mul", "dense_parts", "attention_scratch",
+           "decode_splits", "planes"]

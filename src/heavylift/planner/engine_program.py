@@ -14,7 +14,7 @@ from typing import Sequence
 from .allocator import Program, Tensor, replayed_rounds
 from heavylift.model.architecture import Architecture
 from heavylift.defaults import PREFILL_MLP_BYTES, SDPA_MASK_ALIGNMENT
-from .matmul_programs import BF16, FP32, INT32, INT64, dense_linear
+from .matmul_programs import BF16, FP32, INT32, INT64, dense_linear, dense_linear_mul
 from .forward_program import Part
 from heavylift.schemes import SCHEMES
 
@@ -70,9 +70,9 @@ def _engine_chunk(p: Program, arch: Architecture, quant: str, t: int, start: int
 
 def _engine_layer(p: Program, arch: Architecture, quant: str, t: int, start: int, window: int | None,
                   native_fp8: bool, carried: tuple) -> tuple:
-    """Engine._prefill_layer: the first norm's output (reused by the second), q, k and v then their
-    concatenation, the rotated queries, attention, the output projection added in place; then the MLP
-    (_engine_mlp). Carries nothing to the next layer."""
+    """Engine._prefill_layer: the first norm's output until q, k and v are made and concatenated, the rotated
+    queries, attention, the output projection added in place; then the MLP (_engine_mlp). Carries nothing to
+    the next layer."""
     h, nh, nkv, d = arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim
     positions = p.alloc("positions", INT32 * t)
     slots = p.alloc("slots", INT32 * t)
@@ -80,6 +80,7 @@ def _engine_layer(p: Program, arch: Architecture, quant: str, t: int, start: int
     parts = [dense_linear(p, quant, t, h, n, native_fp8) for n in (nh * d, nkv * d, nkv * d)]
     qkv = p.alloc("qkv", BF16 * t * (nh + 2 * nkv) * d)
     p.free(*reversed(parts))
+    p.free(x)
     q = p.alloc("q", BF16 * t * nh * d)
     p.free(qkv, slots)
     attn = _engine_attention(p, arch, t, start, window)
@@ -87,18 +88,21 @@ def _engine_layer(p: Program, arch: Architecture, quant: str, t: int, start: int
     p.free(dense_linear(p, quant, t, nh * d, h, native_fp8))
     p.free(attn)
     _engine_mlp(p, quant, t, h, arch.intermediate_size, native_fp8)
-    p.free(x)
     return carried
 
 
 def _engine_mlp(p: Program, quant: str, t: int, h: int, i: int, native_fp8: bool) -> None:
-    """Engine._prefill_mlp: per piece of prefill_mlp_rows rows, the gate's output (SiLU in place), the up
-    projection's (multiplied into it, then freed), the down projection's (added into the hidden state)."""
+    """Engine._prefill_mlp: the normed hidden state; per piece of prefill_mlp_rows rows, the gate's output
+    (SiLU in place), the up projection multiplied into it (dense_linear_mul), the normed state freed after the
+    last piece's, the down projection's output (added into the hidden state), the gate's output freed."""
+    x = p.alloc("normed", BF16 * t * h)
     step = prefill_mlp_rows(t, i)
     for start in range(0, t, step):
         rows = min(step, t - start)
         act = dense_linear(p, quant, rows, h, i, native_fp8)
-        p.free(dense_linear(p, quant, rows, h, i, native_fp8))
+        dense_linear_mul(p, quant, rows, h, i, native_fp8)
+        if start + step >= t:
+            p.free(x)
         p.free(dense_linear(p, quant, rows, i, h, native_fp8))
         p.free(act)
 

@@ -154,16 +154,20 @@ def dequant_tile_rows(n: int, k: int) -> int:
     return min(n, max(1, DEQUANT_TILE_BYTES // (BF16 * k) // multiple) * multiple)
 
 
+def _fp8_matmul(quant: str, k: int, n: int, native_fp8: bool) -> bool:
+    """Whether ops.dense_linear runs the weight on the FP8 tensor cores."""
+    return quant == "fp8" and native_fp8 and k % 16 == 0 and n % 16 == 0
+
+
 def dense_linear(p: Program, quant: str, rows: int, k: int, n: int, native_fp8: bool) -> Tensor:
     """ops.dense_linear: bf16 weights used as they are; FP8 rows scaled per token to FP8 in fp32 and multiplied
     on the FP8 tensor cores (torch._scaled_mm); 4-bit, INT8, and FP8 without FP8 tensor cores dequantized a
     tile of rows at a time (dequant_tile_rows) into one bf16 buffer that each tile's matmul reads, writing its
-    columns of the output in place: double quant's absmax dequantized whole first (fp32), then the tile buffer
-    and the output; the scaled rows are cast and scaled in place in the tile (no fp32 copy on a GPU)."""
+    columns of the output in place (_tiled)."""
     scheme = SCHEMES[quant]
     if not scheme.quantized:
         return p.alloc("linear", BF16 * rows * n)
-    if quant == "fp8" and native_fp8 and k % 16 == 0 and n % 16 == 0:
+    if _fp8_matmul(quant, k, n, native_fp8):
         xf = p.alloc("x_fp32", FP32 * rows * k)
         ab = p.alloc("abs", FP32 * rows * k)
         p.free(xf)
@@ -181,10 +185,27 @@ def dense_linear(p: Program, quant: str, rows: int, k: int, n: int, native_fp8: 
         y = p.alloc("linear", BF16 * rows * n)
         p.free(xq, xs)
         return y
+    return _tiled(p, quant, rows, k, n, BF16 * rows * n)
+
+
+def dense_linear_mul(p: Program, quant: str, rows: int, k: int, n: int, native_fp8: bool) -> None:
+    """ops.dense_linear_mul, into *= x W^T: dense_linear's product multiplied in and freed; where it tiles the
+    weight, a buffer of one tile's columns instead of the whole product."""
+    if not SCHEMES[quant].quantized or _fp8_matmul(quant, k, n, native_fp8):
+        p.free(dense_linear(p, quant, rows, k, n, native_fp8))
+        return
+    p.free(_tiled(p, quant, rows, k, n, BF16 * rows * dequant_tile_rows(n, k)))
+
+
+def _tiled(p: Program, quant: str, rows: int, k: int, n: int, out_bytes: int) -> Tensor:
+    """ops._tiled_linear: double quant's absmax dequantized whole first (fp32), the tile buffer, then the output
+    (`out_bytes`: the product, or one tile's columns of it); the scaled rows are cast and scaled in place in the
+    tile (no fp32 copy on a GPU); the tile, then the absmax, freed as it returns."""
+    scheme = SCHEMES[quant]
     dq = scheme.four_bit and scheme.double_quant
     absmax = p.alloc("absmax", FP32 * -(-n * k // BNB_4BIT_BLOCKSIZE)) if dq else None
     tile = p.alloc("weight_tile", BF16 * dequant_tile_rows(n, k) * k)
-    y = p.alloc("linear", BF16 * rows * n)
+    y = p.alloc("linear", out_bytes)
     p.free(tile, absmax)
     return y
 
