@@ -98,6 +98,11 @@ LLM_INT8_OUTLIER_COLUMN_FRACTION = 1.0
 # heavylift's loop prefills the prompt in chunks of this many tokens, which bounds the
 # activation peak whatever the context (mlx-lm and vLLM do the same).
 PREFILL_CHUNK_TOKENS = 2048
+# Where a device's memory is too tight for its layers' work on a whole chunk, its plan (plan.Layout.device_plan)
+# has the engine run that device's layers over fewer of the chunk's tokens at a time: half, a quarter, ... down
+# to this many. Each pass dequantizes the device's stored weights again (the plan states what that costs); a
+# pass of 256 tokens still runs matmuls of 256 rows on the tensor cores.
+PREFILL_MIN_ROWS = 256
 # A prompt's own token log-probabilities (a server's `echo` with `logprobs`) come from the head over this
 # many positions at a time: 64 x a 128k vocabulary in float32 is 33 MB, a whole chunk's would be 1 GB.
 SCORE_ROWS = 64

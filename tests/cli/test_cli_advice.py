@@ -52,8 +52,10 @@ def gpus_line(n: int, card: str, quant: str) -> str:
     return f"use --gpus {n}x{card}: the fewest of these that hold {quant} at this context"
 
 
-def test_405b_int8_on_five_h100s_advises_the_six_that_fit(capsys):
-    args = ("--quant", "int8")
+def test_405b_int8_at_16k_on_five_h100s_advises_the_six_that_fit(capsys):
+    # At 8k five hold it (their middle cards prefilling half a chunk at a time); at 16k the KV cache does not fit.
+    args = ("--quant", "int8", "--context", "16384")
+    assert fits(plan_json(capsys, "llama3.1-405b", "--gpus", "5xH100", "--quant", "int8"))
     scheme = plan_json(capsys, "llama3.1-405b", "--gpus", "5xH100", *args)
     assert not fits(scheme)
     n = fewest_gpus_by_planning(capsys, "llama3.1-405b", "H100-80GB", 6, *args)

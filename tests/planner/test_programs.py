@@ -96,19 +96,23 @@ class TritonLikeOps:
         return q_out
 
 
-@pytest.mark.parametrize("family, config, mlp_bytes", [
-    ("llama", {}, None),
-    ("llama", {}, 5 * 2 * 128),  # 5 rows of the 128-wide MLP: chunks of 16 in 4 pieces of 4 rows, the last of 8 in 2
-    ("mistral", {"sliding_window": 12}, None),
-    ("qwen2", {}, None),
-    ("qwen3", {}, None),
+@pytest.mark.parametrize("family, config, mlp_bytes, rows", [
+    ("llama", {}, None, 0),
+    ("llama", {}, 5 * 2 * 128, 0),  # 5 rows of the 128-wide MLP: chunks of 16 in 4 pieces of 4 rows, the last of 8 in 2
+    ("llama", {}, None, 6),  # chunks of 16 through the layers 6 tokens at a time: 6, 6 and 4; the last chunk 6 and 2
+    ("mistral", {"sliding_window": 12}, None, 0),
+    ("mistral", {"sliding_window": 12}, None, 6),  # passes that start inside and beyond the window
+    ("qwen2", {}, None, 0),
+    ("qwen3", {}, None, 0),
 ])
-def test_engine_prefill_program_matches_the_engine(tmp_path, monkeypatch, family, config, mlp_bytes):
+def test_engine_prefill_program_matches_the_engine(tmp_path, monkeypatch, family, config, mlp_bytes, rows):
     monkeypatch.setattr("heavylift.engine.model.PREFILL_CHUNK_TOKENS", CHUNK)
     if mlp_bytes:
         monkeypatch.setattr("heavylift.planner.engine_program.PREFILL_MLP_BYTES", mlp_bytes)
     session = _session(tmp_path, family, "fast", **config)
     session.engine.ops = TritonLikeOps
+    if rows:
+        session.engine.prefill_rows = {torch.device("cpu"): rows}
     ids = torch.randint(0, 300, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
     trace = Trace()
     with torch.inference_mode(), trace:
@@ -117,10 +121,10 @@ def test_engine_prefill_program_matches_the_engine(tmp_path, monkeypatch, family
     arch = session.plan.architecture
     program = Program()
     part = Part(range(arch.num_layers), first=True, last=True)
-    rows = [engine_prefill(program, arch, "bf16", PROMPT, CHUNK, range(arch.num_layers), part, native_fp8=True,
-                           cuda=False) for _ in range(BATCH)]
+    logits = [engine_prefill(program, arch, "bf16", PROMPT, CHUNK, range(arch.num_layers), part, native_fp8=True,
+                             cuda=False, rows=rows) for _ in range(BATCH)]
     program.alloc("logits", 4 * BATCH * arch.vocab_size)  # torch.cat of the rows
-    program.free(*reversed(rows))  # the list of rows dies backwards
+    program.free(*reversed(logits))  # the list of rows dies backwards
     planned, traced = canonical(program.events), canonical(trace.events)
     assert planned == traced, first_difference(planned, traced)
 

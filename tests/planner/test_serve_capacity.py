@@ -145,7 +145,7 @@ def test_cli_serve_line_and_column(capsys):
     assert lines[1] == "context 8,192 tokens x 1 sequence served at once, KV cache bf16"
     assert "serves" in lines[5]
     rows = {line.split("│")[1].strip(): line.split("│")[10].strip() for line in lines if line.startswith("│")}
-    assert rows == {"bf16 ★": "62", "fp16": "63", "fp8": "69", "int8": "68", "nf4": "71", "nf4-dq": "72",
+    assert rows == {"bf16 ★": "62", "fp16": "63", "fp8": "69", "int8": "69", "nf4": "71", "nf4-dq": "72",
                     "fp4": "71"}
     assert "  bf16: serves up to 62 sequences of 8,192 tokens at once" in lines
 

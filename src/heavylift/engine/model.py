@@ -166,9 +166,13 @@ class Engine:
     """Decoder state for up to `batch` sequences of up to `context` tokens."""
 
     def __init__(self, shape: Shape, layers: list[Layer], embed: torch.Tensor, norm: torch.Tensor,
-                 lm_head: QWeight, rotary: torch.nn.Module, batch: int, context: int, ops: str = "triton"):
+                 lm_head: QWeight, rotary: torch.nn.Module, batch: int, context: int, ops: str = "triton",
+                 prefill_rows: Mapping[torch.device, int] | None = None):
         self.shape, self.layers, self.embed, self.norm, self.lm_head = shape, layers, embed, norm, lm_head
         self.batch, self.context, self.ops = batch, context, OPS[ops]
+        # Tokens of a prefill chunk a device takes through its layers at a time, where its plan says fewer than
+        # the whole chunk fit (plan.DevicePlan.prefill_rows); a device not named takes the whole chunk.
+        self.prefill_rows = dict(prefill_rows or {})
         self.rotary = rotary
         self.scale = shape.head_dim ** -0.5
         self.devices = list(dict.fromkeys([embed.device] + [layer.device for layer in layers] + [norm.device]))
@@ -188,7 +192,8 @@ class Engine:
     # -- building ---------------------------------------------------------------------------------
 
     @classmethod
-    def from_model(cls, model, batch: int, context: int, ops: str = "triton") -> "Engine":
+    def from_model(cls, model, batch: int, context: int, ops: str = "triton",
+                   prefill_rows: Mapping[torch.device, int] | None = None) -> "Engine":
         """Point at the weights of a loaded Llama-style transformers model; nothing is copied."""
         config, inner = model.config, model.model
         layers, windows = [], _windows(config)
@@ -201,7 +206,7 @@ class Engine:
                                 from_linear(attn.o_proj), from_linear(mlp.gate_proj), from_linear(mlp.up_proj),
                                 from_linear(mlp.down_proj), windows[i], qk_norm=qk_norm))
         return cls(_shape(config), layers, inner.embed_tokens.weight.data, inner.norm.weight.data,
-                   from_linear(model.lm_head), inner.rotary_emb, batch, context, ops)
+                   from_linear(model.lm_head), inner.rotary_emb, batch, context, ops, prefill_rows)
 
     @classmethod
     def from_random(cls, config, kind: int, device, batch: int, context: int, seed: int = 0,
@@ -241,7 +246,7 @@ class Engine:
             layer.k_cache = layer.v_cache = None
         layers = [replace(layer) for layer in self.layers]
         return Engine(self.shape, layers, self.embed, self.norm, self.lm_head, self.rotary, batch, context,
-                      self.ops.name)
+                      self.ops.name, self.prefill_rows)
 
     def _segments(self) -> list[tuple[torch.device, list[Layer]]]:
         """Consecutive layers on one device: each becomes one captured graph."""
@@ -354,10 +359,15 @@ class Engine:
                               torch.empty(first, width, **flags))
 
     def _prefill_chunk(self, tokens, start: int, slot: int, scratch: dict) -> torch.Tensor:
+        """A chunk's hidden state through every layer, each device's layers updating it in place, on a device
+        with prefill_rows that many of its tokens through all of the device's layers at a time."""
         hidden = F.embedding(tokens, self.embed)
-        for layer in self.layers:
-            hidden = hidden.to(layer.device)
-            self._prefill_layer(layer, hidden, start, slot, scratch[layer.device])
+        for dev, layers in self.segments:
+            hidden = hidden.to(dev)
+            step = self.prefill_rows.get(dev) or len(hidden)
+            for lo in range(0, len(hidden), step):
+                for layer in layers:
+                    self._prefill_layer(layer, hidden[lo:lo + step], start + lo, slot, scratch[dev])
         return hidden
 
     def _prefill_layer(self, layer: Layer, hidden: torch.Tensor, start: int, slot: int,

@@ -23,13 +23,15 @@ def device_id(device: Device) -> str:
 
 
 def device_plan_to_json(d: Any) -> dict[str, Any]:
-    """One plan.DevicePlan."""
+    """One plan.DevicePlan; "prefill_rows" only where the engine takes each prefill chunk through the device's
+    layers that many tokens at a time, "adapter_bytes" only where a LoRA adapter adds weights."""
     return {"device": device_id(d.device), "name": d.device.name,
             "layers": [d.layers.start, d.layers.stop - 1] if d.layers else [],
             "weights_bytes": d.weights_bytes, "kv_cache_bytes": d.kv_cache_bytes,
             "activation_bytes": d.activation_bytes, "overhead_bytes": d.overhead_bytes,
             "total_bytes": d.total_bytes, "free_bytes": d.free_bytes,
-            **({"adapter_bytes": d.adapter_bytes} if d.adapter_bytes else {})}
+            **({"adapter_bytes": d.adapter_bytes} if d.adapter_bytes else {}),
+            **({"prefill_rows": d.prefill_rows} if d.prefill_rows else {})}
 
 
 def scheme_plan_to_json(s: Any) -> dict[str, Any]:

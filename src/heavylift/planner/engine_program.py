@@ -59,12 +59,16 @@ def _engine_attention(p: Program, arch: Architecture, t: int, start: int, window
 
 
 def _engine_chunk(p: Program, arch: Architecture, quant: str, t: int, start: int, layers: Sequence[int],
-                  part: Part, native_fp8: bool) -> Tensor:
-    """Engine._prefill_chunk for one sequence: the hidden state, which each layer updates in place, freeing
-    every tensor it allocates. Consecutive layers of one window repeat."""
+                  part: Part, native_fp8: bool, rows: int = 0) -> Tensor:
+    """Engine._prefill_chunk for one sequence on one device: the hidden state, which each layer updates in
+    place, freeing every tensor it allocates; `rows` (0: all of them) of its tokens through every layer of the
+    device at a time. Consecutive layers of one window repeat."""
     hidden = p.alloc("embed" if part.first else "hidden_in", BF16 * t * arch.hidden_size)
-    for window, group in groupby(arch.layer_windows[layer] for layer in layers):
-        p.repeat(len(list(group)), partial(_engine_layer, p, arch, quant, t, start, window, native_fp8), ())
+    step = rows or t
+    for lo in range(0, t, step):
+        for window, group in groupby(arch.layer_windows[layer] for layer in layers):
+            layer = partial(_engine_layer, p, arch, quant, min(step, t - lo), start + lo, window, native_fp8)
+            p.repeat(len(list(group)), layer, ())
     return hidden
 
 
@@ -108,10 +112,11 @@ def _engine_mlp(p: Program, quant: str, t: int, h: int, i: int, native_fp8: bool
 
 
 def engine_prefill(p: Program, arch: Architecture, quant: str, prompt: int, chunk: int, layers: Sequence[int],
-                   part: Part, native_fp8: bool, cuda: bool) -> Tensor | None:
+                   part: Part, native_fp8: bool, cuda: bool, rows: int = 0) -> Tensor | None:
     """Engine.prefill of one sequence: its ids copied to the GPU (read in place on a CPU), every chunk (its
     hidden state leaves a device that is not the last as it moves on; the last device keeps it until the next
-    chunk starts), then on the last device the final norm of the last token and its fp32 logits."""
+    chunk starts), `rows` tokens of it at a time through the device's layers where given (Engine.prefill_rows),
+    then on the last device the final norm of the last token and its fp32 logits."""
     h, v = arch.hidden_size, arch.vocab_size
     tokens = p.alloc("prompt_ids", INT64 * prompt) if part.first and cuda else None
     scratch = _prefill_scratch(p, arch, prompt, chunk, part.layers)
@@ -119,7 +124,7 @@ def engine_prefill(p: Program, arch: Architecture, quant: str, prompt: int, chun
     # Whatever grows with the position lives in the scratch: the chunks repeat (64 in a 128k-token prompt).
     for start in replayed_rounds(list(range(0, prompt, chunk))):
         p.free(hidden)
-        hidden = _engine_chunk(p, arch, quant, min(chunk, prompt - start), start, layers, part, native_fp8)
+        hidden = _engine_chunk(p, arch, quant, min(chunk, prompt - start), start, layers, part, native_fp8, rows)
         if not part.last:
             p.free(hidden)
             hidden = None

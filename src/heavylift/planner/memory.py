@@ -15,7 +15,7 @@ one run of them: its phases are built apart (_engine_serve_phases, _transformers
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from itertools import groupby
 from typing import Iterable, Sequence
 
@@ -162,16 +162,19 @@ class _Device:
 
 
 def runtime_terms(arch: Architecture, quant: str, engine: str, context: int, batch: int, kv_dtype_bytes: int,
-                  device, part: Part, every_layer: bool = False, serve: bool = False) -> RuntimeTerms:
+                  device, part: Part, every_layer: bool = False, serve: bool = False,
+                  prefill_rows: int = 0) -> RuntimeTerms:
     """KV cache, transients, buffers and context of one device (a hardware.Device) running `part` of the
     model in scheme `quant` on `engine`; `every_layer` replays all its layers where the engine's reserve
-    depends on them (a device's final plan); `serve`: as a server of `batch` sequences (Workload.serve)."""
+    depends on them (a device's final plan); `serve`: as a server of `batch` sequences (Workload.serve);
+    `prefill_rows`: the engine's prefill runs that many tokens of a chunk at a time through the device's
+    layers (0: the whole chunk)."""
     dev = _Device(device.kind == "cuda", tuple(device.compute_capability) if device.compute_capability else None,
                   bool(device.native_fp8))
     count = len(part.layers) if every_layer and engine == FAST else SIMULATED_LAYERS[engine]
     shape, layers, order = _part_key(_Same(arch), part)
     return _terms(shape, allocating_twin(quant), engine, context, batch, kv_dtype_bytes, dev, layers.start, layers.stop, part.first,
-                  part.last, count, order, serve)
+                  part.last, count, order, serve, prefill_rows if engine == FAST else 0)
 
 
 @lru_cache(maxsize=None)
@@ -202,12 +205,12 @@ def _context_bytes(quant: str, engine: str, dev: _Device) -> int:
 @lru_cache(maxsize=4096)
 def _terms(arch: Architecture, quant: str, engine: str, context: int, batch: int, kvb: int, dev: _Device,
            start: int, stop: int, first: bool, last: bool, count: int, order: LoadOrder | None,
-           serve: bool = False) -> RuntimeTerms:
+           serve: bool = False, rows: int = 0) -> RuntimeTerms:
     part = Part(range(start, stop), first, last)
     kv = kv_cache_bytes(arch, part.layers, context, batch, kvb, engine)
     if not part.layers:
         return RuntimeTerms(0, 0, 0, 0)
-    build = _phases(engine, serve)
+    build = partial(_phases(engine, serve), rows=rows) if rows else _phases(engine, serve)
     tensors, phases = build(arch, quant, context, batch, kvb, dev, part, simulated_layers(arch, part.layers, count))
     persistent = sum(block_size(n) for _, n in tensors if n > 0)
     if dev.cuda:
@@ -334,7 +337,8 @@ def _transformers_serve_phases(arch: Architecture, quant: str, context: int, bat
 # --- heavylift's engine -------------------------------------------------------------------------------
 
 def _engine_phases(arch: Architecture, quant: str, context: int, batch: int, kvb: int, dev: _Device,
-                   part: Part, layers: Sequence[int]) -> tuple[list[tuple[str, int]], list[tuple[Program, int]]]:
+                   part: Part, layers: Sequence[int], rows: int = 0
+                   ) -> tuple[list[tuple[str, int]], list[tuple[Program, int]]]:
     """Session.steps on the engine: (the tensors it keeps: RoPE tables, the static KV cache, the cuBLAS
     workspace; its phases: one sequence's prefill, every chunk of it (the engine caches its blocks between
     them), after the earlier sequences' logits; then, after empty_cache(), the decode buffers and a step,
@@ -344,7 +348,7 @@ def _engine_phases(arch: Architecture, quant: str, context: int, batch: int, kvb
     if part.last:
         for _ in range(batch - 1):
             p.alloc("slot_logits", FP32 * v)
-    engine_prefill(p, arch, quant, context, prefill_chunk(context), layers, part, dev.native_fp8, dev.cuda)
+    engine_prefill(p, arch, quant, context, prefill_chunk(context), layers, part, dev.native_fp8, dev.cuda, rows)
     if part.last:
         p.alloc("logits_cat", FP32 * batch * v)
     step = _decode_step(arch, quant, batch, dev, part, layers)
@@ -354,7 +358,7 @@ def _engine_phases(arch: Architecture, quant: str, context: int, batch: int, kvb
 
 
 def _engine_serve_phases(arch: Architecture, quant: str, context: int, batch: int, kvb: int, dev: _Device,
-                         part: Part, layers: Sequence[int]
+                         part: Part, layers: Sequence[int], rows: int = 0
                          ) -> tuple[list[tuple[str, int]], list[tuple[Program, int]]]:
     """The engine serving up to `batch` sequences (Workload.serve): it keeps the KV cache of `batch` sequences,
     its decode buffers allocated once at `batch` (smaller batches are views of them) with each device's
@@ -369,7 +373,7 @@ def _engine_serve_phases(arch: Architecture, quant: str, context: int, batch: in
     if part.last:
         p.alloc("logits", FP32 * batch * arch.vocab_size)
     prompt = max(1, context - 1)
-    engine_prefill(p, arch, quant, prompt, prefill_chunk(prompt), layers, part, dev.native_fp8, dev.cuda)
+    engine_prefill(p, arch, quant, prompt, prefill_chunk(prompt), layers, part, dev.native_fp8, dev.cuda, rows)
     step = _decode_step(arch, quant, batch, dev, part, layers)
     pools = _graph_pools(quant, batch, 1, dev, part, step)
     return _engine_persistent(arch, quant, context, batch, kvb, dev, part) + buffers, \

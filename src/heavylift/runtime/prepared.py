@@ -146,4 +146,16 @@ def build_engine(weights: LoadedWeights):
 
     on_gpus = all(p.device.type == "cuda" for p in weights.model.parameters())
     return Engine.from_model(weights.model, batch=weights.plan.batch, context=weights.plan.context,
-                             ops="triton" if on_gpus else "torch")
+                             ops="triton" if on_gpus else "torch", prefill_rows=planned_prefill_rows(weights))
+
+
+def planned_prefill_rows(weights: LoadedWeights) -> dict:
+    """The torch device of each of the plan's devices that prefills fewer tokens of a chunk at a time than the
+    whole (plan.DevicePlan.prefill_rows), where its layers were placed, with that count (the fewest, where
+    several plan devices run on one torch device, as on a machine without their GPUs)."""
+    rows: dict = {}
+    for d in weights.scheme.per_device:
+        if d.layers and d.prefill_rows:
+            dev = torch.device(weights.placement.modules[f"model.layers.{d.layers.start}"])
+            rows[dev] = min(rows.get(dev, d.prefill_rows), d.prefill_rows)
+    return rows
