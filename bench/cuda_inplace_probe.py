@@ -25,7 +25,6 @@ Usage: python3 bench/cuda_inplace_probe.py --out $OUT/cuda_inplace_probe.json
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import sys

@@ -1,8 +1,9 @@
 """The fast engine's prefill as allocation programs (engine/model.py Engine.prefill, _prefill_chunk,
 _prefill_layer, _prefill_attention, _prefill_mlp), Python's reference counting included: a layer frees each
-temporary after its last read and updates the hidden state in place. The Triton kernels it calls allocate nothing (they write into buffers they are
-given); tests/planner/test_programs.py holds these programs to a trace of the engine with such kernels.
-Pure Python: no torch.
+temporary after its last read and updates the hidden state in place. The Triton kernels it calls allocate
+nothing (they write into buffers they are given); tests/planner/test_programs.py holds these programs to a
+trace of the engine with such kernels, and bench/cuda_inplace_probe.py its matmuls, attention and MLP to a
+GPU's allocator. Pure Python: no torch.
 """
 
 from __future__ import annotations
