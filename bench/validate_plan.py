@@ -607,13 +607,15 @@ def write_results(results: dict, out: Path) -> None:
 
 
 def selected(args) -> list[Case]:
-    """The --models and --gpus cases, grouped by model (one checkpoint at a time), on --engine."""
+    """The --models, --gpus and --quants cases, grouped by model (one checkpoint at a time), on --engine."""
     models = [m for name in args.models.split(",") for m in MODEL_GROUPS.get(name, (name,))] if args.models \
         else list(MODELS)
     unknown = set(models) - set(MODELS)
     if unknown:
         sys.exit(f"--models: unknown {', '.join(sorted(unknown))}; choose from {', '.join([*MODELS, *MODEL_GROUPS])}")
-    cases = [c for c in MATRIX if c.model in models and (args.gpus is None or c.gpus == args.gpus)]
+    quants = args.quants.split(",") if args.quants else None
+    cases = [c for c in MATRIX if c.model in models and (args.gpus is None or c.gpus == args.gpus)
+             and (quants is None or c.quant in quants)]
     return [replace(c, engine=args.engine) for c in sorted(cases, key=lambda c: list(MODELS).index(c.model))]
 
 
@@ -751,6 +753,7 @@ def main() -> None:
     parser.add_argument("--models", help="comma-separated subset of: " + ", ".join(MODELS) + "; or a group: "
                         + ", ".join(f"{g} ({', '.join(m)})" for g, m in MODEL_GROUPS.items()))
     parser.add_argument("--gpus", type=int, choices=(1, 2), help="only the cases on this many GPUs")
+    parser.add_argument("--quants", help="only the cases in these precisions (comma-separated)")
     parser.add_argument("--budget-s", type=float, help="start no case after this many seconds")
     parser.add_argument("--out", help="results file (default bench/results/plan_validation_<card>_<date>.json)")
     parser.add_argument("--merge", action="store_true", help="add to --out instead of starting it afresh")
