@@ -211,13 +211,23 @@ def prepare(model: str, quant: str = BEST, gpus: str | Sequence[Device] | None =
     scheme = _pick(planned.plan, quant, allow_offload)
     devices = planned.plan.devices
     check_stored_runs(planned.source.architecture.prequantized, scheme.quant,
-                      bool(devices) and all(d.kind == "cuda" and d.native_fp8 for d in devices))
+                      bool(devices) and all(d.kind == "cuda" and d.native_fp8 for d in devices), _transformers())
     runtime = planned.runtimes[scheme.quant]
     if engine == FAST and runtime.name != FAST:  # among several precisions, the one picked is refused
         raise InvalidArgumentError(runtime.reason)
     from .runtime.prepared import Prepared
 
     return Prepared(planned.source, planned.plan, scheme, runtime, engine)
+
+
+def _transformers() -> str:
+    """The installed transformers' version, read without importing it ("none" where it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        return "none"
 
 
 def load(model: str, quant: str = BEST, gpus: str | Sequence[Device] | None = None,
