@@ -140,6 +140,16 @@ def check_quant(pre: Prequantized | None, quant: str, model: str) -> None:
                                f"transformers cannot requantize to {quant}: {ways}")
 
 
+def installed_transformers() -> str:
+    """The installed transformers' version, read without importing it ("none" where it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        return "none"
+
+
 def fallback_serves(transformers_version: str) -> bool:
     """Whether heavylift's torch block-FP8 matmuls answer this transformers' calls (FALLBACK_TRANSFORMERS)."""
     parts = transformers_version.split(".")[:2]
