@@ -210,8 +210,8 @@ def prepare(model: str, quant: str = BEST, gpus: str | Sequence[Device] | None =
                           allow_offload, engine, serve, adapter, source)
     scheme = _pick(planned.plan, quant, allow_offload)
     devices = planned.plan.devices
-    check_stored_runs(planned.source.architecture.prequantized, scheme.quant,
-                      bool(devices) and all(d.kind == "cuda" and d.native_fp8 for d in devices), installed_transformers())
+    native_fp8 = bool(devices) and all(d.kind == "cuda" and d.native_fp8 for d in devices)
+    check_stored_runs(planned.source.architecture.prequantized, scheme.quant, native_fp8, installed_transformers())
     runtime = planned.runtimes[scheme.quant]
     if engine == FAST and runtime.name != FAST:  # among several precisions, the one picked is refused
         raise InvalidArgumentError(runtime.reason)
