@@ -79,7 +79,8 @@ ONE_GPU = {
     "mixtral-8x7b": "bf16 8k 1, bf16 32k 8, fp8 1k 8, int8 8k 1, nf4 32k 1, nf4-dq 8k 8",
     "llama3.1-70b": "bf16 1k 1, bf16 8k 8, fp8 32k 1, int8 1k 1, nf4 8k 1, nf4-dq 32k 8",
     # Pre-quantized checkpoints in the precisions they load in: gpt-oss's MXFP4 experts dequantized (bf16),
-    # DeepSeek-V3's block FP8 kept (fp8: transformers' FP8 kernels through the `kernels` package) or dequantized.
+    # DeepSeek-V3's block FP8 kept (fp8: transformers' FP8 kernel through the `kernels` package where it loads, else
+    # heavylift's torch matmuls) or dequantized.
     "qwen3-8b": "bf16 8k 8, nf4-dq 8k 1",
     "gpt-oss-20b": "bf16 8k 1, bf16 1k 8",
     "deepseek-v3": "bf16 1k 8, fp8 8k 1",
@@ -563,15 +564,17 @@ def plan_scheme(case: Case, devices):
 
 def unmet_requirement(case: Case) -> str | None:
     """Why this machine cannot run a case as planned, known before its checkpoint is written: block-FP8 weights
-    kept in fp8 run only through the `kernels` package (prequantized.check_stored_runs refuses without it)."""
-    import importlib.util
-
+    kept in fp8 under a transformers release heavylift's torch matmuls do not answer, without the `kernels`
+    package (prequantized.check_stored_runs; the cases' GPUs taken to have FP8 tensor cores, as the H100s do)."""
+    from heavylift.errors import InvalidArgumentError
     from heavylift.model.architecture import architecture_from_config
-    from heavylift.model.prequantized import keeps_stored
+    from heavylift.model.prequantized import check_stored_runs, installed_transformers
 
-    if keeps_stored(architecture_from_config(model_config(case.model)).prequantized, case.quant) \
-            and importlib.util.find_spec("kernels") is None:
-        return "keeping block-FP8 weights needs the `kernels` package (pip install kernels)"
+    pre = architecture_from_config(model_config(case.model)).prequantized
+    try:
+        check_stored_runs(pre, case.quant, True, installed_transformers())
+    except InvalidArgumentError as e:
+        return str(e)
     return None
 
 

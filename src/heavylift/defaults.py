@@ -134,6 +134,12 @@ LOAD_ROW_CHUNK_ELEMENTS = 1 << 22
 # torchao leaves a weight unquantized unless both its sides divide by 16 (_fp8_mm_compat): pieces of a weight
 # quantized on load hold a multiple of this many rows.
 FP8_ROW_MULTIPLE = 16
+# Block-FP8 weights kept as stored run through heavylift's torch matmuls where transformers' finegrained-fp8
+# kernel does not load (runtime/block_fp8_matmul.py): each dequantizes a tile of output rows at a time, the
+# most whole row blocks whose float32 staging (padded to whole column blocks) holds at most this many weights:
+# 64 MiB of float32 and 32 MiB of bf16 (DeepSeek-V3's 7168-wide inputs: 2304 rows a tile, not a whole
+# 18432-row MLP weight, 264 MB in bf16). Larger tiles gain little: the matmul of 2304 rows already fills a GPU.
+BLOCK_FP8_TILE_WEIGHTS = 1 << 24
 
 # Scaled-dot-product attention with a mask runs PyTorch's memory-efficient kernel, which reads the mask as it
 # is when its length and its row strides are multiples of this many elements, and otherwise pads or copies it

@@ -161,17 +161,26 @@ def test_an_unknown_model_names_the_groups(monkeypatch):
         vp.main()
 
 
-def test_kept_block_fp8_needs_the_kernels_package(monkeypatch):
+def test_kept_block_fp8_runs_under_transformers_5_24_and_needs_the_kernels_package_under_another(monkeypatch):
     import importlib.util
+
+    from heavylift.model import prequantized
 
     fp8, bf16 = vp.Case("deepseek-v3", "fp8", 8192, 1, 1), vp.Case("deepseek-v3", "bf16", 1024, 8, 1)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    assert vp.unmet_requirement(fp8) == "keeping block-FP8 weights needs the `kernels` package (pip install kernels)"
+    monkeypatch.setattr(prequantized, "installed_transformers", lambda: "5.24.0")
+    assert vp.unmet_requirement(fp8) is None  # heavylift's torch matmuls run it
+    monkeypatch.setattr(prequantized, "installed_transformers", lambda: "5.25.0")
+    unmet = ("--quant fp8 keeps the block-FP8 weights, which heavylift runs with transformers 5.24 (this is 5.25.0), "
+             "or transformers on GPUs of compute capability 8.9 or later with the `kernels` package; install "
+             "transformers 5.24 (pip install 'transformers>=5.24,<5.25'), or use --quant bf16 to dequantize them "
+             "while they load")
+    assert vp.unmet_requirement(fp8) == unmet
     assert vp.unmet_requirement(bf16) is None and vp.unmet_requirement(vp.Case("qwen3-8b", "fp8", 1024, 1, 1)) is None
     record = vp.finish_record({**vp.base_record(fp8, _plan_on(fp8)), "skipped": vp.unmet_requirement(fp8)},
                               {"accelerate_estimate_bytes": 1, "seed_rule_bytes": 2})
     table = vp.summarize({"card": "H100", "date": "2026-12-06", "cases": [record]})
-    assert "| not run: keeping block-FP8 weights needs the `kernels` package (pip install kernels) |" in table
+    assert f"| not run: {unmet} |" in table
 
 
 def test_model_config_keeps_the_catalog_shape_with_fewer_layers():

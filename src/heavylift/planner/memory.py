@@ -25,7 +25,7 @@ from heavylift.defaults import CUDA_CONTEXT_BYTES, DECODE_SPLITS_MAX, LLM_INT8_C
 from .engine_program import decode_uses_kernels, engine_decode_step, engine_prefill
 from .load_program import LoadOrder, clear_load_caches, expert_load, load_order, loaded_state
 from .matmul_programs import BF16, FP32, INT32, INT64
-from .forward_program import Part, Step, sliding_kv, transformers_forward
+from .forward_program import Part, Step, forward_precisions, sliding_kv, transformers_forward
 from heavylift.schemes import BNB_4BIT, SCHEMES
 
 # The two runtimes a plan can describe (heavylift.engine's --engine values, without "auto": the session
@@ -291,7 +291,8 @@ def _sampling(p: Program, batch: int, vocab: int) -> None:
 def _transformers_phases(arch: Architecture, quant: str, context: int, batch: int, kvb: int, dev: _Device,
                          part: Part, layers: Sequence[int]) -> tuple[list[tuple[str, int]], list[tuple[Program, int]]]:
     """Session.steps on transformers: (the tensors it keeps: cuBLAS workspace, the StaticCache, the prompt
-    ids; the phases after them, each after empty_cache(): every kind of prefill chunk, then a decode step).
+    ids; the phases after them, each after empty_cache(): every kind of prefill chunk, then a decode step;
+    for a block-FP8 checkpoint kept as stored, these once for each way its matmuls may run).
     A middle chunk like the last one, which adds only the logits, is left to the last."""
     persistent = ([("cublas_workspace", cublas_workspace_bytes(dev.compute_capability))] if dev.cuda else []) \
         + _kv_tensors(arch, part.layers, context, batch, kvb, TRANSFORMERS) \
@@ -305,18 +306,19 @@ def _transformers_phases(arch: Architecture, quant: str, context: int, batch: in
         kinds.setdefault((step.tokens, start == 0, last, tuple(sliding_kv(w, step) for w in windows)), step)
     kinds = {k: v for k, v in kinds.items() if k[2] or k[1] or (k[0], False, True, k[3]) not in kinds}
     phases = []
-    for (_, _, last, _), step in kinds.items():
+    for way in forward_precisions(arch, quant):  # a block-FP8 checkpoint kept as stored: each way it may run
+        for (_, _, last, _), step in kinds.items():
+            p = Program()
+            transformers_forward(p, arch, way, step, part, layers, logits=last, native_fp8=dev.native_fp8)
+            phases.append((p, 0))
         p = Program()
-        transformers_forward(p, arch, quant, step, part, layers, logits=last, native_fp8=dev.native_fp8)
+        previous = p.alloc("logits", BF16 * batch * arch.vocab_size) if part.last else None
+        if part.last:
+            _sampling(p, batch, arch.vocab_size)
+        transformers_forward(p, arch, way, Step(batch, 1, context - 1, context), part, layers, logits=True,
+                             native_fp8=dev.native_fp8)
+        p.free(previous)
         phases.append((p, 0))
-    p = Program()
-    previous = p.alloc("logits", BF16 * batch * arch.vocab_size) if part.last else None
-    if part.last:
-        _sampling(p, batch, arch.vocab_size)
-    transformers_forward(p, arch, quant, Step(batch, 1, context - 1, context), part, layers, logits=True,
-                         native_fp8=dev.native_fp8)
-    p.free(previous)
-    phases.append((p, 0))
     return persistent, phases
 
 
