@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Callable
 
 from heavylift.errors import HeavyliftError
-
-if TYPE_CHECKING:
-    from .scheduler import Scheduler
 
 STOP = "stop"
 LENGTH = "length"
@@ -84,8 +81,9 @@ class Stats:
 class Stream:
     """One request's events, in order, as an async iterator; ends after Done or Failed."""
 
-    def __init__(self, scheduler: Scheduler, request: Request, loop: asyncio.AbstractEventLoop) -> None:
-        self._scheduler, self.request, self._loop = scheduler, request, loop
+    def __init__(self, on_cancel: Callable[["Stream"], None], request: Request,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self._on_cancel, self.request, self._loop = on_cancel, request, loop
         self._queue: asyncio.Queue = asyncio.Queue()
         self._ended = False
         self.cancelled = False
@@ -102,7 +100,7 @@ class Stream:
 
     def cancel(self) -> None:
         """Stop generating for this request (a client gone): its slot is free before the next step."""
-        self._scheduler._cancel(self)
+        self._on_cancel(self)
 
     def _put(self, event) -> None:  # from the worker thread
         try:

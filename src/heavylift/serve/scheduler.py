@@ -94,7 +94,7 @@ class Scheduler:
         """Queue a request (from the event loop's thread); QueueFullError when max_queue already wait."""
         if len(request.prompt) + request.max_tokens > self.context:
             raise ValueError(f"{len(request.prompt)} prompt tokens + {request.max_tokens} exceed {self.context}")
-        stream = Stream(self, request, asyncio.get_running_loop())
+        stream = Stream(self._cancel, request, asyncio.get_running_loop())
         with self._lock:
             if self._stopping:
                 raise StoppingError("the server is shutting down; retry on another instance")
