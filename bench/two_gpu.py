@@ -261,8 +261,9 @@ def run_units(args, parts: tuple[str, ...], deadline: float, result: dict, save)
         result["steps"] += done["steps"]
         if code != 0:
             what = "stopped at the deadline" if code is None else f"exited {code}"
-            result["errors"].append({"step": f"{unit}: {done.get('running') or 'start'}",
-                                     "error": f"child {what}: {tail[-1500:]}"})
+            running = done.get("running") or "start"
+            result["errors"].append({"step": f"{unit}: {running}", "error": f"child {what}: {tail[-1500:]}"})
+            result["not_started"].append(f"{unit}: every step after {running}")
         print(f"[{unit}] {'ok' if code == 0 else 'ended early'}: {len(done['records'])} records", flush=True)
         save()
 
@@ -339,6 +340,7 @@ def main() -> None:
         result["wall_s"] = round(time.time() - start, 1)
         write_json(out, result)
 
+    save()  # the folder and the file exist from the start: children's logs go beside it
     try:
         if set(parts) & set(GPU_PARTS):
             run_units(args, parts, start + stage_seconds(args.budget_s, parts), result, save)
