@@ -16,6 +16,7 @@ pool).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
@@ -74,6 +75,12 @@ class Layer:
 _PER_ROW = ("hidden", "hidden2", "x", "qkv", "q", "attn", "act", "slots", "active", "positions", "row_slots",
             "lengths")
 _PLANES = ("x16", "attn16", "act16")
+
+
+def _on(device: torch.device):
+    """`device` made the current one while its work is issued: Triton launches a kernel on the current CUDA
+    device and stream, not on its tensors' device (torch ops follow their tensors either way)."""
+    return torch.cuda.device(device) if device.type == KIND_CUDA else nullcontext()
 
 
 def _config_dict(config) -> Mapping:
@@ -281,7 +288,7 @@ class Engine:
                     found += self._scores(hidden, tokens[start + 1:start + 1 + len(hidden)], scores)
             if start + chunk < len(tokens):
                 yield None
-        with torch.inference_mode():
+        with torch.inference_mode(), _on(self.norm.device):
             for d in self.devices:
                 self.seq_len[d][slot] = len(tokens)
             x = self._norm(hidden[-1:].to(self.norm.device), self.norm)
@@ -301,9 +308,10 @@ class Engine:
         rows = []
         for start in range(0, len(tokens), PREFILL_CHUNK_TOKENS):
             hidden = self._prefill_chunk(tokens[start:start + PREFILL_CHUNK_TOKENS], start, slot, scratch)
-            for piece in hidden[max(first - start, 0):].to(self.norm.device).split(SCORE_ROWS):
-                x = self._norm(piece, self.norm)
-                rows.append(torch.log_softmax(dense_linear(x, self.lm_head).float(), dim=-1))
+            with _on(self.norm.device):
+                for piece in hidden[max(first - start, 0):].to(self.norm.device).split(SCORE_ROWS):
+                    x = self._norm(piece, self.norm)
+                    rows.append(torch.log_softmax(dense_linear(x, self.lm_head).float(), dim=-1))
         for d in self.devices:
             self.seq_len[d][slot] = len(tokens)
         return torch.cat(rows)
@@ -315,9 +323,10 @@ class Engine:
         out = []
         hidden = hidden[:len(following)].to(self.norm.device)
         following = following.to(self.norm.device)
-        for start in range(0, len(following), SCORE_ROWS):
-            x = self._norm(hidden[start:start + SCORE_ROWS], self.norm)
-            out += token_scores(dense_linear(x, self.lm_head), following[start:start + SCORE_ROWS], top)
+        with _on(self.norm.device):
+            for start in range(0, len(following), SCORE_ROWS):
+                x = self._norm(hidden[start:start + SCORE_ROWS], self.norm)
+                out += token_scores(dense_linear(x, self.lm_head), following[start:start + SCORE_ROWS], top)
         return out
 
     def _norm(self, x, weight):
@@ -348,19 +357,21 @@ class Engine:
         hidden = F.embedding(tokens, self.embed)
         for layer in self.layers:
             dev = layer.device
-            hidden = hidden.to(dev)
-            positions = torch.arange(start, start + t, dtype=torch.int32, device=dev)
-            slots = torch.full((t,), slot, dtype=torch.int32, device=dev)
-            x = self._norm(hidden, layer.ln1)
-            qkv = dense_parts(x, layer.qkv)
-            q = torch.empty(t, s.heads, s.head_dim, dtype=torch.bfloat16, device=dev)
-            cos, sin = self.rope[dev]
-            self.ops.rope_cache(qkv, positions, slots, cos, sin, layer.k_cache, layer.v_cache, s.heads, s.kv_heads, q,
-                                layer.qk_norm, s.eps)
-            attn = self._prefill_attention(q, layer, start, positions, slot, scratch[dev])
-            hidden = hidden + dense_linear(attn, layer.o)
-            x = self._norm(hidden, layer.ln2)
-            hidden = hidden + dense_linear(F.silu(dense_linear(x, layer.gate)) * dense_linear(x, layer.up), layer.down)
+            with _on(dev):
+                hidden = hidden.to(dev)
+                positions = torch.arange(start, start + t, dtype=torch.int32, device=dev)
+                slots = torch.full((t,), slot, dtype=torch.int32, device=dev)
+                x = self._norm(hidden, layer.ln1)
+                qkv = dense_parts(x, layer.qkv)
+                q = torch.empty(t, s.heads, s.head_dim, dtype=torch.bfloat16, device=dev)
+                cos, sin = self.rope[dev]
+                self.ops.rope_cache(qkv, positions, slots, cos, sin, layer.k_cache, layer.v_cache, s.heads,
+                                    s.kv_heads, q, layer.qk_norm, s.eps)
+                attn = self._prefill_attention(q, layer, start, positions, slot, scratch[dev])
+                hidden = hidden + dense_linear(attn, layer.o)
+                x = self._norm(hidden, layer.ln2)
+                hidden = hidden + dense_linear(F.silu(dense_linear(x, layer.gate)) * dense_linear(x, layer.up),
+                                               layer.down)
         return hidden
 
     def _prefill_attention(self, q, layer: Layer, start: int, positions, slot: int,
@@ -496,15 +507,23 @@ class Engine:
     def _capture(self, batch: int, mixed: bool = False) -> list:
         """Warm every kernel up (autotuning included), then capture each segment as a CUDA graph."""
         saved = {d: t.clone() for d, t in self.seq_len.items()}
-        side = torch.cuda.Stream(self.devices[0])
-        side.wait_stream(torch.cuda.current_stream(self.devices[0]))
-        with torch.cuda.stream(side):  # warm-up on a side stream, as graph capture wants
-            for i in range(len(self.segments)):  # writes past the live lengths, which the restore hides
+        # Warm-up on a side stream per device, as graph capture wants; each segment on its own device, after
+        # the segment before it and the carry of its output. It writes past the live lengths (the restore hides it).
+        sides = {dev: torch.cuda.Stream(dev) for dev, _ in self.segments}
+        for dev, side in sides.items():
+            side.wait_stream(torch.cuda.current_stream(dev))
+        previous = None
+        for i, (dev, _) in enumerate(self.segments):
+            with _on(dev), torch.cuda.stream(sides[dev]):
+                if previous is not None:
+                    sides[dev].wait_stream(previous)
                 self._run_segment(i, batch, mixed)
                 if i + 1 < len(self.segments):
                     self._carry(i, batch)
-        torch.cuda.current_stream(self.devices[0]).wait_stream(side)
-        torch.cuda.synchronize()
+            previous = sides[dev]
+        for dev, side in sides.items():
+            torch.cuda.current_stream(dev).wait_stream(side)
+            torch.cuda.synchronize(dev)
         for d, t in saved.items():
             self.seq_len[d].copy_(t)
         graphs = []
