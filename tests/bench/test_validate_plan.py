@@ -298,8 +298,12 @@ def test_the_loop_fills_the_cache_to_the_context_exactly(tmp_path, monkeypatch, 
     session = heavylift.load(str(folder), quant="bf16", context=48, batch=2, engine=engine)
     assert (session.engine is not None) == (engine == "fast")
     marks = []
-    _, _, cached = vp.drive(session, 48, 2, marks.append)
+    _, _, cached = vp.drive(session, 48, 2, marks.append, 44)
     assert marks == ["prefill", "decode"] and cached == 48
+
+
+def test_decode_steps_stop_where_the_cache_holds_the_context():
+    assert [vp.decode_steps(1024, prompt) for prompt in (992, 1000, 1020, 1024)] == [32, 24, 4, 0]
 
 class _FakeCuda:
     """torch.cuda's memory calls on one device whose use climbs by 10 bytes per query."""
