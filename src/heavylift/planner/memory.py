@@ -203,7 +203,7 @@ def allocating_twin(quant: str) -> str:
 
 def clear_caches() -> None:
     """Forget every replayed program: the next plan computes its terms from scratch (bench/plan_speed.py)."""
-    for cached in (_terms, _part_key, _shape, _cpu_load_peak):
+    for cached in (_terms, _at_longest, _part_key, _shape, _cpu_load_peak):
         cached.cache_clear()
     clear_load_caches()
 
@@ -225,11 +225,21 @@ def _terms(arch: Architecture, quant: str, engine: str, context: int, batch: int
     if not part.layers:
         return RuntimeTerms(0, 0, 0, 0)
     key = (arch, quant, engine, context, batch, kvb, dev, start, stop, first, last, count, order, serve)
-    fast, loaded = engine == FAST, _loaded(key)
-    lengths = prompt_lengths(arch, fast, context, batch, serve) if every_prompt \
-        else (longest_prompt(context, fast, serve),)
-    worst, (reserved, persistent) = worst_prompt(lengths, lambda p, whole: _reserve(key, loaded, p, whole), fast)
+    fast, loaded, longest = engine == FAST, _loaded(key), longest_prompt(context, engine == FAST, serve)
+
+    def replay(prompt: int, whole: bool) -> tuple[int, int]:
+        return _at_longest(*key) if whole and prompt == longest else _reserve(key, loaded, prompt, whole)
+
+    lengths = prompt_lengths(arch, fast, context, batch, serve) if every_prompt else (longest,)
+    worst, (reserved, persistent) = worst_prompt(lengths, replay, fast)
     return RuntimeTerms(kv, max(0, reserved - persistent), persistent - kv, _context_bytes(quant, engine, dev), worst)
+
+
+@lru_cache(maxsize=4096)
+def _at_longest(*key) -> tuple[int, int]:
+    """_reserve of a _terms key at the longest prompt, which its figures at the longest prompt alone and at the
+    worst of every prompt length (Layout._least_free counts a device both ways) share."""
+    return _reserve(key, _loaded(key), longest_prompt(key[3], key[2] == FAST, key[13]))
 
 
 def _loaded(key: tuple) -> tuple[CachingAllocator, int] | None:
