@@ -700,17 +700,18 @@ def merge(documents: list[dict]) -> dict:
 
 def list_matrix(spec: str = LIST_GPUS, engine: str = AUTO, cases: list[Case] | None = None) -> str:
     """`cases` (default: the whole matrix on `engine`) planned on `spec` cards: layers, per-GPU bytes, the
-    runtime planned and whether it fits."""
+    runtime planned, the prompt length a run prefills (the tightest device's worst) and whether it fits."""
     from heavylift.hardware.gpus import parse_gpu_spec
 
     cases = [replace(c, engine=engine) for c in MATRIX] if cases is None else cases
-    rows = [f"{'case':42} {'layers':>6} {'predicted GB per GPU':>22} {'runtime':>12}  fits {spec}"]
+    rows = [f"{'case':42} {'layers':>6} {'predicted GB per GPU':>22} {'runtime':>12} {'prompt':>7}  fits {spec}"]
     for case in cases:
         scheme = plan_scheme(case, parse_gpu_spec(f"{case.gpus}x{spec}"))
         per_gpu = " + ".join(f"{d.total_bytes / 1e9:.1f}" for d in scheme.per_device)
         layers = sum(len(d.layers) for d in scheme.per_device)
         fits = "yes" if scheme.fits else "NO"
-        rows.append(f"{case.key:42} {layers:>6} {per_gpu:>22} {scheme.engine:>12}  {fits}")
+        rows.append(f"{case.key:42} {layers:>6} {per_gpu:>22} {scheme.engine:>12} "
+                    f"{scheme.tightest.worst_prompt_tokens:>7}  {fits}")
     ones = sum(c.gpus == 1 for c in cases)
     rows.append(f"{len(cases)} cases: {ones} on one GPU, {len(cases) - ones} on two")
     return "\n".join(rows)

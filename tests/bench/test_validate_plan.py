@@ -47,6 +47,10 @@ def test_two_gpu_cases_split_and_one_balances_a_long_context():
 def test_list_prints_every_case():
     text = vp.list_matrix()
     assert all(c.key in text for c in vp.MATRIX) and "on two" in text
+    # gpt-oss at 1k x 8 holds the most at a 1,020-token prompt (tests/planner/test_prompt_lengths.py): its run
+    # prefills that.
+    (row,) = [line for line in text.splitlines() if line.startswith("gpt-oss-20b/bf16/1k/b8/1gpu")]
+    assert row.split()[-2:] == ["1020", "yes"]
 
 
 def _language_model_kwargs(folder, source) -> dict:
@@ -149,7 +153,7 @@ def test_list_plans_the_new_families_alone(capsys, monkeypatch):
     assert [r.split()[0] for r in rows[1:-1]] == [vp.replace(c, engine=vp.AUTO).key for c in cases]
     assert all(r.endswith("  yes") for r in rows[1:-1])
     assert rows[-1] == f"{len(cases)} cases: {len(cases)} on one GPU, 0 on two"
-    assert {r.split()[0]: r.split()[-2] for r in rows[1:-1]}["qwen3-8b/nf4-dq/8k/b1/1gpu/auto"] == "fast"
+    assert {r.split()[0]: r.split()[-3] for r in rows[1:-1]}["qwen3-8b/nf4-dq/8k/b1/1gpu/auto"] == "fast"
     assert {c.model for c in cases} == set(vp.NEW_FAMILIES)
     assert {c.quant for c in cases if c.model == "deepseek-v3"} == {"fp8", "bf16"}
     assert {c.quant for c in cases if c.model == "gpt-oss-20b"} == {"bf16"}
