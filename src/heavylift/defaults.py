@@ -152,6 +152,29 @@ PREFILL_MLP_BYTES = 256 * MiB
 # torchao leaves a weight unquantized unless both its sides divide by 16 (_fp8_mm_compat): pieces of a weight
 # quantized on load hold a multiple of this many rows.
 FP8_ROW_MULTIPLE = 16
+# Block-FP8 weights kept as stored run through heavylift's torch matmuls where transformers' finegrained-fp8
+# kernel does not load (runtime/block_fp8_matmul.py): each dequantizes a tile of output rows at a time, the
+# most whole row blocks whose float32 staging (padded to whole column blocks) holds at most this many weights:
+# 64 MiB of float32 and 32 MiB of bf16 (DeepSeek-V3's 7168-wide inputs: 2304 rows a tile, not a whole
+# 18432-row MLP weight, 264 MB in bf16). Larger tiles gain little: the matmul of 2304 rows already fills a GPU.
+BLOCK_FP8_TILE_WEIGHTS = 1 << 24
+
+# --- The prompt lengths a plan replays (planner/prompt_lengths.py) ---------------------------------
+# What the caching allocator reserves is not monotone in the prompt length: at a shorter prompt a block that
+# a tensor frees can be just too small for a later request that the longest prompt's block holds, and that
+# request takes a segment of its own (docs/planner.md "Prompt lengths"). The planner replays the longest
+# prompt of each shape the runtime's program takes; on transformers' forward, whose replay is cheap, also
+# every length this close to the longest (where attention scores over the prompt and over the whole cache
+# come within a segment's 2 MiB rounding of each other: gpt-oss-20b at 1k x 8 holds 3.2 GB more at 1,020
+# tokens than at 1,024) ...
+PROMPT_BAND_TOKENS = 16
+# ... every length whose last chunk holds a multiple of this many rows (batch x tokens), where activations of a
+# power-of-two width fill whole 2 MiB segments and leave no slack for a slightly larger request ...
+PROMPT_ROW_GRID = 128
+# ... and every length this close to the PROMPT_REFINE_COUNT worst found. Against a replay of every length of
+# 180 transformers cases (bench/prompt_sweep.py), the worst these find is the most by 0.8% or less.
+PROMPT_REFINE_TOKENS = 8
+PROMPT_REFINE_COUNT = 2
 
 # Scaled-dot-product attention with a mask runs PyTorch's memory-efficient kernel, which reads the mask as it
 # is when its length and its row strides are multiples of this many elements, and otherwise pads or copies it

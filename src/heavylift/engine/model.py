@@ -16,6 +16,7 @@ pool).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
@@ -86,6 +87,12 @@ def _lower_right(queries: int, keys: int):
     the engine's prefill, and a tensor subclass cannot be made under one."""
     with torch._C._DisableTorchDispatch():
         return causal_lower_right(queries, keys)
+
+
+def _on(device: torch.device):
+    """`device` made the current one while its work is issued: Triton launches a kernel on the current CUDA
+    device and stream, not on its tensors' device (torch ops follow their tensors either way)."""
+    return torch.cuda.device(device) if device.type == KIND_CUDA else nullcontext()
 
 
 def _config_dict(config) -> Mapping:
@@ -299,7 +306,7 @@ class Engine:
                     found += self._scores(hidden, tokens[start + 1:start + 1 + len(hidden)], scores)
             if start + chunk < len(tokens):
                 yield None
-        with torch.inference_mode():
+        with torch.inference_mode(), _on(self.norm.device):
             for d in self.devices:
                 self.seq_len[d][slot] = len(tokens)
             x = self._norm(hidden[-1:].to(self.norm.device), self.norm)
@@ -320,9 +327,10 @@ class Engine:
         for start in range(0, len(tokens), PREFILL_CHUNK_TOKENS):
             hidden = None  # the last chunk's, freed before this one starts
             hidden = self._prefill_chunk(tokens[start:start + PREFILL_CHUNK_TOKENS], start, slot, scratch)
-            for piece in hidden[max(first - start, 0):].to(self.norm.device).split(SCORE_ROWS):
-                x = self._norm(piece, self.norm)
-                rows.append(torch.log_softmax(dense_linear(x, self.lm_head).float(), dim=-1))
+            with _on(self.norm.device):
+                for piece in hidden[max(first - start, 0):].to(self.norm.device).split(SCORE_ROWS):
+                    x = self._norm(piece, self.norm)
+                    rows.append(torch.log_softmax(dense_linear(x, self.lm_head).float(), dim=-1))
         for d in self.devices:
             self.seq_len[d][slot] = len(tokens)
         return torch.cat(rows)
@@ -334,9 +342,10 @@ class Engine:
         out = []
         hidden = hidden[:len(following)].to(self.norm.device)
         following = following.to(self.norm.device)
-        for start in range(0, len(following), SCORE_ROWS):
-            x = self._norm(hidden[start:start + SCORE_ROWS], self.norm)
-            out += token_scores(dense_linear(x, self.lm_head), following[start:start + SCORE_ROWS], top)
+        with _on(self.norm.device):
+            for start in range(0, len(following), SCORE_ROWS):
+                x = self._norm(hidden[start:start + SCORE_ROWS], self.norm)
+                out += token_scores(dense_linear(x, self.lm_head), following[start:start + SCORE_ROWS], top)
         return out
 
     def _norm(self, x, weight):
@@ -363,11 +372,12 @@ class Engine:
         with prefill_rows that many of its tokens through all of the device's layers at a time."""
         hidden = F.embedding(tokens, self.embed)
         for dev, layers in self.segments:
-            hidden = hidden.to(dev)
-            step = self.prefill_rows.get(dev) or len(hidden)
-            for lo in range(0, len(hidden), step):
-                for layer in layers:
-                    self._prefill_layer(layer, hidden[lo:lo + step], start + lo, slot, scratch[dev])
+            with _on(dev):
+                hidden = hidden.to(dev)
+                step = self.prefill_rows.get(dev) or len(hidden)
+                for lo in range(0, len(hidden), step):
+                    for layer in layers:
+                        self._prefill_layer(layer, hidden[lo:lo + step], start + lo, slot, scratch[dev])
         return hidden
 
     def _prefill_layer(self, layer: Layer, hidden: torch.Tensor, start: int, slot: int,
@@ -556,15 +566,23 @@ class Engine:
     def _capture(self, batch: int, mixed: bool = False) -> list:
         """Warm every kernel up (autotuning included), then capture each segment as a CUDA graph."""
         saved = {d: t.clone() for d, t in self.seq_len.items()}
-        side = torch.cuda.Stream(self.devices[0])
-        side.wait_stream(torch.cuda.current_stream(self.devices[0]))
-        with torch.cuda.stream(side):  # warm-up on a side stream, as graph capture wants
-            for i in range(len(self.segments)):  # writes past the live lengths, which the restore hides
+        # Warm-up on a side stream per device, as graph capture wants; each segment on its own device, after
+        # the segment before it and the carry of its output. It writes past the live lengths (the restore hides it).
+        sides = {dev: torch.cuda.Stream(dev) for dev, _ in self.segments}
+        for dev, side in sides.items():
+            side.wait_stream(torch.cuda.current_stream(dev))
+        previous = None
+        for i, (dev, _) in enumerate(self.segments):
+            with _on(dev), torch.cuda.stream(sides[dev]):
+                if previous is not None:
+                    sides[dev].wait_stream(previous)
                 self._run_segment(i, batch, mixed)
                 if i + 1 < len(self.segments):
                     self._carry(i, batch)
-        torch.cuda.current_stream(self.devices[0]).wait_stream(side)
-        torch.cuda.synchronize()
+            previous = sides[dev]
+        for dev, side in sides.items():
+            torch.cuda.current_stream(dev).wait_stream(side)
+            torch.cuda.synchronize(dev)
         for d, t in saved.items():
             self.seq_len[d].copy_(t)
         graphs = []

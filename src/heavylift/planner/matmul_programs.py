@@ -2,7 +2,7 @@
 
 `linear` is a decoder layer's nn.Linear as transformers runs it after heavylift's loader (bitsandbytes'
 Linear4bit / Linear8bitLt, torchao's Float8Tensor, plain bf16, or a block-FP8 checkpoint's FP8Linear kept as
-stored: KEPT_BLOCK_FP8); `dense_linear` is the engine's prefill
+stored: KeptBlockFp8); `dense_linear` is the engine's prefill
 matmul (engine/ops.py); `expert_weights` is a fused MoE expert parameter read through heavylift's
 parametrizations (experts.py). Each appends to a `Program` what the code allocates and frees, in order;
 the output stays for the caller. Written from the libraries' source (transformers 5.24, bitsandbytes
@@ -13,10 +13,12 @@ Pure Python: no torch.
 
 from __future__ import annotations
 
-from math import gcd
+from dataclasses import dataclass
+from math import ceil, gcd
 
 from .allocator import Program, Tensor
 from heavylift.defaults import DEQUANT_TILE_BYTES, LLM_INT8_OUTLIER_COLUMN_FRACTION
+from heavylift.model.prequantized import fallback_tile_rows
 from heavylift.schemes import BNB_4BIT_BLOCKSIZE, FLOAT32_BYTES, SCHEMES, UNQUANTIZED_BYTES
 
 BF16 = UNQUANTIZED_BYTES  # a bf16 / fp16 element: activations, KV cache, dequantized weights
@@ -27,17 +29,25 @@ INT32 = 4
 # beyond, the weight is dequantized to bf16 and multiplied (always past 512 rows; between, a per-GPU
 # heuristic decides, and the plan counts the dequantized copy).
 BNB_4BIT_FUSED_MAX_ROWS = 4
-# The weights of a block-FP8 checkpoint kept as stored (prequantized.keeps_stored), in place of a scheme's name:
-# transformers' FP8Linear and FP8Experts run them (integrations/finegrained_fp8.py), not a heavylift scheme.
-KEPT_BLOCK_FP8 = "block-fp8"
 FP8_ACTIVATION_GROUP = 128  # DeepGEMM's per_token_cast_to_fp8: one fp32 scale per 128 activations of a row
 
 
-def linear(p: Program, quant: str, rows: int, k: int, n: int, native_fp8: bool = True) -> Tensor:
+@dataclass(frozen=True)
+class KeptBlockFp8:
+    """The weights of a block-FP8 checkpoint kept as stored (prequantized.keeps_stored), in place of a scheme's
+    name: transformers' FP8Linear and FP8Experts run them (integrations/finegrained_fp8.py) in blocks of `block`,
+    through the `kernels` package's kernels or, where those do not load, heavylift's torch matmuls
+    (runtime/block_fp8_matmul.py: `fallback`). Which one a machine has, the plan cannot know: it holds both."""
+
+    block: tuple[int, int]  # weight_block_size: (rows, columns)
+    fallback: bool  # heavylift's torch matmuls, not the kernels
+
+
+def linear(p: Program, quant: str | KeptBlockFp8, rows: int, k: int, n: int, native_fp8: bool = True) -> Tensor:
     """y = x W^T for `rows` rows through the loaded layer of scheme `quant` (nn.Linear, bitsandbytes'
     Linear4bit / Linear8bitLt, torchao's Float8Tensor, FP8Linear); returns y, leaving x untouched."""
-    if quant == KEPT_BLOCK_FP8:
-        return _block_fp8(p, rows, k, n)
+    if isinstance(quant, KeptBlockFp8):
+        return block_fp8_fallback(p, rows, k, n, quant.block) if quant.fallback else _block_fp8(p, rows, k, n)
     scheme = SCHEMES[quant]
     if scheme.four_bit:
         if rows <= BNB_4BIT_FUSED_MAX_ROWS:
@@ -123,14 +133,36 @@ def _float8(p: Program, rows: int, k: int, n: int) -> Tensor:
 
 
 def _block_fp8(p: Program, rows: int, k: int, n: int) -> Tensor:
-    """FP8Linear.forward (fp8_linear) on block-FP8 weights: DeepGEMM (Hopper or Blackwell with a CUDA toolkit)
-    casts x to FP8 per token with one fp32 scale per 128 columns, then multiplies into y; the Triton kernel
-    that runs elsewhere quantizes x inline and allocates y alone. The plan counts DeepGEMM's, the larger."""
+    """FP8Linear.forward (fp8_linear) on block-FP8 weights through the `kernels` package: DeepGEMM (Hopper or
+    Blackwell with a CUDA toolkit) casts x to FP8 per token with one fp32 scale per 128 columns, then multiplies
+    into y; the Triton kernel that runs elsewhere quantizes x inline and allocates y alone. The plan counts
+    DeepGEMM's, the larger."""
     q8 = p.alloc("x_fp8", rows * k)
     scale = p.alloc("x_scales", FP32 * rows * -(-k // FP8_ACTIVATION_GROUP))
     y = p.alloc("linear", BF16 * rows * n)
     p.free(q8, scale)
     return y
+
+
+def block_fp8_fallback(p: Program, rows: int, k: int, n: int, block: tuple[int, int]) -> Tensor:
+    """FP8Linear.forward through heavylift's torch matmuls (block_fp8_matmul.matmul): y, then the weight's
+    tiles in turn (block_fp8_tiles); returns y."""
+    y = p.alloc("linear", BF16 * rows * n)
+    block_fp8_tiles(p, k, n, block)
+    return y
+
+
+def block_fp8_tiles(p: Program, k: int, n: int, block: tuple[int, int]) -> None:
+    """block_fp8_matmul._project on a [n, k] block-FP8 weight: per tile of output rows (fallback_tile_rows; the
+    last may be shorter), the float32 staging padded to whole blocks, the bf16 tile cast from it, the staging
+    freed as the cast returns, the tile freed once multiplied into y's columns (torch.mm writes them in place)."""
+    step = fallback_tile_rows(n, k, block)
+    for start in range(0, n, step):
+        rows = min(step, n - start)
+        staged = p.alloc("w_fp32", FP32 * ceil(rows / block[0]) * block[0] * ceil(k / block[1]) * block[1])
+        w = p.alloc("w_tile", BF16 * rows * k)
+        p.free(staged)
+        p.free(w)
 
 
 def _dequantized_matmul(p: Program, rows: int, k: int, n: int) -> Tensor:
@@ -210,12 +242,12 @@ def _tiled(p: Program, quant: str, rows: int, k: int, n: int, out_bytes: int) ->
     return y
 
 
-def expert_weights(p: Program, quant: str, numel: int) -> list[Tensor]:
+def expert_weights(p: Program, quant: str | KeptBlockFp8, numel: int) -> list[Tensor]:
     """One fused expert parameter read through heavylift's parametrization (experts.py): bitsandbytes'
     4-bit dequantize (double quant's absmax first), or the 8-bit rows in fp32 times their scales, cast to
     bf16. Cached until the experts' forward returns; bf16 experts, and block-FP8 ones kept as stored (which
-    the finegrained-fp8 grouped matmul reads as they are), are read in place."""
-    if quant == KEPT_BLOCK_FP8:
+    the grouped matmul reads as they are, or dequantizes a tile at a time: block_fp8_tiles), are read in place."""
+    if isinstance(quant, KeptBlockFp8):
         return []
     scheme = SCHEMES[quant]
     if scheme.four_bit:

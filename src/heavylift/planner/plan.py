@@ -70,6 +70,9 @@ class DevicePlan:
     # The engine's prefill runs this many tokens of a chunk at a time through this device's layers, where the
     # whole chunk would not fit (prefill_rows_to_fit); 0: the whole chunk.
     prefill_rows: int = 0
+    # The prompt length whose run these figures count, the one at which the device holds the most of those
+    # prompt_lengths.prompt_lengths names; 0 on a device that holds no layer (or keeps them in CPU RAM).
+    worst_prompt_tokens: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -153,12 +156,12 @@ class Layout:
         return kv_cache_bytes(self.arch, layers, work.context, work.batch, KV_DTYPES[work.kv_dtype], work.engine)
 
     def terms(self, device: Device, work: Workload, part: Part, every_layer: bool = False,
-              prefill_rows: int = 0) -> RuntimeTerms:
-        """The runtime terms of `part` on `device`, with what the adapter's LoRA forwards add to its transients
-        (transformers runs an adapted model; the largest forward is a prefill chunk, of one sequence when
-        serving); `prefill_rows` as DevicePlan has it."""
+              every_prompt: bool | None = None, prefill_rows: int = 0) -> RuntimeTerms:
+        """The runtime terms of `part` on `device` (memory.runtime_terms), with what the adapter's LoRA forwards
+        add to its transients (transformers runs an adapted model; the largest forward is a prefill chunk, of one
+        sequence when serving); `prefill_rows` as DevicePlan has it."""
         t = runtime_terms(self.arch, self.scheme.name, work.engine, work.context, work.batch,
-                          KV_DTYPES[work.kv_dtype], device, part, every_layer, work.serve, prefill_rows)
+                          KV_DTYPES[work.kv_dtype], device, part, every_layer, work.serve, every_prompt, prefill_rows)
         if self.adapter is None or work.engine != TRANSFORMERS:
             return t
         rows = (1 if work.serve else work.batch) * prefill_chunk(work.context)
@@ -205,7 +208,13 @@ class Layout:
 
     def _least_free(self, devices: Sequence[Device], runs: Sequence[range], capacities: Sequence[int],
                     work: Workload) -> int:
-        """The fewest bytes free on any device holding these runs, or the first shortfall found."""
+        """The fewest bytes free on any device holding these runs, or the first shortfall found. Each device is
+        first counted at the longest prompt alone, which holds no more than the worst prompt length: a device
+        over there is over."""
+        for device, run, capacity in zip(devices, runs, capacities):
+            free = self.device_plan(device, run, capacity, work, every_prompt=False).free_bytes
+            if free < 0:
+                return free
         least = None
         for device, run, capacity in zip(devices, runs, capacities):
             free = self.device_plan(device, run, capacity, work).free_bytes
@@ -223,9 +232,11 @@ class Layout:
             return fill_with_offload(costs, capacities), capacities
         return balanced, capacities
 
-    def device_plan(self, device: Device, run: range, capacity: int, work: Workload) -> DevicePlan:
-        """What `device` holds running layers `run`: where it would not fit with the engine prefilling whole
-        chunks, with the fewest passes over a chunk that fit (prefill_rows_to_fit), if any do."""
+    def device_plan(self, device: Device, run: range, capacity: int, work: Workload,
+                    every_prompt: bool = True) -> DevicePlan:
+        """What `device` holds running layers `run`: at the worst prompt length (prompt_lengths.py), or
+        without `every_prompt` at the longest prompt alone; where it would not fit with the engine prefilling
+        whole chunks, with the fewest passes over a chunk that fit (prefill_rows_to_fit), if any do."""
         n = self.arch.num_layers
         if not run:
             return DevicePlan(device, run, 0, 0, 0, 0, capacity)
@@ -235,9 +246,10 @@ class Layout:
         adapter = sum(self.layer_adapter[i] for i in run)
 
         def planned(rows: int) -> DevicePlan:
-            t = self.terms(device, work, Part(run, has_first, has_last), every_layer=True, prefill_rows=rows)
+            t = self.terms(device, work, Part(run, has_first, has_last), every_layer=True, every_prompt=every_prompt,
+                           prefill_rows=rows)
             return DevicePlan(device, run, weights, t.kv_cache_bytes, t.transient_bytes, t.overhead_bytes, capacity,
-                              adapter, rows)
+                              adapter, prefill_rows=rows, worst_prompt_tokens=t.prompt_tokens)
 
         whole = planned(0)
         if whole.free_bytes >= 0 or work.engine != FAST or device.kind != KIND_CUDA:
@@ -255,8 +267,8 @@ class Layout:
         if split.offloaded:
             cpu = replace(devices[0], index=-1, name="cpu (offload)", kind="cpu",
                           bandwidth_bytes_s=PCIE_BANDWIDTH_BYTES_S)
-            offload = self.device_plan(cpu, split.offloaded, 0, work)
-            offload = replace(offload, activation_bytes=0, overhead_bytes=0)
+            offload = self.device_plan(cpu, split.offloaded, 0, work, every_prompt=False)
+            offload = replace(offload, activation_bytes=0, overhead_bytes=0, worst_prompt_tokens=0)
         return SchemePlan(self.scheme.name, per_device, offload, self.decode_upper_bound(per_device, offload, work),
                           engine=work.engine)
 
