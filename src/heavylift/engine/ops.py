@@ -58,15 +58,15 @@ def _fp8_matmul(x: torch.Tensor, w: QWeight) -> bool:
 
 
 def _tiled_linear(x: torch.Tensor, w: QWeight, into: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W^T (+ bias) with W dequantized dequant_tile_rows(n, k) rows at a time into one reused bf16 buffer,
-    each tile multiplied into its columns of the output: the memory beyond the weights is one tile, never a
-    bf16 copy of the whole weight. cuBLAS may pick another kernel for a tile than for the whole product, so
+    """x @ W^T (+ bias) with W dequantized dequant_tile_rows(n, k) rows at a time into one reused buffer of x's
+    dtype (bf16; fp16 where transformers computes in it: runtime/bnb_forward.py), each tile multiplied into its
+    columns of the output: the memory beyond the weights is one tile, never a copy of the whole weight. cuBLAS may pick another kernel for a tile than for the whole product, so
     the result can differ from F.linear on the whole weight in the last bf16 bit; the tiles themselves are
     exactly the whole weight's rows. With `into`, each tile's product goes to a buffer of one tile's columns
     and is multiplied into its columns of `into` (dense_linear_mul), which is returned."""
     write = _tile_writer(w)
     step = dequant_tile_rows(w.n, w.k)
-    tile = torch.empty(step, w.k, dtype=torch.bfloat16, device=w.device)
+    tile = torch.empty(step, w.k, dtype=x.dtype, device=w.device)
     x2 = x.reshape(-1, w.k)
     y = torch.empty(x2.shape[0], w.n if into is None else step, dtype=x.dtype, device=x.device)
     for start in range(0, w.n, step):

@@ -25,9 +25,10 @@ BF16 = UNQUANTIZED_BYTES  # a bf16 / fp16 element: activations, KV cache, dequan
 FP32 = FLOAT32_BYTES
 INT64 = 8
 INT32 = 4
-# bitsandbytes 4-bit matmuls (backends/cuda/ops.py gemm_4bit): up to 4 rows run its fused kernel;
-# beyond, the weight is dequantized to bf16 and multiplied (always past 512 rows; between, a per-GPU
-# heuristic decides, and the plan counts the dequantized copy).
+# bitsandbytes 4-bit matmuls (0.50, backends/cuda/ops.py gemm_4bit, _GEMM_4BIT_CUSTOM_FLOOR_M): up to 4 rows
+# always run its fused kernel, where the inner dimension holds whole blocks; beyond, its dispatch may dequantize
+# the whole weight to bf16 and multiply it (always past 1536 rows; between, a per-GPU heuristic decides).
+# heavylift's transformers forward sends every such matmul through the engine's tiled one (bnb_4bit_fused).
 BNB_4BIT_FUSED_MAX_ROWS = 4
 FP8_ACTIVATION_GROUP = 128  # DeepGEMM's per_token_cast_to_fp8: one fp32 scale per 128 activations of a row
 
@@ -65,6 +66,13 @@ def linear(p: Program, quant: str | KeptBlockFp8, rows: int, k: int, n: int, nat
     if quant == "fp8":
         return _float8(p, rows, k, n) if native_fp8 else _dequantized_matmul(p, rows, k, n)
     return p.alloc("linear", BF16 * rows * n)
+
+
+def bnb_4bit_fused(rows: int, k: int) -> bool:
+    """Whether bitsandbytes' Linear4bit multiplies x [rows, k] in its fused kernel on a GPU, reading the weight
+    in 4 bits; runtime/bnb_forward.py sends every other 4-bit matmul of transformers' forward through the engine's
+    tiled one (ops.dense_linear: _tiled here), which never holds the whole weight in bf16."""
+    return rows <= BNB_4BIT_FUSED_MAX_ROWS and k % BNB_4BIT_BLOCKSIZE == 0
 
 
 def _llm_int8(p: Program, rows: int, k: int, n: int) -> Tensor:

@@ -131,10 +131,16 @@ class Prepared:
 
     def load(self) -> Session:
         """The tokenizer (first: a missing one is said before any weight is read), the weights, and the
-        engine where the plan's runtime is the engine."""
+        engine where the plan's runtime is the engine; on transformers, bitsandbytes' 4-bit layers multiply
+        many rows a weight tile at a time (bnb_forward.py), as the plan counts them."""
         tokenizer = self.tokenizer
         weights = self.load_weights()
-        return Session(weights, tokenizer, build_engine(weights))
+        engine = build_engine(weights)
+        if engine is None:
+            from .bnb_forward import tile_4bit_matmuls
+
+            tile_4bit_matmuls(weights.model)
+        return Session(weights, tokenizer, engine)
 
 
 def build_engine(weights: LoadedWeights):
