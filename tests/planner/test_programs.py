@@ -82,6 +82,42 @@ def test_transformers_programs_match_the_forward(tmp_path, monkeypatch, family, 
     assert planned == traced, first_difference(planned, traced)
 
 
+def _without_cpu_tile_copies(events: list[tuple]) -> list[tuple]:
+    """A trace less bitsandbytes' CPU dequantize_4bit outputs: its CPU backend has no out= variant, so each tile is
+    written to a new tensor and copied in (ops._bnb_writer), where a GPU writes the tile buffer in place."""
+    copies = {e[1] for e in events if e[0] == "alloc" and e[3].startswith("bitsandbytes.dequantize_4bit")}
+    return [e for e in events if e[1] not in copies]
+
+
+@pytest.mark.parametrize("quant", ["nf4", "nf4-dq"])
+def test_transformers_4bit_prefill_matches_the_forward(tmp_path, monkeypatch, quant):
+    # Chunks of 16 tokens x 2 sequences: every matmul has more rows than bitsandbytes fuses, so each runs a
+    # weight tile at a time (runtime/bnb_forward.py; the tiny weights fit in one tile).
+    import heavylift.runtime.session as session_module
+
+    monkeypatch.setattr(session_module, "PREFILL_CHUNK", CHUNK)
+    folder = tmp_path / "llama"
+    save_tiny_checkpoint(folder, "llama", vocab_size=320, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    save_tiny_tokenizer(folder)
+    session = heavylift.load(str(folder), quant=quant, context=CONTEXT, batch=BATCH, engine="transformers")
+    ids = torch.randint(0, 300, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
+    trace = Trace()
+    with torch.inference_mode(), trace:
+        steps = session.steps(ids)  # noqa: F841 - its logits stay alive, as the program keeps them
+
+    arch = session.plan.architecture
+    every = range(arch.num_layers)
+    program = Program()
+    for label, nbytes in _kv_tensors(arch, every, CONTEXT, BATCH, 2, TRANSFORMERS):
+        program.alloc(label, nbytes)
+    for start in range(0, PROMPT, CHUNK):
+        step = Step(BATCH, min(CHUNK, PROMPT - start), start, CONTEXT)
+        transformers_forward(program, arch, quant, step, Part(every, first=True, last=True), every,
+                             logits=start + CHUNK >= PROMPT)
+    planned, traced = canonical(program.events), canonical(_without_cpu_tile_copies(trace.events))
+    assert planned == traced, first_difference(planned, traced)
+
+
 class TritonLikeOps:
     """What the engine's Triton kernels allocate during prefill: nothing; they write into their out buffers."""
 
@@ -133,16 +169,24 @@ def _sizes(program: Program) -> list[int]:
     return [e[2] for e in program.events if e[0] == "alloc"]
 
 
-def test_bitsandbytes_4bit_dequantizes_beyond_four_rows():
-    # x [8, 64] @ W^T, W [32, 64] in NF4 with double quant: 2048 weights = 32 blocks of 64.
-    # absmax dequantized (fp32, 128 B -> 512) and offset (512), the bf16 weight 32 x 64 x 2 = 4096,
-    # y [8, 32] bf16 = 512: live at once 5632.
+def test_bitsandbytes_4bit_runs_a_weight_tile_at_a_time_beyond_four_rows():
+    # Llama-3.1-405B's gate weight, 53248 x 16384, against 2048 rows on transformers (runtime/bnb_forward.py), as
+    # the engine's prefill: NF4-DQ's absmax dequantized whole, 53248 x 16384 / 64 blocks x 4 bytes = 54,525,952;
+    # one 128 MiB tile of 4096 rows; y 2048 x 53248 x 2 = 218,103,808. bitsandbytes' own forward would hold the
+    # whole weight in bf16, 1,744,830,464.
+    tile, y = 4096 * 16384 * 2, 2048 * 53248 * 2
     p = Program()
-    linear(p, "nf4-dq", 8, 64, 32)
-    assert _sizes(p) == [128, 128, 4096, 512] and peak_live(p) == 5632
+    linear(p, "nf4-dq", 2048, 16384, 53248)
+    assert _sizes(p) == [54_525_952, tile, y] and peak_live(p) == 54_525_952 + tile + y
+    p = Program()
+    linear(p, "fp4", 5, 16384, 53248)  # five rows already
+    assert _sizes(p) == [tile, 5 * 53248 * 2]
     p = Program()
     linear(p, "nf4", 4, 64, 32)  # up to 4 rows: bitsandbytes' fused kernel, only the output
     assert _sizes(p) == [256]
+    p = Program()
+    linear(p, "nf4", 4, 96, 32)  # but not over partial 64-weight blocks: the whole 32 x 96 weight is one tile
+    assert _sizes(p) == [32 * 96 * 2, 256]
 
 
 def test_llm_int8_counts_its_outlier_decomposition():

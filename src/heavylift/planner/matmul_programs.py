@@ -1,13 +1,14 @@
 """What one matmul allocates, by weight storage and runtime: a piece of the allocation programs.
 
 `linear` is a decoder layer's nn.Linear as transformers runs it after heavylift's loader (bitsandbytes'
-Linear4bit / Linear8bitLt, torchao's Float8Tensor, plain bf16, or a block-FP8 checkpoint's FP8Linear kept as
-stored: KeptBlockFp8); `dense_linear` is the engine's prefill
-matmul (engine/ops.py); `expert_weights` is a fused MoE expert parameter read through heavylift's
-parametrizations (experts.py). Each appends to a `Program` what the code allocates and frees, in order;
-the output stays for the caller. Written from the libraries' source (transformers 5.24, bitsandbytes
-0.50, torchao 0.18); replayed over the 8B shape's forward they give the allocated peaks measured on an
-H100 for FP8, LLM.int8 and NF4-DQ to 0.1% (bench/results/plan_validation_h100_2026-11-26.json).
+Linear4bit, on more rows than its fused kernel takes through the engine's tiled matmul: runtime/bnb_forward.py;
+Linear8bitLt, torchao's Float8Tensor, plain bf16, or a block-FP8 checkpoint's FP8Linear kept as stored:
+KeptBlockFp8); `dense_linear` is the engine's prefill matmul (engine/ops.py); `expert_weights` is a fused MoE
+expert parameter read through heavylift's parametrizations (experts.py). Each appends to a `Program` what the
+code allocates and frees, in order; the output stays for the caller. Written from the libraries' source
+(transformers 5.24, bitsandbytes 0.50, torchao 0.18); replayed over the 8B shape's forward they give the
+allocated peaks measured on an H100 for FP8 and LLM.int8 to 0.1% (bench/results/plan_validation_h100_2026-11-26.json,
+whose NF4-DQ case ran bitsandbytes' whole-weight dequantize, which transformers' forward no longer takes).
 Pure Python: no torch.
 """
 
@@ -51,16 +52,9 @@ def linear(p: Program, quant: str | KeptBlockFp8, rows: int, k: int, n: int, nat
         return block_fp8_fallback(p, rows, k, n, quant.block) if quant.fallback else _block_fp8(p, rows, k, n)
     scheme = SCHEMES[quant]
     if scheme.four_bit:
-        if rows <= BNB_4BIT_FUSED_MAX_ROWS:
+        if bnb_4bit_fused(rows, k):
             return p.alloc("linear", BF16 * rows * n)
-        extra = []  # _dequant_linear_fallback: absmax (double quant), the bf16 weight, then F.linear
-        if scheme.double_quant:
-            blocks = n * k // BNB_4BIT_BLOCKSIZE
-            extra += [p.alloc("absmax_dq", FP32 * blocks), p.alloc("absmax", FP32 * blocks)]
-        extra.append(p.alloc("weight_dq", BF16 * n * k))
-        y = p.alloc("linear", BF16 * rows * n)
-        p.free(*reversed(extra))
-        return y
+        return _tiled(p, quant, rows, k, n, BF16 * rows * n)
     if quant == "int8":
         return _llm_int8(p, rows, k, n)
     if quant == "fp8":
@@ -238,9 +232,10 @@ def dense_linear_mul(p: Program, quant: str, rows: int, k: int, n: int, native_f
 
 
 def _tiled(p: Program, quant: str, rows: int, k: int, n: int, out_bytes: int) -> Tensor:
-    """ops._tiled_linear: double quant's absmax dequantized whole first (fp32), the tile buffer, then the output
-    (`out_bytes`: the product, or one tile's columns of it); the scaled rows are cast and scaled in place in the
-    tile (no fp32 copy on a GPU); the tile, then the absmax, freed as it returns."""
+    """ops._tiled_linear, the engine's prefill matmul and transformers' 4-bit one beyond bnb_4bit_fused: double
+    quant's absmax dequantized whole first (fp32), the tile buffer, then the output (`out_bytes`: the product, or
+    one tile's columns of it); the scaled rows are cast and scaled in place in the tile (no fp32 copy on a GPU);
+    the tile, then the absmax, freed as it returns."""
     scheme = SCHEMES[quant]
     dq = scheme.four_bit and scheme.double_quant
     absmax = p.alloc("absmax", FP32 * -(-n * k // BNB_4BIT_BLOCKSIZE)) if dq else None
