@@ -17,6 +17,7 @@ from heavylift.model.architecture import Architecture
 from heavylift.defaults import PREFILL_MLP_BYTES, SDPA_MASK_ALIGNMENT
 from .matmul_programs import BF16, FP32, INT32, INT64, dense_linear, dense_linear_mul
 from .forward_program import Part
+from .shared_programs import gated_in_place
 from heavylift.schemes import SCHEMES
 
 
@@ -98,14 +99,15 @@ def _engine_layer(p: Program, arch: Architecture, quant: str, t: int, start: int
 
 def _engine_mlp(p: Program, quant: str, t: int, h: int, i: int, native_fp8: bool) -> None:
     """Engine._prefill_mlp: the normed hidden state; per piece of prefill_mlp_rows rows, the gate's output
-    (SiLU in place), the up projection multiplied into it (dense_linear_mul), the normed state freed after the
-    last piece's, the down projection's output (added into the hidden state), the gate's output freed."""
+    (SiLU in place) with the up projection multiplied into it (gated_in_place with dense_linear_mul), the normed
+    state freed after the last piece's, the down projection's output (added into the hidden state), the gate's
+    output freed."""
     x = p.alloc("normed", BF16 * t * h)
     step = prefill_mlp_rows(t, i)
     for start in range(0, t, step):
         rows = min(step, t - start)
-        act = dense_linear(p, quant, rows, h, i, native_fp8)
-        dense_linear_mul(p, quant, rows, h, i, native_fp8)
+        act = gated_in_place(h, i, lambda k, n: dense_linear(p, quant, rows, k, n, native_fp8),
+                             lambda k, n: dense_linear_mul(p, quant, rows, k, n, native_fp8))
         if start + step >= t:
             p.free(x)
         p.free(dense_linear(p, quant, rows, i, h, native_fp8))

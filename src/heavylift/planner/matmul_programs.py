@@ -3,7 +3,8 @@
 `linear` is a decoder layer's nn.Linear as transformers runs it after heavylift's loader (bitsandbytes'
 Linear4bit, on more rows than its fused kernel takes through the engine's tiled matmul: runtime/bnb_forward.py;
 Linear8bitLt, torchao's Float8Tensor, plain bf16, or a block-FP8 checkpoint's FP8Linear kept as stored:
-KeptBlockFp8); `dense_linear` is the engine's prefill matmul (engine/ops.py); `expert_weights` is a fused MoE
+KeptBlockFp8), and `linear_mul` one multiplied into a tensor in place (runtime/mlp_forward.py); `dense_linear` and
+`dense_linear_mul` are the engine's prefill matmuls (engine/ops.py); `expert_weights` is a fused MoE
 expert parameter read through heavylift's parametrizations (experts.py). Each appends to a `Program` what the
 code allocates and frees, in order; the output stays for the caller. Written from the libraries' source
 (transformers 5.24, bitsandbytes 0.50, torchao 0.18); replayed over the 8B shape's forward they give the
@@ -50,16 +51,29 @@ def linear(p: Program, quant: str | KeptBlockFp8, rows: int, k: int, n: int, nat
     Linear4bit / Linear8bitLt, torchao's Float8Tensor, FP8Linear); returns y, leaving x untouched."""
     if isinstance(quant, KeptBlockFp8):
         return block_fp8_fallback(p, rows, k, n, quant.block) if quant.fallback else _block_fp8(p, rows, k, n)
-    scheme = SCHEMES[quant]
-    if scheme.four_bit:
-        if bnb_4bit_fused(rows, k):
-            return p.alloc("linear", BF16 * rows * n)
+    if _bnb_tiles(quant, rows, k):
         return _tiled(p, quant, rows, k, n, BF16 * rows * n)
     if quant == "int8":
         return _llm_int8(p, rows, k, n)
     if quant == "fp8":
         return _float8(p, rows, k, n) if native_fp8 else _dequantized_matmul(p, rows, k, n)
     return p.alloc("linear", BF16 * rows * n)
+
+
+def linear_mul(p: Program, quant: str | KeptBlockFp8, rows: int, k: int, n: int, native_fp8: bool = True) -> None:
+    """into *= x W^T through transformers' loaded layer, as runtime/mlp_forward.py multiplies the up projection
+    into the gate's output: a bitsandbytes 4-bit layer beyond its fused kernel through ops.dense_linear_mul's tiles
+    (_tiled_product), any other layer's whole product (linear) multiplied in and freed."""
+    if _bnb_tiles(quant, rows, k):
+        _tiled_product(p, quant, rows, k, n)
+    else:
+        p.free(linear(p, quant, rows, k, n, native_fp8))
+
+
+def _bnb_tiles(quant: str | KeptBlockFp8, rows: int, k: int) -> bool:
+    """Whether transformers' forward multiplies x [rows, k] by a layer of `quant` through the engine's tiles: a
+    bitsandbytes 4-bit layer beyond its fused kernel (runtime/bnb_forward.py)."""
+    return isinstance(quant, str) and SCHEMES[quant].four_bit and not bnb_4bit_fused(rows, k)
 
 
 def bnb_4bit_fused(rows: int, k: int) -> bool:
@@ -228,6 +242,12 @@ def dense_linear_mul(p: Program, quant: str, rows: int, k: int, n: int, native_f
     if not SCHEMES[quant].quantized or _fp8_matmul(quant, k, n, native_fp8):
         p.free(dense_linear(p, quant, rows, k, n, native_fp8))
         return
+    _tiled_product(p, quant, rows, k, n)
+
+
+def _tiled_product(p: Program, quant: str, rows: int, k: int, n: int) -> None:
+    """ops._tiled_linear with `into`: the tiled matmul whose output is one tile's columns, each multiplied into its
+    columns of `into` and the buffer freed as it returns."""
     p.free(_tiled(p, quant, rows, k, n, BF16 * rows * dequant_tile_rows(n, k)))
 
 
