@@ -16,9 +16,9 @@ from typing import Sequence
 from .allocator import Program, Tensor
 from heavylift.model.architecture import FAMILIES, Architecture
 from heavylift.model.prequantized import keeps_stored
-from .matmul_programs import BF16, FP32, INT64, KeptBlockFp8, block_fp8_tiles, expert_weights, linear
-from .shared_programs import eager_output, expert_routing, expert_unsort_sum, linear_mlp, mask_indices, \
-    repeated_kv, rms_core, sdpa_kernel
+from .matmul_programs import BF16, FP32, INT64, KeptBlockFp8, block_fp8_tiles, expert_weights, linear, linear_mul
+from .shared_programs import eager_output, expert_routing, expert_unsort_sum, gated_in_place, linear_mlp, \
+    mask_indices, repeated_kv, rms_core, sdpa_kernel
 
 
 @dataclass(frozen=True)
@@ -381,8 +381,23 @@ MASK_DICT_FAMILIES = ("qwen2", "gemma2", "qwen3", "gemma3_text")
 QK_NORMED = {"qwen3": qk_normed("llama"), "qwen3_moe": qk_normed("llama"), "gemma3_text": qk_normed("gemma2", False)}
 
 
+# The families whose dense MLP heavylift computes in place on transformers' forward at inference
+# (runtime/mlp_forward.py): their MLP class's forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x))
+# (LlamaMLP, MistralMLP, Qwen2MLP, Qwen3MLP, Gemma2MLP, Gemma3MLP), and the activation, as ACT2FN names it, has an
+# in-place form that computes its values exactly (F.silu(inplace=True); aten.gelu_ with the tanh approximation).
+IN_PLACE_MLP_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+IN_PLACE_ACTIVATIONS = ("silu", "swish", "gelu_pytorch_tanh")
+
+
+def in_place_mlp(arch: Architecture) -> bool:
+    """Whether heavylift computes the model's dense MLPs in place on transformers' forward (without gradients)."""
+    return arch.model_type in IN_PLACE_MLP_FAMILIES and arch.mlp_activation in IN_PLACE_ACTIVATIONS
+
+
 def _mlp(p: Program, arch: Architecture, quant: str, rows: int, x: Tensor, native_fp8: bool) -> Tensor:
-    """LlamaMLP down(act(gate(x)) * up(x)) (Gemma 2 with GELU), or Phi-3's fused gate_up split in two."""
+    """A dense MLP, down(act(gate(x)) * up(x)): in place where heavylift computes it so (in_place_mlp: the gate's
+    output holds the activation, then the product, until down returns), else as transformers' forward computes it
+    (LlamaMLP and its kin; Phi-3's fused gate_up split in two)."""
     h, i = arch.hidden_size, arch.intermediate_size
     if arch.model_type == "phi3":
         gu = linear(p, quant, rows, h, 2 * i, native_fp8)
@@ -391,6 +406,12 @@ def _mlp(p: Program, arch: Architecture, quant: str, rows: int, x: Tensor, nativ
         p.free(act)
         down = linear(p, quant, rows, i, h, native_fp8)
         p.free(prod, gu)
+        return down
+    if in_place_mlp(arch):
+        act = gated_in_place(h, i, lambda k, n: linear(p, quant, rows, k, n, native_fp8),
+                             lambda k, n: linear_mul(p, quant, rows, k, n, native_fp8))
+        down = linear(p, quant, rows, i, h, native_fp8)
+        p.free(act)
         return down
     return linear_mlp(p, quant, rows, h, i, native_fp8)
 
