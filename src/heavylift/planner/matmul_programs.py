@@ -1,16 +1,17 @@
 """What one matmul allocates, by weight storage and runtime: a piece of the allocation programs.
 
 `linear` is a decoder layer's nn.Linear as transformers runs it after heavylift's loader (bitsandbytes'
-Linear4bit, on more rows than its fused kernel takes through the engine's tiled matmul: runtime/bnb_forward.py;
-Linear8bitLt, torchao's Float8Tensor, plain bf16, or a block-FP8 checkpoint's FP8Linear kept as stored:
-KeptBlockFp8), and `linear_mul` one multiplied into a tensor in place (runtime/mlp_forward.py); `dense_linear` and
-`dense_linear_mul` are the engine's prefill matmuls (engine/ops.py); `expert_weights` is a fused MoE
-expert parameter read through heavylift's parametrizations (experts.py). Each appends to a `Program` what the
-code allocates and frees, in order; the output stays for the caller. Written from the libraries' source
-(transformers 5.24, bitsandbytes 0.50, torchao 0.18); replayed over the 8B shape's forward they give the
-allocated peaks measured on an H100 for FP8 and LLM.int8 to 0.1% (bench/results/plan_validation_h100_2026-11-26.json,
-whose NF4-DQ case ran bitsandbytes' whole-weight dequantize, which transformers' forward no longer takes).
-Pure Python: no torch.
+Linear4bit, on more rows than its fused kernel takes through the engine's tiled matmul, and Linear8bitLt a tile
+of weight rows at a time through bitsandbytes' int8 ops: runtime/bnb_forward.py; torchao's Float8Tensor, plain
+bf16, or a block-FP8 checkpoint's FP8Linear kept as stored: KeptBlockFp8), and `linear_mul` one multiplied into a
+tensor in place (runtime/mlp_forward.py); `dense_linear` and `dense_linear_mul` are the engine's prefill matmuls
+(engine/ops.py); `expert_weights` is a fused MoE expert parameter read through heavylift's parametrizations
+(experts.py). Each appends to a `Program` what the code allocates and frees, in order; the output stays for the
+caller. Written from the libraries' source (transformers 5.24, bitsandbytes 0.50, torchao 0.18); replayed over the
+8B shape's forward they give the allocated peaks measured on an H100 for FP8 and LLM.int8 to 0.1%
+(bench/results/plan_validation_h100_2026-11-26.json, whose NF4-DQ and LLM.int8 cases ran bitsandbytes'
+whole-weight paths, which transformers' forward no longer takes; LLM.int8's quantization of x, which the tiles
+keep, is the one measured there). Pure Python: no torch.
 """
 
 from __future__ import annotations
@@ -84,41 +85,75 @@ def bnb_4bit_fused(rows: int, k: int) -> bool:
 
 
 def _llm_int8(p: Program, rows: int, k: int, n: int) -> Tensor:
-    """MatMul8bitLt.forward: an fp16 copy of x quantized row-wise to int8 while its outlier columns are
-    found, those columns multiplied in bf16 against dequantized weight columns (int8_mixed_scaled_mm),
-    the int8 product in int32, dequantized to fp16 and then bf16."""
+    """LLM.int8 on transformers' forward at inference (runtime/bnb_forward.py TiledLinear8bitLt): x quantized once
+    over all its rows as MatMul8bitLt quantizes it (_int8_rows), x's outlier columns taken once (A[:, cols], bf16),
+    then the output allocated whole and per tile of int8_tile_rows weight rows (_int8_tile) its product written
+    into its columns of the output; a weight of one tile gives its product as the output. Every input column
+    counts as an outlier column (LLM_INT8_OUTLIER_COLUMN_FRACTION): which hold an entry past the threshold
+    depends on the data."""
+    cols = int(k * LLM_INT8_OUTLIER_COLUMN_FRACTION)
+    ca, stats, idx = _int8_rows(p, rows, k, cols)
+    sub_a = p.alloc("sub_a", BF16 * rows * cols) if cols else None
+    step = int8_tile_rows(n, k)
+    if step >= n:  # one tile: its product is the output
+        y = _int8_tile(p, rows, n, cols)
+    else:
+        y = p.alloc("linear", BF16 * rows * n)
+        for start in range(0, n, step):
+            p.free(_int8_tile(p, rows, min(step, n - start), cols))  # copied into y's columns
+    p.free(ca, stats, idx, sub_a)
+    return y
+
+
+def int8_tile_rows(n: int, k: int) -> int:
+    """Rows of an LLM.int8 weight [n, k] that transformers' forward multiplies at a time (runtime/bnb_forward.py):
+    as many as keep the fp32 dequantize of their outlier columns, every one of the k counted, within
+    DEQUANT_TILE_BYTES; at least one, at most the whole weight."""
+    return min(n, max(1, DEQUANT_TILE_BYTES // (FP32 * k)))
+
+
+def _int8_rows(p: Program, rows: int, k: int, cols: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """MatMul8bitLt's quantization of x (bitsandbytes 0.50, backends/cuda/ops.py int8_vectorwise_quant): an fp16
+    copy of x, its row scales and int8 rows, then |x| and the map of entries past the threshold, the columns that
+    hold any and their indices; the fp16 copy and the map freed as it returns. Returns (int8 rows, row scales,
+    outlier column indices or None)."""
     a16 = p.alloc("x_fp16", BF16 * rows * k)
     stats = p.alloc("row_stats", FP32 * rows)
     ca = p.alloc("x_int8", rows * k)
     absx = p.alloc("abs", BF16 * rows * k)
     over = p.alloc("outliers", rows * k)
     p.free(absx)
-    cols = int(k * LLM_INT8_OUTLIER_COLUMN_FRACTION)
     idx = None
     if cols:
         any_cols = p.alloc("any_cols", k)
         idx = p.alloc("outlier_cols", INT64 * cols)
         p.free(any_cols)
     p.free(over, a16)
-    sub_a = sub_b = None
-    if cols:  # A[:, cols] in bf16; CB[:, cols] * stats / 127 in fp32, then bf16
-        sub_a = p.alloc("sub_a", BF16 * rows * cols)
-        cb = p.alloc("cb_cols", n * cols)
-        d1 = p.alloc("dequant", FP32 * n * cols)
-        d2 = p.alloc("dequant", FP32 * n * cols)
-        p.free(d1, cb)
-        sub_b = p.alloc("sub_b", BF16 * n * cols)
-        p.free(d2)
-    i32 = p.alloc("int32", INT32 * rows * n)
-    f16 = p.alloc("fp16", BF16 * rows * n)
-    y = p.alloc("linear", BF16 * rows * n)
-    p.free(f16, i32)
+    return ca, stats, idx
+
+
+def _int8_tile(p: Program, rows: int, t: int, cols: int) -> Tensor:
+    """One tile of t weight rows (runtime/bnb_forward.py _int8_tile), in int8_mixed_scaled_mm's order: with
+    outlier columns, the tile's CB[:, cols], dequantized in fp32 (A * stats, then * 1/127: int8_vectorwise_dequant)
+    and cast to bf16; int8_linear_matmul's int32 product, int8_mm_dequant's fp16 and its cast to bf16; then
+    addmm's new bf16 product. Returns the tile's product (the caller's output, or copied into it and freed)."""
+    sub_b = None
     if cols:
-        y2 = p.alloc("linear", BF16 * rows * n)  # output.addmm(subA, subB)
-        p.free(y, sub_b)
-        y = y2
-    p.free(sub_a, ca, stats, idx)
-    return y
+        cb = p.alloc("cb_cols", t * cols)
+        d1 = p.alloc("dequant", FP32 * t * cols)
+        d2 = p.alloc("dequant", FP32 * t * cols)
+        p.free(d1, cb)
+        sub_b = p.alloc("sub_b", BF16 * t * cols)
+        p.free(d2)
+    i32 = p.alloc("int32", INT32 * rows * t)
+    f16 = p.alloc("fp16", BF16 * rows * t)
+    y = p.alloc("linear", BF16 * rows * t)
+    p.free(f16, i32)
+    if not cols:
+        return y
+    y2 = p.alloc("linear", BF16 * rows * t)  # y.addmm(sub_a, sub_b)
+    p.free(sub_b, y)
+    return y2
 
 
 def float8_rows(p: Program, rows: int, k: int) -> tuple[Tensor, Tensor]:
