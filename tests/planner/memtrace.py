@@ -9,12 +9,15 @@ to 16 keys (or made contiguous where its rows are not 16-aligned) and the output
 causal_lower_right bias (which a GPU hands to flash attention with no mask, where the CPU would build one),
 flash attention's output and its fp32 log-sum-exp. Indexing by int32 tensors (aten.index) adds the int64 copies of
 them that its make_info takes inside the op, on the CPU as on a GPU, before the output and freed after it.
+bitsandbytes' LLM.int8 ops, whose kernels this mode sees only whole and whose CUDA kernels allocate otherwise than
+the CPU ones, are traced as their CUDA kernels allocate (BNB_CUDA_ALLOCATIONS).
 """
 
 from __future__ import annotations
 
 import weakref
 
+import bitsandbytes  # noqa: F401 - registers the ops of BNB_CUDA_ALLOCATIONS
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias
@@ -33,6 +36,41 @@ INDEX = torch.ops.aten.index.Tensor
 DECOMPOSED = {
     torch.ops.aten.softmax.int: lambda x, dim, dtype=None: dtype is not None and dtype != x.dtype,
     torch.ops.aten.matmul.default: lambda a, b: a.dim() == 4 and b.dim() == 4,
+}
+
+
+def _int8_vectorwise_quant(outs, a, threshold=0.0):
+    """bitsandbytes 0.50 backends/cuda/ops.py: the row scales and int8 rows, then, past a threshold, |A| in fp16
+    and the map of entries past it, the columns holding any and their int64 indices (where there are some)."""
+    rows, k = a.numel() // a.shape[-1], a.shape[-1]
+    steps = [("row_stats", 4 * rows, 1), ("out_row", rows * k, 0)]
+    if threshold > 0.0:
+        steps += [("abs", 2 * rows * k), ("outliers", rows * k), "abs"]
+        if outs[2].numel():
+            steps += [("any", k), ("outlier_cols", 8 * outs[2].numel(), 2), "any"]
+        steps.append("outliers")
+    return steps
+
+
+def _int8_mm_dequant(outs, a, row_stats, col_stats, dtype=None, bias=None):
+    """backends/cuda/ops.py: an fp16 output (the kernel writes fp16 only), cast to `dtype` where it differs."""
+    fp16 = 2 * a.numel()
+    if (dtype or torch.float16) == torch.float16:
+        return [("out", fp16, 0)]
+    return [("fp16", fp16), ("out", outs[0].untyped_storage().nbytes(), 0), "fp16"]
+
+
+def _int8_vectorwise_dequant(outs, a, stats):
+    """_ops.py's default kernel, on every device: A * stats in fp32, then times 1/127."""
+    return [("scaled", 4 * a.numel()), ("out", 4 * a.numel(), 0), "scaled"]
+
+
+# What these ops allocate on a GPU, in order: (name, bytes) an allocation, (name, bytes, i) one that is the op's
+# i-th output (freed when it dies), a name alone the free of that allocation.
+BNB_CUDA_ALLOCATIONS = {
+    torch.ops.bitsandbytes.int8_vectorwise_quant.default: _int8_vectorwise_quant,
+    torch.ops.bitsandbytes.int8_mm_dequant.default: _int8_mm_dequant,
+    torch.ops.bitsandbytes.int8_vectorwise_dequant.default: _int8_vectorwise_dequant,
 }
 
 
@@ -111,6 +149,8 @@ class Trace(TorchDispatchMode):
                 self._mark(t)  # inputs are not allocations of this op
         if func is SDPA:
             return self._sdpa(*args, **kwargs)
+        if func in BNB_CUDA_ALLOCATIONS:
+            return self._as_on_cuda(func, args, kwargs)
         if func in DECOMPOSED and DECOMPOSED[func](*args, **kwargs):
             with self:  # its composite kernel, back under this mode: each op it runs is traced
                 return func.decompose(*args, **kwargs)
@@ -123,6 +163,26 @@ class Trace(TorchDispatchMode):
                 self._track(t, f"{func} {tuple(t.shape)} {t.dtype}")
         for key in wide:
             self._free(key)
+        return out
+
+    def _as_on_cuda(self, func, args, kwargs):
+        """Run a BNB_CUDA_ALLOCATIONS op, tracing what its CUDA kernel allocates and frees; its outputs are the
+        allocations bound to them."""
+        out = func(*args, **kwargs)
+        outs = list(out) if isinstance(out, tuple) else [out]
+        keys: dict[str, int] = {}
+        for step in BNB_CUDA_ALLOCATIONS[func](outs, *args, **kwargs):
+            if isinstance(step, str):
+                self._free(keys.pop(step))
+                continue
+            name, nbytes, *output = step
+            key = self._alloc(nbytes, f"{func} {name}")
+            if not output:
+                keys[name] = key
+                continue
+            storage = outs[output[0]].untyped_storage()
+            self._mark(outs[output[0]])
+            weakref.finalize(storage, self._free, key)
         return out
 
     def _sdpa(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):

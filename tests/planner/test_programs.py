@@ -2,8 +2,9 @@
 
 transformers' forward (every family, sliding windows included) and heavylift's engine prefill run here
 on the CPU under memtrace.Trace; the programs in heavylift.planner.forward_program and heavylift.planner.memory must list the
-same allocations, of the same sizes, freed in the same order. The quantized matmuls, which only run on a
-GPU, are checked tensor by tensor against the arithmetic of their source.
+same allocations, of the same sizes, freed in the same order (LLM.int8's bitsandbytes ops traced as their CUDA
+kernels allocate: memtrace.BNB_CUDA_ALLOCATIONS). The quantized matmuls that only run on a GPU are checked tensor
+by tensor against the arithmetic of their source.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from heavylift.hardware.gpus import parse_gpu_spec
 from heavylift.planner.memory import TRANSFORMERS, FAST, _kv_tensors, engine_prefill, runtime_terms
 from heavylift.schemes import SCHEMES
 from heavylift.planner.forward_program import Part, Step, linear, transformers_forward
-from heavylift.planner.matmul_programs import dense_linear as engine_dense_linear
+from heavylift.planner.matmul_programs import dense_linear as engine_dense_linear, int8_tile_rows
 
 from conftest import save_tiny_checkpoint, save_tiny_tokenizer
 from memtrace import Trace, canonical, first_difference
@@ -119,6 +120,58 @@ def test_transformers_4bit_prefill_matches_the_forward(tmp_path, monkeypatch, qu
     assert planned == traced, first_difference(planned, traced)
 
 
+class _FilledAttentionTrace(Trace):
+    """A Trace whose attention outputs hold values (Trace leaves them unset): which input columns LLM.int8 takes as
+    outlier columns depends on them."""
+
+    def flash(self, q, v):
+        return super().flash(q, v).normal_()
+
+    def _sdpa(self, q, k, v, *args, **kwargs):
+        return super()._sdpa(q, k, v, *args, **kwargs).normal_()
+
+
+@pytest.mark.parametrize("tile_rows", [0, 24])  # whole weights; tiles of 24 rows of a 64-wide weight, 12 of 128
+def test_transformers_int8_prefill_and_decode_match_the_forward(tmp_path, monkeypatch, tile_rows):
+    # LLM.int8 a weight tile at a time (runtime/bnb_forward.py): bitsandbytes' ops traced as their CUDA kernels
+    # allocate (memtrace.BNB_CUDA_ALLOCATIONS). The plan counts every input column as an outlier column; a
+    # threshold under every entry here makes them so.
+    import bitsandbytes as bnb
+    import heavylift.runtime.session as session_module
+
+    monkeypatch.setattr(session_module, "PREFILL_CHUNK", CHUNK)
+    if tile_rows:  # q 24, 24, 16 rows; k and v 24, 8; gate and up five of 24 and 8; down five of 12 and 4
+        monkeypatch.setattr("heavylift.planner.matmul_programs.DEQUANT_TILE_BYTES", 4 * 64 * tile_rows)
+    folder = tmp_path / "llama"
+    save_tiny_checkpoint(folder, "llama", vocab_size=320, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    save_tiny_tokenizer(folder)
+    session = heavylift.load(str(folder), quant="int8", context=CONTEXT, batch=BATCH, engine="transformers")
+    for m in session.model.modules():
+        if isinstance(m, bnb.nn.Linear8bitLt):
+            m.state.threshold = 1e-6
+    ids = torch.randint(0, 300, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
+    trace = _FilledAttentionTrace()
+    with torch.inference_mode():
+        with trace:
+            logits, advance, cached = session.steps(ids)
+        token = logits.argmax(dim=-1, keepdim=True)
+        with trace:
+            after = advance(token)  # noqa: F841 - kept alive, as the program keeps it
+
+    arch = session.plan.architecture
+    every = range(arch.num_layers)
+    part = Part(every, first=True, last=True)
+    program = Program()
+    for label, nbytes in _kv_tensors(arch, every, CONTEXT, BATCH, 2, TRANSFORMERS):
+        program.alloc(label, nbytes)
+    for start in range(0, PROMPT, CHUNK):
+        step = Step(BATCH, min(CHUNK, PROMPT - start), start, CONTEXT)
+        transformers_forward(program, arch, "int8", step, part, every, logits=start + CHUNK >= PROMPT)
+    transformers_forward(program, arch, "int8", Step(BATCH, 1, PROMPT, CONTEXT), part, every, logits=True)
+    planned, traced = canonical(program.events), canonical(trace.events)
+    assert planned == traced, first_difference(planned, traced)
+
+
 class TritonLikeOps:
     """What the engine's Triton kernels allocate during prefill: nothing; they write into their out buffers."""
 
@@ -199,6 +252,32 @@ def test_llm_int8_counts_its_outlier_decomposition():
     linear(p, "int8", 8, 64, 32)
     assert _sizes(p) == [1024, 32, 512, 1024, 512, 64, 512, 1024, 2048, 8192, 8192, 4096, 1024, 512, 512, 512]
     assert peak_live(p) == 20_992
+
+
+def test_llm_int8_on_transformers_runs_a_weight_tile_at_a_time():
+    # Llama-3.1-405B's down projection, 16384 x 53248, on a 2048-token chunk (runtime/bnb_forward.py): tiles of
+    # 128 MiB / (53248 x 4 bytes) = 630 rows, 26 of them and one of 4. Every column an outlier column: x's fp16 copy
+    # 218,103,808, row stats 8192, int8 x 109,051,904, |x| 218,103,808, the map 109,051,904, any 53,248,
+    # indices 425,984; A[:, cols] 218,103,808; the output 2048 x 16384 x 2 = 67,108,864; per tile CB[:, cols]
+    # 630 x 53248 = 33,546,240, its fp32 dequantize twice 134,184,960, in bf16 67,092,480, the int32, fp16 and bf16
+    # products 5,160,960, 2,580,480 and 2,580,480, and addmm's 2,580,480.
+    assert int8_tile_rows(16384, 53248) == 630
+    quantize = [218_103_808, 8192, 109_051_904, 218_103_808, 109_051_904, 53_248, 425_984, 218_103_808]
+
+    def tile(t: int) -> list[int]:
+        return [t * 53248, 4 * t * 53248, 4 * t * 53248, 2 * t * 53248, 4 * 2048 * t, 2 * 2048 * t, 2 * 2048 * t,
+                2 * 2048 * t]
+
+    p = Program()
+    linear(p, "int8", 2048, 53248, 16384)
+    assert _sizes(p) == quantize + [67_108_864] + tile(630) * 26 + tile(4)
+    # Most at once, at a tile's second fp32 copy: row stats, int8 x, indices, A[:, cols], the output, CB[:, cols]
+    # and both fp32 copies: 0.70 GB, where bitsandbytes' own forward holds 2 x 3.49 GB of fp32 for the whole weight.
+    assert peak_live(p) == 8192 + 109_051_904 + 425_984 + 218_103_808 + 67_108_864 + 33_546_240 + 2 * 134_184_960
+    # A decode step of one row: the same tiles, the fp32 ones as large.
+    p = Program()
+    linear(p, "int8", 1, 53248, 16384)
+    assert peak_live(p) == 512 + 53_248 + 425_984 + 106_496 + 32_768 + 33_546_240 + 2 * 134_184_960
 
 
 def test_torchao_fp8_quantizes_activations_in_fp32():
