@@ -166,27 +166,29 @@ def runtime_terms(arch: Architecture, quant: str, engine: str, context: int, bat
     depends on them (a device's final plan); `every_prompt` (by default as `every_layer`) takes the worst of
     the prompt lengths prompt_lengths.prompt_lengths names, else the longest prompt alone (the searches for a
     split); `serve`: as a server of `batch` sequences (Workload.serve)."""
-    dev = _Device(device.kind == "cuda", tuple(device.compute_capability) if device.compute_capability else None,
-                  bool(device.native_fp8))
-    count = len(part.layers) if every_layer and engine == FAST else SIMULATED_LAYERS[engine]
-    shape, layers, order = _part_key(_Same(arch), part)
-    return _terms(shape, allocating_twin(quant), engine, context, batch, kv_dtype_bytes, dev, layers.start, layers.stop, part.first,
-                  part.last, count, order, serve, every_layer if every_prompt is None else every_prompt)
+    key = _device_key(arch, quant, engine, context, batch, kv_dtype_bytes, device, part, every_layer, serve)
+    return _terms(*key, every_layer if every_prompt is None else every_prompt)
 
 
 def bytes_at_prompt(arch: Architecture, quant: str, engine: str, context: int, batch: int, kv_dtype_bytes: int,
                     device, part: Part, prompt: int, every_layer: bool = False, serve: bool = False) -> int:
     """What `device` holds beyond its weights at its peak (KV cache, buffers, transients, context) when the
     prompts are `prompt` tokens long: runtime_terms' figure for one prompt length (bench/prompt_sweep.py)."""
+    key = _device_key(arch, quant, engine, context, batch, kv_dtype_bytes, device, part, every_layer, serve)
+    reserved, _ = _reserve(key, _loaded(key), prompt)
+    return reserved + _context_bytes(key[1], engine, key[6])
+
+
+def _device_key(arch: Architecture, quant: str, engine: str, context: int, batch: int, kv_dtype_bytes: int, device,
+                part: Part, every_layer: bool, serve: bool) -> tuple:
+    """What a device's runtime terms depend on, as _terms takes it (its replays are cached by it): the shape of
+    its part, the precision that allocates, the device's kind, its layers and how many of them are replayed."""
     dev = _Device(device.kind == "cuda", tuple(device.compute_capability) if device.compute_capability else None,
                   bool(device.native_fp8))
     count = len(part.layers) if every_layer and engine == FAST else SIMULATED_LAYERS[engine]
     shape, layers, order = _part_key(_Same(arch), part)
-    quant = allocating_twin(quant)
-    key = (shape, quant, engine, context, batch, kv_dtype_bytes, dev, layers.start, layers.stop, part.first,
-           part.last, count, order, serve)
-    reserved, _ = _reserve(key, _loaded(key), prompt)
-    return reserved + _context_bytes(quant, engine, dev)
+    return (shape, allocating_twin(quant), engine, context, batch, kv_dtype_bytes, dev, layers.start, layers.stop,
+            part.first, part.last, count, order, serve)
 
 
 @lru_cache(maxsize=None)
