@@ -59,12 +59,9 @@ def case_child(args) -> None:
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    seq, batch = (int(x) for x in args.case.split("x"))
-    data = Path(args.work) / f"{args.case}.txt"
-    finetune_gpu.write_words(data, args.steps * batch, seq)
-    argv = ["finetune", args.model, "--data", str(data), "--steps", str(args.steps), "--seq-len", str(seq),
-            "--micro-batch", str(batch), "--grad-accum", "1", "--eval-fraction", "0", "--log-every", "1",
-            "--out", str(Path(args.work) / f"adapter-{args.case}")]
+    case = finetune_gpu.Case(finetune_gpu.FINETUNE, *(int(x) for x in args.case.split("x")))
+    argv = finetune_gpu.finetune_args(Path(args.model), case, args.steps, Path(args.work),
+                                      Path(args.work) / f"adapter-{args.case}")
     code = 0
     try:
         main(argv)

@@ -167,13 +167,9 @@ def runtime_terms(arch: Architecture, quant: str, engine: str, context: int, bat
     the prompt lengths prompt_lengths.prompt_lengths names, else the longest prompt alone (the searches for a
     split); `serve`: as a server of `batch` sequences (Workload.serve); `prefill_rows`: the engine's prefill
     runs that many tokens of a chunk at a time through the device's layers (0: the whole chunk)."""
-    dev = _Device(device.kind == "cuda", tuple(device.compute_capability) if device.compute_capability else None,
-                  bool(device.native_fp8))
-    count = len(part.layers) if every_layer and engine == FAST else SIMULATED_LAYERS[engine]
-    shape, layers, order = _part_key(_Same(arch), part)
-    return _terms(shape, allocating_twin(quant), engine, context, batch, kv_dtype_bytes, dev, layers.start, layers.stop, part.first,
-                  part.last, count, order, serve, every_layer if every_prompt is None else every_prompt,
-                  prefill_rows if engine == FAST else 0)
+    key = _device_key(arch, quant, engine, context, batch, kv_dtype_bytes, device, part, every_layer, serve,
+                      prefill_rows)
+    return _terms(*key[:-1], every_layer if every_prompt is None else every_prompt, key[-1])
 
 
 def bytes_at_prompt(arch: Architecture, quant: str, engine: str, context: int, batch: int, kv_dtype_bytes: int,
@@ -181,15 +177,23 @@ def bytes_at_prompt(arch: Architecture, quant: str, engine: str, context: int, b
                     prefill_rows: int = 0) -> int:
     """What `device` holds beyond its weights at its peak (KV cache, buffers, transients, context) when the
     prompts are `prompt` tokens long: runtime_terms' figure for one prompt length (bench/prompt_sweep.py)."""
+    key = _device_key(arch, quant, engine, context, batch, kv_dtype_bytes, device, part, every_layer, serve,
+                      prefill_rows)
+    reserved, _ = _reserve(key, _loaded(key), prompt)
+    return reserved + _context_bytes(key[1], engine, key[6])
+
+
+def _device_key(arch: Architecture, quant: str, engine: str, context: int, batch: int, kv_dtype_bytes: int, device,
+                part: Part, every_layer: bool, serve: bool, prefill_rows: int) -> tuple:
+    """What a device's runtime terms depend on, as _reserve takes it (its replays are cached by it): the shape of
+    its part, the precision that allocates, the device's kind, its layers and how many of them are replayed, and
+    the engine's prefill rows per pass (0 on transformers)."""
     dev = _Device(device.kind == "cuda", tuple(device.compute_capability) if device.compute_capability else None,
                   bool(device.native_fp8))
     count = len(part.layers) if every_layer and engine == FAST else SIMULATED_LAYERS[engine]
     shape, layers, order = _part_key(_Same(arch), part)
-    quant = allocating_twin(quant)
-    key = (shape, quant, engine, context, batch, kv_dtype_bytes, dev, layers.start, layers.stop, part.first,
-           part.last, count, order, serve, prefill_rows if engine == FAST else 0)
-    reserved, _ = _reserve(key, _loaded(key), prompt)
-    return reserved + _context_bytes(quant, engine, dev)
+    return (shape, allocating_twin(quant), engine, context, batch, kv_dtype_bytes, dev, layers.start, layers.stop,
+            part.first, part.last, count, order, serve, prefill_rows if engine == FAST else 0)
 
 
 @lru_cache(maxsize=None)

@@ -39,7 +39,7 @@ import torch
 from heavylift.model.prequantized import fallback_tile_rows
 
 
-def _block(block_size, weight: torch.Tensor) -> tuple[int, int]:
+def _block(block_size) -> tuple[int, int]:
     if block_size is None or len(block_size) != 2:
         raise ValueError(f"heavylift's block-FP8 matmuls take a [rows, columns] block size, not {block_size!r}")
     return int(block_size[0]), int(block_size[1])
@@ -89,7 +89,7 @@ def _project(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, block:
 def matmul(input: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor, block_size,
            output_dtype: torch.dtype | None = None, activation_scale: torch.Tensor | None = None) -> torch.Tensor:
     """finegrained-fp8's matmul_2d: input [..., K] times a [N, K] block-FP8 weight, [..., N] in output_dtype."""
-    block = _block(block_size, weight)
+    block = _block(block_size)
     x = input.reshape(-1, input.shape[-1])
     with torch.no_grad():
         y = torch.empty(x.shape[0], weight.shape[0], dtype=output_dtype or input.dtype, device=input.device)
@@ -101,7 +101,7 @@ def grouped_matmul(input: torch.Tensor, weight: torch.Tensor, weight_scale_inv: 
                    offsets: torch.Tensor, tokens_per_expert: torch.Tensor, block_size) -> torch.Tensor:
     """finegrained-fp8's matmul_grouped: rows sorted by expert, expert e's ending at offsets[e], each times its
     expert's [N, K] weight; an expert no row reaches is not dequantized. [S, N] in the input's dtype."""
-    block = _block(block_size, weight)
+    block = _block(block_size)
     with torch.no_grad():
         y = torch.empty(input.shape[0], weight.shape[1], dtype=input.dtype, device=input.device)
         start = 0
@@ -117,7 +117,7 @@ def batched_matmul(input: torch.Tensor, weight: torch.Tensor, weight_scale_inv: 
                    expert_ids: torch.Tensor, block_size, output_dtype: torch.dtype | None = None) -> torch.Tensor:
     """finegrained-fp8's matmul_batched: row s of input [S, K] times expert expert_ids[s]'s [N, K] weight, the
     rows of one expert gathered and multiplied together. [S, N] in output_dtype (the input's)."""
-    block = _block(block_size, weight)
+    block = _block(block_size)
     experts = weight.shape[0]
     with torch.no_grad():
         y = torch.zeros(input.shape[0], weight.shape[1], dtype=output_dtype or input.dtype, device=input.device)
