@@ -239,12 +239,12 @@ def test_llm_int8_counts_its_outlier_decomposition():
 
 def test_llm_int8_on_transformers_runs_a_weight_tile_at_a_time():
     # Llama-3.1-405B's down projection, 16384 x 53248, on a 2048-token chunk (runtime/bnb_forward.py): tiles of
-    # 128 MiB / (53248 x 4 bytes) = 630 rows, 26 of them and one of 4. Every column an outlier column: x's fp16 copy
+    # 128 MiB / (53248 x 4 bytes) = 630 rows rounded down to a multiple of 16, 624, 26 of them and one of 160. Every column an outlier column: x's fp16 copy
     # 218,103,808, row stats 8192, int8 x 109,051,904, |x| 218,103,808, the map 109,051,904, any 53,248,
     # indices 425,984; A[:, cols] 218,103,808; the output 2048 x 16384 x 2 = 67,108,864; per tile CB[:, cols]
-    # 630 x 53248 = 33,546,240, its fp32 dequantize twice 134,184,960, in bf16 67,092,480, the int32, fp16 and bf16
-    # products 5,160,960, 2,580,480 and 2,580,480, and addmm's 2,580,480.
-    assert int8_tile_rows(16384, 53248) == 630
+    # 624 x 53248 = 33,226,752, its fp32 dequantize twice 132,907,008, in bf16 66,453,504, the int32, fp16 and bf16
+    # products 5,111,808, 2,555,904 and 2,555,904, and addmm's 2,555,904.
+    assert int8_tile_rows(16384, 53248) == 624
     quantize = [218_103_808, 8192, 109_051_904, 218_103_808, 109_051_904, 53_248, 425_984, 218_103_808]
 
     def tile(t: int) -> list[int]:
@@ -253,14 +253,22 @@ def test_llm_int8_on_transformers_runs_a_weight_tile_at_a_time():
 
     p = Program()
     linear(p, "int8", 2048, 53248, 16384)
-    assert _sizes(p) == quantize + [67_108_864] + tile(630) * 26 + tile(4)
+    assert _sizes(p) == quantize + [67_108_864] + tile(624) * 26 + tile(160)
     # Most at once, at a tile's second fp32 copy: row stats, int8 x, indices, A[:, cols], the output, CB[:, cols]
     # and both fp32 copies: 0.70 GB, where bitsandbytes' own forward holds 2 x 3.49 GB of fp32 for the whole weight.
-    assert peak_live(p) == 8192 + 109_051_904 + 425_984 + 218_103_808 + 67_108_864 + 33_546_240 + 2 * 134_184_960
+    assert peak_live(p) == 8192 + 109_051_904 + 425_984 + 218_103_808 + 67_108_864 + 33_226_752 + 2 * 132_907_008
     # A decode step of one row: the same tiles, the fp32 ones as large.
     p = Program()
     linear(p, "int8", 1, 53248, 16384)
-    assert peak_live(p) == 512 + 53_248 + 425_984 + 106_496 + 32_768 + 33_546_240 + 2 * 134_184_960
+    assert peak_live(p) == 512 + 53_248 + 425_984 + 106_496 + 32_768 + 33_226_752 + 2 * 132_907_008
+
+
+def test_llm_int8_tiles_are_whole_multiples_of_sixteen_rows():
+    # cuBLASLt's int8 GEMM needs the int32 product's rows aligned: Gemma 2 9B's gate, 14336 x 3584, took tiles of
+    # 9362 rows (128 MiB / (3584 x 4)) and failed on an H100; 9360 now, a multiple of 16, and so is what is left.
+    assert int8_tile_rows(14336, 3584) == 9360 and (14336 - 9360) % 16 == 0
+    assert int8_tile_rows(8192, 3072) == 8192  # Phi-3-mini's gate/up in one tile: the whole weight
+    assert int8_tile_rows(64, 10**9) == 16  # at least one multiple, however wide the weight
 
 
 def test_torchao_fp8_quantizes_activations_in_fp32():
