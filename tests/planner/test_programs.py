@@ -267,7 +267,8 @@ def test_llm_int8_tiles_are_whole_multiples_of_sixteen_rows():
     # cuBLASLt's int8 GEMM needs the int32 product's rows aligned: Gemma 2 9B's gate, 14336 x 3584, took tiles of
     # 9362 rows (128 MiB / (3584 x 4)) and failed on an H100; 9360 now, a multiple of 16, and so is what is left.
     assert int8_tile_rows(14336, 3584) == 9360 and (14336 - 9360) % 16 == 0
-    assert int8_tile_rows(8192, 3072) == 8192  # Phi-3-mini's gate/up in one tile: the whole weight
+    assert int8_tile_rows(16384, 3072) == 10912  # Phi-3-mini's fused gate_up: was 10922
+    assert int8_tile_rows(3072, 8192) == 3072  # its down projection in one tile: the whole weight
     assert int8_tile_rows(64, 10**9) == 16  # at least one multiple, however wide the weight
 
 
