@@ -143,7 +143,7 @@ LOAD_ROW_CHUNK_ELEMENTS = 1 << 22
 # 128 MiB is 4096 rows of a 16384-wide weight: each tile's GEMM against a 2048-token chunk is still 0.27 TFLOP,
 # large enough to fill an H100's tensor cores, and the largest 405B weight takes 13 of them. LLM.int8 on
 # transformers' forward (runtime/bnb_forward.py) multiplies a tile of rows whose outlier columns, every column
-# counted, dequantize to at most this many bytes of fp32 (matmul_programs.int8_tile_rows: 630 rows of 53248).
+# counted, dequantize to at most this many bytes of fp32 (matmul_programs.int8_tile_rows: 624 rows of 53248).
 DEQUANT_TILE_BYTES = 128 * MiB
 # The engine's prefill runs a chunk's MLP over a block of its rows at a time (engine/model.py _prefill_mlp): as
 # many rows as keep its one intermediate activation [rows, intermediate] (SiLU of the gate, the up projection

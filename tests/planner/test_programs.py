@@ -29,11 +29,45 @@ CONTEXT, BATCH, CHUNK, PROMPT = 48, 2, 16, 40  # prompt in chunks of 16, 16 and 
 MiB = 1 << 20
 
 
-def _session(tmp_path, family: str, engine: str, **config):
+def _session(tmp_path, family: str, engine: str, quant: str = "bf16", **config):
     folder = tmp_path / family
     save_tiny_checkpoint(folder, family, vocab_size=320, bos_token_id=1, eos_token_id=2, pad_token_id=0, **config)
     save_tiny_tokenizer(folder)
-    return heavylift.load(str(folder), quant="bf16", context=CONTEXT, batch=BATCH, engine=engine)
+    return heavylift.load(str(folder), quant=quant, context=CONTEXT, batch=BATCH, engine=engine)
+
+
+def _traced_steps(session, trace: Trace, decode: bool) -> tuple:
+    """The session's prefill of the test prompt under `trace`, then, with `decode`, one greedy decode step; what
+    they return, kept alive by the caller as the program keeps it."""
+    ids = torch.randint(0, 300, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        with trace:
+            logits, advance, cached = session.steps(ids)
+        if not decode:
+            return logits, advance, cached
+        token = logits.argmax(dim=-1, keepdim=True)
+        with trace:
+            after = advance(token)
+    return logits, advance, cached, after
+
+
+def _forward_events(session, quant: str, decode: bool, mask_order: list[str] | None = None) -> list[tuple]:
+    """The transformers forward program of what _traced_steps runs: the KV cache, each prefill chunk (logits on the
+    last), then the decode step."""
+    arch = session.plan.architecture
+    every = range(arch.num_layers)
+    part = Part(every, first=True, last=True)
+    program = Program()
+    for label, nbytes in _kv_tensors(arch, every, CONTEXT, BATCH, 2, TRANSFORMERS):
+        program.alloc(label, nbytes)
+    for start in range(0, PROMPT, CHUNK):
+        step = Step(BATCH, min(CHUNK, PROMPT - start), start, CONTEXT)
+        transformers_forward(program, arch, quant, step, part, every, logits=start + CHUNK >= PROMPT,
+                             mask_order=mask_order)
+    if decode:
+        transformers_forward(program, arch, quant, Step(BATCH, 1, PROMPT, CONTEXT), part, every, logits=True,
+                             mask_order=mask_order)
+    return canonical(program.events)
 
 
 @pytest.mark.parametrize("family, config", [
@@ -56,31 +90,14 @@ def test_transformers_programs_match_the_forward(tmp_path, monkeypatch, family, 
 
     monkeypatch.setattr(session_module, "PREFILL_CHUNK", CHUNK)
     session = _session(tmp_path, family, "transformers", **config)
-    ids = torch.randint(0, 300, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
     trace = Trace()
-    with torch.inference_mode():
-        with trace:
-            logits, advance, cached = session.steps(ids)
-        token = logits.argmax(dim=-1, keepdim=True)
-        with trace:
-            after = advance(token)  # noqa: F841 - kept alive, as the program keeps it
+    *_, cached, after = _traced_steps(session, trace, decode=True)
     assert cached() == PROMPT + 1
 
-    arch = session.plan.architecture
-    every = range(arch.num_layers)
-    part = Part(every, first=True, last=True)
-    program = Program()
-    for label, nbytes in _kv_tensors(arch, every, CONTEXT, BATCH, 2, TRANSFORMERS):
-        program.alloc(label, nbytes)
     # Llama 4 builds a mask per layer type in the order of a Python set of their names, which string hashing
     # fixes per process: the program takes this process's order (a plan takes them sorted).
     order = list(set(session.model.config.layer_types)) if family == "llama4_text" else None
-    for start in range(0, PROMPT, CHUNK):
-        step = Step(BATCH, min(CHUNK, PROMPT - start), start, CONTEXT)
-        transformers_forward(program, arch, "bf16", step, part, every, logits=start + CHUNK >= PROMPT, mask_order=order)
-    transformers_forward(program, arch, "bf16", Step(BATCH, 1, PROMPT, CONTEXT), part, every, logits=True,
-                         mask_order=order)
-    planned, traced = canonical(program.events), canonical(trace.events)
+    planned, traced = _forward_events(session, "bf16", decode=True, mask_order=order), canonical(trace.events)
     assert planned == traced, first_difference(planned, traced)
 
 
@@ -98,25 +115,11 @@ def test_transformers_4bit_prefill_matches_the_forward(tmp_path, monkeypatch, qu
     import heavylift.runtime.session as session_module
 
     monkeypatch.setattr(session_module, "PREFILL_CHUNK", CHUNK)
-    folder = tmp_path / "llama"
-    save_tiny_checkpoint(folder, "llama", vocab_size=320, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    save_tiny_tokenizer(folder)
-    session = heavylift.load(str(folder), quant=quant, context=CONTEXT, batch=BATCH, engine="transformers")
-    ids = torch.randint(0, 300, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
+    session = _session(tmp_path, "llama", "transformers", quant)
     trace = Trace()
-    with torch.inference_mode(), trace:
-        steps = session.steps(ids)  # noqa: F841 - its logits stay alive, as the program keeps them
-
-    arch = session.plan.architecture
-    every = range(arch.num_layers)
-    program = Program()
-    for label, nbytes in _kv_tensors(arch, every, CONTEXT, BATCH, 2, TRANSFORMERS):
-        program.alloc(label, nbytes)
-    for start in range(0, PROMPT, CHUNK):
-        step = Step(BATCH, min(CHUNK, PROMPT - start), start, CONTEXT)
-        transformers_forward(program, arch, quant, step, Part(every, first=True, last=True), every,
-                             logits=start + CHUNK >= PROMPT)
-    planned, traced = canonical(program.events), canonical(_without_cpu_tile_copies(trace.events))
+    steps = _traced_steps(session, trace, decode=False)  # noqa: F841 - its logits stay alive, as the program keeps them
+    planned = _forward_events(session, quant, decode=False)
+    traced = canonical(_without_cpu_tile_copies(trace.events))
     assert planned == traced, first_difference(planned, traced)
 
 
@@ -142,33 +145,13 @@ def test_transformers_int8_prefill_and_decode_match_the_forward(tmp_path, monkey
     monkeypatch.setattr(session_module, "PREFILL_CHUNK", CHUNK)
     if tile_rows:  # q 24, 24, 16 rows; k and v 24, 8; gate and up five of 24 and 8; down five of 12 and 4
         monkeypatch.setattr("heavylift.planner.matmul_programs.DEQUANT_TILE_BYTES", 4 * 64 * tile_rows)
-    folder = tmp_path / "llama"
-    save_tiny_checkpoint(folder, "llama", vocab_size=320, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    save_tiny_tokenizer(folder)
-    session = heavylift.load(str(folder), quant="int8", context=CONTEXT, batch=BATCH, engine="transformers")
+    session = _session(tmp_path, "llama", "transformers", "int8")
     for m in session.model.modules():
         if isinstance(m, bnb.nn.Linear8bitLt):
             m.state.threshold = 1e-6
-    ids = torch.randint(0, 300, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
     trace = _FilledAttentionTrace()
-    with torch.inference_mode():
-        with trace:
-            logits, advance, cached = session.steps(ids)
-        token = logits.argmax(dim=-1, keepdim=True)
-        with trace:
-            after = advance(token)  # noqa: F841 - kept alive, as the program keeps it
-
-    arch = session.plan.architecture
-    every = range(arch.num_layers)
-    part = Part(every, first=True, last=True)
-    program = Program()
-    for label, nbytes in _kv_tensors(arch, every, CONTEXT, BATCH, 2, TRANSFORMERS):
-        program.alloc(label, nbytes)
-    for start in range(0, PROMPT, CHUNK):
-        step = Step(BATCH, min(CHUNK, PROMPT - start), start, CONTEXT)
-        transformers_forward(program, arch, "int8", step, part, every, logits=start + CHUNK >= PROMPT)
-    transformers_forward(program, arch, "int8", Step(BATCH, 1, PROMPT, CONTEXT), part, every, logits=True)
-    planned, traced = canonical(program.events), canonical(trace.events)
+    steps = _traced_steps(session, trace, decode=True)  # noqa: F841 - kept alive, as the program keeps them
+    planned, traced = _forward_events(session, "int8", decode=True), canonical(trace.events)
     assert planned == traced, first_difference(planned, traced)
 
 
@@ -256,12 +239,12 @@ def test_llm_int8_counts_its_outlier_decomposition():
 
 def test_llm_int8_on_transformers_runs_a_weight_tile_at_a_time():
     # Llama-3.1-405B's down projection, 16384 x 53248, on a 2048-token chunk (runtime/bnb_forward.py): tiles of
-    # 128 MiB / (53248 x 4 bytes) = 630 rows, 26 of them and one of 4. Every column an outlier column: x's fp16 copy
+    # 128 MiB / (53248 x 4 bytes) = 630 rows rounded down to a multiple of 16, 624, 26 of them and one of 160. Every column an outlier column: x's fp16 copy
     # 218,103,808, row stats 8192, int8 x 109,051,904, |x| 218,103,808, the map 109,051,904, any 53,248,
     # indices 425,984; A[:, cols] 218,103,808; the output 2048 x 16384 x 2 = 67,108,864; per tile CB[:, cols]
-    # 630 x 53248 = 33,546,240, its fp32 dequantize twice 134,184,960, in bf16 67,092,480, the int32, fp16 and bf16
-    # products 5,160,960, 2,580,480 and 2,580,480, and addmm's 2,580,480.
-    assert int8_tile_rows(16384, 53248) == 630
+    # 624 x 53248 = 33,226,752, its fp32 dequantize twice 132,907,008, in bf16 66,453,504, the int32, fp16 and bf16
+    # products 5,111,808, 2,555,904 and 2,555,904, and addmm's 2,555,904.
+    assert int8_tile_rows(16384, 53248) == 624
     quantize = [218_103_808, 8192, 109_051_904, 218_103_808, 109_051_904, 53_248, 425_984, 218_103_808]
 
     def tile(t: int) -> list[int]:
@@ -270,14 +253,23 @@ def test_llm_int8_on_transformers_runs_a_weight_tile_at_a_time():
 
     p = Program()
     linear(p, "int8", 2048, 53248, 16384)
-    assert _sizes(p) == quantize + [67_108_864] + tile(630) * 26 + tile(4)
+    assert _sizes(p) == quantize + [67_108_864] + tile(624) * 26 + tile(160)
     # Most at once, at a tile's second fp32 copy: row stats, int8 x, indices, A[:, cols], the output, CB[:, cols]
     # and both fp32 copies: 0.70 GB, where bitsandbytes' own forward holds 2 x 3.49 GB of fp32 for the whole weight.
-    assert peak_live(p) == 8192 + 109_051_904 + 425_984 + 218_103_808 + 67_108_864 + 33_546_240 + 2 * 134_184_960
+    assert peak_live(p) == 8192 + 109_051_904 + 425_984 + 218_103_808 + 67_108_864 + 33_226_752 + 2 * 132_907_008
     # A decode step of one row: the same tiles, the fp32 ones as large.
     p = Program()
     linear(p, "int8", 1, 53248, 16384)
-    assert peak_live(p) == 512 + 53_248 + 425_984 + 106_496 + 32_768 + 33_546_240 + 2 * 134_184_960
+    assert peak_live(p) == 512 + 53_248 + 425_984 + 106_496 + 32_768 + 33_226_752 + 2 * 132_907_008
+
+
+def test_llm_int8_tiles_are_whole_multiples_of_sixteen_rows():
+    # cuBLASLt's int8 GEMM needs the int32 product's rows aligned: Gemma 2 9B's gate, 14336 x 3584, took tiles of
+    # 9362 rows (128 MiB / (3584 x 4)) and failed on an H100; 9360 now, a multiple of 16, and so is what is left.
+    assert int8_tile_rows(14336, 3584) == 9360 and (14336 - 9360) % 16 == 0
+    assert int8_tile_rows(16384, 3072) == 10912  # Phi-3-mini's fused gate_up: was 10922
+    assert int8_tile_rows(3072, 8192) == 3072  # its down projection in one tile: the whole weight
+    assert int8_tile_rows(64, 10**9) == 16  # at least one multiple, however wide the weight
 
 
 def test_torchao_fp8_quantizes_activations_in_fp32():

@@ -115,6 +115,22 @@ def test_the_layer_reads_its_loaded_storage():
     assert layer.weight.data_ptr() == stored.data.data_ptr()
 
 
+def test_a_replaced_weight_is_the_one_the_tiles_read(small_tiles, tiled_calls):
+    # peft's merge_and_unload gives a layer a new Params4bit: the tiles must multiply by it, as bitsandbytes'
+    # few-row path does, not by a view of the weight the layer loaded with.
+    layer = _layer("nf4-dq", True)[0]
+    before = layer.stored
+    merged = (torch.randn(N, K, generator=torch.Generator().manual_seed(11)) * 0.02).bfloat16()
+    layer.weight = bnb.nn.Params4bit(merged, requires_grad=False, compress_statistics=True, quant_type="nf4").to("cpu")
+    assert layer.stored is not before and layer.stored.data.data_ptr() == layer.weight.data_ptr()
+    x = torch.randn(6, K, generator=torch.Generator().manual_seed(12)).bfloat16()
+    with torch.inference_mode():
+        tiled, whole = layer(x), _bitsandbytes(layer, x)
+    assert len(tiled_calls) == 1
+    scale = whole.float().abs().max().item()
+    assert torch.allclose(tiled.float(), whole.float(), rtol=2 ** -7, atol=2 ** -7 * scale)
+
+
 def test_fused_rows_are_bitsandbytes_own():
     # bitsandbytes 0.50's CUDA dispatch (backends/cuda/ops.py): up to _GEMM_4BIT_CUSTOM_FLOOR_M rows always take
     # its fused kernel; the plan and the runtime read that bound from BNB_4BIT_FUSED_MAX_ROWS.

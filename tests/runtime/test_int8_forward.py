@@ -17,7 +17,7 @@ from heavylift.runtime.bnb_load import quantize_int8_rows
 
 from conftest import save_runnable_checkpoint
 
-TILE_ROWS = 24
+TILE_ROWS = 32
 THRESHOLD = 6.0  # transformers' BitsAndBytesConfig llm_int8_threshold
 
 
@@ -70,7 +70,7 @@ def _bitsandbytes(layer: TiledLinear8bitLt, x: torch.Tensor) -> torch.Tensor:
 def test_the_tiles_are_bitsandbytes_product_bit_for_bit(monkeypatch, tiled_calls, n, k, shape, outliers, bias):
     monkeypatch.setattr("heavylift.planner.matmul_programs.DEQUANT_TILE_BYTES", TILE_ROWS * k * 4)
     layer = _layer(n, k, bias)
-    assert int8_tile_rows(n, k) == min(n, TILE_ROWS)  # 100 rows: 4 tiles of 24 and one of 4
+    assert int8_tile_rows(n, k) == min(n, TILE_ROWS)  # 100 rows: 3 tiles of 32 and one of 4
     x = _input((*shape, k), outliers)
     with torch.inference_mode():
         tiled = layer(x)

@@ -24,6 +24,8 @@ from heavylift.defaults import DEQUANT_TILE_BYTES, LLM_INT8_OUTLIER_COLUMN_FRACT
 from heavylift.model.prequantized import fallback_tile_rows
 from heavylift.schemes import BNB_4BIT_BLOCKSIZE, FLOAT32_BYTES, SCHEMES, UNQUANTIZED_BYTES
 
+INT8_TILE_ROW_MULTIPLE = 16  # rows of an LLM.int8 tile: 64 bytes of its int32 product, past cuBLASLt's alignment
+
 BF16 = UNQUANTIZED_BYTES  # a bf16 / fp16 element: activations, KV cache, dequantized weights
 FP32 = FLOAT32_BYTES
 INT64 = 8
@@ -108,8 +110,10 @@ def _llm_int8(p: Program, rows: int, k: int, n: int) -> Tensor:
 def int8_tile_rows(n: int, k: int) -> int:
     """Rows of an LLM.int8 weight [n, k] that transformers' forward multiplies at a time (runtime/bnb_forward.py):
     as many as keep the fp32 dequantize of their outlier columns, every one of the k counted, within
-    DEQUANT_TILE_BYTES; at least one, at most the whole weight."""
-    return min(n, max(1, DEQUANT_TILE_BYTES // (FP32 * k)))
+    DEQUANT_TILE_BYTES, in whole multiples of INT8_TILE_ROW_MULTIPLE; at least one multiple, at most the whole
+    weight. cuBLASLt's int8 GEMM writes the tile's int32 product with its rows 16-byte aligned: bitsandbytes
+    raises "cublasLt ran into an error" on a tile of 9362 rows (Gemma 2 9B's 14336 x 3584 gate)."""
+    return min(n, max(1, DEQUANT_TILE_BYTES // (FP32 * k) // INT8_TILE_ROW_MULTIPLE) * INT8_TILE_ROW_MULTIPLE)
 
 
 def _int8_rows(p: Program, rows: int, k: int, cols: int) -> tuple[Tensor, Tensor, Tensor | None]:

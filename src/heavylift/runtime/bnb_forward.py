@@ -42,7 +42,15 @@ class TiledLinear4bit(bnb.nn.Linear4bit):
     time. The same module otherwise: its parameters, state dict and class ancestry are the Linear4bit's (peft's
     LoRA layers still wrap it), and `stored` views the weight's storage, never a copy of it."""
 
-    stored: QWeight
+    @property
+    def stored(self) -> QWeight:
+        """The weight's storage as the tiles read it, made again whenever the layer's weight, quantization state
+        or bias has been replaced (peft's merge_and_unload, Params4bit.to): a view kept from before would have
+        the tiles multiply by the old weight while bitsandbytes' few-row path uses the new one."""
+        cached = self.__dict__.get("_stored")
+        if cached is None or not _views(cached, self):
+            cached = self.__dict__["_stored"] = from_linear(self)
+        return cached
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._tiles(x):
@@ -56,7 +64,20 @@ class TiledLinear4bit(bnb.nn.Linear4bit):
         k = x.shape[-1]
         if bnb_4bit_fused(x.numel() // max(k, 1), k) or x.dtype != self.compute_dtype:
             return False
-        return not (torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)))
+        return not records_gradients(x, self)
+
+
+def _views(stored: QWeight, module: torch.nn.Module) -> bool:
+    """Whether `stored` still views the module's weight, quantization state and bias."""
+    bias = module.bias
+    return (stored.state is module.weight.quant_state and stored.data.data_ptr() == module.weight.data_ptr()
+            and (stored.bias is None) == (bias is None) and (bias is None or stored.bias.data_ptr() == bias.data_ptr()))
+
+
+def records_gradients(x: torch.Tensor, module: torch.nn.Module) -> bool:
+    """Whether a call of `module` on `x` records gradients (a training step's backward needs the library's own
+    forward then)."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
 
 
 def tile_4bit_matmuls(model: torch.nn.Module) -> None:
@@ -68,7 +89,6 @@ def tile_4bit_matmuls(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit) and not isinstance(module, TiledLinear4bit):
             module.support_avx512bf16_for_cpu = False
-            module.stored = from_linear(module)
             module.__class__ = TiledLinear4bit
 
 
@@ -99,8 +119,7 @@ class TiledLinear8bitLt(bnb.nn.Linear8bitLt):
             return False
         if scb.dtype != torch.float32 or scb.shape != (self.out_features,) or x.dim() not in (2, 3) or not x.numel():
             return False
-        grads = [x, self.weight] + ([self.bias] if self.bias is not None else [])
-        return not (torch.is_grad_enabled() and any(t.requires_grad for t in grads))
+        return not records_gradients(x, self)
 
 
 def int8_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, threshold: float,

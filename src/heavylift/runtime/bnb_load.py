@@ -27,9 +27,9 @@ from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 from transformers.quantizers.quantizer_bnb_8bit import Bnb8BitHfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
+from heavylift.hardware.gpus import KIND_CPU as CPU
 from heavylift.planner.load_program import BNB_4BIT_BLOCKSIZE, load_row_step
-
-CPU = "cpu"
+from heavylift.schemes import BNB_NESTED_BLOCKSIZE
 
 
 def quantize_4bit_rows(weight: torch.Tensor, device: torch.device | str, quant_type: str, double_quant: bool,
@@ -40,13 +40,14 @@ def quantize_4bit_rows(weight: torch.Tensor, device: torch.device | str, quant_t
     rows, k = weight.shape
     n = weight.numel()
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=device)
-    packed = torch.empty(((n + 1) // (quant_storage.itemsize * 2), 1), dtype=quant_storage, device=device)
+    per_element = quant_storage.itemsize * 2  # 4-bit codes per storage element
+    packed = torch.empty(((n + 1) // per_element, 1), dtype=quant_storage, device=device)
     step = load_row_step(rows, k, blocksize // gcd(k, blocksize))
     for start in range(0, rows, step):
         piece = weight[start:start + step].contiguous().to(device)
         out, amax = torch.ops.bitsandbytes.quantize_4bit.default(piece, blocksize, quant_type, quant_storage)
         first = start * k
-        packed[first // 2:first // 2 + out.shape[0]].copy_(out)
+        packed[first // per_element:first // per_element + out.shape[0]].copy_(out)
         absmax[first // blocksize:first // blocksize + amax.numel()].copy_(amax)
         del piece, out, amax  # gone before the next block arrives
     code = bnbf.get_4bit_type(quant_type, device=device)
@@ -54,7 +55,7 @@ def quantize_4bit_rows(weight: torch.Tensor, device: torch.device | str, quant_t
         return packed, bnbf.QuantState(absmax=absmax, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize,
                                        code=code, quant_type=quant_type)
     offset = absmax.mean()  # functional.quantize_4bit's nested quantization, over the whole absmax
-    qabsmax, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=256)
+    qabsmax, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=BNB_NESTED_BLOCKSIZE)
     del absmax
     return packed, bnbf.QuantState(absmax=qabsmax, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize,
                                    code=code, quant_type=quant_type, offset=offset, state2=state2)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from heavylift.engine.ops import dense_linear_mul
-from .bnb_forward import TiledLinear4bit
+from .bnb_forward import TiledLinear4bit, records_gradients
 
 # transformers 5.24's dense MLP classes whose forward is exactly _transformers_forward, by the family that builds
 # them (planner/forward_program.IN_PLACE_MLP_FAMILIES). Qwen3MoeMLP and DeepseekV3MLP share that forward but are
@@ -80,7 +80,7 @@ class InPlaceGatedMLP:
     in_place_act: Callable[[torch.Tensor], None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in self.parameters())):
+        if records_gradients(x, self):
             return super().forward(x)
         act = self.gate_proj(x)
         self.in_place_act(act)
