@@ -248,7 +248,10 @@ def test_a_prompt_scored_while_other_streams_decode_goes_in_prefill_chunks(serve
 
     ids_first, ids_second = asyncio.run(main())
     assert chunks == [PREFILL_CHUNK_TOKENS, 4]
-    assert ids_first == _alone(session, first, 40) and ids_second == _alone(session, second, 6)
+    assert ids_first == _alone(session, first, 40)
+    if session.engine is None:  # transformers' rounding follows the chunks: alone in the served chunks of 4
+        monkeypatch.setattr("heavylift.runtime.session.PREFILL_CHUNK", 4)
+    assert ids_second == _alone(session, second, 6)
 
 
 def test_prompts_that_arrive_while_others_decode_ride_inside_their_steps(served, monkeypatch):
