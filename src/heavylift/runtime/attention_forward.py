@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from heavylift.engine.model import _lower_right
+from heavylift.engine.model import lower_right
 from heavylift.planner.forward_program import LEAN_ATTENTION_FAMILIES
 
 HEAVYLIFT_SDPA = "heavylift_sdpa"  # the attention implementation's name in transformers' interfaces
@@ -69,7 +69,7 @@ def lean_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
         raise ValueError(f"{HEAVYLIFT_SDPA} attends at inference only: no dropout, softcap or position bias")
     end = attention_mask.filled
     out = F.scaled_dot_product_attention(query, key[:, :, :end], value[:, :, :end],
-                                         attn_mask=_lower_right(attention_mask.queries, end), scale=scaling,
+                                         attn_mask=lower_right(attention_mask.queries, end), scale=scaling,
                                          enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
 
