@@ -80,7 +80,7 @@ _PER_ROW = ("hidden", "hidden2", "x", "qkv", "q", "attn", "act", "slots", "activ
 _PLANES = ("x16", "attn16", "act16")
 
 
-def _lower_right(queries: int, keys: int):
+def lower_right(queries: int, keys: int):
     """causal_lower_right(queries, keys): each query sees the keys up to its own position, the last query all of
     them. The bias is a tensor subclass around a placeholder that no kernel reads (float32 [2, queries, keys] in
     host memory, left unset), made with Python dispatch off: a tracing mode (tests/planner/memtrace.py) runs
@@ -434,7 +434,7 @@ class Engine:
         if start == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=_lower_right(t, end), scale=self.scale,
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=lower_right(t, end), scale=self.scale,
                                                enable_gqa=True)
         return y[0].transpose(0, 1).reshape(t, -1)
 

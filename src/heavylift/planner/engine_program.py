@@ -17,7 +17,7 @@ from heavylift.model.architecture import Architecture
 from heavylift.defaults import PREFILL_MLP_BYTES, SDPA_MASK_ALIGNMENT
 from .matmul_programs import BF16, FP32, INT32, INT64, dense_linear, dense_linear_mul
 from .forward_program import Part
-from .shared_programs import gated_in_place
+from .shared_programs import gated_in_place, sdpa_kernel
 from heavylift.schemes import SCHEMES
 
 
@@ -49,9 +49,7 @@ def _engine_attention(p: Program, arch: Architecture, t: int, start: int, window
     nh, d = arch.num_heads, arch.head_dim
     end = start + t
     if not (window and end > window):
-        out = p.alloc("attn", BF16 * t * nh * d)
-        p.free(p.alloc("lse", FP32 * nh * t))
-        return out
+        return sdpa_kernel(p, 1, t, nh, end, BF16 * t * nh * d, False)
     p.free(p.alloc("window_lo", INT32 * t))
     padded = -(-end // SDPA_MASK_ALIGNMENT) * SDPA_MASK_ALIGNMENT
     pad = p.alloc("mask_pad", BF16 * t * padded) if padded != end else None

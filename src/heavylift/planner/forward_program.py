@@ -108,17 +108,25 @@ def sliding_kv(window: int, step: Step) -> int:
     return w
 
 
+# Families whose loaded model attends through runtime/attention_forward.py: a full-attention layer reads the
+# cache's key and value heads in place on every prefill chunk, with no mask (SDPA's causal_lower_right after the
+# first). Gemma 2 and gpt-oss attend eagerly, DeepSeek-V3's latent attention has one key head per query head and
+# Llama 4's forward is left as transformers writes it.
+LEAN_ATTENTION_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "phi3", "gemma3_text")
+
+
 def _mask(p: Program, arch: Architecture, step: Step, window: int | None) -> Tensor | None:
     """create_causal_mask / create_sliding_window_causal_mask (masking_utils.sdpa_mask, non-vmap): a
     [1, 1, tokens, kv] bool, or for eager attention (Gemma 2) its bf16 additive form per sequence.
-    SDPA skips the full mask on the first chunk (is_causal) but never on a decode step of a static cache."""
+    SDPA skips the full mask on the first chunk (is_causal) but never on a decode step of a static cache;
+    LEAN_ATTENTION_FAMILIES skip it on every prefill chunk of a full-attention layer (lean_mask)."""
     eager = not FAMILIES[arch.model_type].sdpa
     c, b = step.tokens, step.batch
     kv = step.context if window is None else sliding_kv(window, step)
     if not eager and c > 1:
         if window is not None and kv >= window:
             pass
-        elif kv == c or step.start == 0:
+        elif kv == c or step.start == 0 or (window is None and arch.model_type in LEAN_ATTENTION_FAMILIES):
             return None
     if window is not None and arch.model_type == "llama4_text":
         from .family_programs import llama4_chunked_mask
@@ -221,7 +229,8 @@ def _sdpa(p: Program, arch: Architecture, step: Step, kv: int, masked: bool) -> 
     """sdpa_attention_forward + torch SDPA on CUDA: with a mask, K and V repeated to every query head
     (repeat_kv; a decode step packs the query heads instead), the bool mask turned into a bf16 one per
     sequence (convert_boolean_attn_mask) and padded to 16 keys, then the memory-efficient kernel; without
-    one (a first chunk), flash attention with grouped KV heads and its fp32 log-sum-exp."""
+    one (a first chunk, or any prefill chunk of LEAN_ATTENTION_FAMILIES' full-attention layers: lean_attention),
+    flash attention with grouped KV heads and its fp32 log-sum-exp."""
     b, c, nh, d = step.batch, step.tokens, arch.num_heads, arch.head_dim
     out_bytes = BF16 * b * nh * c * d
     if not masked:
