@@ -328,10 +328,12 @@ def _batched_linear(x, parts: Sequence[QWeight], out, residual, variant=None, co
 
     m, w = x.shape[0], parts[0]
     variant = variant or B.variant()
-    if variant == "wgmma" and _wgmma(w, x):
-        from . import wgmma4
+    if variant == "wgmma":
+        if _wgmma(w, x):
+            from . import wgmma4
 
-        return wgmma4.linear(x, parts, out, residual, tile=config)
+            return wgmma4.linear(x, parts, out, residual, tile=config)
+        config = None  # a wgmma4 tile means nothing to the Triton kernel that runs instead
     sizes = [q.n for q in parts] + [0] * (3 - len(parts))
     args = []
     for q, n in zip(list(parts) + [w] * (3 - len(parts)), sizes):
@@ -353,10 +355,12 @@ def _batched_glu(x, gate: QWeight, up: QWeight, out, variant=None, config=None):
 
     m = x.shape[0]
     variant = variant or B.variant()
-    if variant == "wgmma" and _wgmma(gate, x):
-        from . import wgmma4
+    if variant == "wgmma":
+        if _wgmma(gate, x):
+            from . import wgmma4
 
-        return wgmma4.glu(x, gate, up, out, tile=config)
+            return wgmma4.glu(x, gate, up, out, tile=config)
+        config = None
     ws, tickets = B.scratch(x.device, *B.scratch_sizes([gate.n], 2 * gate.n, gate.k, m, x.device))
     grid = lambda meta: (B.tiles([gate.n], meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
     kernel, tile = _batched_kernel(B.glu_kernel, config)
