@@ -104,13 +104,13 @@ def compile_wgmma4(form: str, bm: int, tile=None, keep: str | None = None) -> di
     from heavylift.engine import wgmma4 as G
     from heavylift.engine.weights import NF4_DQ
 
-    post, bn, warps = tile or (G.GLU_TILES if form == "glu" else G.TILES)[bm]
-    const = dict(KIND=NF4_DQ, POST=post, BM=bm, BN=bn, W=warps)
+    post, bn, warps, stages = tile or (G.GLU_TILES if form == "glu" else G.TILES)[bm]
+    const = dict(KIND=NF4_DQ, POST=post, BM=bm, BN=bn, W=warps, STAGES=stages)
     fn = G.glu_kernel if form == "glu" else G.linear_kernel
     if form != "glu":
         const |= dict(PARTS=1, HAS_BIAS=False, HAS_RES=True)
     sig, attrs = _signature(fn, const, dq=True)
-    label = f"wgmma4_{form}_m{bm}_{'post' if post else 'scaled'}_n{bn}_w{warps}"
+    label = f"wgmma4_{form}_m{bm}_{'post' if post else 'scaled'}_n{bn}_w{warps}_s{stages}"
     weights = 2 if form == "glu" else 1
     return _compile(GluonASTSource(fn, sig, const, attrs), warps, 1, label, weights * bn * 64 / (32 * warps), keep)
 
@@ -135,7 +135,7 @@ def compile_triton(form: str, bm: int, post: bool, tile: dict, keep: str | None 
 
 def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from batched_variants import TRITON_TILES
+    from batched_variants import TRITON_TILES, WGMMA_ALT, WGMMA_GLU_ALT
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out")
@@ -150,6 +150,7 @@ def main() -> None:
                 for tile in TRITON_TILES.values():
                     rows.append(compile_triton(form, bm, post, tile, args.keep))
             rows.append(compile_wgmma4(form, bm, keep=args.keep))
+            rows.append(compile_wgmma4(form, bm, (WGMMA_GLU_ALT if form == "glu" else WGMMA_ALT)[bm], args.keep))
     for r in rows:
         print(f"{r['kernel']:44s} regs {r['regs']:3d} smem {r['shared_bytes']:6d}  loop {r['loop_instructions']:4d}"
               f" = {r['instructions_per_byte']:5.2f}/byte  STS {r['smem_round_trip']['STS']:2d} LDSM "

@@ -56,9 +56,10 @@ LINEAR_BOUND, GLU_BOUND = 1e-2, 2e-2  # bench/batched_gpu.py's: bf16 roundings p
 # Triton tiles: the autotuner's picks for NF4 / NF4-DQ on an H100 (decode_h100_2026-12-06.json, "tuned")
 TRITON_TILES = {"n128-swap-w8": dict(BLOCK_N=128, BLOCK_K=128, SWAP=True, num_warps=8, num_stages=3),
                 "n64-w4": dict(BLOCK_N=64, BLOCK_K=128, SWAP=False, num_warps=4, num_stages=4)}
-# wgmma4 tiles (POST, BN, warps) beside its defaults (wgmma4.TILES / GLU_TILES), per x tile height
-WGMMA_ALT = {16: (True, 256, 8), 32: (True, 64, 4), 64: (False, 64, 4)}
-WGMMA_GLU_ALT = {16: (True, 128, 8), 32: (True, 64, 4), 64: (True, 64, 4)}
+# wgmma4 tiles (POST, BN, warps, STAGES) beside its defaults (wgmma4.TILES / GLU_TILES) per x tile height: the
+# packed words through a cp.async ring STAGES - 1 steps ahead instead of one step ahead in registers
+WGMMA_ALT = {16: (True, 128, 4, 4), 32: (True, 128, 8, 3), 64: (False, 128, 8, 2)}
+WGMMA_GLU_ALT = {16: (True, 64, 4, 4), 32: (True, 128, 8, 3), 64: (False, 128, 8, 2)}
 DECODE_SECONDS = 25  # an engine build plus one variant's decode at three batches takes about this
 
 
@@ -80,9 +81,13 @@ def candidates(bm: int, glu: bool) -> list[tuple[str, str, object]]:
     default = (wgmma4.GLU_TILES if glu else wgmma4.TILES)[bm]
     alt = (WGMMA_GLU_ALT if glu else WGMMA_ALT)[bm]
     if not CPU_CHECK:  # Gluon has no interpreter: --cpu-check compiles these instead (gluon_compiles)
-        out += [("wgmma", "default %s/%d/w%d" % (("post" if default[0] else "scaled"), *default[1:]), None),
-                ("wgmma", "%s/%d/w%d" % (("post" if alt[0] else "scaled"), *alt[1:]), alt)]
+        out += [("wgmma", "default " + wgmma_label(default), None), ("wgmma", wgmma_label(alt), alt)]
     return out
+
+
+def wgmma_label(tile) -> str:
+    post, bn, warps, stages = tile
+    return f"{'post' if post else 'scaled'}/n{bn}/w{warps}/" + (f"ring{stages}" if stages else "regs")
 
 
 # -- weights, launches, references --------------------------------------------------------------------
@@ -297,13 +302,18 @@ def gluon_compiles() -> list[dict]:
     """--cpu-check: the Gluon kernels compiled for sm_90 without a GPU (bench/batched_sass.py's compile)."""
     from batched_sass import compile_wgmma4
 
+    from heavylift.engine import wgmma4
+
     out = []
     for form, bm in (("linear", 16), ("glu", 16), ("linear", 64), ("glu", 64)):
-        try:
-            out.append(compile_wgmma4(form, bm))
-        except Exception as e:  # noqa: BLE001 - reported
-            out.append(dict(kernel=form, bm=bm, error=f"{type(e).__name__}: {e}"[:400]))
-        log("sm_90 compile", out[-1])
+        for tile in ((wgmma4.GLU_TILES if form == "glu" else wgmma4.TILES)[bm],
+                     (WGMMA_GLU_ALT if form == "glu" else WGMMA_ALT)[bm]):
+            try:
+                out.append(compile_wgmma4(form, bm, tile))
+            except Exception as e:  # noqa: BLE001 - reported
+                out.append(dict(kernel=form, bm=bm, tile=tile, error=f"{type(e).__name__}: {e}"[:400]))
+            log("sm_90 compile", {k: out[-1][k] for k in ("kernel", "regs", "shared_bytes", "instructions_per_byte",
+                                                             "error") if k in out[-1]})
     return out
 
 

@@ -25,13 +25,16 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from .lut import pair_words, smem_pairs_ptx
 from .weights import NF4_DQ as _NF4_DQ, QBLOCK as _QBLOCK, QWeight
 
 NF4_DQ = gl.constexpr(_NF4_DQ)
-_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # the CTA barrier (renamed after Triton 3.6)
+# names that changed after Triton 3.6 (the GPU image's), so the kernels also compile with later ones
+_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # the CTA barrier
+_cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 PAIRS = gl.constexpr(smem_pairs_ptx(scaled=False))
 SCALED_PAIRS = gl.constexpr(smem_pairs_ptx(scaled=True))
 QBLOCK = gl.constexpr(_QBLOCK)
@@ -154,12 +157,6 @@ def _x_step(x_ptr, offs, keep, k0, BM: gl.constexpr):
 
 
 @gluon.jit
-def _step_words(w_ptr, woffs, k0):
-    """The packed words of a step's two blocks (word_layout)."""
-    return gl.load(w_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + woffs + k0 // 8)
-
-
-@gluon.jit
 def _halves(p):
     """A bf16 pair's halves as [..., 2]: the byte's first weight, then its second."""
     return gl.join(p.to(gl.int16).to(gl.bfloat16, bitcast=True), (p >> 16).to(gl.int16).to(gl.bfloat16, bitcast=True))
@@ -258,57 +255,110 @@ def _row_offsets(n, tile, K, BN: gl.constexpr, W: gl.constexpr, POST: gl.constex
 
 
 @gluon.jit
+def _mma_both(acc0, acc1, q0, q1, c0, d0, c1, d1, xa, xb, xs, buf, lane, TWO: gl.constexpr, POST: gl.constexpr,
+              BN: gl.constexpr, BM: gl.constexpr, W: gl.constexpr):
+    """One step of one weight (or two): x's tiles into shared buffers buf and buf + 1, then the blocks' wgmmas.
+    x is double-buffered: the barrier after this store is also the one every wgmma of two steps ago has
+    finished behind (each program waits for its own before the next step)."""
+    xs.index(buf).store(xa)
+    xs.index(buf + 1).store(xb)
+    fence_async_shared()
+    _barrier()
+    acc0 = _mma_step(acc0, q0, c0, d0, xs.index(buf), xs.index(buf + 1), lane, POST, BN, BM, W)
+    if TWO:
+        acc1 = _mma_step(acc1, q1, c1, d1, xs.index(buf), xs.index(buf + 1), lane, POST, BN, BM, W)
+    return acc0, acc1
+
+
+@gluon.jit
+def _ring(TWO: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr):
+    """STAGES steps of packed words per weight in shared memory, each thread's 16 bytes of a row contiguous. Each
+    ring (at most 64 KB, so the byte table stays the largest allocation, at the start) is its own allocation."""
+    RL: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 3, 2, 0])
+    ring0 = gl.allocate_shared_memory(gl.int32, [STAGES, BN, 2, 4, 2], RL)
+    ring1 = ring0
+    if TWO:
+        ring1 = gl.allocate_shared_memory(gl.int32, [STAGES, BN, 2, 4, 2], RL)
+    return ring0, ring1
+
+
+@gluon.jit
+def _issue(ring0, ring1, wp0, wp1, step, slot, TWO: gl.constexpr):
+    """Copy step `step`'s words of the weight(s) into ring slot `slot` (cp.async, one commit group)."""
+    _cp_async(ring0.index(slot), wp0 + step * (STEP_K // 8))
+    if TWO:
+        _cp_async(ring1.index(slot), wp1 + step * (STEP_K // 8))
+    async_copy.commit_group()
+
+
+@gluon.jit
 def _rows_times_x(x_ptr, x_stride, M, K, SPLIT, w0, a0, s0, o0, g0, w1, a1, s1, o1, g1, n, tile, code2_ptr,
                   xs, KIND: gl.constexpr, TWO: gl.constexpr, POST: gl.constexpr, BM: gl.constexpr,
-                  BN: gl.constexpr, W: gl.constexpr):
+                  BN: gl.constexpr, W: gl.constexpr, STAGES: gl.constexpr):
     """float32 [BN, BM] in wgmma's layout: rows of one weight (or, with TWO, of two: the GLU's gate and up)
-    times x[:M] over this program's K slice. A step's bytes, scales and x are loaded one step ahead."""
+    times x[:M] over this program's K slice. Scales and x are loaded one step ahead into registers; the packed
+    words too (STAGES 0), or STAGES - 1 steps ahead into shared memory by cp.async, each thread copying and
+    later reading only its own bytes."""
+    L4: gl.constexpr = word_layout(BN, W)
     mma: gl.constexpr = mma_layout(BM, W)
-    lane = _lane_select(word_layout(BN, W))
+    lane = _lane_select(L4)
     woffs, idx = _row_offsets(n, tile, K, BN, W, POST, BM)
+    wp0 = w0.to(gl.pointer_type(gl.int32), bitcast=True) + woffs
+    wp1 = w1.to(gl.pointer_type(gl.int32), bitcast=True) + woffs
     lo, hi = _steps(K, SPLIT)
     acc0 = gl.zeros([BN, BM], gl.float32, layout=mma)
     acc1 = gl.zeros([BN, BM], gl.float32, layout=mma)
     first = gl.minimum(lo, hi - 1)  # an empty slice loads step hi - 1 and never uses it
-    q0 = _step_words(w0, woffs, first * STEP_K)
     c0, d0 = _block_scales(a0, s0, o0, code2_ptr, g0 + idx + first * 2, KIND, POST)
-    q1 = q0
     c1 = c0
     d1 = d0
     if TWO:
-        q1 = _step_words(w1, woffs, first * STEP_K)
         c1, d1 = _block_scales(a1, s1, o1, code2_ptr, g1 + idx + first * 2, KIND, POST)
     xo, xk = _x_offsets(x_stride, M, BM, W)
     xa, xb = _x_step(x_ptr, xo, xk, first * STEP_K, BM)
+    if STAGES == 0:
+        q0 = gl.load(wp0 + first * (STEP_K // 8))
+        q1 = q0
+        if TWO:
+            q1 = gl.load(wp1 + first * (STEP_K // 8))
+    else:
+        ring0, ring1 = _ring(TWO, BN, STAGES)
+        for i in gl.static_range(STAGES - 1):
+            _issue(ring0, ring1, wp0, wp1, gl.minimum(lo + i, hi - 1), i, TWO)
     for step in range(lo, hi):
         nxt = gl.minimum(step + 1, hi - 1)  # the last step reloads itself rather than reading past the slice
-        q0n = _step_words(w0, woffs, nxt * STEP_K)
+        if STAGES == 0:
+            q0n = gl.load(wp0 + nxt * (STEP_K // 8))
+            q1n = q0n
+            if TWO:
+                q1n = gl.load(wp1 + nxt * (STEP_K // 8))
+        else:
+            it = step - lo
+            _issue(ring0, ring1, wp0, wp1, gl.minimum(step + STAGES - 1, hi - 1), (it + STAGES - 1) % STAGES, TWO)
+            async_copy.wait_group(STAGES - 1)
+            q0 = ring0.index(it % STAGES).load(L4)
+            q1 = q0
+            if TWO:
+                q1 = ring1.index(it % STAGES).load(L4)
         c0n, d0n = _block_scales(a0, s0, o0, code2_ptr, g0 + idx + nxt * 2, KIND, POST)
-        q1n = q0n
         c1n = c0n
         d1n = d0n
         if TWO:
-            q1n = _step_words(w1, woffs, nxt * STEP_K)
             c1n, d1n = _block_scales(a1, s1, o1, code2_ptr, g1 + idx + nxt * 2, KIND, POST)
         xan, xbn = _x_step(x_ptr, xo, xk, nxt * STEP_K, BM)
-        # double-buffered x: the barrier after this store is also the one every wgmma of two steps ago has
-        # finished behind (each program waits for its own before the next step)
-        buf = 2 * ((step - lo) % 2)
-        xs.index(buf).store(xa)
-        xs.index(buf + 1).store(xb)
-        fence_async_shared()
-        _barrier()
-        acc0 = _mma_step(acc0, q0, c0, d0, xs.index(buf), xs.index(buf + 1), lane, POST, BN, BM, W)
-        if TWO:
-            acc1 = _mma_step(acc1, q1, c1, d1, xs.index(buf), xs.index(buf + 1), lane, POST, BN, BM, W)
-        q0 = q0n
+        acc0, acc1 = _mma_both(acc0, acc1, q0, q1, c0, d0, c1, d1, xa, xb, xs, 2 * ((step - lo) % 2), lane, TWO,
+                               POST, BN, BM, W)
+        if STAGES == 0:
+            q0 = q0n
+            q1 = q1n
         c0 = c0n
         d0 = d0n
-        q1 = q1n
         c1 = c1n
         d1 = d1n
         xa = xan
         xb = xbn
+    if STAGES > 0:
+        async_copy.wait_group(0)  # no copy may land in shared memory after the program moves on
     return acc0, acc1
 
 
@@ -377,9 +427,10 @@ def _glu_out(g, u, out_ptr, out_stride, rows, m, M, n):
 @gluon.jit
 def _linear_part(x_ptr, x_stride, out_ptr, out_stride, res_ptr, M, K, w, a, s, o, g, bias_ptr, n, col0, n_total,
                  code2_ptr, ws_ptr, tickets_ptr, SPLIT, tile, xs, KIND: gl.constexpr, HAS_BIAS: gl.constexpr,
-                 HAS_RES: gl.constexpr, POST: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, W: gl.constexpr):
+                 HAS_RES: gl.constexpr, POST: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, W: gl.constexpr,
+                 STAGES: gl.constexpr):
     acc, _ = _rows_times_x(x_ptr, x_stride, M, K, SPLIT, w, a, s, o, g, w, a, s, o, g, n, tile, code2_ptr, xs, KIND,
-                           False, POST, BM, BN, W)
+                           False, POST, BM, BN, W, STAGES)
     m, rows = _cols_rows(tile, BN, BM, W)
     if SPLIT == 1:
         _linear_out(acc, out_ptr, out_stride, res_ptr, M, bias_ptr, rows, m, n, col0, HAS_BIAS, HAS_RES)
@@ -399,7 +450,7 @@ def linear_kernel(x_ptr, x_stride, out_ptr, out_stride, res_ptr, M, K,
                   w2, a2, s2, o2, g2, b2, n2,
                   pairs_ptr, code2_ptr, ws_ptr, tickets_ptr, SPLIT,
                   KIND: gl.constexpr, PARTS: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr,
-                  POST: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, W: gl.constexpr):
+                  POST: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, W: gl.constexpr, STAGES: gl.constexpr):
     """y[:, parts] = x @ W_p^T (+ bias) (+ residual) for up to three weights side by side (q, k, v); grid
     (row tiles of all parts, SPLIT)."""
     buf, xs = _smem(pairs_ptr, BM, W)
@@ -410,28 +461,28 @@ def linear_kernel(x_ptr, x_stride, out_ptr, out_stride, res_ptr, M, K,
     n_total = n0 + n1 + n2
     if pid < p0:
         _linear_part(x_ptr, x_stride, out_ptr, out_stride, res_ptr, M, K, w0, a0, s0, o0, g0, b0, n0, 0, n_total,
-                     code2_ptr, ws_ptr, tickets_ptr, SPLIT, pid, xs, KIND, HAS_BIAS, HAS_RES, POST, BM, BN, W)
+                     code2_ptr, ws_ptr, tickets_ptr, SPLIT, pid, xs, KIND, HAS_BIAS, HAS_RES, POST, BM, BN, W, STAGES)
     elif PARTS > 1 and pid < p0 + p1:
         _linear_part(x_ptr, x_stride, out_ptr, out_stride, res_ptr, M, K, w1, a1, s1, o1, g1, b1, n1, n0, n_total,
-                     code2_ptr, ws_ptr, tickets_ptr, SPLIT, pid - p0, xs, KIND, HAS_BIAS, HAS_RES, POST, BM, BN, W)
+                     code2_ptr, ws_ptr, tickets_ptr, SPLIT, pid - p0, xs, KIND, HAS_BIAS, HAS_RES, POST, BM, BN, W, STAGES)
     elif PARTS > 2:
         _linear_part(x_ptr, x_stride, out_ptr, out_stride, res_ptr, M, K, w2, a2, s2, o2, g2, b2, n2, n0 + n1,
                      n_total, code2_ptr, ws_ptr, tickets_ptr, SPLIT, pid - p0 - p1, xs, KIND, HAS_BIAS, HAS_RES,
-                     POST, BM, BN, W)
+                     POST, BM, BN, W, STAGES)
     buf._keep_alive()
 
 
 @gluon.jit(do_not_specialize=["M"])
 def glu_kernel(x_ptr, x_stride, out_ptr, out_stride, M, K, w0, a0, s0, o0, g0, w1, a1, s1, o1, g1, n,
                pairs_ptr, code2_ptr, ws_ptr, tickets_ptr, SPLIT, KIND: gl.constexpr, POST: gl.constexpr,
-               BM: gl.constexpr, BN: gl.constexpr, W: gl.constexpr):
+               BM: gl.constexpr, BN: gl.constexpr, W: gl.constexpr, STAGES: gl.constexpr):
     """act = silu(x @ gate^T) * (x @ up^T): both projections of the same rows in one pass over x; grid
     (row tiles, SPLIT), the workspace's columns [0, n) the gate's and [n, 2n) the up projection's."""
     buf, xs = _smem(pairs_ptr, BM, W)
     _barrier()
     pid = gl.program_id(0)
     g, u = _rows_times_x(x_ptr, x_stride, M, K, SPLIT, w0, a0, s0, o0, g0, w1, a1, s1, o1, g1, n, pid, code2_ptr,
-                         xs, KIND, True, POST, BM, BN, W)
+                         xs, KIND, True, POST, BM, BN, W, STAGES)
     buf._keep_alive()
     m, rows = _cols_rows(pid, BN, BM, W)
     if SPLIT == 1:
@@ -448,12 +499,12 @@ def glu_kernel(x_ptr, x_stride, out_ptr, out_stride, M, K, w0, a0, s0, o0, g0, w
 
 # -- launches ---------------------------------------------------------------------------------------------
 
-# (POST, BN, W) per x tile height: the largest tiles whose registers fit (sm_90, offline compiles: about 210 a
-# thread at 16 rows, 190-245 at 32 and 64) without spilling. At 64 rows the block partials of POST need 64 more
-# registers than fit, so the scale goes into the lookup; eight warps share x's tile, which at 64 rows weighs
-# as much as the weight tile it meets.
-TILES = {16: (True, 128, 4), 32: (True, 128, 8), 64: (False, 128, 8)}
-GLU_TILES = {16: (True, 64, 4), 32: (True, 128, 8), 64: (False, 128, 8)}
+# (POST, BN, W, STAGES) per x tile height: the largest tiles whose registers fit (sm_90, offline compiles: about
+# 210 a thread at 16 rows, 190-245 at 32 and 64) without spilling. At 64 rows the block partials of POST need 64
+# more registers than fit, so the scale goes into the lookup; eight warps share x's tile, which at 64 rows weighs
+# as much as the weight tile it meets. STAGES 0: the packed words prefetched one step ahead in registers.
+TILES = {16: (True, 128, 4, 0), 32: (True, 128, 8, 0), 64: (False, 128, 8, 0)}
+GLU_TILES = {16: (True, 64, 4, 0), 32: (True, 128, 8, 0), 64: (False, 128, 8, 0)}
 
 
 def runs(w: QWeight, x: torch.Tensor) -> bool:
@@ -502,12 +553,12 @@ def _launch_shape(sizes, columns: int, k: int, rows: int, device, bn: int):
 
 
 def linear(x: torch.Tensor, parts, out: torch.Tensor, residual=None, tile=None) -> torch.Tensor:
-    """out[:, parts] = x @ W_p^T (+ bias) (+ residual), 2 to 64 rows of x; `tile` (POST, BN, W) overrides
-    TILES."""
+    """out[:, parts] = x @ W_p^T (+ bias) (+ residual), 2 to 64 rows of x; `tile` (POST, BN, W, STAGES)
+    overrides TILES."""
     from . import batched as B
 
     m, w = x.shape[0], parts[0]
-    post, bn, warps = tile or TILES[B.block_m(m)]
+    post, bn, warps, stages = tile or TILES[B.block_m(m)]
     sizes = [q.n for q in parts] + [0] * (3 - len(parts))
     n_tiles, split, bm, ws, tickets = _launch_shape(sizes, sum(sizes), w.k, m, x.device, bn)
     args = []
@@ -516,18 +567,19 @@ def linear(x: torch.Tensor, parts, out: torch.Tensor, residual=None, tile=None) 
     linear_kernel[(n_tiles, split)](
         x, x.stride(0), out, out.stride(0), residual if residual is not None else out, m, w.k, *args, _pairs(w),
         _code2(w), ws, tickets, split, KIND=w.kind, PARTS=len(parts), HAS_BIAS=w.bias is not None,
-        HAS_RES=residual is not None, POST=post, BM=bm, BN=bn, W=warps, num_warps=warps)
+        HAS_RES=residual is not None, POST=post, BM=bm, BN=bn, W=warps, STAGES=stages, num_warps=warps)
     return out
 
 
 def glu(x: torch.Tensor, gate, up, out: torch.Tensor, tile=None) -> torch.Tensor:
-    """out = silu(x @ gate^T) * (x @ up^T), 2 to 64 rows of x; `tile` (POST, BN, W) overrides GLU_TILES."""
+    """out = silu(x @ gate^T) * (x @ up^T), 2 to 64 rows of x; `tile` (POST, BN, W, STAGES) overrides GLU_TILES."""
     from . import batched as B
 
     m = x.shape[0]
-    post, bn, warps = tile or GLU_TILES[B.block_m(m)]
+    post, bn, warps, stages = tile or GLU_TILES[B.block_m(m)]
     n_tiles, split, bm, ws, tickets = _launch_shape([gate.n], 2 * gate.n, gate.k, m, x.device, bn)
     glu_kernel[(n_tiles, split)](
         x, x.stride(0), out, out.stride(0), m, gate.k, *_weight(gate), *_weight(up), gate.n, _pairs(gate),
-        _code2(gate), ws, tickets, split, KIND=gate.kind, POST=post, BM=bm, BN=bn, W=warps, num_warps=warps)
+        _code2(gate), ws, tickets, split, KIND=gate.kind, POST=post, BM=bm, BN=bn, W=warps, STAGES=stages,
+        num_warps=warps)
     return out
