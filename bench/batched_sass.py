@@ -20,6 +20,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -74,7 +75,11 @@ def _loop(sass: str) -> collections.Counter:
 
 def _compile(src, warps: int, stages: int, label: str, bytes_per_thread: float, keep: str | None) -> dict:
     k = triton.compile(src, target=TARGET, options=dict(num_warps=warps, num_stages=stages))
-    tmp = os.path.join(keep or "/tmp", f"{label}.cubin")
+    if keep:
+        tmp = os.path.join(keep, f"{label}.cubin")
+    else:
+        fd, tmp = tempfile.mkstemp(suffix=".cubin")
+        os.close(fd)
     with open(tmp, "wb") as f:
         f.write(k.asm["cubin"])
     sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", tmp], capture_output=True, text=True).stdout

@@ -195,18 +195,18 @@ def test_scaled_pair_ptx_reads_its_operands_where_the_kernel_passes_them():
     assert ptx.count("fma.rn.bf16x2") == 4
 
 
-def test_the_wgmma_variant_runs_post_where_its_kernels_do_not_and_a_bad_variant_is_refused(monkeypatch):
-    """On a CPU (no Hopper) the "wgmma" variant takes the Triton kernel with the block absmax on the partials:
-    the same bits as "post". An unknown variant names the valid ones."""
+def test_the_wgmma_variant_runs_scaled_where_its_kernels_do_not_and_a_bad_variant_is_refused(monkeypatch):
+    """On a CPU (no Hopper) the "wgmma" variant takes the Triton kernel that scales each weight: the same bits as
+    "scaled", and not those of "post". An unknown variant names the valid ones."""
     from heavylift.errors import InvalidArgumentError
 
     w = quantized("nf4-dq", 64)
     x = torch.randn(5, K).bfloat16()
     got = {}
-    for variant in ("post", "wgmma"):
+    for variant in B.VARIANTS:
         monkeypatch.setenv(B.VARIANT_ENV, variant)
         got[variant] = TritonOps.linear(x, [w], poisoned(5, 64))
-    assert torch.equal(got["post"], got["wgmma"])
+    assert torch.equal(got["scaled"], got["wgmma"]) and not torch.equal(got["scaled"], got["post"])
     monkeypatch.setenv(B.VARIANT_ENV, "fast")
     with pytest.raises(InvalidArgumentError, match=r"^HEAVYLIFT_BATCHED4='fast' is not a batched 4-bit variant; "
                                                    r"set it to one of scaled, post, wgmma or unset it$"):

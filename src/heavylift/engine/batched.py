@@ -57,7 +57,7 @@ FIXED = {"BLOCK_N": 32, "BLOCK_K": 128, "SWAP": False}
 # scaled: each weight times its block's absmax in bf16 as it is looked up (lut.scaled_pairs_program);
 # post: the codes meet x as they are and the absmax multiplies each 64-weight block's float32 partial
 #   (batched_tiles.accumulate_block), one rounding fewer;
-# wgmma: wgmma4.py's Gluon kernels on Hopper, weights in registers from the load to the tensor cores (post
+# wgmma: wgmma4.py's Gluon kernels on Hopper, weights in registers from the load to the tensor cores (scaled
 #   where they do not run).
 VARIANTS = ("scaled", "post", "wgmma")
 DEFAULT_VARIANT = "scaled"

@@ -380,7 +380,7 @@ def _batched_kernel(kernel, config):
 
 def _post(w: QWeight, variant: str) -> bool:
     """Whether a 4-bit weight's block absmax multiplies the block's partial product (batched_tiles.POST)."""
-    return w.packed and variant != "scaled"
+    return w.packed and variant == "post"
 
 
 def _wgmma(w: QWeight, x) -> bool:
