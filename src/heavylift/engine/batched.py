@@ -60,7 +60,7 @@ FIXED = {"BLOCK_N": 32, "BLOCK_K": 128, "SWAP": False}
 # wgmma: wgmma4.py's Gluon kernels on Hopper, weights in registers from the load to the tensor cores (scaled
 #   where they do not run).
 VARIANTS = ("scaled", "post", "wgmma")
-DEFAULT_VARIANT = "scaled"
+DEFAULT_VARIANT = "wgmma"
 VARIANT_ENV = "HEAVYLIFT_BATCHED4"
 
 
