@@ -150,7 +150,8 @@ def pairs_program() -> list[tuple]:
     steps = [("shl", "q4", "q", 4)]
     for half in range(2):
         steps += _lookup_half(half)
-        steps += [("prmt", f"f{half}", "ls", "hs", FIRST_PAIR_SELECT), ("prmt", f"g{half}", "ls", "hs", SECOND_PAIR_SELECT)]
+        steps += [("prmt", f"f{half}", "ls", "hs", FIRST_PAIR_SELECT),
+                  ("prmt", f"g{half}", "ls", "hs", SECOND_PAIR_SELECT)]
     return steps
 
 
