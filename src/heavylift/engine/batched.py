@@ -56,7 +56,7 @@ FIXED = {"BLOCK_N": 32, "BLOCK_K": 128, "SWAP": False}
 # How steps through 4-bit weights widen them (HEAVYLIFT_BATCHED4 picks one, to compare):
 # scaled: each weight times its block's absmax in bf16 as it is looked up (lut.scaled_pairs_program);
 # post: the codes meet x as they are and the absmax multiplies each 64-weight block's float32 partial
-#   (batched_tiles.accumulate_block), one rounding fewer;
+#   (batched_tiles.accumulate_blocks, K steps of two blocks), one rounding fewer;
 # wgmma: wgmma4.py's Gluon kernels on Hopper, weights in registers from the load to the tensor cores (scaled
 #   where they do not run).
 VARIANTS = ("scaled", "post", "wgmma")
@@ -246,6 +246,7 @@ def _glu_kernel(x_ptr, x_stride, out_ptr, out_stride, M, K, w0, a0, s0, o0, g0, 
     for kb in range(lo, hi):
         k0 = kb * BLOCK_K
         if POST:
+            tl.static_assert(BLOCK_K == 2 * QBLOCK, "post steps are two 64-weight blocks")
             x_even, x_odd = x_tile(x_ptr, x_stride, M, K, k0, KIND, BLOCK_M, 2 * QBLOCK, EVEN)
             g = accumulate_blocks(g, x_even, x_odd, w0, a0, s0, o0, g0, code_ptr, code2_ptr, t, rows64, row_mask, K,
                                   w_stride, k0, KIND, LUT, BLOCK_M, BLOCK_N, SWAP, EVEN)

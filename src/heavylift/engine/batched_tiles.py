@@ -147,7 +147,7 @@ def _codes4(packed, code_ptr, t, LUT: tl.constexpr):
 
 
 @triton.jit
-def _halves(v, BLOCK_N: tl.constexpr):
+def _halves(v):
     """A [rows, 2 blocks, n] tile (or [rows, 2 blocks]) as its two blocks' tiles."""
     if len(v.shape) == 3:
         v = tl.permute(v, (0, 2, 1))
@@ -164,11 +164,11 @@ def accumulate_blocks(acc, x_even, x_odd, w_ptr, a_ptr, s_ptr, offset, blk_base,
     packed, a = _load4(w_ptr, a_ptr, s_ptr, offset, blk_base, code2_ptr, rows64, row_mask, K, w_stride, k0, KIND,
                        2 * QBLOCK, EVEN)
     first, second = _codes4(packed, code_ptr, t, LUT)
-    f0, f1 = _halves(first, BLOCK_N)
-    s0, s1 = _halves(second, BLOCK_N)
-    a0, a1 = _halves(a, BLOCK_N)
-    e0, e1 = _halves(tl.reshape(x_even, (BLOCK_M, 2, QBLOCK // 2)), BLOCK_N)
-    o0, o1 = _halves(tl.reshape(x_odd, (BLOCK_M, 2, QBLOCK // 2)), BLOCK_N)
+    f0, f1 = _halves(first)
+    s0, s1 = _halves(second)
+    a0, a1 = _halves(a)
+    e0, e1 = _halves(tl.reshape(x_even, (BLOCK_M, 2, QBLOCK // 2)))
+    o0, o1 = _halves(tl.reshape(x_odd, (BLOCK_M, 2, QBLOCK // 2)))
     p = _mma(tl.zeros(acc.shape, tl.float32), e0, f0, SWAP)
     q = _mma(tl.zeros(acc.shape, tl.float32), e1, f1, SWAP)
     p = _mma(p, o0, s0, SWAP)
@@ -252,6 +252,7 @@ def rows_times_x(x_ptr, x_stride, M, K, w_ptr, a_ptr, s_ptr, offset, blk_base, w
     for kb in range(lo, hi):
         k0 = kb * BLOCK_K
         if POST:
+            tl.static_assert(BLOCK_K == 2 * QBLOCK, "post steps are two 64-weight blocks")
             x_even, x_odd = x_tile(x_ptr, x_stride, M, K, k0, KIND, BLOCK_M, 2 * QBLOCK, EVEN)
             acc = accumulate_blocks(acc, x_even, x_odd, w_ptr, a_ptr, s_ptr, offset, blk_base, code_ptr, code2_ptr, t,
                                     rows64, row_mask, K, w_stride, k0, KIND, LUT, BLOCK_M, BLOCK_N, SWAP, EVEN)
