@@ -1,11 +1,12 @@
 """`heavylift finetune` on one GPU: its training plan against the memory a run takes, its tokens/s, and the
 same step trained with plain peft + transformers' Trainer beside it.
 
-    python3 bench/finetune_gpu.py [--budget-s 150] [--layers 8] [--steps 8] [--cases ...] [--out DIR]
+    python3 bench/finetune_gpu.py [--budget-s 150] [--shape 8b|70b] [--layers 8] [--steps 8] [--cases ...]
+                                  [--caps 1.0,0.95] [--no-uncapped] [--out DIR]
     python3 bench/finetune_gpu.py --device cpu --tiny     # the whole flow on a tiny model on the CPU (< 1 minute)
 
-The model is Llama-3.1-8B's shape with random weights (bench/run_gpu.py's checkpoint) cut to --layers of its
-32 layers, so it is written and loaded in seconds (the vocabulary, head and every layer's shapes whole), beside
+The model is Llama-3.1-8B's shape (or with --shape 70b Llama-3.1-70B's) with random weights (bench/run_gpu.py's
+checkpoint) cut to --layers of its 32 (80) layers, so it is written and loaded in seconds (the vocabulary, head and every layer's shapes whole), beside
 bench/serve_gpu.py's word-level tokenizer: a text of random words "t<id>" is one token per word. The data of a
 case is one .txt of exactly steps x micro-batch sequences of seq-len tokens (BOS, the words, EOS), so every
 micro-batch is full, as the plan counts it. The cases run in --cases' order (most important first); none starts
@@ -16,6 +17,11 @@ past --budget-s from the script's start. For each:
   --eval-fraction 0 --log-every 1 --out DIR` as a user types it, in a subprocess;
 - ref (bench/finetune_reference.py): the same model, LoRA and data trained by peft + Trainer, with the
   allocator the environment sets (finetune sets expandable segments where it sets none; the reference does not).
+- capped (--caps F,...): the finetune again with the allocator held to F times the planned total less the
+  plan's bytes outside the allocator (torch.cuda.set_per_process_memory_fraction, set in the child before it
+  starts): with expandable segments a step that meets the cap unmaps its cache's free pages and goes on, so
+  "runs at F = 1" is "the plan holds" and "out of memory at F = 0.95" is "the plan is within 5% of what the step
+  needs". The NVML peak of an uncapped run is larger: with memory to spare the allocator keeps freed pages.
 Each child's memory is polled from this process every 50 ms: the GPU's used memory (NVML) above what it was
 before the child started, which counts what the plan counts (CUDA context, allocator, cuBLAS); on the CPU the
 child's resident set. This process never starts CUDA (a child writes the checkpoint and names the card).
@@ -57,6 +63,11 @@ CASES = "2048x1,512x4,8192x1,ref2048x1,2048x4,ref512x4,512x1,8192x4"
 TINY_CASES = "64x1,32x2,ref64x1"  # --tiny: sequences a CPU trains in seconds
 FULL_LAYERS = 32  # Llama-3.1-8B's layers, of which --layers are kept
 DEFAULT_LAYERS = 8
+# Llama-3.1-70B's shape (--shape 70b) over bench/run_gpu.py's Llama-3.1-8B one, and its layer count.
+LLAMA_70B = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8)
+FULL_LAYERS_OF = {"8b": FULL_LAYERS, "70b": 80}
+CAP_MARKER = "FINETUNE_CAPPED "
+OOM_LINE = "out of GPU memory"  # finetune's one line for a step that ran out (commands/finetune.py)
 # A tiny model of the same family and vocabulary (--tiny): the word tokenizer's ids all stay inside it.
 TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
 POLL_PERIOD_S = 0.05
@@ -193,8 +204,19 @@ def plan_case(model: Path, case: Case) -> dict:
     plan = json.loads(done.stdout)["training"]
     device = max(plan["per_device"], key=lambda d: d["total_bytes"])
     record = {"plan_command": shown(command), "planned_bytes": device["total_bytes"], "planned_peak": device["peak"],
+              "planned_outside_bytes": outside_allocator(device["overhead_bytes"]),
               "params": json.loads(done.stdout)["params"]}
     return record if plan["fits"] else {**record, "refused": plan["advice"][0]}
+
+
+def outside_allocator(overhead: int) -> int:
+    """Of the plan's overhead on an H100, what lies outside PyTorch's allocator: the CUDA context and the paged
+    optimizer's managed memory, not the cuBLAS workspaces (the allocator's blocks) nor its slack."""
+    from heavylift.defaults import TRAIN_ALLOCATOR_SLACK_BYTES
+    from heavylift.planner.memory import cublas_workspace_bytes
+    from heavylift.planner.training import CUBLAS_WORKSPACES_TRAINING
+
+    return overhead - TRAIN_ALLOCATOR_SLACK_BYTES - CUBLAS_WORKSPACES_TRAINING * cublas_workspace_bytes((9, 0))
 
 
 def shown(command: list[str]) -> str:
@@ -211,12 +233,18 @@ def failed(record: dict, stderr: str, why: str = "") -> dict:
     return {**record, "error": why + _last_line(stderr), "stderr_tail": stderr.splitlines()[-TAIL_LINES:]}
 
 
-def finetune_case(model: Path, case: Case, steps: int, meter: Meter, timeout_s: float, work: Path) -> dict:
-    data, out = work / f"{case.shape}.txt", work / f"adapter-{case.shape}"
+def finetune_args(model: Path, case: Case, steps: int, work: Path, out: Path) -> list[str]:
+    """`heavylift finetune`'s arguments for the case, its data written."""
+    data = work / f"{case.shape}.txt"
     write_words(data, steps * case.micro_batch, case.seq_len)
-    command = [sys.executable, "-m", "heavylift", "finetune", str(model), "--data", str(data), "--steps", str(steps),
-               "--seq-len", str(case.seq_len), "--micro-batch", str(case.micro_batch), "--grad-accum", "1",
-               "--eval-fraction", "0", "--log-every", "1", "--out", str(out)]
+    return ["finetune", str(model), "--data", str(data), "--steps", str(steps), "--seq-len", str(case.seq_len),
+            "--micro-batch", str(case.micro_batch), "--grad-accum", "1", "--eval-fraction", "0", "--log-every", "1",
+            "--out", str(out)]
+
+
+def finetune_case(model: Path, case: Case, steps: int, meter: Meter, timeout_s: float, work: Path) -> dict:
+    out = work / f"adapter-{case.shape}"
+    command = [sys.executable, "-m", "heavylift", *finetune_args(model, case, steps, work, out)]
     memory, _, stderr, code = run_child(command, meter, timeout_s, work / f"finetune-{case.shape}")
     record = {"command": shown(command), **memory, "exit_code": code,
               ALLOC_CONF: os.environ.get(ALLOC_CONF, TRAIN_ALLOC_CONF)}
@@ -233,6 +261,52 @@ def finetune_case(model: Path, case: Case, steps: int, meter: Meter, timeout_s: 
     return {**record, "tokens": tokens, "step_ends_s": [round(t, 4) for t in ends],
             "tokens_per_s": _round(steady_rate(ends, tokens)), "tokens_per_s_all_steps": summary_rate,
             "allocated_peak_gb": summary_peak, "summary": line, "header": lines[header], "notes": lines[:header]}
+
+
+def capped_case(model: Path, case: Case, steps: int, plan: dict, fraction: float, meter: Meter, timeout_s: float,
+                work: Path) -> dict:
+    """The finetune with the allocator held to `fraction` of the plan's total less the plan's bytes outside it:
+    whether it ran, or ran out of memory (finetune's one line), and what it measured of itself."""
+    cap = int(fraction * plan["planned_bytes"]) - plan["planned_outside_bytes"]
+    tag = f"{case.shape}-cap{fraction:g}"
+    command = [sys.executable, __file__, "--cap-child", str(cap), "--",
+               *finetune_args(model, case, steps, work, work / f"adapter-{tag}")]
+    memory, stdout, stderr, code = run_child(command, meter, timeout_s, work / f"finetune-{tag}")
+    line = next((x for x in stdout.splitlines() if x.startswith(CAP_MARKER)), None)
+    record = {"fraction": fraction, "allocator_cap_bytes": cap, "command": shown(command), **memory,
+              "exit_code": code, **(json.loads(line.removeprefix(CAP_MARKER)) if line else {})}
+    if code == 0:
+        return {**record, "ran": True}
+    if OOM_LINE in stderr:
+        return {**record, "ran": False, "out_of_memory": _last_line(stderr)}
+    return failed(record, stderr)
+
+
+def cap_child(cap: int, argv: list[str]) -> None:
+    """In a child: the allocator capped at `cap` bytes before CUDA does anything else, then `heavylift finetune`
+    in this process; prints what the process held outside the allocator (NVML used above what the device
+    used before it started, less the allocator's reservation) and the allocator's peaks."""
+    os.environ.setdefault(ALLOC_CONF, TRAIN_ALLOC_CONF)
+    import pynvml
+    import torch
+
+    from heavylift.cli import main as heavylift
+
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+    before = int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+    torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.mem_get_info(0)[1], 0)
+    code = 0
+    try:
+        heavylift(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    torch.cuda.synchronize()
+    used = int(pynvml.nvmlDeviceGetMemoryInfo(handle).used) - before
+    print(CAP_MARKER + json.dumps({"outside_allocator_bytes": used - torch.cuda.memory_reserved(0),
+                                   "reserved_peak_bytes": torch.cuda.max_memory_reserved(0),
+                                   "allocated_peak_bytes": torch.cuda.max_memory_allocated(0)}), flush=True)
+    sys.exit(code)
 
 
 def reference_case(model: Path, case: Case, steps: int, meter: Meter, timeout_s: float, work: Path,
@@ -262,7 +336,7 @@ def _round(x: float | None) -> float | None:
 def make_checkpoint(args) -> dict:
     """In a child (this process never starts CUDA): the cut checkpoint and tokenizer, the card's name."""
     command = [sys.executable, __file__, "--checkpoint-child", "--layers", str(args.layers), "--device", args.device,
-               *(["--tiny"] if args.tiny else [])]
+               "--shape", args.shape, *(["--tiny"] if args.tiny else [])]
     done = subprocess.run(command, capture_output=True, text=True)
     line = next((x for x in done.stdout.splitlines() if x.startswith(CHECKPOINT_MARKER)), None)
     if done.returncode != 0 or line is None:
@@ -271,7 +345,7 @@ def make_checkpoint(args) -> dict:
 
 
 def checkpoint_folder(args) -> Path:
-    return WORK / f"{'tiny' if args.tiny else 'llama8b'}-{args.layers}layers"
+    return WORK / f"{'tiny' if args.tiny else 'llama' + args.shape}-{args.layers}layers"
 
 
 def checkpoint_child(args) -> None:
@@ -287,7 +361,7 @@ def checkpoint_child(args) -> None:
     started = time.perf_counter()
     folder = checkpoint_folder(args)
     run_gpu.make_checkpoint(str(folder), args.device, num_hidden_layers=args.layers,
-                            **(TINY_SHAPE if args.tiny else {}))
+                            **(TINY_SHAPE if args.tiny else LLAMA_70B if args.shape == "70b" else {}))
     serve_gpu.save_word_tokenizer(str(folder))
     print(CHECKPOINT_MARKER + json.dumps({
         "card": card_name(args.device), "folder": str(folder), "seconds": round(time.perf_counter() - started, 1),
@@ -304,14 +378,15 @@ def run_case(case: Case, args, model: Path, meter: Meter, plans: dict, timeout_s
         return record
     work = WORK / RUNS
     work.mkdir(parents=True, exist_ok=True)
-    if case.kind == FINETUNE:
-        measured = finetune_case(model, case, args.steps, meter, timeout_s, work)
-    else:
-        measured = reference_case(model, case, args.steps, meter, timeout_s, work, args.device)
-    record |= measured
-    if "error" not in measured:
-        record["error_pct"] = round(100 * (plan["planned_bytes"] - measured["measured_bytes"])
-                                    / measured["measured_bytes"], 1)
+    if case.kind == FINETUNE and args.uncapped:
+        record |= finetune_case(model, case, args.steps, meter, timeout_s, work)
+    elif case.kind == REFERENCE:
+        record |= reference_case(model, case, args.steps, meter, timeout_s, work, args.device)
+    if "measured_bytes" in record and "error" not in record:
+        record["error_pct"] = round(100 * (plan["planned_bytes"] - record["measured_bytes"])
+                                    / record["measured_bytes"], 1)
+    if case.kind == FINETUNE and args.device == "cuda":
+        record["capped"] = [capped_case(model, case, args.steps, plan, f, meter, timeout_s, work) for f in args.caps]
     return record
 
 
@@ -321,15 +396,23 @@ def _cell(x: float | None, width: int, form: str) -> str:
 
 def table(cases: list[dict]) -> str:
     rows = [f"{'case':<16} {'planned GB':>10} {'measured GB':>11} {'plan-meas.':>10} {'alloc. GB':>9} "
-            f"{'tok/s 2..N':>10} {'tok/s all':>9}"]
+            f"{'tok/s 2..N':>10} {'tok/s all':>9}  capped runs"]
     for c in cases:
         if "refused" in c or "skipped" in c or "error" in c:
             rows.append(f"{c['case']:<16} {c.get('refused') or c.get('skipped') or c.get('error')}")
             continue
-        rows.append(f"{c['case']:<16} {c['planned_bytes'] / GB:>10.2f} {c['measured_bytes'] / GB:>11.2f} "
-                    f"{c['error_pct']:>9.1f}% {_cell(c['allocated_peak_gb'], 9, '.2f')} "
-                    f"{_cell(c['tokens_per_s'], 10, ',.0f')} {_cell(c['tokens_per_s_all_steps'], 9, ',.0f')}")
+        measured = "measured_bytes" in c
+        rows.append(f"{c['case']:<16} {c['planned_bytes'] / GB:>10.2f} "
+                    f"{_cell(c['measured_bytes'] / GB if measured else None, 11, '.2f')} "
+                    f"{_cell(c.get('error_pct'), 9, '.1f')}% {_cell(c.get('allocated_peak_gb'), 9, '.2f')} "
+                    f"{_cell(c.get('tokens_per_s'), 10, ',.0f')} {_cell(c.get('tokens_per_s_all_steps'), 9, ',.0f')}  "
+                    + " ".join(_capped(r) for r in c.get("capped", ())))
     return "\n".join(rows)
+
+
+def _capped(run: dict) -> str:
+    outcome = "error" if "error" in run else "ran" if run["ran"] else "OOM"
+    return f"{run['fraction']:g}x:{outcome}"
 
 
 def main(argv=None) -> None:
@@ -343,8 +426,19 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--tiny", action="store_true", help="a tiny model of the same vocabulary (the CPU check)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or HERE / "results"))
+    parser.add_argument("--shape", default="8b", choices=tuple(FULL_LAYERS_OF), help="Llama-3.1-8B's or -70B's")
+    parser.add_argument("--caps", default="1.0,0.95", help="fractions of the plan a finetune case runs again under "
+                        "('' for none; GPU only)")
+    parser.add_argument("--no-uncapped", dest="uncapped", action="store_false",
+                        help="finetune cases run only capped")
     parser.add_argument("--checkpoint-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cap-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("child_argv", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.cap_child is not None:
+        cap_child(args.cap_child, [a for a in args.child_argv if a != "--"])
+        return
+    args.caps = [float(f) for f in args.caps.split(",") if f.strip()]
     args.layers = args.layers or (1 if args.tiny else DEFAULT_LAYERS)
     args.steps = args.steps or (3 if args.tiny else 8)
     if args.checkpoint_child:
@@ -356,11 +450,11 @@ def main(argv=None) -> None:
     checkpoint = make_checkpoint(args)
     model, meter, plans = Path(checkpoint["folder"]), Meter(args.device), {}
     date = datetime.date.today().isoformat()
-    path = args.out / f"finetune_{checkpoint['card']}_{date}.json"
+    path = args.out / f"finetune_{'' if args.shape == '8b' else args.shape + '_'}{checkpoint['card']}_{date}.json"
     result = {"card": checkpoint["card"], "date": date,
               "command": "python3 bench/finetune_gpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "model": {"shape": "llama3.1-8b" if not args.tiny else "tiny llama, 128,256-word vocabulary",
-                        "layers": args.layers, "of_layers": FULL_LAYERS, "random_weights": True},
+              "model": {"shape": f"llama3.1-{args.shape}" if not args.tiny else "tiny llama, 128,256-word vocabulary",
+                        "layers": args.layers, "of_layers": FULL_LAYERS_OF[args.shape], "random_weights": True},
               "steps": args.steps, "budget_s": args.budget_s, "checkpoint_s": checkpoint["seconds"],
               "versions": checkpoint["versions"], ALLOC_CONF: os.environ.get(ALLOC_CONF),
               "reference": "peft + transformers Trainer, optim paged_adamw_8bit (bench/finetune_reference.py)",

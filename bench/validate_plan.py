@@ -4,7 +4,9 @@ For each case (model shape, precision, context, batch, GPU count) a random-weigh
 of the shape is written once per model (a pre-quantized one in its stored form: DeepSeek-V3's block-FP8
 weights with float32 block scales, gpt-oss's MXFP4 experts; Gemma 3's and Llama 4's language model under
 "language_model." as their multimodal checkpoints hold it); then a fresh child process plans it, loads it
-through heavylift, prefills context - 32 random tokens in heavylift's chunks and decodes 32 greedy steps.
+through heavylift, prefills random prompts of the plan's worst prompt length (its tightest device's
+worst_prompt_tokens: the length at which the plan says the device holds the most) in heavylift's chunks and
+decodes up to 32 greedy steps, as many as the context leaves room for.
 Measured per GPU is the device's peak as the driver sees it (cudaMemGetInfo: CUDA context, cuBLAS, kernels and every
 block the caching allocator holds), polled every millisecond and checked against the allocator's own
 peaks; `needed_bytes` (peak allocated + what lies outside the allocator) and each phase's figures (load,
@@ -44,7 +46,7 @@ from heavylift.planner.runtimes import AUTO, TRANSFORMERS  # heavylift.load(engi
 
 HERE = Path(__file__).resolve().parent
 K = 1024
-DECODE_STEPS = 32  # greedy steps after the prefill; prompt + steps = the case's context
+DECODE_STEPS = 32  # greedy steps after the prefill at most; prompt + steps never exceed the case's context
 WEIGHT_STD = 0.02  # random matrices ~ N(0, 0.02); vectors (norms, biases) are ones
 POLL_PERIOD_S = 0.001  # cudaMemGetInfo sampling period of the measuring thread
 CASE_TIMEOUT_S = 300  # a child still running after this is recorded as an error
@@ -79,7 +81,8 @@ ONE_GPU = {
     "mixtral-8x7b": "bf16 8k 1, bf16 32k 8, fp8 1k 8, int8 8k 1, nf4 32k 1, nf4-dq 8k 8",
     "llama3.1-70b": "bf16 1k 1, bf16 8k 8, fp8 32k 1, int8 1k 1, nf4 8k 1, nf4-dq 32k 8",
     # Pre-quantized checkpoints in the precisions they load in: gpt-oss's MXFP4 experts dequantized (bf16),
-    # DeepSeek-V3's block FP8 kept (fp8: transformers' FP8 kernels through the `kernels` package) or dequantized.
+    # DeepSeek-V3's block FP8 kept (fp8: transformers' FP8 kernel through the `kernels` package where it loads, else
+    # heavylift's torch matmuls) or dequantized.
     "qwen3-8b": "bf16 8k 8, nf4-dq 8k 1",
     "gpt-oss-20b": "bf16 8k 1, bf16 1k 8",
     "deepseek-v3": "bf16 1k 8, fp8 8k 1",
@@ -415,7 +418,8 @@ def base_record(case: Case, scheme) -> dict:
     """A case as planned: each device's total, its terms and its layers."""
     terms = ("weights", "kv_cache", "activation", "overhead")
     devices = [{"index": d.device.index, "name": d.device.name, "layers": [d.layers.start, d.layers.stop],
-                "predicted_bytes": d.total_bytes, "predicted_terms": {t: getattr(d, f"{t}_bytes") for t in terms}}
+                "predicted_bytes": d.total_bytes, "predicted_terms": {t: getattr(d, f"{t}_bytes") for t in terms},
+                "worst_prompt_tokens": d.worst_prompt_tokens}
                for d in scheme.per_device]
     return {**asdict(case), "layers": sum(len(d.layers) for d in scheme.per_device), "load_s": None,
             "fits_predicted": scheme.fits, "oom": False, "devices": devices}
@@ -433,6 +437,7 @@ def replan(results: dict, command: str) -> dict:
         case = Case(**{f.name: record[f.name] for f in fields(Case) if f.name in record})
         fresh = base_record(case, plan_scheme(case, [device_from_model(card, i) for i in range(case.gpus)]))
         devices = [{**old, "predicted_bytes": new["predicted_bytes"], "predicted_terms": new["predicted_terms"],
+                    "worst_prompt_tokens": new["worst_prompt_tokens"],
                     "error_pct": error_pct(new["predicted_bytes"], old.get("measured_bytes"))}
                    for old, new in zip(record["devices"], fresh["devices"])] if record["devices"] else fresh["devices"]
         at_run = record.get("planned_at_run") or {"predicted_bytes": record.get("predicted_bytes"),
@@ -489,22 +494,26 @@ class Meter:
         return [{name: figures[i] for name, figures in self.phases.items()} for i in range(self.count)]
 
 
-def drive(session, context: int, batch: int, mark) -> tuple[float, float, int]:
-    """`batch` random prompts of context - DECODE_STEPS tokens prefilled in heavylift's chunks, then
-    DECODE_STEPS greedy steps, so the cache ends holding exactly `context` tokens; on heavylift's engine
-    when the session has one, else through transformers as Session does. `mark(phase)` is called after
-    the prefill and after the decode. Returns the seconds of each and the tokens cached."""
+def decode_steps(context: int, prompt: int) -> int:
+    """Greedy steps after a prompt of `prompt` tokens: DECODE_STEPS, or as many as the context leaves room for."""
+    return min(DECODE_STEPS, context - prompt)
+
+
+def drive(session, context: int, batch: int, mark, prompt: int) -> tuple[float, float, int]:
+    """`batch` random prompts of `prompt` tokens prefilled in heavylift's chunks, then decode_steps greedy
+    steps; on heavylift's engine when the session has one, else through transformers as Session does.
+    `mark(phase)` is called after the prefill and after the decode. Returns the seconds of each and the
+    tokens cached."""
     import torch
 
     embed = session.model.get_input_embeddings()
-    ids = torch.randint(0, embed.num_embeddings, (batch, context - DECODE_STEPS),
-                        generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, embed.num_embeddings, (batch, prompt), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         t0 = time.perf_counter()
         logits, advance, cached = session.steps(ids)
         mark("prefill")
         t1 = time.perf_counter()
-        for _ in range(DECODE_STEPS):
+        for _ in range(decode_steps(context, prompt)):
             logits = advance(logits.float().argmax(dim=-1, keepdim=True))  # the float32 copy sampling makes
         mark("decode")
     return t1 - t0, time.perf_counter() - t1, cached()
@@ -535,8 +544,10 @@ def run_case(case: Case, folder: Path) -> dict:
             record.update(devices=replanned["devices"], fits_predicted=replanned["fits_predicted"],
                           engine_planned=session.scheme.engine, engine_replanned_from=planned)
         meter.phase("load")
-        prefill_s, decode_s, cached = drive(session, case.context, case.batch, meter.phase)
-        record.update(prefill_s=round(prefill_s, 2), decode_s=round(decode_s, 2), cache_tokens=cached)
+        prompt = session.scheme.tightest.worst_prompt_tokens  # the plan the run follows (record["engine_planned"])
+        prefill_s, decode_s, cached = drive(session, case.context, case.batch, meter.phase, prompt)
+        record.update(prefill_s=round(prefill_s, 2), decode_s=round(decode_s, 2), cache_tokens=cached,
+                      prompt_tokens=prompt, decode_steps=decode_steps(case.context, prompt))
     except (torch.OutOfMemoryError, OutOfMemoryError) as e:
         record.update(oom=True, oom_message=str(e).splitlines()[0][:300])
         meter.phase("oom")
@@ -563,15 +574,17 @@ def plan_scheme(case: Case, devices):
 
 def unmet_requirement(case: Case) -> str | None:
     """Why this machine cannot run a case as planned, known before its checkpoint is written: block-FP8 weights
-    kept in fp8 run only through the `kernels` package (prequantized.check_stored_runs refuses without it)."""
-    import importlib.util
-
+    kept in fp8 under a transformers release heavylift's torch matmuls do not answer, without the `kernels`
+    package (prequantized.check_stored_runs; the cases' GPUs taken to have FP8 tensor cores, as the H100s do)."""
+    from heavylift.errors import InvalidArgumentError
     from heavylift.model.architecture import architecture_from_config
-    from heavylift.model.prequantized import keeps_stored
+    from heavylift.model.prequantized import check_stored_runs, installed_transformers
 
-    if keeps_stored(architecture_from_config(model_config(case.model)).prequantized, case.quant) \
-            and importlib.util.find_spec("kernels") is None:
-        return "keeping block-FP8 weights needs the `kernels` package (pip install kernels)"
+    pre = architecture_from_config(model_config(case.model)).prequantized
+    try:
+        check_stored_runs(pre, case.quant, True, installed_transformers())
+    except InvalidArgumentError as e:
+        return str(e)
     return None
 
 
@@ -607,13 +620,15 @@ def write_results(results: dict, out: Path) -> None:
 
 
 def selected(args) -> list[Case]:
-    """The --models and --gpus cases, grouped by model (one checkpoint at a time), on --engine."""
+    """The --models, --gpus and --quants cases, grouped by model (one checkpoint at a time), on --engine."""
     models = [m for name in args.models.split(",") for m in MODEL_GROUPS.get(name, (name,))] if args.models \
         else list(MODELS)
     unknown = set(models) - set(MODELS)
     if unknown:
         sys.exit(f"--models: unknown {', '.join(sorted(unknown))}; choose from {', '.join([*MODELS, *MODEL_GROUPS])}")
-    cases = [c for c in MATRIX if c.model in models and (args.gpus is None or c.gpus == args.gpus)]
+    quants = args.quants.split(",") if args.quants else None
+    cases = [c for c in MATRIX if c.model in models and (args.gpus is None or c.gpus == args.gpus)
+             and (quants is None or c.quant in quants)]
     return [replace(c, engine=args.engine) for c in sorted(cases, key=lambda c: list(MODELS).index(c.model))]
 
 
@@ -685,17 +700,18 @@ def merge(documents: list[dict]) -> dict:
 
 def list_matrix(spec: str = LIST_GPUS, engine: str = AUTO, cases: list[Case] | None = None) -> str:
     """`cases` (default: the whole matrix on `engine`) planned on `spec` cards: layers, per-GPU bytes, the
-    runtime planned and whether it fits."""
+    runtime planned, the prompt length a run prefills (the tightest device's worst) and whether it fits."""
     from heavylift.hardware.gpus import parse_gpu_spec
 
     cases = [replace(c, engine=engine) for c in MATRIX] if cases is None else cases
-    rows = [f"{'case':42} {'layers':>6} {'predicted GB per GPU':>22} {'runtime':>12}  fits {spec}"]
+    rows = [f"{'case':42} {'layers':>6} {'predicted GB per GPU':>22} {'runtime':>12} {'prompt':>7}  fits {spec}"]
     for case in cases:
         scheme = plan_scheme(case, parse_gpu_spec(f"{case.gpus}x{spec}"))
         per_gpu = " + ".join(f"{d.total_bytes / 1e9:.1f}" for d in scheme.per_device)
         layers = sum(len(d.layers) for d in scheme.per_device)
         fits = "yes" if scheme.fits else "NO"
-        rows.append(f"{case.key:42} {layers:>6} {per_gpu:>22} {scheme.engine:>12}  {fits}")
+        rows.append(f"{case.key:42} {layers:>6} {per_gpu:>22} {scheme.engine:>12} "
+                    f"{scheme.tightest.worst_prompt_tokens:>7}  {fits}")
     ones = sum(c.gpus == 1 for c in cases)
     rows.append(f"{len(cases)} cases: {ones} on one GPU, {len(cases) - ones} on two")
     return "\n".join(rows)
@@ -751,6 +767,7 @@ def main() -> None:
     parser.add_argument("--models", help="comma-separated subset of: " + ", ".join(MODELS) + "; or a group: "
                         + ", ".join(f"{g} ({', '.join(m)})" for g, m in MODEL_GROUPS.items()))
     parser.add_argument("--gpus", type=int, choices=(1, 2), help="only the cases on this many GPUs")
+    parser.add_argument("--quants", help="only the cases in these precisions (comma-separated)")
     parser.add_argument("--budget-s", type=float, help="start no case after this many seconds")
     parser.add_argument("--out", help="results file (default bench/results/plan_validation_<card>_<date>.json)")
     parser.add_argument("--merge", action="store_true", help="add to --out instead of starting it afresh")

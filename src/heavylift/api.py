@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 from .defaults import DEFAULT_BATCH, DEFAULT_CONTEXT_TOKENS, DEFAULT_RESERVE_BYTES, DEFAULT_TRAIN_QUANT
 from .errors import GpuSpecError, InvalidArgumentError, PlanDoesNotFitError
 from .hardware.gpus import Device, parse_bytes, parse_gpu_spec
-from .model.prequantized import check_quant, check_stored_runs
+from .model.prequantized import check_quant, check_stored_runs, installed_transformers
 from .model.source import ModelSource, resolve_model
 from .planner.fewest import Fewest, fewest_table
 from .planner.make import make_plan, make_training_plan
@@ -210,8 +210,8 @@ def prepare(model: str, quant: str = BEST, gpus: str | Sequence[Device] | None =
                           allow_offload, engine, serve, adapter, source)
     scheme = _pick(planned.plan, quant, allow_offload)
     devices = planned.plan.devices
-    check_stored_runs(planned.source.architecture.prequantized, scheme.quant,
-                      bool(devices) and all(d.kind == "cuda" and d.native_fp8 for d in devices))
+    native_fp8 = bool(devices) and all(d.kind == "cuda" and d.native_fp8 for d in devices)
+    check_stored_runs(planned.source.architecture.prequantized, scheme.quant, native_fp8, installed_transformers())
     runtime = planned.runtimes[scheme.quant]
     if engine == FAST and runtime.name != FAST:  # among several precisions, the one picked is refused
         raise InvalidArgumentError(runtime.reason)

@@ -98,6 +98,11 @@ LLM_INT8_OUTLIER_COLUMN_FRACTION = 1.0
 # heavylift's loop prefills the prompt in chunks of this many tokens, which bounds the
 # activation peak whatever the context (mlx-lm and vLLM do the same).
 PREFILL_CHUNK_TOKENS = 2048
+# Where a device's memory is too tight for its layers' work on a whole chunk, its plan (plan.Layout.device_plan)
+# has the engine run that device's layers over fewer of the chunk's tokens at a time: half, a quarter, ... down
+# to this many. Each pass dequantizes the device's stored weights again (the plan states what that costs); a
+# pass of 256 tokens still runs matmuls of 256 rows on the tensor cores.
+PREFILL_MIN_ROWS = 256
 # A prompt's own token log-probabilities (a server's `echo` with `logprobs`) come from the head over this
 # many positions at a time: 64 x a 128k vocabulary in float32 is 33 MB, a whole chunk's would be 1 GB.
 SCORE_ROWS = 64
@@ -131,9 +136,47 @@ EXPERT_ROW_CHUNK_ELEMENTS = 1 << 24
 # pieces fragment less: by the planner's replay, the load reserve beyond the weights of Qwen2.5-7B is 1.30 GB
 # whole, 1.38 GB at 1 << 24 and 0.21 GB at 1 << 22; of 16 layers of Llama-3.1-405B 15.7, 2.6 and 2.6 GB.
 LOAD_ROW_CHUNK_ELEMENTS = 1 << 22
+# The engine's prefill matmuls (ops.dense_linear) dequantize a 4-bit, LLM.int8 or FP8 weight (FP8 where the GPU
+# has no FP8 tensor cores) into one reused bf16 buffer of at most this many bytes, a tile of whole output rows at
+# a time, and multiply the chunk by each tile into its output columns, instead of a bf16 copy of the whole weight
+# (Llama-3.1-405B's MLP weights, 53248 x 16384: 1.75 GB each, and LLM.int8's fp32 copies of it: 2 x 3.5 GB).
+# 128 MiB is 4096 rows of a 16384-wide weight: each tile's GEMM against a 2048-token chunk is still 0.27 TFLOP,
+# large enough to fill an H100's tensor cores, and the largest 405B weight takes 13 of them. LLM.int8 on
+# transformers' forward (runtime/bnb_forward.py) multiplies a tile of rows whose outlier columns, every column
+# counted, dequantize to at most this many bytes of fp32 (matmul_programs.int8_tile_rows: 624 rows of 53248).
+DEQUANT_TILE_BYTES = 128 * MiB
+# The engine's prefill runs a chunk's MLP over a block of its rows at a time (engine/model.py _prefill_mlp): as
+# many rows as keep its one intermediate activation [rows, intermediate] (SiLU of the gate, the up projection
+# multiplied into it a weight tile at a time) within this many bytes of bf16, in pieces of equal size. Each
+# further piece dequantizes the MLP's three weights once more, so the bound sits above every catalog model's
+# 2048-token chunk (Llama 3.1 405B's 53248-wide MLP: 0.22 GB, one piece) and cuts only wider ones.
+PREFILL_MLP_BYTES = 256 * MiB
 # torchao leaves a weight unquantized unless both its sides divide by 16 (_fp8_mm_compat): pieces of a weight
 # quantized on load hold a multiple of this many rows.
 FP8_ROW_MULTIPLE = 16
+# Block-FP8 weights kept as stored run through heavylift's torch matmuls where transformers' finegrained-fp8
+# kernel does not load (runtime/block_fp8_matmul.py): each dequantizes a tile of output rows at a time, the
+# most whole row blocks whose float32 staging (padded to whole column blocks) holds at most this many weights:
+# 64 MiB of float32 and 32 MiB of bf16 (DeepSeek-V3's 7168-wide inputs: 2304 rows a tile, not a whole
+# 18432-row MLP weight, 264 MB in bf16). Larger tiles gain little: the matmul of 2304 rows already fills a GPU.
+BLOCK_FP8_TILE_WEIGHTS = 1 << 24
+
+# --- The prompt lengths a plan replays (planner/prompt_lengths.py) ---------------------------------
+# What the caching allocator reserves is not monotone in the prompt length: at a shorter prompt a block that
+# a tensor frees can be just too small for a later request that the longest prompt's block holds, and that
+# request takes a segment of its own (docs/planner.md "Prompt lengths"). The planner replays the longest
+# prompt of each shape the runtime's program takes; on transformers' forward, whose replay is cheap, also
+# every length this close to the longest (where attention scores over the prompt and over the whole cache
+# come within a segment's 2 MiB rounding of each other: gpt-oss-20b at 1k x 8 holds 3.2 GB more at 1,020
+# tokens than at 1,024) ...
+PROMPT_BAND_TOKENS = 16
+# ... every length whose last chunk holds a multiple of this many rows (batch x tokens), where activations of a
+# power-of-two width fill whole 2 MiB segments and leave no slack for a slightly larger request ...
+PROMPT_ROW_GRID = 128
+# ... and every length this close to the PROMPT_REFINE_COUNT worst found. Against a replay of every length of
+# 180 transformers cases (bench/prompt_sweep.py), the worst these find is the most by 0.8% or less.
+PROMPT_REFINE_TOKENS = 8
+PROMPT_REFINE_COUNT = 2
 
 # Scaled-dot-product attention with a mask runs PyTorch's memory-efficient kernel, which reads the mask as it
 # is when its length and its row strides are multiples of this many elements, and otherwise pads or copies it

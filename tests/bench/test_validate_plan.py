@@ -47,6 +47,10 @@ def test_two_gpu_cases_split_and_one_balances_a_long_context():
 def test_list_prints_every_case():
     text = vp.list_matrix()
     assert all(c.key in text for c in vp.MATRIX) and "on two" in text
+    # gpt-oss at 1k x 8 holds the most at a 1,020-token prompt (tests/planner/test_prompt_lengths.py): its run
+    # prefills that.
+    (row,) = [line for line in text.splitlines() if line.startswith("gpt-oss-20b/bf16/1k/b8/1gpu")]
+    assert row.split()[-2:] == ["1020", "yes"]
 
 
 def _language_model_kwargs(folder, source) -> dict:
@@ -149,7 +153,7 @@ def test_list_plans_the_new_families_alone(capsys, monkeypatch):
     assert [r.split()[0] for r in rows[1:-1]] == [vp.replace(c, engine=vp.AUTO).key for c in cases]
     assert all(r.endswith("  yes") for r in rows[1:-1])
     assert rows[-1] == f"{len(cases)} cases: {len(cases)} on one GPU, 0 on two"
-    assert {r.split()[0]: r.split()[-2] for r in rows[1:-1]}["qwen3-8b/nf4-dq/8k/b1/1gpu/auto"] == "fast"
+    assert {r.split()[0]: r.split()[-3] for r in rows[1:-1]}["qwen3-8b/nf4-dq/8k/b1/1gpu/auto"] == "fast"
     assert {c.model for c in cases} == set(vp.NEW_FAMILIES)
     assert {c.quant for c in cases if c.model == "deepseek-v3"} == {"fp8", "bf16"}
     assert {c.quant for c in cases if c.model == "gpt-oss-20b"} == {"bf16"}
@@ -161,17 +165,26 @@ def test_an_unknown_model_names_the_groups(monkeypatch):
         vp.main()
 
 
-def test_kept_block_fp8_needs_the_kernels_package(monkeypatch):
+def test_kept_block_fp8_runs_under_transformers_5_24_and_needs_the_kernels_package_under_another(monkeypatch):
     import importlib.util
+
+    from heavylift.model import prequantized
 
     fp8, bf16 = vp.Case("deepseek-v3", "fp8", 8192, 1, 1), vp.Case("deepseek-v3", "bf16", 1024, 8, 1)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    assert vp.unmet_requirement(fp8) == "keeping block-FP8 weights needs the `kernels` package (pip install kernels)"
+    monkeypatch.setattr(prequantized, "installed_transformers", lambda: "5.24.0")
+    assert vp.unmet_requirement(fp8) is None  # heavylift's torch matmuls run it
+    monkeypatch.setattr(prequantized, "installed_transformers", lambda: "5.25.0")
+    unmet = ("--quant fp8 keeps the block-FP8 weights, which heavylift runs with transformers 5.24 (this is 5.25.0), "
+             "or transformers on GPUs of compute capability 8.9 or later with the `kernels` package; install "
+             "transformers 5.24 (pip install 'transformers>=5.24,<5.25'), or use --quant bf16 to dequantize them "
+             "while they load")
+    assert vp.unmet_requirement(fp8) == unmet
     assert vp.unmet_requirement(bf16) is None and vp.unmet_requirement(vp.Case("qwen3-8b", "fp8", 1024, 1, 1)) is None
     record = vp.finish_record({**vp.base_record(fp8, _plan_on(fp8)), "skipped": vp.unmet_requirement(fp8)},
                               {"accelerate_estimate_bytes": 1, "seed_rule_bytes": 2})
     table = vp.summarize({"card": "H100", "date": "2026-12-06", "cases": [record]})
-    assert "| not run: keeping block-FP8 weights needs the `kernels` package (pip install kernels) |" in table
+    assert f"| not run: {unmet} |" in table
 
 
 def test_model_config_keeps_the_catalog_shape_with_fewer_layers():
@@ -289,8 +302,12 @@ def test_the_loop_fills_the_cache_to_the_context_exactly(tmp_path, monkeypatch, 
     session = heavylift.load(str(folder), quant="bf16", context=48, batch=2, engine=engine)
     assert (session.engine is not None) == (engine == "fast")
     marks = []
-    _, _, cached = vp.drive(session, 48, 2, marks.append)
+    _, _, cached = vp.drive(session, 48, 2, marks.append, 44)
     assert marks == ["prefill", "decode"] and cached == 48
+
+
+def test_decode_steps_stop_where_the_cache_holds_the_context():
+    assert [vp.decode_steps(1024, prompt) for prompt in (992, 1000, 1020, 1024)] == [32, 24, 4, 0]
 
 class _FakeCuda:
     """torch.cuda's memory calls on one device whose use climbs by 10 bytes per query."""

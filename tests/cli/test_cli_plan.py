@@ -27,9 +27,9 @@ def test_plan_json_contract(capsys):
     assert [d["index"] for d in plan["devices"]] == [0, 1]
     assert all({"index", "name", "capacity_bytes"} <= d.keys() for d in plan["devices"])
     scheme_keys = {"quant", "weights_bytes", "kv_cache_bytes", "activation_bytes", "overhead_bytes", "total_bytes",
-                   "fits", "offload_bytes", "per_device", "decode_tok_s_upper_bound", "advice"}
+                   "fits", "offload_bytes", "per_device", "decode_tok_s_upper_bound", "advice", "worst_prompt_tokens"}
     device_keys = {"device", "layers", "weights_bytes", "kv_cache_bytes", "activation_bytes", "overhead_bytes",
-                   "total_bytes", "free_bytes"}
+                   "total_bytes", "free_bytes", "worst_prompt_tokens"}
     assert [s["quant"] for s in plan["schemes"]] == ["bf16", "fp16", "fp8", "int8", "nf4", "nf4-dq", "fp4"]
     for s in plan["schemes"]:
         assert scheme_keys <= s.keys()
@@ -40,6 +40,9 @@ def test_plan_json_contract(capsys):
                                         + d["overhead_bytes"])
         layers = [d["layers"] for d in s["per_device"] if d["layers"]]
         assert layers[0][0] == 0 and layers[-1][1] == 79
+        assert all(0 < d["worst_prompt_tokens"] <= 4096 for d in s["per_device"] if d["layers"])
+        tightest = min((d for d in s["per_device"] if d["layers"]), key=lambda d: d["free_bytes"])
+        assert s["worst_prompt_tokens"] == tightest["worst_prompt_tokens"]
     assert plan["recommended"] in {s["quant"] for s in plan["schemes"] if s["fits"]}
 
 
@@ -129,3 +132,14 @@ def test_a_plan_for_the_engine_is_the_engines_plan():
     arch = architecture_from_config(find_model("mistral-7b").config_dict())
     direct = make_plan("mistral-7b", arch, parse_gpu_spec("1xH100"), Workload(32768, 1, engine=FAST), ["nf4-dq"])
     assert planned.engine == FAST and planned.per_device == direct.scheme("nf4-dq").per_device
+
+
+def test_plan_json_names_the_prompt_length_of_its_figures(capsys):
+    # gpt-oss-20b at 1k x 8 holds the most at a 1,020-token prompt (tests/planner/test_prompt_lengths.py).
+    code, out, _ = run_cli(capsys, "plan", "gpt-oss-20b", "--gpus", "1xH100", "--context", "1024", "--batch", "8",
+                           "--quant", "bf16", "--json")
+    assert code == 0
+    (scheme,) = json.loads(out)["schemes"]
+    (device,) = scheme["per_device"]
+    assert scheme["worst_prompt_tokens"] == device["worst_prompt_tokens"] == 1020
+    assert device["total_bytes"] - device["weights_bytes"] == 10_281_322_496

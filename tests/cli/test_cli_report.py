@@ -41,7 +41,7 @@ def test_output_that_is_not_a_terminal_never_wraps(capsys):
     lines = out.splitlines()
     assert code == 0 and "planned for heavylift's engine (bf16, fp8, int8, nf4, nf4-dq, fp4); transformers' forward (fp16)" \
         in lines
-    assert "  bf16: use --gpus 11xH100-80GB: the fewest of these that hold bf16 at this context" in lines
+    assert "  bf16: use --gpus 10xH100-80GB: the fewest of these that hold bf16 at this context" in lines
 
 
 def test_the_plot_plans_each_precision_on_the_runtime_the_table_used():

@@ -223,6 +223,32 @@ def test_mistral_sliding_window_is_honoured(tmp_path, monkeypatch):
     assert _greedy(engine, prompt[0].tolist(), 6) == expected
 
 
+@pytest.mark.parametrize("quant", ["bf16", "nf4-dq"])
+def test_a_device_taking_each_chunk_a_few_tokens_at_a_time_prefills_the_same_sequence(checkpoints, quant,
+                                                                                     monkeypatch):
+    """Engine.prefill_rows (a device whose plan fits fewer tokens of a chunk at a time): chunks of 8 through the
+    layers 3 tokens at a time write the cache and give the logits of whole chunks, to within the rounding of
+    smaller matmuls; the greedy continuation is the same."""
+    monkeypatch.setattr("heavylift.engine.model.PREFILL_CHUNK_TOKENS", 8)
+    model = _load(checkpoints["llama"], quant)
+    whole = Engine.from_model(model, batch=1, context=64, ops="torch")
+    passes = Engine.from_model(model, batch=1, context=64, ops="torch", prefill_rows={torch.device("cpu"): 3})
+    seen = []  # the tokens each layer call of `passes` took
+
+    def layer(layer, hidden, *args):
+        seen.append(len(hidden))
+        return Engine._prefill_layer(passes, layer, hidden, *args)
+
+    passes._prefill_layer = layer
+    prompt = torch.randint(3, 320, (19,), generator=torch.Generator().manual_seed(7)).tolist()
+    a, b = whole.prefill(prompt), passes.prefill(prompt)
+    assert seen == [n for n in (3, 3, 2, 3, 3, 2, 3) for _ in whole.layers]  # chunks of 8, 8 and 3
+    assert (a - b).abs().max() < 0.02 * a.abs().max()
+    for x, y in zip(whole.layers, passes.layers):
+        assert torch.allclose(x.k_cache.float(), y.k_cache.float(), atol=0.05, rtol=0.02)
+    assert _greedy(whole, prompt, 6) == _greedy(passes, prompt, 6)
+
+
 def test_batch_decode_keeps_sequences_apart(checkpoints):
     """Two sequences decoded together give what each gives alone."""
     engine = Engine.from_model(_load(checkpoints["llama"], "nf4-dq"), batch=2, context=64, ops="triton")

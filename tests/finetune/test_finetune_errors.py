@@ -159,3 +159,29 @@ def test_resume_with_other_data(trained, base, tmp_path, capsys, untouched):
     _refused(capsys, ["finetune", str(base), "--data", str(other), "--resume", str(checkpoint)],
              f"--data {other} is not what --resume {checkpoint} was trained on (the contents differ); give the same "
              "file to continue it")
+
+
+def test_running_out_of_gpu_memory_mid_training_is_one_line_and_keeps_the_last_checkpoint(base, texts, tmp_path,
+                                                                                          capsys, monkeypatch):
+    import torch
+
+    from heavylift.finetune.trainer import Trainer
+
+    one_step = Trainer._one_step
+
+    def second_step_runs_out(self):
+        if self.step == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.20 GiB")
+        return one_step(self)
+
+    monkeypatch.setattr(Trainer, "_one_step", second_step_runs_out)
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, *train_args(base, texts["train"], out, "--steps", "3", "--save-every", "1"))
+    assert code == 2
+    last = err.strip().splitlines()[-1]
+    assert last == (f"error: out of GPU memory in training step 2 (--seq-len 32, --micro-batch 1), which the plan "
+                    f"fits on a card with nothing else on it: free the GPU of other processes, or pass a smaller "
+                    f"--micro-batch (with more --grad-accum) or a shorter --seq-len; the last checkpoint in {out} "
+                    f"is intact")
+    assert "Traceback" not in err
+    assert (out / "checkpoint-1").is_dir() and not (out / "checkpoint-2").exists()

@@ -171,3 +171,24 @@ def test_every_catalog_model_passes_the_checks_and_groups_its_layers(entry):
     assert [t for i in range(arch.num_layers) for t in arch.layer_tensors(i)] + list(arch.global_tensors()) == \
         sorted(arch.tensors, key=lambda t: (t.layer is None, t.layer or 0))
     assert arch.layer_tensors(arch.num_layers) == ()
+
+
+# --- the MLP's activation ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+def test_the_mlp_activation_is_the_one_transformers_builds(family):
+    """hidden_act (Gemma's hidden_activation) from config.json, else the config class's default."""
+    from transformers import AutoConfig
+
+    from heavylift.model.families import FAMILIES
+
+    key = FAMILIES[family].activation_key
+    for config in (TINY_FAMILIES[family], {**TINY_FAMILIES[family], key: "relu"}):
+        expected = getattr(AutoConfig.for_model(**config), key)
+        assert architecture_from_config(config).mlp_activation == expected
+
+
+def test_an_activation_that_is_not_a_name_is_refused():
+    with pytest.raises(ConfigError) as caught:
+        architecture_from_config({**TINY_LLAMA, "hidden_act": 3}, "m/config.json")
+    assert str(caught.value) == "m/config.json: 'hidden_act' is 3; it must name an activation, such as \"silu\""

@@ -5,16 +5,23 @@ caching allocator's 512-byte blocks), and its death, seen through a weakref on t
 0-dim tensors (scalars, 512 bytes each) are left out, as the programs leave them out. Views and
 in-place ops allocate nothing. Scaled-dot-product attention is replaced by what its CUDA kernels
 allocate (forward_program.py `_sdpa`): with a mask, a bool mask converted to the query's dtype, a copy padded
-to 16 keys (or made contiguous where its rows are not 16-aligned) and the output; without one, flash
-attention's output and its fp32 log-sum-exp. Indexing by int32 tensors (aten.index) adds the int64 copies of
+to 16 keys (or made contiguous where its rows are not 16-aligned) and the output; without one, or with a
+causal_lower_right bias (which a GPU hands to flash attention with no mask, where the CPU would build one),
+flash attention's output and its fp32 log-sum-exp. Indexing by int32 tensors (aten.index) adds the int64 copies of
 them that its make_info takes inside the op, on the CPU as on a GPU, before the output and freed after it.
+bitsandbytes' LLM.int8 ops, whose kernels this mode sees only whole and whose CUDA kernels allocate otherwise than
+the CPU ones, are traced as their CUDA kernels allocate (BNB_CUDA_ALLOCATIONS).
 """
 
 from __future__ import annotations
 
 import weakref
 
+import bitsandbytes  # noqa: F401 - registers the ops of BNB_CUDA_ALLOCATIONS
 import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -32,11 +39,85 @@ DECOMPOSED = {
 }
 
 
+def _int8_vectorwise_quant(outs, a, threshold=0.0):
+    """bitsandbytes 0.50 backends/cuda/ops.py: the row scales and int8 rows, then, past a threshold, |A| in fp16
+    and the map of entries past it, the columns holding any and their int64 indices (where there are some)."""
+    rows, k = a.numel() // a.shape[-1], a.shape[-1]
+    steps = [("row_stats", 4 * rows, 1), ("out_row", rows * k, 0)]
+    if threshold > 0.0:
+        steps += [("abs", 2 * rows * k), ("outliers", rows * k), "abs"]
+        if outs[2].numel():
+            steps += [("any", k), ("outlier_cols", 8 * outs[2].numel(), 2), "any"]
+        steps.append("outliers")
+    return steps
+
+
+def _int8_mm_dequant(outs, a, row_stats, col_stats, dtype=None, bias=None):
+    """backends/cuda/ops.py: an fp16 output (the kernel writes fp16 only), cast to `dtype` where it differs."""
+    fp16 = 2 * a.numel()
+    if (dtype or torch.float16) == torch.float16:
+        return [("out", fp16, 0)]
+    return [("fp16", fp16), ("out", outs[0].untyped_storage().nbytes(), 0), "fp16"]
+
+
+def _int8_vectorwise_dequant(outs, a, stats):
+    """_ops.py's default kernel, on every device: A * stats in fp32, then times 1/127."""
+    return [("scaled", 4 * a.numel()), ("out", 4 * a.numel(), 0), "scaled"]
+
+
+# What these ops allocate on a GPU, in order: (name, bytes) an allocation, (name, bytes, i) one that is the op's
+# i-th output (freed when it dies), a name alone the free of that allocation.
+BNB_CUDA_ALLOCATIONS = {
+    torch.ops.bitsandbytes.int8_vectorwise_quant.default: _int8_vectorwise_quant,
+    torch.ops.bitsandbytes.int8_mm_dequant.default: _int8_mm_dequant,
+    torch.ops.bitsandbytes.int8_vectorwise_dequant.default: _int8_vectorwise_dequant,
+}
+
+
+class _CausalBiasAsFlash(TorchFunctionMode):
+    """SDPA with a CausalBias (a function-level override, which the dispatch mode never sees) as flash attention."""
+
+    def __init__(self, trace: "Trace"):
+        super().__init__()
+        self.trace = trace
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and isinstance(kwargs.get("attn_mask"), CausalBias):
+            return self.trace.flash(args[0], args[2])
+        return func(*args, **kwargs)
+
+
 class Trace(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.events: list[tuple] = []  # ("alloc", key, bytes, label) / ("free", key)
         self._next = 0
+        self._functions = _CausalBiasAsFlash(self)
+        self._depth = 0  # __torch_dispatch__ re-enters the mode around decompositions; the function mode once
+
+    def __enter__(self):
+        if not self._depth:
+            self._functions.__enter__()
+        self._depth += 1
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._depth -= 1
+            if not self._depth:
+                self._functions.__exit__(*exc)
+
+    def flash(self, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Flash attention's output [batch, heads, length, value channels], laid out heads-inner, and its fp32
+        log-sum-exp, freed as the op returns (the values are left unset: the trace counts bytes)."""
+        b, h, length = q.shape[:3]
+        out = torch.empty(b, length, h, v.shape[-1], dtype=q.dtype, device=q.device).transpose(1, 2)
+        self._track(out, "sdpa out")
+        self._free(self._alloc(4 * b * h * length, "flash lse"))
+        return out
 
     def _alloc(self, nbytes: int, label: str) -> int:
         key = self._next
@@ -68,6 +149,8 @@ class Trace(TorchDispatchMode):
                 self._mark(t)  # inputs are not allocations of this op
         if func is SDPA:
             return self._sdpa(*args, **kwargs)
+        if func in BNB_CUDA_ALLOCATIONS:
+            return self._as_on_cuda(func, args, kwargs)
         if func in DECOMPOSED and DECOMPOSED[func](*args, **kwargs):
             with self:  # its composite kernel, back under this mode: each op it runs is traced
                 return func.decompose(*args, **kwargs)
@@ -82,14 +165,31 @@ class Trace(TorchDispatchMode):
             self._free(key)
         return out
 
+    def _as_on_cuda(self, func, args, kwargs):
+        """Run a BNB_CUDA_ALLOCATIONS op, tracing what its CUDA kernel allocates and frees; its outputs are the
+        allocations bound to them."""
+        out = func(*args, **kwargs)
+        outs = list(out) if isinstance(out, tuple) else [out]
+        keys: dict[str, int] = {}
+        for step in BNB_CUDA_ALLOCATIONS[func](outs, *args, **kwargs):
+            if isinstance(step, str):
+                self._free(keys.pop(step))
+                continue
+            name, nbytes, *output = step
+            key = self._alloc(nbytes, f"{func} {name}")
+            if not output:
+                keys[name] = key
+                continue
+            storage = outs[output[0]].untyped_storage()
+            self._mark(outs[output[0]])
+            weakref.finalize(storage, self._free, key)
+        return out
+
     def _sdpa(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         b, h, length = q.shape[:3]
         d = v.shape[-1]  # the output has the values' channels (DeepSeek's latent attention: fewer than q's)
         if attn_mask is None:
-            out = torch.empty(b, length, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
-            self._track(out, "sdpa out")
-            self._free(self._alloc(4 * b * h * length, "flash lse"))
-            return out
+            return self.flash(q, v)
         # convert_boolean_attn_mask: a bool mask becomes an additive one of the query's dtype; preprocess_mask
         # then pads a copy to 16 keys, or copies a mask whose rows do not start 16 elements apart.
         where = self._alloc(attn_mask.numel() * q.element_size(), "sdpa mask") if attn_mask.dtype == torch.bool \

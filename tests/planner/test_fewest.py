@@ -40,7 +40,7 @@ def test_405b_nf4_dq_on_4090s_is_the_advice_and_one_fewer_does_not_fit(capsys):
     n = table["fewest"]["nf4-dq"]["RTX-4090"]
     advice = plan("llama3.1-405b", gpus="1xRTX4090", context=8192, quant="nf4-dq").scheme("nf4-dq").advice
     advised = [int(m.group(1)) for line in advice if (m := re.search(r"--gpus (\d+)xRTX-4090", line))]
-    assert advised == [n] and n == 12
+    assert advised == [n] and n == 10
     work = Workload(context=8192, batch=1, engine="fast")
     assert margin("llama3.1-405b", "nf4-dq", f"{n}xRTX4090", work) >= 0
     assert margin("llama3.1-405b", "nf4-dq", f"{n - 1}xRTX4090", work) < 0
@@ -63,9 +63,9 @@ def test_json_carries_every_precision_and_catalog_card(capsys):
 
 
 def test_null_where_more_than_the_most_cards_would_be_needed(capsys):
-    table = fewest_json(capsys, "llama3.1-405b", "--context", "131072", "--quant", "bf16")
-    assert table["fewest"]["bf16"]["A10G"] is None and table["fewest"]["bf16"]["RTX-3090"] == 64
-    work = Workload(context=131072, batch=1, engine="fast")
+    table = fewest_json(capsys, "llama3.1-405b", "--context", "131072", "--batch", "16", "--quant", "bf16")
+    assert table["fewest"]["bf16"]["A10G"] is None and table["fewest"]["bf16"]["RTX-5090"] == 64
+    work = Workload(context=131072, batch=16, engine="fast")
     assert margin("llama3.1-405b", "bf16", f"{MAX_GPU_COUNT}xA10G", work) < 0
 
 
@@ -77,13 +77,14 @@ def test_table_shows_count_beside_the_weights_only_bound(capsys):
     assert [c.strip() for c in header.strip("┃").split("┃")] == ["quant"] + CUDA_CARDS
     row = next(line for line in lines if "nf4-dq" in line and "│" in line)
     cells = [c.strip() for c in row.strip("│").split("│")]
-    assert cells[0] == "nf4-dq" and cells[1 + CUDA_CARDS.index("RTX-4090")] == "12 (9)"
+    assert cells[0] == "nf4-dq" and cells[1 + CUDA_CARDS.index("RTX-4090")] == "10 (9)"
     assert cells[1 + CUDA_CARDS.index("H100-80GB")] == "3 (3)"
     assert lines[-1] == "planned for heavylift's engine"
 
 
 def test_null_count_is_shown_as_more_than_the_most(capsys):
-    code, out, _ = run_cli(capsys, "plan", "llama3.1-405b", "--fewest", "--quant", "bf16", "--context", "131072")
+    code, out, _ = run_cli(capsys, "plan", "llama3.1-405b", "--fewest", "--quant", "bf16", "--context", "131072",
+                           "--batch", "16")
     row = next(line for line in out.splitlines() if "bf16" in line and "│" in line)
     assert [c.strip() for c in row.strip("│").split("│")][1] == f">{MAX_GPU_COUNT} (34)"
 

@@ -13,7 +13,8 @@ from heavylift.model.architecture import architecture_from_config
 from heavylift.model.tensors import Role, TensorSpec
 from heavylift.model.prequantized import Prequantized, stored_as
 from heavylift.planner.allocator import Program
-from heavylift.planner.forward_program import Part, Step, transformers_forward
+from heavylift.planner.forward_program import Part, Step, forward_precisions, transformers_forward
+from heavylift.planner.matmul_programs import KeptBlockFp8
 from heavylift.planner.memory import kv_bytes_per_token, kv_cache_bytes
 from heavylift.schemes import SCHEMES
 
@@ -111,9 +112,10 @@ def test_all_means_the_precisions_the_checkpoint_accepts(capsys):
     by = {s["quant"]: s for s in plan["schemes"]}
     # fp8 keeps 1 byte a weight (plus block scales; bf16 embeddings, norms, fp32 routers): about half of bf16
     assert 0.49 < by["fp8"]["weights_bytes"] / by["bf16"]["weights_bytes"] < 0.52
-    assert plan["warnings"] == ["the checkpoint stores block-FP8 weights: fp8 keeps them so, which transformers runs "
-                                "only with the `kernels` package on GPUs of compute capability 8.9 or later; bf16 "
-                                "dequantizes them while they load"]
+    assert plan["warnings"] == ["the checkpoint stores block-FP8 weights: fp8 keeps them so, its matmuls run by the "
+                                "`kernels` package's finegrained-fp8 kernel on GPUs of compute capability 8.9 or "
+                                "later where it loads, else by heavylift's torch matmuls (slower: a tile of rows "
+                                "dequantized per matmul, as planned); bf16 dequantizes them while they load"]
     code, out, _ = run_cli(capsys, "plan", "gpt-oss-120b", "--gpus", "4xH100", "--json")
     assert [s["quant"] for s in json.loads(out)["schemes"]] == ["bf16"]
 
@@ -130,26 +132,66 @@ class _Recording(Program):
         return super().alloc(label, nbytes)
 
 
-def _deepseek_prefill(config: dict) -> list[tuple[str, int]]:
+def _deepseek_prefill(config: dict, way) -> list[tuple[str, int]]:
     arch = architecture_from_config(config)
     p = _Recording()
-    transformers_forward(p, arch, "fp8", Step(1, 4, 0, 16), Part(range(arch.num_layers), True, True),
+    transformers_forward(p, arch, way, Step(1, 4, 0, 16), Part(range(arch.num_layers), True, True),
                          range(arch.num_layers), logits=True)
     return p.allocations
+
+
+KEPT_TINY = {**TINY_FAMILIES["deepseek_v3"], "quantization_config": {
+    "quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}}
 
 
 def test_block_fp8_kept_as_stored_runs_transformers_fp8_kernels_not_heavylifts_dequantized_experts():
     # FP8Experts' grouped matmul reads the stored experts; heavylift's own fp8 (a bf16 checkpoint quantized by
     # torchao, experts by experts.py) dequantizes each fused expert tensor in fp32 for the forward.
-    stored = {**TINY_FAMILIES["deepseek_v3"], "quantization_config": {
-        "quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}}
-    kept = _deepseek_prefill(stored)
-    ours = _deepseek_prefill(TINY_FAMILIES["deepseek_v3"])
+    kernels, fallback = forward_precisions(architecture_from_config(KEPT_TINY), "fp8")
+    assert (kernels, fallback) == (KeptBlockFp8((128, 128), False), KeptBlockFp8((128, 128), True))
+    kept = _deepseek_prefill(KEPT_TINY, kernels)
+    ours = _deepseek_prefill(TINY_FAMILIES["deepseek_v3"], "fp8")
     assert not [a for a in kept if a[0].startswith("experts_")]
     assert ("experts_fp32", 4 * 2 * 64 * 64 * 4) in ours  # 4 experts' gate_up [2 x 64, 64] in fp32
     # FP8Linear: x cast to FP8 (4 rows x 64) with one fp32 scale per 128 columns of a row, as DeepGEMM does
     assert ("x_fp8", 4 * 64) in kept and ("x_scales", 4 * 1 * 4) in kept
     assert ("weights_bf16", 4 * 2 * 2) in kept  # the fp32 routing weights of 4 tokens x top-2, cast to bf16
+    assert not [a for a in kept if a[0] in ("w_fp32", "w_tile")]
+
+
+def test_block_fp8_kept_as_stored_through_heavylifts_torch_matmuls_dequantizes_a_tile_at_a_time():
+    """Without the kernels each FP8 matmul allocates its output, then per tile of output rows the weight's rows
+    in fp32 padded to whole 128 x 128 blocks and their bf16 copy; no activation goes to FP8. Tiny DeepSeek-V3
+    (hidden 64, latent ranks 64, RoPE 32, 4 heads of 32 + 32 channels, MLP 128, 4 experts of width 64, one
+    shared), 4 tokens: every weight fits one tile."""
+    way = forward_precisions(architecture_from_config(KEPT_TINY), "fp8")[1]
+    kept = _deepseek_prefill(KEPT_TINY, way)
+    assert not [a for a in kept if a[0] in ("x_fp8", "x_scales", "experts_fp32")]
+
+    def tile(rows: int, cols: int) -> list[tuple[str, int]]:  # staged in whole blocks, then the bf16 rows
+        return [("w_fp32", -(-rows // 128) * 128 * -(-cols // 128) * 128 * 4), ("w_tile", rows * cols * 2)]
+
+    # q_a [64, 64], q_b [4 x 64, 64], kv_a [64 + 32, 64], kv_b [4 x (32 + 32), 64], o [64, 4 x 32]
+    attention = tile(64, 64) + tile(256, 64) + tile(96, 64) + tile(256, 64) + tile(64, 128)
+    dense = tile(128, 64) * 2 + tile(64, 128)  # layer 0's MLP: gate, up, down
+    # layer 1: 4 tokens x top 2 reach up to all 4 experts: each one's gate_up [128, 64], then each one's down
+    # [64, 64]; then the shared expert's gate, up and down [64, 64]
+    moe = tile(128, 64) * 4 + tile(64, 64) * 4 + tile(64, 64) * 3
+    assert [a for a in kept if a[0] in ("w_fp32", "w_tile")] == attention + dense + attention + moe
+    # q_a_proj's output, 4 x 64 in bf16, comes before its tile
+    assert kept[kept.index(("w_fp32", 128 * 128 * 4)) - 1] == ("linear", 4 * 64 * 2)
+
+
+def test_the_plan_of_a_kept_block_fp8_checkpoint_holds_both_ways_its_matmuls_may_run():
+    from heavylift.planner.memory import _Device, _transformers_phases
+
+    arch = architecture_from_config(KEPT_TINY)
+    dev = _Device(True, (9, 0), True)
+    part = Part(range(arch.num_layers), True, True)
+    both = _transformers_phases(arch, "fp8", 64, 1, 2, dev, part, range(arch.num_layers))[1]
+    plain = _transformers_phases(architecture_from_config(TINY_FAMILIES["deepseek_v3"]), "fp8", 64, 1, 2, dev, part,
+                                 range(arch.num_layers))[1]
+    assert len(both) == 2 * len(plain) == 4  # one prefill chunk and a decode step, each way
 
 
 def test_deepseek_v3_kept_in_fp8_fits_eight_h200s(capsys):

@@ -2,8 +2,9 @@
 
 transformers' forward (every family, sliding windows included) and heavylift's engine prefill run here
 on the CPU under memtrace.Trace; the programs in heavylift.planner.forward_program and heavylift.planner.memory must list the
-same allocations, of the same sizes, freed in the same order. The quantized matmuls, which only run on a
-GPU, are checked tensor by tensor against the arithmetic of their source.
+same allocations, of the same sizes, freed in the same order (LLM.int8's bitsandbytes ops traced as their CUDA
+kernels allocate: memtrace.BNB_CUDA_ALLOCATIONS). The quantized matmuls that only run on a GPU are checked tensor
+by tensor against the arithmetic of their source.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from heavylift.hardware.gpus import parse_gpu_spec
 from heavylift.planner.memory import TRANSFORMERS, FAST, _kv_tensors, engine_prefill, runtime_terms
 from heavylift.schemes import SCHEMES
 from heavylift.planner.forward_program import Part, Step, linear, transformers_forward
+from heavylift.planner.matmul_programs import dense_linear as engine_dense_linear, int8_tile_rows
 
 from conftest import save_tiny_checkpoint, save_tiny_tokenizer
 from memtrace import Trace, canonical, first_difference
@@ -27,15 +29,50 @@ CONTEXT, BATCH, CHUNK, PROMPT = 48, 2, 16, 40  # prompt in chunks of 16, 16 and 
 MiB = 1 << 20
 
 
-def _session(tmp_path, family: str, engine: str, **config):
+def _session(tmp_path, family: str, engine: str, quant: str = "bf16", **config):
     folder = tmp_path / family
     save_tiny_checkpoint(folder, family, vocab_size=320, bos_token_id=1, eos_token_id=2, pad_token_id=0, **config)
     save_tiny_tokenizer(folder)
-    return heavylift.load(str(folder), quant="bf16", context=CONTEXT, batch=BATCH, engine=engine)
+    return heavylift.load(str(folder), quant=quant, context=CONTEXT, batch=BATCH, engine=engine)
+
+
+def _traced_steps(session, trace: Trace, decode: bool) -> tuple:
+    """The session's prefill of the test prompt under `trace`, then, with `decode`, one greedy decode step; what
+    they return, kept alive by the caller as the program keeps it."""
+    ids = torch.randint(0, 300, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        with trace:
+            logits, advance, cached = session.steps(ids)
+        if not decode:
+            return logits, advance, cached
+        token = logits.argmax(dim=-1, keepdim=True)
+        with trace:
+            after = advance(token)
+    return logits, advance, cached, after
+
+
+def _forward_events(session, quant: str, decode: bool, mask_order: list[str] | None = None) -> list[tuple]:
+    """The transformers forward program of what _traced_steps runs: the KV cache, each prefill chunk (logits on the
+    last), then the decode step."""
+    arch = session.plan.architecture
+    every = range(arch.num_layers)
+    part = Part(every, first=True, last=True)
+    program = Program()
+    for label, nbytes in _kv_tensors(arch, every, CONTEXT, BATCH, 2, TRANSFORMERS):
+        program.alloc(label, nbytes)
+    for start in range(0, PROMPT, CHUNK):
+        step = Step(BATCH, min(CHUNK, PROMPT - start), start, CONTEXT)
+        transformers_forward(program, arch, quant, step, part, every, logits=start + CHUNK >= PROMPT,
+                             mask_order=mask_order)
+    if decode:
+        transformers_forward(program, arch, quant, Step(BATCH, 1, PROMPT, CONTEXT), part, every, logits=True,
+                             mask_order=mask_order)
+    return canonical(program.events)
 
 
 @pytest.mark.parametrize("family, config", [
-    ("llama", {}),
+    ("llama", {}),  # the MLP in place (runtime/mlp_forward.py), as in mistral, qwen2, gemma2, qwen3 and gemma3_text
+    ("llama", {"hidden_act": "gelu"}),  # no exact in-place form of the erf GELU: transformers' own MLP
     ("mistral", {"sliding_window": 8}),  # the first chunk already exceeds the window
     ("qwen2", {"use_sliding_window": True, "sliding_window": 24, "max_window_layers": 1}),
     ("mixtral", {}),
@@ -53,31 +90,68 @@ def test_transformers_programs_match_the_forward(tmp_path, monkeypatch, family, 
 
     monkeypatch.setattr(session_module, "PREFILL_CHUNK", CHUNK)
     session = _session(tmp_path, family, "transformers", **config)
-    ids = torch.randint(0, 300, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
     trace = Trace()
-    with torch.inference_mode():
-        with trace:
-            logits, advance, cached = session.steps(ids)
-        token = logits.argmax(dim=-1, keepdim=True)
-        with trace:
-            after = advance(token)  # noqa: F841 - kept alive, as the program keeps it
+    *_, cached, after = _traced_steps(session, trace, decode=True)
     assert cached() == PROMPT + 1
 
-    arch = session.plan.architecture
-    every = range(arch.num_layers)
-    part = Part(every, first=True, last=True)
-    program = Program()
-    for label, nbytes in _kv_tensors(arch, every, CONTEXT, BATCH, 2, TRANSFORMERS):
-        program.alloc(label, nbytes)
     # Llama 4 builds a mask per layer type in the order of a Python set of their names, which string hashing
     # fixes per process: the program takes this process's order (a plan takes them sorted).
     order = list(set(session.model.config.layer_types)) if family == "llama4_text" else None
-    for start in range(0, PROMPT, CHUNK):
-        step = Step(BATCH, min(CHUNK, PROMPT - start), start, CONTEXT)
-        transformers_forward(program, arch, "bf16", step, part, every, logits=start + CHUNK >= PROMPT, mask_order=order)
-    transformers_forward(program, arch, "bf16", Step(BATCH, 1, PROMPT, CONTEXT), part, every, logits=True,
-                         mask_order=order)
-    planned, traced = canonical(program.events), canonical(trace.events)
+    planned, traced = _forward_events(session, "bf16", decode=True, mask_order=order), canonical(trace.events)
+    assert planned == traced, first_difference(planned, traced)
+
+
+def _without_cpu_tile_copies(events: list[tuple]) -> list[tuple]:
+    """A trace less bitsandbytes' CPU dequantize_4bit outputs: its CPU backend has no out= variant, so each tile is
+    written to a new tensor and copied in (ops._bnb_writer), where a GPU writes the tile buffer in place."""
+    copies = {e[1] for e in events if e[0] == "alloc" and e[3].startswith("bitsandbytes.dequantize_4bit")}
+    return [e for e in events if e[1] not in copies]
+
+
+@pytest.mark.parametrize("quant", ["nf4", "nf4-dq"])
+def test_transformers_4bit_prefill_matches_the_forward(tmp_path, monkeypatch, quant):
+    # Chunks of 16 tokens x 2 sequences: every matmul has more rows than bitsandbytes fuses, so each runs a
+    # weight tile at a time (runtime/bnb_forward.py; the tiny weights fit in one tile).
+    import heavylift.runtime.session as session_module
+
+    monkeypatch.setattr(session_module, "PREFILL_CHUNK", CHUNK)
+    session = _session(tmp_path, "llama", "transformers", quant)
+    trace = Trace()
+    steps = _traced_steps(session, trace, decode=False)  # noqa: F841 - its logits stay alive, as the program keeps them
+    planned = _forward_events(session, quant, decode=False)
+    traced = canonical(_without_cpu_tile_copies(trace.events))
+    assert planned == traced, first_difference(planned, traced)
+
+
+class _FilledAttentionTrace(Trace):
+    """A Trace whose attention outputs hold values (Trace leaves them unset): which input columns LLM.int8 takes as
+    outlier columns depends on them."""
+
+    def flash(self, q, v):
+        return super().flash(q, v).normal_()
+
+    def _sdpa(self, q, k, v, *args, **kwargs):
+        return super()._sdpa(q, k, v, *args, **kwargs).normal_()
+
+
+@pytest.mark.parametrize("tile_rows", [0, 24])  # whole weights; tiles of 24 rows of a 64-wide weight, 12 of 128
+def test_transformers_int8_prefill_and_decode_match_the_forward(tmp_path, monkeypatch, tile_rows):
+    # LLM.int8 a weight tile at a time (runtime/bnb_forward.py): bitsandbytes' ops traced as their CUDA kernels
+    # allocate (memtrace.BNB_CUDA_ALLOCATIONS). The plan counts every input column as an outlier column; a
+    # threshold under every entry here makes them so.
+    import bitsandbytes as bnb
+    import heavylift.runtime.session as session_module
+
+    monkeypatch.setattr(session_module, "PREFILL_CHUNK", CHUNK)
+    if tile_rows:  # q 24, 24, 16 rows; k and v 24, 8; gate and up five of 24 and 8; down five of 12 and 4
+        monkeypatch.setattr("heavylift.planner.matmul_programs.DEQUANT_TILE_BYTES", 4 * 64 * tile_rows)
+    session = _session(tmp_path, "llama", "transformers", "int8")
+    for m in session.model.modules():
+        if isinstance(m, bnb.nn.Linear8bitLt):
+            m.state.threshold = 1e-6
+    trace = _FilledAttentionTrace()
+    steps = _traced_steps(session, trace, decode=True)  # noqa: F841 - kept alive, as the program keeps them
+    planned, traced = _forward_events(session, "int8", decode=True), canonical(trace.events)
     assert planned == traced, first_difference(planned, traced)
 
 
@@ -95,12 +169,23 @@ class TritonLikeOps:
         return q_out
 
 
-@pytest.mark.parametrize("family, config", [("llama", {}), ("mistral", {"sliding_window": 12}), ("qwen2", {}),
-                                            ("qwen3", {})])
-def test_engine_prefill_program_matches_the_engine(tmp_path, monkeypatch, family, config):
+@pytest.mark.parametrize("family, config, mlp_bytes, rows", [
+    ("llama", {}, None, 0),
+    ("llama", {}, 5 * 2 * 128, 0),  # 5 rows of the 128-wide MLP: chunks of 16 in 4 pieces of 4 rows, the last of 8 in 2
+    ("llama", {}, None, 6),  # chunks of 16 through the layers 6 tokens at a time: 6, 6 and 4; the last chunk 6 and 2
+    ("mistral", {"sliding_window": 12}, None, 0),
+    ("mistral", {"sliding_window": 12}, None, 6),  # passes that start inside and beyond the window
+    ("qwen2", {}, None, 0),
+    ("qwen3", {}, None, 0),
+])
+def test_engine_prefill_program_matches_the_engine(tmp_path, monkeypatch, family, config, mlp_bytes, rows):
     monkeypatch.setattr("heavylift.engine.model.PREFILL_CHUNK_TOKENS", CHUNK)
+    if mlp_bytes:
+        monkeypatch.setattr("heavylift.planner.engine_program.PREFILL_MLP_BYTES", mlp_bytes)
     session = _session(tmp_path, family, "fast", **config)
     session.engine.ops = TritonLikeOps
+    if rows:
+        session.engine.prefill_rows = {torch.device("cpu"): rows}
     ids = torch.randint(0, 300, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
     trace = Trace()
     with torch.inference_mode(), trace:
@@ -109,10 +194,10 @@ def test_engine_prefill_program_matches_the_engine(tmp_path, monkeypatch, family
     arch = session.plan.architecture
     program = Program()
     part = Part(range(arch.num_layers), first=True, last=True)
-    rows = [engine_prefill(program, arch, "bf16", PROMPT, CHUNK, range(arch.num_layers), part, native_fp8=True,
-                           cuda=False) for _ in range(BATCH)]
+    logits = [engine_prefill(program, arch, "bf16", PROMPT, CHUNK, range(arch.num_layers), part, native_fp8=True,
+                             cuda=False, rows=rows) for _ in range(BATCH)]
     program.alloc("logits", 4 * BATCH * arch.vocab_size)  # torch.cat of the rows
-    program.free(*reversed(rows))  # the list of rows dies backwards
+    program.free(*reversed(logits))  # the list of rows dies backwards
     planned, traced = canonical(program.events), canonical(trace.events)
     assert planned == traced, first_difference(planned, traced)
 
@@ -121,16 +206,24 @@ def _sizes(program: Program) -> list[int]:
     return [e[2] for e in program.events if e[0] == "alloc"]
 
 
-def test_bitsandbytes_4bit_dequantizes_beyond_four_rows():
-    # x [8, 64] @ W^T, W [32, 64] in NF4 with double quant: 2048 weights = 32 blocks of 64.
-    # absmax dequantized (fp32, 128 B -> 512) and offset (512), the bf16 weight 32 x 64 x 2 = 4096,
-    # y [8, 32] bf16 = 512: live at once 5632.
+def test_bitsandbytes_4bit_runs_a_weight_tile_at_a_time_beyond_four_rows():
+    # Llama-3.1-405B's gate weight, 53248 x 16384, against 2048 rows on transformers (runtime/bnb_forward.py), as
+    # the engine's prefill: NF4-DQ's absmax dequantized whole, 53248 x 16384 / 64 blocks x 4 bytes = 54,525,952;
+    # one 128 MiB tile of 4096 rows; y 2048 x 53248 x 2 = 218,103,808. bitsandbytes' own forward would hold the
+    # whole weight in bf16, 1,744,830,464.
+    tile, y = 4096 * 16384 * 2, 2048 * 53248 * 2
     p = Program()
-    linear(p, "nf4-dq", 8, 64, 32)
-    assert _sizes(p) == [128, 128, 4096, 512] and peak_live(p) == 5632
+    linear(p, "nf4-dq", 2048, 16384, 53248)
+    assert _sizes(p) == [54_525_952, tile, y] and peak_live(p) == 54_525_952 + tile + y
+    p = Program()
+    linear(p, "fp4", 5, 16384, 53248)  # five rows already
+    assert _sizes(p) == [tile, 5 * 53248 * 2]
     p = Program()
     linear(p, "nf4", 4, 64, 32)  # up to 4 rows: bitsandbytes' fused kernel, only the output
     assert _sizes(p) == [256]
+    p = Program()
+    linear(p, "nf4", 4, 96, 32)  # but not over partial 64-weight blocks: the whole 32 x 96 weight is one tile
+    assert _sizes(p) == [32 * 96 * 2, 256]
 
 
 def test_llm_int8_counts_its_outlier_decomposition():
@@ -144,6 +237,41 @@ def test_llm_int8_counts_its_outlier_decomposition():
     assert peak_live(p) == 20_992
 
 
+def test_llm_int8_on_transformers_runs_a_weight_tile_at_a_time():
+    # Llama-3.1-405B's down projection, 16384 x 53248, on a 2048-token chunk (runtime/bnb_forward.py): tiles of
+    # 128 MiB / (53248 x 4 bytes) = 630 rows rounded down to a multiple of 16, 624, 26 of them and one of 160. Every column an outlier column: x's fp16 copy
+    # 218,103,808, row stats 8192, int8 x 109,051,904, |x| 218,103,808, the map 109,051,904, any 53,248,
+    # indices 425,984; A[:, cols] 218,103,808; the output 2048 x 16384 x 2 = 67,108,864; per tile CB[:, cols]
+    # 624 x 53248 = 33,226,752, its fp32 dequantize twice 132,907,008, in bf16 66,453,504, the int32, fp16 and bf16
+    # products 5,111,808, 2,555,904 and 2,555,904, and addmm's 2,555,904.
+    assert int8_tile_rows(16384, 53248) == 624
+    quantize = [218_103_808, 8192, 109_051_904, 218_103_808, 109_051_904, 53_248, 425_984, 218_103_808]
+
+    def tile(t: int) -> list[int]:
+        return [t * 53248, 4 * t * 53248, 4 * t * 53248, 2 * t * 53248, 4 * 2048 * t, 2 * 2048 * t, 2 * 2048 * t,
+                2 * 2048 * t]
+
+    p = Program()
+    linear(p, "int8", 2048, 53248, 16384)
+    assert _sizes(p) == quantize + [67_108_864] + tile(624) * 26 + tile(160)
+    # Most at once, at a tile's second fp32 copy: row stats, int8 x, indices, A[:, cols], the output, CB[:, cols]
+    # and both fp32 copies: 0.70 GB, where bitsandbytes' own forward holds 2 x 3.49 GB of fp32 for the whole weight.
+    assert peak_live(p) == 8192 + 109_051_904 + 425_984 + 218_103_808 + 67_108_864 + 33_226_752 + 2 * 132_907_008
+    # A decode step of one row: the same tiles, the fp32 ones as large.
+    p = Program()
+    linear(p, "int8", 1, 53248, 16384)
+    assert peak_live(p) == 512 + 53_248 + 425_984 + 106_496 + 32_768 + 33_226_752 + 2 * 132_907_008
+
+
+def test_llm_int8_tiles_are_whole_multiples_of_sixteen_rows():
+    # cuBLASLt's int8 GEMM needs the int32 product's rows aligned: Gemma 2 9B's gate, 14336 x 3584, took tiles of
+    # 9362 rows (128 MiB / (3584 x 4)) and failed on an H100; 9360 now, a multiple of 16, and so is what is left.
+    assert int8_tile_rows(14336, 3584) == 9360 and (14336 - 9360) % 16 == 0
+    assert int8_tile_rows(16384, 3072) == 10912  # Phi-3-mini's fused gate_up: was 10922
+    assert int8_tile_rows(3072, 8192) == 3072  # its down projection in one tile: the whole weight
+    assert int8_tile_rows(64, 10**9) == 16  # at least one multiple, however wide the weight
+
+
 def test_torchao_fp8_quantizes_activations_in_fp32():
     # |x| bf16 1024, row max 16, scale 16, fp32 scale 32; x in fp32, scaled, clamped (3 x 2048), fp8 512;
     # y 512. Most at once: fp32 scale (512) + 3 x 2048 + fp8 512 = 7168.
@@ -153,6 +281,27 @@ def test_torchao_fp8_quantizes_activations_in_fp32():
     p = Program()
     linear(p, "fp8", 8, 64, 32, native_fp8=False)  # FP8 storage without FP8 tensor cores: weight dequantized
     assert _sizes(p) == [8192, 8192, 4096, 512]
+
+
+def test_engine_prefill_dequantizes_a_tile_of_rows_at_a_time():
+    # Llama-3.1-405B's gate weight, 53248 x 16384, against a 2048-token chunk: 128 MiB tiles of 4096 rows
+    # (16384 x 2 bytes a row); NF4-DQ's absmax dequantized whole first, 53248 x 16384 / 64 blocks x 4 bytes =
+    # 54,525,952; y 2048 x 53248 x 2 = 218,103,808. The whole weight in bf16 would be 1,744,830,464.
+    tile, y = 4096 * 16384 * 2, 2048 * 53248 * 2
+    p = Program()
+    engine_dense_linear(p, "nf4-dq", 2048, 16384, 53248, native_fp8=True)
+    assert _sizes(p) == [54_525_952, tile, y] and peak_live(p) == 54_525_952 + tile + y
+    for quant in ("nf4", "int8"):  # no absmax to dequantize; INT8 rows cast and scaled in the tile
+        p = Program()
+        engine_dense_linear(p, quant, 2048, 16384, 53248, native_fp8=True)
+        assert _sizes(p) == [tile, y]
+    p = Program()  # FP8 without FP8 tensor cores: as INT8
+    engine_dense_linear(p, "fp8", 2048, 16384, 53248, native_fp8=False)
+    assert _sizes(p) == [tile, y]
+    # A weight under a tile, 1024 x 4096: the tile is the whole weight, 8 MiB.
+    p = Program()
+    engine_dense_linear(p, "int8", 16, 4096, 1024, native_fp8=True)
+    assert _sizes(p) == [1024 * 4096 * 2, 16 * 1024 * 2]
 
 
 @pytest.mark.parametrize("model, context, batch, quant", [("llama3.1-8b", 32768, 8, "bf16"),
@@ -225,7 +374,7 @@ def test_the_load_order_is_transformers_order():
     assert sorted(names, key=natural_key) == sorted(names, key=dot_natural_key)
 
 
-def test_quantizing_on_load_holds_the_bf16_weight_and_the_quantizers_temporaries():
+def test_quantizing_on_load_holds_the_quantizers_temporaries_and_bitsandbytes_a_block_of_rows(monkeypatch):
     from heavylift.planner.load_program import Loaded, dense_load
 
     def sizes(quant: str) -> list[int]:
@@ -237,11 +386,17 @@ def test_quantizing_on_load_holds_the_bf16_weight_and_the_quantizers_temporaries
     # torchao FP8: bf16 16,384; |w| 16,384, row maxima and scales (64 x 2, 2, 4 -> 512 each); w in fp32,
     # scaled, clamped (3 x 32,768); float8 8,192.
     assert sizes("fp8") == [8192, 16384, 16384, 128, 128, 256, 32768, 32768, 32768, 8192]
-    # LLM.int8: bf16; an fp16 copy; the row scales (256) and the int8 rows.
-    assert sizes("int8") == [8192, 16384, 16384, 256, 8192]
-    # NF4 with double quantization: bf16; 128 fp32 absmax, the packed nibbles, the code book; the offset, the
-    # shifted absmax, a code-book copy, the nested absmax, the absmax bytes and the kept code book.
-    assert sizes("nf4-dq") == [4096, 16384, 512, 4096, 64, 4, 512, 1024, 4, 128, 1024]
+    # LLM.int8 (bnb_load.quantize_int8_rows): the int8 rows and row scales (256) allocated whole; the weight in
+    # one block of rows (64 x 128 <= LOAD_ROW_CHUNK_ELEMENTS): its fp16 copy, the block's scales and int8 rows.
+    assert sizes("int8") == [8192, 8192, 256, 16384, 256, 8192]
+    # NF4 with double quantization: 128 fp32 absmax and the packed nibbles allocated whole; the block's bf16
+    # copy, absmax and nibbles; the code book; the offset, the shifted absmax, a code-book copy, the nested
+    # absmax, the absmax bytes and the kept code book.
+    assert sizes("nf4-dq") == [4096, 512, 4096, 16384, 512, 4096, 64, 4, 512, 1024, 4, 128, 1024]
+    # In blocks of 16 rows (2048 weights; a multiple of 64, as 4-bit blocks need): four of them.
+    monkeypatch.setattr("heavylift.planner.load_program.LOAD_ROW_CHUNK_ELEMENTS", 2048)
+    assert sizes("nf4") == [4096, 512, 4096] + [4096, 128, 1024] * 4 + [64]
+    assert sizes("int8") == [8192, 8192, 256] + [4096, 64, 2048] * 4
 
 
 def test_a_dense_plan_holds_what_the_load_leaves_cached():

@@ -57,3 +57,14 @@ def test_the_sweep_runs_on_the_same_weights_with_a_cache_for_its_largest_batch(e
     assert sweep_engine(sweep, (1, 4)) is sweep
     token = torch.tensor([3, 5, 7, 9])
     assert sweep.decode(token).shape == (4, 320)
+
+
+def test_a_record_prints_as_json_with_its_roofline_percentage():
+    from heavylift.runtime.benchmark import BenchRecord
+
+    record = BenchRecord(model="m", engine="heavylift", quant="nf4-dq", batch=16, gpus=1, decode_tok_s=250.0,
+                         roofline_tok_s=1000.0, prefill_tok_s=None, load_s=1.5, bytes_per_token=4096)
+    assert record.to_json() == {"model": "m", "engine": "heavylift", "quant": "nf4-dq", "batch": 16, "gpus": 1,
+                                "decode_tok_s": 250.0, "roofline_tok_s": 1000.0, "prefill_tok_s": None,
+                                "load_s": 1.5, "bytes_per_token": 4096, "bytes_per_step": None,
+                                "flops_per_step": None, "roofline_pct": 25.0}

@@ -10,8 +10,8 @@ import torch
 
 import heavylift
 from heavylift.serve.backends import buckets
-from heavylift.serve.scheduler import (Delta, Done, Failed, PromptScores, QueueFullError, Request, Scheduler,
-                                       _held_back)
+from heavylift.serve.events import Delta, Done, Failed, PromptScores, QueueFullError, Request, held_back
+from heavylift.serve.scheduler import Scheduler
 from conftest import save_runnable_checkpoint
 
 CONTEXT, SLOTS = 96, 4
@@ -171,10 +171,10 @@ def test_a_full_queue_refuses_at_once(folder):
 
 
 def test_held_back_text_is_the_longest_possible_start_of_a_stop_string():
-    assert _held_back("hello wor", ("world",)) == 3
-    assert _held_back("hello", ("lo!", "llo?")) == 3
-    assert _held_back("hello", ("x",)) == 0
-    assert _held_back("", ("ab",)) == 0
+    assert held_back("hello wor", ("world",)) == 3
+    assert held_back("hello", ("lo!", "llo?")) == 3
+    assert held_back("hello", ("x",)) == 0
+    assert held_back("", ("ab",)) == 0
 
 
 def test_decode_buckets_are_powers_of_two_and_the_slot_count():

@@ -8,7 +8,7 @@ import threading
 from starlette.testclient import TestClient
 
 from heavylift.serve.app import ModelCard, create_app
-from heavylift.serve.scheduler import Delta, Done, Failed, Stats, TokenScore
+from heavylift.serve.events import Delta, Done, Failed, Stats, TokenScore
 
 NAME = "tiny"
 CONTEXT = 64

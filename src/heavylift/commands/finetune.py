@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from heavylift.commands.run import RUN_GPUS_HELP
+from heavylift.errors import OutOfMemoryError
 from heavylift.defaults import (DEFAULT_LORA_ALPHA, DEFAULT_LORA_DROPOUT, DEFAULT_LORA_R, DEFAULT_MICRO_BATCH,
                                 DEFAULT_TRAIN_QUANT, DEFAULT_TRAIN_SEQ_LEN, EVAL_FRACTION, FINETUNE_EPOCHS,
                                 FINETUNE_EVAL_EVERY_STEPS, FINETUNE_GRAD_ACCUM, FINETUNE_LEARNING_RATE,
@@ -162,17 +163,31 @@ def _header(job, trainer) -> str:
 
 
 def _train(err: Console, trainer, log_every: int) -> None:
+    import torch
+
     from heavylift.finetune.loop import Evaluated, Saved, Step
 
     with display(err, trainer.step, trainer.total, log_every) as shown:
-        for event in trainer.run(notice=lambda: shown.print(STOPPING)):
-            if isinstance(event, Step):
-                shown.step(event)
-            elif isinstance(event, Evaluated):
-                shown.print(f"step {event.step}/{trainer.total} held-out loss {event.loss:.4f}")
-            elif isinstance(event, Saved):
-                shown.print(f"saved {event.folder}")
+        try:
+            for event in trainer.run(notice=lambda: shown.print(STOPPING)):
+                if isinstance(event, Step):
+                    shown.step(event)
+                elif isinstance(event, Evaluated):
+                    shown.print(f"step {event.step}/{trainer.total} held-out loss {event.loss:.4f}")
+                elif isinstance(event, Saved):
+                    shown.print(f"saved {event.folder}")
+        except torch.OutOfMemoryError:
+            raise OutOfMemoryError(_out_of_memory(trainer)) from None
     err.print(escape(_summary(trainer)))
+
+
+def _out_of_memory(trainer) -> str:
+    """The one line for a step that ran out of GPU memory: what was kept and the knobs that shrink a step."""
+    s = trainer.settings
+    kept = f"the last checkpoint in {trainer.out} is intact" if trainer.step else "nothing was saved"
+    return (f"out of GPU memory in training step {trainer.step + 1} (--seq-len {s.seq_len}, --micro-batch "
+            f"{s.micro_batch}), which the plan fits on a card with nothing else on it: free the GPU of other "
+            f"processes, or pass a smaller --micro-batch (with more --grad-accum) or a shorter --seq-len; {kept}")
 
 
 def _summary(trainer) -> str:

@@ -16,30 +16,34 @@ pool).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from heavylift.hardware.gpus import KIND_CUDA
 from heavylift.model.architecture import head_dim_of, layer_windows_of
 from heavylift.planner import runtimes
 from heavylift.defaults import PREFILL_CHUNK_TOKENS, SCORE_ROWS, SDPA_MASK_ALIGNMENT
-from .ops import OPS, attention_scratch, decode_splits, dense_linear, dense_parts
+from heavylift.planner.engine_program import prefill_mlp_rows
+from .ops import OPS, attention_scratch, decode_splits, dense_linear, dense_linear_mul, dense_parts
 from .weights import DENSE, QWeight, from_linear, quantize
 
 
 @dataclass
 class PrefillScratch:
-    """One prompt's prefill buffers on one device (Engine._prefill_scratch)."""
+    """One prompt's buffers for the sliding-window layers of one device whose chunks reach past their window
+    (Engine._prefill_scratch); the other layers' prefill attention needs none."""
 
     keys: torch.Tensor  # [heads, prompt, head_dim] bf16: the cache's keys repeated per query head
     values: torch.Tensor
-    positions: torch.Tensor | None = None  # [prompt] int32: 0, 1, ... (key positions)
-    mask: torch.Tensor | None = None  # [chunk, prompt rounded up to 16] bf16: 0 or -inf
-    masked: torch.Tensor | None = None  # the same in bool: True where a key is hidden
-    outside: torch.Tensor | None = None  # bool: keys beyond a sliding window
+    positions: torch.Tensor  # [prompt] int32: 0, 1, ... (key positions)
+    mask: torch.Tensor  # [chunk, prompt rounded up to 16] bf16: 0 or -inf
+    masked: torch.Tensor  # the same in bool: True where a key is hidden
+    outside: torch.Tensor  # bool: keys beyond the window
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,21 @@ class Layer:
 _PER_ROW = ("hidden", "hidden2", "x", "qkv", "q", "attn", "act", "slots", "active", "positions", "row_slots",
             "lengths")
 _PLANES = ("x16", "attn16", "act16")
+
+
+def _lower_right(queries: int, keys: int):
+    """causal_lower_right(queries, keys): each query sees the keys up to its own position, the last query all of
+    them. The bias is a tensor subclass around a placeholder that no kernel reads (float32 [2, queries, keys] in
+    host memory, left unset), made with Python dispatch off: a tracing mode (tests/planner/memtrace.py) runs
+    the engine's prefill, and a tensor subclass cannot be made under one."""
+    with torch._C._DisableTorchDispatch():
+        return causal_lower_right(queries, keys)
+
+
+def _on(device: torch.device):
+    """`device` made the current one while its work is issued: Triton launches a kernel on the current CUDA
+    device and stream, not on its tensors' device (torch ops follow their tensors either way)."""
+    return torch.cuda.device(device) if device.type == KIND_CUDA else nullcontext()
 
 
 def _config_dict(config) -> Mapping:
@@ -154,9 +173,13 @@ class Engine:
     """Decoder state for up to `batch` sequences of up to `context` tokens."""
 
     def __init__(self, shape: Shape, layers: list[Layer], embed: torch.Tensor, norm: torch.Tensor,
-                 lm_head: QWeight, rotary: torch.nn.Module, batch: int, context: int, ops: str = "triton"):
+                 lm_head: QWeight, rotary: torch.nn.Module, batch: int, context: int, ops: str = "triton",
+                 prefill_rows: Mapping[torch.device, int] | None = None):
         self.shape, self.layers, self.embed, self.norm, self.lm_head = shape, layers, embed, norm, lm_head
         self.batch, self.context, self.ops = batch, context, OPS[ops]
+        # Tokens of a prefill chunk a device takes through its layers at a time, where its plan says fewer than
+        # the whole chunk fit (plan.DevicePlan.prefill_rows); a device not named takes the whole chunk.
+        self.prefill_rows = dict(prefill_rows or {})
         self.rotary = rotary
         self.scale = shape.head_dim ** -0.5
         self.devices = list(dict.fromkeys([embed.device] + [layer.device for layer in layers] + [norm.device]))
@@ -176,7 +199,8 @@ class Engine:
     # -- building ---------------------------------------------------------------------------------
 
     @classmethod
-    def from_model(cls, model, batch: int, context: int, ops: str = "triton") -> "Engine":
+    def from_model(cls, model, batch: int, context: int, ops: str = "triton",
+                   prefill_rows: Mapping[torch.device, int] | None = None) -> "Engine":
         """Point at the weights of a loaded Llama-style transformers model; nothing is copied."""
         config, inner = model.config, model.model
         layers, windows = [], _windows(config)
@@ -189,7 +213,7 @@ class Engine:
                                 from_linear(attn.o_proj), from_linear(mlp.gate_proj), from_linear(mlp.up_proj),
                                 from_linear(mlp.down_proj), windows[i], qk_norm=qk_norm))
         return cls(_shape(config), layers, inner.embed_tokens.weight.data, inner.norm.weight.data,
-                   from_linear(model.lm_head), inner.rotary_emb, batch, context, ops)
+                   from_linear(model.lm_head), inner.rotary_emb, batch, context, ops, prefill_rows)
 
     @classmethod
     def from_random(cls, config, kind: int, device, batch: int, context: int, seed: int = 0,
@@ -229,7 +253,7 @@ class Engine:
             layer.k_cache = layer.v_cache = None
         layers = [replace(layer) for layer in self.layers]
         return Engine(self.shape, layers, self.embed, self.norm, self.lm_head, self.rotary, batch, context,
-                      self.ops.name)
+                      self.ops.name, self.prefill_rows)
 
     def _segments(self) -> list[tuple[torch.device, list[Layer]]]:
         """Consecutive layers on one device: each becomes one captured graph."""
@@ -276,12 +300,13 @@ class Engine:
             found = [] if scores is not None else None
         for start in range(0, len(tokens), chunk):
             with torch.inference_mode():
+                hidden = None  # the last chunk's hidden state, not read again: freed before this chunk starts
                 hidden = self._prefill_chunk(tokens[start:start + chunk], start, slot, scratch)
                 if found is not None:
                     found += self._scores(hidden, tokens[start + 1:start + 1 + len(hidden)], scores)
             if start + chunk < len(tokens):
                 yield None
-        with torch.inference_mode():
+        with torch.inference_mode(), _on(self.norm.device):
             for d in self.devices:
                 self.seq_len[d][slot] = len(tokens)
             x = self._norm(hidden[-1:].to(self.norm.device), self.norm)
@@ -300,10 +325,12 @@ class Engine:
         scratch = {d: self._prefill_scratch(len(tokens), d) for d, _ in self.segments}
         rows = []
         for start in range(0, len(tokens), PREFILL_CHUNK_TOKENS):
+            hidden = None  # the last chunk's, freed before this one starts
             hidden = self._prefill_chunk(tokens[start:start + PREFILL_CHUNK_TOKENS], start, slot, scratch)
-            for piece in hidden[max(first - start, 0):].to(self.norm.device).split(SCORE_ROWS):
-                x = self._norm(piece, self.norm)
-                rows.append(torch.log_softmax(dense_linear(x, self.lm_head).float(), dim=-1))
+            with _on(self.norm.device):
+                for piece in hidden[max(first - start, 0):].to(self.norm.device).split(SCORE_ROWS):
+                    x = self._norm(piece, self.norm)
+                    rows.append(torch.log_softmax(dense_linear(x, self.lm_head).float(), dim=-1))
         for d in self.devices:
             self.seq_len[d][slot] = len(tokens)
         return torch.cat(rows)
@@ -315,60 +342,107 @@ class Engine:
         out = []
         hidden = hidden[:len(following)].to(self.norm.device)
         following = following.to(self.norm.device)
-        for start in range(0, len(following), SCORE_ROWS):
-            x = self._norm(hidden[start:start + SCORE_ROWS], self.norm)
-            out += token_scores(dense_linear(x, self.lm_head), following[start:start + SCORE_ROWS], top)
+        with _on(self.norm.device):
+            for start in range(0, len(following), SCORE_ROWS):
+                x = self._norm(hidden[start:start + SCORE_ROWS], self.norm)
+                out += token_scores(dense_linear(x, self.lm_head), following[start:start + SCORE_ROWS], top)
         return out
 
     def _norm(self, x, weight):
         return self.ops.rmsnorm(x, weight, self.shape.eps, torch.empty_like(x))
 
-    def _prefill_scratch(self, prompt: int, dev, chunk: int | None = None) -> PrefillScratch:
-        """One prompt's attention buffers on one device, at the prompt's full length: the keys and values
-        repeated per query head and the chunks' masks are views of them, so a long prompt's chunks reuse
-        one allocation instead of each taking a larger one (which the allocator would keep cached: 4 GB of
-        an 8B model's 32k-token prefill). Masks only where a chunk needs one (a later chunk, or a window
-        shorter than the first)."""
+    def _prefill_scratch(self, prompt: int, dev, chunk: int | None = None) -> PrefillScratch | None:
+        """One prompt's buffers for a device's sliding-window layers, at the prompt's full length, where a chunk
+        reaches past a window (None elsewhere): the keys and values repeated per query head, the key positions
+        and the chunks' masks, all views of one allocation each, so a long prompt's chunks reuse them instead of
+        each taking a larger one (which the allocator would keep cached)."""
         s = self.shape
         first = min(prompt, chunk or PREFILL_CHUNK_TOKENS)
-        windows = {layer.window for layer in self.layers if layer.device == dev}
-        masked = prompt > first or any(w and w < first for w in windows)
+        if not any(layer.window and layer.window < prompt for layer in self.layers if layer.device == dev):
+            return None
         width = -(-prompt // SDPA_MASK_ALIGNMENT) * SDPA_MASK_ALIGNMENT
-        bf16 = dict(dtype=torch.bfloat16, device=dev)
+        bf16, flags = dict(dtype=torch.bfloat16, device=dev), dict(dtype=torch.bool, device=dev)
         keys, values = (torch.empty(s.heads, prompt, s.head_dim, **bf16) for _ in range(2))
-        if not masked:
-            return PrefillScratch(keys, values)
-        flags = dict(dtype=torch.bool, device=dev)
         return PrefillScratch(keys, values, torch.arange(prompt, dtype=torch.int32, device=dev),
                               torch.empty(first, width, **bf16), torch.empty(first, width, **flags),
-                              torch.empty(first, width, **flags) if any(windows) else None)
+                              torch.empty(first, width, **flags))
 
     def _prefill_chunk(self, tokens, start: int, slot: int, scratch: dict) -> torch.Tensor:
-        s, t = self.shape, len(tokens)
+        """A chunk's hidden state through every layer, each device's layers updating it in place, on a device
+        with prefill_rows that many of its tokens through all of the device's layers at a time."""
         hidden = F.embedding(tokens, self.embed)
-        for layer in self.layers:
-            dev = layer.device
-            hidden = hidden.to(dev)
-            positions = torch.arange(start, start + t, dtype=torch.int32, device=dev)
-            slots = torch.full((t,), slot, dtype=torch.int32, device=dev)
-            x = self._norm(hidden, layer.ln1)
-            qkv = dense_parts(x, layer.qkv)
-            q = torch.empty(t, s.heads, s.head_dim, dtype=torch.bfloat16, device=dev)
-            cos, sin = self.rope[dev]
-            self.ops.rope_cache(qkv, positions, slots, cos, sin, layer.k_cache, layer.v_cache, s.heads, s.kv_heads, q,
-                                layer.qk_norm, s.eps)
-            attn = self._prefill_attention(q, layer, start, positions, slot, scratch[dev])
-            hidden = hidden + dense_linear(attn, layer.o)
-            x = self._norm(hidden, layer.ln2)
-            hidden = hidden + dense_linear(F.silu(dense_linear(x, layer.gate)) * dense_linear(x, layer.up), layer.down)
+        for dev, layers in self.segments:
+            with _on(dev):
+                hidden = hidden.to(dev)
+                step = self.prefill_rows.get(dev) or len(hidden)
+                for lo in range(0, len(hidden), step):
+                    for layer in layers:
+                        self._prefill_layer(layer, hidden[lo:lo + step], start + lo, slot, scratch[dev])
         return hidden
 
+    def _prefill_layer(self, layer: Layer, hidden: torch.Tensor, start: int, slot: int,
+                       scratch: PrefillScratch | None) -> None:
+        """One decoder layer over a chunk's hidden state, which it updates in place (both residual adds); each
+        temporary is freed once read for the last time."""
+        s, t, dev = self.shape, len(hidden), layer.device
+        positions = torch.arange(start, start + t, dtype=torch.int32, device=dev)
+        slots = torch.full((t,), slot, dtype=torch.int32, device=dev)
+        x = self._norm(hidden, layer.ln1)
+        qkv = dense_parts(x, layer.qkv)
+        del x
+        q = torch.empty(t, s.heads, s.head_dim, dtype=torch.bfloat16, device=dev)
+        cos, sin = self.rope[dev]
+        self.ops.rope_cache(qkv, positions, slots, cos, sin, layer.k_cache, layer.v_cache, s.heads, s.kv_heads, q,
+                            layer.qk_norm, s.eps)
+        del qkv, slots
+        attn = self._prefill_attention(q, layer, start, positions, slot, scratch)
+        del q, positions
+        hidden.add_(dense_linear(attn, layer.o))
+        del attn
+        self._prefill_mlp(layer, hidden)
+
+    def _prefill_mlp(self, layer: Layer, hidden: torch.Tensor) -> None:
+        """hidden += down(silu(gate(x)) * up(x)), x the normed hidden state, prefill_mlp_rows rows at a time:
+        SiLU in place on the gate's output, the up projection multiplied into it as each tile of its weight is
+        done (dense_linear_mul): the values transformers' MLP rounds to, with one intermediate [rows, width]
+        alive instead of three. x goes once the last rows' up projection has read it."""
+        x = self._norm(hidden, layer.ln2)
+        t = len(x)
+        step = prefill_mlp_rows(t, layer.gate.n)
+        for start in range(0, t, step):
+            rows = slice(start, start + step)
+            act = dense_linear(x[rows], layer.gate)
+            F.silu(act, inplace=True)
+            dense_linear_mul(x[rows], layer.up, act)
+            if start + step >= t:
+                del x
+            hidden[rows].add_(dense_linear(act, layer.down))
+            del act
+
     def _prefill_attention(self, q, layer: Layer, start: int, positions, slot: int,
-                           scratch: PrefillScratch) -> torch.Tensor:
-        """SDPA of a chunk's queries over the cache up to its last token, as transformers runs it: keys
-        repeated per query head (into the prompt's scratch); a causal flag on the first chunk, an additive
-        bf16 mask after it, built in place in the scratch (its rows 16-aligned, as the memory-efficient
-        kernel reads them without a copy)."""
+                           scratch: PrefillScratch | None) -> torch.Tensor:
+        """SDPA of a chunk's queries over the cache up to its last token, each query head reading its key and
+        value head in place (enable_gqa): causal on a first chunk, aligned to the last key after it
+        (causal_lower_right, which a GPU runs on flash attention with no mask); a sliding-window layer whose
+        chunk reaches past its window takes `_windowed_attention`."""
+        t = q.shape[0]
+        end = start + t
+        if layer.window and end > layer.window:
+            return self._windowed_attention(q, layer, start, positions, slot, scratch)
+        k, v = (cache[slot, :, :end][None] for cache in (layer.k_cache, layer.v_cache))
+        q = q.transpose(0, 1)[None]
+        if start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=_lower_right(t, end), scale=self.scale,
+                                               enable_gqa=True)
+        return y[0].transpose(0, 1).reshape(t, -1)
+
+    def _windowed_attention(self, q, layer: Layer, start: int, positions, slot: int,
+                            scratch: PrefillScratch) -> torch.Tensor:
+        """SDPA over the cache with a sliding window, as transformers runs it: keys repeated per query head (into
+        the prompt's scratch) and an additive bf16 mask built in place in the scratch (its rows 16-aligned, as
+        the memory-efficient kernel reads them without a copy)."""
         s, t = self.shape, q.shape[0]
         end, group = start + t, self.shape.heads // self.shape.kv_heads
         k, v = scratch.keys[:, :end], scratch.values[:, :end]
@@ -376,16 +450,12 @@ class Engine:
             source = cache[slot, :, :end]
             rep.view(s.kv_heads, group, end, s.head_dim).copy_(source[:, None].expand(-1, group, -1, -1))
         q = q.transpose(0, 1)[None]
-        if start == 0 and not (layer.window and end > layer.window):
-            y = F.scaled_dot_product_attention(q, k[None], v[None], is_causal=True, scale=self.scale)
-        else:
-            keys, masked = scratch.positions[None, :end], scratch.masked[:t, :end]
-            torch.gt(keys, positions[:, None], out=masked)  # a later key
-            if layer.window:
-                torch.le(keys, (positions - layer.window)[:, None], out=scratch.outside[:t, :end])
-                masked.logical_or_(scratch.outside[:t, :end])
-            mask = scratch.mask[:t, :end].zero_().masked_fill_(masked, float("-inf"))
-            y = F.scaled_dot_product_attention(q, k[None], v[None], attn_mask=mask[None, None], scale=self.scale)
+        keys, masked = scratch.positions[None, :end], scratch.masked[:t, :end]
+        torch.gt(keys, positions[:, None], out=masked)  # a later key
+        torch.le(keys, (positions - layer.window)[:, None], out=scratch.outside[:t, :end])
+        masked.logical_or_(scratch.outside[:t, :end])
+        mask = scratch.mask[:t, :end].zero_().masked_fill_(masked, float("-inf"))
+        y = F.scaled_dot_product_attention(q, k[None], v[None], attn_mask=mask[None, None], scale=self.scale)
         return y[0].transpose(0, 1).reshape(t, -1)
 
     # -- decode -----------------------------------------------------------------------------------
@@ -496,15 +566,23 @@ class Engine:
     def _capture(self, batch: int, mixed: bool = False) -> list:
         """Warm every kernel up (autotuning included), then capture each segment as a CUDA graph."""
         saved = {d: t.clone() for d, t in self.seq_len.items()}
-        side = torch.cuda.Stream(self.devices[0])
-        side.wait_stream(torch.cuda.current_stream(self.devices[0]))
-        with torch.cuda.stream(side):  # warm-up on a side stream, as graph capture wants
-            for i in range(len(self.segments)):  # writes past the live lengths, which the restore hides
+        # Warm-up on a side stream per device, as graph capture wants; each segment on its own device, after
+        # the segment before it and the carry of its output. It writes past the live lengths (the restore hides it).
+        sides = {dev: torch.cuda.Stream(dev) for dev, _ in self.segments}
+        for dev, side in sides.items():
+            side.wait_stream(torch.cuda.current_stream(dev))
+        previous = None
+        for i, (dev, _) in enumerate(self.segments):
+            with _on(dev), torch.cuda.stream(sides[dev]):
+                if previous is not None:
+                    sides[dev].wait_stream(previous)
                 self._run_segment(i, batch, mixed)
                 if i + 1 < len(self.segments):
                     self._carry(i, batch)
-        torch.cuda.current_stream(self.devices[0]).wait_stream(side)
-        torch.cuda.synchronize()
+            previous = sides[dev]
+        for dev, side in sides.items():
+            torch.cuda.current_stream(dev).wait_stream(side)
+            torch.cuda.synchronize(dev)
         for d, t in saved.items():
             self.seq_len[d].copy_(t)
         graphs = []

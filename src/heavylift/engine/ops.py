@@ -2,8 +2,8 @@
 
 Both take the same arguments and write into the `out` buffers they are given, so a captured CUDA
 graph replays them in place. `TorchOps` is the reference path: it runs anywhere (CPU included),
-and the tests hold `TritonOps` to it. `dense_linear` is the prefill path for both: whole weights
-dequantized into bf16 (or FP8 tensor-core) matmuls, which beat any GEMV once a chunk has many tokens.
+and the tests hold `TritonOps` to it. `dense_linear` is the prefill path for both: weights dequantized a tile
+of rows at a time into bf16 (or FP8 tensor-core) matmuls, which beat any GEMV once a chunk has many tokens.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from heavylift.defaults import DECODE_SPLITS_MAX, DECODE_SPLITS_TARGET
+from heavylift.planner.matmul_programs import dequant_tile_rows
 from heavylift.schemes import ENGINE_BATCHED_MAX_ROWS, ENGINE_GEMV_MAX_ROWS
 
-from .weights import FP8, FP8_MAX, INT8, NF4, NF4_DQ, X16_SCALE, QWeight
+from .weights import DENSE, FP8, FP8_MAX, INT8, QBLOCK, X16_SCALE, QWeight
 
 ATTENTION_BLOCK = 64  # cache positions per attention tile
 
@@ -29,24 +30,100 @@ def _fp8_matmul_ok(device: torch.device) -> bool:
 
 
 def dense_linear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
-    """x @ W^T (+ bias) for many tokens: FP8 on the FP8 tensor cores where the GPU has them, else bf16."""
-    if w.kind == FP8 and _fp8_matmul_ok(x.device) and w.k % 16 == 0 and w.n % 16 == 0:
+    """x @ W^T (+ bias) for many tokens: FP8 on the FP8 tensor cores where the GPU has them; bf16 weights as
+    they are; other stored weights a tile of rows at a time (`_tiled_linear`)."""
+    if _fp8_matmul(x, w):
         # Row-wise dynamic activation scaling, as torchao's Float8DynamicActivation does.
         xs = (x.float().abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
         xq = (x.float() / xs).to(torch.float8_e4m3fn)
         return torch._scaled_mm(xq, w.data.t(), scale_a=xs, scale_b=w.scale.view(1, -1), bias=w.bias,
                                 out_dtype=torch.bfloat16)
-    if w.kind in (NF4, NF4_DQ) and w.block_base == 0 and w.data.is_cuda and w.state is not None:
-        weight = _bnb_dequantize(w)
-    else:
-        weight = w.dequantize(x.dtype)
-    return F.linear(x, weight, w.bias)
+    if w.kind == DENSE:
+        return F.linear(x, w.dequantize(x.dtype), w.bias)
+    return _tiled_linear(x, w)
 
 
-def _bnb_dequantize(w: QWeight) -> torch.Tensor:
+def dense_linear_mul(x: torch.Tensor, w: QWeight, into: torch.Tensor) -> torch.Tensor:
+    """into *= x @ W^T (+ bias), `into` [tokens, n]: where dense_linear tiles the weight, each tile's product goes
+    to one reused buffer and is multiplied into its columns of `into`, so no product the size of `into` is
+    made; the same values as into * dense_linear(x, w)."""
+    if _fp8_matmul(x, w) or w.kind == DENSE:
+        return into.mul_(dense_linear(x, w))
+    return _tiled_linear(x, w, into)
+
+
+def _fp8_matmul(x: torch.Tensor, w: QWeight) -> bool:
+    """Whether dense_linear runs w on the FP8 tensor cores (torchao needs both sides divisible by 16)."""
+    return w.kind == FP8 and _fp8_matmul_ok(x.device) and w.k % 16 == 0 and w.n % 16 == 0
+
+
+def _tiled_linear(x: torch.Tensor, w: QWeight, into: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T (+ bias) with W dequantized dequant_tile_rows(n, k) rows at a time into one reused buffer of x's
+    dtype (bf16; fp16 where transformers computes in it: runtime/bnb_forward.py), each tile multiplied into its
+    columns of the output: the memory beyond the weights is one tile, never a copy of the whole weight. cuBLAS may pick another kernel for a tile than for the whole product, so
+    the result can differ from F.linear on the whole weight in the last bf16 bit; the tiles themselves are
+    exactly the whole weight's rows. With `into`, each tile's product goes to a buffer of one tile's columns
+    and is multiplied into its columns of `into` (dense_linear_mul), which is returned."""
+    write = _tile_writer(w)
+    step = dequant_tile_rows(w.n, w.k)
+    tile = torch.empty(step, w.k, dtype=x.dtype, device=w.device)
+    x2 = x.reshape(-1, w.k)
+    y = torch.empty(x2.shape[0], w.n if into is None else step, dtype=x.dtype, device=x.device)
+    for start in range(0, w.n, step):
+        stop = min(w.n, start + step)
+        part = tile[:stop - start]
+        write(start, stop, part)
+        out = y[:, start:stop] if into is None else y[:, :stop - start]
+        if w.bias is None:
+            torch.mm(x2, part.t(), out=out)
+        else:
+            torch.addmm(w.bias[start:stop], x2, part.t(), out=out)
+        if into is not None:
+            into[:, start:stop].mul_(out)
+    del part, tile, write  # the tile, then the writer's NF4-DQ absmax
+    if into is not None:
+        return into
+    return y.view(*x.shape[:-1], w.n)
+
+
+def _tile_writer(w: QWeight):
+    """A function (start, stop, out) writing rows [start, stop) of W, dequantized to bf16, into `out`: bitsandbytes'
+    own dequantize for a loaded 4-bit weight (double quant's absmax dequantized whole once, here), the rows cast
+    and scaled in place for INT8 and FP8, the reference `QWeight.dequantize` for views of fused 4-bit weights."""
+    if w.kind in (FP8, INT8):
+        def scaled(start: int, stop: int, out: torch.Tensor) -> None:
+            out.copy_(w.data[start:stop])  # exact: int8 and e4m3 values are bf16 values
+            out.mul_(w.scale[start:stop, None])  # in fp32, rounded to bf16 once, as QWeight.dequantize
+        return scaled
+    if w.packed and w.block_base == 0 and w.state is not None:
+        return _bnb_writer(w)
+
+    def reference(start: int, stop: int, out: torch.Tensor) -> None:
+        out.copy_(w.rows(start, stop).dequantize(out.dtype))
+    return reference
+
+
+def _bnb_writer(w: QWeight):
+    """Rows of a bitsandbytes 4-bit weight through its dequantize_4bit kernel: its blocks are QBLOCK consecutive
+    weights of the flattened [n, k] weight, so whole rows whose count times k is a multiple of QBLOCK
+    (dequant_tile_rows) are a contiguous slice of the packed codes and of the absmax."""
     import bitsandbytes.functional as bnbf
 
-    return bnbf.dequantize_4bit(w.data.view(-1, 1), w.state)
+    state = w.state
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2)
+        absmax += state.offset
+    op = torch.ops.bitsandbytes.dequantize_4bit
+
+    def write(start: int, stop: int, out: torch.Tensor) -> None:
+        codes = w.data[start * w.k // 2:-(-stop * w.k // 2)]
+        scales = absmax[start * w.k // QBLOCK:-(-stop * w.k // QBLOCK)]
+        if out.is_cuda:
+            op.out(codes, scales, QBLOCK, state.quant_type, out.shape, out.dtype, out=out)
+        else:  # bitsandbytes' CPU backend has no out= variant, and starts blocks afresh on each row of a 2-d shape
+            out.copy_(op.default(codes, scales, QBLOCK, state.quant_type, (out.numel(),), out.dtype).view(out.shape))
+    return write
 
 
 def planes(y: torch.Tensor, out16: torch.Tensor | None = None) -> torch.Tensor:
@@ -468,4 +545,5 @@ def _weight_args(w: QWeight) -> list:
 
 
 OPS = {"torch": TorchOps, "triton": TritonOps}
-__all__ = ["OPS", "TorchOps", "TritonOps", "dense_linear", "dense_parts", "attention_scratch", "decode_splits", "planes"]
+__all__ = ["OPS", "TorchOps", "TritonOps", "dense_linear", "dense_linear_mul", "dense_parts", "attention_scratch",
+           "decode_splits", "planes"]

@@ -60,6 +60,7 @@ class Architecture:
     qk_norm: bool = False  # Llama 4's use_qk_norm: an L2 norm on queries and keys of its RoPE layers
     rope_interleave: bool = False  # DeepSeek-V3: RoPE on interleaved channel pairs
     expert_groups: tuple[int, int] = (0, 0)  # DeepSeek-V3's routing groups: (n_group, topk_group)
+    mlp_activation: str = "silu"  # the dense MLP's activation, as transformers' ACT2FN names it
 
     @property
     def params(self) -> int:
@@ -352,6 +353,17 @@ def _layers(family: Family, dims: Dims, experts: _Experts | None, n_layers: int,
     return out
 
 
+def _activation(config: Mapping[str, Any], where: str, family: Family) -> str:
+    """The dense MLP's activation: config.json's hidden_act (Gemma's hidden_activation), else the family's default."""
+    value = config.get(family.activation_key)
+    if value is None:
+        return family.activation_default
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: '{family.activation_key}' is {_shown(value)}; it must name an activation, "
+                          f'such as "{family.activation_default}"')
+    return value
+
+
 def _extra_layers(config: Mapping[str, Any], where: str) -> int:
     """Layers a DeepSeek-V3 checkpoint holds past num_hidden_layers for multi-token prediction, which
     transformers does not load (_keys_to_ignore_on_load_unexpected)."""
@@ -423,4 +435,5 @@ def architecture_from_config(config: Mapping[str, Any], where: str = CONFIG_FILE
                         if kind in ("qwen3_moe", "deepseek_v3") else False),
         expert_groups=(_integer(config, "n_group", where, MAX_EXPERTS, default=1),
                        _integer(config, "topk_group", where, MAX_EXPERTS, default=1)) if latent else (0, 0),
+        mlp_activation=_activation(config, where, family),
     )

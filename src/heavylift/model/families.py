@@ -278,6 +278,9 @@ class Family:
     aliases: Mapping[str, str] = field(default_factory=dict)
     # Precisions the family's transformers code cannot run, with why (a user asking for one is told in one line).
     refuses: Mapping[str, str] = field(default_factory=dict)
+    # The config key naming the dense MLP's activation (ACT2FN's key), and the config class's default for it.
+    activation_key: str = "hidden_act"
+    activation_default: str = "silu"
 
 
 FAMILIES: Mapping[str, Family] = {
@@ -285,7 +288,8 @@ FAMILIES: Mapping[str, Family] = {
     "mistral": Family(_mistral_layer, tie_default=False, window_default=4096),
     "mixtral": Family(_mixtral_layer, tie_default=False, moe=True),
     "qwen2": Family(_qwen2_layer, tie_default=False, window_default=4096),
-    "gemma2": Family(_gemma2_layer, tie_default=True, sdpa=False, head_dim_default=256, window_default=4096),
+    "gemma2": Family(_gemma2_layer, tie_default=True, sdpa=False, head_dim_default=256, window_default=4096,
+                     activation_key="hidden_activation", activation_default="gelu_pytorch_tanh"),
     "phi3": Family(_phi3_layer, tie_default=False),
     # transformers 5.24's Qwen3Config, Qwen3MoeConfig, Gemma3TextConfig, Llama4TextConfig, DeepseekV3Config and
     # GptOssConfig class defaults.
@@ -297,7 +301,8 @@ FAMILIES: Mapping[str, Family] = {
         num_key_value_heads=4, max_position_embeddings=32768, sliding_window=4096, num_experts=128,
         num_experts_per_tok=8, moe_intermediate_size=768, decoder_sparse_step=1),
         aliases={"num_local_experts": "num_experts"}),
-    "gemma3_text": Family(_gemma3_layer, tie_default=True, defaults=dict(
+    "gemma3_text": Family(_gemma3_layer, tie_default=True, activation_key="hidden_activation", activation_default="gelu_pytorch_tanh",
+                          defaults=dict(
         vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
         num_key_value_heads=4, head_dim=256, max_position_embeddings=131072, sliding_window=4096)),
     "llama4_text": Family(_llama4_layer, tie_default=False, moe=True, flash=False,

@@ -4,8 +4,9 @@ holds for each weight, and which of heavylift's precisions can load it.
 Two storages are planned, both as transformers 5.24 reads them:
 - block FP8 (DeepSeek-V3: quant_method "fp8", weight_block_size [128, 128]): every linear weight in
   float8_e4m3fn with a float32 `weight_scale_inv` per 128 x 128 block (integrations/finegrained_fp8.py).
-  transformers keeps it so (FP8Linear, FP8Experts) only through the `kernels` package's finegrained-fp8 Triton
-  kernel on a GPU of compute capability 8.9 or later; elsewhere it dequantizes to bf16 on load.
+  transformers keeps it so (FP8Linear, FP8Experts) through the `kernels` package's finegrained-fp8 Triton
+  kernel, on a GPU of compute capability 8.9 or later; where that kernel does not load, heavylift keeps it so
+  with its own torch matmuls in its place (runtime/block_fp8_matmul.py), a tile of rows dequantized at a time.
 - MXFP4 (gpt-oss: quant_method "mxfp4"): each expert projection as 4-bit codes, two to a byte, in blocks
   of 32 along the input with one uint8 power-of-two scale per block (`_blocks` [experts, out, in / 32, 16],
   `_scales` [experts, out, in / 32]; integrations/mxfp4.py). transformers keeps it so only through the
@@ -19,6 +20,7 @@ from dataclasses import dataclass, replace
 from math import ceil, prod
 from typing import Any, Mapping
 
+from heavylift.defaults import BLOCK_FP8_TILE_WEIGHTS
 from heavylift.errors import ConfigError, InvalidArgumentError
 from .tensors import Role, TensorSpec
 
@@ -27,6 +29,9 @@ MXFP4 = "mxfp4"
 MXFP4_BLOCK = 32  # weights per MXFP4 scale
 MXFP4_CODES_PER_BYTE = 2
 FP8_SCALE_BYTES = 4  # float32 weight_scale_inv
+# The transformers release whose finegrained_fp8 calls heavylift's torch block-FP8 matmuls answer, argument for
+# argument (pyproject allows >=5.24,<5.25); under another, keeping block FP8 needs the `kernels` package's kernel.
+FALLBACK_TRANSFORMERS = (5, 24)
 # The precisions each storage loads in, most faithful first, and what each does to the stored weights.
 ACCEPTED = {
     BLOCK_FP8: {"fp8": "keeps the stored block-FP8 weights and their 128 x 128 block scales",
@@ -113,8 +118,10 @@ def stored_bytes(t: TensorSpec) -> int:
 def stored_note(pre: Prequantized) -> str:
     """What a plan of a pre-quantized checkpoint says about its storage, in one line."""
     if pre.method == BLOCK_FP8:
-        return ("the checkpoint stores block-FP8 weights: fp8 keeps them so, which transformers runs only with the "
-                "`kernels` package on GPUs of compute capability 8.9 or later; bf16 dequantizes them while they load")
+        return ("the checkpoint stores block-FP8 weights: fp8 keeps them so, its matmuls run by the `kernels` "
+                "package's finegrained-fp8 kernel on GPUs of compute capability 8.9 or later where it loads, else by "
+                "heavylift's torch matmuls (slower: a tile of rows dequantized per matmul, as planned); bf16 "
+                "dequantizes them while they load")
     return ("the checkpoint stores its experts in MXFP4, which transformers keeps only through the `kernels` package: "
             "heavylift loads them dequantized to bf16, as planned")
 
@@ -133,14 +140,44 @@ def check_quant(pre: Prequantized | None, quant: str, model: str) -> None:
                                f"transformers cannot requantize to {quant}: {ways}")
 
 
-def check_stored_runs(pre: Prequantized | None, quant: str, native_fp8: bool) -> None:
-    """Refuse, before any weight is read, to keep block-FP8 weights where transformers would dequantize them
-    instead (no GPU of compute capability 8.9+, or no `kernels` package for its FP8 matmuls)."""
-    if not keeps_stored(pre, quant):
+def installed_transformers() -> str:
+    """The installed transformers' version, read without importing it ("none" where it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        return "none"
+
+
+def fallback_serves(transformers_version: str) -> bool:
+    """Whether heavylift's torch block-FP8 matmuls answer this transformers' calls (FALLBACK_TRANSFORMERS)."""
+    parts = transformers_version.split(".")[:2]
+    return len(parts) == 2 and all(p.isdigit() for p in parts) and tuple(map(int, parts)) == FALLBACK_TRANSFORMERS
+
+
+def fallback_tile_rows(rows: int, cols: int, block: tuple[int, int]) -> int:
+    """Output rows of a [rows, cols] block-FP8 weight that heavylift's torch matmuls dequantize at once: the most
+    whole row blocks whose float32 staging, padded to whole column blocks, holds BLOCK_FP8_TILE_WEIGHTS weights
+    (one row block at least), and no more than the weight's rows padded to whole blocks."""
+    padded_cols = ceil(cols / block[1]) * block[1]
+    blocks = max(1, BLOCK_FP8_TILE_WEIGHTS // (padded_cols * block[0]))
+    return min(blocks, ceil(rows / block[0])) * block[0]
+
+
+def check_stored_runs(pre: Prequantized | None, quant: str, native_fp8: bool, transformers_version: str) -> None:
+    """Refuse, before any weight is read, to keep block-FP8 weights where neither heavylift's torch matmuls
+    (another transformers than FALLBACK_TRANSFORMERS) nor transformers' own kernel (no GPU of compute
+    capability 8.9+, or no `kernels` package) would run them."""
+    if not keeps_stored(pre, quant) or fallback_serves(transformers_version):
         return
     import importlib.util
 
     if not (native_fp8 and importlib.util.find_spec("kernels") is not None):
-        raise InvalidArgumentError("--quant fp8 keeps the block-FP8 weights, which transformers runs only on GPUs of "
-                                   "compute capability 8.9 or later with the `kernels` package (pip install kernels); "
-                                   "use --quant bf16 to dequantize them while they load")
+        wanted = ".".join(map(str, FALLBACK_TRANSFORMERS))
+        raise InvalidArgumentError(f"--quant fp8 keeps the block-FP8 weights, which heavylift runs with transformers "
+                                   f"{wanted} (this is {transformers_version}), or transformers on GPUs of compute "
+                                   "capability 8.9 or later with the `kernels` package; install transformers "
+                                   f"{wanted} (pip install 'transformers>={wanted},<{FALLBACK_TRANSFORMERS[0]}."
+                                   f"{FALLBACK_TRANSFORMERS[1] + 1}'), or use --quant bf16 to dequantize them while "
+                                   "they load")

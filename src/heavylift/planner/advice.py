@@ -16,7 +16,11 @@ from typing import Callable, Mapping, Sequence
 
 from heavylift.defaults import ADVICE_CONTEXT_STEP_TOKENS, GB, SERVE_MAX_SEQS, GiB
 from heavylift.hardware.gpus import MAX_GPU_COUNT, Device, lookup_gpu, parse_bytes, parse_gpu_spec
-from .plan import Layout, SchemePlan, Workload
+from heavylift.model.architecture import QUANTIZABLE_ROLES
+from heavylift.schemes import UNQUANTIZED_BYTES as BF16_BYTES
+from .contract import device_id
+from .memory import prefill_chunk
+from .plan import DevicePlan, Layout, SchemePlan, Workload
 
 # A card the catalog lacks is advised by its memory (--gpus 4x23.5GB) with at most this many decimals: ten
 # resolve a single byte in GiB (1.07e9 bytes) and in GB.
@@ -196,9 +200,28 @@ def _least_free(plan: SchemePlan) -> int | None:
     return None if plan.offload else min(d.free_bytes for d in plan.per_device)
 
 
+def prefill_rows_line(lay: Layout, d: DevicePlan, work: Workload) -> str:
+    """What a device prefilling fewer tokens at a time than a chunk (DevicePlan.prefill_rows) costs: its layers
+    run once per pass, and where the engine dequantizes its weights for the matmuls (ops.dense_linear: stored
+    4-bit, INT8, FP8 without FP8 tensor cores), each pass after the first reads them as stored and writes them
+    in bf16 again, a time no shorter than those bytes at the device's full memory bandwidth."""
+    chunk = prefill_chunk(work.context)
+    passes = -(-chunk // d.prefill_rows)
+    line = (f"prefill: {device_id(d.device)} takes each {chunk}-token chunk through its {len(d.layers)} layers "
+            f"{d.prefill_rows} tokens at a time to fit ({passes} passes")
+    scheme = lay.scheme
+    if not scheme.quantized or (scheme.name == "fp8" and d.device.native_fp8):
+        return line + ")"
+    quantized = [t for i in d.layers for t in lay.arch.layer_tensors(i) if t.role in QUANTIZABLE_ROLES]
+    moved = scheme.weights_bytes(quantized) + BF16_BYTES * sum(t.numel for t in quantized)
+    seconds = (passes - 1) * moved / d.device.bandwidth_bytes_s
+    return f"{line}, the weights dequantized in each: at least +{seconds * 1e3:.0f} ms a chunk)"
+
+
 def _headroom(lay: Layout, plan: SchemePlan, devices: Sequence[Device], work: Workload) -> list[str]:
     tight = plan.tightest
     out = [f"fits: {gb(tight.free_bytes)} left on the fullest device ({tight.device.name}, #{tight.device.index})"]
+    out += [prefill_rows_line(lay, d, work) for d in plan.per_device if d.prefill_rows]
     limit = lay.arch.max_position_embeddings
     if limit > work.context:
         ctx = room_for_context(lay, devices, work, _least_free(plan), limit)

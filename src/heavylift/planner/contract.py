@@ -1,10 +1,12 @@
 """The plan's JSON contract: the field names and values other tools read from `heavylift plan --json`.
 
-With --serve (plan.Workload.serve) the plan describes a server of `batch` sequences: the top level then
-carries "serve": true, and each scheme "max_concurrent_sequences", the most sequences of `context` tokens
-it serves at once (0: not even one). A plan without --serve carries neither key. `heavylift plan --fewest
---json` prints fewest_to_json instead of a plan, `heavylift plan --train --json` training_plan_to_json: the
-same model and devices fields, and a "training" section in place of the schemes.
+Each device's figures are those of the prompt length at which it holds the most ("worst_prompt_tokens", up to
+the context; planner/prompt_lengths.py; 0 on a device that holds no layer), and each scheme names its
+tightest device's. With --serve (plan.Workload.serve) the plan describes a server of `batch` sequences: the
+top level then carries "serve": true, and each scheme "max_concurrent_sequences", the most sequences of
+`context` tokens it serves at once (0: not even one). A plan without --serve carries neither key.
+`heavylift plan --fewest --json` prints fewest_to_json instead of a plan, `heavylift plan --train --json`
+training_plan_to_json: the same model and devices fields, and a "training" section in place of the schemes.
 
 Pure: plain dicts of a plan's records. It reads a plan.Plan, plan.SchemePlan and plan.DevicePlan by their
 fields without importing them, because Plan.to_json() calls it from that module.
@@ -23,21 +25,24 @@ def device_id(device: Device) -> str:
 
 
 def device_plan_to_json(d: Any) -> dict[str, Any]:
-    """One plan.DevicePlan."""
+    """One plan.DevicePlan; "prefill_rows" only where the engine takes each prefill chunk through the device's
+    layers that many tokens at a time, "adapter_bytes" only where a LoRA adapter adds weights."""
     return {"device": device_id(d.device), "name": d.device.name,
             "layers": [d.layers.start, d.layers.stop - 1] if d.layers else [],
             "weights_bytes": d.weights_bytes, "kv_cache_bytes": d.kv_cache_bytes,
             "activation_bytes": d.activation_bytes, "overhead_bytes": d.overhead_bytes,
-            "total_bytes": d.total_bytes, "free_bytes": d.free_bytes,
-            **({"adapter_bytes": d.adapter_bytes} if d.adapter_bytes else {})}
+            "total_bytes": d.total_bytes, "free_bytes": d.free_bytes, "worst_prompt_tokens": d.worst_prompt_tokens,
+            **({"adapter_bytes": d.adapter_bytes} if d.adapter_bytes else {}),
+            **({"prefill_rows": d.prefill_rows} if d.prefill_rows else {})}
 
 
 def scheme_plan_to_json(s: Any) -> dict[str, Any]:
-    """One plan.SchemePlan: its totals, its devices, its advice, the runtime it describes and, for a server,
-    how many sequences it serves."""
+    """One plan.SchemePlan: its totals, its devices, its advice, the runtime it describes, the prompt length at
+    which its tightest device holds the most and, for a server, how many sequences it serves."""
     out = {"quant": s.quant, "weights_bytes": s.weights_bytes, "kv_cache_bytes": s.kv_cache_bytes,
            "activation_bytes": s.activation_bytes, "overhead_bytes": s.overhead_bytes,
            "total_bytes": s.total_bytes, "fits": s.fits, "offload_bytes": s.offload_bytes,
+           "worst_prompt_tokens": s.tightest.worst_prompt_tokens,
            "per_device": [device_plan_to_json(d) for d in s.per_device],
            "decode_tok_s_upper_bound": round(s.decode_tok_s_upper_bound, 2), "advice": list(s.advice),
            "engine": s.engine}

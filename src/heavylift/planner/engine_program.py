@@ -1,8 +1,9 @@
 """The fast engine's prefill as allocation programs (engine/model.py Engine.prefill, _prefill_chunk,
-_prefill_attention), Python's reference counting included: each layer's locals live until the next
-layer rebinds them. The Triton kernels it calls allocate nothing (they write into buffers they are
-given); tests/planner/test_programs.py holds these programs to a trace of the engine with such kernels.
-Pure Python: no torch.
+_prefill_layer, _prefill_attention, _prefill_mlp), Python's reference counting included: a layer frees each
+temporary after its last read and updates the hidden state in place. The Triton kernels it calls allocate
+nothing (they write into buffers they are given); tests/planner/test_programs.py holds these programs to a
+trace of the engine with such kernels, and bench/cuda_inplace_probe.py its matmuls, attention and MLP to a
+GPU's allocator. Pure Python: no torch.
 """
 
 from __future__ import annotations
@@ -13,117 +14,125 @@ from typing import Sequence
 
 from .allocator import Program, Tensor, replayed_rounds
 from heavylift.model.architecture import Architecture
-from heavylift.defaults import SDPA_MASK_ALIGNMENT
-from .matmul_programs import BF16, FP32, INT32, INT64, dense_linear
+from heavylift.defaults import PREFILL_MLP_BYTES, SDPA_MASK_ALIGNMENT
+from .matmul_programs import BF16, FP32, INT32, INT64, dense_linear, dense_linear_mul
 from .forward_program import Part
-from .shared_programs import gated_mlp
+from .shared_programs import gated_in_place
 from heavylift.schemes import SCHEMES
 
 
+def prefill_mlp_rows(tokens: int, width: int) -> int:
+    """Rows of a chunk of `tokens` that Engine._prefill_mlp runs through an MLP `width` wide at a time: the
+    fewest equal pieces whose bf16 intermediate [rows, width] stays within PREFILL_MLP_BYTES (one row at least)."""
+    most = max(1, PREFILL_MLP_BYTES // (BF16 * width))
+    return -(-tokens // -(-tokens // most))
+
+
 def _prefill_scratch(p: Program, arch: Architecture, prompt: int, chunk: int, layers: Sequence[int]) -> list[Tensor]:
-    """Engine._prefill_scratch on one device: the repeated keys and values at the prompt's length, and where
-    a chunk needs a mask, the key positions, the bf16 mask and its bool form (two with a sliding window)."""
+    """Engine._prefill_scratch on one device: where a chunk reaches past a sliding window, the repeated keys and
+    values at the prompt's length, the key positions, the bf16 mask and its two bool forms; else nothing."""
+    if not any(w and w < prompt for w in (arch.layer_windows[i] for i in layers)):
+        return []
     nh, d = arch.num_heads, arch.head_dim
-    held = [p.alloc("k_rep", BF16 * nh * prompt * d), p.alloc("v_rep", BF16 * nh * prompt * d)]
     first = min(prompt, chunk)
-    windows = {arch.layer_windows[i] for i in layers}
-    if prompt > first or any(w and w < first for w in windows):
-        width = -(-prompt // SDPA_MASK_ALIGNMENT) * SDPA_MASK_ALIGNMENT
-        held += [p.alloc("key_positions", INT32 * prompt), p.alloc("mask", BF16 * first * width),
-                 p.alloc("masked", first * width)]
-        if any(windows):
-            held.append(p.alloc("outside", first * width))
-    return held
+    width = -(-prompt // SDPA_MASK_ALIGNMENT) * SDPA_MASK_ALIGNMENT
+    return [p.alloc("k_rep", BF16 * nh * prompt * d), p.alloc("v_rep", BF16 * nh * prompt * d),
+            p.alloc("key_positions", INT32 * prompt), p.alloc("mask", BF16 * first * width),
+            p.alloc("masked", first * width), p.alloc("outside", first * width)]
 
 
-def _engine_attention(p: Program, arch: Architecture, t: int, start: int, window: int | None) -> list[Tensor]:
-    """Engine._prefill_attention: the keys and values repeated into the scratch, then SDPA, causal on a first
-    chunk, else with the scratch's mask (a window's bound computed per query); SDPA pads a copy of a mask
-    whose length is not 16-aligned. Returns its locals, freed when it returns (the output is a view)."""
+def _engine_attention(p: Program, arch: Architecture, t: int, start: int, window: int | None) -> Tensor:
+    """Engine._prefill_attention: SDPA's output (flash attention's, with its fp32 log-sum-exp freed as it
+    returns: causal on a first chunk, causal_lower_right after it, the key and value heads read in place); a
+    window that the chunk reaches past: its bound computed per query, SDPA with the scratch's mask, which it
+    pads a copy of where the length is not 16-aligned (_windowed_attention)."""
     nh, d = arch.num_heads, arch.head_dim
     end = start + t
-    if start == 0 and not (window and end > window):
+    if not (window and end > window):
         out = p.alloc("attn", BF16 * t * nh * d)
-        lse = p.alloc("lse", FP32 * nh * t)
-        p.free(lse)
-        return [out]
-    if window:
-        p.free(p.alloc("window_lo", INT32 * t))
+        p.free(p.alloc("lse", FP32 * nh * t))
+        return out
+    p.free(p.alloc("window_lo", INT32 * t))
     padded = -(-end // SDPA_MASK_ALIGNMENT) * SDPA_MASK_ALIGNMENT
     pad = p.alloc("mask_pad", BF16 * t * padded) if padded != end else None
     out = p.alloc("attn", BF16 * t * nh * d)
     p.free(pad)
-    return [out]
+    return out
 
 
 def _engine_chunk(p: Program, arch: Architecture, quant: str, t: int, start: int, layers: Sequence[int],
-                  part: Part, native_fp8: bool) -> Tensor:
-    """Engine._prefill_chunk for one sequence: each layer's locals (positions, slots, normed input, qkv,
-    q, attention output) live until the next layer rebinds them. Consecutive layers of one window repeat."""
+                  part: Part, native_fp8: bool, rows: int = 0) -> Tensor:
+    """Engine._prefill_chunk for one sequence on one device: the hidden state, which each layer updates in
+    place, freeing every tensor it allocates; `rows` (0: all of them) of its tokens through every layer of the
+    device at a time. Consecutive layers of one window repeat."""
     hidden = p.alloc("embed" if part.first else "hidden_in", BF16 * t * arch.hidden_size)
-    carried = (hidden,) + (None,) * len(_LAYER_LOCALS)
-    for window, group in groupby(arch.layer_windows[layer] for layer in layers):
-        step = partial(_engine_layer, p, arch, quant, t, start, window, native_fp8)
-        carried = p.repeat(len(list(group)), step, carried)
-    p.free(*carried[1:])
-    return carried[0]
-
-
-_LAYER_LOCALS = ("positions", "slots", "x", "qkv", "q", "attn")
+    step = rows or t
+    for lo in range(0, t, step):
+        for window, group in groupby(arch.layer_windows[layer] for layer in layers):
+            layer = partial(_engine_layer, p, arch, quant, min(step, t - lo), start + lo, window, native_fp8)
+            p.repeat(len(list(group)), layer, ())
+    return hidden
 
 
 def _engine_layer(p: Program, arch: Architecture, quant: str, t: int, start: int, window: int | None,
                   native_fp8: bool, carried: tuple) -> tuple:
-    """One decoder layer of Engine._prefill_chunk, given the hidden state and the previous layer's locals
-    (_LAYER_LOCALS); returns its own."""
-    h, i = arch.hidden_size, arch.intermediate_size
-    nh, nkv, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
-    hidden = carried[0]
-    loc = dict(zip(_LAYER_LOCALS, carried[1:]))
-
-    def rebind(name: str, new: Tensor) -> None:
-        p.free(loc[name])
-        loc[name] = new
-
-    rebind("positions", p.alloc("positions", INT32 * t))
-    rebind("slots", p.alloc("slots", INT32 * t))
-    rebind("x", p.alloc("normed", BF16 * t * h))
+    """Engine._prefill_layer: the first norm's output until q, k and v are made and concatenated, the rotated
+    queries, attention, the output projection added in place; then the MLP (_engine_mlp). Carries nothing to
+    the next layer."""
+    h, nh, nkv, d = arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim
+    positions = p.alloc("positions", INT32 * t)
+    slots = p.alloc("slots", INT32 * t)
+    x = p.alloc("normed", BF16 * t * h)
     parts = [dense_linear(p, quant, t, h, n, native_fp8) for n in (nh * d, nkv * d, nkv * d)]
     qkv = p.alloc("qkv", BF16 * t * (nh + 2 * nkv) * d)
     p.free(*reversed(parts))
-    rebind("qkv", qkv)
-    rebind("q", p.alloc("q", BF16 * t * nh * d))
-    attn_locals = _engine_attention(p, arch, t, start, window)
-    out = attn_locals.pop()
-    p.free(*attn_locals)
-    rebind("attn", out)
-    o = dense_linear(p, quant, t, nh * d, h, native_fp8)
-    new = p.alloc("hidden", BF16 * t * h)
-    p.free(o, hidden)
-    hidden = new
-    rebind("x", p.alloc("normed", BF16 * t * h))
-    dn = gated_mlp(p, t, h, i, lambda k, n: dense_linear(p, quant, t, k, n, native_fp8))
-    new = p.alloc("hidden", BF16 * t * h)
-    p.free(dn, hidden)
-    return (new, *loc.values())
+    p.free(x)
+    q = p.alloc("q", BF16 * t * nh * d)
+    p.free(qkv, slots)
+    attn = _engine_attention(p, arch, t, start, window)
+    p.free(q, positions)
+    p.free(dense_linear(p, quant, t, nh * d, h, native_fp8))
+    p.free(attn)
+    _engine_mlp(p, quant, t, h, arch.intermediate_size, native_fp8)
+    return carried
+
+
+def _engine_mlp(p: Program, quant: str, t: int, h: int, i: int, native_fp8: bool) -> None:
+    """Engine._prefill_mlp: the normed hidden state; per piece of prefill_mlp_rows rows, the gate's output
+    (SiLU in place) with the up projection multiplied into it (gated_in_place with dense_linear_mul), the normed
+    state freed after the last piece's, the down projection's output (added into the hidden state), the gate's
+    output freed."""
+    x = p.alloc("normed", BF16 * t * h)
+    step = prefill_mlp_rows(t, i)
+    for start in range(0, t, step):
+        rows = min(step, t - start)
+        act = gated_in_place(h, i, lambda k, n: dense_linear(p, quant, rows, k, n, native_fp8),
+                             lambda k, n: dense_linear_mul(p, quant, rows, k, n, native_fp8))
+        if start + step >= t:
+            p.free(x)
+        p.free(dense_linear(p, quant, rows, i, h, native_fp8))
+        p.free(act)
 
 
 def engine_prefill(p: Program, arch: Architecture, quant: str, prompt: int, chunk: int, layers: Sequence[int],
-                   part: Part, native_fp8: bool, cuda: bool) -> Tensor | None:
-    """Engine.prefill of one sequence: its ids copied to the GPU (read in place on a CPU), every chunk (the
-    last hidden state kept until the next replaces it), then on the last device the final norm of the
-    last token and its fp32 logits."""
+                   part: Part, native_fp8: bool, cuda: bool, rows: int = 0) -> Tensor | None:
+    """Engine.prefill of one sequence: its ids copied to the GPU (read in place on a CPU), every chunk (its
+    hidden state leaves a device that is not the last as it moves on; the last device keeps it until the next
+    chunk starts), `rows` tokens of it at a time through the device's layers where given (Engine.prefill_rows),
+    then on the last device the final norm of the last token and its fp32 logits."""
     h, v = arch.hidden_size, arch.vocab_size
     tokens = p.alloc("prompt_ids", INT64 * prompt) if part.first and cuda else None
     scratch = _prefill_scratch(p, arch, prompt, chunk, part.layers)
     hidden = None
     # Whatever grows with the position lives in the scratch: the chunks repeat (64 in a 128k-token prompt).
     for start in replayed_rounds(list(range(0, prompt, chunk))):
-        new = _engine_chunk(p, arch, quant, min(chunk, prompt - start), start, layers, part, native_fp8)
         p.free(hidden)
-        hidden = new
+        hidden = _engine_chunk(p, arch, quant, min(chunk, prompt - start), start, layers, part, native_fp8, rows)
+        if not part.last:
+            p.free(hidden)
+            hidden = None
     if not part.last:
-        p.free(tokens, *scratch, hidden)
+        p.free(tokens, *scratch)
         return None
     x = p.alloc("normed", BF16 * h)
     lm = p.alloc("logits", BF16 * v)

@@ -16,9 +16,9 @@ from typing import Sequence
 from .allocator import Program, Tensor
 from heavylift.model.architecture import FAMILIES, Architecture
 from heavylift.model.prequantized import keeps_stored
-from .matmul_programs import BF16, FP32, INT64, KEPT_BLOCK_FP8, expert_weights, linear
-from .shared_programs import eager_output, expert_routing, expert_unsort_sum, linear_mlp, mask_indices, \
-    repeated_kv, rms_core, sdpa_kernel
+from .matmul_programs import BF16, FP32, INT64, KeptBlockFp8, block_fp8_tiles, expert_weights, linear, linear_mul
+from .shared_programs import eager_output, expert_routing, expert_unsort_sum, gated_in_place, linear_mlp, \
+    mask_indices, repeated_kv, rms_core, sdpa_kernel
 
 
 @dataclass(frozen=True)
@@ -381,8 +381,23 @@ MASK_DICT_FAMILIES = ("qwen2", "gemma2", "qwen3", "gemma3_text")
 QK_NORMED = {"qwen3": qk_normed("llama"), "qwen3_moe": qk_normed("llama"), "gemma3_text": qk_normed("gemma2", False)}
 
 
+# The families whose dense MLP heavylift computes in place on transformers' forward at inference
+# (runtime/mlp_forward.py): their MLP class's forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x))
+# (LlamaMLP, MistralMLP, Qwen2MLP, Qwen3MLP, Gemma2MLP, Gemma3MLP), and the activation, as ACT2FN names it, has an
+# in-place form that computes its values exactly (F.silu(inplace=True); aten.gelu_ with the tanh approximation).
+IN_PLACE_MLP_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+IN_PLACE_ACTIVATIONS = ("silu", "swish", "gelu_pytorch_tanh")
+
+
+def in_place_mlp(arch: Architecture) -> bool:
+    """Whether heavylift computes the model's dense MLPs in place on transformers' forward (without gradients)."""
+    return arch.model_type in IN_PLACE_MLP_FAMILIES and arch.mlp_activation in IN_PLACE_ACTIVATIONS
+
+
 def _mlp(p: Program, arch: Architecture, quant: str, rows: int, x: Tensor, native_fp8: bool) -> Tensor:
-    """LlamaMLP down(act(gate(x)) * up(x)) (Gemma 2 with GELU), or Phi-3's fused gate_up split in two."""
+    """A dense MLP, down(act(gate(x)) * up(x)): in place where heavylift computes it so (in_place_mlp: the gate's
+    output holds the activation, then the product, until down returns), else as transformers' forward computes it
+    (LlamaMLP and its kin; Phi-3's fused gate_up split in two)."""
     h, i = arch.hidden_size, arch.intermediate_size
     if arch.model_type == "phi3":
         gu = linear(p, quant, rows, h, 2 * i, native_fp8)
@@ -391,6 +406,12 @@ def _mlp(p: Program, arch: Architecture, quant: str, rows: int, x: Tensor, nativ
         p.free(act)
         down = linear(p, quant, rows, i, h, native_fp8)
         p.free(prod, gu)
+        return down
+    if in_place_mlp(arch):
+        act = gated_in_place(h, i, lambda k, n: linear(p, quant, rows, k, n, native_fp8),
+                             lambda k, n: linear_mul(p, quant, rows, k, n, native_fp8))
+        down = linear(p, quant, rows, i, h, native_fp8)
+        p.free(act)
         return down
     return linear_mlp(p, quant, rows, h, i, native_fp8)
 
@@ -436,23 +457,28 @@ def _router(p: Program, arch: Architecture, rows: int) -> tuple[list[Tensor], in
     return [logits, cast, top_i], BF16
 
 
-def grouped_experts(p: Program, arch: Architecture, quant: str, rows: int, weight_bytes: int) -> Tensor:
+def grouped_experts(p: Program, arch: Architecture, quant: str | KeptBlockFp8, rows: int,
+                    weight_bytes: int) -> Tensor:
     """moe.py grouped_mm_experts_forward: tokens sorted by expert and gathered, one grouped matmul for gate_up
     and one for down, the routing weights applied in their dtype (fp32 or bf16: `weight_bytes`), the sum
     over the top-k (cast to bf16 where it is fp32). Block-FP8 experts kept as stored run
-    finegrained_fp8.fp8_grouped_mm_experts_forward: the same steps, the routing weights cast to bf16 first."""
+    finegrained_fp8.fp8_grouped_mm_experts_forward: the same steps, the routing weights cast to bf16 first,
+    each grouped matmul dequantizing its experts' weights tile by tile where heavylift's torch matmuls run
+    it (_kept_expert_tiles; the kernel's allocates its output alone)."""
     h, i, e, k = arch.hidden_size, arch.expert_width, arch.num_experts, arch.experts_per_token
     s = rows * k
-    kept_fp8 = quant == KEPT_BLOCK_FP8
+    kept_fp8 = isinstance(quant, KeptBlockFp8)
     out_bytes = BF16 if kept_fp8 else max(BF16, weight_bytes)  # bf16 activations times the weights
     routing = expert_routing(p, s, h, e, weight_bytes)
     cached = expert_weights(p, quant, e * 2 * i * h)
     gu = p.alloc("gate_up", BF16 * s * 2 * i)
+    _kept_expert_tiles(p, quant, min(e, s), h, 2 * i)
     act = p.alloc("act", BF16 * s * i)
     prod = p.alloc("act_up", BF16 * s * i)
     p.free(act, gu)
     cached += expert_weights(p, quant, e * h * i)
     down = p.alloc("down", BF16 * s * h)
+    _kept_expert_tiles(p, quant, min(e, s), i, h)
     p.free(prod)
     cast = p.alloc("weights_bf16", BF16 * s) if kept_fp8 and weight_bytes != BF16 else None
     wo = p.alloc("weighted", out_bytes * s * h)
@@ -464,6 +490,14 @@ def grouped_experts(p: Program, arch: Architecture, quant: str, rows: int, weigh
     out = p.alloc("moe", BF16 * rows * h)
     p.free(*routing, down, *held, total, *cached)
     return out
+
+
+def _kept_expert_tiles(p: Program, quant: str | KeptBlockFp8, experts: int, k: int, n: int) -> None:
+    """block_fp8_matmul.grouped_matmul after its output: the [n, k] weight of each expert some row reaches (at
+    most `experts`: every expert, or one per routed row) dequantized tile by tile (block_fp8_tiles)."""
+    if isinstance(quant, KeptBlockFp8) and quant.fallback:
+        for _ in range(experts):
+            block_fp8_tiles(p, k, n, quant.block)
 
 
 def _decoder_layer(p: Program, arch: Architecture, quant: str, step: Step, layer: int, h: Tensor, masks: dict,
@@ -527,18 +561,29 @@ def _llama4_layer_end(p: Program, arch: Architecture, quant: str, rows: int, lay
     return h2
 
 
-def transformers_forward(p: Program, arch: Architecture, quant: str, step: Step, part: Part, layers: Sequence[int],
-                         logits: bool, native_fp8: bool = True, mask_order: Sequence[str] | None = None
-                         ) -> Tensor | None:
+def forward_precisions(arch: Architecture, quant: str) -> tuple[str | KeptBlockFp8, ...]:
+    """How a forward in `quant` may run its matmuls on the machine that runs it: the scheme's own way, or for a
+    block-FP8 checkpoint kept as stored, the `kernels` package's kernels and heavylift's torch matmuls in their
+    place (whichever the machine has: the plan holds the larger)."""
+    if not keeps_stored(arch.prequantized, quant):
+        return (quant,)
+    return tuple(KeptBlockFp8(arch.prequantized.block, fallback) for fallback in (False, True))
+
+
+def transformers_forward(p: Program, arch: Architecture, quant: str | KeptBlockFp8, step: Step, part: Part,
+                         layers: Sequence[int], logits: bool, native_fp8: bool = True,
+                         mask_order: Sequence[str] | None = None) -> Tensor | None:
     """One forward of the model (or of the layers one device runs) with a StaticCache, as
     LlamaForCausalLM.forward and its siblings run it: embeddings, positions, masks and RoPE tables on the
     first device; `layers` (the ones simulated: a run repeats the same pattern per layer); final norm and
     (if `logits`) lm_head on the last token. On a later device, accelerate's hooks copy the hidden state
     once and the masks, positions and RoPE tables for every layer. Returns the logits' tensor name.
     `mask_order`: Llama 4's masks in the order its forward builds them in this process (_mask_windows).
-    A block-FP8 checkpoint kept as stored runs its matmuls as KEPT_BLOCK_FP8."""
+    `quant`: one of forward_precisions(arch, scheme): a block-FP8 checkpoint kept as stored runs its matmuls as
+    a KeptBlockFp8, one way or the other."""
+    if isinstance(quant, str) and keeps_stored(arch.prequantized, quant):
+        raise ValueError(f"a block-FP8 checkpoint kept in {quant} runs one of forward_precisions' ways")
     b, c, rows, hid = step.batch, step.tokens, step.rows, arch.hidden_size
-    quant = KEPT_BLOCK_FP8 if keeps_stored(arch.prequantized, quant) else quant
     mask_windows = _mask_windows(arch, mask_order)
     shared: list[Tensor] = []
     if part.first:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from math import gcd
 from typing import Sequence
 
-from .allocator import SMALL_REQUEST_BYTES, CachingAllocator, Program, block_size, live_sizes, one_round_each, run
+from .allocator import SMALL_REQUEST_BYTES, CachingAllocator, Program, Tensor, block_size, live_sizes, one_round_each, \
+    run
 from heavylift.model.architecture import QUANTIZABLE_ROLES, Architecture
 from heavylift.model.tensors import FP8_ONLY_ROLES
 from heavylift.defaults import EXPERT_ROW_CHUNK_ELEMENTS, FP8_ROW_MULTIPLE, LOAD_ROW_CHUNK_ELEMENTS
@@ -82,6 +84,12 @@ def natural_key(name: str) -> list[tuple]:
     return parts
 
 
+def load_row_step(rows: int, k: int, multiple: int) -> int:
+    """Rows of a weight [rows, k] quantized together on load (bnb_load.py): LOAD_ROW_CHUNK_ELEMENTS weights, in
+    a multiple of `multiple` rows (at least that many), at most the whole weight."""
+    return min(rows, max(1, LOAD_ROW_CHUNK_ELEMENTS // k // multiple) * multiple)
+
+
 def allocator_warmup(p: Program, quant: str, tensors: Sequence[Loaded]) -> None:
     """transformers' caching_allocator_warmup: the weights' expected size allocated as one fp16 tensor and freed."""
     scheme = SCHEMES[quant]
@@ -94,10 +102,14 @@ def load_tensors(p: Program, quant: str, tensors: Sequence[Loaded]) -> None:
     """from_pretrained's loop over checkpoint tensors, in load order (transformers 5.24 core_model_loading), one
     at a time (a load that quantizes is always sequential; a bf16 load's threads only reorder tensors that all
     stay): each copied to the GPU in bf16, a linear weight then quantized (_quantize_on_load) and its bf16
-    copy freed. What stays is what quant.Scheme counts as weights."""
+    copy freed; or, in a bitsandbytes precision, a linear weight read into CPU RAM and quantized onto the GPU a
+    block of rows at a time (_quantize_rows). What stays is what quant.Scheme counts as weights."""
     for t in tensors:
         if t.stored != (0, 0):
             _stored_load(p, t, keep=quant == "fp8")
+            continue
+        if t.quantized and row_blocked(quant):
+            _quantize_rows(p, quant, t.numel, t.rows)
             continue
         w = p.alloc("bf16", BF16 * t.numel)
         if (t.quantized and SCHEMES[quant].quantized) or (t.fp8_only and quant == "fp8"):
@@ -135,44 +147,84 @@ def dense_load(p: Program, quant: str, tensors: Sequence[Loaded]) -> None:
 
 
 def _quantize_on_load(p: Program, quant: str, numel: int, rows: int) -> None:
-    """The quantizer's op on one arrived bf16 weight, its results kept: torchao's Float8Tensor.from_hp, on
-    blocks of rows into the whole weight's storage (float8_load.py);
-    Int8Params._quantize (an fp16 copy, then int8_vectorwise_quant's row scales and int8 rows); bitsandbytes'
-    quantize_4bit (_quantize_4bit)."""
-    if quant == "fp8":  # float8_load: torchao's from_hp on a block of rows at a time
-        k = numel // rows
-        step = max(1, LOAD_ROW_CHUNK_ELEMENTS // k // FP8_ROW_MULTIPLE) * FP8_ROW_MULTIPLE
-        if step >= rows or rows % FP8_ROW_MULTIPLE:
-            float8_rows(p, rows, k)
-            return
-        piece = float8_rows(p, step, k)
-        p.alloc("qdata", numel)
-        p.alloc("scale", FP32 * rows)
-        p.free(*piece)
-        full, last = divmod(rows - step, step)  # the blocks after the first: 207 in a 405B MLP weight
-        p.rounds(full, lambda: p.free(*float8_rows(p, step, k)))
-        if last:
-            p.free(*float8_rows(p, last, k))
+    """torchao's Float8Tensor.from_hp on one arrived bf16 weight, its results kept: on blocks of rows into the
+    whole weight's storage (float8_load.py)."""
+    k = numel // rows
+    step = max(1, LOAD_ROW_CHUNK_ELEMENTS // k // FP8_ROW_MULTIPLE) * FP8_ROW_MULTIPLE
+    if step >= rows or rows % FP8_ROW_MULTIPLE:
+        float8_rows(p, rows, k)
         return
-    if quant == "int8":
-        f16 = p.alloc("weight_fp16", BF16 * numel)
-        p.alloc("SCB", FP32 * rows)
+    piece = float8_rows(p, step, k)
+    p.alloc("qdata", numel)
+    p.alloc("scale", FP32 * rows)
+    p.free(*piece)
+    full, last = divmod(rows - step, step)  # the blocks after the first: 207 in a 405B MLP weight
+    p.rounds(full, lambda: p.free(*float8_rows(p, step, k)))
+    if last:
+        p.free(*float8_rows(p, last, k))
+
+
+def row_blocked(quant: str) -> bool:
+    """Whether the loader quantizes this precision's weights from CPU RAM a block of rows at a time
+    (runtime/bnb_load.py): bitsandbytes' 4-bit and LLM.int8."""
+    scheme = SCHEMES[quant]
+    return scheme.four_bit or scheme.code == "int8"
+
+
+def _quantize_rows(p: Program, quant: str, numel: int, rows: int) -> None:
+    """bnb_load.quantize_4bit_rows or quantize_int8_rows on one weight read into CPU RAM: its quantized storage
+    allocated whole, then per block of rows (load_row_step) the block's bf16 (LLM.int8: fp16) copy on the GPU
+    and the kernel's outputs for it, all freed before the next block; then the 4-bit code book and double
+    quantization over the whole absmax (_nested_absmax)."""
+    k = numel // rows
+    if SCHEMES[quant].four_bit:
+        blocks = -(-numel // BNB_4BIT_BLOCKSIZE)
+        absmax = p.alloc("absmax", FP32 * blocks)
+        p.alloc("packed", -(-numel // 2))
+
+        def piece(n: int) -> None:  # the block's bf16 copy, quantize_4bit's absmax and packed nibbles
+            block = p.alloc("rows_bf16", BF16 * n * k)
+            amax = p.alloc("rows_absmax", FP32 * -(-n * k // BNB_4BIT_BLOCKSIZE))
+            out = p.alloc("rows_packed", -(-n * k // 2))
+            p.free(block, out, amax)
+
+        multiple = BNB_4BIT_BLOCKSIZE // gcd(k, BNB_4BIT_BLOCKSIZE)
+    else:
         p.alloc("CB", numel)
-        p.free(f16)
-        return
-    _quantize_4bit(p, quant, numel)
+        p.alloc("SCB", FP32 * rows)
+
+        def piece(n: int) -> None:  # the block's fp16 copy, int8_vectorwise_quant's row scales and int8 rows
+            block = p.alloc("rows_fp16", BF16 * n * k)
+            scales = p.alloc("rows_SCB", FP32 * n)
+            out = p.alloc("rows_CB", n * k)
+            p.free(block, out, scales)
+
+        multiple = 1
+    step = load_row_step(rows, k, multiple)
+    full, last = divmod(rows, step)
+    p.rounds(full, lambda: piece(step))
+    if last:
+        piece(last)
+    if SCHEMES[quant].four_bit:
+        p.alloc("code", FP32 * BNB_4BIT_CODE_ENTRIES)
+        if quant == "nf4-dq":
+            _nested_absmax(p, blocks, absmax)
 
 
 def _quantize_4bit(p: Program, quant: str, numel: int) -> None:
     """bitsandbytes' quantize_4bit, its results kept: the absmax, the packed nibbles, the code book; with
-    double quantization the absmax shifted by its mean and quantize_blockwise'd, the dynamic code book copied
-    to the GPU twice."""
+    double quantization, _nested_absmax."""
     blocks = -(-numel // BNB_4BIT_BLOCKSIZE)
     absmax = p.alloc("absmax", FP32 * blocks)
     p.alloc("packed", -(-numel // 2))
     p.alloc("code", FP32 * BNB_4BIT_CODE_ENTRIES)
-    if quant != "nf4-dq":
-        return
+    if quant == "nf4-dq":
+        _nested_absmax(p, blocks, absmax)
+
+
+def _nested_absmax(p: Program, blocks: int, absmax: Tensor) -> None:
+    """quantize_4bit's double quantization of the fp32 absmax of `blocks` blocks: shifted by its mean and
+    quantize_blockwise'd, the dynamic code book copied to the GPU twice; the fp32 absmax freed."""
     p.alloc("offset", FP32)
     shifted = p.alloc("absmax_shifted", FP32 * blocks)
     code = p.alloc("code2_tmp", FP32 * BNB_NESTED_CODE_ENTRIES)

@@ -1,53 +1,61 @@
 """What one matmul allocates, by weight storage and runtime: a piece of the allocation programs.
 
 `linear` is a decoder layer's nn.Linear as transformers runs it after heavylift's loader (bitsandbytes'
-Linear4bit / Linear8bitLt, torchao's Float8Tensor, plain bf16, or a block-FP8 checkpoint's FP8Linear kept as
-stored: KEPT_BLOCK_FP8); `dense_linear` is the engine's prefill
-matmul (engine/ops.py); `expert_weights` is a fused MoE expert parameter read through heavylift's
-parametrizations (experts.py). Each appends to a `Program` what the code allocates and frees, in order;
-the output stays for the caller. Written from the libraries' source (transformers 5.24, bitsandbytes
-0.50, torchao 0.18); replayed over the 8B shape's forward they give the allocated peaks measured on an
-H100 for FP8, LLM.int8 and NF4-DQ to 0.1% (bench/results/plan_validation_h100_2026-11-26.json).
-Pure Python: no torch.
+Linear4bit, on more rows than its fused kernel takes through the engine's tiled matmul, and Linear8bitLt a tile
+of weight rows at a time through bitsandbytes' int8 ops: runtime/bnb_forward.py; torchao's Float8Tensor, plain
+bf16, or a block-FP8 checkpoint's FP8Linear kept as stored: KeptBlockFp8), and `linear_mul` one multiplied into a
+tensor in place (runtime/mlp_forward.py); `dense_linear` and `dense_linear_mul` are the engine's prefill matmuls
+(engine/ops.py); `expert_weights` is a fused MoE expert parameter read through heavylift's parametrizations
+(experts.py). Each appends to a `Program` what the code allocates and frees, in order; the output stays for the
+caller. Written from the libraries' source (transformers 5.24, bitsandbytes 0.50, torchao 0.18); replayed over the
+8B shape's forward they give the allocated peaks measured on an H100 for FP8 and LLM.int8 to 0.1%
+(bench/results/plan_validation_h100_2026-11-26.json, whose NF4-DQ and LLM.int8 cases ran bitsandbytes'
+whole-weight paths, which transformers' forward no longer takes; LLM.int8's quantization of x, which the tiles
+keep, is the one measured there). Pure Python: no torch.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from math import ceil, gcd
+
 from .allocator import Program, Tensor
-from heavylift.defaults import LLM_INT8_OUTLIER_COLUMN_FRACTION
+from heavylift.defaults import DEQUANT_TILE_BYTES, LLM_INT8_OUTLIER_COLUMN_FRACTION
+from heavylift.model.prequantized import fallback_tile_rows
 from heavylift.schemes import BNB_4BIT_BLOCKSIZE, FLOAT32_BYTES, SCHEMES, UNQUANTIZED_BYTES
+
+INT8_TILE_ROW_MULTIPLE = 16  # rows of an LLM.int8 tile: 64 bytes of its int32 product, past cuBLASLt's alignment
 
 BF16 = UNQUANTIZED_BYTES  # a bf16 / fp16 element: activations, KV cache, dequantized weights
 FP32 = FLOAT32_BYTES
 INT64 = 8
 INT32 = 4
-# bitsandbytes 4-bit matmuls (backends/cuda/ops.py gemm_4bit): up to 4 rows run its fused kernel;
-# beyond, the weight is dequantized to bf16 and multiplied (always past 512 rows; between, a per-GPU
-# heuristic decides, and the plan counts the dequantized copy).
+# bitsandbytes 4-bit matmuls (0.50, backends/cuda/ops.py gemm_4bit, _GEMM_4BIT_CUSTOM_FLOOR_M): up to 4 rows
+# always run its fused kernel, where the inner dimension holds whole blocks; beyond, its dispatch may dequantize
+# the whole weight to bf16 and multiply it (always past 1536 rows; between, a per-GPU heuristic decides).
+# heavylift's transformers forward sends every such matmul through the engine's tiled one (bnb_4bit_fused).
 BNB_4BIT_FUSED_MAX_ROWS = 4
-# The weights of a block-FP8 checkpoint kept as stored (prequantized.keeps_stored), in place of a scheme's name:
-# transformers' FP8Linear and FP8Experts run them (integrations/finegrained_fp8.py), not a heavylift scheme.
-KEPT_BLOCK_FP8 = "block-fp8"
 FP8_ACTIVATION_GROUP = 128  # DeepGEMM's per_token_cast_to_fp8: one fp32 scale per 128 activations of a row
 
 
-def linear(p: Program, quant: str, rows: int, k: int, n: int, native_fp8: bool = True) -> Tensor:
+@dataclass(frozen=True)
+class KeptBlockFp8:
+    """The weights of a block-FP8 checkpoint kept as stored (prequantized.keeps_stored), in place of a scheme's
+    name: transformers' FP8Linear and FP8Experts run them (integrations/finegrained_fp8.py) in blocks of `block`,
+    through the `kernels` package's kernels or, where those do not load, heavylift's torch matmuls
+    (runtime/block_fp8_matmul.py: `fallback`). Which one a machine has, the plan cannot know: it holds both."""
+
+    block: tuple[int, int]  # weight_block_size: (rows, columns)
+    fallback: bool  # heavylift's torch matmuls, not the kernels
+
+
+def linear(p: Program, quant: str | KeptBlockFp8, rows: int, k: int, n: int, native_fp8: bool = True) -> Tensor:
     """y = x W^T for `rows` rows through the loaded layer of scheme `quant` (nn.Linear, bitsandbytes'
     Linear4bit / Linear8bitLt, torchao's Float8Tensor, FP8Linear); returns y, leaving x untouched."""
-    if quant == KEPT_BLOCK_FP8:
-        return _block_fp8(p, rows, k, n)
-    scheme = SCHEMES[quant]
-    if scheme.four_bit:
-        if rows <= BNB_4BIT_FUSED_MAX_ROWS:
-            return p.alloc("linear", BF16 * rows * n)
-        extra = []  # _dequant_linear_fallback: absmax (double quant), the bf16 weight, then F.linear
-        if scheme.double_quant:
-            blocks = n * k // BNB_4BIT_BLOCKSIZE
-            extra += [p.alloc("absmax_dq", FP32 * blocks), p.alloc("absmax", FP32 * blocks)]
-        extra.append(p.alloc("weight_dq", BF16 * n * k))
-        y = p.alloc("linear", BF16 * rows * n)
-        p.free(*reversed(extra))
-        return y
+    if isinstance(quant, KeptBlockFp8):
+        return block_fp8_fallback(p, rows, k, n, quant.block) if quant.fallback else _block_fp8(p, rows, k, n)
+    if _bnb_tiles(quant, rows, k):
+        return _tiled(p, quant, rows, k, n, BF16 * rows * n)
     if quant == "int8":
         return _llm_int8(p, rows, k, n)
     if quant == "fp8":
@@ -55,42 +63,101 @@ def linear(p: Program, quant: str, rows: int, k: int, n: int, native_fp8: bool =
     return p.alloc("linear", BF16 * rows * n)
 
 
+def linear_mul(p: Program, quant: str | KeptBlockFp8, rows: int, k: int, n: int, native_fp8: bool = True) -> None:
+    """into *= x W^T through transformers' loaded layer, as runtime/mlp_forward.py multiplies the up projection
+    into the gate's output: a bitsandbytes 4-bit layer beyond its fused kernel through ops.dense_linear_mul's tiles
+    (_tiled_product), any other layer's whole product (linear) multiplied in and freed."""
+    if _bnb_tiles(quant, rows, k):
+        _tiled_product(p, quant, rows, k, n)
+    else:
+        p.free(linear(p, quant, rows, k, n, native_fp8))
+
+
+def _bnb_tiles(quant: str | KeptBlockFp8, rows: int, k: int) -> bool:
+    """Whether transformers' forward multiplies x [rows, k] by a layer of `quant` through the engine's tiles: a
+    bitsandbytes 4-bit layer beyond its fused kernel (runtime/bnb_forward.py)."""
+    return isinstance(quant, str) and SCHEMES[quant].four_bit and not bnb_4bit_fused(rows, k)
+
+
+def bnb_4bit_fused(rows: int, k: int) -> bool:
+    """Whether bitsandbytes' Linear4bit multiplies x [rows, k] in its fused kernel on a GPU, reading the weight
+    in 4 bits; runtime/bnb_forward.py sends every other 4-bit matmul of transformers' forward through the engine's
+    tiled one (ops.dense_linear: _tiled here), which never holds the whole weight in bf16."""
+    return rows <= BNB_4BIT_FUSED_MAX_ROWS and k % BNB_4BIT_BLOCKSIZE == 0
+
+
 def _llm_int8(p: Program, rows: int, k: int, n: int) -> Tensor:
-    """MatMul8bitLt.forward: an fp16 copy of x quantized row-wise to int8 while its outlier columns are
-    found, those columns multiplied in bf16 against dequantized weight columns (int8_mixed_scaled_mm),
-    the int8 product in int32, dequantized to fp16 and then bf16."""
+    """LLM.int8 on transformers' forward at inference (runtime/bnb_forward.py TiledLinear8bitLt): x quantized once
+    over all its rows as MatMul8bitLt quantizes it (_int8_rows), x's outlier columns taken once (A[:, cols], bf16),
+    then the output allocated whole and per tile of int8_tile_rows weight rows (_int8_tile) its product written
+    into its columns of the output; a weight of one tile gives its product as the output. Every input column
+    counts as an outlier column (LLM_INT8_OUTLIER_COLUMN_FRACTION): which hold an entry past the threshold
+    depends on the data."""
+    cols = int(k * LLM_INT8_OUTLIER_COLUMN_FRACTION)
+    ca, stats, idx = _int8_rows(p, rows, k, cols)
+    sub_a = p.alloc("sub_a", BF16 * rows * cols) if cols else None
+    step = int8_tile_rows(n, k)
+    if step >= n:  # one tile: its product is the output
+        y = _int8_tile(p, rows, n, cols)
+    else:
+        y = p.alloc("linear", BF16 * rows * n)
+        for start in range(0, n, step):
+            p.free(_int8_tile(p, rows, min(step, n - start), cols))  # copied into y's columns
+    p.free(ca, stats, idx, sub_a)
+    return y
+
+
+def int8_tile_rows(n: int, k: int) -> int:
+    """Rows of an LLM.int8 weight [n, k] that transformers' forward multiplies at a time (runtime/bnb_forward.py):
+    as many as keep the fp32 dequantize of their outlier columns, every one of the k counted, within
+    DEQUANT_TILE_BYTES, in whole multiples of INT8_TILE_ROW_MULTIPLE; at least one multiple, at most the whole
+    weight. cuBLASLt's int8 GEMM writes the tile's int32 product with its rows 16-byte aligned: bitsandbytes
+    raises "cublasLt ran into an error" on a tile of 9362 rows (Gemma 2 9B's 14336 x 3584 gate)."""
+    return min(n, max(1, DEQUANT_TILE_BYTES // (FP32 * k) // INT8_TILE_ROW_MULTIPLE) * INT8_TILE_ROW_MULTIPLE)
+
+
+def _int8_rows(p: Program, rows: int, k: int, cols: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """MatMul8bitLt's quantization of x (bitsandbytes 0.50, backends/cuda/ops.py int8_vectorwise_quant): an fp16
+    copy of x, its row scales and int8 rows, then |x| and the map of entries past the threshold, the columns that
+    hold any and their indices; the fp16 copy and the map freed as it returns. Returns (int8 rows, row scales,
+    outlier column indices or None)."""
     a16 = p.alloc("x_fp16", BF16 * rows * k)
     stats = p.alloc("row_stats", FP32 * rows)
     ca = p.alloc("x_int8", rows * k)
     absx = p.alloc("abs", BF16 * rows * k)
     over = p.alloc("outliers", rows * k)
     p.free(absx)
-    cols = int(k * LLM_INT8_OUTLIER_COLUMN_FRACTION)
     idx = None
     if cols:
         any_cols = p.alloc("any_cols", k)
         idx = p.alloc("outlier_cols", INT64 * cols)
         p.free(any_cols)
     p.free(over, a16)
-    sub_a = sub_b = None
-    if cols:  # A[:, cols] in bf16; CB[:, cols] * stats / 127 in fp32, then bf16
-        sub_a = p.alloc("sub_a", BF16 * rows * cols)
-        cb = p.alloc("cb_cols", n * cols)
-        d1 = p.alloc("dequant", FP32 * n * cols)
-        d2 = p.alloc("dequant", FP32 * n * cols)
-        p.free(d1, cb)
-        sub_b = p.alloc("sub_b", BF16 * n * cols)
-        p.free(d2)
-    i32 = p.alloc("int32", INT32 * rows * n)
-    f16 = p.alloc("fp16", BF16 * rows * n)
-    y = p.alloc("linear", BF16 * rows * n)
-    p.free(f16, i32)
+    return ca, stats, idx
+
+
+def _int8_tile(p: Program, rows: int, t: int, cols: int) -> Tensor:
+    """One tile of t weight rows (runtime/bnb_forward.py _int8_tile), in int8_mixed_scaled_mm's order: with
+    outlier columns, the tile's CB[:, cols], dequantized in fp32 (A * stats, then * 1/127: int8_vectorwise_dequant)
+    and cast to bf16; int8_linear_matmul's int32 product, int8_mm_dequant's fp16 and its cast to bf16; then
+    addmm's new bf16 product. Returns the tile's product (the caller's output, or copied into it and freed)."""
+    sub_b = None
     if cols:
-        y2 = p.alloc("linear", BF16 * rows * n)  # output.addmm(subA, subB)
-        p.free(y, sub_b)
-        y = y2
-    p.free(sub_a, ca, stats, idx)
-    return y
+        cb = p.alloc("cb_cols", t * cols)
+        d1 = p.alloc("dequant", FP32 * t * cols)
+        d2 = p.alloc("dequant", FP32 * t * cols)
+        p.free(d1, cb)
+        sub_b = p.alloc("sub_b", BF16 * t * cols)
+        p.free(d2)
+    i32 = p.alloc("int32", INT32 * rows * t)
+    f16 = p.alloc("fp16", BF16 * rows * t)
+    y = p.alloc("linear", BF16 * rows * t)
+    p.free(f16, i32)
+    if not cols:
+        return y
+    y2 = p.alloc("linear", BF16 * rows * t)  # y.addmm(sub_a, sub_b)
+    p.free(sub_b, y)
+    return y2
 
 
 def float8_rows(p: Program, rows: int, k: int) -> tuple[Tensor, Tensor]:
@@ -121,14 +188,36 @@ def _float8(p: Program, rows: int, k: int, n: int) -> Tensor:
 
 
 def _block_fp8(p: Program, rows: int, k: int, n: int) -> Tensor:
-    """FP8Linear.forward (fp8_linear) on block-FP8 weights: DeepGEMM (Hopper or Blackwell with a CUDA toolkit)
-    casts x to FP8 per token with one fp32 scale per 128 columns, then multiplies into y; the Triton kernel
-    that runs elsewhere quantizes x inline and allocates y alone. The plan counts DeepGEMM's, the larger."""
+    """FP8Linear.forward (fp8_linear) on block-FP8 weights through the `kernels` package: DeepGEMM (Hopper or
+    Blackwell with a CUDA toolkit) casts x to FP8 per token with one fp32 scale per 128 columns, then multiplies
+    into y; the Triton kernel that runs elsewhere quantizes x inline and allocates y alone. The plan counts
+    DeepGEMM's, the larger."""
     q8 = p.alloc("x_fp8", rows * k)
     scale = p.alloc("x_scales", FP32 * rows * -(-k // FP8_ACTIVATION_GROUP))
     y = p.alloc("linear", BF16 * rows * n)
     p.free(q8, scale)
     return y
+
+
+def block_fp8_fallback(p: Program, rows: int, k: int, n: int, block: tuple[int, int]) -> Tensor:
+    """FP8Linear.forward through heavylift's torch matmuls (block_fp8_matmul.matmul): y, then the weight's
+    tiles in turn (block_fp8_tiles); returns y."""
+    y = p.alloc("linear", BF16 * rows * n)
+    block_fp8_tiles(p, k, n, block)
+    return y
+
+
+def block_fp8_tiles(p: Program, k: int, n: int, block: tuple[int, int]) -> None:
+    """block_fp8_matmul._project on a [n, k] block-FP8 weight: per tile of output rows (fallback_tile_rows; the
+    last may be shorter), the float32 staging padded to whole blocks, the bf16 tile cast from it, the staging
+    freed as the cast returns, the tile freed once multiplied into y's columns (torch.mm writes them in place)."""
+    step = fallback_tile_rows(n, k, block)
+    for start in range(0, n, step):
+        rows = min(step, n - start)
+        staged = p.alloc("w_fp32", FP32 * ceil(rows / block[0]) * block[0] * ceil(k / block[1]) * block[1])
+        w = p.alloc("w_tile", BF16 * rows * k)
+        p.free(staged)
+        p.free(w)
 
 
 def _dequantized_matmul(p: Program, rows: int, k: int, n: int) -> Tensor:
@@ -144,21 +233,28 @@ def _dequantized_matmul(p: Program, rows: int, k: int, n: int) -> Tensor:
     return y
 
 
+def dequant_tile_rows(n: int, k: int) -> int:
+    """Rows of a weight [n, k] that ops.dense_linear dequantizes at a time: DEQUANT_TILE_BYTES of bf16, in a
+    multiple of the rows that hold whole 4-bit blocks (so a tile's codes and absmax are contiguous slices), at
+    least that many, at most the whole weight."""
+    multiple = BNB_4BIT_BLOCKSIZE // gcd(k, BNB_4BIT_BLOCKSIZE)
+    return min(n, max(1, DEQUANT_TILE_BYTES // (BF16 * k) // multiple) * multiple)
+
+
+def _fp8_matmul(quant: str, k: int, n: int, native_fp8: bool) -> bool:
+    """Whether ops.dense_linear runs the weight on the FP8 tensor cores."""
+    return quant == "fp8" and native_fp8 and k % 16 == 0 and n % 16 == 0
+
+
 def dense_linear(p: Program, quant: str, rows: int, k: int, n: int, native_fp8: bool) -> Tensor:
-    """ops.dense_linear: bf16 weights used as they are; NF4 dequantized by bitsandbytes to bf16 (double
-    quant's absmax first); FP8 rows scaled per token to FP8 in fp32 and multiplied on the FP8 tensor
-    cores (torch._scaled_mm); INT8, and FP8 without FP8 tensor cores, dequantized in fp32 to bf16."""
+    """ops.dense_linear: bf16 weights used as they are; FP8 rows scaled per token to FP8 in fp32 and multiplied
+    on the FP8 tensor cores (torch._scaled_mm); 4-bit, INT8, and FP8 without FP8 tensor cores dequantized a
+    tile of rows at a time (dequant_tile_rows) into one bf16 buffer that each tile's matmul reads, writing its
+    columns of the output in place (_tiled)."""
     scheme = SCHEMES[quant]
     if not scheme.quantized:
         return p.alloc("linear", BF16 * rows * n)
-    if scheme.four_bit:
-        absmax = p.alloc("absmax", FP32 * (n * k // BNB_4BIT_BLOCKSIZE)) if scheme.double_quant else None
-        w = p.alloc("weight_bf16", BF16 * n * k)
-        p.free(absmax)
-        y = p.alloc("linear", BF16 * rows * n)
-        p.free(w)
-        return y
-    if quant == "fp8" and native_fp8 and k % 16 == 0 and n % 16 == 0:
+    if _fp8_matmul(quant, k, n, native_fp8):
         xf = p.alloc("x_fp32", FP32 * rows * k)
         ab = p.alloc("abs", FP32 * rows * k)
         p.free(xf)
@@ -176,15 +272,44 @@ def dense_linear(p: Program, quant: str, rows: int, k: int, n: int, native_fp8: 
         y = p.alloc("linear", BF16 * rows * n)
         p.free(xq, xs)
         return y
-    return _dequantized_matmul(p, rows, k, n)
+    return _tiled(p, quant, rows, k, n, BF16 * rows * n)
 
 
-def expert_weights(p: Program, quant: str, numel: int) -> list[Tensor]:
+def dense_linear_mul(p: Program, quant: str, rows: int, k: int, n: int, native_fp8: bool) -> None:
+    """ops.dense_linear_mul, into *= x W^T: dense_linear's product multiplied in and freed; where it tiles the
+    weight, a buffer of one tile's columns instead of the whole product."""
+    if not SCHEMES[quant].quantized or _fp8_matmul(quant, k, n, native_fp8):
+        p.free(dense_linear(p, quant, rows, k, n, native_fp8))
+        return
+    _tiled_product(p, quant, rows, k, n)
+
+
+def _tiled_product(p: Program, quant: str, rows: int, k: int, n: int) -> None:
+    """ops._tiled_linear with `into`: the tiled matmul whose output is one tile's columns, each multiplied into its
+    columns of `into` and the buffer freed as it returns."""
+    p.free(_tiled(p, quant, rows, k, n, BF16 * rows * dequant_tile_rows(n, k)))
+
+
+def _tiled(p: Program, quant: str, rows: int, k: int, n: int, out_bytes: int) -> Tensor:
+    """ops._tiled_linear, the engine's prefill matmul and transformers' 4-bit one beyond bnb_4bit_fused: double
+    quant's absmax dequantized whole first (fp32), the tile buffer, then the output (`out_bytes`: the product, or
+    one tile's columns of it); the scaled rows are cast and scaled in place in the tile (no fp32 copy on a GPU);
+    the tile, then the absmax, freed as it returns."""
+    scheme = SCHEMES[quant]
+    dq = scheme.four_bit and scheme.double_quant
+    absmax = p.alloc("absmax", FP32 * -(-n * k // BNB_4BIT_BLOCKSIZE)) if dq else None
+    tile = p.alloc("weight_tile", BF16 * dequant_tile_rows(n, k) * k)
+    y = p.alloc("linear", out_bytes)
+    p.free(tile, absmax)
+    return y
+
+
+def expert_weights(p: Program, quant: str | KeptBlockFp8, numel: int) -> list[Tensor]:
     """One fused expert parameter read through heavylift's parametrization (experts.py): bitsandbytes'
     4-bit dequantize (double quant's absmax first), or the 8-bit rows in fp32 times their scales, cast to
     bf16. Cached until the experts' forward returns; bf16 experts, and block-FP8 ones kept as stored (which
-    the finegrained-fp8 grouped matmul reads as they are), are read in place."""
-    if quant == KEPT_BLOCK_FP8:
+    the grouped matmul reads as they are, or dequantizes a tile at a time: block_fp8_tiles), are read in place."""
+    if isinstance(quant, KeptBlockFp8):
         return []
     scheme = SCHEMES[quant]
     if scheme.four_bit:

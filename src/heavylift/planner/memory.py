@@ -15,17 +15,18 @@ one run of them: its phases are built apart (_engine_serve_phases, _transformers
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from itertools import groupby
 from typing import Iterable, Sequence
 
 from .allocator import CachingAllocator, Program, block_size, live_sizes, peak_live, replay
 from heavylift.model.architecture import Architecture
-from heavylift.defaults import CUDA_CONTEXT_BYTES, DECODE_SPLITS_MAX, LLM_INT8_CONTEXT_BYTES, MiB, PREFILL_CHUNK_TOKENS
+from heavylift.defaults import CUDA_CONTEXT_BYTES, DECODE_SPLITS_MAX, LLM_INT8_CONTEXT_BYTES, MiB
 from .engine_program import decode_uses_kernels, engine_decode_step, engine_prefill
 from .load_program import LoadOrder, clear_load_caches, expert_load, load_order, loaded_state
 from .matmul_programs import BF16, FP32, INT32, INT64
-from .forward_program import Part, Step, sliding_kv, transformers_forward
+from .forward_program import Part, Step, forward_precisions, sliding_kv, transformers_forward
+from .prompt_lengths import longest_prompt, prefill_chunk, prompt_lengths, worst_prompt
 from heavylift.schemes import BNB_4BIT, SCHEMES
 
 # The two runtimes a plan can describe (heavylift.engine's --engine values, without "auto": the session
@@ -67,6 +68,7 @@ class RuntimeTerms:
     transient_bytes: int  # what the allocator reserves beyond the KV cache and buffers at the run's peak
     buffer_bytes: int  # fixed allocations: cuBLAS workspaces, the engine's tables, decode buffers, pools
     context_bytes: int  # outside the allocator: CUDA context, cuBLAS handles, loaded kernels
+    prompt_tokens: int = 0  # the prompt length these figures are of: the worst of prompt_lengths, or the longest
 
     @property
     def overhead_bytes(self) -> int:
@@ -91,11 +93,6 @@ def kv_cache_bytes(arch: Architecture, layers: Iterable[int], context: int, batc
     if engine == FAST:
         return sum(per_token * context * batch for _ in layers)
     return sum(per_token * min(context, arch.layer_windows[i] or context) * batch for i in layers)
-
-
-def prefill_chunk(context: int) -> int:
-    """Tokens of one prefill step: heavylift prefills long prompts in chunks."""
-    return min(context, PREFILL_CHUNK_TOKENS)
 
 
 def cublas_workspace_bytes(compute_capability: tuple[int, int] | None) -> int:
@@ -162,16 +159,41 @@ class _Device:
 
 
 def runtime_terms(arch: Architecture, quant: str, engine: str, context: int, batch: int, kv_dtype_bytes: int,
-                  device, part: Part, every_layer: bool = False, serve: bool = False) -> RuntimeTerms:
+                  device, part: Part, every_layer: bool = False, serve: bool = False,
+                  every_prompt: bool | None = None, prefill_rows: int = 0) -> RuntimeTerms:
     """KV cache, transients, buffers and context of one device (a hardware.Device) running `part` of the
     model in scheme `quant` on `engine`; `every_layer` replays all its layers where the engine's reserve
-    depends on them (a device's final plan); `serve`: as a server of `batch` sequences (Workload.serve)."""
+    depends on them (a device's final plan); `every_prompt` (by default as `every_layer`) takes the worst of
+    the prompt lengths prompt_lengths.prompt_lengths names, else the longest prompt alone (the searches for a
+    split); `serve`: as a server of `batch` sequences (Workload.serve); `prefill_rows`: the engine's prefill
+    runs that many tokens of a chunk at a time through the device's layers (0: the whole chunk)."""
+    key = _device_key(arch, quant, engine, context, batch, kv_dtype_bytes, device, part, every_layer, serve,
+                      prefill_rows)
+    return _terms(*key[:-1], every_layer if every_prompt is None else every_prompt, key[-1])
+
+
+def bytes_at_prompt(arch: Architecture, quant: str, engine: str, context: int, batch: int, kv_dtype_bytes: int,
+                    device, part: Part, prompt: int, every_layer: bool = False, serve: bool = False,
+                    prefill_rows: int = 0) -> int:
+    """What `device` holds beyond its weights at its peak (KV cache, buffers, transients, context) when the
+    prompts are `prompt` tokens long: runtime_terms' figure for one prompt length (bench/prompt_sweep.py)."""
+    key = _device_key(arch, quant, engine, context, batch, kv_dtype_bytes, device, part, every_layer, serve,
+                      prefill_rows)
+    reserved, _ = _reserve(key, _loaded(key), prompt)
+    return reserved + _context_bytes(key[1], engine, key[6])
+
+
+def _device_key(arch: Architecture, quant: str, engine: str, context: int, batch: int, kv_dtype_bytes: int, device,
+                part: Part, every_layer: bool, serve: bool, prefill_rows: int) -> tuple:
+    """What a device's runtime terms depend on, as _reserve takes it (its replays are cached by it): the shape of
+    its part, the precision that allocates, the device's kind, its layers and how many of them are replayed, and
+    the engine's prefill rows per pass (0 on transformers)."""
     dev = _Device(device.kind == "cuda", tuple(device.compute_capability) if device.compute_capability else None,
                   bool(device.native_fp8))
     count = len(part.layers) if every_layer and engine == FAST else SIMULATED_LAYERS[engine]
     shape, layers, order = _part_key(_Same(arch), part)
-    return _terms(shape, allocating_twin(quant), engine, context, batch, kv_dtype_bytes, dev, layers.start, layers.stop, part.first,
-                  part.last, count, order, serve)
+    return (shape, allocating_twin(quant), engine, context, batch, kv_dtype_bytes, dev, layers.start, layers.stop,
+            part.first, part.last, count, order, serve, prefill_rows if engine == FAST else 0)
 
 
 @lru_cache(maxsize=None)
@@ -188,7 +210,7 @@ def allocating_twin(quant: str) -> str:
 
 def clear_caches() -> None:
     """Forget every replayed program: the next plan computes its terms from scratch (bench/plan_speed.py)."""
-    for cached in (_terms, _part_key, _shape, _cpu_load_peak):
+    for cached in (_terms, _at_longest, _part_key, _shape, _cpu_load_peak):
         cached.cache_clear()
     clear_load_caches()
 
@@ -202,25 +224,59 @@ def _context_bytes(quant: str, engine: str, dev: _Device) -> int:
 @lru_cache(maxsize=4096)
 def _terms(arch: Architecture, quant: str, engine: str, context: int, batch: int, kvb: int, dev: _Device,
            start: int, stop: int, first: bool, last: bool, count: int, order: LoadOrder | None,
-           serve: bool = False) -> RuntimeTerms:
+           serve: bool = False, every_prompt: bool = False, rows: int = 0) -> RuntimeTerms:
+    """runtime_terms of a device by what they depend on (_part_key), at the longest prompt or, with
+    `every_prompt`, at the worst of prompt_lengths; `rows` as runtime_terms' prefill_rows."""
     part = Part(range(start, stop), first, last)
     kv = kv_cache_bytes(arch, part.layers, context, batch, kvb, engine)
     if not part.layers:
         return RuntimeTerms(0, 0, 0, 0)
-    build = _phases(engine, serve)
-    tensors, phases = build(arch, quant, context, batch, kvb, dev, part, simulated_layers(arch, part.layers, count))
+    key = (arch, quant, engine, context, batch, kvb, dev, start, stop, first, last, count, order, serve, rows)
+    fast, loaded, longest = engine == FAST, _loaded(key), longest_prompt(context, engine == FAST, serve)
+
+    def replay(prompt: int, whole: bool) -> tuple[int, int]:
+        return _at_longest(*key) if whole and prompt == longest else _reserve(key, loaded, prompt, whole)
+
+    lengths = prompt_lengths(arch, fast, context, batch, serve) if every_prompt else (longest,)
+    worst, (reserved, persistent) = worst_prompt(lengths, replay, fast)
+    return RuntimeTerms(kv, max(0, reserved - persistent), persistent - kv, _context_bytes(quant, engine, dev), worst)
+
+
+@lru_cache(maxsize=4096)
+def _at_longest(*key) -> tuple[int, int]:
+    """_reserve of a _terms key at the longest prompt, which its figures at the longest prompt alone and at the
+    worst of every prompt length (Layout._least_free counts a device both ways) share."""
+    return _reserve(key, _loaded(key), longest_prompt(key[3], key[2] == FAST, key[13]))
+
+
+def _loaded(key: tuple) -> tuple[CachingAllocator, int] | None:
+    """The allocator as the load of the device of a _terms key leaves it, and the weights' bytes in it (None
+    on a CPU)."""
+    quant, dev, start, stop, order = key[1], key[6], key[7], key[8], key[12]
+    return loaded_state(quant, order, stop - start) if dev.cuda else None
+
+
+def _reserve(key: tuple, loaded: tuple[CachingAllocator, int] | None, prompt: int,
+             whole: bool = True) -> tuple[int, int]:
+    """(what the device of a _terms key holds at its peak beyond the weights, what of it the runtime keeps from
+    its start) for a run whose prompts are `prompt` tokens long, the load having left `loaded` (_loaded);
+    without `whole`, of the prefill's last chunk alone (prompt_lengths.Replay)."""
+    arch, quant, engine, context, batch, kvb, dev, start, stop, first, last, count, order, serve, rows = key
+    part = Part(range(start, stop), first, last)
+    build = partial(_phases(engine, serve), rows=rows) if rows else _phases(engine, serve)
+    tensors, phases = build(arch, quant, context, batch, kvb, dev, part, simulated_layers(arch, part.layers, count),
+                            prompt, whole)
     persistent = sum(block_size(n) for _, n in tensors if n > 0)
-    if dev.cuda:
+    if loaded is not None:
         # The runtime starts where the load left the allocator (_after_load); its reserve is the most the
         # device held at any point, weights included, less the weights.
-        loaded, weights = loaded_state(quant, order, stop - start)
-        state = _after_load(loaded, tensors, engine)
-        held = max(loaded.peak_reserved, state.peak_reserved,
+        allocator, weights = loaded
+        state = _after_load(allocator, tensors, engine)
+        held = max(allocator.peak_reserved, state.peak_reserved,
                    *(replay(p, state).peak_reserved + other_pools for p, other_pools in phases))
-        reserved = held - weights
-    else:
-        reserved = max(persistent + max(peak_live(p) for p, _ in phases), _cpu_load_peak(arch, quant, stop - start))
-    return RuntimeTerms(kv, max(0, reserved - persistent), persistent - kv, _context_bytes(quant, engine, dev))
+        return held - weights, persistent
+    return max(persistent + max(peak_live(p) for p, _ in phases), _cpu_load_peak(arch, quant, stop - start)), \
+        persistent
 
 
 def _phases(engine: str, serve: bool):
@@ -289,44 +345,59 @@ def _sampling(p: Program, batch: int, vocab: int) -> None:
 # --- transformers -------------------------------------------------------------------------------------
 
 def _transformers_phases(arch: Architecture, quant: str, context: int, batch: int, kvb: int, dev: _Device,
-                         part: Part, layers: Sequence[int]) -> tuple[list[tuple[str, int]], list[tuple[Program, int]]]:
-    """Session.steps on transformers: (the tensors it keeps: cuBLAS workspace, the StaticCache, the prompt
-    ids; the phases after them, each after empty_cache(): every kind of prefill chunk, then a decode step).
-    A middle chunk like the last one, which adds only the logits, is left to the last."""
+                         part: Part, layers: Sequence[int], prompt: int | None = None, whole: bool = True
+                         ) -> tuple[list[tuple[str, int]], list[tuple[Program, int]]]:
+    """Session.steps on transformers for prompts of `prompt` tokens (the context by default): (the tensors it
+    keeps: cuBLAS workspace, the StaticCache, the prompt ids; the phases after them, each after empty_cache():
+    every kind of prefill chunk, then a decode step of each kind, decode_positions; without `whole`, the last
+    prefill chunk alone; for a block-FP8 checkpoint kept as stored, these once for each way its matmuls may
+    run). A middle chunk like the last one, which adds only the logits, is left to the last."""
+    prompt = context if prompt is None else prompt
     persistent = ([("cublas_workspace", cublas_workspace_bytes(dev.compute_capability))] if dev.cuda else []) \
         + _kv_tensors(arch, part.layers, context, batch, kvb, TRANSFORMERS) \
-        + ([("prompt_ids", INT64 * batch * context)] if part.first and dev.cuda else [])
+        + ([("prompt_ids", INT64 * batch * prompt)] if part.first and dev.cuda else [])
     kinds: dict[tuple, Step] = {}
     chunk = prefill_chunk(context)
     windows = sorted({w for w in arch.layer_windows if w})
-    for start in range(0, context, chunk):
-        step = Step(batch, min(chunk, context - start), start, context)
-        last = start + chunk >= context
+    for start in range(0, prompt, chunk):
+        step = Step(batch, min(chunk, prompt - start), start, context)
+        last = start + chunk >= prompt
         kinds.setdefault((step.tokens, start == 0, last, tuple(sliding_kv(w, step) for w in windows)), step)
-    kinds = {k: v for k, v in kinds.items() if k[2] or k[1] or (k[0], False, True, k[3]) not in kinds}
+    kinds = {k: v for k, v in kinds.items() if k[2] or ((k[1] or (k[0], False, True, k[3]) not in kinds) and whole)}
     phases = []
-    for (_, _, last, _), step in kinds.items():
-        p = Program()
-        transformers_forward(p, arch, quant, step, part, layers, logits=last, native_fp8=dev.native_fp8)
-        phases.append((p, 0))
-    p = Program()
-    previous = p.alloc("logits", BF16 * batch * arch.vocab_size) if part.last else None
-    if part.last:
-        _sampling(p, batch, arch.vocab_size)
-    transformers_forward(p, arch, quant, Step(batch, 1, context - 1, context), part, layers, logits=True,
-                         native_fp8=dev.native_fp8)
-    p.free(previous)
-    phases.append((p, 0))
+    for way in forward_precisions(arch, quant):  # a block-FP8 checkpoint kept as stored: each way it may run
+        for (_, _, last, _), step in kinds.items():
+            p = Program()
+            transformers_forward(p, arch, way, step, part, layers, logits=last, native_fp8=dev.native_fp8)
+            phases.append((p, 0))
+        for position in decode_positions(windows, prompt, context) if whole else ():
+            p = Program()
+            previous = p.alloc("logits", BF16 * batch * arch.vocab_size) if part.last else None
+            if part.last:
+                _sampling(p, batch, arch.vocab_size)
+            transformers_forward(p, arch, way, Step(batch, 1, position, context), part, layers, logits=True,
+                                 native_fp8=dev.native_fp8)
+            p.free(previous)
+            phases.append((p, 0))
     return persistent, phases
 
 
+def decode_positions(windows: Sequence[int], prompt: int, context: int) -> list[int]:
+    """A position of each kind of decode step after a prompt of `prompt` tokens, to the cache's last one: a
+    sliding layer's StaticCache rolls from its window's end on and writes in place before it (_cache_update),
+    so a step before a window's end and one after it differ. The last position always (a prompt of the whole
+    context decodes nothing, and the plan still counts a step)."""
+    ends = sorted({min(w, context) - 1 for w in windows})
+    return [end for end in ends if prompt <= end < context - 1] + [context - 1]
+
+
 def _transformers_serve_phases(arch: Architecture, quant: str, context: int, batch: int, kvb: int, dev: _Device,
-                               part: Part, layers: Sequence[int]
+                               part: Part, layers: Sequence[int], prompt: int | None = None, whole: bool = True
                                ) -> tuple[list[tuple[str, int]], list[tuple[Program, int]]]:
     """transformers serving up to `batch` sequences (Workload.serve), one forward at a time: each sequence
     keeps a StaticCache of its own at the context; the forwards are one sequence's, as Session.steps runs
-    them at batch 1 (every kind of prefill chunk of a `context`-token prompt, then a decode step)."""
-    persistent, phases = _transformers_phases(arch, quant, context, 1, kvb, dev, part, layers)
+    them at batch 1 (_transformers_phases of a `prompt`-token prompt)."""
+    persistent, phases = _transformers_phases(arch, quant, context, 1, kvb, dev, part, layers, prompt, whole)
     others = _kv_tensors(arch, part.layers, context, 1, kvb, TRANSFORMERS) * (batch - 1)
     return persistent + others, phases
 
@@ -334,46 +405,54 @@ def _transformers_serve_phases(arch: Architecture, quant: str, context: int, bat
 # --- heavylift's engine -------------------------------------------------------------------------------
 
 def _engine_phases(arch: Architecture, quant: str, context: int, batch: int, kvb: int, dev: _Device,
-                   part: Part, layers: Sequence[int]) -> tuple[list[tuple[str, int]], list[tuple[Program, int]]]:
-    """Session.steps on the engine: (the tensors it keeps: RoPE tables, the static KV cache, the cuBLAS
-    workspace; its phases: one sequence's prefill, every chunk of it (the engine caches its blocks between
-    them), after the earlier sequences' logits; then, after empty_cache(), the decode buffers and a step,
-    with what the warm-up side stream and the captured graph keep in their own pools)."""
+                   part: Part, layers: Sequence[int], prompt: int | None = None, whole: bool = True,
+                   rows: int = 0) -> tuple[list[tuple[str, int]], list[tuple[Program, int]]]:
+    """Session.steps on the engine for prompts of `prompt` tokens (the context by default), `rows` tokens of a
+    chunk at a time through the device's layers (0: the whole chunk): (the tensors it keeps: RoPE tables, the
+    static KV cache, the cuBLAS workspace; its phases: one sequence's prefill, every chunk of it (the engine
+    caches its blocks between them), after the earlier sequences' logits; then (but without `whole`), after
+    empty_cache(), the decode buffers and a step, with what the warm-up side stream and the captured graph keep
+    in their own pools)."""
     v = arch.vocab_size
     p = Program()
     if part.last:
         for _ in range(batch - 1):
             p.alloc("slot_logits", FP32 * v)
-    engine_prefill(p, arch, quant, context, prefill_chunk(context), layers, part, dev.native_fp8, dev.cuda)
+    prompt = context if prompt is None else prompt
+    engine_prefill(p, arch, quant, prompt, prefill_chunk(prompt), layers, part, dev.native_fp8, dev.cuda, rows)
     if part.last:
         p.alloc("logits_cat", FP32 * batch * v)
+    persistent = _engine_persistent(arch, quant, context, batch, kvb, dev, part)
+    if not whole:
+        return persistent, [(p, 0)]
     step = _decode_step(arch, quant, batch, dev, part, layers)
-    decode = _decode_phase(arch, batch, part, _decode_buffers(arch, batch, part), step)
-    return _engine_persistent(arch, quant, context, batch, kvb, dev, part), \
-        [(p, 0), (decode, _graph_pools(quant, batch, batch, dev, part, step))]
+    return persistent, [(p, 0), (_decode_phase(arch, batch, part, _decode_buffers(arch, batch, part), step),
+                             _graph_pools(quant, batch, batch, dev, part, step))]
 
 
 def _engine_serve_phases(arch: Architecture, quant: str, context: int, batch: int, kvb: int, dev: _Device,
-                         part: Part, layers: Sequence[int]
+                         part: Part, layers: Sequence[int], prompt: int | None = None, whole: bool = True,
+                         rows: int = 0
                          ) -> tuple[list[tuple[str, int]], list[tuple[Program, int]]]:
     """The engine serving up to `batch` sequences (Workload.serve): it keeps the KV cache of `batch` sequences,
     its decode buffers allocated once at `batch` (smaller batches are views of them) with each device's
     `active` [batch] bool, `positions` [batch] int32, `last` (one int32) and a mixed step's rows, `row_slots`
     [batch] int64 and `lengths` [batch] int32, and one pool for every captured graph, decode and mixed (the
     `batch` step's; the side stream also autotunes the Triton kernels of the one-sequence step). Its phases, on top of those:
-    a new sequence's prefill (a prompt of context - 1 tokens, the longest that leaves room for one token
-    out) while the last decode step's fp32 logits [batch, vocab] stay live; a decode step at `batch`."""
+    a new sequence's prefill (a prompt of `prompt` tokens, by default context - 1, the longest that leaves room
+    for one token out) while the last decode step's fp32 logits [batch, vocab] stay live; then (but without
+    `whole`) a decode step at `batch`."""
     buffers = _decode_buffers(arch, batch, part) + [("active", batch), ("positions", INT32 * batch), ("last", INT32),
                                                     ("row_slots", INT64 * batch), ("lengths", INT32 * batch)]
     p = Program()
     if part.last:
         p.alloc("logits", FP32 * batch * arch.vocab_size)
-    prompt = max(1, context - 1)
-    engine_prefill(p, arch, quant, prompt, prefill_chunk(prompt), layers, part, dev.native_fp8, dev.cuda)
+    prompt = max(1, context - 1) if prompt is None else prompt
+    engine_prefill(p, arch, quant, prompt, prefill_chunk(prompt), layers, part, dev.native_fp8, dev.cuda, rows)
     step = _decode_step(arch, quant, batch, dev, part, layers)
     pools = _graph_pools(quant, batch, 1, dev, part, step)
-    return _engine_persistent(arch, quant, context, batch, kvb, dev, part) + buffers, \
-        [(p, pools), (_decode_phase(arch, batch, part, [], step), pools)]
+    persistent = _engine_persistent(arch, quant, context, batch, kvb, dev, part) + buffers
+    return persistent, [(p, pools)] + ([(_decode_phase(arch, batch, part, [], step), pools)] if whole else [])
 
 
 def _engine_persistent(arch: Architecture, quant: str, context: int, batch: int, kvb: int, dev: _Device,

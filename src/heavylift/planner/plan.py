@@ -11,10 +11,10 @@ from typing import Sequence
 
 from heavylift.model.architecture import Architecture, Role
 from heavylift.model.prequantized import keeps_stored
-from heavylift.defaults import MAX_BATCH, MAX_CONTEXT_TOKENS, PCIE_BANDWIDTH_BYTES_S
+from heavylift.defaults import MAX_BATCH, MAX_CONTEXT_TOKENS, PCIE_BANDWIDTH_BYTES_S, PREFILL_MIN_ROWS
 from heavylift.errors import InvalidArgumentError
-from heavylift.hardware.gpus import Device
-from .memory import ENGINES, TRANSFORMERS, RuntimeTerms, kv_cache_bytes, prefill_chunk, runtime_terms
+from heavylift.hardware.gpus import KIND_CUDA, Device
+from .memory import ENGINES, FAST, TRANSFORMERS, RuntimeTerms, kv_cache_bytes, prefill_chunk, runtime_terms
 from .contract import plan_to_json
 from .placement import Costs, Split, balance, fill_with_offload
 from heavylift.schemes import KV_DTYPES, SCHEMES, Scheme
@@ -67,6 +67,12 @@ class DevicePlan:
     overhead_bytes: int
     capacity_bytes: int  # memory the plan may fill: the device's memory less the reserve
     adapter_bytes: int = 0  # the LoRA adapter's weights on this device, part of weights_bytes
+    # The engine's prefill runs this many tokens of a chunk at a time through this device's layers, where the
+    # whole chunk would not fit (prefill_rows_to_fit); 0: the whole chunk.
+    prefill_rows: int = 0
+    # The prompt length whose run these figures count, the one at which the device holds the most of those
+    # prompt_lengths.prompt_lengths names; 0 on a device that holds no layer (or keeps them in CPU RAM).
+    worst_prompt_tokens: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -149,12 +155,13 @@ class Layout:
     def kv_cache_bytes(self, layers: range, work: Workload) -> int:
         return kv_cache_bytes(self.arch, layers, work.context, work.batch, KV_DTYPES[work.kv_dtype], work.engine)
 
-    def terms(self, device: Device, work: Workload, part: Part, every_layer: bool = False) -> RuntimeTerms:
-        """The runtime terms of `part` on `device`, with what the adapter's LoRA forwards add to its transients
-        (transformers runs an adapted model; the largest forward is a prefill chunk, of one sequence when
-        serving)."""
+    def terms(self, device: Device, work: Workload, part: Part, every_layer: bool = False,
+              every_prompt: bool | None = None, prefill_rows: int = 0) -> RuntimeTerms:
+        """The runtime terms of `part` on `device` (memory.runtime_terms), with what the adapter's LoRA forwards
+        add to its transients (transformers runs an adapted model; the largest forward is a prefill chunk, of one
+        sequence when serving); `prefill_rows` as DevicePlan has it."""
         t = runtime_terms(self.arch, self.scheme.name, work.engine, work.context, work.batch,
-                          KV_DTYPES[work.kv_dtype], device, part, every_layer, work.serve)
+                          KV_DTYPES[work.kv_dtype], device, part, every_layer, work.serve, every_prompt, prefill_rows)
         if self.adapter is None or work.engine != TRANSFORMERS:
             return t
         rows = (1 if work.serve else work.batch) * prefill_chunk(work.context)
@@ -201,7 +208,13 @@ class Layout:
 
     def _least_free(self, devices: Sequence[Device], runs: Sequence[range], capacities: Sequence[int],
                     work: Workload) -> int:
-        """The fewest bytes free on any device holding these runs, or the first shortfall found."""
+        """The fewest bytes free on any device holding these runs, or the first shortfall found. Each device is
+        first counted at the longest prompt alone, which holds no more than the worst prompt length: a device
+        over there is over."""
+        for device, run, capacity in zip(devices, runs, capacities):
+            free = self.device_plan(device, run, capacity, work, every_prompt=False).free_bytes
+            if free < 0:
+                return free
         least = None
         for device, run, capacity in zip(devices, runs, capacities):
             free = self.device_plan(device, run, capacity, work).free_bytes
@@ -219,16 +232,33 @@ class Layout:
             return fill_with_offload(costs, capacities), capacities
         return balanced, capacities
 
-    def device_plan(self, device: Device, run: range, capacity: int, work: Workload) -> DevicePlan:
+    def device_plan(self, device: Device, run: range, capacity: int, work: Workload,
+                    every_prompt: bool = True) -> DevicePlan:
+        """What `device` holds running layers `run`: at the worst prompt length (prompt_lengths.py), or
+        without `every_prompt` at the longest prompt alone; where it would not fit with the engine prefilling
+        whole chunks, with the fewest passes over a chunk that fit (prefill_rows_to_fit), if any do."""
         n = self.arch.num_layers
         if not run:
             return DevicePlan(device, run, 0, 0, 0, 0, capacity)
         has_first, has_last = 0 in run, n - 1 in run
         weights = (sum(self.layer_weights[i] for i in run) + (self.embedding if has_first else 0)
                    + (self.head if has_last else 0))
-        t = self.terms(device, work, Part(run, has_first, has_last), every_layer=True)
-        return DevicePlan(device, run, weights, t.kv_cache_bytes, t.transient_bytes, t.overhead_bytes, capacity,
-                          sum(self.layer_adapter[i] for i in run))
+        adapter = sum(self.layer_adapter[i] for i in run)
+
+        def planned(rows: int) -> DevicePlan:
+            t = self.terms(device, work, Part(run, has_first, has_last), every_layer=True, every_prompt=every_prompt,
+                           prefill_rows=rows)
+            return DevicePlan(device, run, weights, t.kv_cache_bytes, t.transient_bytes, t.overhead_bytes, capacity,
+                              adapter, prefill_rows=rows, worst_prompt_tokens=t.prompt_tokens)
+
+        whole = planned(0)
+        if whole.free_bytes >= 0 or work.engine != FAST or device.kind != KIND_CUDA:
+            return whole
+        for rows in prefill_rows_to_fit(work):
+            fewer = planned(rows)
+            if fewer.free_bytes >= 0:
+                return fewer
+        return whole
 
     def plan(self, devices: Sequence[Device], work: Workload) -> SchemePlan:
         split, capacities = self.split(devices, work)
@@ -237,8 +267,8 @@ class Layout:
         if split.offloaded:
             cpu = replace(devices[0], index=-1, name="cpu (offload)", kind="cpu",
                           bandwidth_bytes_s=PCIE_BANDWIDTH_BYTES_S)
-            offload = self.device_plan(cpu, split.offloaded, 0, work)
-            offload = replace(offload, activation_bytes=0, overhead_bytes=0)
+            offload = self.device_plan(cpu, split.offloaded, 0, work, every_prompt=False)
+            offload = replace(offload, activation_bytes=0, overhead_bytes=0, worst_prompt_tokens=0)
         return SchemePlan(self.scheme.name, per_device, offload, self.decode_upper_bound(per_device, offload, work),
                           engine=work.engine)
 
@@ -289,6 +319,17 @@ class Plan:
     def to_json(self) -> dict:
         """The plan as `heavylift plan --json` prints it (contract.py)."""
         return self._json
+
+
+def prefill_rows_to_fit(work: Workload) -> list[int]:
+    """The tokens of a prefill chunk a device too tight for a whole one may run through its layers at a time,
+    most first: half the chunk, a quarter, ... down to PREFILL_MIN_ROWS."""
+    chunk = prefill_chunk(work.context)
+    rows, out = chunk // 2, []
+    while rows >= PREFILL_MIN_ROWS:
+        out.append(rows)
+        rows //= 2
+    return out
 
 
 def _layer_weights(arch: Architecture, scheme: Scheme, as_stored: bool = False) -> tuple[int, ...]:

@@ -1,7 +1,8 @@
 """Pieces of transformers' forward that several families' allocation programs share: the start of every
 RMSNorm, sdpa_mask's index vectors, torch SDPA's kernel, eager attention's repeated K and V and its output,
-the gated MLP, and grouped_mm_experts_forward's routing and return path. forward_program.py and
-family_programs.py both call them. Pure Python: no torch.
+the gated MLP (transformers' and the in-place one that heavylift's transformers MLPs and the engine's prefill
+compute), and grouped_mm_experts_forward's routing and return path. forward_program.py, family_programs.py and
+engine_program.py call them. Pure Python: no torch.
 """
 
 from __future__ import annotations
@@ -103,6 +104,16 @@ def gated_mlp(p: Program, rows: int, h: int, i: int, project) -> Tensor:
     down = project(i, h)
     p.free(prod)
     return down
+
+
+def gated_in_place(h: int, i: int, project, multiply) -> Tensor:
+    """act(gate(x)) * up(x) computed in the gate's output, one [rows, i] tensor alive (the engine's prefill,
+    engine/model.py _prefill_mlp; heavylift's transformers MLPs, runtime/mlp_forward.py): the gate's output from
+    `project(k, n)`, the activation applied to it in place (nothing allocated), the up projection multiplied into
+    it by `multiply(k, n)`, which frees what it allocates. Returns the gate's output."""
+    act = project(h, i)
+    multiply(h, i)
+    return act
 
 
 def expert_routing(p: Program, s: int, h: int, e: int, weight_bytes: int) -> list[Tensor]:

@@ -50,6 +50,10 @@ class BenchRecord:
     def roofline_pct(self) -> float:
         return 100 * self.decode_tok_s / self.roofline_tok_s
 
+    def to_json(self) -> dict:
+        """The record as `heavylift bench --json` prints it: its fields and the roofline's percentage."""
+        return {**asdict(self), "roofline_pct": round(self.roofline_pct, 1)}
+
 
 @dataclass(frozen=True)
 class StepCost:
@@ -94,9 +98,6 @@ def card_peaks(device=None) -> tuple[float, float | None] | None:
     if card is None:
         return None
     return card.bandwidth_bytes_s, card.bf16_tflops * 1e12 if card.bf16_tflops else None
-
-    def to_json(self) -> dict:
-        return {**asdict(self), "roofline_pct": round(self.roofline_pct, 1)}
 
 
 def copy_bandwidth(device=None, gib: int = 2) -> float:

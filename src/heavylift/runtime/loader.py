@@ -15,7 +15,7 @@ import torch
 from heavylift.model.architecture import Architecture
 from heavylift.errors import CheckpointError, OffloadError, OutOfMemoryError
 from heavylift.model.families import WRAPPED_PREFIX
-from heavylift.model.prequantized import BLOCK_FP8, Prequantized, keeps_stored
+from heavylift.model.prequantized import BLOCK_FP8, Prequantized, fallback_serves, keeps_stored
 from heavylift.planner.plan import SchemePlan
 from heavylift.planner.training import TrainingPlan
 from heavylift.schemes import SCHEMES
@@ -152,11 +152,41 @@ def _moe_loading(arch: Architecture, quant: str):
             os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = before
 
 
-def _stored_loading(arch: Architecture):
+@contextmanager
+def _stored_loading(arch: Architecture, quant: str, native_fp8: bool):
     """A block-FP8 checkpoint dequantizes weights with partial edge blocks too (DeepSeek-V3's
-    kv_a_proj_with_mqa: 576 rows in blocks of 128; block_fp8.partial_blocks_dequantized)."""
+    kv_a_proj_with_mqa: 576 rows in blocks of 128; block_fp8.partial_blocks_dequantized). Kept as stored (fp8),
+    its matmuls are transformers' finegrained-fp8 kernel where that loads, else heavylift's torch ones, which run
+    on any device, so transformers keeps the FP8 weights there too (block_fp8_matmul)."""
     pre = arch.prequantized
-    return partial_blocks_dequantized(pre.block) if pre is not None and pre.method == BLOCK_FP8 else nullcontext()
+    if pre is None or pre.method != BLOCK_FP8:
+        yield
+        return
+    with partial_blocks_dequantized(pre.block), _kept_matmuls(pre, quant, native_fp8):
+        yield
+
+
+def _kept_matmuls(pre: Prequantized, quant: str, native_fp8: bool):
+    """Where fp8 keeps the block-FP8 weights and transformers is the release heavylift's torch matmuls answer
+    (api.prepare refused the rest): the kernel, or those matmuls kept on any device (block_fp8_matmul.install)."""
+    import transformers
+
+    from .block_fp8_matmul import install, kept_on_any_device
+
+    if not keeps_stored(pre, quant) or not fallback_serves(transformers.__version__):
+        return nullcontext()
+    return nullcontext() if install(native_fp8) is None else kept_on_any_device()
+
+
+def _bnb_loading(arch: Architecture, quant: str):
+    """A bitsandbytes precision quantizes each weight onto its GPU a block of rows at a time from CPU RAM
+    (bnb_load.py), so that the load leaves no bf16 copy's hole among the weights."""
+    scheme = SCHEMES[quant]
+    if arch.prequantized is not None or not (scheme.four_bit or scheme.code == "int8"):
+        return nullcontext()
+    from .bnb_load import row_blocked_bitsandbytes
+
+    return row_blocked_bitsandbytes()
 
 
 def _language_model(folder: Path, arch: Architecture) -> dict:
@@ -184,7 +214,8 @@ def load_model(folder: Path, arch: Architecture, scheme: SchemePlan, placement: 
     # entries and "cpu" among them for CPU offload, and moves each such layer to a GPU to quantize it.
     device_map = {"": CPU} if set(placement.modules.values()) == {CPU} else dict(placement.modules)
     try:
-        with warnings.catch_warnings(), _moe_loading(arch, scheme.quant), _stored_loading(arch), \
+        with warnings.catch_warnings(), _moe_loading(arch, scheme.quant), \
+                _stored_loading(arch, scheme.quant, native_fp8), _bnb_loading(arch, scheme.quant), \
                 load_progress(label):
             warnings.simplefilter("ignore")
             model, info = AutoModelForCausalLM.from_pretrained(

@@ -131,10 +131,20 @@ class Prepared:
 
     def load(self) -> Session:
         """The tokenizer (first: a missing one is said before any weight is read), the weights, and the
-        engine where the plan's runtime is the engine."""
+        engine where the plan's runtime is the engine; on transformers, bitsandbytes' 4-bit layers multiply
+        many rows and its LLM.int8 layers any rows a weight tile at a time (bnb_forward.py) and the gated MLPs
+        compute in place (mlp_forward.py), as the plan counts them."""
         tokenizer = self.tokenizer
         weights = self.load_weights()
-        return Session(weights, tokenizer, build_engine(weights))
+        engine = build_engine(weights)
+        if engine is None:
+            from .bnb_forward import tile_4bit_matmuls, tile_int8_matmuls
+            from .mlp_forward import compute_mlps_in_place
+
+            tile_4bit_matmuls(weights.model)
+            tile_int8_matmuls(weights.model)
+            compute_mlps_in_place(weights.model)
+        return Session(weights, tokenizer, engine)
 
 
 def build_engine(weights: LoadedWeights):
@@ -146,4 +156,16 @@ def build_engine(weights: LoadedWeights):
 
     on_gpus = all(p.device.type == "cuda" for p in weights.model.parameters())
     return Engine.from_model(weights.model, batch=weights.plan.batch, context=weights.plan.context,
-                             ops="triton" if on_gpus else "torch")
+                             ops="triton" if on_gpus else "torch", prefill_rows=planned_prefill_rows(weights))
+
+
+def planned_prefill_rows(weights: LoadedWeights) -> dict:
+    """The torch device of each of the plan's devices that prefills fewer tokens of a chunk at a time than the
+    whole (plan.DevicePlan.prefill_rows), where its layers were placed, with that count (the fewest, where
+    several plan devices run on one torch device, as on a machine without their GPUs)."""
+    rows: dict = {}
+    for d in weights.scheme.per_device:
+        if d.layers and d.prefill_rows:
+            dev = torch.device(weights.placement.modules[f"model.layers.{d.layers.start}"])
+            rows[dev] = min(rows.get(dev, d.prefill_rows), d.prefill_rows)
+    return rows

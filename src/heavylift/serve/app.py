@@ -29,7 +29,8 @@ from . import protocol
 from .metrics import Metrics
 from .protocol import ChatRequest, CompletionRequest, InvalidRequest
 from .responses import ChatRender, CompletionRender, Outcome, Render
-from .scheduler import Delta, Done, Failed, PromptScores, QueueFullError, Scheduler, StoppingError, Stream
+from .events import Delta, Done, Failed, PromptScores, QueueFullError, StoppingError, Stream
+from .scheduler import Scheduler
 
 log = logging.getLogger("heavylift.serve")
 

@@ -17,7 +17,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 
 from heavylift.defaults import SERVE_ITL_BUCKETS_S, SERVE_TTFT_BUCKETS_S
-from .scheduler import Delta, Stats
+from .events import Delta, Stats
 
 PREFIX = "heavylift"
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from heavylift.defaults import (SERVE_COMPLETIONS_MAX_TOKENS, SERVE_MAX_LOGPROBS, SERVE_MAX_STOP,
                                 SERVE_MAX_TEMPERATURE, SERVE_TEMPERATURE, SERVE_TOP_P)
 from heavylift.errors import HeavyliftError
-from .scheduler import Request
+from .events import Request
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Sequence
 
-from .scheduler import Done, TokenScore
+from .events import Done, TokenScore
 
 TOKEN_STRING_CACHE = 1 << 16  # decoded token strings kept: the whole vocabulary of most models
 # The logprob reported for a token of probability zero: JSON has no -Infinity (vLLM reports the same floor).

@@ -27,128 +27,16 @@ from typing import Iterator
 import torch
 
 from heavylift.defaults import PREFILL_CHUNK_TOKENS, SERVE_MIXED_MIN_PREFILL_TOKENS
-from heavylift.errors import HeavyliftError, OutOfMemoryError
+from heavylift.errors import OutOfMemoryError
 from heavylift.runtime.sampling import Sampling
 from .backends import Backend, EngineBackend, backend_for
+from .events import (LENGTH, STOP, Delta, Detokenizer, Done, Failed, PromptScores, QueueFullError, Request, Stats,
+                     StoppingError, Stream, TokenScore, held_back)
 
 log = logging.getLogger("heavylift.serve")
 
-STOP = "stop"
-LENGTH = "length"
 _NOT_STARTED = iter(())  # a sequence's prefill before its first chunk: the backend starts it in a guarded step
 _MIXING = iter(())  # a sequence's prefill going in mixed steps (_Sequence.filled tokens of it are in)
-
-
-class QueueFullError(HeavyliftError):
-    """max_queue requests already wait."""
-
-
-class StoppingError(HeavyliftError):
-    """The server is shutting down and takes no new requests."""
-
-
-@dataclass(frozen=True)
-class Request:
-    prompt: tuple[int, ...]
-    max_tokens: int  # 0: score the prompt only (with echo_logprobs)
-    temperature: float = 1.0  # 0 is greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 keeps every token
-    seed: int | None = None
-    stop: tuple[str, ...] = ()  # the text returned ends before the first of these
-    logprobs: int | None = None  # None: no log-probabilities; N: the chosen token's and the N best
-    echo_logprobs: bool = False  # also the prompt's tokens' log-probabilities
-
-
-@dataclass(frozen=True)
-class TokenScore:
-    id: int
-    logprob: float | None  # None for a prompt's first token: nothing before it predicts it
-    top: tuple[tuple[int, float], ...] = ()  # (token, logprob), most likely first
-
-
-@dataclass(frozen=True)
-class PromptScores:
-    tokens: tuple[TokenScore, ...]
-
-
-@dataclass(frozen=True)
-class Delta:
-    text: str  # "" while a partial character or a possible start of a stop string is held back
-    tokens: tuple[TokenScore, ...]
-
-
-@dataclass(frozen=True)
-class Done:
-    finish_reason: str  # STOP (end of sequence or a stop string) or LENGTH
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass(frozen=True)
-class Failed:
-    message: str
-    status: int  # the HTTP status it deserves
-
-
-@dataclass(frozen=True)
-class Stats:
-    running: int
-    waiting: int
-    slots_used: int
-    slots_total: int
-    prompt_tokens_total: int
-    generated_tokens_total: int
-
-
-class Stream:
-    """One request's events, in order, as an async iterator; ends after Done or Failed."""
-
-    def __init__(self, scheduler: "Scheduler", request: Request, loop: asyncio.AbstractEventLoop) -> None:
-        self._scheduler, self.request, self._loop = scheduler, request, loop
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._ended = False
-        self.cancelled = False
-
-    def __aiter__(self) -> "Stream":
-        return self
-
-    async def __anext__(self):
-        if self._ended:
-            raise StopAsyncIteration
-        event = await self._queue.get()
-        self._ended = isinstance(event, (Done, Failed))
-        return event
-
-    def cancel(self) -> None:
-        """Stop generating for this request (a client gone): its slot is free before the next step."""
-        self._scheduler._cancel(self)
-
-    def _put(self, event) -> None:  # from the worker thread
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
-        except RuntimeError:  # the event loop is closed: nobody is listening
-            pass
-
-
-class _Detokenizer:
-    """Text of a growing list of tokens, a piece at a time: each step decodes only the last few tokens
-    (from `prefix`), and holds a piece back while it ends in a partial UTF-8 character."""
-
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.prefix = self.read = 0
-
-    def add(self, token: int) -> str:
-        self.ids.append(token)
-        decode = self.tokenizer.decode
-        before = decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
-        after = decode(self.ids[self.prefix:], skip_special_tokens=True)
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return ""
-        self.prefix, self.read = self.read, len(self.ids)
-        return after[len(before):]
 
 
 @dataclass
@@ -157,7 +45,7 @@ class _Sequence:
     stream: Stream
     slot: int
     sampling: Sampling
-    detokenizer: _Detokenizer
+    detokenizer: Detokenizer
     prefill: Iterator | None = None
     filled: int = 0  # prompt tokens in the cache, where the prompt goes in mixed steps
     token: int | None = None  # the token the next decode step feeds
@@ -206,7 +94,7 @@ class Scheduler:
         """Queue a request (from the event loop's thread); QueueFullError when max_queue already wait."""
         if len(request.prompt) + request.max_tokens > self.context:
             raise ValueError(f"{len(request.prompt)} prompt tokens + {request.max_tokens} exceed {self.context}")
-        stream = Stream(self, request, asyncio.get_running_loop())
+        stream = Stream(self._cancel, request, asyncio.get_running_loop())
         with self._lock:
             if self._stopping:
                 raise StoppingError("the server is shutting down; retry on another instance")
@@ -321,7 +209,7 @@ class Scheduler:
         self._free.sort()
         slot = self._free.pop(0)  # lowest first: keeps the decode bucket small
         sampling = Sampling(max(r.max_tokens, 1), r.temperature, r.top_p, r.top_k, r.seed)
-        seq = _Sequence(r, stream, slot, sampling, _Detokenizer(self.tokenizer), prefill=_NOT_STARTED)
+        seq = _Sequence(r, stream, slot, sampling, Detokenizer(self.tokenizer), prefill=_NOT_STARTED)
         self._running.append(seq)
         self.prompt_tokens_total += len(r.prompt)
 
@@ -472,7 +360,7 @@ class Scheduler:
         cut = min((i for i in (seq.text.find(s) for s in r.stop) if i >= 0), default=-1)
         if cut >= 0:
             seq.text, finish = seq.text[:cut], STOP
-        held = 0 if finish else _held_back(seq.text, r.stop)
+        held = 0 if finish else held_back(seq.text, r.stop)
         piece, seq.text = seq.text[:len(seq.text) - held], seq.text[len(seq.text) - held:]
         seq.stream._put(Delta(piece, (score,)))
         if finish:
@@ -486,14 +374,3 @@ def _wait(tensor: torch.Tensor) -> None:
     `.tolist()` would hold it), so the event loop sends the last tokens while the step runs."""
     if tensor.is_cuda:
         torch.cuda.current_stream(tensor.device).synchronize()
-
-
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """The length of the longest end of `text` that begins one of `stops` (sent only once it cannot)."""
-    longest = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), longest, -1):
-            if stop.startswith(text[-n:]):
-                longest = n
-                break
-    return longest

@@ -1,0 +1,160 @@
+"""bitsandbytes' linear layers in transformers' forward at inference, a tile of weight rows at a time, so that no
+matmul holds a copy of its whole weight: 4-bit ones on more rows than its fused kernel takes through the engine's
+tiled matmul, LLM.int8 ones through bitsandbytes' own int8 ops.
+
+Why: bitsandbytes' Linear4bit multiplies up to BNB_4BIT_FUSED_MAX_ROWS rows in its fused kernel, reading the
+weight in 4 bits; on more rows (a prefill chunk) its dispatch dequantizes the whole weight to bf16 and multiplies
+that (0.50, backends/cuda/ops.py _dequant_linear_fallback): 1.75 GB for each of Llama 3.1 405B's MLP weights,
+most of what a 2048-token chunk held beyond weights and KV cache. `tile_4bit_matmuls` makes every Linear4bit of a
+loaded model send those matmuls through ops.dense_linear instead: bitsandbytes' own dequantize kernel writes a tile
+of the weight's rows at a time (DEQUANT_TILE_BYTES) into one reused buffer, and each tile is multiplied into its
+columns of the output. The planner counts the same (planner/matmul_programs.py linear and bnb_4bit_fused). The
+tiles are exactly the rows bitsandbytes dequantizes, so the product is its product to within one bf16 rounding
+(a GEMM on a tile may sum in another order than one on the whole weight).
+
+LLM.int8 (Linear8bitLt, threshold 6.0): bitsandbytes 0.50's MatMul8bitLt multiplies the input columns that hold an
+entry of 6 or more in bf16 against those weight columns dequantized (int8_mixed_scaled_mm, plain PyTorch on every
+device): two fp32 [out_features, columns] copies at once, 2 x 3.5 GB for Llama 3.1 405B's MLP weights when every
+column holds one, as the plan must count (the columns depend on the data), at prefill and decode alike, beside an
+int32 and an fp16 copy of the whole output. `tile_int8_matmuls` makes every Linear8bitLt in the state heavylift
+loads (int8 rows CB [out, in] with fp32 row scales SCB, no fp16 weights) compute as bitsandbytes does with its own
+ops: x quantized and its outlier columns found once over all its rows (int8_vectorwise_quant), then per tile of
+int8_tile_rows weight rows the int8 product dequantized (int8_linear_matmul, int8_mm_dequant) and the outlier
+columns' part added (int8_vectorwise_dequant, addmm), written into the tile's columns of the output. Each output
+column is the same arithmetic on the same numbers as bitsandbytes' (bit for bit on the CPU: integer products are
+exact, the dequantize is elementwise); on a GPU only the outlier part's bf16/fp16 addmm may sum its columns in
+another order on a tile than on the whole weight (cuBLAS picks its kernel by shape), one rounding of that part.
+"""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbf
+import torch
+
+from heavylift.engine.ops import dense_linear
+from heavylift.engine.weights import QWeight, from_linear
+from heavylift.planner.matmul_programs import bnb_4bit_fused, int8_tile_rows
+
+
+class TiledLinear4bit(bnb.nn.Linear4bit):
+    """A Linear4bit whose matmuls beyond bitsandbytes' fused kernel (bnb_4bit_fused) run a tile of weight rows at a
+    time. The same module otherwise: its parameters, state dict and class ancestry are the Linear4bit's (peft's
+    LoRA layers still wrap it), and `stored` views the weight's storage, never a copy of it."""
+
+    @property
+    def stored(self) -> QWeight:
+        """The weight's storage as the tiles read it, made again whenever the layer's weight, quantization state
+        or bias has been replaced (peft's merge_and_unload, Params4bit.to): a view kept from before would have
+        the tiles multiply by the old weight while bitsandbytes' few-row path uses the new one."""
+        cached = self.__dict__.get("_stored")
+        if cached is None or not _views(cached, self):
+            cached = self.__dict__["_stored"] = from_linear(self)
+        return cached
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._tiles(x):
+            return super().forward(x)
+        return dense_linear(x, self.stored)
+
+    def _tiles(self, x: torch.Tensor) -> bool:
+        """Whether x goes through the tiles: more rows than bitsandbytes fuses, in the layer's compute dtype (bf16
+        or fp16, as heavylift loads it), without gradients; the rest keeps bitsandbytes' forward (a training
+        step's backward needs its MatMul4Bit)."""
+        k = x.shape[-1]
+        if bnb_4bit_fused(x.numel() // max(k, 1), k) or x.dtype != self.compute_dtype:
+            return False
+        return not records_gradients(x, self)
+
+
+def _views(stored: QWeight, module: torch.nn.Module) -> bool:
+    """Whether `stored` still views the module's weight, quantization state and bias."""
+    bias = module.bias
+    return (stored.state is module.weight.quant_state and stored.data.data_ptr() == module.weight.data_ptr()
+            and (stored.bias is None) == (bias is None) and (bias is None or stored.bias.data_ptr() == bias.data_ptr()))
+
+
+def records_gradients(x: torch.Tensor, module: torch.nn.Module) -> bool:
+    """Whether a call of `module` on `x` records gradients (a training step's backward needs the library's own
+    forward then)."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+
+
+def tile_4bit_matmuls(model: torch.nn.Module) -> None:
+    """Make every bitsandbytes Linear4bit of a loaded `model` a TiledLinear4bit, in place, before its first forward.
+
+    On a CPU with AVX512-BF16, bitsandbytes would repack each 4-bit weight for its CPU kernel at its first forward
+    (Linear4bit.forward), a layout the tiles cannot read: the layers keep the layout they loaded with, and
+    bitsandbytes' own forward on few rows then dequantizes as on any other CPU."""
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and not isinstance(module, TiledLinear4bit):
+            module.support_avx512bf16_for_cpu = False
+            module.__class__ = TiledLinear4bit
+
+
+class TiledLinear8bitLt(bnb.nn.Linear8bitLt):
+    """A Linear8bitLt whose forward at inference runs a tile of weight rows at a time (module docstring), on the
+    int8 rows and row scales the layer holds; parameters, state and class ancestry are the Linear8bitLt's. In
+    training mode, with gradients, with fp16 weights or without quantized rows, bitsandbytes' forward runs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._tiles(x):
+            return super().forward(x)
+        if self.weight.CB is not None:  # as Linear8bitLt.forward: the rows move to the state at the first call
+            self.init_8bit_state()
+        if self.bias is not None and self.bias.dtype != x.dtype:  # as Linear8bitLt.forward casts it
+            self.bias.data = self.bias.data.to(x.dtype)
+        state = self.state
+        return int8_linear(x, state.CB, state.SCB, state.threshold, self.bias)
+
+    def _tiles(self, x: torch.Tensor) -> bool:
+        """Whether x goes through the tiles: the layer in eval mode (in training mode bitsandbytes runs another
+        matmul on the CPU, MatMul8bitFp) with int8 rows [out, in] and their fp32 scales, no fp16 weights to
+        quantize, a 2-d or 3-d input that is not empty, and no gradient to record."""
+        cb = self.weight.CB if self.weight.CB is not None else self.state.CB
+        scb = self.weight.SCB if self.weight.CB is not None else self.state.SCB
+        if self.training or self.state.has_fp16_weights or cb is None or scb is None:
+            return False
+        if cb.dtype != torch.int8 or cb.shape != (self.out_features, self.in_features) or not cb.is_contiguous():
+            return False
+        if scb.dtype != torch.float32 or scb.shape != (self.out_features,) or x.dim() not in (2, 3) or not x.numel():
+            return False
+        return not records_gradients(x, self)
+
+
+def int8_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, threshold: float,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + bias for LLM.int8 rows `cb` [n, k] with row scales `scb`, as MatMul8bitLt.forward computes it
+    (bitsandbytes 0.50, autograd/_functions.py; int8_mixed_scaled_mm and int8_scaled_mm in backends/default/ops.py),
+    a tile of int8_tile_rows weight rows at a time into the output's columns (matmul_programs._llm_int8 counts it)."""
+    a = x.reshape(-1, x.shape[-1])
+    ca, sca, cols = bnbf.int8_vectorwise_quant(a.to(torch.float16), threshold=threshold)
+    n = cb.shape[0]
+    sub_a = a[:, cols].contiguous() if cols is not None and cols.numel() else None
+    step = int8_tile_rows(n, cb.shape[1])
+    if step >= n:  # one tile: its product is the output
+        return _int8_tile(a.dtype, ca, sca, cb, scb, bias, sub_a, cols).reshape(*x.shape[:-1], n)
+    out = torch.empty(a.shape[0], n, dtype=a.dtype, device=a.device)
+    for start in range(0, n, step):
+        tile = slice(start, start + step)
+        out[:, tile] = _int8_tile(a.dtype, ca, sca, cb[tile], scb[tile], None if bias is None else bias[tile], sub_a,
+                                  cols)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def _int8_tile(dtype: torch.dtype, ca: torch.Tensor, sca: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
+               bias: torch.Tensor | None, sub_a: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
+    """One tile's columns of the output in x's dtype, in int8_mixed_scaled_mm's order: where x has outlier
+    columns, the tile's weights in them dequantized; int8_scaled_mm's product (int8_linear_matmul, int8_mm_dequant
+    with the bias); the outlier columns' part added to it."""
+    sub_b = None if sub_a is None else bnbf.int8_vectorwise_dequant(cb[:, cols].contiguous(), scb).to(dtype).t()
+    product = torch.ops.bitsandbytes.int8_mm_dequant.default(
+        torch.ops.bitsandbytes.int8_linear_matmul.default(ca, cb), sca, scb, dtype=dtype, bias=bias)
+    return product if sub_b is None else product.addmm(sub_a, sub_b)
+
+
+def tile_int8_matmuls(model: torch.nn.Module) -> None:
+    """Make every bitsandbytes Linear8bitLt of a loaded `model` a TiledLinear8bitLt, in place."""
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear8bitLt) and not isinstance(module, TiledLinear8bitLt):
+            module.__class__ = TiledLinear8bitLt
