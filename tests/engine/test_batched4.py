@@ -282,3 +282,11 @@ def test_wgmma_kernels_compile_for_sm90_with_the_weights_never_in_shared_memory(
         rec = compile_wgmma4(form, bm)
         assert rec["loop_ops"]["LDS"] == rec["bytes_per_thread"], rec
         assert rec["smem_round_trip"]["LDSM"] == 0 and rec["regs"] <= 255, rec
+
+
+def test_unset_steps_of_up_to_sixteen_tokens_take_wgmma_and_longer_ones_scaled(monkeypatch):
+    monkeypatch.delenv(B.VARIANT_ENV, raising=False)
+    assert [B.variant(rows) for rows in (2, B.WGMMA_MAX_ROWS, B.WGMMA_MAX_ROWS + 1, 64)] == \
+        ["wgmma", "wgmma", "scaled", "scaled"]
+    monkeypatch.setenv(B.VARIANT_ENV, "post")
+    assert B.variant(2) == B.variant(64) == "post"

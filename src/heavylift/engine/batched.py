@@ -60,13 +60,19 @@ FIXED = {"BLOCK_N": 32, "BLOCK_K": 128, "SWAP": False}
 # wgmma: wgmma4.py's Gluon kernels on Hopper, weights in registers from the load to the tensor cores (scaled
 #   where they do not run).
 VARIANTS = ("scaled", "post", "wgmma")
-DEFAULT_VARIANT = "wgmma"
 VARIANT_ENV = "HEAVYLIFT_BATCHED4"
+# Unset, steps of up to this many tokens take wgmma and longer ones scaled. On an H100 the 8B shape in NF4-DQ
+# decodes 19% faster with wgmma than with scaled at batch 4 and 14% at 16, and 7% slower at 64, where its
+# 64-row tiles lose on the o and down projections (bench/results/batched_variants_h100_2026-12-06.json).
+WGMMA_MAX_ROWS = 16
 
 
-def variant() -> str:
-    """The variant steps of 2 to 64 tokens through 4-bit weights take: $HEAVYLIFT_BATCHED4, else DEFAULT_VARIANT."""
-    chosen = os.environ.get(VARIANT_ENV, DEFAULT_VARIANT)
+def variant(rows: int) -> str:
+    """The variant a step of `rows` tokens (2 to 64) through 4-bit weights takes: $HEAVYLIFT_BATCHED4, else
+    wgmma up to WGMMA_MAX_ROWS and scaled above."""
+    chosen = os.environ.get(VARIANT_ENV)
+    if chosen is None:
+        return "wgmma" if rows <= WGMMA_MAX_ROWS else "scaled"
     if chosen not in VARIANTS:
         raise InvalidArgumentError(f"{VARIANT_ENV}={chosen!r} is not a batched 4-bit variant; set it to one of "
                                    f"{', '.join(VARIANTS)} or unset it")

@@ -397,14 +397,14 @@ def _gemv_rows(w: QWeight) -> int:
 
 def _batched_linear(x, parts: Sequence[QWeight], out, residual, variant=None, config=None):
     """TritonOps.linear for 2 to 64 tokens through batched.linear_kernel, or for 4-bit weights on Hopper
-    wgmma4.linear where the variant (batched.variant()) is "wgmma". `config`: a tile to run instead of the
+    wgmma4.linear where the variant (batched.variant(m)) is "wgmma". `config`: a tile to run instead of the
     autotuned one (bench/batched_variants.py), batched.CONFIGS' kwargs and num_warps / num_stages, or wgmma4's
     (POST, BN, W)."""
     from . import batched as B
     from . import kernels as K
 
     m, w = x.shape[0], parts[0]
-    variant = variant or B.variant()
+    variant = variant or B.variant(m)
     if variant == "wgmma":
         if _wgmma(w, x):
             from . import wgmma4
@@ -431,7 +431,7 @@ def _batched_glu(x, gate: QWeight, up: QWeight, out, variant=None, config=None):
     from . import kernels as K
 
     m = x.shape[0]
-    variant = variant or B.variant()
+    variant = variant or B.variant(m)
     if variant == "wgmma":
         if _wgmma(gate, x):
             from . import wgmma4
