@@ -60,10 +60,12 @@ def _fresh_tile(monkeypatch):
     B._sm_count.cache_clear()
 
 
+@pytest.mark.parametrize("variant", ["scaled", "post"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("parts,bias,residual", [(1, False, True), (2, True, False), (3, True, True)])
 @pytest.mark.parametrize("rows", ROWS)
-def test_linear_matches_float64(layout, parts, bias, residual, rows):
+def test_linear_matches_float64(layout, parts, bias, residual, rows, variant, monkeypatch):
+    monkeypatch.setenv(B.VARIANT_ENV, variant)
     weights = [quantized(layout, n, bias=bias) for n in (96, 32, 32)[:parts]]
     width = sum(w.n for w in weights)
     x = torch.randn(rows, K).bfloat16()
@@ -74,11 +76,13 @@ def test_linear_matches_float64(layout, parts, bias, residual, rows):
     assert rel_err(TritonOps.linear(x, weights, poisoned(rows, width), residual=res), ref) < LINEAR_BOUND
 
 
+@pytest.mark.parametrize("variant", ["scaled", "post"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("rows", ROWS)
-def test_glu_over_row_views_matches_float64(layout, rows):
+def test_glu_over_row_views_matches_float64(layout, rows, variant, monkeypatch):
     """Gate and up as halves of one fused weight (Phi-3's gate_up_proj): the up half's absmax starts mid-way
     through the fused weight's blocks (and its double quantization's groups)."""
+    monkeypatch.setenv(B.VARIANT_ENV, variant)
     fused = quantized(layout, 128)
     gate, up = fused.rows(0, 64), fused.rows(64, 128)
     x = torch.randn(rows, K).bfloat16()
@@ -87,13 +91,14 @@ def test_glu_over_row_views_matches_float64(layout, rows):
     assert rel_err(TritonOps.glu(x, gate, up, poisoned(rows, 64)), ref) < GLU_BOUND
 
 
-@pytest.mark.parametrize("layout", ["nf4-dq", "int8"])
+@pytest.mark.parametrize("layout,variant", [("nf4-dq", "scaled"), ("nf4-dq", "post"), ("int8", "scaled")])
 @pytest.mark.parametrize("swap", [False, True])
 @pytest.mark.parametrize("sms", [1, 8])
-def test_split_k_and_swap_sum_every_slice_and_leave_the_tickets_at_zero(layout, swap, sms):
+def test_split_k_and_swap_sum_every_slice_and_leave_the_tickets_at_zero(layout, variant, swap, sms, monkeypatch):
     """128 rows (four 32-row tiles) over K = 640 (five 128-wide steps), slices of at least 8 x 16 rows: eight
     multiprocessors split each tile four ways, [0, 2), [2, 4), [4, 5) and an empty slice; one multiprocessor
     leaves it whole. Either way every slice is summed once and the tickets are back at zero for the next call."""
+    monkeypatch.setenv(B.VARIANT_ENV, variant)
     B.FIXED["SWAP"] = swap
     B.INTERPRET_SMS = sms
     B.SLICE_PER_ROW = 8
@@ -188,3 +193,100 @@ def test_scaled_pair_ptx_reads_its_operands_where_the_kernel_passes_them():
     used = {int(n) for n in re.findall(r"\$(\d+)", ptx)}
     assert used == set(range(7)) | {7 + 4 * j for j in range(8)}
     assert ptx.count("fma.rn.bf16x2") == 4
+
+
+def test_the_wgmma_variant_runs_scaled_where_its_kernels_do_not_and_a_bad_variant_is_refused(monkeypatch):
+    """On a CPU (no Hopper) the "wgmma" variant takes the Triton kernel that scales each weight: the same bits as
+    "scaled", and not those of "post". An unknown variant names the valid ones."""
+    from heavylift.errors import InvalidArgumentError
+
+    w = quantized("nf4-dq", 64)
+    x = torch.randn(5, K).bfloat16()
+    got = {}
+    for variant in B.VARIANTS:
+        monkeypatch.setenv(B.VARIANT_ENV, variant)
+        got[variant] = TritonOps.linear(x, [w], poisoned(5, 64))
+    assert torch.equal(got["scaled"], got["wgmma"]) and not torch.equal(got["scaled"], got["post"])
+    monkeypatch.setenv(B.VARIANT_ENV, "fast")
+    with pytest.raises(InvalidArgumentError, match=r"^HEAVYLIFT_BATCHED4='fast' is not a batched 4-bit variant; "
+                                                   r"set it to one of scaled, post, wgmma or unset it$"):
+        TritonOps.linear(x, [w], poisoned(5, 64))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_pair_lookup_gives_each_weights_code_in_bf16(quant_type):
+    """lut.pairs_program (the post variant's decode) for every byte value in every position of a packed word: each
+    weight is bf16(code), the first of each byte from its high nibble."""
+    import bitsandbytes.functional as bnbf
+
+    from heavylift.engine import lut
+
+    code = bnbf.get_4bit_type(quant_type, device="cpu").tolist()
+    bf16 = lambda v: torch.tensor(v, dtype=torch.float32).bfloat16().item()  # noqa: E731
+    for first in range(0, 256, 4):
+        packed = bytes((first + i * 67) % 256 for i in range(4))
+        want = [bf16(code[n]) for byte in packed for n in (byte >> 4, byte & 15)]
+        assert lut.emulate_pairs(code, int.from_bytes(packed, "little")) == want
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_shared_table_lookup_reads_the_lanes_copy_of_each_bytes_pair(scaled):
+    """lut.smem_pairs_program (wgmma4's decode) as lanes 0, 5 and 31 run it, every byte value in every position:
+    bf16(code) per weight, or bf16(bf16(code) * bf16(scale)) with the scale; the PTX reads its operands where
+    the kernel passes them ($0-$3 out, $4 word, $5 lane column, $6 scale pair)."""
+    import random
+    import re
+
+    import bitsandbytes.functional as bnbf
+
+    from heavylift.engine import lut
+
+    code = bnbf.get_4bit_type("nf4", device="cpu").tolist()
+    bf16 = lambda v: torch.tensor(v, dtype=torch.float32).bfloat16().item()  # noqa: E731
+    rng = random.Random(5)
+    for first in range(0, 256, 4):
+        packed = bytes((first + i * 67) % 256 for i in range(4))
+        scale = rng.uniform(1e-3, 2.0) if scaled else None
+        want = [bf16(code[n]) if scale is None else bf16(bf16(code[n]) * bf16(scale))
+                for byte in packed for n in (byte >> 4, byte & 15)]
+        for lane in (0, 5, 31):
+            assert lut.emulate_smem_pairs(code, int.from_bytes(packed, "little"), lane, scale) == want
+    used = {int(n) for n in re.findall(r"\$(\d+)", lut.smem_pairs_ptx(scaled))}
+    assert used == set(range(6)) | ({6} if scaled else set())
+
+
+def test_wgmma_k_order_gives_each_lane_eight_contiguous_bytes():
+    """wgmma4.k_order: a permutation of a block's 64 weights that keeps each byte's two weights together; lane t
+    of a row (wgmma's pairs 2t and 2t + 8 of each 16-wide step) holds exactly packed bytes 8t .. 8t + 7."""
+    from heavylift.engine.wgmma4 import k_order
+
+    order = [k_order(kl) for kl in range(64)]
+    assert sorted(order) == list(range(64))
+    assert all(order[kl + 1] == order[kl] + 1 and order[kl] % 2 == 0 for kl in range(0, 64, 2))
+    for t in range(4):
+        held = {order[16 * s + 8 * h + 2 * t] // 2 for s in range(4) for h in range(2)}
+        assert held == set(range(8 * t, 8 * t + 8))
+
+
+def test_wgmma_kernels_compile_for_sm90_with_the_weights_never_in_shared_memory():
+    """wgmma4's kernels compiled for sm_90 without a GPU (the layout conversions into wgmma's operand are asserted
+    free at compile time): in the main loop one ld.shared per packed byte (the table lookup) and no ldmatrix,
+    so the looked-up weights go from registers to the tensor cores."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from batched_sass import compile_wgmma4
+
+    for form, bm in (("linear", 16), ("glu", 64)):
+        rec = compile_wgmma4(form, bm)
+        assert rec["loop_ops"]["LDS"] == rec["bytes_per_thread"], rec
+        assert rec["smem_round_trip"]["LDSM"] == 0 and rec["regs"] <= 255, rec
+
+
+def test_unset_steps_of_up_to_sixteen_tokens_take_wgmma_and_longer_ones_scaled(monkeypatch):
+    monkeypatch.delenv(B.VARIANT_ENV, raising=False)
+    assert [B.variant(rows) for rows in (2, B.WGMMA_MAX_ROWS, B.WGMMA_MAX_ROWS + 1, 64)] == \
+        ["wgmma", "wgmma", "scaled", "scaled"]
+    monkeypatch.setenv(B.VARIANT_ENV, "post")
+    assert B.variant(2) == B.variant(64) == "post"

@@ -23,15 +23,17 @@ the autotuner picks the tile and SWAP per shape. Triton's interpreter runs one f
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+from heavylift.errors import InvalidArgumentError
 from heavylift.schemes import ENGINE_BATCHED_MAX_ROWS
 
-from .batched_tiles import accumulate, k_blocks, rows_times_x, scaled, table, x_tile, zeros
-from .kernels import INTERPRET, glu_store, pdl_enter, store_part
+from .batched_tiles import accumulate, accumulate_blocks, k_blocks, rows_times_x, scaled, table, x_tile, zeros
+from .kernels import INTERPRET, QBLOCK, glu_store, pdl_enter, store_part
 
 MAX_ROWS = ENGINE_BATCHED_MAX_ROWS  # the largest BLOCK_M: x's rows in one tile
 SPLITS_TARGET = 2  # split-K aims at this many programs per multiprocessor
@@ -49,6 +51,32 @@ CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SWAP": swap}, num_warps
            for bn, bk, swap, w, s in _TILES]
 # Triton's CPU interpreter (tests) has no timer to autotune with: it runs this tile (tests change SWAP).
 FIXED = {"BLOCK_N": 32, "BLOCK_K": 128, "SWAP": False}
+
+
+# How steps through 4-bit weights widen them (HEAVYLIFT_BATCHED4 picks one, to compare):
+# scaled: each weight times its block's absmax in bf16 as it is looked up (lut.scaled_pairs_program);
+# post: the codes meet x as they are and the absmax multiplies each 64-weight block's float32 partial
+#   (batched_tiles.accumulate_blocks, K steps of two blocks), one rounding fewer;
+# wgmma: wgmma4.py's Gluon kernels on Hopper, weights in registers from the load to the tensor cores (scaled
+#   where they do not run).
+VARIANTS = ("scaled", "post", "wgmma")
+VARIANT_ENV = "HEAVYLIFT_BATCHED4"
+# Unset, steps of up to this many tokens take wgmma and longer ones scaled. On an H100 the 8B shape in NF4-DQ
+# decodes 19% faster with wgmma than with scaled at batch 4 and 14% at 16, and 7% slower at 64, where its
+# 64-row tiles lose on the o and down projections (bench/results/batched_variants_h100_2026-12-06.json).
+WGMMA_MAX_ROWS = 16
+
+
+def variant(rows: int) -> str:
+    """The variant a step of `rows` tokens (2 to 64) through 4-bit weights takes: $HEAVYLIFT_BATCHED4, else
+    wgmma up to WGMMA_MAX_ROWS and scaled above."""
+    chosen = os.environ.get(VARIANT_ENV)
+    if chosen is None:
+        return "wgmma" if rows <= WGMMA_MAX_ROWS else "scaled"
+    if chosen not in VARIANTS:
+        raise InvalidArgumentError(f"{VARIANT_ENV}={chosen!r} is not a batched 4-bit variant; set it to one of "
+                                   f"{', '.join(VARIANTS)} or unset it")
+    return chosen
 
 
 def block_m(rows: int) -> int:
@@ -157,13 +185,13 @@ def _linear_part(x_ptr, x_stride, out_ptr, out_stride, res_ptr, M, K, w_ptr, a_p
                  bias_ptr, n, col0, n_total, w_stride, code_ptr, code2_ptr, ws_ptr, tickets_ptr, SPLIT, tile,
                  KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, LUT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
-                 EVEN: tl.constexpr):
+                 EVEN: tl.constexpr, POST: tl.constexpr):
     """Row tile `tile` of one part (its rows written at columns col0 + rows); the program's ticket is its
     place in the whole grid."""
     rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n
     acc = rows_times_x(x_ptr, x_stride, M, K, w_ptr, a_ptr, s_ptr, offset, blk_base, w_stride, code_ptr,
-                       code2_ptr, rows, row_mask, SPLIT, KIND, LUT, BLOCK_M, BLOCK_N, BLOCK_K, SWAP, EVEN)
+                       code2_ptr, rows, row_mask, SPLIT, KIND, LUT, BLOCK_M, BLOCK_N, BLOCK_K, SWAP, EVEN, POST)
     if SPLIT == 1:
         _linear_out(acc, out_ptr, out_stride, res_ptr, M, bias_ptr, rows, n, col0, HAS_BIAS, HAS_RES, BLOCK_M)
     else:
@@ -175,7 +203,7 @@ def _linear_part(x_ptr, x_stride, out_ptr, out_stride, res_ptr, M, K, w_ptr, a_p
             tl.store(tickets_ptr + ticket, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one compile for every step size of a tile height
 def _linear_kernel(x_ptr, x_stride, out_ptr, out_stride, res_ptr, M, K,
                    w0, a0, s0, o0, g0, b0, n0,
                    w1, a1, s1, o1, g1, b1, n1,
@@ -183,7 +211,7 @@ def _linear_kernel(x_ptr, x_stride, out_ptr, out_stride, res_ptr, M, K,
                    code_ptr, code2_ptr, w_stride, ws_ptr, tickets_ptr, SPLIT,
                    KIND: tl.constexpr, PARTS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                    LUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   SWAP: tl.constexpr, EVEN: tl.constexpr):
+                   SWAP: tl.constexpr, EVEN: tl.constexpr, POST: tl.constexpr):
     """y[:, parts] = x @ W_p^T (+ bias) (+ residual) for up to three weights side by side (q, k, v); grid
     (row tiles of all parts, SPLIT)."""
     pdl_enter()
@@ -194,22 +222,22 @@ def _linear_kernel(x_ptr, x_stride, out_ptr, out_stride, res_ptr, M, K,
     if pid < p0:
         _linear_part(x_ptr, x_stride, out_ptr, out_stride, res_ptr, M, K, w0, a0, s0, o0, g0, b0, n0, 0, n_total,
                      w_stride, code_ptr, code2_ptr, ws_ptr, tickets_ptr, SPLIT, pid, KIND, HAS_BIAS, HAS_RES, LUT,
-                     BLOCK_M, BLOCK_N, BLOCK_K, SWAP, EVEN)
+                     BLOCK_M, BLOCK_N, BLOCK_K, SWAP, EVEN, POST)
     elif PARTS > 1 and pid < p0 + p1:
         _linear_part(x_ptr, x_stride, out_ptr, out_stride, res_ptr, M, K, w1, a1, s1, o1, g1, b1, n1, n0, n_total,
                      w_stride, code_ptr, code2_ptr, ws_ptr, tickets_ptr, SPLIT, pid - p0, KIND, HAS_BIAS, HAS_RES,
-                     LUT, BLOCK_M, BLOCK_N, BLOCK_K, SWAP, EVEN)
+                     LUT, BLOCK_M, BLOCK_N, BLOCK_K, SWAP, EVEN, POST)
     elif PARTS > 2:
         _linear_part(x_ptr, x_stride, out_ptr, out_stride, res_ptr, M, K, w2, a2, s2, o2, g2, b2, n2, n0 + n1,
                      n_total, w_stride, code_ptr, code2_ptr, ws_ptr, tickets_ptr, SPLIT, pid - p0 - p1, KIND,
-                     HAS_BIAS, HAS_RES, LUT, BLOCK_M, BLOCK_N, BLOCK_K, SWAP, EVEN)
+                     HAS_BIAS, HAS_RES, LUT, BLOCK_M, BLOCK_N, BLOCK_K, SWAP, EVEN, POST)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _glu_kernel(x_ptr, x_stride, out_ptr, out_stride, M, K, w0, a0, s0, o0, g0, w1, a1, s1, o1, g1, n,
                 code_ptr, code2_ptr, w_stride, ws_ptr, tickets_ptr, SPLIT, KIND: tl.constexpr, LUT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
-                EVEN: tl.constexpr):
+                EVEN: tl.constexpr, POST: tl.constexpr):
     """act = silu(x @ gate^T) * (x @ up^T): both projections of the same rows in one pass over x; grid
     (row tiles, SPLIT), the workspace's columns [0, n) the gate's and [n, 2n) the up projection's."""
     pdl_enter()
@@ -217,17 +245,25 @@ def _glu_kernel(x_ptr, x_stride, out_ptr, out_stride, M, K, w0, a0, s0, o0, g0, 
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n
     rows64 = rows.to(tl.int64)
-    t = table(code_ptr, LUT)
+    t = table(code_ptr, M, LUT)
     g = zeros(BLOCK_M, BLOCK_N, SWAP)
     u = zeros(BLOCK_M, BLOCK_N, SWAP)
     lo, hi = k_blocks(K, SPLIT, BLOCK_K)
     for kb in range(lo, hi):
         k0 = kb * BLOCK_K
-        x_even, x_odd = x_tile(x_ptr, x_stride, M, K, k0, KIND, BLOCK_M, BLOCK_K, EVEN)
-        g = accumulate(g, x_even, x_odd, w0, a0, s0, o0, g0, code_ptr, code2_ptr, t, rows64, row_mask, K,
-                       w_stride, k0, KIND, LUT, BLOCK_N, BLOCK_K, SWAP, EVEN)
-        u = accumulate(u, x_even, x_odd, w1, a1, s1, o1, g1, code_ptr, code2_ptr, t, rows64, row_mask, K,
-                       w_stride, k0, KIND, LUT, BLOCK_N, BLOCK_K, SWAP, EVEN)
+        if POST:
+            tl.static_assert(BLOCK_K == 2 * QBLOCK, "post steps are two 64-weight blocks")
+            x_even, x_odd = x_tile(x_ptr, x_stride, M, K, k0, KIND, BLOCK_M, 2 * QBLOCK, EVEN)
+            g = accumulate_blocks(g, x_even, x_odd, w0, a0, s0, o0, g0, code_ptr, code2_ptr, t, rows64, row_mask, K,
+                                  w_stride, k0, KIND, LUT, BLOCK_M, BLOCK_N, SWAP, EVEN)
+            u = accumulate_blocks(u, x_even, x_odd, w1, a1, s1, o1, g1, code_ptr, code2_ptr, t, rows64, row_mask, K,
+                                  w_stride, k0, KIND, LUT, BLOCK_M, BLOCK_N, SWAP, EVEN)
+        else:
+            x_even, x_odd = x_tile(x_ptr, x_stride, M, K, k0, KIND, BLOCK_M, BLOCK_K, EVEN)
+            g = accumulate(g, x_even, x_odd, w0, a0, s0, o0, g0, code_ptr, code2_ptr, t, rows64, row_mask, K,
+                           w_stride, k0, KIND, LUT, BLOCK_N, BLOCK_K, SWAP, EVEN)
+            u = accumulate(u, x_even, x_odd, w1, a1, s1, o1, g1, code_ptr, code2_ptr, t, rows64, row_mask, K,
+                           w_stride, k0, KIND, LUT, BLOCK_N, BLOCK_K, SWAP, EVEN)
     g = scaled(g, a0, rows, row_mask, KIND, SWAP)
     u = scaled(u, a1, rows, row_mask, KIND, SWAP)
     if SPLIT == 1:
@@ -272,8 +308,9 @@ def _tuned(sizes, columns, key):
 
 
 linear_kernel = _tuned(_linear_sizes, lambda args: sum(_linear_sizes(args)),
-                       ["K", "KIND", "PARTS", "n0", "n1", "n2", "BLOCK_M"])(_linear_kernel)
-glu_kernel = _tuned(lambda args: (args["n"],), lambda args: 2 * args["n"], ["K", "KIND", "n", "BLOCK_M"])(_glu_kernel)
+                       ["K", "KIND", "PARTS", "n0", "n1", "n2", "BLOCK_M", "POST"])(_linear_kernel)
+glu_kernel = _tuned(lambda args: (args["n"],), lambda args: 2 * args["n"], ["K", "KIND", "n", "BLOCK_M", "POST"])(
+    _glu_kernel)
 
 
 def fixed() -> dict:

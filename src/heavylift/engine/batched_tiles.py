@@ -14,9 +14,10 @@ import triton
 import triton.language as tl
 
 from .kernels import DOT_BF16, DQ_GROUP, FP8, INT8, NF4, NF4_DQ, QBLOCK
-from .lut import scaled_pairs_ptx
+from .lut import pairs_ptx, scaled_pairs_ptx
 
-PAIRS_PTX = tl.constexpr(scaled_pairs_ptx())
+SCALED_PAIRS_PTX = tl.constexpr(scaled_pairs_ptx())
+PAIRS_PTX = tl.constexpr(pairs_ptx())
 
 
 @triton.jit
@@ -37,11 +38,17 @@ def _mma(acc, x, w, SWAP: tl.constexpr):
 
 
 @triton.jit
-def table(code_ptr, LUT: tl.constexpr):
-    """The register lookup's eight table words (lut.words), read once per program; nothing without LUT."""
+def table(code_ptr, M, LUT: tl.constexpr):
+    """The register lookup's eight table words (lut.words), read once per program; nothing without LUT. Each is
+    or-ed with lane id x (M >> 30), zero for every step of at most 64 rows but not provably so: values ptxas
+    knows to be warp-uniform it keeps in uniform registers and copies back before every prmt (a sixth of the
+    POST loop's instructions, compiled for sm_90)."""
     if LUT:
-        t = (tl.load(code_ptr), tl.load(code_ptr + 1), tl.load(code_ptr + 2), tl.load(code_ptr + 3),
-             tl.load(code_ptr + 4), tl.load(code_ptr + 5), tl.load(code_ptr + 6), tl.load(code_ptr + 7))
+        z = tl.inline_asm_elementwise("{\n.reg .b32 l;\nmov.u32 l, %laneid;\nmul.lo.u32 $0, l, $1;\n}", "=r,r",
+                                      [M >> 30], dtype=tl.int32, is_pure=True, pack=1)
+        t = (tl.load(code_ptr) | z, tl.load(code_ptr + 1) | z, tl.load(code_ptr + 2) | z,
+             tl.load(code_ptr + 3) | z, tl.load(code_ptr + 4) | z, tl.load(code_ptr + 5) | z,
+             tl.load(code_ptr + 6) | z, tl.load(code_ptr + 7) | z)
     else:
         t = (0, 0, 0, 0, 0, 0, 0, 0)
     return t
@@ -111,7 +118,7 @@ def _widen4(packed, a, code_ptr, t, LUT: tl.constexpr, BLOCK_N: tl.constexpr, BL
     s = tl.broadcast_to(a.to(tl.bfloat16)[:, :, None], (BLOCK_N, BLOCK_K // QBLOCK, QBLOCK // 2))
     if LUT:
         z = tl.zeros((BLOCK_N, BLOCK_K // QBLOCK, QBLOCK // 2), tl.int32)
-        first, second = tl.inline_asm_elementwise(PAIRS_PTX, "=r,=r,=r,=r" + ",r" * 35,
+        first, second = tl.inline_asm_elementwise(SCALED_PAIRS_PTX, "=r,=r,=r,=r" + ",r" * 35,
                                                   [packed, s, z + t[0], z + t[1], z + t[2], z + t[3], z + t[4],
                                                    z + t[5], z + t[6], z + t[7]],
                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
@@ -120,6 +127,57 @@ def _widen4(packed, a, code_ptr, t, LUT: tl.constexpr, BLOCK_N: tl.constexpr, BL
         first = _bf16_nearest(_bf16_nearest(tl.load(code_ptr + (packed >> 4))) * scale).to(tl.bfloat16)
         second = _bf16_nearest(_bf16_nearest(tl.load(code_ptr + (packed & 15))) * scale).to(tl.bfloat16)
     return tl.reshape(first, (BLOCK_N, BLOCK_K // 2)), tl.reshape(second, (BLOCK_N, BLOCK_K // 2))
+
+
+@triton.jit
+def _codes4(packed, code_ptr, t, LUT: tl.constexpr):
+    """The code values of each packed byte's two weights in bf16, as two tiles shaped like `packed`: the first
+    weight of each byte (high nibble, even k) and the second. With LUT looked up in registers (lut.pairs_program,
+    the words `t`); without (the interpreter) read from the 16 floats at code_ptr and rounded as the GPU rounds."""
+    if LUT:
+        z = tl.zeros(packed.shape, tl.int32)
+        first, second = tl.inline_asm_elementwise(PAIRS_PTX, "=r,=r,=r,=r" + ",r" * 33,
+                                                  [packed, z + t[0], z + t[1], z + t[2], z + t[3], z + t[4],
+                                                   z + t[5], z + t[6], z + t[7]],
+                                                  dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    else:
+        first = _bf16_nearest(tl.load(code_ptr + (packed >> 4))).to(tl.bfloat16)
+        second = _bf16_nearest(tl.load(code_ptr + (packed & 15))).to(tl.bfloat16)
+    return first, second
+
+
+@triton.jit
+def _halves(v):
+    """A [rows, 2 blocks, n] tile (or [rows, 2 blocks]) as its two blocks' tiles."""
+    if len(v.shape) == 3:
+        v = tl.permute(v, (0, 2, 1))
+    return tl.split(v)
+
+
+@triton.jit
+def accumulate_blocks(acc, x_even, x_odd, w_ptr, a_ptr, s_ptr, offset, blk_base, code_ptr, code2_ptr, t, rows64,
+                      row_mask, K, w_stride, k0, KIND: tl.constexpr, LUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, SWAP: tl.constexpr, EVEN: tl.constexpr):
+    """acc plus x's tile times the 4-bit weight's two 64-weight blocks at k0, each block's absmax applied to the
+    block's float32 partial product rather than to each weight (POST): the codes meet x as they are, and the
+    scale costs one multiply-add per accumulator element instead of a bf16 multiply per weight pair."""
+    packed, a = _load4(w_ptr, a_ptr, s_ptr, offset, blk_base, code2_ptr, rows64, row_mask, K, w_stride, k0, KIND,
+                       2 * QBLOCK, EVEN)
+    first, second = _codes4(packed, code_ptr, t, LUT)
+    f0, f1 = _halves(first)
+    s0, s1 = _halves(second)
+    a0, a1 = _halves(a)
+    e0, e1 = _halves(tl.reshape(x_even, (BLOCK_M, 2, QBLOCK // 2)))
+    o0, o1 = _halves(tl.reshape(x_odd, (BLOCK_M, 2, QBLOCK // 2)))
+    p = _mma(tl.zeros(acc.shape, tl.float32), e0, f0, SWAP)
+    q = _mma(tl.zeros(acc.shape, tl.float32), e1, f1, SWAP)
+    p = _mma(p, o0, s0, SWAP)
+    q = _mma(q, o1, s1, SWAP)
+    if SWAP:
+        acc += p * a0[:, None] + q * a1[:, None]
+    else:
+        acc += p * a0[None, :] + q * a1[None, :]
+    return acc
 
 
 @triton.jit
@@ -183,15 +241,23 @@ def scaled(acc, a_ptr, rows, row_mask, KIND: tl.constexpr, SWAP: tl.constexpr):
 @triton.jit
 def rows_times_x(x_ptr, x_stride, M, K, w_ptr, a_ptr, s_ptr, offset, blk_base, w_stride, code_ptr, code2_ptr,
                  rows, row_mask, SPLIT, KIND: tl.constexpr, LUT: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr, EVEN: tl.constexpr):
-    """float32 [BLOCK_M, BLOCK_N]: x[:M] times rows `rows` of one weight over this program's K slice."""
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr, EVEN: tl.constexpr,
+                 POST: tl.constexpr):
+    """float32 [BLOCK_M, BLOCK_N]: x[:M] times rows `rows` of one weight over this program's K slice (POST: a
+    4-bit weight's block absmax applied to each block's partial, accumulate_block)."""
     rows64 = rows.to(tl.int64)
-    t = table(code_ptr, LUT)
+    t = table(code_ptr, M, LUT)
     acc = zeros(BLOCK_M, BLOCK_N, SWAP)
     lo, hi = k_blocks(K, SPLIT, BLOCK_K)
     for kb in range(lo, hi):
         k0 = kb * BLOCK_K
-        x_even, x_odd = x_tile(x_ptr, x_stride, M, K, k0, KIND, BLOCK_M, BLOCK_K, EVEN)
-        acc = accumulate(acc, x_even, x_odd, w_ptr, a_ptr, s_ptr, offset, blk_base, code_ptr, code2_ptr, t,
-                         rows64, row_mask, K, w_stride, k0, KIND, LUT, BLOCK_N, BLOCK_K, SWAP, EVEN)
+        if POST:
+            tl.static_assert(BLOCK_K == 2 * QBLOCK, "post steps are two 64-weight blocks")
+            x_even, x_odd = x_tile(x_ptr, x_stride, M, K, k0, KIND, BLOCK_M, 2 * QBLOCK, EVEN)
+            acc = accumulate_blocks(acc, x_even, x_odd, w_ptr, a_ptr, s_ptr, offset, blk_base, code_ptr, code2_ptr, t,
+                                    rows64, row_mask, K, w_stride, k0, KIND, LUT, BLOCK_M, BLOCK_N, SWAP, EVEN)
+        else:
+            x_even, x_odd = x_tile(x_ptr, x_stride, M, K, k0, KIND, BLOCK_M, BLOCK_K, EVEN)
+            acc = accumulate(acc, x_even, x_odd, w_ptr, a_ptr, s_ptr, offset, blk_base, code_ptr, code2_ptr, t,
+                             rows64, row_mask, K, w_stride, k0, KIND, LUT, BLOCK_N, BLOCK_K, SWAP, EVEN)
     return scaled(acc, a_ptr, rows, row_mask, KIND, SWAP)

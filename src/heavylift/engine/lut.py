@@ -143,6 +143,39 @@ def scaled_pairs_ptx() -> str:
     return _render(scaled_pairs_program(), regs, ["z, q4, c, x, y, m, ls, hs, t", "lo, hi"])
 
 
+def pairs_program() -> list[tuple]:
+    """`scaled_pairs_program` without the scale: four packed bytes to their eight code values in bf16, for the
+    batched kernel that multiplies each 64-weight block's partial product by its absmax instead (POST,
+    batched_tiles.py). Registers and outputs as there, the table words holding bf16 values."""
+    steps = [("shl", "q4", "q", 4)]
+    for half in range(2):
+        steps += _lookup_half(half)
+        steps += [("prmt", f"f{half}", "ls", "hs", FIRST_PAIR_SELECT),
+                  ("prmt", f"g{half}", "ls", "hs", SECOND_PAIR_SELECT)]
+    return steps
+
+
+def pairs_ptx() -> str:
+    """Inline PTX of `pairs_program` for `inline_asm_elementwise(pack=4)` with two bf16 outputs ($0-$1 the first
+    weights, $2-$3 the second), the packed bytes ($4) and the eight int32 table words, four operands each ($5,
+    $9, ... $33 hold them)."""
+    regs = {"f0": "$0", "f1": "$1", "g0": "$2", "g1": "$3", "q": "$4"}
+    regs |= {f"{t}{i}": f"${5 + 4 * (4 * k + i)}" for k, t in enumerate("lh") for i in range(4)}
+    return _render(pairs_program(), regs, ["q4, c, x, y, m, ls, hs", "lo, hi"])
+
+
+def emulate_pairs(code: Sequence[float], packed: int) -> list[float]:
+    """The eight code values `pairs_ptx` produces for four packed bytes, in weight order (byte 0 high nibble
+    first)."""
+    low, high = table_words(code, "bf16")
+    r = {"q": packed & MASK32} | {f"l{i}": low[i] for i in range(4)} | {f"h{i}": high[i] for i in range(4)}
+    for op, dst, *src in pairs_program():
+        _step(r, op, dst, src)
+    first = [_bf16(r[f"f{i // 2}"] >> 16 * (i % 2)) for i in range(4)]
+    second = [_bf16(r[f"g{i // 2}"] >> 16 * (i % 2)) for i in range(4)]
+    return [v for byte in range(4) for v in (first[byte], second[byte])]
+
+
 def emulate_scaled_pairs(code: Sequence[float], packed: int, scales: Sequence[float]) -> list[float]:
     """The eight weights `scaled_pairs_ptx` produces for four packed bytes and their four scales (rounded to
     bf16 first, as the kernel passes them), in weight order (byte 0 high nibble first)."""
@@ -161,10 +194,11 @@ def emulate_scaled_pairs(code: Sequence[float], packed: int, scales: Sequence[fl
     return [v for byte in range(4) for v in (first[byte], second[byte])]
 
 
-def pair_words(code: Sequence[float]) -> list[int]:
-    """The byte table of `smem_dot_program`: entry b the fp16 pair a packed byte b stands for, in x's order
-    (low half the high nibble's value, the byte's first weight), as signed int32."""
-    bits = _code_bits(code)
+def pair_words(code: Sequence[float], half: str = "fp16") -> list[int]:
+    """The byte table of `smem_dot_program` (fp16) and `smem_pairs_program` (bf16): entry b the pair a packed
+    byte b stands for, in x's order (low half the high nibble's value, the byte's first weight), as signed
+    int32."""
+    bits = _code_bits(code, half)
     return _signed(bits[b >> 4] | bits[b & 15] << 16 for b in range(256))
 
 
@@ -196,6 +230,47 @@ def smem_dot_ptx() -> str:
     kernel's shared memory (`global_smem`, where Triton puts its first allocation)."""
     regs = {"s": "$0", "q": "$1", "lane": "$6"} | {f"x{i}": f"${2 + i}" for i in range(4)}
     return _render([("mov", "base", "global_smem")] + smem_dot_program(), regs, ["a, t, acc, base", "lo, hi, sh"])
+
+
+def smem_pairs_program(scaled: bool) -> list[tuple]:
+    """Four packed bytes to their four bf16 pairs (low half the byte's first weight, its high nibble) from the
+    bf16 byte table in shared memory, laid out as `smem_dot_program`'s: a prmt and an ld.shared a byte (the
+    Hopper wgmma kernel's decode, wgmma4.py). `scaled`: each pair times s, the bf16 pair of its block's
+    absmax, with one fma.rn.bf16x2 and -0 (the product rounded once).
+
+    Registers: q the four packed bytes, `lane` 4 x the lane id, s the scale pair; outputs o0-o3 per byte."""
+    steps = [("mov", "base", "global_smem")] + ([("mov", "z", NEG_ZERO_PAIR)] if scaled else [])
+    for byte in range(4):
+        steps += [("prmt", "a", "q", "lane", ADDRESS_SELECT[byte]), ("lds", f"o{byte}", "a")]
+        if scaled:
+            steps.append(("bfma", f"o{byte}", f"o{byte}", "s", "z"))
+    return steps
+
+
+def smem_pairs_ptx(scaled: bool) -> str:
+    """Inline PTX of `smem_pairs_program` for `inline_asm_elementwise(pack=1)`: four int32 outputs ($0-$3, the
+    pairs of bytes 0-3), the packed word ($4), the lane column ($5), the scale pair ($6)."""
+    regs = {f"o{i}": f"${i}" for i in range(4)} | {"q": "$4", "lane": "$5", "s": "$6"}
+    return _render(smem_pairs_program(scaled), regs, ["a, base, z", "lo, hi"])
+
+
+def emulate_smem_pairs(code: Sequence[float], packed: int, lane: int = 0, scale: float | None = None) -> list[float]:
+    """The eight weights `smem_pairs_ptx` produces for four packed bytes (as lane `lane`; times `scale`, rounded
+    to bf16 first as the kernel passes it, where given), in weight order (byte 0 high nibble first)."""
+    table = {256 * b + 4 * col: w & MASK32 for b, w in enumerate(pair_words(code, "bf16")) for col in range(32)}
+    s = 0 if scale is None else _bf16_bits(scale)
+    r = {"q": packed & MASK32, "lane": 4 * lane, "s": s | s << 16}
+    for op, dst, *src in smem_pairs_program(scale is not None):
+        if op == "lds":
+            r[dst] = table[r[src[0]]]
+        elif op == "bfma":
+            a, b = r[src[0]], r[src[1]]
+            r[dst] = sum(_bf16_bits(_bf16(a >> sh) * _bf16(b >> sh)) << sh for sh in (0, 16))
+        elif op == "mov" and dst == "base":
+            r[dst] = 0
+        else:
+            _step(r, op, dst, src)
+    return [_bf16(r[f"o{byte}"] >> sh) for byte in range(4) for sh in (0, 16)]
 
 
 def dot_ptx(code: Sequence[float]) -> str:

@@ -395,37 +395,75 @@ def _gemv_rows(w: QWeight) -> int:
     return ENGINE_BATCHED_MAX_ROWS if _batched(w) else ENGINE_GEMV_MAX_ROWS
 
 
-def _batched_linear(x, parts: Sequence[QWeight], out, residual):
-    """TritonOps.linear for 2 to 64 tokens through batched.linear_kernel."""
+def _batched_linear(x, parts: Sequence[QWeight], out, residual, variant=None, config=None):
+    """TritonOps.linear for 2 to 64 tokens through batched.linear_kernel, or for 4-bit weights on Hopper
+    wgmma4.linear where the variant (batched.variant(m)) is "wgmma". `config`: a tile to run instead of the
+    autotuned one (bench/batched_variants.py), batched.CONFIGS' kwargs and num_warps / num_stages, or wgmma4's
+    (POST, BN, W)."""
     from . import batched as B
     from . import kernels as K
 
     m, w = x.shape[0], parts[0]
+    variant = variant or B.variant(m)
+    if variant == "wgmma":
+        if _wgmma(w, x):
+            from . import wgmma4
+
+            return wgmma4.linear(x, parts, out, residual, tile=config)
+        config = None  # a wgmma4 tile means nothing to the Triton kernel that runs instead
     sizes = [q.n for q in parts] + [0] * (3 - len(parts))
     args = []
     for q, n in zip(list(parts) + [w] * (3 - len(parts)), sizes):
         args += _weight_args(q) + [q.bias if q.bias is not None else q.data, n]
     ws, tickets = B.scratch(x.device, *B.scratch_sizes(sizes, sum(sizes), w.k, m, x.device))
     grid = lambda meta: (B.tiles(sizes, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
-    B.linear_kernel[grid](x, x.stride(0), out, out.stride(0), residual if residual is not None else out, m, w.k,
-                          *args, *_batched_codes(w), _row_stride(w), ws, tickets, KIND=w.kind, PARTS=len(parts),
-                          HAS_BIAS=w.bias is not None, HAS_RES=residual is not None, LUT=_batched_lut(w),
-                          BLOCK_M=B.block_m(m), **B.fixed(), **_pdl(K, m))
+    kernel, tile = _batched_kernel(B.linear_kernel, config)
+    kernel[grid](x, x.stride(0), out, out.stride(0), residual if residual is not None else out, m, w.k,
+                 *args, *_batched_codes(w), _row_stride(w), ws, tickets, KIND=w.kind, PARTS=len(parts),
+                 HAS_BIAS=w.bias is not None, HAS_RES=residual is not None, LUT=_batched_lut(w),
+                 BLOCK_M=B.block_m(m), POST=_post(w, variant), **tile, **_pdl(K, m))
     return out
 
 
-def _batched_glu(x, gate: QWeight, up: QWeight, out):
-    """TritonOps.glu for 2 to 64 tokens through batched.glu_kernel."""
+def _batched_glu(x, gate: QWeight, up: QWeight, out, variant=None, config=None):
+    """TritonOps.glu for 2 to 64 tokens through batched.glu_kernel, or wgmma4.glu (as _batched_linear)."""
     from . import batched as B
     from . import kernels as K
 
     m = x.shape[0]
+    variant = variant or B.variant(m)
+    if variant == "wgmma":
+        if _wgmma(gate, x):
+            from . import wgmma4
+
+            return wgmma4.glu(x, gate, up, out, tile=config)
+        config = None
     ws, tickets = B.scratch(x.device, *B.scratch_sizes([gate.n], 2 * gate.n, gate.k, m, x.device))
     grid = lambda meta: (B.tiles([gate.n], meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
-    B.glu_kernel[grid](x, x.stride(0), out, out.stride(0), m, gate.k, *_weight_args(gate), *_weight_args(up),
-                       gate.n, *_batched_codes(gate), _row_stride(gate), ws, tickets, KIND=gate.kind,
-                       LUT=_batched_lut(gate), BLOCK_M=B.block_m(m), **B.fixed(), **_pdl(K, m))
+    kernel, tile = _batched_kernel(B.glu_kernel, config)
+    kernel[grid](x, x.stride(0), out, out.stride(0), m, gate.k, *_weight_args(gate), *_weight_args(up),
+                 gate.n, *_batched_codes(gate), _row_stride(gate), ws, tickets, KIND=gate.kind,
+                 LUT=_batched_lut(gate), BLOCK_M=B.block_m(m), POST=_post(gate, variant), **tile, **_pdl(K, m))
     return out
+
+
+def _batched_kernel(kernel, config):
+    """The autotuned kernel with the interpreter's fixed tile, or with `config` the kernel under the autotuner
+    (its SPLIT and EVEN heuristics kept) and that tile."""
+    from . import batched as B
+
+    return (kernel, B.fixed()) if config is None else (kernel.fn if not B.INTERPRET else kernel, dict(config))
+
+
+def _post(w: QWeight, variant: str) -> bool:
+    """Whether a 4-bit weight's block absmax multiplies the block's partial product (batched_tiles.POST)."""
+    return w.packed and variant == "post"
+
+
+def _wgmma(w: QWeight, x) -> bool:
+    from . import wgmma4
+
+    return wgmma4.runs(w, x)
 
 
 def _row_stride(w: QWeight) -> int:
