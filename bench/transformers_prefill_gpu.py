@@ -8,7 +8,7 @@ warm-up prefill, then --repeats timed prefills of a --prompt-token prompt throug
 queue drained before and after), their median tok/s, and the allocated peak of a prefill above what was
 allocated before it. The chunk sizes alternate per repeat so that clock drift falls on both alike.
 The JSON (card, date, exact command, versions, records) is rewritten after every precision to --out.
-Usage (GPU machine, after the kit prelude; about 3 minutes on an H100):
+Usage (GPU machine, after the kit prelude):
     python3 bench/transformers_prefill_gpu.py --out $OUT/transformers_prefill.json
 """
 
