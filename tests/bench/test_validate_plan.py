@@ -32,7 +32,9 @@ def test_matrix_covers_every_model_precision_context_and_batch():
     assert {c.context for c in runs_on_h100} == {1024, 8192, 32768}
     assert {c.batch for c in runs_on_h100} == {1, 8}
     assert all(sum(c.quant == q for c in runs_on_h100) >= 5 for q in vp.SEED_RULE_BYTES_PER_PARAM)
-    assert 2 <= len(one) - len(runs_on_h100) <= 3  # the cases the plan refuses: recorded, not run
+    # The cases the plan refuses: recorded, not run. Gemma 2 9B bf16 at 32k x 8 is one; its nf4 twin now fits,
+    # prefilling in 256-token chunks.
+    assert 1 <= len(one) - len(runs_on_h100) <= 3
 
 
 def test_two_gpu_cases_split_and_one_balances_a_long_context():

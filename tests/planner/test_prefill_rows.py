@@ -63,6 +63,38 @@ def test_passes_halve_from_the_chunk_down_to_256_tokens():
     assert prefill_rows_to_fit(Workload(context=300, batch=1, engine="fast")) == []
 
 
-def test_transformers_plans_never_split_a_chunk():
+def test_transformers_prefills_every_prompt_in_the_longest_chunks_that_fit_on_every_device(capsys):
+    # Gemma 2 9B in bf16 on one RTX 4090 at 8k, on transformers' forward (the engine does not run Gemma 2): its
+    # eager attention's scores for a 2048-token chunk do not fit beside the weights and KV cache; for 1024 they do.
+    s = plan("gemma2-9b", gpus="1xRTX4090", quant="bf16", context=8192).scheme("bf16")
+    (d,) = s.per_device
+    assert s.engine == "transformers" and s.fits and d.prefill_rows == 1024
+    work = Workload(context=8192, batch=1, engine="transformers")
+    lay = layout(resolve_model("gemma2-9b").architecture, "bf16")
+    whole, half = (lay.terms(d.device, work, Part(d.layers, True, True), every_layer=True, prefill_rows=rows)
+                   for rows in (0, 1024))
+    assert d.weights_bytes + whole.kv_cache_bytes + whole.transient_bytes + whole.overhead_bytes > d.capacity_bytes
+    assert (d.activation_bytes, d.worst_prompt_tokens) == (half.transient_bytes, half.prompt_tokens)
+    code, out, _ = run_cli(capsys, "plan", "gemma2-9b", "--gpus", "1xRTX4090", "--quant", "bf16", "--context", "8192")
+    assert code == 0
+    assert ("  bf16: prefill: transformers takes prompts 1024 tokens at a time to fit, not 2048 (2 chunks for "
+            "2048 tokens)") in out.splitlines()
+
+
+def test_transformers_chunks_are_one_size_on_every_device_and_their_dequantize_is_counted(capsys):
     s = plan("llama3.1-405b", gpus="10xRTX4090", quant="nf4-dq", context=46080, engine="transformers")
-    assert all(d.prefill_rows == 0 for d in s.scheme("nf4-dq").per_device)
+    scheme = s.scheme("nf4-dq")
+    assert scheme.fits and {d.prefill_rows for d in scheme.per_device} == {1024}
+    code, out, _ = run_cli(capsys, *ARGS, "--engine", "transformers", "--json")
+    assert code == 0
+    (planned,) = json.loads(out)["schemes"]
+    assert [d["prefill_rows"] for d in planned["per_device"]] == [1024] * 10
+    (line,) = [a for a in planned["advice"] if a.startswith("prefill:")]
+    # The second chunk of every 2048 tokens dequantizes all ten cards' layers again, one card after another.
+    assert line.startswith("prefill: transformers takes prompts 1024 tokens at a time to fit, not 2048 (2 chunks "
+                           "for 2048 tokens, the weights dequantized in each: at least +")
+
+
+def test_a_transformers_plan_with_room_prefills_whole_chunks():
+    s = plan("gemma2-9b", gpus="1xH100", quant="bf16", context=8192).scheme("bf16")
+    assert s.per_device[0].prefill_rows == 0 and not any(a.startswith("prefill:") for a in s.advice)

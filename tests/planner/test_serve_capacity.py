@@ -82,9 +82,12 @@ def test_split_over_two_gpus_the_boundary_holds_on_the_fullest():
 def test_a_family_the_engine_does_not_run_is_counted_on_transformers():
     plan = heavylift.plan("gemma2-9b", gpus="1xH100", context=8192, quant=["bf16"], serve=True)
     s = plan.scheme("bf16")
-    assert s.engine == TRANSFORMERS and s.max_concurrent_sequences == 28
-    assert _margin("gemma2-9b", "bf16", H100, 8192, 28, TRANSFORMERS) >= 0
-    assert _margin("gemma2-9b", "bf16", H100, 8192, 29, TRANSFORMERS) < 0
+    assert s.engine == TRANSFORMERS and s.max_concurrent_sequences == 30
+    assert _margin("gemma2-9b", "bf16", H100, 8192, 30, TRANSFORMERS) >= 0
+    assert _margin("gemma2-9b", "bf16", H100, 8192, 31, TRANSFORMERS) < 0
+    # From 29 sequences a server fits by prefilling in 1024-token chunks (plan.Layout.fitting_chunk).
+    served = heavylift.plan("gemma2-9b", gpus="1xH100", context=8192, batch=30, quant=["bf16"], serve=True)
+    assert served.scheme("bf16").fits and served.scheme("bf16").per_device[0].prefill_rows == 1024
 
 
 def test_zero_when_not_even_one_sequence_fits():

@@ -19,7 +19,7 @@ from heavylift.hardware.gpus import MAX_GPU_COUNT, Device, lookup_gpu, parse_byt
 from heavylift.model.architecture import QUANTIZABLE_ROLES
 from heavylift.schemes import UNQUANTIZED_BYTES as BF16_BYTES
 from .contract import device_id
-from .memory import prefill_chunk
+from .memory import FAST, prefill_chunk
 from .plan import DevicePlan, Layout, SchemePlan, Workload
 
 # A card the catalog lacks is advised by its memory (--gpus 4x23.5GB) with at most this many decimals: ten
@@ -212,16 +212,41 @@ def prefill_rows_line(lay: Layout, d: DevicePlan, work: Workload) -> str:
     scheme = lay.scheme
     if not scheme.quantized or (scheme.name == "fp8" and d.device.native_fp8):
         return line + ")"
-    quantized = [t for i in d.layers for t in lay.arch.layer_tensors(i) if t.role in QUANTIZABLE_ROLES]
-    moved = scheme.weights_bytes(quantized) + BF16_BYTES * sum(t.numel for t in quantized)
-    seconds = (passes - 1) * moved / d.device.bandwidth_bytes_s
+    seconds = (passes - 1) * _dequantized_seconds(lay, d)
     return f"{line}, the weights dequantized in each: at least +{seconds * 1e3:.0f} ms a chunk)"
+
+def transformers_chunk_line(lay: Layout, plan: SchemePlan, work: Workload) -> str | None:
+    """What prefilling in shorter chunks than prefill_chunk's on transformers (DevicePlan.prefill_rows, the
+    same on every device) costs: a chunk's forward runs through every device's layers, and where they hold
+    bitsandbytes' 4-bit weights (runtime/bnb_forward.py dequantizes a tile at a time) each chunk reads them as
+    stored and writes them in bf16 again; None where the chunks are whole."""
+    rows = min((d.prefill_rows for d in plan.per_device if d.prefill_rows), default=0)
+    if not rows:
+        return None
+    chunk = prefill_chunk(work.context)
+    chunks = -(-chunk // rows)
+    line = f"prefill: transformers takes prompts {rows} tokens at a time to fit, not {chunk} ({chunks} chunks for {chunk} tokens"
+    if not lay.scheme.four_bit:
+        return line + ")"
+    seconds = (chunks - 1) * sum(_dequantized_seconds(lay, d) for d in plan.per_device if d.layers)
+    return f"{line}, the weights dequantized in each: at least +{seconds * 1e3:.0f} ms per {chunk} tokens)"
+
+
+def _dequantized_seconds(lay: Layout, d: DevicePlan) -> float:
+    """The least time `d` takes to dequantize its layers' stored weights once: read as stored and written in
+    bf16 at the device's full memory bandwidth."""
+    quantized = [t for i in d.layers for t in lay.arch.layer_tensors(i) if t.role in QUANTIZABLE_ROLES]
+    moved = lay.scheme.weights_bytes(quantized) + BF16_BYTES * sum(t.numel for t in quantized)
+    return moved / d.device.bandwidth_bytes_s
 
 
 def _headroom(lay: Layout, plan: SchemePlan, devices: Sequence[Device], work: Workload) -> list[str]:
     tight = plan.tightest
     out = [f"fits: {gb(tight.free_bytes)} left on the fullest device ({tight.device.name}, #{tight.device.index})"]
-    out += [prefill_rows_line(lay, d, work) for d in plan.per_device if d.prefill_rows]
+    if plan.engine == FAST:
+        out += [prefill_rows_line(lay, d, work) for d in plan.per_device if d.prefill_rows]
+    elif line := transformers_chunk_line(lay, plan, work):
+        out.append(line)
     limit = lay.arch.max_position_embeddings
     if limit > work.context:
         ctx = room_for_context(lay, devices, work, _least_free(plan), limit)

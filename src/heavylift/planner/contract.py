@@ -26,7 +26,8 @@ def device_id(device: Device) -> str:
 
 def device_plan_to_json(d: Any) -> dict[str, Any]:
     """One plan.DevicePlan; "prefill_rows" only where the engine takes each prefill chunk through the device's
-    layers that many tokens at a time, "adapter_bytes" only where a LoRA adapter adds weights."""
+    layers that many tokens at a time, or transformers prefills in chunks of that many tokens (then on every
+    device), "adapter_bytes" only where a LoRA adapter adds weights."""
     return {"device": device_id(d.device), "name": d.device.name,
             "layers": [d.layers.start, d.layers.stop - 1] if d.layers else [],
             "weights_bytes": d.weights_bytes, "kv_cache_bytes": d.kv_cache_bytes,

@@ -166,7 +166,8 @@ def runtime_terms(arch: Architecture, quant: str, engine: str, context: int, bat
     depends on them (a device's final plan); `every_prompt` (by default as `every_layer`) takes the worst of
     the prompt lengths prompt_lengths.prompt_lengths names, else the longest prompt alone (the searches for a
     split); `serve`: as a server of `batch` sequences (Workload.serve); `prefill_rows`: the engine's prefill
-    runs that many tokens of a chunk at a time through the device's layers (0: the whole chunk)."""
+    runs that many tokens of a chunk at a time through the device's layers, transformers' forward prefills in
+    chunks of that many tokens (0: whole chunks of prefill_chunk)."""
     key = _device_key(arch, quant, engine, context, batch, kv_dtype_bytes, device, part, every_layer, serve,
                       prefill_rows)
     return _terms(*key[:-1], every_layer if every_prompt is None else every_prompt, key[-1])
@@ -187,13 +188,13 @@ def _device_key(arch: Architecture, quant: str, engine: str, context: int, batch
                 part: Part, every_layer: bool, serve: bool, prefill_rows: int) -> tuple:
     """What a device's runtime terms depend on, as _reserve takes it (its replays are cached by it): the shape of
     its part, the precision that allocates, the device's kind, its layers and how many of them are replayed, and
-    the engine's prefill rows per pass (0 on transformers)."""
+    the prefill's rows per pass (runtime_terms' prefill_rows)."""
     dev = _Device(device.kind == "cuda", tuple(device.compute_capability) if device.compute_capability else None,
                   bool(device.native_fp8))
     count = len(part.layers) if every_layer and engine == FAST else SIMULATED_LAYERS[engine]
     shape, layers, order = _part_key(_Same(arch), part)
     return (shape, allocating_twin(quant), engine, context, batch, kv_dtype_bytes, dev, layers.start, layers.stop,
-            part.first, part.last, count, order, serve, prefill_rows if engine == FAST else 0)
+            part.first, part.last, count, order, serve, prefill_rows)
 
 
 @lru_cache(maxsize=None)
@@ -237,7 +238,7 @@ def _terms(arch: Architecture, quant: str, engine: str, context: int, batch: int
     def replay(prompt: int, whole: bool) -> tuple[int, int]:
         return _at_longest(*key) if whole and prompt == longest else _reserve(key, loaded, prompt, whole)
 
-    lengths = prompt_lengths(arch, fast, context, batch, serve) if every_prompt else (longest,)
+    lengths = prompt_lengths(arch, fast, context, batch, serve, rows) if every_prompt else (longest,)
     worst, (reserved, persistent) = worst_prompt(lengths, replay, fast)
     return RuntimeTerms(kv, max(0, reserved - persistent), persistent - kv, _context_bytes(quant, engine, dev), worst)
 
@@ -345,9 +346,10 @@ def _sampling(p: Program, batch: int, vocab: int) -> None:
 # --- transformers -------------------------------------------------------------------------------------
 
 def _transformers_phases(arch: Architecture, quant: str, context: int, batch: int, kvb: int, dev: _Device,
-                         part: Part, layers: Sequence[int], prompt: int | None = None, whole: bool = True
-                         ) -> tuple[list[tuple[str, int]], list[tuple[Program, int]]]:
-    """Session.steps on transformers for prompts of `prompt` tokens (the context by default): (the tensors it
+                         part: Part, layers: Sequence[int], prompt: int | None = None, whole: bool = True,
+                         rows: int = 0) -> tuple[list[tuple[str, int]], list[tuple[Program, int]]]:
+    """Session.steps on transformers for prompts of `prompt` tokens (the context by default) in chunks of
+    `rows` tokens (0: prefill_chunk's): (the tensors it
     keeps: cuBLAS workspace, the StaticCache, the prompt ids; the phases after them, each after empty_cache():
     every kind of prefill chunk, then a decode step of each kind, decode_positions; without `whole`, the last
     prefill chunk alone; for a block-FP8 checkpoint kept as stored, these once for each way its matmuls may
@@ -357,7 +359,7 @@ def _transformers_phases(arch: Architecture, quant: str, context: int, batch: in
         + _kv_tensors(arch, part.layers, context, batch, kvb, TRANSFORMERS) \
         + ([("prompt_ids", INT64 * batch * prompt)] if part.first and dev.cuda else [])
     kinds: dict[tuple, Step] = {}
-    chunk = prefill_chunk(context)
+    chunk = rows or prefill_chunk(context)
     windows = sorted({w for w in arch.layer_windows if w})
     for start in range(0, prompt, chunk):
         step = Step(batch, min(chunk, prompt - start), start, context)
@@ -392,12 +394,12 @@ def decode_positions(windows: Sequence[int], prompt: int, context: int) -> list[
 
 
 def _transformers_serve_phases(arch: Architecture, quant: str, context: int, batch: int, kvb: int, dev: _Device,
-                               part: Part, layers: Sequence[int], prompt: int | None = None, whole: bool = True
-                               ) -> tuple[list[tuple[str, int]], list[tuple[Program, int]]]:
+                               part: Part, layers: Sequence[int], prompt: int | None = None, whole: bool = True,
+                               rows: int = 0) -> tuple[list[tuple[str, int]], list[tuple[Program, int]]]:
     """transformers serving up to `batch` sequences (Workload.serve), one forward at a time: each sequence
     keeps a StaticCache of its own at the context; the forwards are one sequence's, as Session.steps runs
-    them at batch 1 (_transformers_phases of a `prompt`-token prompt)."""
-    persistent, phases = _transformers_phases(arch, quant, context, 1, kvb, dev, part, layers, prompt, whole)
+    them at batch 1 (_transformers_phases of a `prompt`-token prompt in chunks of `rows`)."""
+    persistent, phases = _transformers_phases(arch, quant, context, 1, kvb, dev, part, layers, prompt, whole, rows)
     others = _kv_tensors(arch, part.layers, context, 1, kvb, TRANSFORMERS) * (batch - 1)
     return persistent + others, phases
 

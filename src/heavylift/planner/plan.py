@@ -67,8 +67,9 @@ class DevicePlan:
     overhead_bytes: int
     capacity_bytes: int  # memory the plan may fill: the device's memory less the reserve
     adapter_bytes: int = 0  # the LoRA adapter's weights on this device, part of weights_bytes
-    # The engine's prefill runs this many tokens of a chunk at a time through this device's layers, where the
-    # whole chunk would not fit (prefill_rows_to_fit); 0: the whole chunk.
+    # Where a whole chunk would not fit (prefill_rows_to_fit): the engine's prefill runs this many tokens of a
+    # chunk at a time through this device's layers; transformers' forward prefills every prompt in chunks of
+    # this many tokens, the same on every device. 0: whole chunks.
     prefill_rows: int = 0
     # The prompt length whose run these figures count, the one at which the device holds the most of those
     # prompt_lengths.prompt_lengths names; 0 on a device that holds no layer (or keeps them in CPU RAM).
@@ -164,7 +165,7 @@ class Layout:
                           KV_DTYPES[work.kv_dtype], device, part, every_layer, work.serve, every_prompt, prefill_rows)
         if self.adapter is None or work.engine != TRANSFORMERS:
             return t
-        rows = (1 if work.serve else work.batch) * prefill_chunk(work.context)
+        rows = (1 if work.serve else work.batch) * (prefill_rows or prefill_chunk(work.context))
         return replace(t, transient_bytes=t.transient_bytes + self.adapter.transient_bytes(part.layers, rows))
 
     def costs(self, devices: Sequence[Device], work: Workload) -> tuple[Costs, tuple[int, ...]]:
@@ -204,20 +205,36 @@ class Layout:
         if short < 0:
             return short // len(devices)
         costs, _ = self.costs(devices, work)
-        return self._least_free(devices, balance(costs, capacities).layers, capacities, work)
+        return self.fitting_chunk(devices, balance(costs, capacities).layers, capacities, work)[1]
+
+    def fitting_chunk(self, devices: Sequence[Device], runs: Sequence[range], capacities: Sequence[int],
+                      work: Workload) -> tuple[int, int]:
+        """(the tokens of the chunks transformers' forward prefills in, 0 for whole ones; the fewest bytes then
+        free on any device, as _least_free). Whole chunks where they fit on every device, and on the engine, whose
+        devices take fewer rows each where they must (device_plan). On transformers, whose forward takes each
+        chunk through every device, on GPUs where whole chunks do not fit: the longest of prefill_rows_to_fit
+        that fits on all, if one does."""
+        free = self._least_free(devices, runs, capacities, work)
+        if free >= 0 or work.engine != TRANSFORMERS or any(d.kind != KIND_CUDA for d in devices):
+            return 0, free
+        for rows in prefill_rows_to_fit(work):
+            fewer = self._least_free(devices, runs, capacities, work, rows)
+            if fewer >= 0:
+                return rows, fewer
+        return 0, free
 
     def _least_free(self, devices: Sequence[Device], runs: Sequence[range], capacities: Sequence[int],
-                    work: Workload) -> int:
-        """The fewest bytes free on any device holding these runs, or the first shortfall found. Each device is
-        first counted at the longest prompt alone, which holds no more than the worst prompt length: a device
-        over there is over."""
+                    work: Workload, chunk: int = 0) -> int:
+        """The fewest bytes free on any device holding these runs, or the first shortfall found (`chunk` as
+        device_plan takes it). Each device is first counted at the longest prompt alone, which holds no more than
+        the worst prompt length: a device over there is over."""
         for device, run, capacity in zip(devices, runs, capacities):
-            free = self.device_plan(device, run, capacity, work, every_prompt=False).free_bytes
+            free = self.device_plan(device, run, capacity, work, every_prompt=False, chunk=chunk).free_bytes
             if free < 0:
                 return free
         least = None
         for device, run, capacity in zip(devices, runs, capacities):
-            free = self.device_plan(device, run, capacity, work).free_bytes
+            free = self.device_plan(device, run, capacity, work, chunk=chunk).free_bytes
             if free < 0:
                 return free
             least = free if least is None else min(least, free)
@@ -228,15 +245,16 @@ class Layout:
         in order and the rest left in CPU RAM."""
         costs, capacities = self.costs(devices, work)
         balanced = balance(costs, capacities)
-        if work.allow_offload and self._least_free(devices, balanced.layers, capacities, work) < 0:
+        if work.allow_offload and self.fitting_chunk(devices, balanced.layers, capacities, work)[1] < 0:
             return fill_with_offload(costs, capacities), capacities
         return balanced, capacities
 
     def device_plan(self, device: Device, run: range, capacity: int, work: Workload,
-                    every_prompt: bool = True) -> DevicePlan:
+                    every_prompt: bool = True, chunk: int = 0) -> DevicePlan:
         """What `device` holds running layers `run`: at the worst prompt length (prompt_lengths.py), or
         without `every_prompt` at the longest prompt alone; where it would not fit with the engine prefilling
-        whole chunks, with the fewest passes over a chunk that fit (prefill_rows_to_fit), if any do."""
+        whole chunks, with the fewest passes over a chunk that fit (prefill_rows_to_fit), if any do. On
+        transformers, with prompts prefilled in chunks of `chunk` tokens (0: whole chunks)."""
         n = self.arch.num_layers
         if not run:
             return DevicePlan(device, run, 0, 0, 0, 0, capacity)
@@ -251,7 +269,7 @@ class Layout:
             return DevicePlan(device, run, weights, t.kv_cache_bytes, t.transient_bytes, t.overhead_bytes, capacity,
                               adapter, prefill_rows=rows, worst_prompt_tokens=t.prompt_tokens)
 
-        whole = planned(0)
+        whole = planned(0 if work.engine == FAST else chunk)
         if whole.free_bytes >= 0 or work.engine != FAST or device.kind != KIND_CUDA:
             return whole
         for rows in prefill_rows_to_fit(work):
@@ -262,7 +280,9 @@ class Layout:
 
     def plan(self, devices: Sequence[Device], work: Workload) -> SchemePlan:
         split, capacities = self.split(devices, work)
-        per_device = tuple(self.device_plan(d, r, c, work) for d, r, c in zip(devices, split.layers, capacities))
+        chunk = 0 if split.offloaded else self.fitting_chunk(devices, split.layers, capacities, work)[0]
+        per_device = tuple(self.device_plan(d, r, c, work, chunk=chunk)
+                           for d, r, c in zip(devices, split.layers, capacities))
         offload = None
         if split.offloaded:
             cpu = replace(devices[0], index=-1, name="cpu (offload)", kind="cpu",
@@ -322,8 +342,9 @@ class Plan:
 
 
 def prefill_rows_to_fit(work: Workload) -> list[int]:
-    """The tokens of a prefill chunk a device too tight for a whole one may run through its layers at a time,
-    most first: half the chunk, a quarter, ... down to PREFILL_MIN_ROWS."""
+    """The tokens of a prefill chunk a device too tight for a whole one may run through its layers at a time
+    (on transformers, the chunk every device takes), most first: half the chunk, a quarter, ... down to
+    PREFILL_MIN_ROWS."""
     chunk = prefill_chunk(work.context)
     rows, out = chunk // 2, []
     while rows >= PREFILL_MIN_ROWS:

@@ -32,19 +32,20 @@ def longest_prompt(context: int, fast: bool, serve: bool) -> int:
     return max(1, context - 1) if serve and fast else context
 
 
-def prompt_lengths(arch: Architecture, fast: bool, context: int, batch: int, serve: bool) -> tuple[int, ...]:
+def prompt_lengths(arch: Architecture, fast: bool, context: int, batch: int, serve: bool,
+                   chunk: int = 0) -> tuple[int, ...]:
     """The prompt lengths a device's plan replays, longest first: the longest it covers (longest_prompt), and the
     longest of each shape the runtime's program takes below it. On heavylift's engine (`fast`), whose replay is
     dear: the longest whose attention mask SDPA pads (a copy of the last chunk's mask, 512 MiB at 131,071 tokens)
     and the longest whose mask it does not (SDPA_MASK_ALIGNMENT). On transformers' forward: the longest of one
     prefill chunk and of two (every later count of chunks repeats their kinds), the longest within each sliding
     window, every length within PROMPT_BAND_TOKENS of the longest and every length whose last chunk holds a
-    multiple of PROMPT_ROW_GRID rows (defaults.py says why)."""
+    multiple of PROMPT_ROW_GRID rows (defaults.py says why), its chunks `chunk` tokens (0: prefill_chunk's)."""
     longest = longest_prompt(context, fast, serve)
     if fast:
         aligned = longest // SDPA_MASK_ALIGNMENT * SDPA_MASK_ALIGNMENT
         return tuple(sorted({longest, *(n for n in (longest - 1, aligned) if 0 < n < longest)}, reverse=True))
-    chunk = prefill_chunk(longest)
+    chunk = min(longest, chunk) if chunk else prefill_chunk(longest)
     lengths = {longest, *(n for n in (chunk, 2 * chunk) if n < longest)}
     lengths |= {w for w in arch.layer_windows if w and w < longest}
     lengths |= set(range(max(1, longest - PROMPT_BAND_TOKENS + 1), longest + 1))

@@ -132,6 +132,10 @@ class Session:
                 dev = self.placement.modules[f"model.layers.{d.layers.start}"]
                 self._planned[dev] = self._planned.get(dev, 0) + d.total_bytes
         self.measured = _measure(self._planned, self.model)
+        # transformers' forward prefills in chunks of this many tokens where its plan has whole ones not fit
+        # (plan.DevicePlan.prefill_rows, the same on every device); 0: PREFILL_CHUNK
+        self.prefill_chunk = 0 if engine is not None else min(
+            (d.prefill_rows for d in self.scheme.per_device if d.layers and d.prefill_rows), default=0)
 
     @property
     def quant(self) -> str:
@@ -182,11 +186,12 @@ class Session:
             return logits, lambda token: engine.decode(token.view(-1)), lambda: engine.lengths()[0]
         model, cache = self.model, self._static_cache(prompts.shape[0])
         prompts = prompts.to(self.device)
+        chunk = self.prefill_chunk or PREFILL_CHUNK
         with expected_int8_casts():
-            for start in range(0, prompts.shape[1], PREFILL_CHUNK):  # chunked prefill bounds the activation peak
+            for start in range(0, prompts.shape[1], chunk):  # chunked prefill bounds the activation peak
                 _start_phase(self._planned)
-                piece = prompts[:, start:start + PREFILL_CHUNK]
-                if start + PREFILL_CHUNK < prompts.shape[1]:  # only the last chunk needs logits: skip lm_head
+                piece = prompts[:, start:start + chunk]
+                if start + chunk < prompts.shape[1]:  # only the last chunk needs logits: skip lm_head
                     model.model(input_ids=piece, cache=cache, use_cache=True)
                 else:
                     logits = model(input_ids=piece, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]

@@ -162,7 +162,7 @@ class TransformersBackend:
         self.caches[slot] = cache = self.session._static_cache(1)
         tokens = torch.tensor([ids], device=self.session.device)
         found = [] if scores is not None else None
-        chunk = min(chunk, PREFILL_CHUNK_TOKENS)
+        chunk = min(chunk, self.session.prefill_chunk or PREFILL_CHUNK_TOKENS)
         for start in range(0, len(ids), chunk):
             piece = tokens[:, start:start + chunk]
             last = start + chunk >= len(ids)
