@@ -215,6 +215,7 @@ def prefill_rows_line(lay: Layout, d: DevicePlan, work: Workload) -> str:
     seconds = (passes - 1) * _dequantized_seconds(lay, d)
     return f"{line}, the weights dequantized in each: at least +{seconds * 1e3:.0f} ms a chunk)"
 
+
 def transformers_chunk_line(lay: Layout, plan: SchemePlan, work: Workload) -> str | None:
     """What prefilling in shorter chunks than prefill_chunk's on transformers (DevicePlan.prefill_rows, the
     same on every device) costs: a chunk's forward runs through every device's layers, and where they hold
@@ -225,7 +226,8 @@ def transformers_chunk_line(lay: Layout, plan: SchemePlan, work: Workload) -> st
         return None
     chunk = prefill_chunk(work.context)
     chunks = -(-chunk // rows)
-    line = f"prefill: transformers takes prompts {rows} tokens at a time to fit, not {chunk} ({chunks} chunks for {chunk} tokens"
+    line = (f"prefill: transformers takes prompts {rows} tokens at a time to fit, not {chunk} ({chunks} chunks "
+            f"for {chunk} tokens")
     if not lay.scheme.four_bit:
         return line + ")"
     seconds = (chunks - 1) * sum(_dequantized_seconds(lay, d) for d in plan.per_device if d.layers)
