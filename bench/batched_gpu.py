@@ -175,13 +175,13 @@ def fp4_layer(engine, kind: int):
 # -- per-linear timing ----------------------------------------------------------------------------------
 
 
-def graph_us(fn, calls: int, replays: int) -> float:
-    """Microseconds per call of `fn` (which makes `calls` calls), replayed in a CUDA graph: launch gaps and
-    Python excluded, as in a decode step."""
+def captured(fn) -> torch.cuda.CUDAGraph:
+    """`fn` run once on a side stream (autotuned, its scratch allocated), then captured in a CUDA graph and
+    replayed once."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        fn()  # autotuned and its scratch allocated before the capture
+        fn()
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -189,6 +189,13 @@ def graph_us(fn, calls: int, replays: int) -> float:
         fn()
     graph.replay()
     torch.cuda.synchronize()
+    return graph
+
+
+def graph_us(fn, calls: int, replays: int) -> float:
+    """Microseconds per call of `fn` (which makes `calls` calls), replayed in a CUDA graph: launch gaps and
+    Python excluded, as in a decode step."""
+    graph = captured(fn)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(replays):

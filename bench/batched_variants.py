@@ -194,17 +194,9 @@ def precompile(kinds, rows_list, workers: int) -> list[dict]:
 
 def graph_us(fn, calls: int, replays: int) -> float:
     """Median µs per call of `fn` (`calls` calls) over `replays` replays of its CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
+    from batched_gpu import captured
+
+    graph = captured(fn)
     times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
