@@ -77,22 +77,31 @@ def quantize_int8_rows(weight: torch.Tensor, device: torch.device | str) -> tupl
     return cb, scb
 
 
-class RowBlock4bitQuantize(Bnb4bitQuantize):
-    """transformers' Bnb4bitQuantize, the weight quantized onto its device by quantize_4bit_rows."""
+class _OnDevices:
+    """A bitsandbytes converter that quantizes each weight onto the device `devices` names for it (its own device
+    where none is named)."""
 
     def __init__(self, hf_quantizer, devices: dict):
         super().__init__(hf_quantizer)
         self.devices = devices
 
-    def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
-        result = {}
+    def _weights(self, input_dict):
+        """(name, the checkpoint tensor, the device it goes to) for each weight converted."""
         for name, value in input_dict.items():
             value = value[0] if isinstance(value, list) else value
+            yield name, value, self.devices.pop(name, value.device)
+
+
+class RowBlock4bitQuantize(_OnDevices, Bnb4bitQuantize):
+    """transformers' Bnb4bitQuantize, the weight quantized onto its device by quantize_4bit_rows."""
+
+    def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
+        result = {}
+        for name, value, device in self._weights(input_dict):
             module, _ = get_module_from_name(model, name)
-            old = model.get_parameter_or_buffer(name)
-            kept = dict(old.__dict__)
-            packed, state = quantize_4bit_rows(value, self.devices.pop(name, value.device), kept["quant_type"],
-                                               kept["compress_statistics"], kept["quant_storage"], kept["blocksize"])
+            kept = dict(model.get_parameter_or_buffer(name).__dict__)
+            packed, state = quantize_4bit_rows(value, device, kept["quant_type"], kept["compress_statistics"],
+                                               kept["quant_storage"], kept["blocksize"])
             kept.update(quant_state=state, bnb_quantized=True)
             result[name] = bnb.nn.Params4bit(packed, requires_grad=False, **kept)
             module.quant_state = state  # as Params4bit._quantize sets it
@@ -100,21 +109,16 @@ class RowBlock4bitQuantize(Bnb4bitQuantize):
         return result
 
 
-class RowBlock8bitQuantize(Bnb8bitQuantize):
+class RowBlock8bitQuantize(_OnDevices, Bnb8bitQuantize):
     """transformers' Bnb8bitQuantize, the weight quantized onto its device by quantize_int8_rows."""
-
-    def __init__(self, hf_quantizer, devices: dict):
-        super().__init__(hf_quantizer)
-        self.devices = devices
 
     def convert(self, input_dict, model=None, full_layer_name=None, **kwargs):
         result = {}
-        for name, value in input_dict.items():
-            value = value[0] if isinstance(value, list) else value
+        for name, value, device in self._weights(input_dict):
             kept = dict(model.get_parameter_or_buffer(name).__dict__)
             kept.pop("SCB", None)
             kept.pop("CB", None)
-            cb, scb = quantize_int8_rows(value, self.devices.pop(name, value.device))
+            cb, scb = quantize_int8_rows(value, device)
             result[name] = bnb.nn.Int8Params(cb, requires_grad=False, CB=cb, SCB=scb, **kept)
         return result
 
