@@ -93,6 +93,12 @@ ALLOCATION_GRANULE_BYTES = 512
 # matched to 0.1% with all of them); trained models in a handful. The plan counts the worst case, every
 # column (for an 8B model about 0.3 GB more than a trained model's run takes).
 LLM_INT8_OUTLIER_COLUMN_FRACTION = 1.0
+# LLM.int8 on transformers' forward (runtime/bnb_forward.py) quantizes its input a block of rows at a time:
+# as many rows as keep the block's fp16 copy within this many bytes. bitsandbytes' int8_vectorwise_quant on a
+# whole 2048-token chunk holds an fp16 copy, |x| in fp16 and the outlier map at once: 0.55 GB on Llama 3.1
+# 405B's 53248-wide down projection, the peak of its forward; a block's is 40 MB. Its scales and int8 rows are
+# per row, so the rows come out the same; the outlier columns are those of any block.
+LLM_INT8_QUANT_BYTES = 16 * MiB
 
 # --- Prefill --------------------------------------------------------------------------------
 # heavylift's loop prefills the prompt in chunks of this many tokens, which bounds the

@@ -20,7 +20,7 @@ from heavylift.hardware.gpus import parse_gpu_spec
 from heavylift.planner.memory import TRANSFORMERS, FAST, _kv_tensors, engine_prefill, runtime_terms
 from heavylift.schemes import SCHEMES
 from heavylift.planner.forward_program import Part, Step, linear, transformers_forward
-from heavylift.planner.matmul_programs import dense_linear as engine_dense_linear, int8_tile_rows
+from heavylift.planner.matmul_programs import dense_linear as engine_dense_linear, int8_quant_rows, int8_tile_rows
 
 from conftest import save_tiny_checkpoint, save_tiny_tokenizer
 from memtrace import Trace, canonical, first_difference
@@ -134,8 +134,10 @@ class _FilledAttentionTrace(Trace):
         return super()._sdpa(q, k, v, *args, **kwargs).normal_()
 
 
-@pytest.mark.parametrize("tile_rows", [0, 24])  # whole weights; tiles of 24 rows of a 64-wide weight, 12 of 128
-def test_transformers_int8_prefill_and_decode_match_the_forward(tmp_path, monkeypatch, tile_rows):
+# Whole weights; tiles of 24 rows of a 64-wide weight, 12 of 128; and x quantized 12 rows of a 64-wide x at a time,
+# 6 of a 128-wide one.
+@pytest.mark.parametrize("tile_rows, quant_rows", [(0, 0), (24, 0), (24, 12)])
+def test_transformers_int8_prefill_and_decode_match_the_forward(tmp_path, monkeypatch, tile_rows, quant_rows):
     # LLM.int8 a weight tile at a time (runtime/bnb_forward.py): bitsandbytes' ops traced as their CUDA kernels
     # allocate (memtrace.BNB_CUDA_ALLOCATIONS). The plan counts every input column as an outlier column; a
     # threshold under every entry here makes them so.
@@ -145,6 +147,8 @@ def test_transformers_int8_prefill_and_decode_match_the_forward(tmp_path, monkey
     monkeypatch.setattr(session_module, "PREFILL_CHUNK", CHUNK)
     if tile_rows:  # q 24, 24, 16 rows; k and v 24, 8; gate and up five of 24 and 8; down five of 12 and 4
         monkeypatch.setattr("heavylift.planner.matmul_programs.DEQUANT_TILE_BYTES", 4 * 64 * tile_rows)
+    if quant_rows:
+        monkeypatch.setattr("heavylift.planner.matmul_programs.LLM_INT8_QUANT_BYTES", 2 * 64 * quant_rows)
     session = _session(tmp_path, "llama", "transformers", "int8")
     for m in session.model.modules():
         if isinstance(m, bnb.nn.Linear8bitLt):
@@ -229,38 +233,44 @@ def test_bitsandbytes_4bit_runs_a_weight_tile_at_a_time_beyond_four_rows():
 def test_llm_int8_counts_its_outlier_decomposition():
     # x [8, 64] @ W^T, W [32, 64] int8: fp16 copy 1024, row stats 32, int8 x 512, |x| 1024, outlier map 512,
     # columns with outliers (all 64 counted): any 64, indices 512; A[:, cols] 1024, CB[:, cols] 2048,
-    # dequantized twice in fp32 8192 + 8192, bf16 4096; int32 product 1024, fp16 512, bf16 512, + addmm 512.
-    # Most at once: stats, int8 x, indices (512 each) + A[:, cols] 1024 + CB[:, cols] 2048 + 2 x 8192 = 20,992.
+    # dequantized in fp32 8192 (the second product in place), bf16 4096; int32 product 1024, fp16 512, bf16
+    # 512, + addmm 512. Most at once: stats, int8 x, indices (512 each) + A[:, cols] 1024 + fp32 8192 + bf16
+    # 4096 = 14,848 (bitsandbytes' own dequantize holds a second fp32 copy: 20,992).
     p = Program()
     linear(p, "int8", 8, 64, 32)
-    assert _sizes(p) == [1024, 32, 512, 1024, 512, 64, 512, 1024, 2048, 8192, 8192, 4096, 1024, 512, 512, 512]
-    assert peak_live(p) == 20_992
+    assert _sizes(p) == [1024, 32, 512, 1024, 512, 64, 512, 1024, 2048, 8192, 4096, 1024, 512, 512, 512]
+    assert peak_live(p) == 14_848
 
 
 def test_llm_int8_on_transformers_runs_a_weight_tile_at_a_time():
-    # Llama-3.1-405B's down projection, 16384 x 53248, on a 2048-token chunk (runtime/bnb_forward.py): tiles of
-    # 128 MiB / (53248 x 4 bytes) = 630 rows rounded down to a multiple of 16, 624, 26 of them and one of 160. Every column an outlier column: x's fp16 copy
-    # 218,103,808, row stats 8192, int8 x 109,051,904, |x| 218,103,808, the map 109,051,904, any 53,248,
-    # indices 425,984; A[:, cols] 218,103,808; the output 2048 x 16384 x 2 = 67,108,864; per tile CB[:, cols]
-    # 624 x 53248 = 33,226,752, its fp32 dequantize twice 132,907,008, in bf16 66,453,504, the int32, fp16 and bf16
-    # products 5,111,808, 2,555,904 and 2,555,904, and addmm's 2,555,904.
-    assert int8_tile_rows(16384, 53248) == 624
-    quantize = [218_103_808, 8192, 109_051_904, 218_103_808, 109_051_904, 53_248, 425_984, 218_103_808]
+    # Llama-3.1-405B's down projection, 16384 x 53248, on a 2048-token chunk (runtime/bnb_forward.py), every column
+    # an outlier column. x quantized 157 rows at a time (16 MiB of fp16 / 106,496 bytes a row): 13 blocks of 157
+    # and one of 7, into int8 x 109,051,904 and row stats 8192 allocated whole, with the map of outlier columns
+    # 53,248; per block its fp16 copy, row stats, int8 rows, |x|, the map, any, indices; then the indices 425,984.
+    # A[:, cols] 218,103,808; the output 2048 x 16384 x 2 = 67,108,864. Tiles of 128 MiB / (53248 x 4 bytes) =
+    # 630 rows rounded down to a multiple of 16, 624, 26 of them and one of 160: per tile CB[:, cols] 624 x 53248
+    # = 33,226,752, its fp32 dequantize 132,907,008, in bf16 66,453,504, the int32, fp16 and bf16 products
+    # 5,111,808, 2,555,904 and 2,555,904, and addmm's 2,555,904.
+    assert int8_tile_rows(16384, 53248) == 624 and int8_quant_rows(2048, 53248) == 157
+
+    def block(r: int) -> list[int]:
+        return [2 * r * 53248, 4 * r, r * 53248, 2 * r * 53248, r * 53248, 53_248, 425_984]
 
     def tile(t: int) -> list[int]:
-        return [t * 53248, 4 * t * 53248, 4 * t * 53248, 2 * t * 53248, 4 * 2048 * t, 2 * 2048 * t, 2 * 2048 * t,
-                2 * 2048 * t]
+        return [t * 53248, 4 * t * 53248, 2 * t * 53248, 4 * 2048 * t, 2 * 2048 * t, 2 * 2048 * t, 2 * 2048 * t]
 
+    quantize = [109_051_904, 8192, 53_248] + block(157) * 13 + block(7) + [425_984]
     p = Program()
     linear(p, "int8", 2048, 53248, 16384)
-    assert _sizes(p) == quantize + [67_108_864] + tile(624) * 26 + tile(160)
-    # Most at once, at a tile's second fp32 copy: row stats, int8 x, indices, A[:, cols], the output, CB[:, cols]
-    # and both fp32 copies: 0.70 GB, where bitsandbytes' own forward holds 2 x 3.49 GB of fp32 for the whole weight.
-    assert peak_live(p) == 8192 + 109_051_904 + 425_984 + 218_103_808 + 67_108_864 + 33_226_752 + 2 * 132_907_008
-    # A decode step of one row: the same tiles, the fp32 ones as large.
+    assert _sizes(p) == quantize + [218_103_808, 67_108_864] + tile(624) * 26 + tile(160)
+    # Most at once, at a tile's bf16 copy of its outlier columns: row stats, int8 x, indices, A[:, cols], the
+    # output, the fp32 and bf16 copies: 0.59 GB, where bitsandbytes' own forward holds 2 x 3.49 GB of fp32 for the
+    # whole weight and its quantize of the whole chunk 0.55 GB.
+    assert peak_live(p) == 8192 + 109_051_904 + 425_984 + 218_103_808 + 67_108_864 + 132_907_008 + 66_453_504
+    # A decode step of one row: quantized whole; the same tiles, the fp32 one as large.
     p = Program()
     linear(p, "int8", 1, 53248, 16384)
-    assert peak_live(p) == 512 + 53_248 + 425_984 + 106_496 + 32_768 + 33_226_752 + 2 * 132_907_008
+    assert peak_live(p) == 512 + 53_248 + 425_984 + 106_496 + 32_768 + 132_907_008 + 66_453_504
 
 
 def test_llm_int8_tiles_are_whole_multiples_of_sixteen_rows():

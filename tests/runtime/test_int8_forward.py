@@ -11,7 +11,7 @@ import torch
 
 import heavylift
 import heavylift.runtime.bnb_forward as bnb_forward
-from heavylift.planner.matmul_programs import int8_tile_rows
+from heavylift.planner.matmul_programs import int8_quant_rows, int8_tile_rows
 from heavylift.runtime.bnb_forward import TiledLinear8bitLt, tile_int8_matmuls
 from heavylift.runtime.bnb_load import quantize_int8_rows
 
@@ -67,8 +67,12 @@ def _bitsandbytes(layer: TiledLinear8bitLt, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("shape", [(1, 1), (2, 1), (3, 5), (7,)])  # decode 1 and 2 sequences, a prefill, 2-d x
 @pytest.mark.parametrize("outliers", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_the_tiles_are_bitsandbytes_product_bit_for_bit(monkeypatch, tiled_calls, n, k, shape, outliers, bias):
+@pytest.mark.parametrize("quant_rows", [0, 2])  # x quantized whole, or 2 rows at a time (a prefill's last block 1)
+def test_the_tiles_are_bitsandbytes_product_bit_for_bit(monkeypatch, tiled_calls, n, k, shape, outliers, bias,
+                                                         quant_rows):
     monkeypatch.setattr("heavylift.planner.matmul_programs.DEQUANT_TILE_BYTES", TILE_ROWS * k * 4)
+    if quant_rows:
+        monkeypatch.setattr("heavylift.planner.matmul_programs.LLM_INT8_QUANT_BYTES", quant_rows * k * 2)
     layer = _layer(n, k, bias)
     assert int8_tile_rows(n, k) == min(n, TILE_ROWS)  # 100 rows: 3 tiles of 32 and one of 4
     x = _input((*shape, k), outliers)
@@ -80,6 +84,25 @@ def test_the_tiles_are_bitsandbytes_product_bit_for_bit(monkeypatch, tiled_calls
     assert torch.equal(tiled, whole)
     _, _, cols = bnb.functional.int8_vectorwise_quant(x.reshape(-1, k).half(), threshold=THRESHOLD)
     assert cols.numel() == (3 if outliers else 0)
+
+
+@pytest.mark.parametrize("threshold", [0.0, THRESHOLD])
+def test_x_quantized_a_block_of_rows_at_a_time_is_bitsandbytes_quantize(monkeypatch, threshold):
+    # Outliers in other columns on other rows, one in the last block of a single row: each block finds its own
+    # columns, the union is every block's, and every row is zeroed in all of them, as one call over all rows does.
+    monkeypatch.setattr("heavylift.planner.matmul_programs.LLM_INT8_QUANT_BYTES", 3 * 64 * 2)
+    x = _input((10, 64), outliers=False).float()
+    x[1, 5], x[4, 9], x[9, 63], x[8, 5] = 8.0, -7.5, 6.0, 9.0
+    x = x.bfloat16()
+    assert int8_quant_rows(10, 64) == 3
+    with torch.inference_mode():
+        rows, scales, cols = bnb_forward._int8_rows(x, threshold)
+        whole_rows, whole_scales, whole_cols = bnb.functional.int8_vectorwise_quant(x.half(), threshold=threshold)
+    assert torch.equal(rows, whole_rows) and torch.equal(scales, whole_scales)
+    if threshold:
+        assert torch.equal(cols, whole_cols) and cols.tolist() == [5, 9, 63]
+    else:
+        assert cols is None and whole_cols is None
 
 
 @pytest.mark.parametrize("threshold", [0.0, THRESHOLD])

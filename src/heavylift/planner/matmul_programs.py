@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from math import ceil, gcd
 
 from .allocator import Program, Tensor
-from heavylift.defaults import DEQUANT_TILE_BYTES, LLM_INT8_OUTLIER_COLUMN_FRACTION
+from heavylift.defaults import DEQUANT_TILE_BYTES, LLM_INT8_OUTLIER_COLUMN_FRACTION, LLM_INT8_QUANT_BYTES
 from heavylift.model.prequantized import fallback_tile_rows
 from heavylift.schemes import BNB_4BIT_BLOCKSIZE, FLOAT32_BYTES, SCHEMES, UNQUANTIZED_BYTES
 
@@ -116,11 +116,37 @@ def int8_tile_rows(n: int, k: int) -> int:
     return min(n, max(1, DEQUANT_TILE_BYTES // (FP32 * k) // INT8_TILE_ROW_MULTIPLE) * INT8_TILE_ROW_MULTIPLE)
 
 
+def int8_quant_rows(rows: int, k: int) -> int:
+    """Rows of x [rows, k] that LLM.int8 on transformers' forward quantizes at a time (runtime/bnb_forward.py
+    _int8_rows): as many as keep their fp16 copy within LLM_INT8_QUANT_BYTES, at least one."""
+    return max(1, LLM_INT8_QUANT_BYTES // (BF16 * k))
+
+
 def _int8_rows(p: Program, rows: int, k: int, cols: int) -> tuple[Tensor, Tensor, Tensor | None]:
-    """MatMul8bitLt's quantization of x (bitsandbytes 0.50, backends/cuda/ops.py int8_vectorwise_quant): an fp16
-    copy of x, its row scales and int8 rows, then |x| and the map of entries past the threshold, the columns that
-    hold any and their indices; the fp16 copy and the map freed as it returns. Returns (int8 rows, row scales,
-    outlier column indices or None)."""
+    """x quantized as runtime/bnb_forward.py _int8_rows does: in one call of bitsandbytes' int8_vectorwise_quant
+    (_int8_quant) where its rows fit int8_quant_rows; else the int8 rows and row scales allocated whole and the
+    map of outlier columns (with `cols`), then per block of rows its call, its outputs copied in and freed,
+    then the columns' indices, the map freed. Returns (int8 rows, row scales, outlier column indices or None)."""
+    step = int8_quant_rows(rows, k)
+    if step >= rows:
+        return _int8_quant(p, rows, k, cols)
+    ca = p.alloc("x_int8", rows * k)
+    stats = p.alloc("row_stats", FP32 * rows)
+    held = p.alloc("outlier_map", k) if cols else None
+    for start in range(0, rows, step):
+        p.free(*_int8_quant(p, min(step, rows - start), k, cols))
+    idx = None
+    if cols:
+        idx = p.alloc("outlier_cols", INT64 * cols)
+        p.free(held)
+    return ca, stats, idx
+
+
+def _int8_quant(p: Program, rows: int, k: int, cols: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """bitsandbytes 0.50's int8_vectorwise_quant on an fp16 copy of x, as MatMul8bitLt calls it
+    (backends/cuda/ops.py): the copy, its row scales and int8 rows, then |x| and the map of entries past the
+    threshold, the columns that hold any and their indices; the fp16 copy and the map freed as it returns.
+    Returns (int8 rows, row scales, outlier column indices or None)."""
     a16 = p.alloc("x_fp16", BF16 * rows * k)
     stats = p.alloc("row_stats", FP32 * rows)
     ca = p.alloc("x_int8", rows * k)
@@ -144,11 +170,10 @@ def _int8_tile(p: Program, rows: int, t: int, cols: int) -> Tensor:
     sub_b = None
     if cols:
         cb = p.alloc("cb_cols", t * cols)
-        d1 = p.alloc("dequant", FP32 * t * cols)
-        d2 = p.alloc("dequant", FP32 * t * cols)
-        p.free(d1, cb)
+        d = p.alloc("dequant", FP32 * t * cols)
+        p.free(cb)
         sub_b = p.alloc("sub_b", BF16 * t * cols)
-        p.free(d2)
+        p.free(d)
     i32 = p.alloc("int32", INT32 * rows * t)
     f16 = p.alloc("fp16", BF16 * rows * t)
     y = p.alloc("linear", BF16 * rows * t)

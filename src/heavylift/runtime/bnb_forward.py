@@ -18,12 +18,14 @@ device): two fp32 [out_features, columns] copies at once, 2 x 3.5 GB for Llama 3
 column holds one, as the plan must count (the columns depend on the data), at prefill and decode alike, beside an
 int32 and an fp16 copy of the whole output. `tile_int8_matmuls` makes every Linear8bitLt in the state heavylift
 loads (int8 rows CB [out, in] with fp32 row scales SCB, no fp16 weights) compute as bitsandbytes does with its own
-ops: x quantized and its outlier columns found once over all its rows (int8_vectorwise_quant), then per tile of
-int8_tile_rows weight rows the int8 product dequantized (int8_linear_matmul, int8_mm_dequant) and the outlier
-columns' part added (int8_vectorwise_dequant, addmm), written into the tile's columns of the output. Each output
-column is the same arithmetic on the same numbers as bitsandbytes' (bit for bit on the CPU: integer products are
-exact, the dequantize is elementwise); on a GPU only the outlier part's bf16/fp16 addmm may sum its columns in
-another order on a tile than on the whole weight (cuBLAS picks its kernel by shape), one rounding of that part.
+ops: x quantized a block of rows at a time and its outlier columns gathered over all its rows
+(int8_vectorwise_quant per block, _int8_rows), then per tile of int8_tile_rows weight rows the int8 product
+dequantized (int8_linear_matmul, int8_mm_dequant) and the outlier columns' part added (their weights dequantized
+as int8_vectorwise_dequant does with one fp32 copy, _dequantized; addmm), written into the tile's columns of the
+output. Each output column is the same arithmetic on the same numbers as bitsandbytes' (bit for bit on the CPU:
+integer products are exact, quantize and dequantize are per row and elementwise); on a GPU only the outlier part's
+bf16/fp16 addmm may sum its columns in another order on a tile than on the whole weight (cuBLAS picks its kernel
+by shape), one rounding of that part.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch
 
 from heavylift.engine.ops import dense_linear
 from heavylift.engine.weights import QWeight, from_linear
-from heavylift.planner.matmul_programs import bnb_4bit_fused, int8_tile_rows
+from heavylift.planner.matmul_programs import bnb_4bit_fused, int8_quant_rows, int8_tile_rows
 
 
 class TiledLinear4bit(bnb.nn.Linear4bit):
@@ -128,7 +130,7 @@ def int8_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, threshold:
     (bitsandbytes 0.50, autograd/_functions.py; int8_mixed_scaled_mm and int8_scaled_mm in backends/default/ops.py),
     a tile of int8_tile_rows weight rows at a time into the output's columns (matmul_programs._llm_int8 counts it)."""
     a = x.reshape(-1, x.shape[-1])
-    ca, sca, cols = bnbf.int8_vectorwise_quant(a.to(torch.float16), threshold=threshold)
+    ca, sca, cols = _int8_rows(a, threshold)
     n = cb.shape[0]
     sub_a = a[:, cols].contiguous() if cols is not None and cols.numel() else None
     step = int8_tile_rows(n, cb.shape[1])
@@ -142,15 +144,56 @@ def int8_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, threshold:
     return out.reshape(*x.shape[:-1], n)
 
 
+def _int8_rows(a: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """bitsandbytes' int8_vectorwise_quant of a [rows, k] in fp16, as MatMul8bitLt calls it, int8_quant_rows rows
+    at a time: (int8 rows, fp32 row scales, the outlier columns or None without a threshold). Each row's scale
+    and int8 values depend on that row alone (the kernel's absmax skips entries past the threshold and zeroes
+    them); the outlier columns are those holding such an entry in any row, and the int8 rows are zeroed in them
+    all, as the whole call zeroes them: the same three tensors, bit for bit."""
+    rows, k = a.shape
+    step = int8_quant_rows(rows, k)
+    if step >= rows:
+        return bnbf.int8_vectorwise_quant(a.to(torch.float16), threshold=threshold)
+    ca = torch.empty(rows, k, dtype=torch.int8, device=a.device)
+    scales = torch.empty(rows, dtype=torch.float32, device=a.device)
+    held = torch.zeros(k, dtype=torch.bool, device=a.device) if threshold > 0.0 else None
+    for start in range(0, rows, step):
+        part = slice(start, start + step)
+        block, block_scales, cols = bnbf.int8_vectorwise_quant(a[part].to(torch.float16), threshold=threshold)
+        ca[part], scales[part] = block, block_scales
+        if cols is not None and cols.numel():
+            held.index_fill_(0, cols, True)
+        del block, block_scales, cols
+    if held is None:
+        return ca, scales, None
+    cols = torch.argwhere(held).view(-1)
+    del held
+    if cols.numel():
+        ca.index_fill_(1, cols, 0)
+    return ca, scales, cols
+
+
 def _int8_tile(dtype: torch.dtype, ca: torch.Tensor, sca: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
                bias: torch.Tensor | None, sub_a: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
     """One tile's columns of the output in x's dtype, in int8_mixed_scaled_mm's order: where x has outlier
-    columns, the tile's weights in them dequantized; int8_scaled_mm's product (int8_linear_matmul, int8_mm_dequant
-    with the bias); the outlier columns' part added to it."""
-    sub_b = None if sub_a is None else bnbf.int8_vectorwise_dequant(cb[:, cols].contiguous(), scb).to(dtype).t()
+    columns, the tile's weights in them dequantized (_dequantized); int8_scaled_mm's product (int8_linear_matmul,
+    int8_mm_dequant with the bias); the outlier columns' part added to it."""
+    sub_b = None if sub_a is None else _dequantized(cb, cols, scb, dtype).t()
     product = torch.ops.bitsandbytes.int8_mm_dequant.default(
         torch.ops.bitsandbytes.int8_linear_matmul.default(ca, cb), sca, scb, dtype=dtype, bias=bias)
     return product if sub_b is None else product.addmm(sub_a, sub_b)
+
+
+def _dequantized(rows: torch.Tensor, cols: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Columns `cols` of int8 rows times the rows' scales, in `dtype`: what int8_mixed_scaled_mm computes with
+    bitsandbytes' int8_vectorwise_dequant (A * stats * 1/127 in fp32, _ops.py), then cast; here the second
+    product in place and the int8 columns freed before it, so one fp32 copy is held where the op holds two
+    (2 x 133 MB for a 624-row tile of a 53248-wide weight). The same products in the same order: bit for bit."""
+    picked = rows[:, cols]
+    out = picked * scales.view(-1, 1)
+    del picked
+    out.mul_(7.874015718698502e-3)
+    return out.to(dtype)
 
 
 def tile_int8_matmuls(model: torch.nn.Module) -> None:
