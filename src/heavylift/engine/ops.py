@@ -29,9 +29,15 @@ def _fp8_matmul_ok(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def dense_linear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
+def dense_linear(x: torch.Tensor, w: QWeight, out: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W^T (+ bias) for many tokens: FP8 on the FP8 tensor cores where the GPU has them; bf16 weights as
-    they are; other stored weights a tile of rows at a time (`_tiled_linear`)."""
+    they are; other stored weights a tile of rows at a time (`_tiled_linear`). `out`, where given, is a
+    contiguous tensor of x's dtype and x's rows times n that the tiles write the product into (it is returned);
+    only a weight that tiles takes one (`tiles`)."""
+    if out is not None:
+        if not tiles(x, w):
+            raise ValueError("only a tiled weight writes its product into a given tensor")
+        return _tiled_linear(x, w, out=out)
     if _fp8_matmul(x, w):
         # Row-wise dynamic activation scaling, as torchao's Float8DynamicActivation does.
         xs = (x.float().abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
@@ -52,37 +58,49 @@ def dense_linear_mul(x: torch.Tensor, w: QWeight, into: torch.Tensor) -> torch.T
     return _tiled_linear(x, w, into)
 
 
+def tiles(x: torch.Tensor, w: QWeight) -> bool:
+    """Whether dense_linear multiplies x by w a tile of w's rows at a time."""
+    return not _fp8_matmul(x, w) and w.kind != DENSE
+
+
 def _fp8_matmul(x: torch.Tensor, w: QWeight) -> bool:
     """Whether dense_linear runs w on the FP8 tensor cores (torchao needs both sides divisible by 16)."""
     return w.kind == FP8 and _fp8_matmul_ok(x.device) and w.k % 16 == 0 and w.n % 16 == 0
 
 
-def _tiled_linear(x: torch.Tensor, w: QWeight, into: torch.Tensor | None = None) -> torch.Tensor:
+def _tiled_linear(x: torch.Tensor, w: QWeight, into: torch.Tensor | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W^T (+ bias) with W dequantized dequant_tile_rows(n, k) rows at a time into one reused buffer of x's
     dtype (bf16; fp16 where transformers computes in it: runtime/bnb_forward.py), each tile multiplied into its
-    columns of the output: the memory beyond the weights is one tile, never a copy of the whole weight. cuBLAS may pick another kernel for a tile than for the whole product, so
-    the result can differ from F.linear on the whole weight in the last bf16 bit; the tiles themselves are
-    exactly the whole weight's rows. With `into`, each tile's product goes to a buffer of one tile's columns
-    and is multiplied into its columns of `into` (dense_linear_mul), which is returned."""
+    columns of the output: the memory beyond the weights is one tile, never a copy of the whole weight. cuBLAS
+    may pick another kernel for a tile than for the whole product, so the result can differ from F.linear on the
+    whole weight in the last bf16 bit; the tiles themselves are exactly the whole weight's rows. With `into`,
+    each tile's product goes to a buffer of one tile's columns and is multiplied into its columns of `into`
+    (dense_linear_mul), which is returned; with `out`, the product is written into `out`, which is returned."""
     write = _tile_writer(w)
     step = dequant_tile_rows(w.n, w.k)
     tile = torch.empty(step, w.k, dtype=x.dtype, device=w.device)
     x2 = x.reshape(-1, w.k)
-    y = torch.empty(x2.shape[0], w.n if into is None else step, dtype=x.dtype, device=x.device)
+    if out is not None:
+        y = out.view(x2.shape[0], w.n)
+    else:
+        y = torch.empty(x2.shape[0], w.n if into is None else step, dtype=x.dtype, device=x.device)
     for start in range(0, w.n, step):
         stop = min(w.n, start + step)
         part = tile[:stop - start]
         write(start, stop, part)
-        out = y[:, start:stop] if into is None else y[:, :stop - start]
+        product = y[:, start:stop] if into is None else y[:, :stop - start]
         if w.bias is None:
-            torch.mm(x2, part.t(), out=out)
+            torch.mm(x2, part.t(), out=product)
         else:
-            torch.addmm(w.bias[start:stop], x2, part.t(), out=out)
+            torch.addmm(w.bias[start:stop], x2, part.t(), out=product)
         if into is not None:
-            into[:, start:stop].mul_(out)
+            into[:, start:stop].mul_(product)
     del part, tile, write  # the tile, then the writer's NF4-DQ absmax
     if into is not None:
         return into
+    if out is not None:
+        return out
     return y.view(*x.shape[:-1], w.n)
 
 

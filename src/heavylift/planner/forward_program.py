@@ -16,7 +16,8 @@ from typing import Sequence
 from .allocator import Program, Tensor
 from heavylift.model.architecture import FAMILIES, Architecture
 from heavylift.model.prequantized import keeps_stored
-from .matmul_programs import BF16, FP32, INT64, KeptBlockFp8, block_fp8_tiles, expert_weights, linear, linear_mul
+from .matmul_programs import BF16, FP32, INT64, KeptBlockFp8, block_fp8_tiles, expert_weights, linear, linear_mul, \
+    linear_over
 from .shared_programs import eager_output, expert_routing, expert_unsort_sum, gated_in_place, linear_mlp, \
     mask_indices, repeated_kv, rms_core, sdpa_kernel
 
@@ -396,6 +397,10 @@ QK_NORMED = {"qwen3": qk_normed("llama"), "qwen3_moe": qk_normed("llama"), "gemm
 # in-place form that computes its values exactly (F.silu(inplace=True); aten.gelu_ with the tanh approximation).
 IN_PLACE_MLP_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
 IN_PLACE_ACTIVATIONS = ("silu", "swish", "gelu_pytorch_tanh")
+# Families whose decoder layers heavylift runs with their residual adds in place on transformers' forward (runtime/
+# layer_forward.py), where their MLPs compute in place: the attention's and the MLP's outputs added into the layer's
+# input, which is the layer's output, and the down projection written over the normed input where it can.
+LEAN_LAYER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def in_place_mlp(arch: Architecture) -> bool:
@@ -403,10 +408,17 @@ def in_place_mlp(arch: Architecture) -> bool:
     return arch.model_type in IN_PLACE_MLP_FAMILIES and arch.mlp_activation in IN_PLACE_ACTIVATIONS
 
 
-def _mlp(p: Program, arch: Architecture, quant: str, rows: int, x: Tensor, native_fp8: bool) -> Tensor:
+def lean_layer(arch: Architecture) -> bool:
+    """Whether heavylift adds the residuals of the model's decoder layers in place on transformers' forward."""
+    return arch.model_type in LEAN_LAYER_FAMILIES and in_place_mlp(arch)
+
+
+def _mlp(p: Program, arch: Architecture, quant: str, rows: int, x: Tensor, native_fp8: bool,
+         over: bool = False) -> Tensor | None:
     """A dense MLP, down(act(gate(x)) * up(x)): in place where heavylift computes it so (in_place_mlp: the gate's
-    output holds the activation, then the product, until down returns), else as transformers' forward computes it
-    (LlamaMLP and its kin; Phi-3's fused gate_up split in two)."""
+    output holds the activation, then the product, until down returns; with `over`, down written over x where it
+    can, linear_over, and None returned), else as transformers' forward computes it (LlamaMLP and its kin;
+    Phi-3's fused gate_up split in two)."""
     h, i = arch.hidden_size, arch.intermediate_size
     if arch.model_type == "phi3":
         gu = linear(p, quant, rows, h, 2 * i, native_fp8)
@@ -419,7 +431,7 @@ def _mlp(p: Program, arch: Architecture, quant: str, rows: int, x: Tensor, nativ
     if in_place_mlp(arch):
         act = gated_in_place(h, i, lambda k, n: linear(p, quant, rows, k, n, native_fp8),
                              lambda k, n: linear_mul(p, quant, rows, k, n, native_fp8))
-        down = linear(p, quant, rows, i, h, native_fp8)
+        down = (linear_over if over else linear)(p, quant, rows, i, h, native_fp8)
         p.free(act)
         return down
     return linear_mlp(p, quant, rows, h, i, native_fp8)
@@ -531,6 +543,15 @@ def _decoder_layer(p: Program, arch: Architecture, quant: str, step: Step, layer
         h2 = p.alloc("hidden", BF16 * rows * hid)
         p.free(m2, h1, weights)
         return h2
+    if lean_layer(arch) and not arch.is_moe(layer):  # runtime/layer_forward.py: o added into h, then freed
+        p.free(o)
+        x2 = _rms_norm(p, fam, rows, hid)
+        m = _mlp(p, arch, quant, rows, x2, native_fp8, over=True)
+        if m is not None:  # the MLP's own output: x2 goes as its name takes it, m once added into h
+            p.free(x2)
+            x2 = m
+        p.free(x2)
+        return h
     h1 = p.alloc("hidden", BF16 * rows * hid)
     p.free(o)
     x2 = _rms_norm(p, fam, rows, hid)
@@ -635,13 +656,13 @@ def transformers_forward(p: Program, arch: Architecture, quant: str | KeptBlockF
             layer_masks = masks
         out = _decoder_layer(p, arch, quant, step, layer, h, layer_masks, native_fp8)
         p.free(*copies)
-        if h != inputs or not part.first:
+        if out != h and (h != inputs or not part.first):  # a lean layer's output is its input
             p.free(h)
         h = out
     if not part.last:
         return None
     xf = _rms_norm(p, arch.model_type, rows, hid)
-    p.free(h, *shared)
+    p.free(*([] if h in shared else [h]), *shared)
     result = None
     if logits:
         result = p.alloc("logits", BF16 * b * arch.vocab_size)

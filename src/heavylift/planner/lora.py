@@ -90,14 +90,16 @@ def lora_forward(p: Program, rows: int, in_features: int, rank: int, out_feature
 
 @lru_cache(maxsize=256)
 def _segments_peak(rows: int, in_features: int, rank: int, out_features: int) -> int:
-    """The most segment-rounded bytes lora_forward holds live at once beyond its base output."""
+    """The most segment-rounded bytes lora_forward holds live at once, its base output included: the forward
+    programs give the down projection of a Llama-style layer no output of its own where it writes over its input
+    (forward_program.lean_layer), and peft's wrapper around it has the base layer make one."""
     p = Program()
     base = p.alloc("base", BF16 * rows * out_features)
     lora_forward(p, rows, in_features, rank, out_features, base)
     live: dict[Tensor, int] = {}
     peak = 0
     for event in p.events:
-        if event[0] == "alloc" and event[1] != base:
+        if event[0] == "alloc":
             live[event[1]] = segment_size(event[2])
             peak = max(peak, sum(live.values()))
         elif event[0] == "free":

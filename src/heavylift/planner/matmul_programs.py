@@ -73,6 +73,20 @@ def linear_mul(p: Program, quant: str | KeptBlockFp8, rows: int, k: int, n: int,
         p.free(linear(p, quant, rows, k, n, native_fp8))
 
 
+def linear_over(p: Program, quant: str | KeptBlockFp8, rows: int, k: int, n: int, native_fp8: bool = True
+                ) -> Tensor | None:
+    """y = x W^T where the caller offers a tensor of y's shape to write it over (runtime/mlp_forward.py _over):
+    a bitsandbytes 4-bit layer through the tiles and LLM.int8 write into it (None returned); any other layer
+    returns its own output (linear)."""
+    if _bnb_tiles(quant, rows, k):
+        _tiled(p, quant, rows, k, n, 0)
+        return None
+    if quant == "int8":
+        _llm_int8(p, rows, k, n, over=True)
+        return None
+    return linear(p, quant, rows, k, n, native_fp8)
+
+
 def _bnb_tiles(quant: str | KeptBlockFp8, rows: int, k: int) -> bool:
     """Whether transformers' forward multiplies x [rows, k] by a layer of `quant` through the engine's tiles: a
     bitsandbytes 4-bit layer beyond its fused kernel (runtime/bnb_forward.py)."""
@@ -86,21 +100,24 @@ def bnb_4bit_fused(rows: int, k: int) -> bool:
     return rows <= BNB_4BIT_FUSED_MAX_ROWS and k % BNB_4BIT_BLOCKSIZE == 0
 
 
-def _llm_int8(p: Program, rows: int, k: int, n: int) -> Tensor:
-    """LLM.int8 on transformers' forward at inference (runtime/bnb_forward.py TiledLinear8bitLt): x quantized once
-    over all its rows as MatMul8bitLt quantizes it (_int8_rows), x's outlier columns taken once (A[:, cols], bf16),
-    then the output allocated whole and per tile of int8_tile_rows weight rows (_int8_tile) its product written
-    into its columns of the output; a weight of one tile gives its product as the output. Every input column
-    counts as an outlier column (LLM_INT8_OUTLIER_COLUMN_FRACTION): which hold an entry past the threshold
-    depends on the data."""
+def _llm_int8(p: Program, rows: int, k: int, n: int, over: bool = False) -> Tensor | None:
+    """LLM.int8 on transformers' forward at inference (runtime/bnb_forward.py TiledLinear8bitLt): x quantized
+    (_int8_rows), x's outlier columns taken once (A[:, cols], bf16), then the output allocated whole and per tile
+    of int8_tile_rows weight rows (_int8_tile) its product written into its columns of the output; a weight of one
+    tile gives its product as the output. With `over`, the caller's tensor is the output (None returned): the
+    tiles write into it, and one tile's product is copied in and freed last. Every input column counts as an
+    outlier column (LLM_INT8_OUTLIER_COLUMN_FRACTION): which hold an entry past the threshold depends on the data."""
     cols = int(k * LLM_INT8_OUTLIER_COLUMN_FRACTION)
     ca, stats, idx = _int8_rows(p, rows, k, cols)
     sub_a = p.alloc("sub_a", BF16 * rows * cols) if cols else None
     step = int8_tile_rows(n, k)
     if step >= n:  # one tile: its product is the output
         y = _int8_tile(p, rows, n, cols)
+        if over:
+            p.free(ca, stats, idx, sub_a, y)
+            return None
     else:
-        y = p.alloc("linear", BF16 * rows * n)
+        y = None if over else p.alloc("linear", BF16 * rows * n)
         for start in range(0, n, step):
             p.free(_int8_tile(p, rows, min(step, n - start), cols))  # copied into y's columns
     p.free(ca, stats, idx, sub_a)
@@ -315,16 +332,16 @@ def _tiled_product(p: Program, quant: str, rows: int, k: int, n: int) -> None:
     p.free(_tiled(p, quant, rows, k, n, BF16 * rows * dequant_tile_rows(n, k)))
 
 
-def _tiled(p: Program, quant: str, rows: int, k: int, n: int, out_bytes: int) -> Tensor:
+def _tiled(p: Program, quant: str, rows: int, k: int, n: int, out_bytes: int) -> Tensor | None:
     """ops._tiled_linear, the engine's prefill matmul and transformers' 4-bit one beyond bnb_4bit_fused: double
-    quant's absmax dequantized whole first (fp32), the tile buffer, then the output (`out_bytes`: the product, or
-    one tile's columns of it); the scaled rows are cast and scaled in place in the tile (no fp32 copy on a GPU);
-    the tile, then the absmax, freed as it returns."""
+    quant's absmax dequantized whole first (fp32), the tile buffer, then the output (`out_bytes`: the product, one
+    tile's columns of it, or 0 for a tensor given to write into); the scaled rows are cast and scaled in place in
+    the tile (no fp32 copy on a GPU); the tile, then the absmax, freed as it returns."""
     scheme = SCHEMES[quant]
     dq = scheme.four_bit and scheme.double_quant
     absmax = p.alloc("absmax", FP32 * -(-n * k // BNB_4BIT_BLOCKSIZE)) if dq else None
     tile = p.alloc("weight_tile", BF16 * dequant_tile_rows(n, k) * k)
-    y = p.alloc("linear", out_bytes)
+    y = p.alloc("linear", out_bytes) if out_bytes else None
     p.free(tile, absmax)
     return y
 

@@ -59,6 +59,11 @@ class TiledLinear4bit(bnb.nn.Linear4bit):
             return super().forward(x)
         return dense_linear(x, self.stored)
 
+    def into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+        """forward(x) written into `out` (contiguous, x's rows times out_features, x's dtype), which is returned,
+        where x takes the tiles; else None, nothing computed."""
+        return dense_linear(x, self.stored, out=out) if self._tiles(x) else None
+
     def _tiles(self, x: torch.Tensor) -> bool:
         """Whether x goes through the tiles: more rows than bitsandbytes fuses, in the layer's compute dtype (bf16
         or fp16, as heavylift loads it), without gradients; the rest keeps bitsandbytes' forward (a training
@@ -102,12 +107,20 @@ class TiledLinear8bitLt(bnb.nn.Linear8bitLt):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._tiles(x):
             return super().forward(x)
+        return self._tiled(x)
+
+    def into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+        """forward(x) written into `out` (contiguous, x's rows times out_features, x's dtype), which is returned,
+        where x takes the tiles; else None, nothing computed."""
+        return self._tiled(x, out) if self._tiles(x) else None
+
+    def _tiled(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.weight.CB is not None:  # as Linear8bitLt.forward: the rows move to the state at the first call
             self.init_8bit_state()
         if self.bias is not None and self.bias.dtype != x.dtype:  # as Linear8bitLt.forward casts it
             self.bias.data = self.bias.data.to(x.dtype)
         state = self.state
-        return int8_linear(x, state.CB, state.SCB, state.threshold, self.bias)
+        return int8_linear(x, state.CB, state.SCB, state.threshold, self.bias, out)
 
     def _tiles(self, x: torch.Tensor) -> bool:
         """Whether x goes through the tiles: the layer in eval mode (in training mode bitsandbytes runs another
@@ -125,23 +138,28 @@ class TiledLinear8bitLt(bnb.nn.Linear8bitLt):
 
 
 def int8_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, threshold: float,
-                bias: torch.Tensor | None) -> torch.Tensor:
+                bias: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + bias for LLM.int8 rows `cb` [n, k] with row scales `scb`, as MatMul8bitLt.forward computes it
     (bitsandbytes 0.50, autograd/_functions.py; int8_mixed_scaled_mm and int8_scaled_mm in backends/default/ops.py),
-    a tile of int8_tile_rows weight rows at a time into the output's columns (matmul_programs._llm_int8 counts it)."""
+    a tile of int8_tile_rows weight rows at a time into the output's columns (matmul_programs._llm_int8 counts it).
+    `out`, where given, is a contiguous tensor of x's dtype and x's rows times n that takes the product (returned):
+    each tile's columns, or a weight of one tile its product copied in."""
     a = x.reshape(-1, x.shape[-1])
     ca, sca, cols = _int8_rows(a, threshold)
     n = cb.shape[0]
     sub_a = a[:, cols].contiguous() if cols is not None and cols.numel() else None
     step = int8_tile_rows(n, cb.shape[1])
     if step >= n:  # one tile: its product is the output
-        return _int8_tile(a.dtype, ca, sca, cb, scb, bias, sub_a, cols).reshape(*x.shape[:-1], n)
-    out = torch.empty(a.shape[0], n, dtype=a.dtype, device=a.device)
+        product = _int8_tile(a.dtype, ca, sca, cb, scb, bias, sub_a, cols)
+        if out is None:
+            return product.reshape(*x.shape[:-1], n)
+        return out.copy_(product.view(out.shape))
+    y = torch.empty(a.shape[0], n, dtype=a.dtype, device=a.device) if out is None else out.view(a.shape[0], n)
     for start in range(0, n, step):
         tile = slice(start, start + step)
-        out[:, tile] = _int8_tile(a.dtype, ca, sca, cb[tile], scb[tile], None if bias is None else bias[tile], sub_a,
-                                  cols)
-    return out.reshape(*x.shape[:-1], n)
+        y[:, tile] = _int8_tile(a.dtype, ca, sca, cb[tile], scb[tile], None if bias is None else bias[tile], sub_a,
+                                cols)
+    return y.reshape(*x.shape[:-1], n) if out is None else out
 
 
 def _int8_rows(a: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from heavylift.engine.ops import dense_linear_mul
-from .bnb_forward import TiledLinear4bit, records_gradients
+from .bnb_forward import TiledLinear4bit, TiledLinear8bitLt, records_gradients
 
 # transformers 5.24's dense MLP classes whose forward is exactly _transformers_forward, by the family that builds
 # them (planner/forward_program.IN_PLACE_MLP_FAMILIES). Qwen3MoeMLP and DeepseekV3MLP share that forward but are
@@ -82,17 +82,43 @@ class InPlaceGatedMLP:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if records_gradients(x, self):
             return super().forward(x)
+        return self.down_proj(self._gated(x))
+
+    def forward_over(self, x: torch.Tensor) -> torch.Tensor:
+        """forward(x) for a caller that has no further use of x (layer_forward.py's normed input): the down
+        projection's output written over x where down_proj writes into a given tensor (_over), else its own."""
+        if records_gradients(x, self):
+            return super().forward(x)
+        act = self._gated(x)
+        over = _over(self.down_proj, act, x)
+        return self.down_proj(act) if over is None else over
+
+    def _gated(self, x: torch.Tensor) -> torch.Tensor:
+        """act(gate(x)) * up(x), in the gate's output."""
         act = self.gate_proj(x)
         self.in_place_act(act)
         _multiply_into(self.up_proj, x, act)
-        return self.down_proj(act)
+        return act
+
+
+def _plain(module: torch.nn.Module) -> bool:
+    """Whether a module is called with no hooks around its forward."""
+    return not (module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
+
+
+def _over(down: torch.nn.Module, act: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """down(act) written into x (contiguous, act's rows times down's out_features) by a tiled bitsandbytes layer
+    with no hooks whose tiles act takes (TiledLinear4bit, TiledLinear8bitLt `into`); else None."""
+    if isinstance(down, (TiledLinear4bit, TiledLinear8bitLt)) and _plain(down) and x.is_contiguous() \
+            and x.dtype == act.dtype and x.shape[:-1] == act.shape[:-1] and x.shape[-1] == down.out_features:
+        return down.into(act, x)
+    return None
 
 
 def _multiply_into(up: torch.nn.Module, x: torch.Tensor, into: torch.Tensor) -> None:
     """into *= up(x): a TiledLinear4bit that tiles x (and has no hooks around its call) a weight tile at a time,
     each tile's product multiplied into its columns; any other layer's whole product."""
-    plain = not (up._forward_hooks or up._forward_pre_hooks or hasattr(up, "_hf_hook"))
-    if isinstance(up, TiledLinear4bit) and plain and up._tiles(x):
+    if isinstance(up, TiledLinear4bit) and _plain(up) and up._tiles(x):
         dense_linear_mul(x, up.stored, into.view(-1, into.shape[-1]))
     else:
         into.mul_(up(x))

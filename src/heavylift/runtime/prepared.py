@@ -133,7 +133,8 @@ class Prepared:
         """The tokenizer (first: a missing one is said before any weight is read), the weights, and the
         engine where the plan's runtime is the engine; on transformers, bitsandbytes' 4-bit layers multiply
         many rows and its LLM.int8 layers any rows a weight tile at a time (bnb_forward.py), the gated MLPs
-        compute in place (mlp_forward.py) and full-attention layers read the cache's key and value heads in place
+        compute in place (mlp_forward.py), Llama-style decoder layers add their residuals in place
+        (layer_forward.py) and full-attention layers read the cache's key and value heads in place
         (attention_forward.py), as the plan counts them."""
         tokenizer = self.tokenizer
         weights = self.load_weights()
@@ -141,11 +142,13 @@ class Prepared:
         if engine is None:
             from .attention_forward import attend_in_place
             from .bnb_forward import tile_4bit_matmuls, tile_int8_matmuls
+            from .layer_forward import add_residuals_in_place
             from .mlp_forward import compute_mlps_in_place
 
             tile_4bit_matmuls(weights.model)
             tile_int8_matmuls(weights.model)
             compute_mlps_in_place(weights.model)
+            add_residuals_in_place(weights.model)
             attend_in_place(weights.model)
         return Session(weights, tokenizer, engine)
 
