@@ -24,7 +24,7 @@ import types
 import torch
 
 from .bnb_forward import records_gradients
-from .mlp_forward import InPlaceGatedMLP, _same_code
+from .mlp_forward import InPlaceGatedMLP, same_code
 
 # transformers 5.24's decoder layer classes whose forward is exactly _transformers_forward, by family
 # (planner/forward_program.LEAN_LAYER_FAMILIES).
@@ -122,7 +122,7 @@ def adds_in_place(module: torch.nn.Module) -> bool:
     if f"{cls.__module__}.{cls.__qualname__}" not in LAYER_CLASSES.values():
         return False
     forward = inspect.unwrap(cls.forward)  # under transformers' deprecate_kwarg wrappers
-    return _same_code(forward, _transformers_forward) and isinstance(getattr(module, "mlp", None), InPlaceGatedMLP)
+    return same_code(forward, _transformers_forward) and isinstance(getattr(module, "mlp", None), InPlaceGatedMLP)
 
 
 def add_residuals_in_place(model: torch.nn.Module) -> None:

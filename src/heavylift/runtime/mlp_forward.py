@@ -42,7 +42,7 @@ def _transformers_forward(self, x):  # the forward of MLP_CLASSES, as their mode
     return down_proj
 
 
-def _same_code(forward, pattern) -> bool:
+def same_code(forward, pattern) -> bool:
     """Whether two functions compile to the same instructions over the same names and constants."""
     a, b = forward.__code__, pattern.__code__
     return (a.co_code, a.co_names, a.co_consts, a.co_varnames) == (b.co_code, b.co_names, b.co_consts, b.co_varnames)
@@ -135,7 +135,7 @@ def computes_in_place(module: torch.nn.Module) -> Callable[[torch.Tensor], None]
     cls = type(module)
     if f"{cls.__module__}.{cls.__qualname__}" not in MLP_CLASSES.values() or "forward" in vars(module):
         return None
-    if not _same_code(cls.forward, _transformers_forward):
+    if not same_code(cls.forward, _transformers_forward):
         return None
     return in_place_activation(module.act_fn)
 
