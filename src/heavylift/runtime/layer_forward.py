@@ -24,7 +24,7 @@ import types
 import torch
 
 from .bnb_forward import records_gradients
-from .mlp_forward import InPlaceGatedMLP, same_code
+from .mlp_forward import InPlaceGatedMLP, plain, same_code
 
 # transformers 5.24's decoder layer classes whose forward is exactly _transformers_forward, by family
 # (planner/forward_program.LEAN_LAYER_FAMILIES).
@@ -96,10 +96,7 @@ class InPlaceResidualLayer:
             return False
         if any(getattr(hook, "__qualname__", "") != _CAPTURING_HOOK for hook in self._forward_hooks.values()):
             return False
-        mlp = self.mlp
-        if mlp._forward_hooks or mlp._forward_pre_hooks or hasattr(mlp, "_hf_hook"):
-            return False
-        return not _collecting_hidden_states()
+        return plain(self.mlp) and not _collecting_hidden_states()
 
 
 def _collecting_hidden_states() -> bool:

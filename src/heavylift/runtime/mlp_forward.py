@@ -101,7 +101,7 @@ class InPlaceGatedMLP:
         return act
 
 
-def _plain(module: torch.nn.Module) -> bool:
+def plain(module: torch.nn.Module) -> bool:
     """Whether a module is called with no hooks around its forward."""
     return not (module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
 
@@ -109,7 +109,7 @@ def _plain(module: torch.nn.Module) -> bool:
 def _over(down: torch.nn.Module, act: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
     """down(act) written into x (contiguous, act's rows times down's out_features) by a tiled bitsandbytes layer
     with no hooks whose tiles act takes (TiledLinear4bit, TiledLinear8bitLt `into`); else None."""
-    if isinstance(down, (TiledLinear4bit, TiledLinear8bitLt)) and _plain(down) and x.is_contiguous() \
+    if isinstance(down, (TiledLinear4bit, TiledLinear8bitLt)) and plain(down) and x.is_contiguous() \
             and x.dtype == act.dtype and x.shape[:-1] == act.shape[:-1] and x.shape[-1] == down.out_features:
         return down.into(act, x)
     return None
@@ -118,7 +118,7 @@ def _over(down: torch.nn.Module, act: torch.Tensor, x: torch.Tensor) -> torch.Te
 def _multiply_into(up: torch.nn.Module, x: torch.Tensor, into: torch.Tensor) -> None:
     """into *= up(x): a TiledLinear4bit that tiles x (and has no hooks around its call) a weight tile at a time,
     each tile's product multiplied into its columns; any other layer's whole product."""
-    if isinstance(up, TiledLinear4bit) and _plain(up) and up._tiles(x):
+    if isinstance(up, TiledLinear4bit) and plain(up) and up._tiles(x):
         dense_linear_mul(x, up.stored, into.view(-1, into.shape[-1]))
     else:
         into.mul_(up(x))
