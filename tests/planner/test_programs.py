@@ -399,10 +399,10 @@ def test_quantizing_on_load_holds_the_quantizers_temporaries_and_bitsandbytes_a_
     # LLM.int8 (bnb_load.quantize_int8_rows): the int8 rows and row scales (256) allocated whole; the weight in
     # one block of rows (64 x 128 <= LOAD_ROW_CHUNK_ELEMENTS): its fp16 copy, the block's scales and int8 rows.
     assert sizes("int8") == [8192, 8192, 256, 16384, 256, 8192]
-    # NF4 with double quantization: 128 fp32 absmax and the packed nibbles allocated whole; the block's bf16
-    # copy, absmax and nibbles; the code book; the offset, the shifted absmax, a code-book copy, the nested
-    # absmax, the absmax bytes and the kept code book.
-    assert sizes("nf4-dq") == [4096, 512, 4096, 16384, 512, 4096, 64, 4, 512, 1024, 4, 128, 1024]
+    # NF4 with double quantization: the packed nibbles, the absmax bytes (128) and their nested scale, then the
+    # 128 fp32 absmax, allocated whole; the block's bf16 copy, absmax and nibbles; the code book; the offset,
+    # quantize_blockwise's own nested scale and bytes (copied into the kept ones) and the kept code book.
+    assert sizes("nf4-dq") == [4096, 4096, 128, 4, 512, 16384, 512, 4096, 64, 4, 4, 128, 1024]
     # In blocks of 16 rows (2048 weights; a multiple of 64, as 4-bit blocks need): four of them.
     monkeypatch.setattr("heavylift.planner.load_program.LOAD_ROW_CHUNK_ELEMENTS", 2048)
     assert sizes("nf4") == [4096, 512, 4096] + [4096, 128, 1024] * 4 + [64]

@@ -173,14 +173,21 @@ def row_blocked(quant: str) -> bool:
 
 def _quantize_rows(p: Program, quant: str, numel: int, rows: int) -> None:
     """bnb_load.quantize_4bit_rows or quantize_int8_rows on one weight read into CPU RAM: its quantized storage
-    allocated whole, then per block of rows (load_row_step) the block's bf16 (LLM.int8: fp16) copy on the GPU
-    and the kernel's outputs for it, all freed before the next block; then the 4-bit code book and double
-    quantization over the whole absmax (_nested_absmax)."""
+    allocated whole (NF4-DQ: the packed nibbles, the 8-bit absmax and its scales, then the fp32 absmax), then per
+    block of rows (load_row_step) the block's bf16 (LLM.int8: fp16) copy on the GPU and the kernel's outputs for
+    it, all freed before the next block; then the 4-bit code book and double quantization over the whole absmax
+    (_nested_absmax_into)."""
     k = numel // rows
     if SCHEMES[quant].four_bit:
         blocks = -(-numel // BNB_4BIT_BLOCKSIZE)
-        absmax = p.alloc("absmax", FP32 * blocks)
-        p.alloc("packed", -(-numel // 2))
+        if quant == "nf4-dq":
+            p.alloc("packed", -(-numel // 2))
+            p.alloc("absmax_u8", blocks)
+            p.alloc("absmax2", FP32 * -(-blocks // BNB_NESTED_BLOCKSIZE))
+            absmax = p.alloc("absmax", FP32 * blocks)
+        else:
+            absmax = p.alloc("absmax", FP32 * blocks)
+            p.alloc("packed", -(-numel // 2))
 
         def piece(n: int) -> None:  # the block's bf16 copy, quantize_4bit's absmax and packed nibbles
             block = p.alloc("rows_bf16", BF16 * n * k)
@@ -208,7 +215,18 @@ def _quantize_rows(p: Program, quant: str, numel: int, rows: int) -> None:
     if SCHEMES[quant].four_bit:
         p.alloc("code", FP32 * BNB_4BIT_CODE_ENTRIES)
         if quant == "nf4-dq":
-            _nested_absmax(p, blocks, absmax)
+            _nested_absmax_into(p, blocks, absmax)
+
+
+def _nested_absmax_into(p: Program, blocks: int, absmax: Tensor) -> None:
+    """quantize_4bit_rows' double quantization: the fp32 absmax shifted by its mean in place and
+    quantize_blockwise'd, its 8-bit codes and their scales copied into the tensors allocated before the absmax;
+    the op's own outputs and the fp32 absmax freed."""
+    p.alloc("offset", FP32)
+    a2 = p.alloc("absmax2_tmp", FP32 * -(-blocks // BNB_NESTED_BLOCKSIZE))
+    q = p.alloc("absmax_u8_tmp", blocks)
+    p.alloc("code2", FP32 * BNB_NESTED_CODE_ENTRIES)
+    p.free(q, a2, absmax)
 
 
 def _quantize_4bit(p: Program, quant: str, numel: int) -> None:

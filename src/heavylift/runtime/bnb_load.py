@@ -35,13 +35,22 @@ from heavylift.schemes import BNB_NESTED_BLOCKSIZE
 def quantize_4bit_rows(weight: torch.Tensor, device: torch.device | str, quant_type: str, double_quant: bool,
                        quant_storage: torch.dtype = torch.uint8, blocksize: int = BNB_4BIT_BLOCKSIZE):
     """bitsandbytes' quantize_4bit of `weight` [rows, k] onto `device`, a block of rows at a time: (packed
-    nibbles [numel / 2, 1], QuantState), the same as quantize_4bit(weight.to(device), ...) gives. The absmax and
-    the packed storage are allocated first, as bitsandbytes' kernel allocates them for the whole weight."""
+    nibbles [numel / 2, 1], QuantState), the same as quantize_4bit(weight.to(device), ...) gives. What stays is
+    allocated before anything that goes: the absmax and the packed storage; under double quantization the packed
+    storage, the 8-bit absmax and its scales, and only then the fp32 absmax. The temporaries are freed on top
+    of what stays, so they leave no hole among the weights (in transformers' warm-up segment a freed fp32 absmax
+    below the packed storage was one that no later tensor filled: about 2 MB for each 405B layer)."""
     rows, k = weight.shape
     n = weight.numel()
-    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=device)
+    blocks = -(-n // blocksize)
     per_element = quant_storage.itemsize * 2  # 4-bit codes per storage element
+    if not double_quant:  # the absmax stays: first, as bitsandbytes' kernel allocates it
+        absmax = torch.empty(blocks, dtype=torch.float32, device=device)
     packed = torch.empty(((n + 1) // per_element, 1), dtype=quant_storage, device=device)
+    if double_quant:
+        qabsmax = torch.empty(blocks, dtype=torch.uint8, device=device)
+        absmax2 = torch.empty(-(-blocks // BNB_NESTED_BLOCKSIZE), dtype=torch.float32, device=device)
+        absmax = torch.empty(blocks, dtype=torch.float32, device=device)
     step = load_row_step(rows, k, blocksize // gcd(k, blocksize))
     for start in range(0, rows, step):
         piece = weight[start:start + step].contiguous().to(device)
@@ -54,8 +63,11 @@ def quantize_4bit_rows(weight: torch.Tensor, device: torch.device | str, quant_t
     if not double_quant:
         return packed, bnbf.QuantState(absmax=absmax, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize,
                                        code=code, quant_type=quant_type)
-    offset = absmax.mean()  # functional.quantize_4bit's nested quantization, over the whole absmax
-    qabsmax, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=BNB_NESTED_BLOCKSIZE)
+    # functional.quantize_4bit's nested quantization over the whole absmax, shifted in place (the same values as
+    # its `absmax - offset`) and quantized into the tensors allocated above.
+    offset = absmax.mean()
+    _, state2 = bnbf.quantize_blockwise(absmax.sub_(offset), blocksize=BNB_NESTED_BLOCKSIZE, out=qabsmax,
+                                        absmax=absmax2)
     del absmax
     return packed, bnbf.QuantState(absmax=qabsmax, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize,
                                    code=code, quant_type=quant_type, offset=offset, state2=state2)
