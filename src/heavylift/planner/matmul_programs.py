@@ -25,6 +25,10 @@ from heavylift.model.prequantized import fallback_tile_rows
 from heavylift.schemes import BNB_4BIT_BLOCKSIZE, FLOAT32_BYTES, SCHEMES, UNQUANTIZED_BYTES
 
 INT8_TILE_ROW_MULTIPLE = 16  # rows of an LLM.int8 tile: 64 bytes of its int32 product, past cuBLASLt's alignment
+# rows of a dequantized tile (dequant_tile_rows): each tile's GEMM writes its columns of the output from column
+# `start`, which cuBLAS' fast kernels want 16-byte aligned; 128 is also its kernels' tile width, and a multiple of
+# every 4-bit block's rows (BNB_4BIT_BLOCKSIZE // gcd(k, 64) is at most 64).
+TILE_ROW_ALIGN = 128
 
 BF16 = UNQUANTIZED_BYTES  # a bf16 / fp16 element: activations, KV cache, dequantized weights
 FP32 = FLOAT32_BYTES
@@ -277,10 +281,12 @@ def _dequantized_matmul(p: Program, rows: int, k: int, n: int) -> Tensor:
 
 def dequant_tile_rows(n: int, k: int) -> int:
     """Rows of a weight [n, k] that ops.dense_linear dequantizes at a time: DEQUANT_TILE_BYTES of bf16, in a
-    multiple of the rows that hold whole 4-bit blocks (so a tile's codes and absmax are contiguous slices), at
-    least that many, at most the whole weight."""
-    multiple = BNB_4BIT_BLOCKSIZE // gcd(k, BNB_4BIT_BLOCKSIZE)
-    return min(n, max(1, DEQUANT_TILE_BYTES // (BF16 * k) // multiple) * multiple)
+    multiple of TILE_ROW_ALIGN rows where the budget holds that many (every weight of a real model), else of the
+    rows that hold whole 4-bit blocks (so a tile's codes and absmax are contiguous slices); at least one multiple,
+    at most the whole weight."""
+    rows = DEQUANT_TILE_BYTES // (BF16 * k)
+    multiple = TILE_ROW_ALIGN if rows >= TILE_ROW_ALIGN else BNB_4BIT_BLOCKSIZE // gcd(k, BNB_4BIT_BLOCKSIZE)
+    return min(n, max(1, rows // multiple) * multiple)
 
 
 def _fp8_matmul(quant: str, k: int, n: int, native_fp8: bool) -> bool:
