@@ -1,7 +1,8 @@
 """transformers' Llama-style decoder layers with their residual adds in place (runtime/layer_forward.py), on the CPU:
 each family's layer gives transformers' output bit for bit in its own input tensor, a tiled 4-bit or LLM.int8 down
-projection writes over the normed input, generation is unchanged, collecting hidden states and gradients keep
-transformers' forward, accelerate's hooks call the new forward, and only the pattern classes change."""
+projection writes over the normed input, generation is unchanged, a caller's inputs_embeds are left as they were,
+collecting hidden states and gradients keep transformers' forward, accelerate's hooks call the new forward, and
+only the pattern classes change."""
 
 from __future__ import annotations
 
@@ -97,6 +98,20 @@ def test_collecting_hidden_states_keeps_transformers_forward(checkpoints, writes
             layer.__class__ = _transformers_class(layer)
         theirs = session.model(input_ids=ids, output_hidden_states=True).hidden_states
     assert len(ours) == 3 and all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_a_callers_inputs_embeds_are_left_as_they_were(checkpoints):
+    # The first layer's input is the caller's tensor; it adds into a copy, with transformers' values.
+    session = heavylift.load(str(checkpoints["llama"]), quant="bf16", context=64, engine="transformers")
+    embeds = session.model.get_input_embeddings()(torch.tensor([[3, 5, 7, 11, 13]]))
+    kept = embeds.clone()
+    with torch.inference_mode():
+        ours = session.model(inputs_embeds=embeds).logits
+        assert torch.equal(embeds, kept)
+        for layer in session.model.model.layers:
+            layer.__class__ = _transformers_class(layer)
+        theirs = session.model(inputs_embeds=embeds).logits
+    assert torch.equal(ours, theirs)
 
 
 def test_gradients_keep_transformers_forward(checkpoints):

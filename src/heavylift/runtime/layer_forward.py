@@ -12,7 +12,8 @@ write its down projection over its normed input where the projection is a tiled 
 updated: transformers' decoder loop passes each layer's output to the next and keeps none of them, and bf16
 addition is commutative, so the values are transformers' bit for bit. Where a caller may keep a layer's input
 or output (transformers collecting hidden states, any other forward hook on the layer) or gradients are recorded,
-transformers' forward runs. The planner counts the same (planner/forward_program.py LEAN_LAYER_FAMILIES).
+transformers' forward runs. A caller's own `inputs_embeds` are copied before the first layer adds into them.
+The planner counts the same (planner/forward_program.py LEAN_LAYER_FAMILIES).
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ def add_residuals_in_place(model: torch.nn.Module) -> None:
     """Give every decoder layer of a loaded `model` that adds_in_place the in-place forward, in place, after
     compute_mlps_in_place and before its first forward; the modules keep their parameters, state dict and class
     ancestry. A layer dispatched by accelerate (its forward wrapped by a hook) has the hook call the new one."""
+    changed = set()
     for module in model.modules():
         if not adds_in_place(module):
             continue
@@ -134,3 +136,18 @@ def add_residuals_in_place(model: torch.nn.Module) -> None:
         wrapped = vars(module).get("_old_forward")
         if wrapped is not None and getattr(wrapped, "__func__", None) is old.forward:
             module._old_forward = types.MethodType(module.__class__.forward, module)
+        changed.add(module)
+    for module in model.modules():
+        layers = getattr(module, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList) and any(layer in changed for layer in layers):
+            module.register_forward_pre_hook(_own_inputs_embeds, with_kwargs=True)
+
+
+def _own_inputs_embeds(module: torch.nn.Module, args: tuple, kwargs: dict):
+    """A forward pre-hook on the decoder stack (LlamaModel and its kin): the first layer's input is the
+    `inputs_embeds` a caller passed, which the in-place adds would change under the caller; a copy goes
+    instead. Embeddings the model computes from input ids are its own, and are not copied."""
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is None or (torch.is_grad_enabled() and embeds.requires_grad):  # transformers' layers run then
+        return None
+    return args, {**kwargs, "inputs_embeds": embeds.clone()}
