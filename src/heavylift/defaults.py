@@ -147,10 +147,16 @@ LOAD_ROW_CHUNK_ELEMENTS = 1 << 22
 # a time, and multiply the chunk by each tile into its output columns, instead of a bf16 copy of the whole weight
 # (Llama-3.1-405B's MLP weights, 53248 x 16384: 1.75 GB each, and LLM.int8's fp32 copies of it: 2 x 3.5 GB).
 # 128 MiB is 4096 rows of a 16384-wide weight: each tile's GEMM against a 2048-token chunk is still 0.27 TFLOP,
-# large enough to fill an H100's tensor cores, and the largest 405B weight takes 13 of them. LLM.int8 on
-# transformers' forward (runtime/bnb_forward.py) multiplies a tile of rows whose outlier columns, every column
-# counted, dequantize to at most this many bytes of fp32 (matmul_programs.int8_tile_rows: 624 rows of 53248).
+# large enough to fill an H100's tensor cores, and the largest 405B weight takes 13 of them.
 DEQUANT_TILE_BYTES = 128 * MiB
+# transformers' forward (runtime/bnb_forward.py) dequantizes its 4-bit weights beyond bitsandbytes' fused kernel
+# into tiles of at most this many bytes of bf16, and multiplies LLM.int8 weights a tile of rows whose outlier
+# columns, every column counted, dequantize to at most this many bytes of fp32 (matmul_programs.int8_tile_rows:
+# 464 rows of 53248). Its layer holds more beside a tile than the engine's (the gate's output, the layer's input
+# and its normed copy), so a 128 MiB tile would set the peak of a 405B device at 8k: by the planner 1.57 GB
+# beyond weights and KV cache in NF4-DQ on 8 H100s, and 1.47 GB at any size from 32 to 112 MiB. On an H200 the
+# 8B shape's 8k prefill at 96 MiB is 2.9% slower in NF4-DQ and 2.2% faster in LLM.int8 (docs/planner.md).
+TRANSFORMERS_TILE_BYTES = 96 * MiB
 # The engine's prefill runs a chunk's MLP over a block of its rows at a time (engine/model.py _prefill_mlp): as
 # many rows as keep its one intermediate activation [rows, intermediate] (SiLU of the gate, the up projection
 # multiplied into it a weight tile at a time) within this many bytes of bf16, in pieces of equal size. Each

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from heavylift.engine import weights as W
-from heavylift.engine.ops import _tile_writer, dense_linear, dense_linear_mul
+from heavylift.engine.ops import _tile_writer, block_absmax, dense_linear, dense_linear_mul
 from heavylift.planner.matmul_programs import dequant_tile_rows
 
 STORED = [W.FP8, W.INT8, W.NF4, W.NF4_DQ]  # FP8 too: a CPU has no FP8 tensor cores, so FP8 dequantizes
@@ -46,6 +46,15 @@ def test_tiles_are_the_whole_weights_rows_bit_for_bit(small_tiles, kind):
     assert torch.equal(tiles, w.dequantize(torch.bfloat16))
     if w.packed:  # and bitsandbytes' own dequantize of the whole weight
         assert torch.equal(tiles, bnbf.dequantize_4bit(w.data.view(-1, 1), w.state))
+
+
+def test_a_tiles_absmax_is_the_whole_weights_bit_for_bit():
+    # 1000 x 192: 3000 4-bit blocks, whose 8-bit absmax is quantized in nested blocks of 256 (the last 184):
+    # ranges inside one nested block, across several, on their edges and up to the last block.
+    w = _weight(W.NF4_DQ, n=1000)
+    whole = bnbf.dequantize_blockwise(w.state.absmax, w.state.state2) + w.state.offset
+    for first, last in [(0, 72), (72, 144), (250, 770), (256, 512), (2816, 3000), (0, 3000), (2999, 3000)]:
+        assert torch.equal(block_absmax(w.state, first, last), whole[first:last])
 
 
 def test_4bit_tiles_start_on_whole_blocks(monkeypatch):

@@ -13,10 +13,10 @@ from heavylift.model.source import resolve_model
 from heavylift.planner.forward_program import Part
 from heavylift.planner.plan import Workload, layout, prefill_rows_to_fit
 
-# Llama 3.1 405B in NF4-DQ on ten RTX 4090s at a 48128-token context: the first and last cards (11 layers
-# each, beside the embedding and the head) are 39 MB short with whole 2048-token chunks and fit with 1024.
-ARGS = ["plan", "llama3.1-405b", "--gpus", "10xRTX4090", "--quant", "nf4-dq", "--context", "48128"]
-WORK = Workload(context=48128, batch=1, engine="fast")
+# Llama 3.1 405B in NF4-DQ on ten RTX 4090s at a 49152-token context: the first and last cards (11 layers
+# each, beside the embedding and the head) are 68 MB short with whole 2048-token chunks and fit with 1024.
+ARGS = ["plan", "llama3.1-405b", "--gpus", "10xRTX4090", "--quant", "nf4-dq", "--context", "49152"]
+WORK = Workload(context=49152, batch=1, engine="fast")
 
 
 def test_the_tight_devices_prefill_half_a_chunk_at_a_time_and_the_others_whole_chunks(capsys):
@@ -28,7 +28,7 @@ def test_the_tight_devices_prefill_half_a_chunk_at_a_time_and_the_others_whole_c
 
 
 def test_whole_chunks_would_not_fit_on_the_first_card():
-    s = plan("llama3.1-405b", gpus="10xRTX4090", quant="nf4-dq", context=48128).scheme("nf4-dq")
+    s = plan("llama3.1-405b", gpus="10xRTX4090", quant="nf4-dq", context=49152).scheme("nf4-dq")
     first = s.per_device[0]
     whole = layout(resolve_model("llama3.1-405b").architecture, "nf4-dq").terms(
         first.device, WORK, Part(first.layers, True, False), every_layer=True)
@@ -82,7 +82,7 @@ def test_transformers_prefills_every_prompt_in_the_longest_chunks_that_fit_on_ev
 
 
 def test_transformers_chunks_are_one_size_on_every_device_and_their_dequantize_is_counted(capsys):
-    s = plan("llama3.1-405b", gpus="10xRTX4090", quant="nf4-dq", context=48128, engine="transformers")
+    s = plan("llama3.1-405b", gpus="10xRTX4090", quant="nf4-dq", context=49152, engine="transformers")
     scheme = s.scheme("nf4-dq")
     assert scheme.fits and {d.prefill_rows for d in scheme.per_device} == {1024}
     code, out, _ = run_cli(capsys, *ARGS, "--engine", "transformers", "--json")

@@ -146,7 +146,7 @@ def test_transformers_int8_prefill_and_decode_match_the_forward(tmp_path, monkey
 
     monkeypatch.setattr(session_module, "PREFILL_CHUNK", CHUNK)
     if tile_rows:  # q 24, 24, 16 rows; k and v 24, 8; gate and up five of 24 and 8; down five of 12 and 4
-        monkeypatch.setattr("heavylift.planner.matmul_programs.DEQUANT_TILE_BYTES", 4 * 64 * tile_rows)
+        monkeypatch.setattr("heavylift.planner.matmul_programs.TRANSFORMERS_TILE_BYTES", 4 * 64 * tile_rows)
     if quant_rows:
         monkeypatch.setattr("heavylift.planner.matmul_programs.LLM_INT8_QUANT_BYTES", 2 * 64 * quant_rows)
     session = _session(tmp_path, "llama", "transformers", "int8")
@@ -211,14 +211,14 @@ def _sizes(program: Program) -> list[int]:
 
 
 def test_bitsandbytes_4bit_runs_a_weight_tile_at_a_time_beyond_four_rows():
-    # Llama-3.1-405B's gate weight, 53248 x 16384, against 2048 rows on transformers (runtime/bnb_forward.py), as
-    # the engine's prefill: NF4-DQ's absmax dequantized whole, 53248 x 16384 / 64 blocks x 4 bytes = 54,525,952;
-    # one 128 MiB tile of 4096 rows; y 2048 x 53248 x 2 = 218,103,808. bitsandbytes' own forward would hold the
-    # whole weight in bf16, 1,744,830,464.
-    tile, y = 4096 * 16384 * 2, 2048 * 53248 * 2
+    # Llama-3.1-405B's gate weight, 53248 x 16384, against 2048 rows on transformers (runtime/bnb_forward.py): one
+    # 96 MiB tile of 3072 rows; y 2048 x 53248 x 2 = 218,103,808; per tile NF4-DQ's absmax of its blocks,
+    # 3072 x 16384 / 64 x 4 bytes = 3,145,728 (17 tiles), the last tile's 1024 rows 1,048,576. bitsandbytes' own
+    # forward would hold the whole weight in bf16, 1,744,830,464.
+    tile, y = 3072 * 16384 * 2, 2048 * 53248 * 2
     p = Program()
     linear(p, "nf4-dq", 2048, 16384, 53248)
-    assert _sizes(p) == [54_525_952, tile, y] and peak_live(p) == 54_525_952 + tile + y
+    assert _sizes(p) == [tile, y, 3_145_728, 1_048_576] and peak_live(p) == tile + y + 3_145_728
     p = Program()
     linear(p, "fp4", 5, 16384, 53248)  # five rows already
     assert _sizes(p) == [tile, 5 * 53248 * 2]
@@ -247,11 +247,11 @@ def test_llm_int8_on_transformers_runs_a_weight_tile_at_a_time():
     # an outlier column. x quantized 157 rows at a time (16 MiB of fp16 / 106,496 bytes a row): 13 blocks of 157
     # and one of 7, into int8 x 109,051,904 and row stats 8192 allocated whole, with the map of outlier columns
     # 53,248; per block its fp16 copy, row stats, int8 rows, |x|, the map, any, indices; then the indices 425,984.
-    # A[:, cols] 218,103,808; the output 2048 x 16384 x 2 = 67,108,864. Tiles of 128 MiB / (53248 x 4 bytes) =
-    # 630 rows rounded down to a multiple of 16, 624, 26 of them and one of 160: per tile CB[:, cols] 624 x 53248
-    # = 33,226,752, its fp32 dequantize 132,907,008, in bf16 66,453,504, the int32, fp16 and bf16 products
-    # 5,111,808, 2,555,904 and 2,555,904, and addmm's 2,555,904.
-    assert int8_tile_rows(16384, 53248) == 624 and int8_quant_rows(2048, 53248) == 157
+    # A[:, cols] 218,103,808; the output 2048 x 16384 x 2 = 67,108,864. Tiles of 96 MiB / (53248 x 4 bytes) =
+    # 472 rows rounded down to a multiple of 16, 464, 35 of them and one of 144: per tile CB[:, cols] 464 x 53248
+    # = 24,707,072, its fp32 dequantize 98,828,288, in bf16 49,414,144, the int32, fp16 and bf16 products
+    # 3,801,088, 1,900,544 and 1,900,544, and addmm's 1,900,544.
+    assert int8_tile_rows(16384, 53248) == 464 and int8_quant_rows(2048, 53248) == 157
 
     def block(r: int) -> list[int]:
         return [2 * r * 53248, 4 * r, r * 53248, 2 * r * 53248, r * 53248, 53_248, 425_984]
@@ -262,22 +262,23 @@ def test_llm_int8_on_transformers_runs_a_weight_tile_at_a_time():
     quantize = [109_051_904, 8192, 53_248] + block(157) * 13 + block(7) + [425_984]
     p = Program()
     linear(p, "int8", 2048, 53248, 16384)
-    assert _sizes(p) == quantize + [218_103_808, 67_108_864] + tile(624) * 26 + tile(160)
+    assert _sizes(p) == quantize + [218_103_808, 67_108_864] + tile(464) * 35 + tile(144)
     # Most at once, at a tile's bf16 copy of its outlier columns: row stats, int8 x, indices, A[:, cols], the
-    # output, the fp32 and bf16 copies: 0.59 GB, where bitsandbytes' own forward holds 2 x 3.49 GB of fp32 for the
+    # output, the fp32 and bf16 copies: 0.54 GB, where bitsandbytes' own forward holds 2 x 3.49 GB of fp32 for the
     # whole weight and its quantize of the whole chunk 0.55 GB.
-    assert peak_live(p) == 8192 + 109_051_904 + 425_984 + 218_103_808 + 67_108_864 + 132_907_008 + 66_453_504
+    assert peak_live(p) == 8192 + 109_051_904 + 425_984 + 218_103_808 + 67_108_864 + 98_828_288 + 49_414_144
     # A decode step of one row: quantized whole; the same tiles, the fp32 one as large.
     p = Program()
     linear(p, "int8", 1, 53248, 16384)
-    assert peak_live(p) == 512 + 53_248 + 425_984 + 106_496 + 32_768 + 132_907_008 + 66_453_504
+    assert peak_live(p) == 512 + 53_248 + 425_984 + 106_496 + 32_768 + 98_828_288 + 49_414_144
 
 
 def test_llm_int8_tiles_are_whole_multiples_of_sixteen_rows():
     # cuBLASLt's int8 GEMM needs the int32 product's rows aligned: Gemma 2 9B's gate, 14336 x 3584, took tiles of
-    # 9362 rows (128 MiB / (3584 x 4)) and failed on an H100; 9360 now, a multiple of 16, and so is what is left.
-    assert int8_tile_rows(14336, 3584) == 9360 and (14336 - 9360) % 16 == 0
-    assert int8_tile_rows(16384, 3072) == 10912  # Phi-3-mini's fused gate_up: was 10922
+    # 9362 rows (128 MiB / (3584 x 4)) and failed on an H100. 96 MiB / (3584 x 4) is 7021 rows: 7008 taken, a
+    # multiple of 16, and so is what is left.
+    assert int8_tile_rows(14336, 3584) == 7008 and (14336 - 2 * 7008) % 16 == 0
+    assert int8_tile_rows(16384, 3072) == 8192  # Phi-3-mini's fused gate_up: two tiles
     assert int8_tile_rows(3072, 8192) == 3072  # its down projection in one tile: the whole weight
     assert int8_tile_rows(64, 10**9) == 16  # at least one multiple, however wide the weight
 
@@ -295,12 +296,13 @@ def test_torchao_fp8_quantizes_activations_in_fp32():
 
 def test_engine_prefill_dequantizes_a_tile_of_rows_at_a_time():
     # Llama-3.1-405B's gate weight, 53248 x 16384, against a 2048-token chunk: 128 MiB tiles of 4096 rows
-    # (16384 x 2 bytes a row); NF4-DQ's absmax dequantized whole first, 53248 x 16384 / 64 blocks x 4 bytes =
-    # 54,525,952; y 2048 x 53248 x 2 = 218,103,808. The whole weight in bf16 would be 1,744,830,464.
+    # (16384 x 2 bytes a row), 13 of them; y 2048 x 53248 x 2 = 218,103,808; per tile NF4-DQ's absmax of its
+    # blocks, 4096 x 16384 / 64 blocks x 4 bytes = 4,194,304 (the whole weight's would be 54,525,952). The whole
+    # weight in bf16 would be 1,744,830,464.
     tile, y = 4096 * 16384 * 2, 2048 * 53248 * 2
     p = Program()
     engine_dense_linear(p, "nf4-dq", 2048, 16384, 53248, native_fp8=True)
-    assert _sizes(p) == [54_525_952, tile, y] and peak_live(p) == 54_525_952 + tile + y
+    assert _sizes(p) == [tile, y, 4_194_304] and peak_live(p) == tile + y + 4_194_304
     for quant in ("nf4", "int8"):  # no absmax to dequantize; INT8 rows cast and scaled in the tile
         p = Program()
         engine_dense_linear(p, quant, 2048, 16384, 53248, native_fp8=True)

@@ -14,7 +14,8 @@ import torch
 
 import heavylift
 import heavylift.runtime.bnb_forward as bnb_forward
-from heavylift.planner.matmul_programs import BNB_4BIT_FUSED_MAX_ROWS, bnb_4bit_fused, dequant_tile_rows
+from heavylift.planner.matmul_programs import BNB_4BIT_FUSED_MAX_ROWS, bnb_4bit_fused, dequant_tile_rows, \
+    transformers_tile_bytes
 from heavylift.runtime.bnb_forward import TiledLinear4bit, tile_4bit_matmuls
 
 from conftest import save_runnable_checkpoint
@@ -26,7 +27,7 @@ SCHEMES = {"nf4": ("nf4", False), "nf4-dq": ("nf4", True), "fp4": ("fp4", False)
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    monkeypatch.setattr("heavylift.planner.matmul_programs.DEQUANT_TILE_BYTES", TILE_ROWS * K * 2)
+    monkeypatch.setattr("heavylift.planner.matmul_programs.TRANSFORMERS_TILE_BYTES", TILE_ROWS * K * 2)
 
 
 @pytest.fixture
@@ -35,9 +36,9 @@ def tiled_calls(monkeypatch):
     calls = []
     real = bnb_forward.dense_linear
 
-    def spy(x, w, out=None):
+    def spy(x, w, out=None, tile_bytes=None):
         calls.append((x.numel() // x.shape[-1], w))
-        return real(x, w, out=out)
+        return real(x, w, out=out, tile_bytes=tile_bytes)
 
     monkeypatch.setattr(bnb_forward, "dense_linear", spy)
     return calls
@@ -70,7 +71,7 @@ def test_many_rows_take_the_tiles_within_one_bf16_rounding_of_bitsandbytes(small
     # on a tile may sum each output's k products in another order, moving a bf16 result by one ulp at most
     # (2^-7 of its magnitude; an absolute margin of one ulp at the output's scale for elements near zero).
     layer = _layer(quant, bias)[0]
-    assert isinstance(layer, TiledLinear4bit) and dequant_tile_rows(N, K) == TILE_ROWS
+    assert isinstance(layer, TiledLinear4bit) and dequant_tile_rows(N, K, transformers_tile_bytes()) == TILE_ROWS
     x = torch.randn(3, 5, K, generator=torch.Generator().manual_seed(7)).bfloat16()
     with torch.inference_mode():
         tiled, whole = layer(x), _bitsandbytes(layer, x)

@@ -70,7 +70,7 @@ def _bitsandbytes(layer: TiledLinear8bitLt, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("quant_rows", [0, 2])  # x quantized whole, or 2 rows at a time (a prefill's last block 1)
 def test_the_tiles_are_bitsandbytes_product_bit_for_bit(monkeypatch, tiled_calls, n, k, shape, outliers, bias,
                                                          quant_rows):
-    monkeypatch.setattr("heavylift.planner.matmul_programs.DEQUANT_TILE_BYTES", TILE_ROWS * k * 4)
+    monkeypatch.setattr("heavylift.planner.matmul_programs.TRANSFORMERS_TILE_BYTES", TILE_ROWS * k * 4)
     if quant_rows:
         monkeypatch.setattr("heavylift.planner.matmul_programs.LLM_INT8_QUANT_BYTES", quant_rows * k * 2)
     layer = _layer(n, k, bias)
@@ -108,7 +108,7 @@ def test_x_quantized_a_block_of_rows_at_a_time_is_bitsandbytes_quantize(monkeypa
 @pytest.mark.parametrize("threshold", [0.0, THRESHOLD])
 def test_fp16_inputs_and_no_threshold_are_bitsandbytes_too(monkeypatch, tiled_calls, threshold):
     # Threshold 0: no outlier decomposition (MatMul8bitLt's int8_scaled_mm), every column in int8.
-    monkeypatch.setattr("heavylift.planner.matmul_programs.DEQUANT_TILE_BYTES", TILE_ROWS * 192 * 4)
+    monkeypatch.setattr("heavylift.planner.matmul_programs.TRANSFORMERS_TILE_BYTES", TILE_ROWS * 192 * 4)
     layer = _layer(100, 192, bias=True, threshold=threshold)
     for dtype in (torch.float16, torch.bfloat16):
         x = _input((2, 9, 192), outliers=True, dtype=dtype)

@@ -39,9 +39,9 @@ def tiled_mul_calls(monkeypatch):
     calls = []
     real = mlp_forward.dense_linear_mul
 
-    def spy(x, w, into):
+    def spy(x, w, into, tile_bytes=None):
         calls.append(x.numel() // x.shape[-1])
-        return real(x, w, into)
+        return real(x, w, into, tile_bytes)
 
     monkeypatch.setattr(mlp_forward, "dense_linear_mul", spy)
     return calls
@@ -96,7 +96,7 @@ def test_cli_greedy_generation_is_transformers_own(checkpoints, capsys, family):
 @pytest.mark.parametrize("quant", ["nf4", "nf4-dq"])
 def test_4bit_up_projections_multiply_in_tiles_as_transformers_mlp_computes(checkpoints, monkeypatch,
                                                                             tiled_mul_calls, quant):
-    monkeypatch.setattr("heavylift.planner.matmul_programs.DEQUANT_TILE_BYTES", TILE_ROWS * 64 * 2)
+    monkeypatch.setattr("heavylift.planner.matmul_programs.TRANSFORMERS_TILE_BYTES", TILE_ROWS * 64 * 2)
     session = heavylift.load(str(checkpoints["llama"]), quant=quant, context=64, engine="transformers")
     mlps = _mlps(session.model)
     x = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(2)).bfloat16()

@@ -29,15 +29,16 @@ def _fp8_matmul_ok(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def dense_linear(x: torch.Tensor, w: QWeight, out: torch.Tensor | None = None) -> torch.Tensor:
+def dense_linear(x: torch.Tensor, w: QWeight, out: torch.Tensor | None = None,
+                 tile_bytes: int | None = None) -> torch.Tensor:
     """x @ W^T (+ bias) for many tokens: FP8 on the FP8 tensor cores where the GPU has them; bf16 weights as
-    they are; other stored weights a tile of rows at a time (`_tiled_linear`). `out`, where given, is a
-    contiguous tensor of x's dtype and x's rows times n that the tiles write the product into (it is returned);
-    only a weight that tiles takes one (`tiles`)."""
+    they are; other stored weights a tile of at most `tile_bytes` of rows at a time (`_tiled_linear`; None: the
+    engine's DEQUANT_TILE_BYTES). `out`, where given, is a contiguous tensor of x's dtype and x's rows times n
+    that the tiles write the product into (it is returned); only a weight that tiles takes one (`tiles`)."""
     if out is not None:
         if not tiles(x, w):
             raise ValueError("only a tiled weight writes its product into a given tensor")
-        return _tiled_linear(x, w, out=out)
+        return _tiled_linear(x, w, out=out, tile_bytes=tile_bytes)
     if _fp8_matmul(x, w):
         # Row-wise dynamic activation scaling, as torchao's Float8DynamicActivation does.
         xs = (x.float().abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
@@ -46,16 +47,17 @@ def dense_linear(x: torch.Tensor, w: QWeight, out: torch.Tensor | None = None) -
                                 out_dtype=torch.bfloat16)
     if w.kind == DENSE:
         return F.linear(x, w.dequantize(x.dtype), w.bias)
-    return _tiled_linear(x, w)
+    return _tiled_linear(x, w, tile_bytes=tile_bytes)
 
 
-def dense_linear_mul(x: torch.Tensor, w: QWeight, into: torch.Tensor) -> torch.Tensor:
+def dense_linear_mul(x: torch.Tensor, w: QWeight, into: torch.Tensor,
+                     tile_bytes: int | None = None) -> torch.Tensor:
     """into *= x @ W^T (+ bias), `into` [tokens, n]: where dense_linear tiles the weight, each tile's product goes
     to one reused buffer and is multiplied into its columns of `into`, so no product the size of `into` is
     made; the same values as into * dense_linear(x, w)."""
     if _fp8_matmul(x, w) or w.kind == DENSE:
         return into.mul_(dense_linear(x, w))
-    return _tiled_linear(x, w, into)
+    return _tiled_linear(x, w, into, tile_bytes=tile_bytes)
 
 
 def tiles(x: torch.Tensor, w: QWeight) -> bool:
@@ -69,16 +71,17 @@ def _fp8_matmul(x: torch.Tensor, w: QWeight) -> bool:
 
 
 def _tiled_linear(x: torch.Tensor, w: QWeight, into: torch.Tensor | None = None,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W^T (+ bias) with W dequantized dequant_tile_rows(n, k) rows at a time into one reused buffer of x's
-    dtype (bf16; fp16 where transformers computes in it: runtime/bnb_forward.py), each tile multiplied into its
-    columns of the output: the memory beyond the weights is one tile, never a copy of the whole weight. cuBLAS
-    may pick another kernel for a tile than for the whole product, so the result can differ from F.linear on the
-    whole weight in the last bf16 bit; the tiles themselves are exactly the whole weight's rows. With `into`,
-    each tile's product goes to a buffer of one tile's columns and is multiplied into its columns of `into`
-    (dense_linear_mul), which is returned; with `out`, the product is written into `out`, which is returned."""
+                  out: torch.Tensor | None = None, tile_bytes: int | None = None) -> torch.Tensor:
+    """x @ W^T (+ bias) with W dequantized dequant_tile_rows(n, k, tile_bytes) rows at a time into one reused
+    buffer of x's dtype (bf16; fp16 where transformers computes in it: runtime/bnb_forward.py), each tile
+    multiplied into its columns of the output: the memory beyond the weights is one tile, never a copy of the
+    whole weight. cuBLAS may pick another kernel for a tile than for the whole product, so the result can differ
+    from F.linear on the whole weight in the last bf16 bit; the tiles themselves are exactly the whole weight's
+    rows. With `into`, each tile's product goes to a buffer of one tile's columns and is multiplied into its
+    columns of `into` (dense_linear_mul), which is returned; with `out`, the product is written into `out`, which
+    is returned."""
     write = _tile_writer(w)
-    step = dequant_tile_rows(w.n, w.k)
+    step = dequant_tile_rows(w.n, w.k, tile_bytes)
     tile = torch.empty(step, w.k, dtype=x.dtype, device=w.device)
     x2 = x.reshape(-1, w.k)
     if out is not None:
@@ -96,7 +99,7 @@ def _tiled_linear(x: torch.Tensor, w: QWeight, into: torch.Tensor | None = None,
             torch.addmm(w.bias[start:stop], x2, part.t(), out=product)
         if into is not None:
             into[:, start:stop].mul_(product)
-    del part, tile, write  # the tile, then the writer's NF4-DQ absmax
+    del part, tile
     if into is not None:
         return into
     if out is not None:
@@ -106,7 +109,7 @@ def _tiled_linear(x: torch.Tensor, w: QWeight, into: torch.Tensor | None = None,
 
 def _tile_writer(w: QWeight):
     """A function (start, stop, out) writing rows [start, stop) of W, dequantized to bf16, into `out`: bitsandbytes'
-    own dequantize for a loaded 4-bit weight (double quant's absmax dequantized whole once, here), the rows cast
+    own dequantize for a loaded 4-bit weight (double quant's absmax a tile's blocks at a time), the rows cast
     and scaled in place for INT8 and FP8, the reference `QWeight.dequantize` for views of fused 4-bit weights."""
     if w.kind in (FP8, INT8):
         def scaled(start: int, stop: int, out: torch.Tensor) -> None:
@@ -124,24 +127,36 @@ def _tile_writer(w: QWeight):
 def _bnb_writer(w: QWeight):
     """Rows of a bitsandbytes 4-bit weight through its dequantize_4bit kernel: its blocks are QBLOCK consecutive
     weights of the flattened [n, k] weight, so whole rows whose count times k is a multiple of QBLOCK
-    (dequant_tile_rows) are a contiguous slice of the packed codes and of the absmax."""
-    import bitsandbytes.functional as bnbf
-
+    (dequant_tile_rows) are a contiguous slice of the packed codes and of the absmax. Double quantization's
+    absmax is dequantized for each tile's blocks alone (block_absmax), never for the whole weight."""
     state = w.state
-    absmax = state.absmax
-    if state.nested:
-        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2)
-        absmax += state.offset
     op = torch.ops.bitsandbytes.dequantize_4bit
 
     def write(start: int, stop: int, out: torch.Tensor) -> None:
         codes = w.data[start * w.k // 2:-(-stop * w.k // 2)]
-        scales = absmax[start * w.k // QBLOCK:-(-stop * w.k // QBLOCK)]
+        first, last = start * w.k // QBLOCK, -(-stop * w.k // QBLOCK)
+        scales = block_absmax(state, first, last) if state.nested else state.absmax[first:last]
         if out.is_cuda:
             op.out(codes, scales, QBLOCK, state.quant_type, out.shape, out.dtype, out=out)
         else:  # bitsandbytes' CPU backend has no out= variant, and starts blocks afresh on each row of a 2-d shape
             out.copy_(op.default(codes, scales, QBLOCK, state.quant_type, (out.numel(),), out.dtype).view(out.shape))
     return write
+
+
+def block_absmax(state, first: int, last: int) -> torch.Tensor:
+    """fp32 absmax of blocks [first, last) of a double-quantized bitsandbytes 4-bit weight (QuantState `state`),
+    the values bitsandbytes' dequantize_4bit computes for the whole weight (its 8-bit absmax through
+    dequantize_blockwise, plus the offset), from the nested blocks that hold them alone: for a 405B down
+    projection's tile 3 MB instead of the whole weight's 55 MB (matmul_programs._tile_absmax counts it)."""
+    nested = state.state2.blocksize
+    lo = first // nested * nested
+    hi = min(state.absmax.numel(), -(-last // nested) * nested)
+    code = state.state2.code.to(state.absmax.device)
+    scales = torch.ops.bitsandbytes.dequantize_blockwise.default(
+        state.absmax[lo:hi], state.state2.absmax[lo // nested:-(-hi // nested)], code, nested,
+        torch.float32)[first - lo:last - lo]
+    scales += state.offset
+    return scales
 
 
 def planes(y: torch.Tensor, out16: torch.Tensor | None = None) -> torch.Tensor:

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from math import ceil, gcd
 
 from .allocator import Program, Tensor
-from heavylift.defaults import DEQUANT_TILE_BYTES, LLM_INT8_OUTLIER_COLUMN_FRACTION, LLM_INT8_QUANT_BYTES
+from heavylift.defaults import DEQUANT_TILE_BYTES, LLM_INT8_OUTLIER_COLUMN_FRACTION, LLM_INT8_QUANT_BYTES, \
+    TRANSFORMERS_TILE_BYTES
 from heavylift.model.prequantized import fallback_tile_rows
-from heavylift.schemes import BNB_4BIT_BLOCKSIZE, FLOAT32_BYTES, SCHEMES, UNQUANTIZED_BYTES
+from heavylift.schemes import BNB_4BIT_BLOCKSIZE, BNB_NESTED_BLOCKSIZE, FLOAT32_BYTES, SCHEMES, UNQUANTIZED_BYTES
 
 INT8_TILE_ROW_MULTIPLE = 16  # rows of an LLM.int8 tile: 64 bytes of its int32 product, past cuBLASLt's alignment
 # rows of a dequantized tile (dequant_tile_rows): each tile's GEMM writes its columns of the output from column
@@ -59,7 +60,7 @@ def linear(p: Program, quant: str | KeptBlockFp8, rows: int, k: int, n: int, nat
     if isinstance(quant, KeptBlockFp8):
         return block_fp8_fallback(p, rows, k, n, quant.block) if quant.fallback else _block_fp8(p, rows, k, n)
     if _bnb_tiles(quant, rows, k):
-        return _tiled(p, quant, rows, k, n, BF16 * rows * n)
+        return _tiled(p, quant, rows, k, n, BF16 * rows * n, transformers_tile_bytes())
     if quant == "int8":
         return _llm_int8(p, rows, k, n)
     if quant == "fp8":
@@ -72,7 +73,7 @@ def linear_mul(p: Program, quant: str | KeptBlockFp8, rows: int, k: int, n: int,
     into the gate's output: a bitsandbytes 4-bit layer beyond its fused kernel through ops.dense_linear_mul's tiles
     (_tiled_product), any other layer's whole product (linear) multiplied in and freed."""
     if _bnb_tiles(quant, rows, k):
-        _tiled_product(p, quant, rows, k, n)
+        _tiled_product(p, quant, rows, k, n, transformers_tile_bytes())
     else:
         p.free(linear(p, quant, rows, k, n, native_fp8))
 
@@ -83,7 +84,7 @@ def linear_over(p: Program, quant: str | KeptBlockFp8, rows: int, k: int, n: int
     a bitsandbytes 4-bit layer through the tiles and LLM.int8 write into it (None returned); any other layer
     returns its own output (linear)."""
     if _bnb_tiles(quant, rows, k):
-        _tiled(p, quant, rows, k, n, 0)
+        _tiled(p, quant, rows, k, n, 0, transformers_tile_bytes())
         return None
     if quant == "int8":
         _llm_int8(p, rows, k, n, over=True)
@@ -128,13 +129,19 @@ def _llm_int8(p: Program, rows: int, k: int, n: int, over: bool = False) -> Tens
     return y
 
 
+def transformers_tile_bytes() -> int:
+    """The bytes of a dequantized weight tile on transformers' forward (TRANSFORMERS_TILE_BYTES), read when
+    called."""
+    return TRANSFORMERS_TILE_BYTES
+
+
 def int8_tile_rows(n: int, k: int) -> int:
     """Rows of an LLM.int8 weight [n, k] that transformers' forward multiplies at a time (runtime/bnb_forward.py):
     as many as keep the fp32 dequantize of their outlier columns, every one of the k counted, within
-    DEQUANT_TILE_BYTES, in whole multiples of INT8_TILE_ROW_MULTIPLE; at least one multiple, at most the whole
+    TRANSFORMERS_TILE_BYTES, in whole multiples of INT8_TILE_ROW_MULTIPLE; at least one multiple, at most the whole
     weight. cuBLASLt's int8 GEMM writes the tile's int32 product with its rows 16-byte aligned: bitsandbytes
     raises "cublasLt ran into an error" on a tile of 9362 rows (Gemma 2 9B's 14336 x 3584 gate)."""
-    return min(n, max(1, DEQUANT_TILE_BYTES // (FP32 * k) // INT8_TILE_ROW_MULTIPLE) * INT8_TILE_ROW_MULTIPLE)
+    return min(n, max(1, TRANSFORMERS_TILE_BYTES // (FP32 * k) // INT8_TILE_ROW_MULTIPLE) * INT8_TILE_ROW_MULTIPLE)
 
 
 def int8_quant_rows(rows: int, k: int) -> int:
@@ -279,12 +286,13 @@ def _dequantized_matmul(p: Program, rows: int, k: int, n: int) -> Tensor:
     return y
 
 
-def dequant_tile_rows(n: int, k: int) -> int:
-    """Rows of a weight [n, k] that ops.dense_linear dequantizes at a time: DEQUANT_TILE_BYTES of bf16, in a
-    multiple of TILE_ROW_ALIGN rows where the budget holds that many (every weight of a real model), else of the
-    rows that hold whole 4-bit blocks (so a tile's codes and absmax are contiguous slices); at least one multiple,
-    at most the whole weight."""
-    rows = DEQUANT_TILE_BYTES // (BF16 * k)
+def dequant_tile_rows(n: int, k: int, tile_bytes: int | None = None) -> int:
+    """Rows of a weight [n, k] that ops.dense_linear dequantizes at a time: `tile_bytes` of bf16 (the engine's
+    DEQUANT_TILE_BYTES where None, transformers' transformers_tile_bytes()), in a multiple of TILE_ROW_ALIGN rows
+    where the budget holds that many (every weight of a real model), else of the rows that hold whole 4-bit
+    blocks (so a tile's codes and absmax are contiguous slices); at least one multiple, at most the whole
+    weight."""
+    rows = (DEQUANT_TILE_BYTES if tile_bytes is None else tile_bytes) // (BF16 * k)
     multiple = TILE_ROW_ALIGN if rows >= TILE_ROW_ALIGN else BNB_4BIT_BLOCKSIZE // gcd(k, BNB_4BIT_BLOCKSIZE)
     return min(n, max(1, rows // multiple) * multiple)
 
@@ -320,7 +328,7 @@ def dense_linear(p: Program, quant: str, rows: int, k: int, n: int, native_fp8: 
         y = p.alloc("linear", BF16 * rows * n)
         p.free(xq, xs)
         return y
-    return _tiled(p, quant, rows, k, n, BF16 * rows * n)
+    return _tiled(p, quant, rows, k, n, BF16 * rows * n, None)
 
 
 def dense_linear_mul(p: Program, quant: str, rows: int, k: int, n: int, native_fp8: bool) -> None:
@@ -329,27 +337,45 @@ def dense_linear_mul(p: Program, quant: str, rows: int, k: int, n: int, native_f
     if not SCHEMES[quant].quantized or _fp8_matmul(quant, k, n, native_fp8):
         p.free(dense_linear(p, quant, rows, k, n, native_fp8))
         return
-    _tiled_product(p, quant, rows, k, n)
+    _tiled_product(p, quant, rows, k, n, None)
 
 
-def _tiled_product(p: Program, quant: str, rows: int, k: int, n: int) -> None:
+def _tiled_product(p: Program, quant: str, rows: int, k: int, n: int, tile_bytes: int | None) -> None:
     """ops._tiled_linear with `into`: the tiled matmul whose output is one tile's columns, each multiplied into its
     columns of `into` and the buffer freed as it returns."""
-    p.free(_tiled(p, quant, rows, k, n, BF16 * rows * dequant_tile_rows(n, k)))
+    p.free(_tiled(p, quant, rows, k, n, BF16 * rows * dequant_tile_rows(n, k, tile_bytes), tile_bytes))
 
 
-def _tiled(p: Program, quant: str, rows: int, k: int, n: int, out_bytes: int) -> Tensor | None:
-    """ops._tiled_linear, the engine's prefill matmul and transformers' 4-bit one beyond bnb_4bit_fused: double
-    quant's absmax dequantized whole first (fp32), the tile buffer, then the output (`out_bytes`: the product, one
-    tile's columns of it, or 0 for a tensor given to write into); the scaled rows are cast and scaled in place in
-    the tile (no fp32 copy on a GPU); the tile, then the absmax, freed as it returns."""
+def _tiled(p: Program, quant: str, rows: int, k: int, n: int, out_bytes: int, tile_bytes: int | None
+           ) -> Tensor | None:
+    """ops._tiled_linear, the engine's prefill matmul and transformers' 4-bit one beyond bnb_4bit_fused: the tile
+    buffer of dequant_tile_rows(n, k, tile_bytes) rows, then the output (`out_bytes`: the product, one tile's
+    columns of it, or 0 for a tensor given to write into); per tile, double quant's fp32 absmax of its blocks
+    (_tile_absmax), freed once the tile is written; the scaled rows are cast and scaled in place in the tile (no
+    fp32 copy on a GPU); the tile freed as it returns."""
     scheme = SCHEMES[quant]
-    dq = scheme.four_bit and scheme.double_quant
-    absmax = p.alloc("absmax", FP32 * -(-n * k // BNB_4BIT_BLOCKSIZE)) if dq else None
-    tile = p.alloc("weight_tile", BF16 * dequant_tile_rows(n, k) * k)
+    step = dequant_tile_rows(n, k, tile_bytes)
+    tile = p.alloc("weight_tile", BF16 * step * k)
     y = p.alloc("linear", out_bytes) if out_bytes else None
-    p.free(tile, absmax)
+    if scheme.four_bit and scheme.double_quant:
+        _tile_absmax(p, n, k, step)
+    p.free(tile)
     return y
+
+
+def _tile_absmax(p: Program, n: int, k: int, step: int) -> None:
+    """ops.block_absmax for each tile of `step` rows of a weight [n, k]: the fp32 absmax of the nested blocks
+    (BNB_NESTED_BLOCKSIZE 4-bit blocks each) that hold the tile's 4-bit blocks, allocated and freed. A size
+    allocated and freed again with nothing between leaves the allocator as the first time did, so each size is
+    counted once (a 405B weight has up to 14 tiles, 126 layers of them)."""
+    seen = set()
+    for start in range(0, n, step):
+        first, last = start * k // BNB_4BIT_BLOCKSIZE, -(-min(n, start + step) * k // BNB_4BIT_BLOCKSIZE)
+        lo = first // BNB_NESTED_BLOCKSIZE * BNB_NESTED_BLOCKSIZE
+        hi = min(-(-n * k // BNB_4BIT_BLOCKSIZE), -(-last // BNB_NESTED_BLOCKSIZE) * BNB_NESTED_BLOCKSIZE)
+        if hi - lo not in seen:
+            seen.add(hi - lo)
+            p.free(p.alloc("absmax", FP32 * (hi - lo)))
 
 
 def expert_weights(p: Program, quant: str | KeptBlockFp8, numel: int) -> list[Tensor]:

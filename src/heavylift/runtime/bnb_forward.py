@@ -7,7 +7,7 @@ weight in 4 bits; on more rows (a prefill chunk) its dispatch dequantizes the wh
 that (0.50, backends/cuda/ops.py _dequant_linear_fallback): 1.75 GB for each of Llama 3.1 405B's MLP weights,
 most of what a 2048-token chunk held beyond weights and KV cache. `tile_4bit_matmuls` makes every Linear4bit of a
 loaded model send those matmuls through ops.dense_linear instead: bitsandbytes' own dequantize kernel writes a tile
-of the weight's rows at a time (DEQUANT_TILE_BYTES) into one reused buffer, and each tile is multiplied into its
+of the weight's rows at a time (TRANSFORMERS_TILE_BYTES) into one reused buffer, and each tile is multiplied into its
 columns of the output. The planner counts the same (planner/matmul_programs.py linear and bnb_4bit_fused). The
 tiles are exactly the rows bitsandbytes dequantizes, so the product is its product to within one bf16 rounding
 (a GEMM on a tile may sum in another order than one on the whole weight).
@@ -36,7 +36,8 @@ import torch
 
 from heavylift.engine.ops import dense_linear
 from heavylift.engine.weights import QWeight, from_linear
-from heavylift.planner.matmul_programs import bnb_4bit_fused, int8_quant_rows, int8_tile_rows
+from heavylift.planner.matmul_programs import bnb_4bit_fused, int8_quant_rows, int8_tile_rows, \
+    transformers_tile_bytes
 
 
 class TiledLinear4bit(bnb.nn.Linear4bit):
@@ -57,12 +58,14 @@ class TiledLinear4bit(bnb.nn.Linear4bit):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._tiles(x):
             return super().forward(x)
-        return dense_linear(x, self.stored)
+        return dense_linear(x, self.stored, tile_bytes=transformers_tile_bytes())
 
     def into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
         """forward(x) written into `out` (contiguous, x's rows times out_features, x's dtype), which is returned,
         where x takes the tiles; else None, nothing computed."""
-        return dense_linear(x, self.stored, out=out) if self._tiles(x) else None
+        if not self._tiles(x):
+            return None
+        return dense_linear(x, self.stored, out=out, tile_bytes=transformers_tile_bytes())
 
     def _tiles(self, x: torch.Tensor) -> bool:
         """Whether x goes through the tiles: more rows than bitsandbytes fuses, in the layer's compute dtype (bf16

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from heavylift.engine.ops import dense_linear_mul
+from heavylift.planner.matmul_programs import transformers_tile_bytes
 from .bnb_forward import TiledLinear4bit, TiledLinear8bitLt, records_gradients
 
 # transformers 5.24's dense MLP classes whose forward is exactly _transformers_forward, by the family that builds
@@ -119,7 +120,7 @@ def _multiply_into(up: torch.nn.Module, x: torch.Tensor, into: torch.Tensor) -> 
     """into *= up(x): a TiledLinear4bit that tiles x (and has no hooks around its call) a weight tile at a time,
     each tile's product multiplied into its columns; any other layer's whole product."""
     if isinstance(up, TiledLinear4bit) and plain(up) and up._tiles(x):
-        dense_linear_mul(x, up.stored, into.view(-1, into.shape[-1]))
+        dense_linear_mul(x, up.stored, into.view(-1, into.shape[-1]), transformers_tile_bytes())
     else:
         into.mul_(up(x))
 
