@@ -268,18 +268,25 @@ def test_wgmma_k_order_gives_each_lane_eight_contiguous_bytes():
         assert held == set(range(8 * t, 8 * t + 8))
 
 
-def test_wgmma_kernels_compile_for_sm90_with_the_weights_never_in_shared_memory():
+def test_wgmma_kernels_compile_for_sm90_with_the_weights_never_in_shared_memory(tmp_path):
     """wgmma4's kernels compiled for sm_90 without a GPU (the layout conversions into wgmma's operand are asserted
     free at compile time): in the main loop one ld.shared per packed byte (the table lookup) and no ldmatrix,
-    so the looked-up weights go from registers to the tensor cores."""
+    so the looked-up weights go from registers to the tensor cores. In a process of its own without Triton's
+    interpreter (which this suite runs under, and whose patches of the language a kernel run before may leave in
+    place) and with an empty Triton cache, so that the kernels are compiled, never read from a cache."""
+    import json
+    import os
+    import subprocess
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-    from batched_sass import compile_wgmma4
-
-    for form, bm in (("linear", 16), ("glu", 64)):
-        rec = compile_wgmma4(form, bm)
+    bench = str(Path(__file__).resolve().parents[2] / "bench")
+    code = (f"import json, sys; sys.path.insert(0, {bench!r}); from batched_sass import compile_wgmma4; "
+            "print(json.dumps([compile_wgmma4(form, bm) for form, bm in (('linear', 16), ('glu', 64))]))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rec in json.loads(done.stdout.splitlines()[-1]):
         assert rec["loop_ops"]["LDS"] == rec["bytes_per_thread"], rec
         assert rec["smem_round_trip"]["LDSM"] == 0 and rec["regs"] <= 255, rec
 
