@@ -154,8 +154,8 @@ DEQUANT_TILE_BYTES = 128 * MiB
 # columns, every column counted, dequantize to at most this many bytes of fp32 (matmul_programs.int8_tile_rows:
 # 464 rows of 53248). Its layer holds more beside a tile than the engine's (the gate's output, the layer's input
 # and its normed copy), so a 128 MiB tile would set the peak of a 405B device at 8k: by the planner 1.57 GB
-# beyond weights and KV cache in NF4-DQ on 8 H100s, and 1.47 GB at any size from 32 to 112 MiB. On an H200 the
-# 8B shape's 8k prefill at 96 MiB is 2.9% slower in NF4-DQ and 2.2% faster in LLM.int8 (docs/planner.md).
+# beyond weights and KV cache in NF4-DQ on 8 H100s, and 1.47 GB at any size from 32 to 112 MiB. On an H100 the
+# 8B shape's 8k prefill at 96 MiB is 3.7% slower in NF4-DQ and 2.0% faster in LLM.int8 (docs/planner.md).
 TRANSFORMERS_TILE_BYTES = 96 * MiB
 # The engine's prefill runs a chunk's MLP over a block of its rows at a time (engine/model.py _prefill_mlp): as
 # many rows as keep its one intermediate activation [rows, intermediate] (SiLU of the gate, the up projection
