@@ -367,7 +367,7 @@ def _tile_absmax(p: Program, n: int, k: int, step: int) -> None:
     """ops.block_absmax for each tile of `step` rows of a weight [n, k]: the fp32 absmax of the nested blocks
     (BNB_NESTED_BLOCKSIZE 4-bit blocks each) that hold the tile's 4-bit blocks, allocated and freed. A size
     allocated and freed again with nothing between leaves the allocator as the first time did, so each size is
-    counted once (a 405B weight has up to 14 tiles, 126 layers of them)."""
+    counted once (a 405B weight has up to 19 tiles, in each of 126 layers)."""
     seen = set()
     for start in range(0, n, step):
         first, last = start * k // BNB_4BIT_BLOCKSIZE, -(-min(n, start + step) * k // BNB_4BIT_BLOCKSIZE)
