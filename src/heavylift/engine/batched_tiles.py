@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import DOT_BF16, DQ_GROUP, FP8, INT8, NF4, NF4_DQ, QBLOCK
+from .kernels import DOT_BF16, DQ_GROUP, FP8, INT8, NF4, NF4_DQ, QBLOCK, widened
 from .lut import pairs_ptx, scaled_pairs_ptx
 
 SCALED_PAIRS_PTX = tl.constexpr(scaled_pairs_ptx())
@@ -206,7 +206,7 @@ def accumulate(acc, x_even, x_odd, w_ptr, a_ptr, s_ptr, offset, blk_base, code_p
         else:
             w = tl.load(w_ptr + rows64[:, None] * w_stride + k[None, :], mask=row_mask[:, None] & (k < K)[None, :],
                         other=0.0)
-        acc = _mma(acc, x_even, w, SWAP)
+        acc = _mma(acc, x_even, widened(w), SWAP)
     return acc
 
 

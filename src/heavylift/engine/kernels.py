@@ -149,6 +149,23 @@ def _nf4_rows(x_ptr, w_ptr, abs_ptr, abs2_ptr, offset, blk_base, code_ptr, code2
 
 
 @triton.jit
+def widened(w):
+    """A loaded tile of one-byte weight rows as values the matmul takes: FP8 (e4m3) and INT8 as they are, and FP8
+    rows handed over as bytes (ops._kernel_rows: GPUs before sm_89, whose Triton has no e4m3 type) widened to float32
+    with integer operations, exactly: sign, the exponent rebiased from 7 to 127 with the three mantissa bits on
+    top, and the subnormals (exponent 0) as mantissa x 2^-9. e4m3's NaN codes, which the quantizer never
+    writes, read as 480."""
+    if w.dtype == tl.uint8:
+        b = w.to(tl.int32)
+        e = (b >> 3) & 15
+        m = b & 7
+        normal = (((b & 0x80) << 24) | ((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+        tiny = m.to(tl.float32) * 0.001953125
+        w = tl.where(e == 0, tl.where((b & 0x80) != 0, -tiny, tiny), normal)
+    return w
+
+
+@triton.jit
 def _part_rows(x_ptr, x_stride, M, w_ptr, abs_ptr, abs2_ptr, offset, blk_base, bias_ptr, code_ptr, code2_ptr,
                rows, K, KIND: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, NB: tl.constexpr, EVEN_K: tl.constexpr, LUT: tl.constexpr, n_rows):
@@ -168,8 +185,8 @@ def _part_rows(x_ptr, x_stride, M, w_ptr, abs_ptr, abs2_ptr, offset, blk_base, b
         for k0 in range(0, K, NB * QBLOCK):
             kk = k0 + k
             k_mask = kk < K
-            w = tl.load(w_ptr + rows64[:, None] * K + kk[None, :], mask=row_mask[:, None] & k_mask[None, :],
-                        other=0.0)
+            w = widened(tl.load(w_ptr + rows64[:, None] * K + kk[None, :],
+                                mask=row_mask[:, None] & k_mask[None, :], other=0.0))
             if BLOCK_M == 1:
                 xv = tl.load(x_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
                 acc2 += w.to(tl.float32) * xv[None, :]

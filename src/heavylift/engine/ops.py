@@ -294,7 +294,7 @@ class TritonOps:
         code, code2 = _codes(parts[0], lut)
         args = []
         for q, n in zip(p, sizes):
-            args += _weight_args(q) + [q.bias if q.bias is not None else q.data, n]
+            args += _weight_args(q) + [q.bias if q.bias is not None else _kernel_rows(q), n]
         if lut and m == 1 and _fp16_dot(x):
             from . import gemv4 as G
 
@@ -447,7 +447,7 @@ def _batched_linear(x, parts: Sequence[QWeight], out, residual, variant=None, co
     sizes = [q.n for q in parts] + [0] * (3 - len(parts))
     args = []
     for q, n in zip(list(parts) + [w] * (3 - len(parts)), sizes):
-        args += _weight_args(q) + [q.bias if q.bias is not None else q.data, n]
+        args += _weight_args(q) + [q.bias if q.bias is not None else _kernel_rows(q), n]
     ws, tickets = B.scratch(x.device, *B.scratch_sizes(sizes, sum(sizes), w.k, m, x.device))
     grid = lambda meta: (B.tiles(sizes, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
     kernel, tile = _batched_kernel(B.linear_kernel, config)
@@ -566,15 +566,32 @@ def _codes(w: QWeight, lut: bool):
     if lut:
         code = _nf4_lookup("words", w.data.device)
     else:
-        code = w.code if w.code is not None else w.data
+        code = w.code if w.code is not None else _kernel_rows(w)
     return code, (w.code2 if w.code2 is not None else code)
 
 
 def _weight_args(w: QWeight) -> list:
     """data, scale/absmax, absmax2, offset, block_base, in the kernels' order."""
-    scale = w.scale if w.scale is not None else w.data
+    rows = _kernel_rows(w)
+    scale = w.scale if w.scale is not None else rows
     absmax2 = w.absmax2 if w.absmax2 is not None else scale
-    return [w.data, scale, absmax2, w.offset, w.block_base]
+    return [rows, scale, absmax2, w.offset, w.block_base]
+
+
+def _kernel_rows(w: QWeight) -> torch.Tensor:
+    """w's storage as the kernels are handed it: FP8 rows as bytes where Triton cannot read e4m3 (`e4m3_loads`;
+    kernels.widened turns the bytes into values); a pointer to FP8 anywhere among a kernel's arguments would
+    fail its compile there."""
+    if w.kind == FP8 and not e4m3_loads(w.data.device):
+        return w.data.view(torch.uint8)
+    return w.data
+
+
+@functools.cache
+def e4m3_loads(device: torch.device) -> bool:
+    """Whether Triton reads FP8 (e4m3) on this device: CUDA GPUs of sm_89 and later (the RTX 4090, L40S, H100),
+    not the A100 or RTX 3090 before them; and its CPU interpreter."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 OPS = {"torch": TorchOps, "triton": TritonOps}
