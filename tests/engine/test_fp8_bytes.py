@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,9 +71,11 @@ def test_glu_from_bytes_is_the_e4m3_paths_output(rows, monkeypatch):
 
 _COMPILE = """
 import json, sys
+sys.path.insert(0, {bench!r})
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from batched_sass import _signature
 from heavylift.engine import kernels as K
 from heavylift.engine.weights import FP8
 done = []
@@ -82,21 +85,9 @@ for cap in (80, 86):
             const = dict(KIND=FP8, LUT=False, BLOCK_M=bm, BLOCK_N=32, NB=2, EVEN_K=True)
             if form == "linear":
                 const |= dict(PARTS=3, HAS_BIAS=True, HAS_RES=True)
-            sig = {}
-            for name in fn.arg_names:
-                if name in const:
-                    sig[name] = "constexpr"
-                elif name in ("w0", "w1", "w2", "code_ptr", "code2_ptr"):
-                    sig[name] = "*u8"
-                elif name in ("a0", "a1", "a2", "s0", "s1", "s2"):
-                    sig[name] = "*fp32"
-                elif name in ("x_ptr", "out_ptr", "res_ptr", "b0", "b1", "b2"):
-                    sig[name] = "*bf16"
-                elif name in ("o0", "o1", "o2"):
-                    sig[name] = "fp32"
-                else:
-                    sig[name] = "i32"
-            triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", cap, 32), options=dict(num_warps=4))
+            sig, attrs = _signature(fn, const, dq=False)  # the weights as bytes, as ops._kernel_rows hands them
+            triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", cap, 32),
+                           options=dict(num_warps=4))
             done.append([cap, form, bm])
 print(json.dumps(done))
 """
@@ -105,6 +96,8 @@ print(json.dumps(done))
 def test_the_fp8_kernels_compile_for_ampere_from_bytes(tmp_path):
     # A process of its own, without the interpreter and with an empty cache (as test_batched4's sm_90 compile).
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True)
+    bench = str(Path(__file__).resolve().parents[2] / "bench")
+    done = subprocess.run([sys.executable, "-c", _COMPILE.format(bench=bench)], env=env, capture_output=True,
+                          text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(json.loads(done.stdout.splitlines()[-1])) == 8

@@ -141,7 +141,7 @@ def int8_tile_rows(n: int, k: int) -> int:
     TRANSFORMERS_TILE_BYTES, in whole multiples of INT8_TILE_ROW_MULTIPLE; at least one multiple, at most the whole
     weight. cuBLASLt's int8 GEMM writes the tile's int32 product with its rows 16-byte aligned: bitsandbytes
     raises "cublasLt ran into an error" on a tile of 9362 rows (Gemma 2 9B's 14336 x 3584 gate)."""
-    return min(n, max(1, TRANSFORMERS_TILE_BYTES // (FP32 * k) // INT8_TILE_ROW_MULTIPLE) * INT8_TILE_ROW_MULTIPLE)
+    return min(n, max(1, transformers_tile_bytes() // (FP32 * k) // INT8_TILE_ROW_MULTIPLE) * INT8_TILE_ROW_MULTIPLE)
 
 
 def int8_quant_rows(rows: int, k: int) -> int:
