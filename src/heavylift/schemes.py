@@ -99,7 +99,7 @@ class Scheme:
     @property
     def engine_gemv_max_rows(self) -> int:
         """Tokens per step the engine streams these weights through its own kernels."""
-        return ENGINE_BATCHED_MAX_ROWS if self.four_bit or self.code == "int8" else ENGINE_GEMV_MAX_ROWS
+        return ENGINE_BATCHED_MAX_ROWS if self.four_bit or self.code in ("int8", "fp8") else ENGINE_GEMV_MAX_ROWS
 
     def stored_bytes(self, numel: int, rows: int, quantized: bool = True) -> int:
         """Allocated bytes of one stored parameter of `numel` weights in `rows` output rows."""

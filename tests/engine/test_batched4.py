@@ -21,7 +21,7 @@ pytestmark = pytest.mark.interpreter
 
 # layout name -> (storage kind, 4-bit code table)
 LAYOUTS = {"nf4": (W.NF4, "nf4"), "nf4-dq": (W.NF4_DQ, "nf4"), "fp4": (W.NF4, "fp4"), "fp4-dq": (W.NF4_DQ, "fp4"),
-           "int8": (W.INT8, "nf4")}
+           "int8": (W.INT8, "nf4"), "fp8": (W.FP8, "nf4")}
 ROWS = [2, 5, 16, 33]
 K = 192  # three 64-weight blocks: the fixed 128-wide K step ends half way through the last one
 LINEAR_BOUND = 8e-3
@@ -149,7 +149,8 @@ def test_steps_of_2_to_64_tokens_take_the_batched_kernel_and_65_the_dequantized_
     for rows in (2, 64, 65):
         TritonOps.linear(torch.randn(rows, K).bfloat16(), [w], poisoned(rows, 32))
     assert calls == [65]
-    assert ops._gemv_rows(quantized("int8", 32)) == 64 and ops._gemv_rows(W.quantize(torch.randn(32, K), W.FP8)) == 16
+    assert ops._gemv_rows(quantized("int8", 32)) == ops._gemv_rows(quantized("fp8", 32)) == 64
+    assert ops._gemv_rows(W.quantize(torch.randn(32, K), W.DENSE)) == 16
 
 
 def test_scratch_grows_and_keeps_what_graphs_may_point_at():
