@@ -8,16 +8,21 @@ model's largest linear) and the one-part linear, at x tile heights 16 and 64; th
 branch of the SASS. The loop's shared-memory round trip of the widened weight shows as STS + LDSM + BAR per
 step in the Triton kernels and is absent from wgmma4's.
 
-Usage: python3 bench/batched_sass.py [--out sass.json] [--keep DIR (the .ttgir / .ptx / .sass files)]
+With --rows, the kernels for one-byte weight rows instead (LLM.int8 and FP8, widened to bf16 without a lookup), at
+every tile the autotuner may pick (batched.CONFIGS): the loop's instructions per weight byte.
+
+Usage: python3 bench/batched_sass.py [--rows] [--out sass.json] [--keep DIR (the .ttgir / .ptx / .sass files)]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import datetime
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -138,6 +143,28 @@ def compile_triton(form: str, bm: int, post: bool, tile: dict, keep: str | None 
     return _compile(ASTSource(fn, sig, const, attrs), tile["num_warps"], tile["num_stages"], label, per_thread, keep)
 
 
+def compile_rows(form: str, bm: int, kind: str, config, keep: str | None = None) -> dict:
+    """batched.py's GLU or one-part linear (with the residual) for one-byte weight rows, LLM.int8 or FP8
+    (`kind`), at height bm and one of batched.CONFIGS (a triton.Config)."""
+    from heavylift.engine import batched as B
+    from heavylift.engine.weights import FP8, INT8
+
+    const = dict(KIND=FP8 if kind == "fp8" else INT8, LUT=False, BLOCK_M=bm, EVEN=True, POST=False,
+                 **config.kwargs)
+    fn = B._glu_kernel if form == "glu" else B._linear_kernel
+    if form != "glu":
+        const |= dict(PARTS=1, HAS_BIAS=False, HAS_RES=True)
+    sig, attrs = _signature(fn, const, dq=False)
+    for name in ("w0", "w1", "w2"):
+        if name in sig:
+            sig[name] = "*fp8e4nv" if kind == "fp8" else "*i8"
+    tile = config.kwargs
+    label = f"{kind}_{form}_m{bm}_n{tile['BLOCK_N']}_{'swap_' if tile['SWAP'] else ''}w{config.num_warps}"
+    weights = 2 if form == "glu" else 1
+    per_thread = weights * tile["BLOCK_N"] * tile["BLOCK_K"] / (32 * config.num_warps)
+    return _compile(ASTSource(fn, sig, const, attrs), config.num_warps, config.num_stages, label, per_thread, keep)
+
+
 def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from batched_variants import TRITON_TILES, WGMMA_ALT, WGMMA_GLU_ALT
@@ -145,12 +172,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out")
     p.add_argument("--keep", help="write each kernel's .ttgir, .ptx and .sass into this folder")
+    p.add_argument("--rows", action="store_true",
+                   help="instead, the one-byte-row kernels (LLM.int8 and FP8) at every autotuner tile")
     args = p.parse_args()
     if args.keep:
         os.makedirs(args.keep, exist_ok=True)
     rows = []
     for form in ("glu", "linear"):
         for bm in (16, 64):
+            if args.rows:
+                from heavylift.engine.batched import CONFIGS
+
+                rows += [compile_rows(form, bm, kind, c, args.keep) for kind in ("int8", "fp8") for c in CONFIGS]
+                continue
             for post in (False, True):
                 for tile in TRITON_TILES.values():
                     rows.append(compile_triton(form, bm, post, tile, args.keep))
@@ -162,7 +196,9 @@ def main() -> None:
               f"{r['smem_round_trip']['LDSM']:2d} BAR {r['smem_round_trip']['BAR']}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(triton=triton.__version__, target="sm_90", records=rows), f, indent=1)
+            json.dump(dict(card="none (CPU): compiled for sm_90", date=datetime.date.today().isoformat(),
+                           command="python3 " + shlex.join(sys.argv), triton=triton.__version__, target="sm_90",
+                           records=rows), f, indent=1)
 
 
 if __name__ == "__main__":
