@@ -246,7 +246,7 @@ def test_every_scheme_says_how_it_stores_and_runs():
     assert [name for name, s in SCHEMES.items() if s.double_quant] == ["nf4-dq"]
     assert [name for name, s in SCHEMES.items() if not s.engine_runs] == ["fp16"]
     assert {name: s.engine_gemv_max_rows for name, s in SCHEMES.items()} == {
-        "bf16": 16, "fp16": 16, "fp8": 16, "int8": 64, "nf4": 64, "nf4-dq": 64, "fp4": 64}
+        "bf16": 16, "fp16": 16, "fp8": 64, "int8": 64, "nf4": 64, "nf4-dq": 64, "fp4": 64}
 
 
 @pytest.mark.parametrize("model,engine", [("mixtral-8x7b", TRANSFORMERS), ("llama3.2-1b", FAST),
