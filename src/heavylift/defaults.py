@@ -123,14 +123,12 @@ SERVE_MIN_PREFILL_CHUNK_TOKENS = 16
 # (chunked prefill in mixed steps, vLLM's name), so a prompt costs each stream a slightly longer step instead
 # of a stall. Per weight precision, by what a step of N tokens costs on the 8B shape on an H100 (docs/
 # engine.md "Every batch size": tokens/s at batch 16 and 64):
-# - 4-bit and LLM.int8: 64. engine/batched.py's mixed-input GEMM takes steps of up to 64 tokens (NF4-DQ: a
-#   64-token step 8.2 ms, a 16-token one 5.8 ms); above 64 a step falls back to dequantize + cuBLAS.
+# - 4-bit, LLM.int8 and FP8: 64. engine/batched.py's mixed-input GEMM takes steps of up to 64 tokens (NF4-DQ: a
+#   64-token step 8.2 ms, a 16-token one 5.8 ms; FP8 6.5 against 4.5 ms); above 64 a step falls back to
+#   dequantize + cuBLAS (FP8: torch._scaled_mm).
 # - bf16: 64. Above 16 tokens a step goes to cuBLAS, whose 64-token step costs 1.2x a 16-token one (7.9 against
 #   6.6 ms): more prompt per step for little.
-# - FP8: 16. Above 16 tokens a step leaves the engine's 16-row tile for torch._scaled_mm, whose 64-token step
-#   costs 2.1x a 16-token one (12.2 against 5.7 ms): a prompt rides free beside up to 15 streams, and where
-#   decoding rows fill the budget it takes SERVE_MIXED_MIN_PREFILL_TOKENS and the step pays the slow path.
-SERVE_MIXED_STEP_TOKENS = {"nf4": 64, "nf4-dq": 64, "int8": 64, "bf16": 64, "fp8": 16}
+SERVE_MIXED_STEP_TOKENS = {"nf4": 64, "nf4-dq": 64, "int8": 64, "bf16": 64, "fp8": 64}
 # A prompt's least share of a mixed step, where decoding rows alone reach SERVE_MIXED_STEP_TOKENS: without it
 # a prompt beside 64 streams would advance one token a step (a 512-token prompt: 512 steps to its first token).
 SERVE_MIXED_MIN_PREFILL_TOKENS = 16
