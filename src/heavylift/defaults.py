@@ -124,7 +124,7 @@ SERVE_MIN_PREFILL_CHUNK_TOKENS = 16
 # of a stall. Per weight precision, by what a step of N tokens costs on the 8B shape on an H100 (docs/
 # engine.md "Every batch size": tokens/s at batch 16 and 64):
 # - 4-bit, LLM.int8 and FP8: 64. engine/batched.py's mixed-input GEMM takes steps of up to 64 tokens (NF4-DQ: a
-#   64-token step 8.2 ms, a 16-token one 5.8 ms; FP8 6.5 against 4.5 ms); above 64 a step falls back to
+#   64-token step 7.9 ms, a 16-token one 5.0 ms; FP8 6.5 against 4.4 ms); above 64 a step falls back to
 #   dequantize + cuBLAS (FP8: torch._scaled_mm).
 # - bf16: 64. Above 16 tokens a step goes to cuBLAS, whose 64-token step costs 1.2x a 16-token one (7.9 against
 #   6.6 ms): more prompt per step for little.
