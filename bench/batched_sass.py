@@ -9,7 +9,8 @@ branch of the SASS. The loop's shared-memory round trip of the widened weight sh
 step in the Triton kernels and is absent from wgmma4's.
 
 With --rows, the kernels for one-byte weight rows instead (LLM.int8 and FP8, widened to bf16 without a lookup), at
-every tile the autotuner may pick (batched.CONFIGS): the loop's instructions per weight byte.
+every tile the autotuner may pick (batched.CONFIGS): the loop's instructions per weight byte. `compile_gemv4`
+does the same for the one-token 4-bit kernels (gemv4.py), which the tests compile.
 
 Usage: python3 bench/batched_sass.py [--rows] [--out sass.json] [--keep DIR (the .ttgir / .ptx / .sass files)]
 """
@@ -105,6 +106,25 @@ def _compile(src, warps: int, stages: int, label: str, bytes_per_thread: float, 
                 smem_round_trip=dict(STS=sum(v for o, v in ops.items() if o.startswith("STS")),
                                      LDSM=sum(v for o, v in ops.items() if o.startswith("LDSM")),
                                      BAR=sum(v for o, v in ops.items() if o.startswith("BAR"))))
+
+
+def compile_gemv4(form: str, keep: str | None = None) -> dict:
+    """gemv4's one-token GLU or one-part linear (with the residual) for NF4-DQ at the engine's tile (gemv4.TILE),
+    x as fp16 planes; bytes_per_thread: the packed bytes a thread multiplies per step of the main loop."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from heavylift.engine import gemv4 as G
+    from heavylift.engine.weights import NF4_DQ
+
+    tile = G.TILE.kwargs
+    const = dict(KIND=NF4_DQ, EVEN_K=True, X16=True, **tile)
+    fn = G.glu4_kernel if form == "glu" else G.linear4_kernel
+    const |= dict(OUT16=True) if form == "glu" else dict(PARTS=1, HAS_BIAS=False, HAS_RES=True)
+    sig, attrs = _signature(fn, const, dq=True)
+    if "out16_ptr" in sig:
+        sig["out16_ptr"] = "*fp16"
+    label = f"gemv4_{form}_r{tile['RPT']}_w{tile['WARPS']}"
+    return _compile(GluonASTSource(fn, sig, const, attrs), tile["WARPS"], 1, label, tile["RPT"] * 16, keep)
 
 
 def compile_wgmma4(form: str, bm: int, tile=None, keep: str | None = None) -> dict:

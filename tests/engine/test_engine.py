@@ -418,6 +418,29 @@ def test_planes_put_each_pair_where_gemv4_reads_it():
                 assert halves[j, g, e].item() == pytest.approx(y[0, 8 * g + 2 * j + e].item() * X16_SCALE, rel=2 ** -10)
 
 
+def test_gemv4_kernels_compile_for_sm90_with_one_table_load_a_byte(tmp_path):
+    """gemv4's Gluon kernels at the engine's tile, compiled for sm_90 without a GPU: in the main loop each packed
+    byte costs one prmt (its address in the lane's column of the byte table) and one ld.shared (its pair of
+    weights), about six instructions a byte all told. In a process of its own without Triton's interpreter and
+    with an empty Triton cache, as test_batched4's wgmma compile."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = str(Path(__file__).resolve().parents[2] / "bench")
+    code = (f"import json, sys; sys.path.insert(0, {bench!r}); from batched_sass import compile_gemv4; "
+            "print(json.dumps([compile_gemv4(form) for form in ('linear', 'glu')]))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rec in json.loads(done.stdout.splitlines()[-1]):
+        ops = rec["loop_ops"]
+        assert ops["LDS"] == ops["PRMT"] == rec["bytes_per_thread"], rec
+        assert rec["instructions_per_byte"] <= 7 and rec["shared_bytes"] == 64 * 1024, rec
+
+
 def test_producers_write_the_planes_of_what_they_write():
     """rmsnorm and the attention's last pass write one token's fp16 planes beside it (Triton's interpreter),
     exactly as ops.planes makes them from the bf16 output; TorchOps does the same for the GLU."""

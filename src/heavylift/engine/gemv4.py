@@ -65,6 +65,9 @@ def _pdl_wait():
         gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
 
+barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # the CTA barrier: Triton 3.6's name, then 3.9's
+
+
 @gluon.jit
 def _ld(ptr, mask, EVEN_K: gl.constexpr):
     """A load that needs no mask when K is a whole number of steps; zeros past the row's end otherwise."""
@@ -130,7 +133,7 @@ def _byte_table(pairs_ptr, WARPS: gl.constexpr):
     table = gl.allocate_shared_memory(gl.int32, [256, 64], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     v = gl.load(pairs_ptr + gl.arange(0, 256, layout=gl.SliceLayout(1, FL)))
     table.slice(0, 32, dim=1).store(gl.expand_dims(v, 1) + gl.zeros([256, 32], gl.int32, layout=FL))
-    gl.thread_barrier()
+    barrier()
     return table
 
 
