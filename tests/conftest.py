@@ -135,6 +135,22 @@ def pytest_configure(config):
                                        "`make test-fast` leaves these out")
 
 
+def compile_apart(code: str, cache: Path):
+    """Run `code` (Python that compiles kernels for a GPU target and prints JSON last) in a process of its own,
+    with bench/ importable, without Triton's interpreter (which this suite runs under, and whose patches of the
+    language a kernel run before may leave in place) and with the empty Triton cache `cache`, so the kernels are
+    compiled, never read from a cache; its last line, parsed."""
+    import subprocess
+    import sys
+
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(cache)}
+    done = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {bench!r})\n{code}"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 def run_cli(capsys, *args) -> tuple[int, str, str]:
     """`heavylift ARGS` in this process: (exit code, stdout, stderr)."""
     from heavylift.cli import main

@@ -17,6 +17,8 @@ from heavylift.engine import ops
 from heavylift.engine import weights as W
 from heavylift.engine.ops import TorchOps, TritonOps
 
+from conftest import compile_apart
+
 pytestmark = pytest.mark.interpreter
 
 # layout name -> (storage kind, 4-bit code table)
@@ -275,19 +277,9 @@ def test_wgmma_kernels_compile_for_sm90_with_the_weights_never_in_shared_memory(
     so the looked-up weights go from registers to the tensor cores. In a process of its own without Triton's
     interpreter (which this suite runs under, and whose patches of the language a kernel run before may leave in
     place) and with an empty Triton cache, so that the kernels are compiled, never read from a cache."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    bench = str(Path(__file__).resolve().parents[2] / "bench")
-    code = (f"import json, sys; sys.path.insert(0, {bench!r}); from batched_sass import compile_wgmma4; "
+    code = ("import json; from batched_sass import compile_wgmma4; "
             "print(json.dumps([compile_wgmma4(form, bm) for form, bm in (('linear', 16), ('glu', 64))]))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    for rec in json.loads(done.stdout.splitlines()[-1]):
+    for rec in compile_apart(code, tmp_path):
         assert rec["loop_ops"]["LDS"] == rec["bytes_per_thread"], rec
         assert rec["smem_round_trip"]["LDSM"] == 0 and rec["regs"] <= 255, rec
 
@@ -296,21 +288,10 @@ def test_fp8_row_kernels_compile_for_sm90_at_every_autotuner_tile(tmp_path):
     """FP8 rows widen to bf16 (cvt from e4m3 pairs) in batched.py's kernels compiled for sm_90, at every tile the
     autotuner may pick, in at most 6 SASS instructions a weight byte in the main loop (LLM.int8's kernels,
     which read the same bytes, take 3.4 to 8.2); in a process of its own, as above."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    bench = str(Path(__file__).resolve().parents[2] / "bench")
-    code = (f"import json, sys; sys.path.insert(0, {bench!r}); from batched_sass import compile_rows; "
-            "from heavylift.engine.batched import CONFIGS; "
+    code = ("import json; from batched_sass import compile_rows; from heavylift.engine.batched import CONFIGS; "
             "print(json.dumps([compile_rows(f, m, 'fp8', c) for f in ('glu', 'linear') for m in (16, 64) "
             "for c in CONFIGS]))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    records = json.loads(done.stdout.splitlines()[-1])
+    records = compile_apart(code, tmp_path)
     assert len(records) == 16 and all(r["instructions_per_byte"] <= 6 and r["regs"] <= 255 for r in records), records
 
 

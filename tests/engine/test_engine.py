@@ -14,7 +14,7 @@ from heavylift.engine.ops import TorchOps, TritonOps, attention_scratch
 from heavylift.errors import InvalidArgumentError
 
 from conftest import TINY_FAMILIES, save_runnable_checkpoint
-from conftest import run_cli
+from conftest import compile_apart, run_cli
 
 pytestmark = pytest.mark.interpreter  # every test here runs the engine's kernels or its model on the CPU
 
@@ -422,20 +422,10 @@ def test_gemv4_kernels_compile_for_sm90_with_one_table_load_a_byte(tmp_path):
     """gemv4's Gluon kernels at the engine's tile, compiled for sm_90 without a GPU: in the main loop each packed
     byte costs one prmt (its address in the lane's column of the byte table) and one ld.shared (its pair of
     weights), about six instructions a byte all told. In a process of its own without Triton's interpreter and
-    with an empty Triton cache, as test_batched4's wgmma compile."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    bench = str(Path(__file__).resolve().parents[2] / "bench")
-    code = (f"import json, sys; sys.path.insert(0, {bench!r}); from batched_sass import compile_gemv4; "
+    with an empty Triton cache (conftest.compile_apart)."""
+    code = ("import json; from batched_sass import compile_gemv4; "
             "print(json.dumps([compile_gemv4(form) for form in ('linear', 'glu')]))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    for rec in json.loads(done.stdout.splitlines()[-1]):
+    for rec in compile_apart(code, tmp_path):
         ops = rec["loop_ops"]
         assert ops["LDS"] == ops["PRMT"] == rec["bytes_per_thread"], rec
         assert rec["instructions_per_byte"] <= 7 and rec["shared_bytes"] == 64 * 1024, rec

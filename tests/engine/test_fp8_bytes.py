@@ -6,12 +6,6 @@ is an FP8 pointer."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import triton
@@ -21,6 +15,8 @@ from heavylift.engine import ops
 from heavylift.engine import weights as W
 from heavylift.engine.kernels import widened
 from heavylift.engine.ops import TritonOps
+
+from conftest import compile_apart
 
 pytestmark = pytest.mark.interpreter
 
@@ -70,8 +66,7 @@ def test_glu_from_bytes_is_the_e4m3_paths_output(rows, monkeypatch):
 
 
 _COMPILE = """
-import json, sys
-sys.path.insert(0, {bench!r})
+import json
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -94,10 +89,4 @@ print(json.dumps(done))
 
 
 def test_the_fp8_kernels_compile_for_ampere_from_bytes(tmp_path):
-    # A process of its own, without the interpreter and with an empty cache (as test_batched4's sm_90 compile).
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
-    bench = str(Path(__file__).resolve().parents[2] / "bench")
-    done = subprocess.run([sys.executable, "-c", _COMPILE.format(bench=bench)], env=env, capture_output=True,
-                          text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert len(json.loads(done.stdout.splitlines()[-1])) == 8
+    assert len(compile_apart(_COMPILE, tmp_path)) == 8
