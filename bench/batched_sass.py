@@ -37,6 +37,7 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 BF16_PTRS = {"x_ptr", "out_ptr", "res_ptr", "b0", "b1", "b2"}
 FP32_PTRS = {"s0", "s1", "s2", "code2_ptr", "ws_ptr"}
 INT32_PTRS = {"code_ptr", "pairs_ptr", "tickets_ptr"}
+FP16_PTRS = {"out16_ptr"}  # gemv4's GLU writes the down projection's fp16 planes
 DIVISIBLE = {"K", "x_stride", "out_stride", "n", "n0", "n1", "n2", "w_stride"}  # multiples of 16 in the 8B model
 
 
@@ -54,6 +55,8 @@ def _signature(fn, const: dict, dq: bool) -> tuple[dict, dict]:
             sig[name] = "*fp32"
         elif name in INT32_PTRS:
             sig[name] = "*i32"
+        elif name in FP16_PTRS:
+            sig[name] = "*fp16"
         elif name in ("o0", "o1", "o2"):
             sig[name] = "fp32"
         else:
@@ -121,8 +124,6 @@ def compile_gemv4(form: str, keep: str | None = None) -> dict:
     fn = G.glu4_kernel if form == "glu" else G.linear4_kernel
     const |= dict(OUT16=True) if form == "glu" else dict(PARTS=1, HAS_BIAS=False, HAS_RES=True)
     sig, attrs = _signature(fn, const, dq=True)
-    if "out16_ptr" in sig:
-        sig["out16_ptr"] = "*fp16"
     label = f"gemv4_{form}_r{tile['RPT']}_w{tile['WARPS']}"
     return _compile(GluonASTSource(fn, sig, const, attrs), tile["WARPS"], 1, label, tile["RPT"] * 16, keep)
 
